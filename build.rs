@@ -1,0 +1,2 @@
+//! Build script (proto compilation is being added).
+fn main() {}

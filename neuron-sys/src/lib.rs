@@ -1,0 +1,1 @@
+//! Raw FFI bindings to libnrt (placeholder; being written).

@@ -1,0 +1,41 @@
+//! The backend contract: what the scheduler hands an instance (one batch) and what it gets back.
+//!
+//! A backend loads one model version and creates *instances*; each instance is owned by one
+//! worker thread (one per NeuronCore, or per CPU instance) and executes one batch at a time.
+
+pub mod cpu;
+pub mod error;
+pub mod neuron;
+
+pub use error::BackendError;
+
+use crate::tensor::{Tensor, TensorView};
+
+/// One input of a batch, named as in the model configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchInput<'a> {
+    /// Input name from the model configuration.
+    pub name: &'a str,
+    /// The batch's data: the first dimension is the batch dimension when the model batches.
+    pub tensor: TensorView<'a>,
+}
+
+/// One output of a batch, named as in the model configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// Output name from the model configuration.
+    pub name: String,
+    /// The output for the whole batch (first dimension = batch when the model batches).
+    pub tensor: Tensor,
+}
+
+/// An executor of batches for one model version, owned by exactly one worker thread.
+pub trait ModelInstance: Send {
+    /// Runs one batch. `inputs` are in model-configuration order and all share the same batch size
+    /// (their first dimension, for batching models). Returns every output of the model, in
+    /// model-configuration order, for the whole batch.
+    fn execute(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError>;
+
+    /// A short label for logs and metrics, e.g. `cpu:0` or `nc:3`.
+    fn label(&self) -> String;
+}

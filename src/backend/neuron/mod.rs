@@ -1,0 +1,1 @@
+//! Neuron backend over libnrt (being written).

@@ -1,0 +1,5 @@
+//! neuron-worker: a gRPC inference worker (KServe v2 / Triton protocol) for AWS Trainium and
+//! Inferentia2, with a CPU reference backend that runs everywhere.
+
+pub mod backend;
+pub mod tensor;

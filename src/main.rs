@@ -1,0 +1,3 @@
+//! The `neuron-worker` command line: serve, inspect, bench.
+
+fn main() {}
