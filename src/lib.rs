@@ -2,4 +2,12 @@
 //! Inferentia2, with a CPU reference backend that runs everywhere.
 
 pub mod backend;
+pub mod config;
+pub mod neff;
+pub mod proto;
 pub mod tensor;
+pub mod scheduler;
+pub mod repository;
+pub mod server;
+pub mod bench;
+pub mod cli;

@@ -1,3 +1,130 @@
 //! The `neuron-worker` command line: serve, inspect, bench.
 
-fn main() {}
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use neuron_worker::backend::neuron::{self, Probe};
+use neuron_worker::cli::{BackendArg, Cli, Command, LogFormat, ServeArgs};
+use neuron_worker::repository::{BackendSelection, Repository};
+use neuron_worker::server::{self, ServeOptions};
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Picks the backend and says why.
+fn select_backend(arg: BackendArg) -> Result<(BackendSelection, String), String> {
+    match arg {
+        BackendArg::Cpu => Ok((BackendSelection::Cpu, "cpu (--backend cpu)".into())),
+        BackendArg::Neuron | BackendArg::Auto => match neuron::probe() {
+            Probe::Available { runtime_version, visible_cores, library_path } => Ok((
+                BackendSelection::Neuron { cores: visible_cores as usize },
+                format!("neuron (libnrt {runtime_version} from {}, {visible_cores} visible NeuronCores)", library_path.display()),
+            )),
+            Probe::Unavailable { reason } if arg == BackendArg::Auto => {
+                Ok((BackendSelection::Cpu, format!("cpu (auto: Neuron unavailable: {reason})")))
+            }
+            Probe::Unavailable { reason } => Err(format!("--backend neuron: {reason}")),
+        },
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    if args.session_store.is_some() {
+        return Err("--session-store: stateful sessions are not implemented in this version; remove the flag".into());
+    }
+    let (backend, why) = select_backend(args.backend)?;
+    tracing::info!(backend = %why, "backend selected");
+    let repo = Arc::new(Repository::new(args.model_repository.clone(), backend, args.model_control_mode));
+    repo.load_all().await.map_err(|e| e.to_string())?;
+    let opts = ServeOptions {
+        grpc_addr: args.grpc_addr,
+        metrics_addr: Some(args.metrics_addr),
+        max_message_size: args.max_message_size,
+        max_concurrent_streams: args.max_concurrent_streams,
+        auth_token: args.auth_token.clone(),
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        tls_client_ca: args.tls_client_ca.clone(),
+        exit_timeout: Duration::from_secs(args.exit_timeout),
+        server_version: format!("{} (backend: {why})", env!("CARGO_PKG_VERSION")),
+    };
+    let running = server::start(opts, repo.clone()).await.map_err(|e| e.to_string())?;
+    tracing::info!(grpc = %running.grpc_addr, metrics = ?running.metrics_addr, models = ?repo.entries().iter().map(|(n, e)| format!("{n}:{}", e.state)).collect::<Vec<_>>(), "serving");
+    let stop = running.shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("signal received; draining");
+        stop.cancel();
+    });
+    running.wait().await.map_err(|e| e.to_string())?;
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn inspect(args: &neuron_worker::cli::InspectArgs) -> Result<(), String> {
+    let info = neuron_worker::neff::read_neff(&args.file).map_err(|e| e.to_string())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&neuron_worker::neff::render_json(&info)).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", neuron_worker::neff::render_table(&info));
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_logs(args.log_format);
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(serve(args)),
+                Err(e) => Err(format!("cannot start the async runtime: {e}")),
+            }
+        }
+        Command::Inspect(args) => inspect(&args),
+        Command::Bench(args) => {
+            init_logs(LogFormat::Text);
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(neuron_worker::bench::run(args)),
+                Err(e) => Err(format!("cannot start the async runtime: {e}")),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,22 @@
-//! CPU reference backend (being written).
+//! CPU reference backend: f32 kernels, the built-in dense models and a BERT encoder.
+//!
+//! It runs on every machine (CI included) and is the reference the Neuron path is checked
+//! against. GEMMs go through the `gemm` crate, which picks AVX-512 / AVX2+FMA / SSE kernels at run
+//! time; see [`gemm::isa_name`].
+
+pub mod attention;
+pub mod bert;
+pub mod builtin;
+pub mod dense;
+pub mod gemm;
+pub mod instance;
+pub mod ops;
+pub mod pooling;
+pub mod weights;
+
+pub use bert::{BertConfig, BertInfo, BertModel, BertOutput, BertScratch};
+pub use builtin::{BUILTIN_NAMES, builtin, linear_weights, mlp_weights};
+pub use dense::{Activation, DenseLayer, DenseStack};
+pub use gemm::{default_threads, isa_name, matmul, matmul_bt};
+pub use instance::{CpuInstance, CpuModel};
+pub use pooling::PoolingMode;

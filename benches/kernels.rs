@@ -1,0 +1,2 @@
+//! Kernel benchmarks (being written).
+fn main() {}

@@ -1,0 +1,610 @@
+//! The stand-in's runtime state: loaded models, tensors, tensor sets and execution on host memory.
+//!
+//! Handles given to C are the addresses of `Arc`s held in registries here, so a stale or foreign
+//! handle is detected (`NRT_INVALID_HANDLE`) instead of dereferenced. No lock is held while a
+//! program runs, so executions on different models and cores proceed in parallel.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::abi::*;
+use crate::knobs::Knobs;
+use crate::neff::{self, TensorDecl};
+use crate::program::Program;
+
+/// Allocations of 4 GiB or more are refused (real libnrt overflows on them).
+pub const MAX_TENSOR_BYTES: usize = (4usize << 30) - 1;
+
+/// A loaded model.
+#[derive(Debug)]
+pub struct Model {
+    /// Header name of the NEFF.
+    pub name: String,
+    /// First NeuronCore (relative to the visible ones).
+    pub core: u32,
+    /// Declared inputs.
+    pub inputs: Vec<TensorDecl>,
+    /// Declared outputs.
+    pub outputs: Vec<TensorDecl>,
+    program: Option<Program>,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Owned(Vec<u8>),
+    /// A caller-owned buffer (address, length).
+    Attached(usize, usize),
+    Empty,
+}
+
+/// A tensor in host memory.
+#[derive(Debug)]
+pub struct Tensor {
+    /// Name given at allocation.
+    pub name: String,
+    storage: Mutex<Storage>,
+}
+
+impl Tensor {
+    /// Size in bytes (0 for an empty tensor).
+    pub fn size(&self) -> usize {
+        match &*lock(&self.storage) {
+            Storage::Owned(v) => v.len(),
+            Storage::Attached(_, len) => *len,
+            Storage::Empty => 0,
+        }
+    }
+
+    /// Copies `dst.len()` bytes from `offset`; `NRT_INVALID` when out of range.
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> NrtStatus {
+        let storage = lock(&self.storage);
+        let Some(end) = offset.checked_add(dst.len()) else {
+            return NRT_INVALID;
+        };
+        match &*storage {
+            Storage::Owned(v) => match v.get(offset..end) {
+                Some(src) => dst.copy_from_slice(src),
+                None => return NRT_INVALID,
+            },
+            Storage::Attached(ptr, len) => {
+                if end > *len {
+                    return NRT_INVALID;
+                }
+                // SAFETY: the caller attached `len` valid bytes at `ptr` and keeps them alive.
+                let src = unsafe {
+                    std::slice::from_raw_parts((*ptr as *const u8).add(offset), dst.len())
+                };
+                dst.copy_from_slice(src);
+            }
+            Storage::Empty => {
+                return if dst.is_empty() {
+                    NRT_SUCCESS
+                } else {
+                    NRT_INVALID
+                };
+            }
+        }
+        NRT_SUCCESS
+    }
+
+    /// Copies `src` to `offset`; `NRT_INVALID` when out of range.
+    pub fn write(&self, offset: usize, src: &[u8]) -> NrtStatus {
+        let mut storage = lock(&self.storage);
+        let Some(end) = offset.checked_add(src.len()) else {
+            return NRT_INVALID;
+        };
+        match &mut *storage {
+            Storage::Owned(v) => match v.get_mut(offset..end) {
+                Some(dst) => dst.copy_from_slice(src),
+                None => return NRT_INVALID,
+            },
+            Storage::Attached(ptr, len) => {
+                if end > *len {
+                    return NRT_INVALID;
+                }
+                // SAFETY: the caller attached `len` writable bytes at `ptr` and keeps them alive.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut((*ptr as *mut u8).add(offset), src.len())
+                };
+                dst.copy_from_slice(src);
+            }
+            Storage::Empty => {
+                return if src.is_empty() {
+                    NRT_SUCCESS
+                } else {
+                    NRT_INVALID
+                };
+            }
+        }
+        NRT_SUCCESS
+    }
+}
+
+type TensorSet = Mutex<HashMap<String, Arc<Tensor>>>;
+
+#[derive(Debug, Default)]
+struct State {
+    initialized: bool,
+    closed: bool,
+    knobs: Knobs,
+    models: HashMap<usize, Arc<Model>>,
+    tensors: HashMap<usize, Arc<Tensor>>,
+    sets: HashMap<usize, Arc<TensorSet>>,
+    next_core: u32,
+    exec_counts: HashMap<u32, u64>,
+    exec_failed: bool,
+    load_failed: bool,
+}
+
+enum Injected {
+    Hang,
+    Status(NrtStatus),
+}
+
+/// One stand-in runtime. The C functions use [`global`]; tests may make private instances.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    state: Mutex<State>,
+}
+
+/// The process-wide runtime behind the exported C functions.
+pub fn global() -> &'static Runtime {
+    static GLOBAL: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    GLOBAL.get_or_init(Runtime::default)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn log(message: &str) {
+    eprintln!("nrt-standin: {message}");
+}
+
+impl Runtime {
+    fn ready(&self) -> Result<MutexGuard<'_, State>, NrtStatus> {
+        let state = lock(&self.state);
+        match (state.initialized, state.closed) {
+            (true, _) => Ok(state),
+            (false, true) => Err(NRT_CLOSED),
+            (false, false) => Err(NRT_UNINITIALIZED),
+        }
+    }
+
+    /// Initialises with `knobs`. A repeated call succeeds and keeps the first call's knobs.
+    pub fn init(&self, knobs: Knobs) -> NrtStatus {
+        let mut state = lock(&self.state);
+        if !state.initialized {
+            *state = State {
+                initialized: true,
+                knobs,
+                ..State::default()
+            };
+        }
+        NRT_SUCCESS
+    }
+
+    /// Replaces the knobs of an initialised runtime and resets the failure counters.
+    pub fn set_knobs(&self, knobs: Knobs) {
+        let mut state = lock(&self.state);
+        state.knobs = knobs;
+        state.exec_counts.clear();
+        state.exec_failed = false;
+        state.load_failed = false;
+    }
+
+    /// Releases everything; later calls return `NRT_CLOSED` until the next `init`.
+    pub fn close(&self) {
+        let mut state = lock(&self.state);
+        *state = State {
+            closed: true,
+            ..State::default()
+        };
+    }
+
+    /// Visible NeuronCores (from the knobs once initialised, else from the environment).
+    pub fn visible_cores(&self) -> u32 {
+        let state = lock(&self.state);
+        if state.initialized {
+            state.knobs.visible_cores
+        } else {
+            Knobs::from_env().visible_cores
+        }
+    }
+
+    /// Loads a NEFF onto `nc_count` cores from `start_nc` (-1: runtime's choice / one core).
+    pub fn load(&self, bytes: &[u8], start_nc: i32, nc_count: i32) -> Result<usize, NrtStatus> {
+        let mut state = self.ready()?;
+        let visible = state.knobs.visible_cores;
+        let count = match nc_count {
+            -1 => 1,
+            n if n >= 1 => n as u32,
+            n => {
+                log(&format!("nrt_load: nc_count {n} is invalid"));
+                return Err(NRT_INVALID);
+            }
+        };
+        let core = match start_nc {
+            -1 => {
+                let core = state.next_core % visible.max(1);
+                state.next_core = state.next_core.wrapping_add(count);
+                core
+            }
+            n if n >= 0 => n as u32,
+            n => {
+                log(&format!("nrt_load: start_nc {n} is invalid"));
+                return Err(NRT_INVALID);
+            }
+        };
+        if u64::from(core) + u64::from(count) > u64::from(visible) {
+            log(&format!(
+                "nrt_load: cores {core}..{} requested, {visible} visible",
+                core + count
+            ));
+            return Err(NRT_LOAD_NOT_ENOUGH_NC);
+        }
+        if let Some(status) = state.knobs.fail_load_status
+            && !(state.knobs.fail_once && state.load_failed)
+        {
+            state.load_failed = true;
+            log(&format!(
+                "nrt_load: injected failure {status} (NRT_STANDIN_FAIL_LOAD_STATUS)"
+            ));
+            return Err(status);
+        }
+        drop(state);
+        let parsed = neff::parse(bytes).map_err(|e| {
+            log(&format!("nrt_load: cannot read NEFF: {e}"));
+            NRT_INVALID
+        })?;
+        if parsed.version_major > 2 {
+            log(&format!(
+                "nrt_load: NEFF version {} is newer than this runtime supports",
+                parsed.version_major
+            ));
+            return Err(NRT_UNSUPPORTED_NEFF_VERSION);
+        }
+        let program = if parsed
+            .standin_files
+            .contains_key(crate::program::PROGRAM_PATH)
+        {
+            let program = Program::load(&parsed.standin_files, &parsed.inputs, &parsed.outputs)
+                .map_err(|e| {
+                    log(&format!("nrt_load: model '{}': {}", parsed.name, e.message));
+                    e.status
+                })?;
+            Some(program)
+        } else {
+            None
+        };
+        let model = Arc::new(Model {
+            name: parsed.name,
+            core,
+            inputs: parsed.inputs,
+            outputs: parsed.outputs,
+            program,
+        });
+        let handle = Arc::as_ptr(&model) as usize;
+        self.ready()?.models.insert(handle, model);
+        Ok(handle)
+    }
+
+    /// Unloads a model.
+    pub fn unload(&self, model: usize) -> NrtStatus {
+        match self.ready() {
+            Ok(mut state) => match state.models.remove(&model) {
+                Some(_) => NRT_SUCCESS,
+                None => NRT_INVALID_HANDLE,
+            },
+            Err(status) => status,
+        }
+    }
+
+    /// The loaded model behind a handle.
+    pub fn model(&self, model: usize) -> Result<Arc<Model>, NrtStatus> {
+        self.ready()?
+            .models
+            .get(&model)
+            .cloned()
+            .ok_or(NRT_INVALID_HANDLE)
+    }
+
+    /// Allocates a tensor: `placement` DEVICE (on visible core `nc`), HOST, or VIRTUAL (empty).
+    pub fn tensor_allocate(
+        &self,
+        placement: u32,
+        nc: i32,
+        size: usize,
+        name: &str,
+    ) -> Result<usize, NrtStatus> {
+        let state = self.ready()?;
+        let visible = state.knobs.visible_cores;
+        drop(state);
+        let storage = match placement {
+            NRT_TENSOR_PLACEMENT_VIRTUAL => Storage::Empty,
+            NRT_TENSOR_PLACEMENT_DEVICE | NRT_TENSOR_PLACEMENT_HOST => {
+                if placement == NRT_TENSOR_PLACEMENT_DEVICE
+                    && !(0..visible as i64).contains(&i64::from(nc))
+                {
+                    log(&format!(
+                        "nrt_tensor_allocate '{name}': core {nc} is not visible ({visible} visible)"
+                    ));
+                    return Err(NRT_INVALID);
+                }
+                if size > MAX_TENSOR_BYTES {
+                    log(&format!(
+                        "nrt_tensor_allocate '{name}': {size} bytes (4 GiB or more) refused"
+                    ));
+                    return Err(NRT_INVALID);
+                }
+                let mut bytes = Vec::new();
+                bytes
+                    .try_reserve_exact(size)
+                    .map_err(|_| NRT_FAIL_HOST_MEM_ALLOC)?;
+                bytes.resize(size, 0);
+                Storage::Owned(bytes)
+            }
+            other => {
+                log(&format!(
+                    "nrt_tensor_allocate '{name}': placement {other} is invalid"
+                ));
+                return Err(NRT_INVALID);
+            }
+        };
+        Ok(self.register_tensor(Tensor {
+            name: name.to_string(),
+            storage: Mutex::new(storage),
+        }))
+    }
+
+    /// Allocates a tensor with no memory (see [`Runtime::tensor_attach`]).
+    pub fn tensor_allocate_empty(&self, name: &str) -> Result<usize, NrtStatus> {
+        drop(self.ready()?);
+        Ok(self.register_tensor(Tensor {
+            name: name.to_string(),
+            storage: Mutex::new(Storage::Empty),
+        }))
+    }
+
+    fn register_tensor(&self, tensor: Tensor) -> usize {
+        let tensor = Arc::new(tensor);
+        let handle = Arc::as_ptr(&tensor) as usize;
+        lock(&self.state).tensors.insert(handle, tensor);
+        handle
+    }
+
+    /// Makes a tensor use a caller-owned buffer of `size` bytes at address `buffer`.
+    pub fn tensor_attach(&self, tensor: usize, buffer: usize, size: usize) -> NrtStatus {
+        match self.tensor(tensor) {
+            Ok(t) => {
+                *lock(&t.storage) = Storage::Attached(buffer, size);
+                NRT_SUCCESS
+            }
+            Err(status) => status,
+        }
+    }
+
+    /// The tensor behind a handle.
+    pub fn tensor(&self, tensor: usize) -> Result<Arc<Tensor>, NrtStatus> {
+        self.ready()?
+            .tensors
+            .get(&tensor)
+            .cloned()
+            .ok_or(NRT_INVALID_HANDLE)
+    }
+
+    /// Frees a tensor handle (sets holding it keep the memory alive).
+    pub fn tensor_free(&self, tensor: usize) {
+        lock(&self.state).tensors.remove(&tensor);
+    }
+
+    /// Allocates an empty tensor set.
+    pub fn set_allocate(&self) -> Result<usize, NrtStatus> {
+        let mut state = self.ready()?;
+        let set: Arc<TensorSet> = Arc::default();
+        let handle = Arc::as_ptr(&set) as usize;
+        state.sets.insert(handle, set);
+        Ok(handle)
+    }
+
+    /// Destroys a tensor set (not its tensors).
+    pub fn set_destroy(&self, set: usize) {
+        lock(&self.state).sets.remove(&set);
+    }
+
+    fn set(&self, set: usize) -> Result<Arc<TensorSet>, NrtStatus> {
+        self.ready()?
+            .sets
+            .get(&set)
+            .cloned()
+            .ok_or(NRT_INVALID_HANDLE)
+    }
+
+    /// Adds (or replaces) `name` → tensor in a set.
+    pub fn set_add(&self, set: usize, name: &str, tensor: usize) -> NrtStatus {
+        let (set, tensor) = match (self.set(set), self.tensor(tensor)) {
+            (Ok(s), Ok(t)) => (s, t),
+            (Err(e), _) | (_, Err(e)) => return e,
+        };
+        lock(&set).insert(name.to_string(), tensor);
+        NRT_SUCCESS
+    }
+
+    /// The tensor handle stored under `name`; `NRT_FAILURE` for an unknown name.
+    pub fn set_get(&self, set: usize, name: &str) -> Result<usize, NrtStatus> {
+        let set = self.set(set)?;
+        let tensor = lock(&set).get(name).cloned().ok_or(NRT_FAILURE)?;
+        let handle = Arc::as_ptr(&tensor) as usize;
+        // A tensor freed while in the set gets a fresh registration so its handle stays usable.
+        lock(&self.state).tensors.entry(handle).or_insert(tensor);
+        Ok(handle)
+    }
+
+    /// Executes `repeat` times; returns the first non-success status, or success.
+    pub fn execute(&self, model: usize, inputs: usize, outputs: usize, repeat: i32) -> NrtStatus {
+        match self.execute_inner(model, inputs, outputs, repeat) {
+            Ok(()) => NRT_SUCCESS,
+            Err(status) => status,
+        }
+    }
+
+    fn execute_inner(
+        &self,
+        model: usize,
+        inputs: usize,
+        outputs: usize,
+        repeat: i32,
+    ) -> Result<(), NrtStatus> {
+        let model = self.model(model)?;
+        let (in_set, out_set) = (self.set(inputs)?, self.set(outputs)?);
+        if repeat < 1 {
+            log(&format!(
+                "nrt_execute_repeat: repeat_count {repeat} is invalid"
+            ));
+            return Err(NRT_INVALID);
+        }
+        let in_tensors = bind(&model, &model.inputs, &lock(&in_set), "input")?;
+        let out_tensors = bind(&model, &model.outputs, &lock(&out_set), "output")?;
+        for _ in 0..repeat {
+            let (knobs, injected) = self.next_execution(model.core)?;
+            if !knobs.exec_delay.is_zero() {
+                std::thread::sleep(knobs.exec_delay);
+            }
+            match injected {
+                Some(Injected::Hang) => return Err(self.hang(&model, knobs.hang_bound)),
+                Some(Injected::Status(status)) => {
+                    log(&format!(
+                        "nrt_execute: model '{}' core {}: injected failure {status}",
+                        model.name, model.core
+                    ));
+                    return Err(status);
+                }
+                None => {}
+            }
+            run_program(&model, &in_tensors, &out_tensors)?;
+        }
+        Ok(())
+    }
+
+    /// Counts one execution on `core` and decides whether the knobs make it fail or hang.
+    fn next_execution(&self, core: u32) -> Result<(Knobs, Option<Injected>), NrtStatus> {
+        let mut state = self.ready()?;
+        let count = {
+            let counter = state.exec_counts.entry(core).or_insert(0);
+            *counter += 1;
+            *counter
+        };
+        let knobs = state.knobs.clone();
+        if knobs.fail_core.is_some_and(|c| c != core) {
+            return Ok((knobs, None));
+        }
+        if knobs.hang_exec {
+            return Ok((knobs, Some(Injected::Hang)));
+        }
+        let Some(status) = knobs.fail_exec_status else {
+            return Ok((knobs, None));
+        };
+        let trigger = match knobs.fail_every_n {
+            None => !state.exec_failed,
+            Some(n) => count % n == 0 && !(knobs.fail_once && state.exec_failed),
+        };
+        if trigger {
+            state.exec_failed = true;
+        }
+        Ok((knobs, trigger.then_some(Injected::Status(status))))
+    }
+
+    /// Sleeps until `bound` (or until the runtime is closed), then reports a timeout.
+    fn hang(&self, model: &Model, bound: Duration) -> NrtStatus {
+        log(&format!(
+            "nrt_execute: model '{}' core {}: hanging for up to {bound:?} (NRT_STANDIN_HANG_EXEC)",
+            model.name, model.core
+        ));
+        let deadline = Instant::now() + bound;
+        while Instant::now() < deadline && lock(&self.state).initialized {
+            std::thread::sleep((deadline - Instant::now()).min(Duration::from_millis(10)));
+        }
+        NRT_TIMEOUT
+    }
+}
+
+/// Matches a set to the model's declared tensors: every set name declared (else `NRT_FAILURE`),
+/// every declared tensor present with its exact size (else `NRT_INVALID`).
+fn bind(
+    model: &Model,
+    decls: &[TensorDecl],
+    set: &HashMap<String, Arc<Tensor>>,
+    kind: &str,
+) -> Result<Vec<Arc<Tensor>>, NrtStatus> {
+    if let Some(name) = set.keys().find(|n| !decls.iter().any(|d| &d.name == *n)) {
+        log(&format!(
+            "nrt_execute: model '{}' has no {kind} tensor named '{name}'",
+            model.name
+        ));
+        return Err(NRT_FAILURE);
+    }
+    decls
+        .iter()
+        .map(|decl| {
+            let Some(tensor) = set.get(&decl.name) else {
+                log(&format!(
+                    "nrt_execute: model '{}': {kind} '{}' is missing from the set",
+                    model.name, decl.name
+                ));
+                return Err(NRT_INVALID);
+            };
+            let size = tensor.size() as u64;
+            if size != decl.size {
+                log(&format!(
+                    "nrt_execute: model '{}': {kind} '{}' is {size} bytes, the model needs {}",
+                    model.name, decl.name, decl.size
+                ));
+                return Err(NRT_INVALID);
+            }
+            Ok(Arc::clone(tensor))
+        })
+        .collect()
+}
+
+fn run_program(
+    model: &Model,
+    inputs: &[Arc<Tensor>],
+    outputs: &[Arc<Tensor>],
+) -> Result<(), NrtStatus> {
+    let Some(program) = &model.program else {
+        log(&format!(
+            "nrt_execute: model '{}' has no standin/program.json (compiled for real hardware); the stand-in cannot run it",
+            model.name
+        ));
+        return Err(NRT_UNSUPPORTED_NEFF_VERSION);
+    };
+    let mut buffers = HashMap::new();
+    for (decl, tensor) in model.inputs.iter().zip(inputs) {
+        let mut bytes = vec![0u8; tensor.size()];
+        let status = tensor.read(0, &mut bytes);
+        if status != NRT_SUCCESS {
+            return Err(status);
+        }
+        let values = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        buffers.insert(decl.name.clone(), values);
+    }
+    let results = program.run(buffers).map_err(|e| {
+        log(&format!("nrt_execute: model '{}': {e}", model.name));
+        NRT_FAILURE
+    })?;
+    for (decl, tensor) in model.outputs.iter().zip(outputs) {
+        let values = results.get(&decl.name).ok_or(NRT_FAILURE)?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let status = tensor.write(0, &bytes);
+        if status != NRT_SUCCESS {
+            return Err(status);
+        }
+    }
+    Ok(())
+}

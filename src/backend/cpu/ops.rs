@@ -1,0 +1,194 @@
+//! Element-wise and row-wise kernels: activations, bias, layer norm, softmax.
+//!
+//! `exp` and `erf` are branch-free polynomial forms so the compiler vectorises the loops; their
+//! error is below 4e-7 (absolute for erf) and 3e-7 (relative for exp), about f32 rounding.
+
+use rayon::prelude::*;
+
+/// Elements per parallel chunk for element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// An activation applied after a dense layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Identity.
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// The exact (erf) GELU: `x/2 · (1 + erf(x/√2))`.
+    Gelu,
+    /// Hyperbolic tangent.
+    Tanh,
+}
+
+/// `e^x` for f32, relative error below 2e-7 on [-87, 88]; saturates outside.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// `erf(x)` for f32, absolute error below 4e-7: a Taylor series for |x| < 0.5, else
+/// Abramowitz & Stegun 7.1.26 (both evaluated, one selected, so loops stay vectorised).
+#[inline(always)]
+pub fn fast_erf(x: f32) -> f32 {
+    let a = x.abs();
+    let x2 = x * x;
+    let mut s = 1.0 / 9360.0_f32;
+    s = s * x2 - 1.0 / 1320.0;
+    s = s * x2 + 1.0 / 216.0;
+    s = s * x2 - 1.0 / 42.0;
+    s = s * x2 + 0.1;
+    s = s * x2 - 1.0 / 3.0;
+    s = s * x2 + 1.0;
+    let taylor = std::f32::consts::FRAC_2_SQRT_PI * x * s;
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
+        + 0.254_829_6)
+        * t;
+    let tail = (1.0 - poly * fast_exp(-x2)).copysign(x);
+    if a < 0.5 { taylor } else { tail }
+}
+
+/// GELU of one value, erf form, with `libm::erff` (the reference for [`gelu`]).
+pub fn gelu_exact(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU of one value, erf form, vectorisable (absolute error below 2e-7·|x| + f32 rounding).
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `tanh(x)` through `e^(2x)`, vectorisable.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let x = x.clamp(-9.0, 9.0);
+    if x.abs() < 0.005 {
+        return x - x * x * x / 3.0;
+    }
+    let e = fast_exp(2.0 * x);
+    (e - 1.0) / (e + 1.0)
+}
+
+fn apply_rows(x: &mut [f32], bias: &[f32], act: Activation) {
+    let n = bias.len();
+    for row in x.chunks_exact_mut(n) {
+        match act {
+            Activation::None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
+            Activation::Relu => row.iter_mut().zip(bias).for_each(|(v, b)| *v = (*v + b).max(0.0)),
+            Activation::Gelu => row.iter_mut().zip(bias).for_each(|(v, b)| *v = gelu(*v + b)),
+            Activation::Tanh => row.iter_mut().zip(bias).for_each(|(v, b)| *v = tanh(*v + b)),
+        }
+    }
+}
+
+/// Adds `bias` to every row of `x` (rows of `bias.len()`) then applies `act`, in place.
+/// Uses the rayon pool when `threads > 1` and the tensor is large.
+pub fn bias_activation(x: &mut [f32], bias: &[f32], act: Activation, threads: usize) {
+    let n = bias.len();
+    if n == 0 {
+        return;
+    }
+    let rows_per_chunk = (CHUNK / n).max(1);
+    if threads > 1 && x.len() > 2 * CHUNK {
+        x.par_chunks_mut(rows_per_chunk * n).for_each(|c| apply_rows(c, bias, act));
+    } else {
+        apply_rows(x, bias, act);
+    }
+}
+
+/// Layer normalisation of every row of `x` (rows of `gamma.len()`), in place:
+/// `(x - mean) / sqrt(var + eps) · gamma + beta`, biased variance as in PyTorch.
+pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = gamma.len();
+    if n == 0 {
+        return;
+    }
+    for row in x.chunks_exact_mut(n) {
+        let mean = row.iter().sum::<f32>() / n as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    }
+}
+
+/// `x += residual` element-wise.
+pub fn add_in_place(x: &mut [f32], residual: &[f32]) {
+    x.iter_mut().zip(residual).for_each(|(a, b)| *a += b);
+}
+
+/// Softmax of one row in place, over the positions where `keep[j]` is true only; the others get
+/// exactly 0. A row with nothing kept becomes uniform (as adding a large negative bias would give).
+pub fn masked_softmax(row: &mut [f32], keep: &[bool]) {
+    let max = row
+        .iter()
+        .zip(keep)
+        .filter(|(_, k)| **k)
+        .fold(f32::NEG_INFINITY, |m, (v, _)| m.max(*v));
+    if max == f32::NEG_INFINITY {
+        let u = 1.0 / row.len().max(1) as f32;
+        row.fill(u);
+        return;
+    }
+    let mut sum = 0.0f32;
+    for (v, k) in row.iter_mut().zip(keep) {
+        *v = if *k { fast_exp(*v - max) } else { 0.0 };
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Plain softmax of one row in place.
+pub fn softmax(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = fast_exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_erf_are_accurate() {
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let (f, e) = (fast_exp(x), x.exp());
+            assert!(((f - e) / e).abs() < 3e-7, "exp({x}) = {f} vs {e}");
+            x += 0.013;
+        }
+        let mut x = -6.0f32;
+        while x < 6.0 {
+            assert!((fast_erf(x) - libm::erff(x)).abs() < 4e-7, "erf({x})");
+            x += 0.001;
+        }
+    }
+
+    #[test]
+    fn gelu_known_values() {
+        assert!((gelu(1.0) - 0.841_344_7).abs() < 1e-6);
+        assert!((gelu(-1.0) + 0.158_655_3).abs() < 1e-6);
+        assert_eq!(gelu(0.0), 0.0);
+        assert!((gelu_exact(2.0) - 1.954_499_7).abs() < 1e-6);
+        assert!((tanh(0.5) - 0.5f32.tanh()).abs() < 1e-6);
+    }
+}

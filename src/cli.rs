@@ -1,0 +1,107 @@
+//! Command-line interface (clap): `serve`, `inspect`, `bench`. Every `serve` flag is also an
+//! environment variable `NEURON_WORKER_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::repository::ModelControlMode;
+
+/// neuron-worker: KServe v2 / Triton gRPC inference worker for AWS Trainium and Inferentia2.
+#[derive(Debug, Parser)]
+#[command(name = "neuron-worker", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve models over gRPC (KServe v2 / Triton protocol).
+    Serve(ServeArgs),
+    /// Print what a NEFF file holds: header fields, inputs and outputs.
+    Inspect(InspectArgs),
+    /// Load-test a running worker over gRPC.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Which backend runs the models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// Neuron when libnrt loads and a NeuronCore is visible, else CPU.
+    Auto,
+    /// The CPU reference backend.
+    Cpu,
+    /// The Neuron runtime; exits with the loader error when libnrt is missing.
+    Neuron,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `serve` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = "NEURON_WORKER_GRPC_ADDR", default_value = "127.0.0.1:8001")]
+    pub grpc_addr: SocketAddr,
+    /// Prometheus metrics (/metrics) and capacity (/capacity) listen address.
+    #[arg(long, env = "NEURON_WORKER_METRICS_ADDR", default_value = "127.0.0.1:8002")]
+    pub metrics_addr: SocketAddr,
+    /// Model repository folder (Triton layout). Without it the built-in models are served.
+    #[arg(long, env = "NEURON_WORKER_MODEL_REPOSITORY")]
+    pub model_repository: Option<PathBuf>,
+    /// Backend: auto, cpu or neuron.
+    #[arg(long, env = "NEURON_WORKER_BACKEND", value_enum, default_value = "auto")]
+    pub backend: BackendArg,
+    /// Model control mode: none (all loaded at start) or explicit (load/unload RPCs allowed).
+    #[arg(long, env = "NEURON_WORKER_MODEL_CONTROL_MODE", value_enum, default_value = "none")]
+    pub model_control_mode: ModelControlMode,
+    /// Seconds to wait for in-flight requests after SIGTERM/SIGINT before exiting.
+    #[arg(long, env = "NEURON_WORKER_EXIT_TIMEOUT", default_value_t = 30)]
+    pub exit_timeout: u64,
+    /// Log format.
+    #[arg(long, env = "NEURON_WORKER_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "NEURON_WORKER_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
+    pub max_message_size: usize,
+    /// Most concurrent gRPC streams per connection.
+    #[arg(long, env = "NEURON_WORKER_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Bearer token required on every RPC except health (`authorization: Bearer <token>`).
+    #[arg(long, env = "NEURON_WORKER_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// TLS certificate chain (PEM). Needs --tls-key.
+    #[arg(long, env = "NEURON_WORKER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM). Needs --tls-cert.
+    #[arg(long, env = "NEURON_WORKER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) client certificates must chain to (mutual TLS).
+    #[arg(long, env = "NEURON_WORKER_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Folder of the session store for stateful models (not implemented yet: the worker refuses to
+    /// start with it rather than silently ignoring it).
+    #[arg(long, env = "NEURON_WORKER_SESSION_STORE")]
+    pub session_store: Option<PathBuf>,
+}
+
+/// `inspect` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InspectArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// The NEFF file.
+    pub file: PathBuf,
+}

@@ -1,0 +1,160 @@
+//! Loading one model: its configuration (from `config.pbtxt`, or completed from an HF BERT folder),
+//! its versions by version policy, and one backend instance per instance slot.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backend::ModelInstance;
+use crate::backend::cpu::{BertModel, CpuInstance, CpuModel, builtin};
+use crate::config::{ModelSpec, parse_model_config};
+use crate::proto::inference::{ModelConfig, model_version_policy::PolicyChoice};
+use crate::repository::BackendSelection;
+
+/// A model's configuration and the version folders to load.
+#[derive(Debug)]
+pub(crate) struct ModelSource {
+    pub(crate) config: ModelConfig,
+    pub(crate) spec: Arc<ModelSpec>,
+    /// (version, folder); the folder is `None` for built-in models.
+    pub(crate) versions: Vec<(i64, Option<PathBuf>)>,
+}
+
+/// Reads a built-in model's configuration.
+pub(crate) fn builtin_source(name: &str, text: &str) -> Result<ModelSource, String> {
+    let config = parse_model_config(text, &format!("<built-in {name}>")).map_err(|e| e.to_string())?;
+    let spec = ModelSpec::from_config(&config, &format!("<built-in {name}>")).map_err(|e| e.to_string())?;
+    Ok(ModelSource { config, spec: Arc::new(spec), versions: vec![(1, None)] })
+}
+
+/// Reads `<dir>/config.pbtxt` (or completes a configuration from an HF BERT checkpoint) and picks
+/// the versions to serve.
+pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, String> {
+    let mut all_versions: Vec<(i64, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: cannot read the model folder: {e}", dir.display()))?
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i64>().ok()).map(|v| (v, e.path())))
+        .filter(|(v, _)| *v > 0)
+        .collect();
+    all_versions.sort();
+    let cfg_path = dir.join("config.pbtxt");
+    let file = cfg_path.display().to_string();
+    let mut config = if cfg_path.exists() {
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{file}: cannot read: {e}"))?;
+        parse_model_config(&text, &file).map_err(|e| e.to_string())?
+    } else {
+        let Some((_, latest)) = all_versions.last() else {
+            return Err(format!("{}: no config.pbtxt and no numeric version folder", dir.display()));
+        };
+        complete_bert_config(name, latest)?
+    };
+    if config.name.is_empty() {
+        config.name = name.to_string();
+    }
+    if config.name != name {
+        return Err(format!("{file}: field `name`: '{}' does not match the folder name '{name}'", config.name));
+    }
+    let spec = ModelSpec::from_config(&config, &file).map_err(|e| e.to_string())?;
+    let versions = select_versions(&config, &all_versions).map_err(|e| format!("{file}: field `version_policy`: {e}"))?;
+    Ok(ModelSource { config, spec: Arc::new(spec), versions: versions.into_iter().map(|(v, p)| (v, Some(p))).collect() })
+}
+
+fn select_versions(config: &ModelConfig, all: &[(i64, PathBuf)]) -> Result<Vec<(i64, PathBuf)>, String> {
+    if all.is_empty() {
+        return Err("no numeric version folder (e.g. 1/) in the model folder".into());
+    }
+    let policy = config.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref());
+    let picked: Vec<(i64, PathBuf)> = match policy {
+        None => all.last().cloned().into_iter().collect(),
+        Some(PolicyChoice::Latest(l)) => {
+            let n = (l.num_versions.max(1) as usize).min(all.len());
+            all[all.len() - n..].to_vec()
+        }
+        Some(PolicyChoice::All(_)) => all.to_vec(),
+        Some(PolicyChoice::Specific(s)) => {
+            let mut out = Vec::new();
+            for v in &s.versions {
+                let found = all.iter().find(|(x, _)| x == v).ok_or_else(|| format!("version {v} has no folder"))?;
+                out.push(found.clone());
+            }
+            out
+        }
+    };
+    Ok(picked)
+}
+
+/// Triton-style auto-complete for a bare HF BERT folder: `input_ids`, `attention_mask` (and
+/// `token_type_ids` when the checkpoint has type embeddings) INT64 `[-1, -1]`; outputs
+/// `last_hidden_state` FP32 `[-1, -1, hidden]` and `sentence_embedding` FP32 `[-1, hidden]`.
+fn complete_bert_config(name: &str, version_dir: &Path) -> Result<ModelConfig, String> {
+    let model = BertModel::load(version_dir).map_err(|e| {
+        format!("{}: no config.pbtxt, and the folder is not a loadable HF BERT checkpoint: {e}", version_dir.display())
+    })?;
+    let info = model.info();
+    let mut inputs = String::from(
+        r#"{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },
+           { name: "attention_mask" data_type: TYPE_INT64 dims: [ -1 ] }"#,
+    );
+    if info.has_token_type_embeddings {
+        inputs.push_str(r#", { name: "token_type_ids" data_type: TYPE_INT64 dims: [ -1 ] optional: true }"#);
+    }
+    let text = format!(
+        r#"name: "{name}"
+backend: "cpu"
+max_batch_size: 32
+input [ {inputs} ]
+output [
+  {{ name: "last_hidden_state" data_type: TYPE_FP32 dims: [ -1, {h} ] }},
+  {{ name: "sentence_embedding" data_type: TYPE_FP32 dims: [ {h} ] }}
+]
+dynamic_batching {{ }}
+"#,
+        h = info.hidden_size
+    );
+    parse_model_config(&text, "<completed config>").map_err(|e| e.to_string())
+}
+
+/// Creates the instances of one model version on the selected backend.
+pub(crate) fn create_instances(
+    spec: &ModelSpec,
+    version_dir: Option<&Path>,
+    backend: &BackendSelection,
+) -> Result<(Vec<Box<dyn ModelInstance>>, &'static str), String> {
+    if let BackendSelection::Neuron { .. } = backend
+        && let Some(dir) = version_dir
+        && has_neff(dir)
+    {
+        return crate::repository::neuron_loader::create_neuron_instances(spec, dir, backend).map(|i| (i, "neuron"));
+    }
+    let model = match version_dir {
+        None => CpuModel::Dense(builtin::builtin(&spec.name).ok_or_else(|| format!("no built-in model named '{}'", spec.name))?),
+        Some(dir) if dir.join("config.json").exists() && dir.join("model.safetensors").exists() => {
+            CpuModel::Bert(BertModel::load(dir).map_err(|e| e.to_string())?)
+        }
+        Some(dir) => {
+            return Err(format!(
+                "{}: no CPU reference found (expected an HF folder with config.json and model.safetensors){}",
+                dir.display(),
+                if has_neff(dir) { "; it holds NEFF files, which need --backend neuron (or auto with libnrt)" } else { "" }
+            ));
+        }
+    };
+    let model = Arc::new(model);
+    let count = spec.instance_count.unwrap_or(1).max(1);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / count).max(1);
+    let inputs: Vec<String> = spec.inputs.iter().map(|i| i.name.clone()).collect();
+    let outputs: Vec<String> = spec.outputs.iter().map(|o| o.name.clone()).collect();
+    let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(count);
+    for i in 0..count {
+        let inst = CpuInstance::new(model.clone(), inputs.clone(), outputs.clone(), threads, i).map_err(|e| e.to_string())?;
+        instances.push(Box::new(inst));
+    }
+    Ok((instances, "cpu"))
+}
+
+fn has_neff(dir: &Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "neff")))
+        .unwrap_or(false)
+}

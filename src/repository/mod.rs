@@ -1,0 +1,231 @@
+//! The model repository: Triton's layout (`<repo>/<model>/config.pbtxt`, numeric version folders) or
+//! the built-in models, each loaded model version with its scheduler; load/unload by name.
+
+mod builtin;
+mod error;
+mod loader;
+mod neuron_loader;
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+pub use builtin::BUILTIN_CONFIGS;
+pub use error::RepositoryError;
+
+use crate::config::ModelSpec;
+use crate::proto::inference::ModelConfig;
+use crate::scheduler::SchedulerHandle;
+
+/// Which backend models are loaded on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSelection {
+    /// The CPU reference backend.
+    Cpu,
+    /// The Neuron runtime, with this many visible NeuronCores.
+    Neuron {
+        /// Visible NeuronCores.
+        cores: usize,
+    },
+}
+
+/// Whether models can be loaded and unloaded over gRPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelControlMode {
+    /// Load every model at start-up; load/unload RPCs are refused.
+    None,
+    /// Load/unload RPCs are honoured (models are still all loaded at start-up).
+    Explicit,
+}
+
+/// One loaded model version.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Version number.
+    pub version: i64,
+    /// The configuration as served by the ModelConfig RPC (completed where needed).
+    pub config: ModelConfig,
+    /// The checked spec.
+    pub spec: Arc<ModelSpec>,
+    /// Its scheduler.
+    pub scheduler: SchedulerHandle,
+    /// `cpu` or `neuron`.
+    pub backend: &'static str,
+}
+
+/// A model's state in the repository index.
+#[derive(Debug, Clone)]
+pub struct ModelEntry {
+    /// Loaded versions, by number.
+    pub versions: BTreeMap<i64, Arc<LoadedModel>>,
+    /// `READY`, `UNAVAILABLE`, `UNLOADING`...
+    pub state: &'static str,
+    /// Why it is not ready, if it is not.
+    pub reason: String,
+}
+
+/// All models this worker knows.
+#[derive(Debug)]
+pub struct Repository {
+    root: Option<PathBuf>,
+    backend: BackendSelection,
+    control: ModelControlMode,
+    models: RwLock<BTreeMap<String, ModelEntry>>,
+}
+
+impl Repository {
+    /// A repository over `root` (or the built-in models when `None`). Nothing is loaded yet.
+    pub fn new(root: Option<PathBuf>, backend: BackendSelection, control: ModelControlMode) -> Repository {
+        Repository { root, backend, control, models: RwLock::new(BTreeMap::new()) }
+    }
+
+    /// The backend models are loaded on.
+    pub fn backend(&self) -> &BackendSelection {
+        &self.backend
+    }
+
+    /// The model control mode.
+    pub fn control_mode(&self) -> ModelControlMode {
+        self.control
+    }
+
+    /// Loads every model (built-ins, or every folder of the repository). A model that fails is
+    /// recorded as UNAVAILABLE with its reason and logged; the others are served.
+    pub async fn load_all(&self) -> Result<(), RepositoryError> {
+        match &self.root {
+            None => {
+                for (name, _) in BUILTIN_CONFIGS {
+                    let _ = self.load(name).await;
+                }
+            }
+            Some(root) => {
+                let rd = std::fs::read_dir(root).map_err(|e| RepositoryError::Load {
+                    model: String::new(),
+                    reason: format!("{}: cannot read the model repository: {e}", root.display()),
+                })?;
+                let mut names: Vec<String> = rd
+                    .filter_map(Result::ok)
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .filter(|n| !n.starts_with('.'))
+                    .collect();
+                names.sort();
+                for name in names {
+                    let _ = self.load(&name).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn model_dir(&self, name: &str) -> Result<Option<PathBuf>, RepositoryError> {
+        let path = Path::new(name);
+        let plain = path.components().count() == 1 && matches!(path.components().next(), Some(Component::Normal(_)));
+        if name.is_empty() || !plain || name.contains('/') || name.contains('\\') || name.contains("..") {
+            return Err(RepositoryError::BadName(name.to_string()));
+        }
+        Ok(self.root.as_ref().map(|r| r.join(name)))
+    }
+
+    /// Loads (or reloads) one model by name. On failure the model is recorded as UNAVAILABLE.
+    pub async fn load(&self, name: &str) -> Result<(), RepositoryError> {
+        let dir = self.model_dir(name)?;
+        let source = match &dir {
+            None => match BUILTIN_CONFIGS.iter().find(|(n, _)| *n == name) {
+                Some((_, text)) => loader::builtin_source(name, text),
+                None => return Err(RepositoryError::NotFound { model: name.into(), version: String::new() }),
+            },
+            Some(d) if !d.is_dir() => {
+                return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
+            }
+            Some(d) => loader::read_source(name, d),
+        };
+        let backend = self.backend.clone();
+        let loaded = async move {
+            let source = source?;
+            let mut versions = BTreeMap::new();
+            for (version, vdir) in source.versions {
+                let spec = source.spec.clone();
+                let be = backend.clone();
+                let (instances, kind) = tokio::task::spawn_blocking(move || loader::create_instances(&spec, vdir.as_deref(), &be))
+                    .await
+                    .map_err(|e| format!("loader task failed: {e}"))??;
+                let scheduler = SchedulerHandle::start(source.spec.clone(), instances);
+                let model = LoadedModel { version, config: source.config.clone(), spec: source.spec.clone(), scheduler, backend: kind };
+                versions.insert(version, Arc::new(model));
+            }
+            Ok::<_, String>(versions)
+        }
+        .await;
+        let old = self.models.read().ok().and_then(|m| m.get(name).cloned());
+        let result = match loaded {
+            Ok(versions) => {
+                tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend).unwrap_or("-"), "model ready");
+                self.set(name, ModelEntry { versions, state: "READY", reason: String::new() });
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::error!(model = name, %reason, "model failed to load");
+                self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: reason.clone() });
+                Err(RepositoryError::Load { model: name.into(), reason })
+            }
+        };
+        if let Some(old) = old {
+            for v in old.versions.values() {
+                v.scheduler.drain().await;
+            }
+        }
+        result
+    }
+
+    /// Unloads a model: it stops accepting requests, finishes what it accepted, then is removed.
+    pub async fn unload(&self, name: &str) -> Result<(), RepositoryError> {
+        self.model_dir(name)?;
+        let entry = self.models.read().ok().and_then(|m| m.get(name).cloned());
+        let Some(entry) = entry else {
+            return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
+        };
+        self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNLOADING", reason: "unloading".into() });
+        for v in entry.versions.values() {
+            v.scheduler.drain().await;
+        }
+        self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: "unloaded".into() });
+        Ok(())
+    }
+
+    fn set(&self, name: &str, entry: ModelEntry) {
+        if let Ok(mut m) = self.models.write() {
+            m.insert(name.to_string(), entry);
+        }
+    }
+
+    /// The model version a request names (`version` empty = the highest loaded version).
+    pub fn get(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, RepositoryError> {
+        let models = self.models.read().map_err(|_| RepositoryError::NotReady { model: name.into(), reason: "repository lock poisoned".into() })?;
+        let entry = models.get(name).ok_or_else(|| RepositoryError::NotFound { model: name.into(), version: String::new() })?;
+        if entry.versions.is_empty() {
+            return Err(RepositoryError::NotReady { model: name.into(), reason: entry.reason.clone() });
+        }
+        let found = if version.is_empty() {
+            entry.versions.values().next_back()
+        } else {
+            let v: i64 = version.parse().map_err(|_| RepositoryError::NotFound { model: name.into(), version: format!(" version '{version}'") })?;
+            entry.versions.get(&v)
+        };
+        found.cloned().ok_or_else(|| RepositoryError::NotFound { model: name.into(), version: format!(" version {version}") })
+    }
+
+    /// Every model with its state, by name.
+    pub fn entries(&self) -> Vec<(String, ModelEntry)> {
+        self.models.read().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
+    /// Drains every model (used at shutdown).
+    pub async fn drain_all(&self) {
+        for (_, entry) in self.entries() {
+            for v in entry.versions.values() {
+                v.scheduler.drain().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The queue actor: the only owner of a model's queue. It admits requests, purges cancelled and
+//! expired ones, waits for fuller batches within the configured delay, and hands each batch to an
+//! idle instance.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::instance::{Batch, InstanceSender};
+use super::queue::{Queue, Queued};
+use super::{Command, FailureReason, SchedulerError, Shared};
+
+enum Event {
+    Command(Command),
+    Closed,
+    Timer,
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    queue: Queue,
+    instances: Vec<Option<InstanceSender>>,
+    idle: Vec<usize>,
+    busy: usize,
+    drain: Vec<oneshot::Sender<()>>,
+    max_rows: usize,
+}
+
+pub(super) fn spawn(rx: mpsc::UnboundedReceiver<Command>, instances: Vec<InstanceSender>, shared: Arc<Shared>) {
+    let spec = &shared.spec;
+    let mut max_rows = spec.max_rows();
+    if let Some(largest) = spec.buckets.largest_batch() {
+        max_rows = max_rows.min(largest);
+    }
+    if !spec.dynamic_batching {
+        max_rows = max_rows.min(spec.max_rows());
+    }
+    let actor = Actor {
+        queue: Queue::new(spec.dynamic.priority_levels as usize),
+        idle: (0..instances.len()).rev().collect(),
+        instances: instances.into_iter().map(Some).collect(),
+        busy: 0,
+        drain: Vec::new(),
+        max_rows,
+        shared,
+    };
+    tokio::spawn(actor.run(rx));
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut wake: Option<Instant> = None;
+        loop {
+            let event = match wake {
+                Some(at) => tokio::select! {
+                    c = rx.recv() => c.map_or(Event::Closed, Event::Command),
+                    _ = tokio::time::sleep_until(at.into()) => Event::Timer,
+                },
+                None => rx.recv().await.map_or(Event::Closed, Event::Command),
+            };
+            match event {
+                Event::Command(c) => self.handle(c),
+                Event::Closed => break,
+                Event::Timer => {}
+            }
+            while let Ok(c) = rx.try_recv() {
+                self.handle(c);
+            }
+            wake = self.dispatch();
+            if !self.drain.is_empty() && self.queue.is_empty() && self.busy == 0 {
+                self.instances.iter_mut().for_each(|i| *i = None);
+                for d in self.drain.drain(..) {
+                    let _ = d.send(());
+                }
+                break;
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Enqueue(req) => {
+                let spec = &self.shared.spec;
+                let policy = &spec.dynamic;
+                let timeout = match (req.timeout, policy.default_timeout) {
+                    (Some(t), Some(d)) if !policy.allow_timeout_override => Some(t.min(d)),
+                    (Some(t), _) => Some(t),
+                    (None, d) => d,
+                };
+                let level = if req.priority == 0 { policy.default_priority_level } else { req.priority };
+                let deadline = timeout.map(|t| req.arrived + t);
+                self.queue.push(Queued { req, deadline }, level);
+            }
+            Command::Done { instance, usable } => {
+                self.busy = self.busy.saturating_sub(1);
+                if usable {
+                    self.idle.push(instance);
+                } else if let Some(slot) = self.instances.get_mut(instance) {
+                    *slot = None;
+                    let left = self.shared.in_service.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+                    tracing::error!(model = %self.shared.spec.name, instance, left, "instance taken out of service");
+                    if left == 0 {
+                        self.fail_all_unavailable();
+                    }
+                }
+            }
+            Command::Drain(done) => self.drain.push(done),
+        }
+    }
+
+    fn fail_all_unavailable(&mut self) {
+        let reason = "every instance was taken out of service after fatal runtime errors; reload the model or restart the worker".to_string();
+        if let Ok(mut r) = self.shared.unavailable_reason.lock() {
+            *r = reason.clone();
+        }
+        self.shared.ready.store(false, Ordering::Release);
+        let mut rest = Vec::new();
+        while !self.queue.is_empty() {
+            rest.extend(self.queue.take_batch(usize::MAX, &[]).0);
+        }
+        self.shared.queued.fetch_sub(rest.len(), Ordering::AcqRel);
+        for q in rest {
+            self.shared.stats.record_failure(FailureReason::Unavailable, q.req.arrived.elapsed());
+            let _ = q.req.reply.send(Err(SchedulerError::Unavailable {
+                model: self.shared.spec.name.clone(),
+                reason: reason.clone(),
+            }));
+        }
+    }
+
+    /// Sends batches to idle instances; returns when to wake up next (delay or deadline), if ever.
+    fn dispatch(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let purged = self.queue.purge(now);
+        let n = purged.cancelled.len() + purged.expired.len();
+        if n > 0 {
+            self.shared.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+        for q in purged.cancelled {
+            self.shared.stats.record_failure(FailureReason::Cancelled, q.req.arrived.elapsed());
+        }
+        for q in purged.expired {
+            let waited = q.req.arrived.elapsed();
+            self.shared.stats.record_failure(FailureReason::Timeout, waited);
+            let timeout = q.deadline.map(|d| d.saturating_duration_since(q.req.arrived)).unwrap_or_default();
+            let _ = q.req.reply.send(Err(SchedulerError::Timeout {
+                model: self.shared.spec.name.clone(),
+                waited_us: waited.as_micros() as u64,
+                timeout_us: timeout.as_micros() as u64,
+            }));
+        }
+        let spec = self.shared.spec.clone();
+        let policy = &spec.dynamic;
+        let mut wake = None;
+        while !self.queue.is_empty() {
+            let Some(&inst) = self.idle.last() else { break };
+            let avail = self.queue.available_rows(self.max_rows);
+            let delay = policy.max_queue_delay;
+            if spec.dynamic_batching && delay > Duration::ZERO && avail < self.max_rows && !policy.preferred_batch_sizes.contains(&avail) {
+                let oldest = self.queue.oldest_arrival().unwrap_or(now);
+                if oldest + delay > now {
+                    wake = Some(oldest + delay);
+                    break;
+                }
+            }
+            let preferred: &[usize] = if spec.dynamic_batching { &policy.preferred_batch_sizes } else { &[] };
+            let (requests, rows) = self.queue.take_batch(self.max_rows, preferred);
+            self.shared.queued.fetch_sub(requests.len(), Ordering::AcqRel);
+            self.idle.pop();
+            let batch = Batch { requests: requests.into_iter().map(|q| q.req).collect(), rows, dispatched: now };
+            match self.instances.get(inst).and_then(Option::as_ref) {
+                Some(sender) => match sender.send(batch) {
+                    Ok(()) => self.busy += 1,
+                    Err(e) => self.fail_batch(e.0, "instance thread stopped"),
+                },
+                None => self.fail_batch(batch, "instance out of service"),
+            }
+        }
+        let deadline = self.queue.next_deadline();
+        match (wake, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn fail_batch(&mut self, batch: Batch, why: &str) {
+        for r in batch.requests {
+            self.shared.stats.record_failure(FailureReason::Unavailable, r.arrived.elapsed());
+            let _ = r.reply.send(Err(SchedulerError::Unavailable { model: self.shared.spec.name.clone(), reason: why.into() }));
+        }
+    }
+}

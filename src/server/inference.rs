@@ -1,0 +1,265 @@
+//! `inference.GRPCInferenceService`: Triton's KServe v2 RPCs over the repository and schedulers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::decode::{decode_request, encode_response};
+use super::error::ServerError;
+use super::stats::model_statistics;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use crate::proto::inference::*;
+use crate::repository::{ModelControlMode, Repository};
+use crate::scheduler::{InferRequest, SchedulerError};
+
+/// The inference service: stateless apart from the shared repository.
+#[derive(Debug, Clone)]
+pub struct InferenceService {
+    repo: Arc<Repository>,
+    server_version: String,
+}
+
+impl InferenceService {
+    /// A service over `repo`; `server_version` is reported by ServerMetadata.
+    pub fn new(repo: Arc<Repository>, server_version: String) -> InferenceService {
+        InferenceService { repo, server_version }
+    }
+
+    /// Runs one inference request end to end (shared by ModelInfer and ModelStreamInfer).
+    /// Returns the response, and whether the model asks for ordered stream responses.
+    async fn infer(repo: &Repository, mut req: ModelInferRequest) -> Result<ModelInferResponse, ServerError> {
+        let arrived = Instant::now();
+        let model = repo.get(&req.model_name, &req.model_version)?;
+        let decoded = decode_request(&mut req, &model.spec)?;
+        let (tx, rx) = oneshot::channel();
+        model.scheduler.submit(InferRequest {
+            inputs: decoded.inputs,
+            rows: decoded.rows,
+            priority: decoded.priority,
+            timeout: decoded.timeout,
+            reply: tx,
+            arrived,
+        })?;
+        let reply = rx.await.map_err(|_| {
+            ServerError::Scheduler(SchedulerError::Unavailable {
+                model: req.model_name.clone(),
+                reason: "the model's scheduler stopped before answering".into(),
+            })
+        })??;
+        Ok(encode_response(&req.model_name, model.version, std::mem::take(&mut req.id), reply, &decoded.outputs))
+    }
+}
+
+type StreamResult = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+const EXTENSIONS: &[&str] = &["model_repository", "model_configuration", "statistics", "schedule_policy", "parameters"];
+
+fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
+    Err(ServerError::Unimplemented(format!("{what} is not supported by this worker; send tensor data in the request")).into())
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
+        let ready = self.repo.entries().iter().any(|(_, e)| e.versions.values().any(|v| v.scheduler.is_ready()));
+        Ok(Response::new(ServerReadyResponse { ready }))
+    }
+
+    async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
+        let r = r.into_inner();
+        let ready = self.repo.get(&r.name, &r.version).map(|m| m.scheduler.is_ready()).unwrap_or(false);
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: "neuron-worker".into(),
+            version: self.server_version.clone(),
+            extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(&self, r: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+        let r = r.into_inner();
+        let model = self.repo.get(&r.name, &r.version).map_err(ServerError::from)?;
+        let versions = self
+            .repo
+            .entries()
+            .into_iter()
+            .find(|(n, _)| *n == r.name)
+            .map(|(_, e)| e.versions.keys().map(|v| v.to_string()).collect())
+            .unwrap_or_default();
+        let spec = &model.spec;
+        let meta = |io: &crate::config::IoSpec| model_metadata_response::TensorMetadata {
+            name: io.name.clone(),
+            datatype: io.dtype.as_str().to_string(),
+            shape: if spec.batches() { std::iter::once(-1).chain(io.dims.iter().copied()).collect() } else { io.dims.clone() },
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: spec.name.clone(),
+            versions,
+            platform: model.backend.to_string(),
+            inputs: spec.inputs.iter().map(meta).collect(),
+            outputs: spec.outputs.iter().map(meta).collect(),
+        }))
+    }
+
+    async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
+        let resp = Self::infer(&self.repo, r.into_inner()).await?;
+        Ok(Response::new(resp))
+    }
+
+    type ModelStreamInferStream = StreamResult;
+
+    async fn model_stream_infer(
+        &self,
+        r: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let mut incoming = r.into_inner();
+        let (tx, rx) = mpsc::channel::<Result<ModelStreamInferResponse, Status>>(64);
+        let repo = self.repo.clone();
+        tokio::spawn(async move {
+            // Responses of models with `preserve_ordering` wait for the previous such response.
+            let mut previous: Option<oneshot::Receiver<()>> = None;
+            while let Some(msg) = incoming.next().await {
+                let req = match msg {
+                    Ok(req) => req,
+                    Err(_) => break,
+                };
+                let ordered = repo.get(&req.model_name, &req.model_version).map(|m| m.spec.dynamic.preserve_ordering).unwrap_or(false);
+                let (done_tx, done_rx) = oneshot::channel();
+                let wait = if ordered { previous.replace(done_rx) } else { None };
+                let (repo, tx) = (repo.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let id = req.id.clone();
+                    let result = Self::infer(&repo, req).await;
+                    if let Some(w) = wait {
+                        let _ = w.await;
+                    }
+                    let msg = match result {
+                        Ok(resp) => ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) },
+                        Err(e) => ModelStreamInferResponse {
+                            error_message: e.to_string(),
+                            infer_response: Some(ModelInferResponse { id, ..Default::default() }),
+                        },
+                    };
+                    let _ = tx.send(Ok(msg)).await;
+                    let _ = done_tx.send(());
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(&self, r: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
+        let r = r.into_inner();
+        let model = self.repo.get(&r.name, &r.version).map_err(ServerError::from)?;
+        Ok(Response::new(ModelConfigResponse { config: Some(model.config.clone()) }))
+    }
+
+    async fn model_statistics(&self, r: Request<ModelStatisticsRequest>) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let r = r.into_inner();
+        let mut out = Vec::new();
+        if !r.name.is_empty() {
+            let m = self.repo.get(&r.name, &r.version).map_err(ServerError::from)?;
+            out.push(model_statistics(&r.name, &m));
+        } else {
+            for (name, entry) in self.repo.entries() {
+                for m in entry.versions.values() {
+                    out.push(model_statistics(&name, m));
+                }
+            }
+        }
+        Ok(Response::new(ModelStatisticsResponse { model_stats: out }))
+    }
+
+    async fn repository_index(&self, r: Request<RepositoryIndexRequest>) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let only_ready = r.into_inner().ready;
+        let mut models = Vec::new();
+        for (name, e) in self.repo.entries() {
+            if e.versions.is_empty() {
+                if !only_ready {
+                    models.push(repository_index_response::ModelIndex { name, version: String::new(), state: e.state.into(), reason: e.reason });
+                }
+                continue;
+            }
+            for (v, m) in &e.versions {
+                let ready = m.scheduler.is_ready();
+                if only_ready && !ready {
+                    continue;
+                }
+                models.push(repository_index_response::ModelIndex {
+                    name: name.clone(),
+                    version: v.to_string(),
+                    state: if ready { "READY".into() } else { "UNAVAILABLE".into() },
+                    reason: if ready { String::new() } else { "no instance in service".into() },
+                });
+            }
+        }
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(&self, r: Request<RepositoryModelLoadRequest>) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.explicit("RepositoryModelLoad")?;
+        let r = r.into_inner();
+        if !r.parameters.is_empty() {
+            return Err(ServerError::InvalidRequest("RepositoryModelLoad parameters (config/file overrides) are not supported; put the model in the repository folder".into()).into());
+        }
+        self.repo.load(&r.model_name).await.map_err(ServerError::from)?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(&self, r: Request<RepositoryModelUnloadRequest>) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.explicit("RepositoryModelUnload")?;
+        let r = r.into_inner();
+        self.repo.unload(&r.model_name).await.map_err(ServerError::from)?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(&self, _: Request<SystemSharedMemoryStatusRequest>) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        unimplemented("system shared memory")
+    }
+    async fn system_shared_memory_register(&self, _: Request<SystemSharedMemoryRegisterRequest>) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        unimplemented("system shared memory")
+    }
+    async fn system_shared_memory_unregister(&self, _: Request<SystemSharedMemoryUnregisterRequest>) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        unimplemented("system shared memory")
+    }
+    async fn cuda_shared_memory_status(&self, _: Request<CudaSharedMemoryStatusRequest>) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        unimplemented("CUDA shared memory")
+    }
+    async fn cuda_shared_memory_register(&self, _: Request<CudaSharedMemoryRegisterRequest>) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        unimplemented("CUDA shared memory")
+    }
+    async fn cuda_shared_memory_unregister(&self, _: Request<CudaSharedMemoryUnregisterRequest>) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        unimplemented("CUDA shared memory")
+    }
+    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Result<Response<TraceSettingResponse>, Status> {
+        Err(ServerError::Unimplemented("trace settings are not supported by this worker; use --log-format json and the Prometheus metrics".into()).into())
+    }
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
+        Err(ServerError::Unimplemented("log settings cannot be changed at run time; set RUST_LOG and --log-format at start-up".into()).into())
+    }
+}
+
+impl InferenceService {
+    fn explicit(&self, rpc: &str) -> Result<(), Status> {
+        if self.repo.control_mode() != ModelControlMode::Explicit {
+            return Err(ServerError::Repository(crate::repository::RepositoryError::NotAllowed(format!(
+                "{rpc} needs --model-control-mode explicit (this worker runs with 'none')"
+            )))
+            .into());
+        }
+        Ok(())
+    }
+}

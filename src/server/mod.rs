@@ -1,0 +1,213 @@
+//! The gRPC server: Triton's inference service, `grpc.health.v1`, server reflection, bearer-token
+//! auth, TLS, message limits, the metrics endpoint, and graceful drain.
+
+mod decode;
+mod error;
+mod inference;
+pub mod metrics;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
+
+pub use error::ServerError;
+pub use inference::InferenceService;
+
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::repository::Repository;
+
+/// Everything `serve` needs besides the repository.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// Metrics listen address (`None` = no metrics endpoint).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Largest message accepted or sent, bytes.
+    pub max_message_size: usize,
+    /// Most concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Bearer token required on every RPC except health.
+    pub auth_token: Option<String>,
+    /// TLS certificate chain (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to (mutual TLS).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Longest wait for in-flight work at shutdown.
+    pub exit_timeout: Duration,
+    /// Version string for ServerMetadata (says which backend runs).
+    pub server_version: String,
+}
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}; is another process using the port? pick another with --grpc-addr / --metrics-addr")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS files missing or unreadable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The transport failed.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// In-flight work did not finish within `--exit-timeout`.
+    #[error("in-flight requests did not finish within the exit timeout ({0:?}); some were cut off")]
+    ExitTimeout(Duration),
+    /// Reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+fn auth_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let Some(expected) = &token else { return Ok(req) };
+        let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match got {
+            Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
+            None => Err(Status::unauthenticated("missing 'authorization: Bearer <token>' metadata; this worker requires a token")),
+        }
+    }
+}
+
+/// A running server: its bound addresses and a handle to stop it.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// The gRPC address actually bound (useful with port 0).
+    pub grpc_addr: SocketAddr,
+    /// The metrics address actually bound.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Cancel to start a graceful drain.
+    pub shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl RunningServer {
+    /// Waits for the server to finish (after `shutdown` is cancelled and the drain completes).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.task.await.unwrap_or_else(|e| Err(ServeError::Reflection(format!("server task failed: {e}"))))
+    }
+}
+
+/// Binds the listeners and starts serving `repo` in the background.
+pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningServer, ServeError> {
+    let listener = tokio::net::TcpListener::bind(opts.grpc_addr).await.map_err(|source| ServeError::Bind { addr: opts.grpc_addr, source })?;
+    let grpc_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.grpc_addr, source })?;
+    let shutdown = CancellationToken::new();
+    let mut metrics_addr = None;
+    if let Some(addr) = opts.metrics_addr {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
+        metrics_addr = l.local_addr().ok();
+        tokio::spawn(metrics::serve_metrics(l, repo.clone(), shutdown.clone()));
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let mut builder = Server::builder().max_concurrent_streams(opts.max_concurrent_streams).tcp_nodelay(true);
+    if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())));
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+        if let Some(ca) = &opts.tls_client_ca {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        }
+        builder = builder.tls_config(tls)?;
+    } else if opts.tls_cert.is_some() || opts.tls_key.is_some() || opts.tls_client_ca.is_some() {
+        return Err(ServeError::Tls("--tls-cert and --tls-key must be given together (--tls-client-ca needs both)".into()));
+    }
+
+    let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
+    let check = auth_check(token);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), opts.server_version.clone()))
+        .max_decoding_message_size(opts.max_message_size)
+        .max_encoding_message_size(opts.max_message_size);
+    let router = builder
+        .add_service(health_service)
+        .add_service(tonic::service::interceptor::InterceptedService::new(inference, check.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1, check.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1alpha, check));
+
+    // Health: "" and one entry per model, kept in step with model readiness.
+    let health_task = {
+        let (repo, reporter, stop) = (repo.clone(), health_reporter.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let draining = stop.is_cancelled();
+                let mut any = false;
+                for (name, entry) in repo.entries() {
+                    let ready = !draining && entry.versions.values().any(|v| v.scheduler.is_ready());
+                    any |= ready;
+                    let st = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                    reporter.set_service_status(&name, st).await;
+                }
+                let overall = if any && !draining { ServingStatus::Serving } else { ServingStatus::NotServing };
+                reporter.set_service_status("", overall).await;
+                if draining {
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        })
+    };
+
+    let stop = shutdown.clone();
+    let exit_timeout = opts.exit_timeout;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(async move {
+        let drained = stop.clone();
+        let serve = router.serve_with_incoming_shutdown(incoming, async move {
+            drained.cancelled().await;
+            tracing::info!("draining: health NOT_SERVING, no new connections, finishing accepted requests");
+        });
+        tokio::pin!(serve);
+        tokio::select! {
+            r = &mut serve => {
+                let _ = health_task.await;
+                r?;
+                repo.drain_all().await;
+                return Ok(());
+            }
+            _ = stop.cancelled() => {}
+        }
+        let _ = health_task.await;
+        match tokio::time::timeout(exit_timeout, async {
+            let r = serve.await;
+            repo.drain_all().await;
+            r
+        })
+        .await
+        {
+            Ok(r) => r.map_err(ServeError::from),
+            Err(_) => Err(ServeError::ExitTimeout(exit_timeout)),
+        }
+    });
+    Ok(RunningServer { grpc_addr, metrics_addr, shutdown, task })
+}
