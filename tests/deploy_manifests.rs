@@ -126,6 +126,10 @@ fn serve_help() -> String {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(
+        stdout.contains("--grpc-addr"),
+        "`neuron-worker serve --help` does not look like the serve help:\n{stdout}"
+    );
     stdout
 }
 

@@ -7,6 +7,7 @@
 
 pub mod archive;
 pub mod header;
+pub mod testing;
 pub mod writer;
 
 use std::fmt::Write as _;

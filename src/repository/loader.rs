@@ -19,6 +19,9 @@ pub(crate) struct ModelSource {
     pub(crate) versions: Vec<(i64, Option<PathBuf>)>,
 }
 
+/// Instances, backend name, and the batch buckets the backend fixed (if any).
+pub(crate) type Created = (Vec<Box<dyn ModelInstance>>, &'static str, Option<Vec<usize>>);
+
 /// Reads a built-in model's configuration.
 pub(crate) fn builtin_source(name: &str, text: &str) -> Result<ModelSource, String> {
     let config = parse_model_config(text, &format!("<built-in {name}>")).map_err(|e| e.to_string())?;
@@ -115,16 +118,19 @@ dynamic_batching {{ }}
 }
 
 /// Creates the instances of one model version on the selected backend.
+/// Returns the instances, the backend's name, and the batch buckets when the backend fixes them.
 pub(crate) fn create_instances(
     spec: &ModelSpec,
+    config: &ModelConfig,
     version_dir: Option<&Path>,
     backend: &BackendSelection,
-) -> Result<(Vec<Box<dyn ModelInstance>>, &'static str), String> {
+) -> Result<Created, String> {
     if let BackendSelection::Neuron { .. } = backend
         && let Some(dir) = version_dir
         && has_neff(dir)
     {
-        return crate::repository::neuron_loader::create_neuron_instances(spec, dir, backend).map(|i| (i, "neuron"));
+        let (instances, buckets) = crate::repository::neuron_loader::create_neuron_instances(spec, config, dir, backend)?;
+        return Ok((instances, "neuron", Some(buckets)));
     }
     let model = match version_dir {
         None => CpuModel::Dense(builtin::builtin(&spec.name).ok_or_else(|| format!("no built-in model named '{}'", spec.name))?),
@@ -150,7 +156,7 @@ pub(crate) fn create_instances(
         let inst = CpuInstance::new(model.clone(), inputs.clone(), outputs.clone(), threads, i).map_err(|e| e.to_string())?;
         instances.push(Box::new(inst));
     }
-    Ok((instances, "cpu"))
+    Ok((instances, "cpu", None))
 }
 
 fn has_neff(dir: &Path) -> bool {

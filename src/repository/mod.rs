@@ -145,13 +145,22 @@ impl Repository {
             let source = source?;
             let mut versions = BTreeMap::new();
             for (version, vdir) in source.versions {
-                let spec = source.spec.clone();
+                let (spec, config) = (source.spec.clone(), source.config.clone());
                 let be = backend.clone();
-                let (instances, kind) = tokio::task::spawn_blocking(move || loader::create_instances(&spec, vdir.as_deref(), &be))
-                    .await
-                    .map_err(|e| format!("loader task failed: {e}"))??;
-                let scheduler = SchedulerHandle::start(source.spec.clone(), instances);
-                let model = LoadedModel { version, config: source.config.clone(), spec: source.spec.clone(), scheduler, backend: kind };
+                let (instances, kind, buckets) =
+                    tokio::task::spawn_blocking(move || loader::create_instances(&spec, &config, vdir.as_deref(), &be))
+                        .await
+                        .map_err(|e| format!("loader task failed: {e}"))??;
+                let mut spec = (*source.spec).clone();
+                if let Some(b) = buckets
+                    && spec.buckets.batch.is_empty()
+                    && spec.batches()
+                {
+                    spec.buckets.batch = b;
+                }
+                let spec = Arc::new(spec);
+                let scheduler = SchedulerHandle::start(spec.clone(), instances);
+                let model = LoadedModel { version, config: source.config.clone(), spec, scheduler, backend: kind };
                 versions.insert(version, Arc::new(model));
             }
             Ok::<_, String>(versions)

@@ -1,16 +1,78 @@
-//! Creating Neuron instances for a model version folder that holds NEFF files (one per bucket).
+//! Creating Neuron instances for a model version folder that holds NEFF files: one instance per
+//! NeuronCore (or `instance_group { count }`, at most the visible cores), each loading every bucket's
+//! NEFF on its own core.
+//!
+//! File naming: with `parameters { key: "neuron_batch_buckets" value: { string_value: "1,4,16" } }`
+//! the folder holds `model_b1.neff`, `model_b4.neff`, `model_b16.neff` (override the pattern with
+//! the `neuron_neff_pattern` parameter, `{batch}` standing for the bucket). Without buckets it holds
+//! one `model.neff`, whose compiled batch size becomes the only bucket.
 
 use std::path::Path;
 
 use crate::backend::ModelInstance;
-use crate::config::ModelSpec;
+use crate::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
+use crate::config::{IoSpec, ModelSpec};
+use crate::proto::inference::ModelConfig;
 use crate::repository::BackendSelection;
 
-/// One instance per NeuronCore, each with the model's NEFFs loaded on its core.
+fn tensor_config(model: &str, io: &IoSpec) -> Result<TensorConfig, String> {
+    let dims = io
+        .dims
+        .iter()
+        .map(|d| usize::try_from(*d).map_err(|_| format!("model '{model}': tensor '{}' has a variable dimension; NEFFs have fixed shapes (declare buckets)", io.name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TensorConfig { name: io.name.clone(), dtype: io.dtype, dims })
+}
+
+/// Instances for `spec` from the NEFFs in `dir`, and the batch buckets they cover.
 pub(crate) fn create_neuron_instances(
     spec: &ModelSpec,
+    config: &ModelConfig,
     dir: &Path,
-    _backend: &BackendSelection,
-) -> Result<Vec<Box<dyn ModelInstance>>, String> {
-    Err(format!("model '{}' ({}): the Neuron backend is not wired into the repository yet", spec.name, dir.display()))
+    backend: &BackendSelection,
+) -> Result<(Vec<Box<dyn ModelInstance>>, Vec<usize>), String> {
+    let BackendSelection::Neuron { cores } = backend else {
+        return Err("the Neuron backend is not selected".into());
+    };
+    let pattern = config
+        .parameters
+        .get("neuron_neff_pattern")
+        .map(|p| p.string_value.clone())
+        .unwrap_or_else(|| if spec.buckets.batch.is_empty() { "model.neff".into() } else { "model_b{batch}.neff".into() });
+    let mut files = Vec::new();
+    if spec.buckets.batch.is_empty() {
+        let path = dir.join(pattern.replace("{batch}", ""));
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: cannot read NEFF: {e}", path.display()))?;
+        files.push((0usize, bytes));
+    } else {
+        for b in &spec.buckets.batch {
+            let path = dir.join(pattern.replace("{batch}", &b.to_string()));
+            let bytes = std::fs::read(&path).map_err(|e| {
+                format!("{}: cannot read the NEFF for batch bucket {b}: {e} (parameter neuron_neff_pattern = \"{pattern}\")", path.display())
+            })?;
+            files.push((*b, bytes));
+        }
+    }
+    let cfg = NeuronModelConfig {
+        name: spec.name.clone(),
+        batching: spec.batches(),
+        inputs: spec.inputs.iter().map(|i| tensor_config(&spec.name, i)).collect::<Result<_, _>>()?,
+        outputs: spec.outputs.iter().map(|o| tensor_config(&spec.name, o)).collect::<Result<_, _>>()?,
+    };
+    let runtime = Runtime::get_or_init().map_err(|e| e.to_string())?;
+    let count = spec.instance_count.unwrap_or(*cores).min(*cores).max(1);
+    let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(count);
+    let mut buckets = Vec::new();
+    for core in 0..count {
+        let inst = if spec.buckets.batch.is_empty() {
+            NeuronInstance::with_single_neff(runtime.clone(), core as u32, cfg.clone(), &files[0].1)
+        } else {
+            let neffs: Vec<(usize, &[u8])> = files.iter().map(|(b, bytes)| (*b, bytes.as_slice())).collect();
+            NeuronInstance::new(runtime.clone(), core as u32, cfg.clone(), &neffs)
+        };
+        let inst = inst.map_err(|e| format!("core {core}: {e}"))?;
+        buckets = inst.bucket_sizes();
+        instances.push(Box::new(inst));
+    }
+    Ok((instances, buckets))
 }

@@ -8,6 +8,32 @@ use rayon::prelude::*;
 /// Elements per parallel chunk for element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
+/// Compiles an `#[inline(always)]` body for AVX-512 and for AVX2+FMA and picks one at run time
+/// (else the baseline build): `dispatch!(body(arg: Type, ...))`.
+macro_rules! dispatch {
+    ($body:ident($($arg:ident: $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            fn wide($($arg: $ty),*) { $body($($arg),*) }
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) { $body($($arg),*) }
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                // SAFETY: the features `wide` is compiled for were detected on this CPU.
+                return unsafe { wide($($arg),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: as above, for `avx2`.
+                return unsafe { avx2($($arg),*) };
+            }
+        }
+        $body($($arg),*)
+    }};
+}
+
 /// An activation applied after a dense layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -25,7 +51,10 @@ pub enum Activation {
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest with the 1.5·2^23 trick: `f32::round` is a libm call on baseline x86_64
+    // and would stop the loop from vectorising.
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * r + 1.398_2e-3;
@@ -81,7 +110,8 @@ pub fn tanh(x: f32) -> f32 {
     (e - 1.0) / (e + 1.0)
 }
 
-fn apply_rows(x: &mut [f32], bias: &[f32], act: Activation) {
+#[inline(always)]
+fn apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation) {
     let n = bias.len();
     for row in x.chunks_exact_mut(n) {
         match act {
@@ -91,6 +121,10 @@ fn apply_rows(x: &mut [f32], bias: &[f32], act: Activation) {
             Activation::Tanh => row.iter_mut().zip(bias).for_each(|(v, b)| *v = tanh(*v + b)),
         }
     }
+}
+
+fn apply_rows(x: &mut [f32], bias: &[f32], act: Activation) {
+    dispatch!(apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation))
 }
 
 /// Adds `bias` to every row of `x` (rows of `bias.len()`) then applies `act`, in place.
@@ -115,9 +149,17 @@ pub fn layer_norm(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     if n == 0 {
         return;
     }
+    dispatch!(layer_norm_body(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32))
+}
+
+#[inline(always)]
+fn layer_norm_body(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let n = gamma.len();
+    let mut centered = vec![0.0f32; n];
     for row in x.chunks_exact_mut(n) {
-        let mean = row.iter().sum::<f32>() / n as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n as f32;
+        let mean = sum(row) / n as f32;
+        centered.iter_mut().zip(row.iter()).for_each(|(c, v)| *c = (v - mean) * (v - mean));
+        let var = sum(&centered) / n as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
             *v = (*v - mean) * inv * g + b;
@@ -133,23 +175,53 @@ pub fn add_in_place(x: &mut [f32], residual: &[f32]) {
 /// Softmax of one row in place, over the positions where `keep[j]` is true only; the others get
 /// exactly 0. A row with nothing kept becomes uniform (as adding a large negative bias would give).
 pub fn masked_softmax(row: &mut [f32], keep: &[bool]) {
-    let max = row
-        .iter()
-        .zip(keep)
-        .filter(|(_, k)| **k)
-        .fold(f32::NEG_INFINITY, |m, (v, _)| m.max(*v));
+    dispatch!(masked_softmax_body(row: &mut [f32], keep: &[bool]))
+}
+
+#[inline(always)]
+fn masked_softmax_body(row: &mut [f32], keep: &[bool]) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES).zip(keep.chunks_exact(LANES));
+    for (c, k) in &mut chunks {
+        for i in 0..LANES {
+            lanes[i] = lanes[i].max(if k[i] { c[i] } else { f32::NEG_INFINITY });
+        }
+    }
+    let tail_start = row.len() - row.len() % LANES;
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    for (v, k) in row[tail_start..].iter().zip(&keep[tail_start..]) {
+        if *k {
+            max = max.max(*v);
+        }
+    }
     if max == f32::NEG_INFINITY {
         let u = 1.0 / row.len().max(1) as f32;
         row.fill(u);
         return;
     }
-    let mut sum = 0.0f32;
     for (v, k) in row.iter_mut().zip(keep) {
-        *v = if *k { fast_exp(*v - max) } else { 0.0 };
-        sum += *v;
+        let e = fast_exp(*v - max);
+        *v = if *k { e } else { 0.0 };
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / sum(row);
     row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Lanes of the vectorisable reductions below.
+const LANES: usize = 16;
+
+/// Sum of `x` with 16 independent partial sums (vectorisable; the order differs from a plain
+/// left-to-right sum only by rounding).
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            lanes[i] += c[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// Plain softmax of one row in place.

@@ -138,10 +138,11 @@ impl std::fmt::Display for Site<'_> {
     }
 }
 
-/// False for statuses after which the core is in an undefined state: `NRT_TIMEOUT` (5) and the
-/// 1200-series hardware errors. Such a core must be taken out of service.
+/// False for statuses after which the core is in an undefined state: `NRT_TIMEOUT` (5),
+/// `NRT_EXEC_UNIT_UNRECOVERABLE` (101) and the 1200-series hardware errors. Such a core must be
+/// taken out of service.
 pub fn core_usable_after(code: u32) -> bool {
-    !(code == neuron_sys::bindings::NRT_TIMEOUT || (1200..1300).contains(&code))
+    !(code == neuron_sys::bindings::NRT_TIMEOUT || code == 101 || (1200..1300).contains(&code))
 }
 
 /// What an operator should do about `code` returned by `op`.
@@ -276,11 +277,11 @@ mod tests {
 
     #[test]
     fn timeout_and_hardware_errors_take_the_core_out_of_service() {
-        for code in [5, 1200, 1201, 1202, 1203, 1204, 1205, 1206, 1299] {
+        for code in [5, 101, 1200, 1201, 1202, 1203, 1204, 1205, 1206, 1299] {
             assert!(!core_usable_after(code), "code {code}");
         }
         for code in [
-            0, 1, 2, 4, 6, 7, 9, 10, 101, 1002, 1003, 1004, 1005, 1006, 1100, 1300, 4242,
+            0, 1, 2, 4, 6, 7, 9, 10, 1002, 1003, 1004, 1005, 1006, 1100, 1300, 4242,
         ] {
             assert!(core_usable_after(code), "code {code}");
         }

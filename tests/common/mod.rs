@@ -1,0 +1,100 @@
+//! Shared helpers for integration tests: an in-process worker on 127.0.0.1 and a tonic client.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
+use neuron_worker::proto::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
+use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
+use neuron_worker::server::{RunningServer, ServeOptions};
+use tonic::transport::Channel;
+
+/// A worker running in this test process.
+pub struct TestWorker {
+    pub server: RunningServer,
+    pub repo: Arc<Repository>,
+}
+
+/// Default options on ephemeral loopback ports.
+pub fn options() -> ServeOptions {
+    ServeOptions {
+        grpc_addr: "127.0.0.1:0".parse().expect("static address"),
+        metrics_addr: Some("127.0.0.1:0".parse().expect("static address")),
+        max_message_size: 64 << 20,
+        max_concurrent_streams: 1024,
+        auth_token: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_client_ca: None,
+        exit_timeout: Duration::from_secs(10),
+        server_version: "test".into(),
+    }
+}
+
+/// Starts a worker over `root` (built-in models when `None`).
+pub async fn start_with(root: Option<PathBuf>, control: ModelControlMode, opts: ServeOptions) -> TestWorker {
+    let repo = Arc::new(Repository::new(root, BackendSelection::Cpu, control));
+    repo.load_all().await.expect("repository loads");
+    let server = neuron_worker::server::start(opts, repo.clone()).await.expect("server starts");
+    TestWorker { server, repo }
+}
+
+/// Starts a worker with the built-in models.
+pub async fn start() -> TestWorker {
+    start_with(None, ModelControlMode::None, options()).await
+}
+
+impl TestWorker {
+    pub async fn client(&self) -> GrpcInferenceServiceClient<Channel> {
+        let url = format!("http://{}", self.server.grpc_addr);
+        GrpcInferenceServiceClient::connect(url).await.expect("client connects")
+    }
+}
+
+/// The closed-form `linear` model: y = x·W + b.
+pub fn linear_reference(x: &[f32]) -> Vec<f32> {
+    let rows = x.len() / 64;
+    let mut y = vec![0f32; rows * 16];
+    for r in 0..rows {
+        for j in 0..16 {
+            let mut acc = (((j % 5) as f32) - 2.0) / 4.0;
+            for i in 0..64 {
+                let w = ((((7 * i + 3 * j) % 17) as f32) - 8.0) / 16.0;
+                acc += x[r * 64 + i] * w;
+            }
+            y[r * 16 + j] = acc;
+        }
+    }
+    y
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A raw FP32 request for `model` with one input.
+pub fn fp32_request(model: &str, input: &str, shape: Vec<i64>, data: &[f32]) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor { name: input.into(), datatype: "FP32".into(), shape, ..Default::default() }],
+        raw_input_contents: vec![f32_bytes(data).into()],
+        ..Default::default()
+    }
+}
+
+pub fn int_param(v: i64) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(v)) }
+}
+
+/// Distinct rows: row r, column c = (tag * 64 + r * 7 + c) mod 13 / 8 - 0.75.
+pub fn tagged_rows(tag: usize, rows: usize) -> Vec<f32> {
+    (0..rows * 64).map(|i| (((tag * 64 + (i / 64) * 7 + i % 64) % 13) as f32) / 8.0 - 0.75).collect()
+}

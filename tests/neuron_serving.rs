@@ -1,0 +1,197 @@
+//! The Neuron path end to end: the worker binary with `--backend neuron` over the project's stand-in
+//! libnrt, serving the built-in models compiled as stand-in NEFFs (one per bucket). The same request
+//! bodies run against the CPU backend, and outputs must agree. Fault injection through the stand-in's
+//! knobs checks that a failed batch fails only its requests and a fatal status takes a core out.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use neuron_worker::proto::inference::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Worker {
+    child: Child,
+    grpc: String,
+    metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn standin() -> PathBuf {
+    nrt_standin::standin_library_path().expect("the stand-in libnrt is built by cargo test (dev-dependency nrt-standin)")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// Starts `neuron-worker serve --backend neuron` over a fresh stand-in repository.
+fn start_neuron_worker(env: &[(&str, &str)], extra_config: &str) -> Worker {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for model in ["linear", "mlp"] {
+        neuron_worker::neff::testing::write_standin_model(dir.path(), model, &[1, 4, 16], extra_config).expect("write NEFFs");
+    }
+    let (g, m) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neuron-worker"));
+    cmd.args(["serve", "--backend", "neuron", "--grpc-addr", &format!("127.0.0.1:{g}"), "--metrics-addr", &format!("127.0.0.1:{m}")])
+        .arg("--model-repository")
+        .arg(dir.path())
+        .env("NEURON_WORKER_LIBNRT", standin())
+        .env("NRT_STANDIN_VISIBLE_CORES", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("worker starts");
+    Worker { child, grpc: format!("http://127.0.0.1:{g}"), metrics: format!("127.0.0.1:{m}"), _dir: dir }
+}
+
+async fn connect(url: &str) -> GrpcInferenceServiceClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = GrpcInferenceServiceClient::connect(url.to_string()).await
+            && c.server_ready(ServerReadyRequest {}).await.map(|r| r.into_inner().ready).unwrap_or(false)
+        {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "worker at {url} did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn infer(c: &mut GrpcInferenceServiceClient<Channel>, model: &str, dim: usize, rows: usize, tag: usize) -> Result<Vec<f32>, tonic::Status> {
+    let x: Vec<f32> = (0..rows * dim).map(|i| (((tag * 31 + i * 7) % 19) as f32) / 9.0 - 1.0).collect();
+    let r = c.model_infer(fp32_request(model, "INPUT0", vec![rows as i64, dim as i64], &x)).await?;
+    Ok(bytes_f32(&r.into_inner().raw_output_contents[0]))
+}
+
+async fn capacity(addr: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    s.write_all(b"GET /capacity HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("json")
+}
+
+#[tokio::test]
+async fn neuron_standin_outputs_match_cpu_for_every_batch_size() {
+    let neuron = start_neuron_worker(&[], "");
+    let cpu = start().await;
+    let mut n = connect(&neuron.grpc).await;
+    let mut c = cpu.client().await;
+    // 1..=20 rows: exact buckets, padding (3 → 4, 5 → 16) and splitting (20 → 16 + 4).
+    for (model, dim) in [("linear", 64), ("mlp", 256)] {
+        for rows in [1, 2, 3, 4, 5, 16, 17, 20] {
+            let a = infer(&mut n, model, dim, rows, rows).await.expect("neuron infer");
+            let b = infer(&mut c, model, dim, rows, rows).await.expect("cpu infer");
+            assert_eq!(a.len(), b.len(), "{model} rows {rows}");
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-3 * (1.0 + y.abs()), "{model} rows {rows}: neuron {x} vs cpu {y}");
+            }
+        }
+    }
+    let md = n.model_metadata(ModelMetadataRequest { name: "linear".into(), version: String::new() }).await.expect("md").into_inner();
+    assert_eq!(md.platform, "neuron");
+    let st = n.model_statistics(ModelStatisticsRequest { name: "linear".into(), version: String::new() }).await.expect("stats").into_inner();
+    let sizes: Vec<u64> = st.model_stats[0].batch_stats.iter().map(|b| b.batch_size).collect();
+    // 20 rows ran as 16 + 4: executed (real) batch sizes include both parts.
+    assert!(sizes.contains(&16) && sizes.contains(&4), "{sizes:?}");
+}
+
+#[tokio::test]
+async fn neuron_nonfatal_execute_error_fails_only_that_batch() {
+    // NRT_EXEC_COMPLETED_WITH_ERR (1004) on the first execution only: the core stays in service.
+    let w = start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "1004"), ("NRT_STANDIN_FAIL_ONCE", "1")], "");
+    let mut c = connect(&w.grpc).await;
+    let err = infer(&mut c, "linear", 64, 1, 0).await.expect_err("first execution fails");
+    assert_eq!(err.code(), Code::Internal);
+    assert!(err.message().contains("NRT_EXEC_COMPLETED_WITH_ERR"), "{}", err.message());
+    for i in 0..6 {
+        infer(&mut c, "linear", 64, 2, i).await.expect("later requests succeed");
+    }
+    let cap = capacity(&w.metrics).await;
+    let linear = cap["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned().unwrap_or_default();
+    assert_eq!(linear["instances_in_service"], 2);
+}
+
+#[tokio::test]
+async fn neuron_fatal_status_takes_the_core_out_and_the_model_keeps_serving() {
+    // NRT_EXEC_HW_ERR_NC_UE (1202) on core 0 only: that core leaves service, core 1 serves on.
+    let w = start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "1202"), ("NRT_STANDIN_FAIL_CORE", "0"), ("NRT_STANDIN_FAIL_EVERY_N", "1")], "");
+    let mut c = connect(&w.grpc).await;
+    let mut failures = Vec::new();
+    let mut successes = 0;
+    for i in 0..12 {
+        match infer(&mut c, "linear", 64, 1, i).await {
+            Ok(_) => successes += 1,
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(failures.len() <= 2, "at most one failed batch per model on core 0, got {}", failures.len());
+    assert!(failures.iter().all(|e| e.code() == Code::Internal && e.message().contains("NRT_EXEC_HW_ERR_NC_UE")));
+    assert!(successes >= 10);
+    let cap = capacity(&w.metrics).await;
+    let linear = cap["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned().unwrap_or_default();
+    if !failures.is_empty() {
+        assert_eq!(linear["instances_in_service"], 1, "{cap}");
+    }
+    assert_eq!(linear["ready"], true);
+}
+
+#[tokio::test]
+async fn neuron_all_cores_lost_makes_the_model_unavailable() {
+    let w = start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "5"), ("NRT_STANDIN_FAIL_EVERY_N", "1")], "");
+    let mut c = connect(&w.grpc).await;
+    let mut codes = Vec::new();
+    for i in 0..4 {
+        codes.push(infer(&mut c, "linear", 64, 1, i).await.map(|_| ()).map_err(|e| e.code()));
+    }
+    assert_eq!(codes[0], Err(Code::Internal));
+    assert_eq!(codes[3], Err(Code::Unavailable), "{codes:?}");
+    let ready = c.model_ready(ModelReadyRequest { name: "linear".into(), version: String::new() }).await.expect("ready rpc").into_inner();
+    assert!(!ready.ready);
+    // The other model is untouched until it executes.
+    let ready = c.model_ready(ModelReadyRequest { name: "mlp".into(), version: String::new() }).await.expect("ready rpc").into_inner();
+    assert!(ready.ready);
+}
+
+#[test]
+fn neuron_backend_without_libnrt_exits_with_the_loader_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_neuron-worker"))
+        .args(["serve", "--backend", "neuron", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .env("NEURON_WORKER_LIBNRT", "/nonexistent/libnrt.so.1")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/libnrt.so.1") && err.contains("/opt/aws/neuron/lib/libnrt.so.1"), "{err}");
+}
+
+#[test]
+fn nrt_inspect_reads_the_real_fixture() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/neff/matmul_small.neff");
+    let out = Command::new(env!("CARGO_BIN_EXE_neuron-worker")).arg("inspect").arg("--json").arg(&fixture).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["inputs"][0]["name"], "x");
+    assert_eq!(v["inputs"][0]["size_bytes"], 65536);
+    assert_eq!(v["outputs"][0]["name"], "output0");
+    assert_eq!(v["outputs"][0]["size_bytes"], 32768);
+    assert!(v["outputs"][0]["dtype"].is_null());
+    let bad = Command::new(env!("CARGO_BIN_EXE_neuron-worker")).arg("inspect").arg(env!("CARGO_MANIFEST_DIR")).arg("Cargo.toml").output().expect("runs");
+    assert!(!bad.status.success());
+}
