@@ -86,6 +86,9 @@ pub enum BenchError {
         /// The server's message.
         message: String,
     },
+    /// The latency histogram could not be set up.
+    #[error("latency histogram: {0}")]
+    Histogram(String),
     /// A result file could not be written.
     #[error("cannot write {path}: {reason}")]
     Output {

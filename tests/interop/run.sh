@@ -8,8 +8,10 @@
 #   INTEROP_GRPC_ADDR     gRPC address for the worker     (default 127.0.0.1:18001)
 #   INTEROP_METRICS_ADDR  metrics address for the worker  (default 127.0.0.1:18002)
 #   VENV                  client virtualenv               (default ${XDG_CACHE_HOME:-$HOME/.cache}/triton-clients)
+#   INTEROP_BACKEND       --backend for the worker        (default cpu: the expected values are the CPU reference's)
 #   PYTEST_ARGS           extra pytest arguments (e.g. "-k streaming -v")
-# Exits non-zero when any step fails; the last line is "interop: N passed, M failed".
+# Exits non-zero when any step fails. The last line is "interop: N passed, M failed", counting the
+# pytest tests plus three checks: perf_analyzer unary, perf_analyzer streaming, exit 0 on SIGTERM.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -18,6 +20,7 @@ WORKER=${1:-target/debug/neuron-worker}
 GRPC_ADDR=${INTEROP_GRPC_ADDR:-127.0.0.1:18001}
 METRICS_ADDR=${INTEROP_METRICS_ADDR:-127.0.0.1:18002}
 VENV=${VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/triton-clients}
+BACKEND=${INTEROP_BACKEND:-cpu}
 export PYTHONDONTWRITEBYTECODE=1
 
 die() { echo "interop: $*" >&2; exit 1; }
@@ -70,7 +73,7 @@ for addr in sys.argv[1:]:
 PY
 
 echo "interop: starting $WORKER on grpc=$GRPC_ADDR metrics=$METRICS_ADDR"
-"$WORKER" serve --grpc-addr "$GRPC_ADDR" --metrics-addr "$METRICS_ADDR" --backend cpu >"$LOG" 2>&1 &
+"$WORKER" serve --grpc-addr "$GRPC_ADDR" --metrics-addr "$METRICS_ADDR" --backend "$BACKEND" >"$LOG" 2>&1 &
 WORKER_PID=$!
 
 # Readiness: ServerReady over gRPC, bounded to 30 s; give up at once if the worker exits.
@@ -101,7 +104,9 @@ then
 fi
 echo "interop: worker ready (pid $WORKER_PID)"
 
-FAILED_STEPS=()
+FAILED_STEPS=()   # what failed besides pytest tests, for the log
+CHECKS_PASSED=0   # perf_analyzer unary, perf_analyzer streaming, SIGTERM
+CHECKS_FAILED=0
 
 # --- pytest ----------------------------------------------------------------------------------------
 JUNIT="$WORK/junit.xml"
@@ -112,7 +117,6 @@ NEURON_WORKER_URL="$GRPC_ADDR" NEURON_WORKER_METRICS_URL="http://$METRICS_ADDR" 
   "$ROOT/tests/interop/test_tritonclient.py" ${PYTEST_ARGS:-}
 PYTEST_RC=$?
 set -e
-[ "$PYTEST_RC" -eq 0 ] || FAILED_STEPS+=("pytest (exit $PYTEST_RC)")
 SUMMARY=$("$VENV/bin/python" - "$JUNIT" <<'PY'
 import sys, xml.etree.ElementTree as ET
 try:
@@ -127,7 +131,11 @@ print(total - failed - skipped, failed, skipped)
 PY
 )
 read -r PASSED FAILED SKIPPED <<<"$SUMMARY"
-[ "$PASSED" -gt 0 ] || FAILED_STEPS+=("pytest ran no tests")
+if [ "$PYTEST_RC" -ne 0 ]; then
+  FAILED_STEPS+=("pytest (exit $PYTEST_RC)")
+  [ "$FAILED" -gt 0 ] || FAILED=1   # e.g. a collection error or the 120 s bound
+fi
+[ "$PASSED" -gt 0 ] || { FAILED_STEPS+=("pytest passed no tests"); [ "$FAILED" -gt 0 ] || FAILED=1; }
 
 # --- perf_analyzer -------------------------------------------------------------------------------
 perf() {
@@ -140,6 +148,7 @@ perf() {
   if [ "$rc" -ne 0 ]; then
     tail -n 20 "$out" >&2
     FAILED_STEPS+=("perf_analyzer $label (exit $rc)")
+    CHECKS_FAILED=$((CHECKS_FAILED + 1))
     return 0
   fi
   # One summary line per concurrency level (1 and 4), each with a non-zero throughput.
@@ -148,7 +157,10 @@ perf() {
   if [ "$lines" -ne 2 ] || ! grep -qE '^ +Throughput: [0-9.]+ infer/sec' "$out"; then
     tail -n 20 "$out" >&2
     FAILED_STEPS+=("perf_analyzer $label (no throughput for concurrency 1 and 4)")
+    CHECKS_FAILED=$((CHECKS_FAILED + 1))
+    return 0
   fi
+  CHECKS_PASSED=$((CHECKS_PASSED + 1))
 }
 perf unary
 perf streaming --streaming
@@ -170,11 +182,13 @@ elif [ "$STOP_RC" -ne 0 ]; then
   FAILED_STEPS+=("worker exited $STOP_RC after SIGTERM (want 0)")
 fi
 [ -z "$STOP_RC" ] || WORKER_PID=""
+if [ "$STOP_RC" = 0 ]; then CHECKS_PASSED=$((CHECKS_PASSED + 1)); else CHECKS_FAILED=$((CHECKS_FAILED + 1)); fi
 
 # --- result ----------------------------------------------------------------------------------------
 if [ "${#FAILED_STEPS[@]}" -ne 0 ]; then
   show_log
   for s in "${FAILED_STEPS[@]}"; do echo "interop: FAILED: $s" >&2; done
 fi
-echo "interop: $PASSED passed, $FAILED failed${SKIPPED:+, $SKIPPED skipped}; perf_analyzer unary+streaming and SIGTERM: $([ "${#FAILED_STEPS[@]}" -eq 0 ] && echo ok || echo FAILED)"
+[ "$SKIPPED" -eq 0 ] || echo "interop: $SKIPPED pytest tests skipped"
+echo "interop: $((PASSED + CHECKS_PASSED)) passed, $((FAILED + CHECKS_FAILED)) failed"
 [ "${#FAILED_STEPS[@]}" -eq 0 ]

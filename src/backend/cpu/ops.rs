@@ -110,15 +110,34 @@ pub fn tanh(x: f32) -> f32 {
     (e - 1.0) / (e + 1.0)
 }
 
+// Plain index loops: iterator adapters here are separate functions that the compiler may not
+// inline into the AVX builds, which would leave the hot loop on baseline SSE.
 #[inline(always)]
 fn apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation) {
     let n = bias.len();
     for row in x.chunks_exact_mut(n) {
+        let row = &mut row[..n];
         match act {
-            Activation::None => row.iter_mut().zip(bias).for_each(|(v, b)| *v += b),
-            Activation::Relu => row.iter_mut().zip(bias).for_each(|(v, b)| *v = (*v + b).max(0.0)),
-            Activation::Gelu => row.iter_mut().zip(bias).for_each(|(v, b)| *v = gelu(*v + b)),
-            Activation::Tanh => row.iter_mut().zip(bias).for_each(|(v, b)| *v = tanh(*v + b)),
+            Activation::None => {
+                for i in 0..n {
+                    row[i] += bias[i];
+                }
+            }
+            Activation::Relu => {
+                for i in 0..n {
+                    row[i] = (row[i] + bias[i]).max(0.0);
+                }
+            }
+            Activation::Gelu => {
+                for i in 0..n {
+                    row[i] = gelu(row[i] + bias[i]);
+                }
+            }
+            Activation::Tanh => {
+                for i in 0..n {
+                    row[i] = tanh(row[i] + bias[i]);
+                }
+            }
         }
     }
 }
@@ -136,7 +155,8 @@ pub fn bias_activation(x: &mut [f32], bias: &[f32], act: Activation, threads: us
     }
     let rows_per_chunk = (CHUNK / n).max(1);
     if threads > 1 && x.len() > 2 * CHUNK {
-        x.par_chunks_mut(rows_per_chunk * n).for_each(|c| apply_rows(c, bias, act));
+        x.par_chunks_mut(rows_per_chunk * n)
+            .for_each(|c| apply_rows(c, bias, act));
     } else {
         apply_rows(x, bias, act);
     }
@@ -158,7 +178,10 @@ fn layer_norm_body(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let mut centered = vec![0.0f32; n];
     for row in x.chunks_exact_mut(n) {
         let mean = sum(row) / n as f32;
-        centered.iter_mut().zip(row.iter()).for_each(|(c, v)| *c = (v - mean) * (v - mean));
+        centered
+            .iter_mut()
+            .zip(row.iter())
+            .for_each(|(c, v)| *c = (v - mean) * (v - mean));
         let var = sum(&centered) / n as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
