@@ -1,4 +1,6 @@
 //! BERT encoder on a small generated checkpoint, against a plain-loop f64 reference written here.
+// The references are plain index loops on purpose: they should read like the math.
+#![allow(clippy::needless_range_loop)]
 
 use std::collections::HashMap;
 use std::path::Path;

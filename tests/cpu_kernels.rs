@@ -1,4 +1,6 @@
 //! CPU kernels, built-in models and `CpuInstance` against naive references written here.
+// The references are plain index loops on purpose: they should read like the math.
+#![allow(clippy::needless_range_loop)]
 
 use std::sync::Arc;
 

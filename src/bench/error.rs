@@ -35,7 +35,9 @@ pub enum BenchError {
         available: String,
     },
     /// The worker knows the model but cannot run it now.
-    #[error("model '{model}' on {url} is not ready ({state}{reason}); wait for it to load or check the worker's log")]
+    #[error(
+        "model '{model}' on {url} is not ready ({state}{reason}); wait for it to load or check the worker's log"
+    )]
     NotReady {
         /// The worker address.
         url: String,
@@ -77,7 +79,9 @@ pub enum BenchError {
         reason: String,
     },
     /// The first request, sent before any load, was refused.
-    #[error("a single test request to '{model}' failed: {code}: {message}; fix that before load-testing")]
+    #[error(
+        "a single test request to '{model}' failed: {code}: {message}; fix that before load-testing"
+    )]
     Probe {
         /// The model.
         model: String,
@@ -103,12 +107,22 @@ impl BenchError {
     /// Builds [`BenchError::Rpc`] from a failed status, with a hint for the common causes.
     pub fn rpc(rpc: &'static str, url: &str, status: &tonic::Status) -> BenchError {
         let hint = match status.code() {
-            tonic::Code::Unauthenticated => "; the worker requires a bearer token: pass --auth-token TOKEN (the value of its --auth-token)",
+            tonic::Code::Unauthenticated => {
+                "; the worker requires a bearer token: pass --auth-token TOKEN (the value of its --auth-token)"
+            }
             tonic::Code::Unavailable => "; is the worker still running? check its log",
-            tonic::Code::Unimplemented => "; this server does not offer that RPC: is --url pointing at a KServe v2 / Triton gRPC endpoint?",
+            tonic::Code::Unimplemented => {
+                "; this server does not offer that RPC: is --url pointing at a KServe v2 / Triton gRPC endpoint?"
+            }
             _ => "",
         };
-        BenchError::Rpc { rpc, url: url.to_string(), code: code_name(status.code()), message: status.message().to_string(), hint: hint.to_string() }
+        BenchError::Rpc {
+            rpc,
+            url: url.to_string(),
+            code: code_name(status.code()),
+            message: status.message().to_string(),
+            hint: hint.to_string(),
+        }
     }
 }
 
@@ -157,21 +171,37 @@ mod tests {
 
     #[test]
     fn code_names_are_canonical() {
-        assert_eq!(code_name(tonic::Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
         assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
 
     #[test]
     fn unauthenticated_suggests_the_token_flag() {
-        let e = BenchError::rpc("ModelMetadata", "h:1", &tonic::Status::unauthenticated("missing"));
+        let e = BenchError::rpc(
+            "ModelMetadata",
+            "h:1",
+            &tonic::Status::unauthenticated("missing"),
+        );
         let s = e.to_string();
-        assert!(s.starts_with("ModelMetadata on h:1 failed: UNAUTHENTICATED: missing; "), "{s}");
+        assert!(
+            s.starts_with("ModelMetadata on h:1 failed: UNAUTHENTICATED: missing; "),
+            "{s}"
+        );
         assert!(s.contains("--auth-token"), "{s}");
     }
 
     #[test]
     fn connect_error_suggests_serve() {
-        let e = BenchError::Connect { url: "127.0.0.1:9".into(), reason: "Connection refused".into() };
-        assert!(e.to_string().contains("neuron-worker serve --grpc-addr 127.0.0.1:9"));
+        let e = BenchError::Connect {
+            url: "127.0.0.1:9".into(),
+            reason: "Connection refused".into(),
+        };
+        assert!(
+            e.to_string()
+                .contains("neuron-worker serve --grpc-addr 127.0.0.1:9")
+        );
     }
 }

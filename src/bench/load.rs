@@ -71,14 +71,19 @@ struct Tally {
 
 impl Tally {
     fn new(empty: &Histogram<u64>) -> Tally {
-        Tally { latency: empty.clone(), completed: 0, errors: BTreeMap::new() }
+        Tally {
+            latency: empty.clone(),
+            completed: 0,
+            errors: BTreeMap::new(),
+        }
     }
 
     fn record(&mut self, result: Result<(), tonic::Code>, latency: Duration) {
         match result {
             Ok(()) => {
                 self.completed += 1;
-                self.latency.saturating_record((latency.as_micros() as u64).clamp(1, MAX_LATENCY_US));
+                self.latency
+                    .saturating_record((latency.as_micros() as u64).clamp(1, MAX_LATENCY_US));
             }
             Err(code) => *self.errors.entry(code_name(code)).or_insert(0) += 1,
         }
@@ -96,7 +101,11 @@ impl Tally {
 
 async fn send(pool: &Pool, inputs: &InputSet, i: usize) -> Result<(), tonic::Code> {
     let req = pool.request(inputs.request(i));
-    pool.client().model_infer(req).await.map(|_| ()).map_err(|s| s.code())
+    pool.client()
+        .model_infer(req)
+        .await
+        .map(|_| ())
+        .map_err(|s| s.code())
 }
 
 /// Sleeps `d`, moving the progress bar along (its unit is milliseconds).
@@ -116,13 +125,35 @@ async fn wait(d: Duration, progress: &ProgressBar) {
 }
 
 /// Runs one point: warm-up, then the measured window bracketed by ModelStatistics reads.
-pub async fn run_point(pool: Arc<Pool>, inputs: Arc<InputSet>, model: &ModelInfo, plan: PointPlan, progress: &ProgressBar) -> Result<PointOutcome, BenchError> {
-    let empty = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).map_err(|e| BenchError::Histogram(e.to_string()))?;
+pub async fn run_point(
+    pool: Arc<Pool>,
+    inputs: Arc<InputSet>,
+    model: &ModelInfo,
+    plan: PointPlan,
+    progress: &ProgressBar,
+) -> Result<PointOutcome, BenchError> {
+    let empty = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+        .map_err(|e| BenchError::Histogram(e.to_string()))?;
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let sink = Arc::new(Mutex::new(Tally::new(&empty)));
     let driver = match plan.rate {
-        None => tokio::spawn(closed_loop(pool.clone(), inputs, phase.clone(), plan.concurrency, sink.clone(), empty.clone())),
-        Some((rate, arrivals)) => tokio::spawn(open_loop(pool.clone(), inputs, phase.clone(), plan.concurrency, rate, arrivals, sink.clone())),
+        None => tokio::spawn(closed_loop(
+            pool.clone(),
+            inputs,
+            phase.clone(),
+            plan.concurrency,
+            sink.clone(),
+            empty.clone(),
+        )),
+        Some((rate, arrivals)) => tokio::spawn(open_loop(
+            pool.clone(),
+            inputs,
+            phase.clone(),
+            plan.concurrency,
+            rate,
+            arrivals,
+            sink.clone(),
+        )),
     };
     wait(plan.warmup, progress).await;
     let before = server_stats::snapshot(&pool, &model.name, &model.version).await;
@@ -135,14 +166,28 @@ pub async fn run_point(pool: Arc<Pool>, inputs: Arc<InputSet>, model: &ModelInfo
     // The driver ends once its in-flight requests return (bounded by the request timeout).
     let _ = driver.await;
     let tally = std::mem::replace(&mut *sink.lock().await, Tally::new(&empty));
-    Ok(PointOutcome { latency: tally.latency, completed: tally.completed, errors: tally.errors, window, server: server_stats::split(before, after) })
+    Ok(PointOutcome {
+        latency: tally.latency,
+        completed: tally.completed,
+        errors: tally.errors,
+        window,
+        server: server_stats::split(before, after),
+    })
 }
 
 /// `concurrency` tasks, each sending its next request as soon as the previous one returns.
-async fn closed_loop(pool: Arc<Pool>, inputs: Arc<InputSet>, phase: Arc<AtomicU8>, concurrency: u32, sink: Arc<Mutex<Tally>>, empty: Histogram<u64>) {
+async fn closed_loop(
+    pool: Arc<Pool>,
+    inputs: Arc<InputSet>,
+    phase: Arc<AtomicU8>,
+    concurrency: u32,
+    sink: Arc<Mutex<Tally>>,
+    empty: Histogram<u64>,
+) {
     let mut tasks = Vec::with_capacity(concurrency as usize);
     for task in 0..concurrency as usize {
-        let (pool, inputs, phase, sink) = (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
+        let (pool, inputs, phase, sink) =
+            (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
         let mut tally = Tally::new(&empty);
         tasks.push(tokio::spawn(async move {
             let mut i = task;
@@ -165,7 +210,15 @@ async fn closed_loop(pool: Arc<Pool>, inputs: Arc<InputSet>, phase: Arc<AtomicU8
 
 /// Requests at `rate` per second; latency counts from the scheduled send time, so a request that
 /// waits for one of the `cap` slots is charged for the wait (no coordinated omission).
-async fn open_loop(pool: Arc<Pool>, inputs: Arc<InputSet>, phase: Arc<AtomicU8>, cap: u32, rate: f64, arrivals: Arrivals, sink: Arc<Mutex<Tally>>) {
+async fn open_loop(
+    pool: Arc<Pool>,
+    inputs: Arc<InputSet>,
+    phase: Arc<AtomicU8>,
+    cap: u32,
+    rate: f64,
+    arrivals: Arrivals,
+    sink: Arc<Mutex<Tally>>,
+) {
     let slots = Arc::new(Semaphore::new(cap as usize));
     let mean_gap = 1.0 / rate;
     let mut rng = rand::rng();
@@ -178,8 +231,11 @@ async fn open_loop(pool: Arc<Pool>, inputs: Arc<InputSet>, phase: Arc<AtomicU8>,
         };
         next += Duration::from_secs_f64(gap);
         tokio::time::sleep_until(next.into()).await;
-        let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let (pool, inputs, phase, sink) = (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let (pool, inputs, phase, sink) =
+            (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
         let scheduled = next;
         tokio::spawn(async move {
             let result = send(&pool, &inputs, i).await;

@@ -165,7 +165,7 @@ impl BertModel {
     ) -> Result<BertModel, BackendError> {
         let h = config.hidden_size;
         let heads = config.num_attention_heads;
-        if h == 0 || heads == 0 || h % heads != 0 {
+        if h == 0 || heads == 0 || !h.is_multiple_of(heads) {
             return Err(BackendError::Load(format!(
                 "config.json: hidden_size {h} is not a positive multiple of num_attention_heads {heads}"
             )));

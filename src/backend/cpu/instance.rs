@@ -8,6 +8,8 @@ use crate::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
 use crate::tensor::{DataType, Tensor, TensorView};
 
 /// A model the CPU backend can run, shared (read-only) by all instances of one model version.
+// One value per loaded model, behind an `Arc`: the variants' size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum CpuModel {
     /// A stack of dense layers (the built-ins): one float input `[B, in]`, one FP32 output `[B, out]`.

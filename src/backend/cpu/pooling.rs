@@ -53,10 +53,10 @@ pub fn read_sentence_config(dir: &Path) -> Result<(PoolingMode, bool), BackendEr
             if kind.ends_with("Normalize") {
                 normalize = true;
             }
-            if kind.ends_with("Pooling") {
-                if let Some(p) = m.get("path").and_then(|p| p.as_str()) {
-                    pooling_dir = dir.join(p);
-                }
+            if let Some(p) = m.get("path").and_then(|p| p.as_str())
+                && kind.ends_with("Pooling")
+            {
+                pooling_dir = dir.join(p);
             }
         }
     }

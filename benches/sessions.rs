@@ -1,0 +1,2 @@
+//! Stateful sessions benchmark (filled in below).
+fn main() {}
