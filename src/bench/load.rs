@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
-use rand::Rng;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::error::{BenchError, code_name};
@@ -221,13 +220,12 @@ async fn open_loop(
 ) {
     let slots = Arc::new(Semaphore::new(cap as usize));
     let mean_gap = 1.0 / rate;
-    let mut rng = rand::rng();
     let mut next = Instant::now();
     let mut i = 0usize;
     while phase.load(Ordering::Acquire) != STOP {
         let gap = match arrivals {
             Arrivals::Uniform => mean_gap,
-            Arrivals::Poisson => -mean_gap * (1.0 - rng.random::<f64>()).ln(),
+            Arrivals::Poisson => -mean_gap * (1.0 - rand::random::<f64>()).ln(),
         };
         next += Duration::from_secs_f64(gap);
         tokio::time::sleep_until(next.into()).await;

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod bert_fixture;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
