@@ -1,0 +1,83 @@
+//! Bearer-token auth on every RPC except health, and TLS / mutual TLS with rustls.
+
+mod common;
+
+use common::*;
+use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use neuron_worker::proto::inference::{ServerLiveRequest, ServerReadyRequest};
+use neuron_worker::repository::ModelControlMode;
+use tonic::Code;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+#[tokio::test]
+async fn bearer_token_is_required_except_for_health() {
+    let mut opts = options();
+    opts.auth_token = Some("s3cret".into());
+    let w = start_with(None, ModelControlMode::None, opts).await;
+    let url = format!("http://{}", w.server.grpc_addr);
+    let channel = Channel::from_shared(url).expect("url").connect().await.expect("connect");
+    let mut anon = GrpcInferenceServiceClient::new(channel.clone());
+    let e = anon.server_live(ServerLiveRequest {}).await.expect_err("no token");
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("authorization: Bearer"));
+    let wrong: MetadataValue<_> = "Bearer nope".parse().expect("header");
+    let mut bad = GrpcInferenceServiceClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", wrong.clone());
+        Ok(r)
+    });
+    assert_eq!(bad.server_live(ServerLiveRequest {}).await.expect_err("wrong token").code(), Code::Unauthenticated);
+    let right: MetadataValue<_> = "Bearer s3cret".parse().expect("header");
+    let mut good = GrpcInferenceServiceClient::with_interceptor(channel.clone(), move |mut r: tonic::Request<()>| {
+        r.metadata_mut().insert("authorization", right.clone());
+        Ok(r)
+    });
+    assert!(good.server_live(ServerLiveRequest {}).await.expect("token accepted").into_inner().live);
+    let x = tagged_rows(0, 1);
+    good.model_infer(fp32_request("linear", "INPUT0", vec![1, 64], &x)).await.expect("infer with token");
+    // Health probes (Kubernetes) carry no token.
+    let mut health = HealthClient::new(channel);
+    let st = health.check(HealthCheckRequest { service: "linear".into() }).await.expect("health without token").into_inner();
+    assert_eq!(st.status, 1, "SERVING");
+}
+
+#[tokio::test]
+async fn tls_and_mutual_tls() {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("ca");
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let server_key = rcgen::KeyPair::generate().expect("key");
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params").signed_by(&server_key, &issuer).expect("server cert");
+    let client_key = rcgen::KeyPair::generate().expect("key");
+    let client = rcgen::CertificateParams::new(vec!["client".to_string()]).expect("params").signed_by(&client_key, &issuer).expect("client cert");
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let write = |name: &str, pem: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).expect("write pem");
+        p
+    };
+    let mut opts = options();
+    opts.tls_cert = Some(write("server.pem", server.pem()));
+    opts.tls_key = Some(write("server.key", server_key.serialize_pem()));
+    opts.tls_client_ca = Some(write("ca.pem", ca.pem()));
+    let w = start_with(None, ModelControlMode::None, opts).await;
+    let url = format!("https://localhost:{}", w.server.grpc_addr.port());
+
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())).domain_name("localhost");
+    let with_cert = tls.clone().identity(Identity::from_pem(client.pem(), client_key.serialize_pem()));
+    let channel = Channel::from_shared(url.clone()).expect("url").tls_config(with_cert).expect("tls").connect().await.expect("mTLS connect");
+    let mut c = GrpcInferenceServiceClient::new(channel);
+    assert!(c.server_ready(ServerReadyRequest {}).await.expect("ready over mTLS").into_inner().ready);
+
+    // Without a client certificate the handshake or the first call fails.
+    let refused = match Channel::from_shared(url).expect("url").tls_config(tls).expect("tls").connect().await {
+        Err(_) => true,
+        Ok(ch) => GrpcInferenceServiceClient::new(ch).server_ready(ServerReadyRequest {}).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+}
