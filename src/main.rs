@@ -11,7 +11,8 @@ use neuron_worker::repository::{BackendSelection, Repository};
 use neuron_worker::server::{self, ServeOptions};
 
 fn init_logs(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -26,7 +27,10 @@ fn select_backend(arg: BackendArg) -> Result<(BackendSelection, String), String>
         BackendArg::Neuron | BackendArg::Auto => match neuron::probe() {
             Probe::Available { runtime_version, visible_cores, library_path } => Ok((
                 BackendSelection::Neuron { cores: visible_cores as usize },
-                format!("neuron (libnrt {runtime_version} from {}, {visible_cores} visible NeuronCores)", library_path.display()),
+                format!(
+                    "neuron (libnrt {runtime_version} from {}, {visible_cores} visible NeuronCores)",
+                    library_path.display()
+                ),
             )),
             Probe::Unavailable { reason } if arg == BackendArg::Auto => {
                 Ok((BackendSelection::Cpu, format!("cpu (auto: Neuron unavailable: {reason})")))
@@ -94,7 +98,10 @@ async fn wait_for_signal() {
 fn inspect(args: &neuron_worker::cli::InspectArgs) -> Result<(), String> {
     let info = neuron_worker::neff::read_neff(&args.file).map_err(|e| e.to_string())?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&neuron_worker::neff::render_json(&info)).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&neuron_worker::neff::render_json(&info)).map_err(|e| e.to_string())?
+        );
     } else {
         print!("{}", neuron_worker::neff::render_table(&info));
     }

@@ -184,9 +184,9 @@ impl TensorView<'_> {
             DataType::Fp32 => c.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             DataType::Fp16 => c.map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             DataType::Bf16 => c.map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            DataType::Fp64 => c
-                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32)
-                .collect(),
+            DataType::Fp64 => {
+                c.map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as f32).collect()
+            }
             _ => self.to_i64()?.into_iter().map(|v| v as f32).collect(),
         };
         Some(out)
@@ -208,9 +208,9 @@ impl TensorView<'_> {
             DataType::Uint16 => c.map(|b| u16::from_le_bytes([b[0], b[1]]) as i64).collect(),
             DataType::Int32 => c.map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64).collect(),
             DataType::Uint32 => c.map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64).collect(),
-            DataType::Int64 | DataType::Uint64 => c
-                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                .collect(),
+            DataType::Int64 | DataType::Uint64 => {
+                c.map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])).collect()
+            }
             _ => return None,
         };
         Some(out)

@@ -20,7 +20,17 @@ fn free_port() -> u16 {
 async fn sigterm_finishes_accepted_requests_and_exits_zero() {
     let (g, m) = (free_port(), free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_neuron-worker"))
-        .args(["serve", "--backend", "cpu", "--grpc-addr", &format!("127.0.0.1:{g}"), "--metrics-addr", &format!("127.0.0.1:{m}"), "--exit-timeout", "20"])
+        .args([
+            "serve",
+            "--backend",
+            "cpu",
+            "--grpc-addr",
+            &format!("127.0.0.1:{g}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{m}"),
+            "--exit-timeout",
+            "20",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -60,8 +60,16 @@ async fn validation_errors_name_the_input_and_expectation() {
             Code::InvalidArgument,
             "input 'INPUT0': datatype FP64 does not match the model's FP32",
         ),
-        (fp32_request("linear", "INPUT0", vec![1, 63], &x[..63]), Code::InvalidArgument, "shape [1, 63] does not match the model's [-1, 64]"),
-        (fp32_request("linear", "INPUT0", vec![2, 64], &x), Code::InvalidArgument, "256 bytes received, but shape [2, 64] of FP32 needs 512"),
+        (
+            fp32_request("linear", "INPUT0", vec![1, 63], &x[..63]),
+            Code::InvalidArgument,
+            "shape [1, 63] does not match the model's [-1, 64]",
+        ),
+        (
+            fp32_request("linear", "INPUT0", vec![2, 64], &x),
+            Code::InvalidArgument,
+            "256 bytes received, but shape [2, 64] of FP32 needs 512",
+        ),
         (fp32_request("linear", "WRONG", vec![1, 64], &x), Code::InvalidArgument, "has no input 'WRONG'"),
         (fp32_request("nope", "INPUT0", vec![1, 64], &x), Code::NotFound, "model 'nope' not found"),
         (
@@ -130,11 +138,19 @@ async fn validation_errors_name_the_input_and_expectation() {
 async fn metadata_config_and_statistics() {
     let w = start().await;
     let mut c = w.client().await;
-    let md = c.model_metadata(ModelMetadataRequest { name: "mlp".into(), version: String::new() }).await.expect("metadata").into_inner();
+    let md = c
+        .model_metadata(ModelMetadataRequest { name: "mlp".into(), version: String::new() })
+        .await
+        .expect("metadata")
+        .into_inner();
     assert_eq!(md.versions, vec!["1".to_string()]);
     assert_eq!(md.inputs[0].shape, vec![-1, 256]);
     assert_eq!(md.outputs[0].datatype, "FP32");
-    let cfg = c.model_config(ModelConfigRequest { name: "linear".into(), version: String::new() }).await.expect("config").into_inner();
+    let cfg = c
+        .model_config(ModelConfigRequest { name: "linear".into(), version: String::new() })
+        .await
+        .expect("config")
+        .into_inner();
     let cfg = cfg.config.expect("config present");
     assert_eq!(cfg.max_batch_size, 64);
     assert!(matches!(cfg.scheduling_choice, Some(model_config::SchedulingChoice::DynamicBatching(_))));
@@ -143,16 +159,31 @@ async fn metadata_config_and_statistics() {
     for _ in 0..3 {
         c.model_infer(fp32_request("linear", "INPUT0", vec![2, 64], &tagged_rows(2, 2))).await.expect("infer");
     }
-    let st = c.model_statistics(ModelStatisticsRequest { name: "linear".into(), version: String::new() }).await.expect("stats").into_inner();
+    let st = c
+        .model_statistics(ModelStatisticsRequest { name: "linear".into(), version: String::new() })
+        .await
+        .expect("stats")
+        .into_inner();
     let s = &st.model_stats[0];
     assert_eq!(s.inference_count, 6);
     assert_eq!(s.execution_count, 3);
     let inf = s.inference_stats.as_ref().expect("inference stats");
     assert_eq!(inf.success.as_ref().map(|d| d.count), Some(3));
-    assert_eq!(s.batch_stats.iter().map(|b| (b.batch_size, b.compute_infer.as_ref().map(|d| d.count))).collect::<Vec<_>>(), vec![(2, Some(3))]);
-    let ready = c.model_ready(ModelReadyRequest { name: "linear".into(), version: "1".into() }).await.expect("ready").into_inner();
+    assert_eq!(
+        s.batch_stats.iter().map(|b| (b.batch_size, b.compute_infer.as_ref().map(|d| d.count))).collect::<Vec<_>>(),
+        vec![(2, Some(3))]
+    );
+    let ready = c
+        .model_ready(ModelReadyRequest { name: "linear".into(), version: "1".into() })
+        .await
+        .expect("ready")
+        .into_inner();
     assert!(ready.ready);
-    let not = c.model_ready(ModelReadyRequest { name: "linear".into(), version: "2".into() }).await.expect("ready").into_inner();
+    let not = c
+        .model_ready(ModelReadyRequest { name: "linear".into(), version: "2".into() })
+        .await
+        .expect("ready")
+        .into_inner();
     assert!(!not.ready);
 }
 
@@ -163,7 +194,10 @@ async fn unsupported_rpcs_answer_unimplemented_and_repository_control_is_guarded
     let e = c.system_shared_memory_status(SystemSharedMemoryStatusRequest::default()).await.expect_err("unimplemented");
     assert_eq!(e.code(), Code::Unimplemented);
     assert!(e.message().contains("shared memory"));
-    let e = c.repository_model_unload(RepositoryModelUnloadRequest { model_name: "linear".into(), ..Default::default() }).await.expect_err("refused");
+    let e = c
+        .repository_model_unload(RepositoryModelUnloadRequest { model_name: "linear".into(), ..Default::default() })
+        .await
+        .expect_err("refused");
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("--model-control-mode explicit"));
     let idx = c.repository_index(RepositoryIndexRequest::default()).await.expect("index").into_inner();
@@ -180,7 +214,14 @@ async fn concurrent_single_rows_are_batched_and_each_gets_its_own_rows() {
         let mut c = c.clone();
         tasks.push(tokio::spawn(async move {
             let x = tagged_rows(tag, 1);
-            let r = c.model_infer(fp32_request("mlp", "INPUT0", vec![1, 256], &[x.clone(), x.clone(), x.clone(), x].concat()[..256])).await;
+            let r = c
+                .model_infer(fp32_request(
+                    "mlp",
+                    "INPUT0",
+                    vec![1, 256],
+                    &[x.clone(), x.clone(), x.clone(), x].concat()[..256],
+                ))
+                .await;
             (tag, r)
         }));
     }
@@ -194,16 +235,34 @@ async fn concurrent_single_rows_are_batched_and_each_gets_its_own_rows() {
     let mut c2 = c.clone();
     for (tag, got) in outputs.iter().step_by(9) {
         let x = tagged_rows(*tag, 1);
-        let alone = c2.model_infer(fp32_request("mlp", "INPUT0", vec![1, 256], &[x.clone(), x.clone(), x.clone(), x].concat()[..256])).await.expect("alone").into_inner();
+        let alone = c2
+            .model_infer(fp32_request(
+                "mlp",
+                "INPUT0",
+                vec![1, 256],
+                &[x.clone(), x.clone(), x.clone(), x].concat()[..256],
+            ))
+            .await
+            .expect("alone")
+            .into_inner();
         let want = bytes_f32(&alone.raw_output_contents[0]);
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-4, "tag {tag}: {g} vs {w}");
         }
     }
-    let st = c2.model_statistics(ModelStatisticsRequest { name: "mlp".into(), version: String::new() }).await.expect("stats").into_inner();
+    let st = c2
+        .model_statistics(ModelStatisticsRequest { name: "mlp".into(), version: String::new() })
+        .await
+        .expect("stats")
+        .into_inner();
     let s = &st.model_stats[0];
     assert!(s.inference_count >= 64);
-    assert!(s.execution_count < s.inference_count, "no batching happened: {} executions for {} rows", s.execution_count, s.inference_count);
+    assert!(
+        s.execution_count < s.inference_count,
+        "no batching happened: {} executions for {} rows",
+        s.execution_count,
+        s.inference_count
+    );
 }
 
 #[tokio::test]
@@ -250,7 +309,9 @@ async fn metrics_and_capacity_endpoints_report_the_models() {
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     out

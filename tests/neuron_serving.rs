@@ -30,7 +30,8 @@ impl Drop for Worker {
 }
 
 fn standin() -> PathBuf {
-    nrt_standin::standin_library_path().expect("the stand-in libnrt is built by cargo test (dev-dependency nrt-standin)")
+    nrt_standin::standin_library_path()
+        .expect("the stand-in libnrt is built by cargo test (dev-dependency nrt-standin)")
 }
 
 fn free_port() -> u16 {
@@ -41,17 +42,26 @@ fn free_port() -> u16 {
 fn start_neuron_worker(env: &[(&str, &str)], extra_config: &str) -> Worker {
     let dir = tempfile::tempdir().expect("temp dir");
     for model in ["linear", "mlp"] {
-        neuron_worker::neff::testing::write_standin_model(dir.path(), model, &[1, 4, 16], extra_config).expect("write NEFFs");
+        neuron_worker::neff::testing::write_standin_model(dir.path(), model, &[1, 4, 16], extra_config)
+            .expect("write NEFFs");
     }
     let (g, m) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_neuron-worker"));
-    cmd.args(["serve", "--backend", "neuron", "--grpc-addr", &format!("127.0.0.1:{g}"), "--metrics-addr", &format!("127.0.0.1:{m}")])
-        .arg("--model-repository")
-        .arg(dir.path())
-        .env("NEURON_WORKER_LIBNRT", standin())
-        .env("NRT_STANDIN_VISIBLE_CORES", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+    cmd.args([
+        "serve",
+        "--backend",
+        "neuron",
+        "--grpc-addr",
+        &format!("127.0.0.1:{g}"),
+        "--metrics-addr",
+        &format!("127.0.0.1:{m}"),
+    ])
+    .arg("--model-repository")
+    .arg(dir.path())
+    .env("NEURON_WORKER_LIBNRT", standin())
+    .env("NRT_STANDIN_VISIBLE_CORES", "2")
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -72,7 +82,13 @@ async fn connect(url: &str) -> GrpcInferenceServiceClient<Channel> {
     }
 }
 
-async fn infer(c: &mut GrpcInferenceServiceClient<Channel>, model: &str, dim: usize, rows: usize, tag: usize) -> Result<Vec<f32>, tonic::Status> {
+async fn infer(
+    c: &mut GrpcInferenceServiceClient<Channel>,
+    model: &str,
+    dim: usize,
+    rows: usize,
+    tag: usize,
+) -> Result<Vec<f32>, tonic::Status> {
     let x: Vec<f32> = (0..rows * dim).map(|i| (((tag * 31 + i * 7) % 19) as f32) / 9.0 - 1.0).collect();
     let r = c.model_infer(fp32_request(model, "INPUT0", vec![rows as i64, dim as i64], &x)).await?;
     Ok(bytes_f32(&r.into_inner().raw_output_contents[0]))
@@ -104,9 +120,17 @@ async fn neuron_standin_outputs_match_cpu_for_every_batch_size() {
             }
         }
     }
-    let md = n.model_metadata(ModelMetadataRequest { name: "linear".into(), version: String::new() }).await.expect("md").into_inner();
+    let md = n
+        .model_metadata(ModelMetadataRequest { name: "linear".into(), version: String::new() })
+        .await
+        .expect("md")
+        .into_inner();
     assert_eq!(md.platform, "neuron");
-    let st = n.model_statistics(ModelStatisticsRequest { name: "linear".into(), version: String::new() }).await.expect("stats").into_inner();
+    let st = n
+        .model_statistics(ModelStatisticsRequest { name: "linear".into(), version: String::new() })
+        .await
+        .expect("stats")
+        .into_inner();
     let sizes: Vec<u64> = st.model_stats[0].batch_stats.iter().map(|b| b.batch_size).collect();
     // 20 rows ran as 16 + 4: executed (real) batch sizes include both parts.
     assert!(sizes.contains(&16) && sizes.contains(&4), "{sizes:?}");
@@ -124,14 +148,18 @@ async fn neuron_nonfatal_execute_error_fails_only_that_batch() {
         infer(&mut c, "linear", 64, 2, i).await.expect("later requests succeed");
     }
     let cap = capacity(&w.metrics).await;
-    let linear = cap["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned().unwrap_or_default();
+    let linear =
+        cap["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned().unwrap_or_default();
     assert_eq!(linear["instances_in_service"], 2);
 }
 
 #[tokio::test]
 async fn neuron_fatal_status_takes_the_core_out_and_the_model_keeps_serving() {
     // NRT_EXEC_HW_ERR_NC_UE (1202) on core 0 only: that core leaves service, core 1 serves on.
-    let w = start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "1202"), ("NRT_STANDIN_FAIL_CORE", "0"), ("NRT_STANDIN_FAIL_EVERY_N", "1")], "");
+    let w = start_neuron_worker(
+        &[("NRT_STANDIN_FAIL_EXEC_STATUS", "1202"), ("NRT_STANDIN_FAIL_CORE", "0"), ("NRT_STANDIN_FAIL_EVERY_N", "1")],
+        "",
+    );
     let mut c = connect(&w.grpc).await;
     let mut failures = Vec::new();
     let mut successes = 0;
@@ -145,7 +173,8 @@ async fn neuron_fatal_status_takes_the_core_out_and_the_model_keeps_serving() {
     assert!(failures.iter().all(|e| e.code() == Code::Internal && e.message().contains("NRT_EXEC_HW_ERR_NC_UE")));
     assert!(successes >= 10);
     let cap = capacity(&w.metrics).await;
-    let linear = cap["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned().unwrap_or_default();
+    let linear =
+        cap["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned().unwrap_or_default();
     if !failures.is_empty() {
         assert_eq!(linear["instances_in_service"], 1, "{cap}");
     }
@@ -162,10 +191,18 @@ async fn neuron_all_cores_lost_makes_the_model_unavailable() {
     }
     assert_eq!(codes[0], Err(Code::Internal));
     assert_eq!(codes[3], Err(Code::Unavailable), "{codes:?}");
-    let ready = c.model_ready(ModelReadyRequest { name: "linear".into(), version: String::new() }).await.expect("ready rpc").into_inner();
+    let ready = c
+        .model_ready(ModelReadyRequest { name: "linear".into(), version: String::new() })
+        .await
+        .expect("ready rpc")
+        .into_inner();
     assert!(!ready.ready);
     // The other model is untouched until it executes.
-    let ready = c.model_ready(ModelReadyRequest { name: "mlp".into(), version: String::new() }).await.expect("ready rpc").into_inner();
+    let ready = c
+        .model_ready(ModelReadyRequest { name: "mlp".into(), version: String::new() })
+        .await
+        .expect("ready rpc")
+        .into_inner();
     assert!(ready.ready);
 }
 
@@ -184,7 +221,12 @@ fn neuron_backend_without_libnrt_exits_with_the_loader_error() {
 #[test]
 fn nrt_inspect_reads_the_real_fixture() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/neff/matmul_small.neff");
-    let out = Command::new(env!("CARGO_BIN_EXE_neuron-worker")).arg("inspect").arg("--json").arg(&fixture).output().expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_neuron-worker"))
+        .arg("inspect")
+        .arg("--json")
+        .arg(&fixture)
+        .output()
+        .expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["inputs"][0]["name"], "x");
@@ -192,6 +234,11 @@ fn nrt_inspect_reads_the_real_fixture() {
     assert_eq!(v["outputs"][0]["name"], "output0");
     assert_eq!(v["outputs"][0]["size_bytes"], 32768);
     assert!(v["outputs"][0]["dtype"].is_null());
-    let bad = Command::new(env!("CARGO_BIN_EXE_neuron-worker")).arg("inspect").arg(env!("CARGO_MANIFEST_DIR")).arg("Cargo.toml").output().expect("runs");
+    let bad = Command::new(env!("CARGO_BIN_EXE_neuron-worker"))
+        .arg("inspect")
+        .arg(env!("CARGO_MANIFEST_DIR"))
+        .arg("Cargo.toml")
+        .output()
+        .expect("runs");
     assert!(!bad.status.success());
 }

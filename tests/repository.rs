@@ -26,7 +26,12 @@ fn i64_bytes(v: &[i64]) -> Vec<u8> {
 
 fn bert_request(model: &str, ids: &[i64]) -> ModelInferRequest {
     let n = ids.len() as i64;
-    let tensor = |name: &str| InferInputTensor { name: name.into(), datatype: "INT64".into(), shape: vec![1, n], ..Default::default() };
+    let tensor = |name: &str| InferInputTensor {
+        name: name.into(),
+        datatype: "INT64".into(),
+        shape: vec![1, n],
+        ..Default::default()
+    };
     ModelInferRequest {
         model_name: model.into(),
         inputs: vec![tensor("input_ids"), tensor("attention_mask")],
@@ -35,7 +40,11 @@ fn bert_request(model: &str, ids: &[i64]) -> ModelInferRequest {
     }
 }
 
-async fn embedding(c: &mut GrpcInferenceServiceClient<Channel>, model: &str, ids: &[i64]) -> Result<(Vec<f32>, Vec<i64>), tonic::Status> {
+async fn embedding(
+    c: &mut GrpcInferenceServiceClient<Channel>,
+    model: &str,
+    ids: &[i64],
+) -> Result<(Vec<f32>, Vec<i64>), tonic::Status> {
     let r = c.model_infer(bert_request(model, ids)).await?.into_inner();
     let i = r.outputs.iter().position(|o| o.name == "sentence_embedding").expect("sentence_embedding present");
     let h = r.outputs.iter().find(|o| o.name == "last_hidden_state").map(|o| o.shape.clone()).unwrap_or_default();
@@ -48,12 +57,22 @@ async fn bare_bert_folder_is_completed_and_padding_never_changes_a_sentence() {
     bert_folder(&repo.path().join("bert/1"));
     let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, options()).await;
     let mut c = w.client().await;
-    let cfg = c.model_config(ModelConfigRequest { name: "bert".into(), version: String::new() }).await.expect("config").into_inner().config.expect("config");
+    let cfg = c
+        .model_config(ModelConfigRequest { name: "bert".into(), version: String::new() })
+        .await
+        .expect("config")
+        .into_inner()
+        .config
+        .expect("config");
     let inputs: Vec<(String, bool)> = cfg.input.iter().map(|i| (i.name.clone(), i.optional)).collect();
-    assert_eq!(inputs, vec![("input_ids".into(), false), ("attention_mask".into(), false), ("token_type_ids".into(), true)]);
+    assert_eq!(
+        inputs,
+        vec![("input_ids".into(), false), ("attention_mask".into(), false), ("token_type_ids".into(), true)]
+    );
     assert_eq!(cfg.output[1].dims, vec![32]);
     // Alone, then many sentences of different lengths at once (they are batched and padded).
-    let sentences: Vec<Vec<i64>> = (0..12).map(|k| (0..(3 + k % 9)).map(|i| ((k * 13 + i * 7) % 97 + 2) as i64).collect()).collect();
+    let sentences: Vec<Vec<i64>> =
+        (0..12).map(|k| (0..(3 + k % 9)).map(|i| ((k * 13 + i * 7) % 97 + 2) as i64).collect()).collect();
     let mut alone = Vec::new();
     for s in &sentences {
         let (e, hidden_shape) = embedding(&mut c, "bert", s).await.expect("alone");
@@ -95,9 +114,17 @@ async fn broken_model_is_reported_and_others_are_served() {
     assert_eq!(by_name("good").state, "READY");
     let broken = by_name("broken");
     assert_eq!(broken.state, "UNAVAILABLE");
-    assert!(broken.reason.contains("broken/config.pbtxt") && broken.reason.contains("max_batch_size"), "{}", broken.reason);
+    assert!(
+        broken.reason.contains("broken/config.pbtxt") && broken.reason.contains("max_batch_size"),
+        "{}",
+        broken.reason
+    );
     assert!(by_name("typo").reason.contains("max_batch_sise"), "{}", by_name("typo").reason);
-    let ready = c.model_ready(ModelReadyRequest { name: "broken".into(), version: String::new() }).await.expect("rpc").into_inner();
+    let ready = c
+        .model_ready(ModelReadyRequest { name: "broken".into(), version: String::new() })
+        .await
+        .expect("rpc")
+        .into_inner();
     assert!(!ready.ready);
     let e = c.model_infer(bert_request("broken", &[1, 2])).await.expect_err("not ready");
     assert_eq!(e.code(), Code::Unavailable);
@@ -119,12 +146,19 @@ output [ {{ name: "last_hidden_state" data_type: TYPE_FP32 dims: [ -1, 32 ] }}, 
         )
     };
     std::fs::write(repo.path().join("latest/config.pbtxt"), config("latest", "")).expect("write");
-    std::fs::write(repo.path().join("all/config.pbtxt"), config("all", "version_policy: { specific: { versions: [1, 3] } }")).expect("write");
+    std::fs::write(
+        repo.path().join("all/config.pbtxt"),
+        config("all", "version_policy: { specific: { versions: [1, 3] } }"),
+    )
+    .expect("write");
     let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, options()).await;
     let mut c = w.client().await;
     let md = |name: &str| ModelMetadataRequest { name: name.into(), version: String::new() };
     assert_eq!(c.model_metadata(md("latest")).await.expect("md").into_inner().versions, vec!["3".to_string()]);
-    assert_eq!(c.model_metadata(md("all")).await.expect("md").into_inner().versions, vec!["1".to_string(), "3".to_string()]);
+    assert_eq!(
+        c.model_metadata(md("all")).await.expect("md").into_inner().versions,
+        vec!["1".to_string(), "3".to_string()]
+    );
     let mut req = bert_request("all", &[4, 5]);
     req.model_version = "2".into();
     assert_eq!(c.model_infer(req).await.expect_err("v2 not loaded").code(), Code::NotFound);
@@ -141,15 +175,27 @@ async fn explicit_mode_loads_and_unloads_and_refuses_escaping_names() {
     let mut c = w.client().await;
     let unload = RepositoryModelUnloadRequest { model_name: "bert".into(), ..Default::default() };
     c.repository_model_unload(unload).await.expect("unload");
-    let ready = c.model_ready(ModelReadyRequest { name: "bert".into(), version: String::new() }).await.expect("rpc").into_inner();
+    let ready = c
+        .model_ready(ModelReadyRequest { name: "bert".into(), version: String::new() })
+        .await
+        .expect("rpc")
+        .into_inner();
     assert!(!ready.ready);
     assert_eq!(c.model_infer(bert_request("bert", &[1, 2])).await.expect_err("unloaded").code(), Code::Unavailable);
-    c.repository_model_load(RepositoryModelLoadRequest { model_name: "bert".into(), ..Default::default() }).await.expect("load");
+    c.repository_model_load(RepositoryModelLoadRequest { model_name: "bert".into(), ..Default::default() })
+        .await
+        .expect("load");
     embedding(&mut c, "bert", &[3, 4]).await.expect("served again");
     for bad in ["../bert", "/etc", "a/b", ".."] {
-        let e = c.repository_model_load(RepositoryModelLoadRequest { model_name: bad.into(), ..Default::default() }).await.expect_err("refused");
+        let e = c
+            .repository_model_load(RepositoryModelLoadRequest { model_name: bad.into(), ..Default::default() })
+            .await
+            .expect_err("refused");
         assert_eq!(e.code(), Code::InvalidArgument, "{bad}: {}", e.message());
     }
-    let e = c.repository_model_load(RepositoryModelLoadRequest { model_name: "absent".into(), ..Default::default() }).await.expect_err("absent");
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest { model_name: "absent".into(), ..Default::default() })
+        .await
+        .expect_err("absent");
     assert_eq!(e.code(), Code::NotFound);
 }

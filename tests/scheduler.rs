@@ -60,11 +60,19 @@ impl ModelInstance for EchoInstance {
         let data = t.to_f32().unwrap_or_default();
         let row = data.len() / t.shape[0].max(1);
         let tags: Vec<f32> = data.chunks(row.max(1)).map(|r| r[0]).collect();
-        self.probe.log.lock().map_err(|_| BackendError::Load("log".into()))?.push(Seen { shape: t.shape.to_vec(), tags: tags.clone(), data: data.clone() });
+        self.probe.log.lock().map_err(|_| BackendError::Load("log".into()))?.push(Seen {
+            shape: t.shape.to_vec(),
+            tags: tags.clone(),
+            data: data.clone(),
+        });
         if let Some((tag, usable)) = self.fail_tag
             && tags.contains(&tag)
         {
-            return Err(BackendError::Execution { message: format!("injected failure on {}", self.label()), instance_usable: usable, nrt_status: None });
+            return Err(BackendError::Execution {
+                message: format!("injected failure on {}", self.label()),
+                instance_usable: usable,
+                nrt_status: None,
+            });
         }
         Ok(vec![NamedTensor { name: "OUTPUT0".into(), tensor: Tensor::from_f32(t.shape.to_vec(), &data) }])
     }
@@ -85,16 +93,25 @@ fn spec(extra: &str, dims: &str, max_batch: usize) -> Arc<ModelSpec> {
 }
 
 fn start(spec: Arc<ModelSpec>, probe: &Probe, instances: usize, fail_tag: Option<(f32, bool)>) -> SchedulerHandle {
-    let inst: Vec<Box<dyn ModelInstance>> =
-        (0..instances).map(|index| Box::new(EchoInstance { probe: probe.clone(), fail_tag, index }) as Box<dyn ModelInstance>).collect();
+    let inst: Vec<Box<dyn ModelInstance>> = (0..instances)
+        .map(|index| Box::new(EchoInstance { probe: probe.clone(), fail_tag, index }) as Box<dyn ModelInstance>)
+        .collect();
     SchedulerHandle::start(spec, inst)
 }
 
 type Rx = oneshot::Receiver<Result<InferReply, SchedulerError>>;
 
 /// A request of `rows` rows of width `width`, every element = tag + position/1000.
-fn submit(h: &SchedulerHandle, tag: f32, rows: usize, width: usize, priority: u64, timeout: Option<Duration>) -> Result<Rx, SchedulerError> {
-    let data: Vec<f32> = (0..rows * width).map(|i| if i % width == 0 { tag } else { tag + (i % width) as f32 / 1000.0 }).collect();
+fn submit(
+    h: &SchedulerHandle,
+    tag: f32,
+    rows: usize,
+    width: usize,
+    priority: u64,
+    timeout: Option<Duration>,
+) -> Result<Rx, SchedulerError> {
+    let data: Vec<f32> =
+        (0..rows * width).map(|i| if i % width == 0 { tag } else { tag + (i % width) as f32 / 1000.0 }).collect();
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let (tx, rx) = oneshot::channel();
     h.submit(InferRequest {
@@ -109,7 +126,8 @@ fn submit(h: &SchedulerHandle, tag: f32, rows: usize, width: usize, priority: u6
 }
 
 async fn output(rx: Rx) -> Result<Vec<f32>, SchedulerError> {
-    let reply = rx.await.map_err(|_| SchedulerError::Unavailable { model: "echo".into(), reason: "dropped".into() })??;
+    let reply =
+        rx.await.map_err(|_| SchedulerError::Unavailable { model: "echo".into(), reason: "dropped".into() })??;
     let t = &reply.outputs[0].tensor;
     assert_eq!(t.dtype, DataType::Fp32);
     Ok(t.view().to_f32().unwrap_or_default())
@@ -138,7 +156,8 @@ async fn queued_rows_form_one_batch_and_each_request_gets_its_own_rows() {
     let p = Probe::default();
     let h = start(spec("dynamic_batching { }", "2", 16), &p, 1, None);
     let first = block(&h, &p).await;
-    let rxs: Vec<Rx> = (1..=5).map(|t| submit(&h, t as f32, if t == 3 { 3 } else { 1 }, 2, 0, None).expect("submit")).collect();
+    let rxs: Vec<Rx> =
+        (1..=5).map(|t| submit(&h, t as f32, if t == 3 { 3 } else { 1 }, 2, 0, None).expect("submit")).collect();
     tokio::time::sleep(Duration::from_millis(20)).await;
     p.open();
     output(first).await.expect("first");

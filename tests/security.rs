@@ -39,7 +39,8 @@ async fn bearer_token_is_required_except_for_health() {
     good.model_infer(fp32_request("linear", "INPUT0", vec![1, 64], &x)).await.expect("infer with token");
     // Health probes (Kubernetes) carry no token.
     let mut health = HealthClient::new(channel);
-    let st = health.check(HealthCheckRequest { service: "linear".into() }).await.expect("health without token").into_inner();
+    let st =
+        health.check(HealthCheckRequest { service: "linear".into() }).await.expect("health without token").into_inner();
     assert_eq!(st.status, 1, "SERVING");
 }
 
@@ -51,9 +52,15 @@ async fn tls_and_mutual_tls() {
     let ca = ca_params.self_signed(&ca_key).expect("ca");
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
     let server_key = rcgen::KeyPair::generate().expect("key");
-    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params").signed_by(&server_key, &issuer).expect("server cert");
+    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&server_key, &issuer)
+        .expect("server cert");
     let client_key = rcgen::KeyPair::generate().expect("key");
-    let client = rcgen::CertificateParams::new(vec!["client".to_string()]).expect("params").signed_by(&client_key, &issuer).expect("client cert");
+    let client = rcgen::CertificateParams::new(vec!["client".to_string()])
+        .expect("params")
+        .signed_by(&client_key, &issuer)
+        .expect("client cert");
 
     let dir = tempfile::tempdir().expect("tmp");
     let write = |name: &str, pem: String| {
@@ -70,7 +77,13 @@ async fn tls_and_mutual_tls() {
 
     let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())).domain_name("localhost");
     let with_cert = tls.clone().identity(Identity::from_pem(client.pem(), client_key.serialize_pem()));
-    let channel = Channel::from_shared(url.clone()).expect("url").tls_config(with_cert).expect("tls").connect().await.expect("mTLS connect");
+    let channel = Channel::from_shared(url.clone())
+        .expect("url")
+        .tls_config(with_cert)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("mTLS connect");
     let mut c = GrpcInferenceServiceClient::new(channel);
     assert!(c.server_ready(ServerReadyRequest {}).await.expect("ready over mTLS").into_inner().ready);
 

@@ -5,7 +5,7 @@ mod pbtxt;
 mod spec;
 
 pub use pbtxt::parse_model_config;
-pub use spec::{BucketPlan, DynamicPolicy, IoSpec, ModelSpec, DEFAULT_MAX_QUEUE_SIZE};
+pub use spec::{BucketPlan, DEFAULT_MAX_QUEUE_SIZE, DynamicPolicy, IoSpec, ModelSpec};
 
 /// Why a model configuration cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -106,10 +106,7 @@ mod tests {
         assert_eq!(cfg.input[0].dims, vec![64]);
         assert_eq!(cfg.input[0].data_type, 11);
         assert_eq!(cfg.instance_group[0].count, 2);
-        assert_eq!(
-            cfg.parameters.get("neuron_batch_buckets").map(|p| p.string_value.as_str()),
-            Some("1,4,16")
-        );
+        assert_eq!(cfg.parameters.get("neuron_batch_buckets").map(|p| p.string_value.as_str()), Some("1,4,16"));
     }
 
     #[test]

@@ -216,8 +216,10 @@ impl ModelSpec {
             return Err(err("ensemble_scheduling".into(), "ensembles are not supported by this worker".into()));
         }
         let buckets = BucketPlan {
-            batch: parse_buckets(config, "neuron_batch_buckets").map_err(|r| err("parameters.neuron_batch_buckets".into(), r))?,
-            seq: parse_buckets(config, "neuron_seq_buckets").map_err(|r| err("parameters.neuron_seq_buckets".into(), r))?,
+            batch: parse_buckets(config, "neuron_batch_buckets")
+                .map_err(|r| err("parameters.neuron_batch_buckets".into(), r))?,
+            seq: parse_buckets(config, "neuron_seq_buckets")
+                .map_err(|r| err("parameters.neuron_seq_buckets".into(), r))?,
         };
         if let Some(largest) = buckets.largest_batch()
             && max_batch_size == 0
@@ -247,7 +249,8 @@ fn parse_buckets(config: &ModelConfig, key: &str) -> Result<Vec<usize>, String> 
     let Some(p) = config.parameters.get(key) else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for part in p.string_value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let v: usize = part.parse().map_err(|_| format!("'{part}' is not a positive integer (expected e.g. \"1,4,16\")"))?;
+        let v: usize =
+            part.parse().map_err(|_| format!("'{part}' is not a positive integer (expected e.g. \"1,4,16\")"))?;
         if v == 0 {
             return Err("bucket sizes must be positive".into());
         }

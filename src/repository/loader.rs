@@ -58,8 +58,13 @@ pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, String>
         return Err(format!("{file}: field `name`: '{}' does not match the folder name '{name}'", config.name));
     }
     let spec = ModelSpec::from_config(&config, &file).map_err(|e| e.to_string())?;
-    let versions = select_versions(&config, &all_versions).map_err(|e| format!("{file}: field `version_policy`: {e}"))?;
-    Ok(ModelSource { config, spec: Arc::new(spec), versions: versions.into_iter().map(|(v, p)| (v, Some(p))).collect() })
+    let versions =
+        select_versions(&config, &all_versions).map_err(|e| format!("{file}: field `version_policy`: {e}"))?;
+    Ok(ModelSource {
+        config,
+        spec: Arc::new(spec),
+        versions: versions.into_iter().map(|(v, p)| (v, Some(p))).collect(),
+    })
 }
 
 fn select_versions(config: &ModelConfig, all: &[(i64, PathBuf)]) -> Result<Vec<(i64, PathBuf)>, String> {
@@ -129,11 +134,14 @@ pub(crate) fn create_instances(
         && let Some(dir) = version_dir
         && has_neff(dir)
     {
-        let (instances, buckets) = crate::repository::neuron_loader::create_neuron_instances(spec, config, dir, backend)?;
+        let (instances, buckets) =
+            crate::repository::neuron_loader::create_neuron_instances(spec, config, dir, backend)?;
         return Ok((instances, "neuron", Some(buckets)));
     }
     let model = match version_dir {
-        None => CpuModel::Dense(builtin::builtin(&spec.name).ok_or_else(|| format!("no built-in model named '{}'", spec.name))?),
+        None => CpuModel::Dense(
+            builtin::builtin(&spec.name).ok_or_else(|| format!("no built-in model named '{}'", spec.name))?,
+        ),
         Some(dir) if dir.join("config.json").exists() && dir.join("model.safetensors").exists() => {
             CpuModel::Bert(BertModel::load(dir).map_err(|e| e.to_string())?)
         }
@@ -141,7 +149,11 @@ pub(crate) fn create_instances(
             return Err(format!(
                 "{}: no CPU reference found (expected an HF folder with config.json and model.safetensors){}",
                 dir.display(),
-                if has_neff(dir) { "; it holds NEFF files, which need --backend neuron (or auto with libnrt)" } else { "" }
+                if has_neff(dir) {
+                    "; it holds NEFF files, which need --backend neuron (or auto with libnrt)"
+                } else {
+                    ""
+                }
             ));
         }
     };
@@ -153,7 +165,8 @@ pub(crate) fn create_instances(
     let outputs: Vec<String> = spec.outputs.iter().map(|o| o.name.clone()).collect();
     let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(count);
     for i in 0..count {
-        let inst = CpuInstance::new(model.clone(), inputs.clone(), outputs.clone(), threads, i).map_err(|e| e.to_string())?;
+        let inst =
+            CpuInstance::new(model.clone(), inputs.clone(), outputs.clone(), threads, i).map_err(|e| e.to_string())?;
         instances.push(Box::new(inst));
     }
     Ok((instances, "cpu", None))

@@ -210,18 +210,27 @@ impl Repository {
 
     /// The model version a request names (`version` empty = the highest loaded version).
     pub fn get(&self, name: &str, version: &str) -> Result<Arc<LoadedModel>, RepositoryError> {
-        let models = self.models.read().map_err(|_| RepositoryError::NotReady { model: name.into(), reason: "repository lock poisoned".into() })?;
-        let entry = models.get(name).ok_or_else(|| RepositoryError::NotFound { model: name.into(), version: String::new() })?;
+        let models = self
+            .models
+            .read()
+            .map_err(|_| RepositoryError::NotReady { model: name.into(), reason: "repository lock poisoned".into() })?;
+        let entry =
+            models.get(name).ok_or_else(|| RepositoryError::NotFound { model: name.into(), version: String::new() })?;
         if entry.versions.is_empty() {
             return Err(RepositoryError::NotReady { model: name.into(), reason: entry.reason.clone() });
         }
         let found = if version.is_empty() {
             entry.versions.values().next_back()
         } else {
-            let v: i64 = version.parse().map_err(|_| RepositoryError::NotFound { model: name.into(), version: format!(" version '{version}'") })?;
+            let v: i64 = version.parse().map_err(|_| RepositoryError::NotFound {
+                model: name.into(),
+                version: format!(" version '{version}'"),
+            })?;
             entry.versions.get(&v)
         };
-        found.cloned().ok_or_else(|| RepositoryError::NotFound { model: name.into(), version: format!(" version {version}") })
+        found
+            .cloned()
+            .ok_or_else(|| RepositoryError::NotFound { model: name.into(), version: format!(" version {version}") })
     }
 
     /// Every model with its state, by name.

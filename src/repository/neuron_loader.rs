@@ -15,11 +15,21 @@ use crate::config::{IoSpec, ModelSpec};
 use crate::proto::inference::ModelConfig;
 use crate::repository::BackendSelection;
 
+/// The instances (one per core) and the batch buckets they were compiled for.
+pub(crate) type NeuronInstances = (Vec<Box<dyn ModelInstance>>, Vec<usize>);
+
 fn tensor_config(model: &str, io: &IoSpec) -> Result<TensorConfig, String> {
     let dims = io
         .dims
         .iter()
-        .map(|d| usize::try_from(*d).map_err(|_| format!("model '{model}': tensor '{}' has a variable dimension; NEFFs have fixed shapes (declare buckets)", io.name)))
+        .map(|d| {
+            usize::try_from(*d).map_err(|_| {
+                format!(
+                    "model '{model}': tensor '{}' has a variable dimension; NEFFs have fixed shapes (declare buckets)",
+                    io.name
+                )
+            })
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TensorConfig { name: io.name.clone(), dtype: io.dtype, dims })
 }
@@ -30,15 +40,13 @@ pub(crate) fn create_neuron_instances(
     config: &ModelConfig,
     dir: &Path,
     backend: &BackendSelection,
-) -> Result<(Vec<Box<dyn ModelInstance>>, Vec<usize>), String> {
+) -> Result<NeuronInstances, String> {
     let BackendSelection::Neuron { cores } = backend else {
         return Err("the Neuron backend is not selected".into());
     };
-    let pattern = config
-        .parameters
-        .get("neuron_neff_pattern")
-        .map(|p| p.string_value.clone())
-        .unwrap_or_else(|| if spec.buckets.batch.is_empty() { "model.neff".into() } else { "model_b{batch}.neff".into() });
+    let pattern = config.parameters.get("neuron_neff_pattern").map(|p| p.string_value.clone()).unwrap_or_else(|| {
+        if spec.buckets.batch.is_empty() { "model.neff".into() } else { "model_b{batch}.neff".into() }
+    });
     let mut files = Vec::new();
     if spec.buckets.batch.is_empty() {
         let path = dir.join(pattern.replace("{batch}", ""));

@@ -158,7 +158,11 @@ impl Actor {
             let Some(&inst) = self.idle.last() else { break };
             let avail = self.queue.available_rows(self.max_rows);
             let delay = policy.max_queue_delay;
-            if spec.dynamic_batching && delay > Duration::ZERO && avail < self.max_rows && !policy.preferred_batch_sizes.contains(&avail) {
+            if spec.dynamic_batching
+                && delay > Duration::ZERO
+                && avail < self.max_rows
+                && !policy.preferred_batch_sizes.contains(&avail)
+            {
                 let oldest = self.queue.oldest_arrival().unwrap_or(now);
                 if oldest + delay > now {
                     wake = Some(oldest + delay);
@@ -188,7 +192,9 @@ impl Actor {
     fn fail_batch(&mut self, batch: Batch, why: &str) {
         for r in batch.requests {
             self.shared.stats.record_failure(FailureReason::Unavailable, r.arrived.elapsed());
-            let _ = r.reply.send(Err(SchedulerError::Unavailable { model: self.shared.spec.name.clone(), reason: why.into() }));
+            let _ = r
+                .reply
+                .send(Err(SchedulerError::Unavailable { model: self.shared.spec.name.clone(), reason: why.into() }));
         }
     }
 }

@@ -92,7 +92,8 @@ impl Worker {
             return true;
         }
         let start = Instant::now();
-        let result = if self.shared.spec.batches() { self.run_batched(&requests) } else { self.run_single(&requests[0]) };
+        let result =
+            if self.shared.spec.batches() { self.run_batched(&requests) } else { self.run_single(&requests[0]) };
         match result {
             Ok((outputs, timings)) => {
                 let t_out = Instant::now();
@@ -120,8 +121,14 @@ impl Worker {
                 true
             }
             Err(e) => {
-                let usable = !matches!(e, SchedulerError::Backend { source: BackendError::Execution { instance_usable: false, .. }, .. });
-                if let SchedulerError::Backend { source: BackendError::Execution { nrt_status: Some(code), .. }, .. } = &e {
+                let usable = !matches!(
+                    e,
+                    SchedulerError::Backend { source: BackendError::Execution { instance_usable: false, .. }, .. }
+                );
+                if let SchedulerError::Backend {
+                    source: BackendError::Execution { nrt_status: Some(code), .. }, ..
+                } = &e
+                {
                     stats.record_nrt_status(*code);
                 }
                 if let Some(s) = stats.instances.get(self.index) {
@@ -144,10 +151,14 @@ impl Worker {
             .inputs
             .iter()
             .zip(&req.inputs)
-            .map(|(s, i)| BatchInput { name: &s.name, tensor: TensorView { dtype: s.dtype, shape: &i.shape, data: &i.data } })
+            .map(|(s, i)| BatchInput {
+                name: &s.name,
+                tensor: TensorView { dtype: s.dtype, shape: &i.shape, data: &i.data },
+            })
             .collect();
         let t = Instant::now();
-        let out = self.instance.execute(&inputs).map_err(|source| SchedulerError::Backend { model: self.model(), source })?;
+        let out =
+            self.instance.execute(&inputs).map_err(|source| SchedulerError::Backend { model: self.model(), source })?;
         let infer = t.elapsed();
         Ok((vec![out], Timings { input: Duration::ZERO, infer, split: Duration::ZERO, executions: vec![(1, infer)] }))
     }
@@ -171,7 +182,10 @@ impl Worker {
             let Some(s) = spec.buckets.seq_bucket(max_seq) else {
                 return Err(SchedulerError::TooLarge {
                     model: spec.name.clone(),
-                    reason: format!("sequence length {max_seq} exceeds the largest sequence bucket {:?}", spec.buckets.seq.last()),
+                    reason: format!(
+                        "sequence length {max_seq} exceeds the largest sequence bucket {:?}",
+                        spec.buckets.seq.last()
+                    ),
                 });
             };
             Some(s)
@@ -250,18 +264,26 @@ impl Worker {
                 })
                 .collect::<Vec<_>>()
                 .into_iter()
-                .map(|(s, data, i)| BatchInput { name: &s.name, tensor: TensorView { dtype: s.dtype, shape: &chunk_shapes[i], data } })
+                .map(|(s, data, i)| BatchInput {
+                    name: &s.name,
+                    tensor: TensorView { dtype: s.dtype, shape: &chunk_shapes[i], data },
+                })
                 .collect();
             let t = Instant::now();
-            let out = self.instance.execute(&inputs).map_err(|source| SchedulerError::Backend { model: self.model(), source })?;
+            let out = self
+                .instance
+                .execute(&inputs)
+                .map_err(|source| SchedulerError::Backend { model: self.model(), source })?;
             executions.push((real, t.elapsed()));
             chunks.push((out, real));
             start += rows;
         }
         let t_split = Instant::now();
         let merged = merge_chunks(chunks, layout.total_rows);
-        let per_request = split_outputs(&spec, &merged, &layout)
-            .map_err(|reason| SchedulerError::Backend { model: self.model(), source: BackendError::Execution { message: reason, instance_usable: true, nrt_status: None } })?;
+        let per_request = split_outputs(&spec, &merged, &layout).map_err(|reason| SchedulerError::Backend {
+            model: self.model(),
+            source: BackendError::Execution { message: reason, instance_usable: true, nrt_status: None },
+        })?;
         let infer = executions.iter().map(|e| e.1).sum();
         Ok((per_request, Timings { input: input_time, infer, split: t_split.elapsed(), executions }))
     }
@@ -302,15 +324,23 @@ fn merge_chunks(mut chunks: Vec<(Vec<NamedTensor>, usize)>, total_rows: usize) -
 }
 
 /// Cuts the batch outputs into each request's rows, cropping padded sequence positions.
-fn split_outputs(spec: &crate::config::ModelSpec, outputs: &[NamedTensor], layout: &Layout) -> Result<Vec<Vec<NamedTensor>>, String> {
-    let mut per_request: Vec<Vec<NamedTensor>> = layout.offsets.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
+fn split_outputs(
+    spec: &crate::config::ModelSpec,
+    outputs: &[NamedTensor],
+    layout: &Layout,
+) -> Result<Vec<Vec<NamedTensor>>, String> {
+    let mut per_request: Vec<Vec<NamedTensor>> =
+        layout.offsets.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
     for out in outputs {
         let t = &out.tensor;
         let rows = t.shape.first().copied().unwrap_or(0);
         if rows < layout.total_rows {
-            return Err(format!("backend returned {rows} rows for output '{}', expected at least {}", out.name, layout.total_rows));
+            return Err(format!(
+                "backend returned {rows} rows for output '{}', expected at least {}",
+                out.name, layout.total_rows
+            ));
         }
-        let row_bytes = if rows == 0 { 0 } else { t.data.len() / rows };
+        let row_bytes = t.data.len().checked_div(rows).unwrap_or(0);
         let crops = layout.padded_seq.is_some()
             && spec.outputs.iter().any(|o| o.name == out.name && o.dims.first() == Some(&-1))
             && t.shape.get(1).copied() == layout.padded_seq;

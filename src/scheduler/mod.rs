@@ -62,7 +62,9 @@ pub struct InferRequest {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SchedulerError {
     /// The model's queue is full.
-    #[error("model '{model}': queue full ({max_queue_size} requests waiting); retry after a short backoff or add instances")]
+    #[error(
+        "model '{model}': queue full ({max_queue_size} requests waiting); retry after a short backoff or add instances"
+    )]
     QueueFull {
         /// Model name.
         model: String,
@@ -70,7 +72,9 @@ pub enum SchedulerError {
         max_queue_size: usize,
     },
     /// The request's queue timeout expired before it could be executed; it was not executed.
-    #[error("model '{model}': request timed out after {waited_us} us in the queue (timeout {timeout_us} us); it was not executed")]
+    #[error(
+        "model '{model}': request timed out after {waited_us} us in the queue (timeout {timeout_us} us); it was not executed"
+    )]
     Timeout {
         /// Model name.
         model: String,

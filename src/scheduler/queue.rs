@@ -40,6 +40,7 @@ impl Queue {
     }
 
     /// Requests queued.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
@@ -152,10 +153,14 @@ mod tests {
     use std::time::Duration;
     use tokio::sync::oneshot;
 
-    fn req(rows: usize, tag: u8) -> (Queued, oneshot::Receiver<Result<super::super::InferReply, super::super::SchedulerError>>) {
+    fn req(
+        rows: usize,
+        tag: u8,
+    ) -> (Queued, oneshot::Receiver<Result<super::super::InferReply, super::super::SchedulerError>>) {
         let (tx, rx) = oneshot::channel();
         let input = RequestInput { shape: vec![rows, 1], data: Bytes::from(vec![tag; rows]) };
-        let req = InferRequest { inputs: vec![input], rows, priority: 0, timeout: None, reply: tx, arrived: Instant::now() };
+        let req =
+            InferRequest { inputs: vec![input], rows, priority: 0, timeout: None, reply: tx, arrived: Instant::now() };
         (Queued { req, deadline: None }, rx)
     }
 

@@ -103,7 +103,10 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
             if let Some(prev) = rows
                 && prev != r
             {
-                return Err(bad(format!("input '{}': batch size {r} differs from the other inputs' {prev}", tensor.name)));
+                return Err(bad(format!(
+                    "input '{}': batch size {r} differs from the other inputs' {prev}",
+                    tensor.name
+                )));
             }
             rows = Some(r);
         }
@@ -130,10 +133,7 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
     }
     let rows = if spec.batches() { rows.unwrap_or(1) } else { 1 };
     if spec.batches() && rows > spec.max_batch_size {
-        return Err(bad(format!(
-            "model '{model}': batch size {rows} exceeds max_batch_size {}",
-            spec.max_batch_size
-        )));
+        return Err(bad(format!("model '{model}': batch size {rows} exceeds max_batch_size {}", spec.max_batch_size)));
     }
     let template: Option<Vec<usize>> = slots.iter().flatten().next().map(|t| t.shape.clone());
     let mut inputs = Vec::with_capacity(slots.len());
@@ -151,9 +151,10 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
         req.outputs
             .iter()
             .map(|o| {
-                spec.outputs.iter().position(|s| s.name == o.name).ok_or_else(|| {
-                    bad(format!("model '{model}' has no output '{}'", o.name))
-                })
+                spec.outputs
+                    .iter()
+                    .position(|s| s.name == o.name)
+                    .ok_or_else(|| bad(format!("model '{model}' has no output '{}'", o.name)))
             })
             .collect::<Result<Vec<_>, _>>()?
     };
@@ -162,12 +163,19 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
 
 fn check_shape(ispec: &IoSpec, shape: &[i64], spec: &ModelSpec) -> Result<Vec<usize>, ServerError> {
     let batch = usize::from(spec.batches());
-    let expected: Vec<i64> = if spec.batches() { std::iter::once(-1).chain(ispec.dims.iter().copied()).collect() } else { ispec.dims.clone() };
+    let expected: Vec<i64> = if spec.batches() {
+        std::iter::once(-1).chain(ispec.dims.iter().copied()).collect()
+    } else {
+        ispec.dims.clone()
+    };
     let ok = shape.len() == ispec.dims.len() + batch
         && shape.iter().zip(&expected).all(|(got, want)| *got >= 0 && (*want == -1 || got == want))
         && (!spec.batches() || shape[0] >= 1);
     if !ok {
-        return Err(bad(format!("input '{}': shape {shape:?} does not match the model's {expected:?} (-1 = any size)", ispec.name)));
+        return Err(bad(format!(
+            "input '{}': shape {shape:?} does not match the model's {expected:?} (-1 = any size)",
+            ispec.name
+        )));
     }
     Ok(shape.iter().map(|d| *d as usize).collect())
 }
@@ -179,7 +187,7 @@ fn check_bytes(name: &str, dtype: DataType, shape: &[usize], data: &[u8]) -> Res
     };
     match dtype.size() {
         Some(size) => {
-            let want = elements.checked_mul(size).unwrap_or(usize::MAX);
+            let want = elements.saturating_mul(size);
             if data.len() != want {
                 return Err(bad(format!(
                     "input '{name}': {} bytes received, but shape {shape:?} of {dtype} needs {want}",

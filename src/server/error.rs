@@ -76,7 +76,11 @@ mod tests {
         assert_eq!(Status::from(nf).code(), Code::NotFound);
         let fatal = ServerError::Scheduler(SchedulerError::Backend {
             model: "m".into(),
-            source: BackendError::Execution { message: "NRT_TIMEOUT".into(), instance_usable: false, nrt_status: Some(5) },
+            source: BackendError::Execution {
+                message: "NRT_TIMEOUT".into(),
+                instance_usable: false,
+                nrt_status: Some(5),
+            },
         });
         let st = Status::from(fatal);
         assert_eq!(st.code(), Code::Internal);

@@ -61,7 +61,8 @@ type StreamResult = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, S
 const EXTENSIONS: &[&str] = &["model_repository", "model_configuration", "statistics", "schedule_policy", "parameters"];
 
 fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
-    Err(ServerError::Unimplemented(format!("{what} is not supported by this worker; send tensor data in the request")).into())
+    Err(ServerError::Unimplemented(format!("{what} is not supported by this worker; send tensor data in the request"))
+        .into())
 }
 
 #[tonic::async_trait]
@@ -81,7 +82,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
-    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> Result<Response<ServerMetadataResponse>, Status> {
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: "neuron-worker".into(),
             version: self.server_version.clone(),
@@ -89,7 +93,10 @@ impl GrpcInferenceService for InferenceService {
         }))
     }
 
-    async fn model_metadata(&self, r: Request<ModelMetadataRequest>) -> Result<Response<ModelMetadataResponse>, Status> {
+    async fn model_metadata(
+        &self,
+        r: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = r.into_inner();
         let model = self.repo.get(&r.name, &r.version).map_err(ServerError::from)?;
         let versions = self
@@ -103,7 +110,11 @@ impl GrpcInferenceService for InferenceService {
         let meta = |io: &crate::config::IoSpec| model_metadata_response::TensorMetadata {
             name: io.name.clone(),
             datatype: io.dtype.as_str().to_string(),
-            shape: if spec.batches() { std::iter::once(-1).chain(io.dims.iter().copied()).collect() } else { io.dims.clone() },
+            shape: if spec.batches() {
+                std::iter::once(-1).chain(io.dims.iter().copied()).collect()
+            } else {
+                io.dims.clone()
+            },
         };
         Ok(Response::new(ModelMetadataResponse {
             name: spec.name.clone(),
@@ -136,7 +147,10 @@ impl GrpcInferenceService for InferenceService {
                     Ok(req) => req,
                     Err(_) => break,
                 };
-                let ordered = repo.get(&req.model_name, &req.model_version).map(|m| m.spec.dynamic.preserve_ordering).unwrap_or(false);
+                let ordered = repo
+                    .get(&req.model_name, &req.model_version)
+                    .map(|m| m.spec.dynamic.preserve_ordering)
+                    .unwrap_or(false);
                 let (done_tx, done_rx) = oneshot::channel();
                 let wait = if ordered { previous.replace(done_rx) } else { None };
                 let (repo, tx) = (repo.clone(), tx.clone());
@@ -147,7 +161,9 @@ impl GrpcInferenceService for InferenceService {
                         let _ = w.await;
                     }
                     let msg = match result {
-                        Ok(resp) => ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) },
+                        Ok(resp) => {
+                            ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) }
+                        }
                         Err(e) => ModelStreamInferResponse {
                             error_message: e.to_string(),
                             infer_response: Some(ModelInferResponse { id, ..Default::default() }),
@@ -167,7 +183,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(ModelConfigResponse { config: Some(model.config.clone()) }))
     }
 
-    async fn model_statistics(&self, r: Request<ModelStatisticsRequest>) -> Result<Response<ModelStatisticsResponse>, Status> {
+    async fn model_statistics(
+        &self,
+        r: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let r = r.into_inner();
         let mut out = Vec::new();
         if !r.name.is_empty() {
@@ -183,13 +202,21 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(ModelStatisticsResponse { model_stats: out }))
     }
 
-    async fn repository_index(&self, r: Request<RepositoryIndexRequest>) -> Result<Response<RepositoryIndexResponse>, Status> {
+    async fn repository_index(
+        &self,
+        r: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
         let only_ready = r.into_inner().ready;
         let mut models = Vec::new();
         for (name, e) in self.repo.entries() {
             if e.versions.is_empty() {
                 if !only_ready {
-                    models.push(repository_index_response::ModelIndex { name, version: String::new(), state: e.state.into(), reason: e.reason });
+                    models.push(repository_index_response::ModelIndex {
+                        name,
+                        version: String::new(),
+                        state: e.state.into(),
+                        reason: e.reason,
+                    });
                 }
                 continue;
             }
@@ -209,7 +236,10 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
-    async fn repository_model_load(&self, r: Request<RepositoryModelLoadRequest>) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+    async fn repository_model_load(
+        &self,
+        r: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.explicit("RepositoryModelLoad")?;
         let r = r.into_inner();
         if !r.parameters.is_empty() {
@@ -219,36 +249,63 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
-    async fn repository_model_unload(&self, r: Request<RepositoryModelUnloadRequest>) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+    async fn repository_model_unload(
+        &self,
+        r: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.explicit("RepositoryModelUnload")?;
         let r = r.into_inner();
         self.repo.unload(&r.model_name).await.map_err(ServerError::from)?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
-    async fn system_shared_memory_status(&self, _: Request<SystemSharedMemoryStatusRequest>) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
         unimplemented("system shared memory")
     }
-    async fn system_shared_memory_register(&self, _: Request<SystemSharedMemoryRegisterRequest>) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
         unimplemented("system shared memory")
     }
-    async fn system_shared_memory_unregister(&self, _: Request<SystemSharedMemoryUnregisterRequest>) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
         unimplemented("system shared memory")
     }
-    async fn cuda_shared_memory_status(&self, _: Request<CudaSharedMemoryStatusRequest>) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
         unimplemented("CUDA shared memory")
     }
-    async fn cuda_shared_memory_register(&self, _: Request<CudaSharedMemoryRegisterRequest>) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
         unimplemented("CUDA shared memory")
     }
-    async fn cuda_shared_memory_unregister(&self, _: Request<CudaSharedMemoryUnregisterRequest>) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
         unimplemented("CUDA shared memory")
     }
     async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> Result<Response<TraceSettingResponse>, Status> {
-        Err(ServerError::Unimplemented("trace settings are not supported by this worker; use --log-format json and the Prometheus metrics".into()).into())
+        Err(ServerError::Unimplemented(
+            "trace settings are not supported by this worker; use --log-format json and the Prometheus metrics".into(),
+        )
+        .into())
     }
     async fn log_settings(&self, _: Request<LogSettingsRequest>) -> Result<Response<LogSettingsResponse>, Status> {
-        Err(ServerError::Unimplemented("log settings cannot be changed at run time; set RUST_LOG and --log-format at start-up".into()).into())
+        Err(ServerError::Unimplemented(
+            "log settings cannot be changed at run time; set RUST_LOG and --log-format at start-up".into(),
+        )
+        .into())
     }
 }
 

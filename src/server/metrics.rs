@@ -30,7 +30,8 @@ fn gauge(name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, prometh
 pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
     let mv = &["model", "version"];
     let success = counter("inference_request_success", "Successful inference requests", mv)?;
-    let failure = counter("inference_request_failure", "Failed inference requests by reason", &["model", "version", "reason"])?;
+    let failure =
+        counter("inference_request_failure", "Failed inference requests by reason", &["model", "version", "reason"])?;
     let count = counter("inference_count", "Inferences performed (rows; a batch of N counts N)", mv)?;
     let exec = counter("inference_exec_count", "Model executions (batches)", mv)?;
     let pending = gauge("inference_pending_request_count", "Requests queued, waiting for an instance", mv)?;
@@ -38,16 +39,28 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
     let input_us = counter("inference_compute_input_duration_us", "Cumulative input assembly time, us", mv)?;
     let infer_us = counter("inference_compute_infer_duration_us", "Cumulative backend execution time, us", mv)?;
     let output_us = counter("inference_compute_output_duration_us", "Cumulative output split time, us", mv)?;
-    let batch = counter("batch_executions", "Executions by executed batch size (rows, before padding)", &["model", "version", "batch_size"])?;
+    let batch = counter(
+        "batch_executions",
+        "Executions by executed batch size (rows, before padding)",
+        &["model", "version", "batch_size"],
+    )?;
     let inst_exec = counter("instance_executions", "Executions per instance", &["model", "version", "instance"])?;
     let inst_err = counter("instance_errors", "Failed executions per instance", &["model", "version", "instance"])?;
-    let inst_up = gauge("instance_in_service", "1 while the instance is in service", &["model", "version", "instance"])?;
-    let nrt = counter("nrt_status", "Neuron runtime statuses returned by failed executions", &["model", "version", "status"])?;
+    let inst_up =
+        gauge("instance_in_service", "1 while the instance is in service", &["model", "version", "instance"])?;
+    let nrt = counter(
+        "nrt_status",
+        "Neuron runtime statuses returned by failed executions",
+        &["model", "version", "status"],
+    )?;
     let state = gauge("model_ready", "1 when the model version is loaded and ready", mv)?;
     let in_service = gauge("instances_in_service", "Instances in service (capacity)", mv)?;
     let depth = gauge("queue_depth", "Requests queued (capacity)", mv)?;
     let max_queue = gauge("queue_capacity", "Queue bound (max_queue_size)", mv)?;
-    let wait = GaugeVec::new(Opts::new(format!("{PREFIX}estimated_queue_wait_us"), "Estimated queue wait for a new request, us"), mv)?;
+    let wait = GaugeVec::new(
+        Opts::new(format!("{PREFIX}estimated_queue_wait_us"), "Estimated queue wait for a new request, us"),
+        mv,
+    )?;
     for (name, entry) in repo.entries() {
         if entry.versions.is_empty() {
             state.with_label_values(&[name.as_str(), ""]).set(0);
@@ -89,8 +102,25 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
     }
     let mut families = Vec::new();
     let collectors: [&dyn Collector; 19] = [
-        &success, &failure, &count, &exec, &pending, &queue_us, &input_us, &infer_us, &output_us, &batch, &inst_exec,
-        &inst_err, &inst_up, &nrt, &state, &in_service, &depth, &max_queue, &wait,
+        &success,
+        &failure,
+        &count,
+        &exec,
+        &pending,
+        &queue_us,
+        &input_us,
+        &infer_us,
+        &output_us,
+        &batch,
+        &inst_exec,
+        &inst_err,
+        &inst_up,
+        &nrt,
+        &state,
+        &in_service,
+        &depth,
+        &max_queue,
+        &wait,
     ];
     for c in collectors {
         families.extend(c.collect().into_iter().filter(|f| !f.get_metric().is_empty()));
@@ -119,7 +149,8 @@ pub fn capacity(repo: &Repository) -> serde_json::Value {
             }));
         }
         if entry.versions.is_empty() {
-            models.push(serde_json::json!({"model": name, "ready": false, "state": entry.state, "reason": entry.reason}));
+            models
+                .push(serde_json::json!({"model": name, "ready": false, "state": entry.state, "reason": entry.reason}));
         }
     }
     serde_json::json!({ "models": models })

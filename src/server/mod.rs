@@ -53,7 +53,9 @@ pub struct ServeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// A listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}; is another process using the port? pick another with --grpc-addr / --metrics-addr")]
+    #[error(
+        "cannot listen on {addr}: {source}; is another process using the port? pick another with --grpc-addr / --metrics-addr"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -77,11 +79,14 @@ pub enum ServeError {
 fn auth_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
         let Some(expected) = &token else { return Ok(req) };
-        let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let got =
+            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         match got {
             Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
             Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated("missing 'authorization: Bearer <token>' metadata; this worker requires a token")),
+            None => Err(Status::unauthenticated(
+                "missing 'authorization: Bearer <token>' metadata; this worker requires a token",
+            )),
         }
     }
 }
@@ -107,7 +112,9 @@ impl RunningServer {
 
 /// Binds the listeners and starts serving `repo` in the background.
 pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningServer, ServeError> {
-    let listener = tokio::net::TcpListener::bind(opts.grpc_addr).await.map_err(|source| ServeError::Bind { addr: opts.grpc_addr, source })?;
+    let listener = tokio::net::TcpListener::bind(opts.grpc_addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr: opts.grpc_addr, source })?;
     let grpc_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.grpc_addr, source })?;
     let shutdown = CancellationToken::new();
     let mut metrics_addr = None;
@@ -138,7 +145,9 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         }
         builder = builder.tls_config(tls)?;
     } else if opts.tls_cert.is_some() || opts.tls_key.is_some() || opts.tls_client_ca.is_some() {
-        return Err(ServeError::Tls("--tls-cert and --tls-key must be given together (--tls-client-ca needs both)".into()));
+        return Err(ServeError::Tls(
+            "--tls-cert and --tls-key must be given together (--tls-client-ca needs both)".into(),
+        ));
     }
 
     let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);

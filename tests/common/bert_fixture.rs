@@ -20,10 +20,7 @@ pub struct Rng(u64);
 impl Rng {
     /// Next value in [-1, 1).
     pub fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / 16_777_216.0) * 2.0 - 1.0
     }
 }
@@ -36,62 +33,22 @@ pub fn generate(seed: u64) -> Weights {
         let v = (0..n).map(|_| offset + scale * rng.next()).collect();
         w.push((name, shape, v));
     };
-    add(
-        "embeddings.word_embeddings.weight".into(),
-        vec![VOCAB, H],
-        0.5,
-        0.0,
-    );
-    add(
-        "embeddings.position_embeddings.weight".into(),
-        vec![MAX_POS, H],
-        0.5,
-        0.0,
-    );
-    add(
-        "embeddings.token_type_embeddings.weight".into(),
-        vec![TYPES, H],
-        0.5,
-        0.0,
-    );
+    add("embeddings.word_embeddings.weight".into(), vec![VOCAB, H], 0.5, 0.0);
+    add("embeddings.position_embeddings.weight".into(), vec![MAX_POS, H], 0.5, 0.0);
+    add("embeddings.token_type_embeddings.weight".into(), vec![TYPES, H], 0.5, 0.0);
     add("embeddings.LayerNorm.weight".into(), vec![H], 0.2, 1.0);
     add("embeddings.LayerNorm.bias".into(), vec![H], 0.1, 0.0);
     for l in 0..LAYERS {
         let p = format!("encoder.layer.{l}.");
         for part in ["query", "key", "value"] {
-            add(
-                format!("{p}attention.self.{part}.weight"),
-                vec![H, H],
-                0.3,
-                0.0,
-            );
+            add(format!("{p}attention.self.{part}.weight"), vec![H, H], 0.3, 0.0);
             add(format!("{p}attention.self.{part}.bias"), vec![H], 0.1, 0.0);
         }
-        add(
-            format!("{p}attention.output.dense.weight"),
-            vec![H, H],
-            0.2,
-            0.0,
-        );
+        add(format!("{p}attention.output.dense.weight"), vec![H, H], 0.2, 0.0);
         add(format!("{p}attention.output.dense.bias"), vec![H], 0.1, 0.0);
-        add(
-            format!("{p}attention.output.LayerNorm.weight"),
-            vec![H],
-            0.2,
-            1.0,
-        );
-        add(
-            format!("{p}attention.output.LayerNorm.bias"),
-            vec![H],
-            0.1,
-            0.0,
-        );
-        add(
-            format!("{p}intermediate.dense.weight"),
-            vec![INTER, H],
-            0.2,
-            0.0,
-        );
+        add(format!("{p}attention.output.LayerNorm.weight"), vec![H], 0.2, 1.0);
+        add(format!("{p}attention.output.LayerNorm.bias"), vec![H], 0.1, 0.0);
+        add(format!("{p}intermediate.dense.weight"), vec![INTER, H], 0.2, 0.0);
         add(format!("{p}intermediate.dense.bias"), vec![INTER], 0.1, 0.0);
         add(format!("{p}output.dense.weight"), vec![H, INTER], 0.15, 0.0);
         add(format!("{p}output.dense.bias"), vec![H], 0.1, 0.0);
@@ -108,9 +65,7 @@ pub fn rounded(w: &Weights, dtype: Dtype) -> Weights {
         Dtype::BF16 => half::bf16::from_f32(v).to_f32(),
         _ => v,
     };
-    w.iter()
-        .map(|(n, s, v)| (n.clone(), s.clone(), v.iter().map(|x| r(*x)).collect()))
-        .collect()
+    w.iter().map(|(n, s, v)| (n.clone(), s.clone(), v.iter().map(|x| r(*x)).collect())).collect()
 }
 
 pub fn write_checkpoint(dir: &Path, w: &Weights, dtype: Dtype, prefix: &str, sentence_files: bool) {
@@ -124,25 +79,16 @@ pub fn write_checkpoint(dir: &Path, w: &Weights, dtype: Dtype, prefix: &str, sen
         .iter()
         .map(|(n, s, v)| {
             let b: Vec<u8> = match dtype {
-                Dtype::F16 => v
-                    .iter()
-                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                    .collect(),
-                Dtype::BF16 => v
-                    .iter()
-                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                    .collect(),
+                Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
                 _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             };
             (format!("{prefix}{n}"), s.clone(), b)
         })
         .collect();
-    let views = bytes.iter().map(|(n, s, b)| {
-        (
-            n.clone(),
-            safetensors::tensor::TensorView::new(dtype, s.clone(), b).expect("view"),
-        )
-    });
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).expect("view")));
     let file = safetensors::serialize(views, None).expect("serialize");
     std::fs::write(dir.join("model.safetensors"), file).expect("write safetensors");
     if sentence_files {
@@ -151,7 +97,8 @@ pub fn write_checkpoint(dir: &Path, w: &Weights, dtype: Dtype, prefix: &str, sen
             {"idx":2,"name":"2","path":"2_Normalize","type":"sentence_transformers.models.Normalize"}]"#;
         std::fs::write(dir.join("modules.json"), modules).expect("write modules");
         std::fs::create_dir_all(dir.join("1_Pooling")).expect("mkdir");
-        let pooling = r#"{"word_embedding_dimension":32,"pooling_mode_cls_token":false,"pooling_mode_mean_tokens":true}"#;
+        let pooling =
+            r#"{"word_embedding_dimension":32,"pooling_mode_cls_token":false,"pooling_mode_mean_tokens":true}"#;
         std::fs::write(dir.join("1_Pooling/config.json"), pooling).expect("write pooling");
     }
 }

@@ -32,12 +32,7 @@ pub fn self_attention(
     heads_buf: &mut Vec<f32>,
     threads: usize,
 ) {
-    let AttentionShape {
-        batch,
-        seq,
-        heads,
-        head_dim: dh,
-    } = shape;
+    let AttentionShape { batch, seq, heads, head_dim: dh } = shape;
     let hidden = heads * dh;
     let stride = 3 * hidden;
     let scale = 1.0 / (dh as f32).sqrt();
@@ -51,38 +46,15 @@ pub fn self_attention(
         let (b, h) = (index / heads, index % heads);
         let base = b * seq * stride + h * dh;
         scores.resize(seq * seq, 0.0);
-        let q = MatRef {
-            data: &qkv[base..],
-            rs: stride,
-            cs: 1,
-        };
-        let k_t = MatRef {
-            data: &qkv[base + hidden..],
-            rs: 1,
-            cs: stride,
-        };
+        let q = MatRef { data: &qkv[base..], rs: stride, cs: 1 };
+        let k_t = MatRef { data: &qkv[base + hidden..], rs: 1, cs: stride };
         gemm_strided(q, k_t, scores, seq, seq, dh, seq, scale, false, 1);
         let keep_b = &keep[b * seq..(b + 1) * seq];
         for row in scores.chunks_exact_mut(seq) {
             masked_softmax(row, keep_b);
         }
-        let v = MatRef {
-            data: &qkv[base + 2 * hidden..],
-            rs: stride,
-            cs: 1,
-        };
-        gemm_strided(
-            MatRef::row_major(scores, seq),
-            v,
-            out,
-            dh,
-            seq,
-            seq,
-            dh,
-            1.0,
-            false,
-            1,
-        );
+        let v = MatRef { data: &qkv[base + 2 * hidden..], rs: stride, cs: 1 };
+        gemm_strided(MatRef::row_major(scores, seq), v, out, dh, seq, seq, dh, 1.0, false, 1);
     };
 
     if threads > 1 {

@@ -119,18 +119,12 @@ pub struct BertModel {
 
 impl std::fmt::Debug for BertModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BertModel")
-            .field("config", &self.config)
-            .field("pooling", &self.pooling)
-            .finish()
+        f.debug_struct("BertModel").field("config", &self.config).field("pooling", &self.pooling).finish()
     }
 }
 
 fn invalid(name: &str, reason: String) -> BackendError {
-    BackendError::InvalidInput {
-        name: name.to_string(),
-        reason,
-    }
+    BackendError::InvalidInput { name: name.to_string(), reason }
 }
 
 impl BertModel {
@@ -180,22 +174,13 @@ impl BertModel {
             }
         };
         let mut req = |name: &str, shape: &[usize]| -> Result<Vec<f32>, BackendError> {
-            get(name, shape)?.ok_or_else(|| {
-                BackendError::Load(format!(
-                    "tensor '{name}' (expected shape {shape:?}) is missing"
-                ))
-            })
+            get(name, shape)?
+                .ok_or_else(|| BackendError::Load(format!("tensor '{name}' (expected shape {shape:?}) is missing")))
         };
         let i = config.intermediate_size;
         let word = req("embeddings.word_embeddings.weight", &[config.vocab_size, h])?;
-        let position = req(
-            "embeddings.position_embeddings.weight",
-            &[config.max_position_embeddings, h],
-        )?;
-        let emb_ln = (
-            req("embeddings.LayerNorm.weight", &[h])?,
-            req("embeddings.LayerNorm.bias", &[h])?,
-        );
+        let position = req("embeddings.position_embeddings.weight", &[config.max_position_embeddings, h])?;
+        let emb_ln = (req("embeddings.LayerNorm.weight", &[h])?, req("embeddings.LayerNorm.bias", &[h])?);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{l}.");
@@ -225,26 +210,12 @@ impl BertModel {
             });
         }
         let token_type = if config.type_vocab_size > 0 {
-            get(
-                "embeddings.token_type_embeddings.weight",
-                &[config.type_vocab_size, h],
-            )?
+            get("embeddings.token_type_embeddings.weight", &[config.type_vocab_size, h])?
         } else {
             None
         };
         let eps = config.layer_norm_eps as f32;
-        Ok(BertModel {
-            config,
-            act,
-            eps,
-            word,
-            position,
-            token_type,
-            emb_ln,
-            layers,
-            pooling,
-            normalize,
-        })
+        Ok(BertModel { config, act, eps, word, position, token_type, emb_ln, layers, pooling, normalize })
     }
 
     /// The model's architecture as read from `config.json`.
@@ -258,11 +229,7 @@ impl BertModel {
             hidden_size: self.config.hidden_size,
             vocab_size: self.config.vocab_size,
             max_position_embeddings: self.config.max_position_embeddings,
-            type_vocab_size: if self.token_type.is_some() {
-                self.config.type_vocab_size
-            } else {
-                0
-            },
+            type_vocab_size: if self.token_type.is_some() { self.config.type_vocab_size } else { 0 },
             has_token_type_embeddings: self.token_type.is_some(),
             normalize: self.normalize,
             pooling: self.pooling,
@@ -280,15 +247,7 @@ impl BertModel {
         seq: usize,
     ) -> Result<BertOutput, BackendError> {
         let mut scratch = BertScratch::default();
-        self.forward_with(
-            &mut scratch,
-            default_threads(),
-            input_ids,
-            attention_mask,
-            token_type_ids,
-            batch,
-            seq,
-        )
+        self.forward_with(&mut scratch, default_threads(), input_ids, attention_mask, token_type_ids, batch, seq)
     }
 
     fn validate(
@@ -299,17 +258,12 @@ impl BertModel {
         batch: usize,
         seq: usize,
     ) -> Result<(), BackendError> {
-        let n = batch
-            .checked_mul(seq)
-            .ok_or_else(|| invalid("input_ids", "batch × seq overflows".into()))?;
+        let n = batch.checked_mul(seq).ok_or_else(|| invalid("input_ids", "batch × seq overflows".into()))?;
         let len_check = |name: &str, len: usize| {
             if len == n {
                 Ok(())
             } else {
-                Err(invalid(
-                    name,
-                    format!("has {len} values, expected batch {batch} × seq {seq} = {n}"),
-                ))
+                Err(invalid(name, format!("has {len} values, expected batch {batch} × seq {seq} = {n}")))
             }
         };
         len_check("input_ids", input_ids.len())?;
@@ -325,33 +279,16 @@ impl BertModel {
             ));
         }
         let vocab = self.config.vocab_size as i64;
-        if let Some((at, id)) = input_ids
-            .iter()
-            .enumerate()
-            .find(|(_, id)| **id < 0 || **id >= vocab)
-        {
-            return Err(invalid(
-                "input_ids",
-                format!("id {id} at position {at} is outside the vocabulary 0..{vocab}"),
-            ));
+        if let Some((at, id)) = input_ids.iter().enumerate().find(|(_, id)| **id < 0 || **id >= vocab) {
+            return Err(invalid("input_ids", format!("id {id} at position {at} is outside the vocabulary 0..{vocab}")));
         }
-        if let Some((at, m)) = attention_mask
-            .iter()
-            .enumerate()
-            .find(|(_, m)| **m != 0 && **m != 1)
-        {
-            return Err(invalid(
-                "attention_mask",
-                format!("value {m} at position {at}; only 0 and 1 are allowed"),
-            ));
+        if let Some((at, m)) = attention_mask.iter().enumerate().find(|(_, m)| **m != 0 && **m != 1) {
+            return Err(invalid("attention_mask", format!("value {m} at position {at}; only 0 and 1 are allowed")));
         }
         if let Some(tt) = token_type_ids {
             let types = self.info().type_vocab_size.max(1) as i64;
             if let Some((at, t)) = tt.iter().enumerate().find(|(_, t)| **t < 0 || **t >= types) {
-                return Err(invalid(
-                    "token_type_ids",
-                    format!("type {t} at position {at} is outside 0..{types}"),
-                ));
+                return Err(invalid("token_type_ids", format!("type {t} at position {at} is outside 0..{types}")));
             }
         }
         Ok(())
@@ -425,21 +362,10 @@ impl BertModel {
         }
 
         let mut sentence = vec![0.0f32; batch * h];
-        pool(
-            &s.x,
-            attention_mask,
-            batch,
-            seq,
-            h,
-            self.pooling,
-            &mut sentence,
-        );
+        pool(&s.x, attention_mask, batch, seq, h, self.pooling, &mut sentence);
         if self.normalize {
             l2_normalize(&mut sentence, h);
         }
-        Ok(BertOutput {
-            last_hidden_state: s.x[..t * h].to_vec(),
-            sentence_embedding: sentence,
-        })
+        Ok(BertOutput { last_hidden_state: s.x[..t * h].to_vec(), sentence_embedding: sentence })
     }
 }

@@ -74,15 +74,7 @@ impl DenseStack {
         let mut cur = x.to_vec();
         for layer in &self.layers {
             let mut next = vec![0.0f32; batch * layer.out_dim];
-            gemm::matmul(
-                &cur,
-                &layer.weight,
-                &mut next,
-                batch,
-                layer.in_dim,
-                layer.out_dim,
-                threads,
-            );
+            gemm::matmul(&cur, &layer.weight, &mut next, batch, layer.in_dim, layer.out_dim, threads);
             super::ops::bias_activation(&mut next, &layer.bias, layer.activation, threads);
             cur = next;
         }
@@ -97,17 +89,9 @@ mod tests {
     #[test]
     fn two_layers_with_relu() {
         // [1,2] · [[1,-1],[1,1]] + [0, -5] = [3, -4] -> relu [3, 0]; · [[2],[7]] + [1] = 7.
-        let l1 = DenseLayer::new(
-            vec![1.0, -1.0, 1.0, 1.0],
-            vec![0.0, -5.0],
-            2,
-            2,
-            Activation::Relu,
-        );
+        let l1 = DenseLayer::new(vec![1.0, -1.0, 1.0, 1.0], vec![0.0, -5.0], 2, 2, Activation::Relu);
         let l2 = DenseLayer::new(vec![2.0, 7.0], vec![1.0], 2, 1, Activation::None);
-        let stack = DenseStack {
-            layers: [l1, l2].into_iter().flatten().collect(),
-        };
+        let stack = DenseStack { layers: [l1, l2].into_iter().flatten().collect() };
         assert_eq!(stack.layers.len(), 2);
         assert_eq!(stack.forward(&[1.0, 2.0, 0.0, 0.0], 2), vec![7.0, 1.0]);
         assert!(DenseLayer::new(vec![0.0; 3], vec![0.0], 2, 1, Activation::None).is_none());

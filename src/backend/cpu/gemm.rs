@@ -18,8 +18,7 @@ pub fn isa_name() -> &'static str {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return "avx512f";
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             return "avx2+fma";
         }
         "sse"
@@ -48,9 +47,7 @@ pub fn flops_per_cycle() -> usize {
 
 /// The default thread count for one model: the machine's available parallelism (at least 1).
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// A read-only strided matrix: element (r, c) is `data[r * rs + c * cs]`.
@@ -67,20 +64,12 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A row-major matrix with `cols` columns.
     pub fn row_major(data: &'a [f32], cols: usize) -> MatRef<'a> {
-        MatRef {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        MatRef { data, rs: cols, cs: 1 }
     }
 
     /// The transpose of a row-major matrix that has `cols` columns (its rows become columns).
     pub fn transposed(data: &'a [f32], cols: usize) -> MatRef<'a> {
-        MatRef {
-            data,
-            rs: 1,
-            cs: cols,
-        }
+        MatRef { data, rs: 1, cs: cols }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
@@ -93,18 +82,7 @@ impl<'a> MatRef<'a> {
 /// # Panics
 /// If a slice is shorter than its dimensions require.
 pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
-    gemm_strided(
-        MatRef::row_major(a, k),
-        MatRef::row_major(b, n),
-        c,
-        n,
-        m,
-        k,
-        n,
-        1.0,
-        false,
-        threads,
-    );
+    gemm_strided(MatRef::row_major(a, k), MatRef::row_major(b, n), c, n, m, k, n, 1.0, false, threads);
 }
 
 /// `c[m×n] = a[m×k] · bᵀ` where `b` is row-major `[n×k]` — the layout of an HF `Linear` weight
@@ -112,27 +90,8 @@ pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize,
 ///
 /// # Panics
 /// If a slice is shorter than its dimensions require.
-pub fn matmul_bt(
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    threads: usize,
-) {
-    gemm_strided(
-        MatRef::row_major(a, k),
-        MatRef::transposed(b, k),
-        c,
-        n,
-        m,
-        k,
-        n,
-        1.0,
-        false,
-        threads,
-    );
+pub fn matmul_bt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, threads: usize) {
+    gemm_strided(MatRef::row_major(a, k), MatRef::transposed(b, k), c, n, m, k, n, 1.0, false, threads);
 }
 
 /// The general product: `c = scale · a·b` (or `c += scale · a·b` when `accumulate`), with `a` and `b`
@@ -153,22 +112,10 @@ pub fn gemm_strided(
     accumulate: bool,
     threads: usize,
 ) {
-    assert!(
-        a.fits(m, k),
-        "gemm: lhs of {} elements too short for {m}x{k}",
-        a.data.len()
-    );
-    assert!(
-        b.fits(k, n),
-        "gemm: rhs of {} elements too short for {k}x{n}",
-        b.data.len()
-    );
+    assert!(a.fits(m, k), "gemm: lhs of {} elements too short for {m}x{k}", a.data.len());
+    assert!(b.fits(k, n), "gemm: rhs of {} elements too short for {k}x{n}", b.data.len());
     let c_fits = m == 0 || n == 0 || (m - 1) * c_rs + n <= c.len();
-    assert!(
-        c_fits,
-        "gemm: dst of {} elements too short for {m}x{n} (row stride {c_rs})",
-        c.len()
-    );
+    assert!(c_fits, "gemm: dst of {} elements too short for {m}x{n} (row stride {c_rs})", c.len());
     if m == 0 || n == 0 {
         return;
     }
@@ -180,11 +127,8 @@ pub fn gemm_strided(
         }
         return;
     }
-    let parallelism = if threads > 1 && m * k * n >= PARALLEL_MIN_FLOPS {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let parallelism =
+        if threads > 1 && m * k * n >= PARALLEL_MIN_FLOPS { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the asserts above prove every element the product reads ((m-1)·rs + (k-1)·cs for
     // `a`, likewise for `b`) and writes ((m-1)·c_rs + n-1) lies inside its slice; `c` is borrowed
     // mutably so it cannot alias `a` or `b`. gemm computes dst := alpha·dst + beta·lhs·rhs.

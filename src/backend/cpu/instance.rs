@@ -40,10 +40,7 @@ pub struct CpuInstance {
 }
 
 fn invalid(name: &str, reason: String) -> BackendError {
-    BackendError::InvalidInput {
-        name: name.to_string(),
-        reason,
-    }
+    BackendError::InvalidInput { name: name.to_string(), reason }
 }
 
 fn find<'a>(inputs: &'a [BatchInput<'a>], name: &str) -> Option<TensorView<'a>> {
@@ -52,33 +49,13 @@ fn find<'a>(inputs: &'a [BatchInput<'a>], name: &str) -> Option<TensorView<'a>> 
 
 fn ids(view: TensorView<'_>, name: &str) -> Result<(Vec<i64>, usize, usize), BackendError> {
     if !matches!(view.dtype, DataType::Int64 | DataType::Int32) {
-        return Err(invalid(
-            name,
-            format!(
-                "datatype {} is not accepted; expected INT64 or INT32",
-                view.dtype
-            ),
-        ));
+        return Err(invalid(name, format!("datatype {} is not accepted; expected INT64 or INT32", view.dtype)));
     }
     let [b, s] = view.shape else {
-        return Err(invalid(
-            name,
-            format!(
-                "shape {:?} is not accepted; expected [batch, seq]",
-                view.shape
-            ),
-        ));
+        return Err(invalid(name, format!("shape {:?} is not accepted; expected [batch, seq]", view.shape)));
     };
     let values = view.to_i64().ok_or_else(|| {
-        invalid(
-            name,
-            format!(
-                "{} bytes do not hold shape {:?} of {}",
-                view.data.len(),
-                view.shape,
-                view.dtype
-            ),
-        )
+        invalid(name, format!("{} bytes do not hold shape {:?} of {}", view.data.len(), view.shape, view.dtype))
     })?;
     Ok((values, *b, *s))
 }
@@ -114,57 +91,28 @@ impl CpuInstance {
         })
     }
 
-    fn run_dense(
-        &self,
-        stack: &DenseStack,
-        inputs: &[BatchInput<'_>],
-    ) -> Result<Vec<NamedTensor>, BackendError> {
+    fn run_dense(&self, stack: &DenseStack, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
         let name = &self.input_names[0];
-        let view =
-            find(inputs, name).ok_or_else(|| invalid(name, "missing from the batch".into()))?;
+        let view = find(inputs, name).ok_or_else(|| invalid(name, "missing from the batch".into()))?;
         if !matches!(view.dtype, DataType::Fp32 | DataType::Fp16 | DataType::Bf16) {
-            return Err(invalid(
-                name,
-                format!(
-                    "datatype {} is not accepted; expected FP32, FP16 or BF16",
-                    view.dtype
-                ),
-            ));
+            return Err(invalid(name, format!("datatype {} is not accepted; expected FP32, FP16 or BF16", view.dtype)));
         }
         let din = stack.input_dim();
         let batch = match view.shape {
             [b, d] if *d == din => *b,
             other => {
-                return Err(invalid(
-                    name,
-                    format!("shape {other:?} is not accepted; expected [-1, {din}]"),
-                ));
+                return Err(invalid(name, format!("shape {other:?} is not accepted; expected [-1, {din}]")));
             }
         };
         let x = view.to_f32().ok_or_else(|| {
-            invalid(
-                name,
-                format!(
-                    "{} bytes do not hold shape {:?} of {}",
-                    view.data.len(),
-                    view.shape,
-                    view.dtype
-                ),
-            )
+            invalid(name, format!("{} bytes do not hold shape {:?} of {}", view.data.len(), view.shape, view.dtype))
         })?;
         let y = stack.forward_threads(&x, batch, self.threads);
         let tensor = Tensor::from_f32(vec![batch, stack.output_dim()], &y);
-        Ok(vec![NamedTensor {
-            name: self.output_names[0].clone(),
-            tensor,
-        }])
+        Ok(vec![NamedTensor { name: self.output_names[0].clone(), tensor }])
     }
 
-    fn run_bert(
-        &mut self,
-        model: &BertModel,
-        inputs: &[BatchInput<'_>],
-    ) -> Result<Vec<NamedTensor>, BackendError> {
+    fn run_bert(&mut self, model: &BertModel, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
         let get = |i: usize| {
             let name = &self.input_names[i];
             find(inputs, name).ok_or_else(|| invalid(name, "missing from the batch".into()))
@@ -177,18 +125,11 @@ impl CpuInstance {
                 format!("shape [{mb}, {ms}] differs from input_ids' [{batch}, {seq}]"),
             ));
         }
-        let token_types = match self
-            .input_names
-            .get(2)
-            .and_then(|n| find(inputs, n).map(|v| (n, v)))
-        {
+        let token_types = match self.input_names.get(2).and_then(|n| find(inputs, n).map(|v| (n, v))) {
             Some((name, view)) => {
                 let (tt, tb, ts) = ids(view, name)?;
                 if (tb, ts) != (batch, seq) {
-                    return Err(invalid(
-                        name,
-                        format!("shape [{tb}, {ts}] differs from input_ids' [{batch}, {seq}]"),
-                    ));
+                    return Err(invalid(name, format!("shape [{tb}, {ts}] differs from input_ids' [{batch}, {seq}]")));
                 }
                 Some(tt)
             }

@@ -81,9 +81,7 @@ pub fn fast_erf(x: f32) -> f32 {
     s = s * x2 + 1.0;
     let taylor = std::f32::consts::FRAC_2_SQRT_PI * x * s;
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
-        + 0.254_829_6)
-        * t;
+    let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t + 0.254_829_6) * t;
     let tail = (1.0 - poly * fast_exp(-x2)).copysign(x);
     if a < 0.5 { taylor } else { tail }
 }
@@ -155,8 +153,7 @@ pub fn bias_activation(x: &mut [f32], bias: &[f32], act: Activation, threads: us
     }
     let rows_per_chunk = (CHUNK / n).max(1);
     if threads > 1 && x.len() > 2 * CHUNK {
-        x.par_chunks_mut(rows_per_chunk * n)
-            .for_each(|c| apply_rows(c, bias, act));
+        x.par_chunks_mut(rows_per_chunk * n).for_each(|c| apply_rows(c, bias, act));
     } else {
         apply_rows(x, bias, act);
     }
@@ -178,10 +175,7 @@ fn layer_norm_body(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let mut centered = vec![0.0f32; n];
     for row in x.chunks_exact_mut(n) {
         let mean = sum(row) / n as f32;
-        centered
-            .iter_mut()
-            .zip(row.iter())
-            .for_each(|(c, v)| *c = (v - mean) * (v - mean));
+        centered.iter_mut().zip(row.iter()).for_each(|(c, v)| *c = (v - mean) * (v - mean));
         let var = sum(&centered) / n as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {

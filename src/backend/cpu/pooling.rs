@@ -42,12 +42,9 @@ pub fn read_sentence_config(dir: &Path) -> Result<(PoolingMode, bool), BackendEr
     let mut normalize = false;
     let mut pooling_dir = dir.join("1_Pooling");
     if let Some(modules) = read_json(&modules_path)? {
-        let list = modules.as_array().ok_or_else(|| {
-            BackendError::Load(format!(
-                "{}: expected a list of modules",
-                modules_path.display()
-            ))
-        })?;
+        let list = modules
+            .as_array()
+            .ok_or_else(|| BackendError::Load(format!("{}: expected a list of modules", modules_path.display())))?;
         for m in list {
             let kind = m.get("type").and_then(|t| t.as_str()).unwrap_or("");
             if kind.ends_with("Normalize") {
@@ -82,15 +79,7 @@ pub fn read_sentence_config(dir: &Path) -> Result<(PoolingMode, bool), BackendEr
 
 /// Pools `states` (`[batch, seq, hidden]`) into `out` (`[batch, hidden]`). Mean pooling averages
 /// only positions with a nonzero mask (a row with none gives zeros).
-pub fn pool(
-    states: &[f32],
-    mask: &[i64],
-    batch: usize,
-    seq: usize,
-    hidden: usize,
-    mode: PoolingMode,
-    out: &mut [f32],
-) {
+pub fn pool(states: &[f32], mask: &[i64], batch: usize, seq: usize, hidden: usize, mode: PoolingMode, out: &mut [f32]) {
     for b in 0..batch {
         let dst = &mut out[b * hidden..(b + 1) * hidden];
         dst.fill(0.0);
@@ -147,19 +136,13 @@ mod tests {
     #[test]
     fn reads_sentence_transformers_files() {
         let dir = tempfile::tempdir().expect("temp dir");
-        assert_eq!(
-            read_sentence_config(dir.path()).ok(),
-            Some((PoolingMode::Mean, false))
-        );
+        assert_eq!(read_sentence_config(dir.path()).ok(), Some((PoolingMode::Mean, false)));
         let modules = r#"[{"type":"sentence_transformers.models.Pooling","path":"1_Pooling"},
                           {"type":"sentence_transformers.models.Normalize","path":"2_Normalize"}]"#;
         assert!(std::fs::write(dir.path().join("modules.json"), modules).is_ok());
         assert!(std::fs::create_dir(dir.path().join("1_Pooling")).is_ok());
         let cfg = r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#;
         assert!(std::fs::write(dir.path().join("1_Pooling/config.json"), cfg).is_ok());
-        assert_eq!(
-            read_sentence_config(dir.path()).ok(),
-            Some((PoolingMode::Cls, true))
-        );
+        assert_eq!(read_sentence_config(dir.path()).ok(), Some((PoolingMode::Cls, true)));
     }
 }

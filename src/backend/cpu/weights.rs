@@ -22,43 +22,27 @@ pub struct WeightReader<'a> {
 impl<'a> WeightReader<'a> {
     /// Parses the header of `bytes` (the content of `path`). Names are looked up as given and,
     /// failing that, under `prefix` (e.g. `bert.`), so both bare and prefixed exports load.
-    pub fn new(
-        path: &'a Path,
-        bytes: &'a [u8],
-        prefix: &'static str,
-    ) -> Result<Self, BackendError> {
-        let tensors = SafeTensors::deserialize(bytes).map_err(|e| {
-            BackendError::Load(format!("{}: not a safetensors file: {e}", path.display()))
-        })?;
-        Ok(WeightReader {
-            path,
-            tensors,
-            prefix,
-        })
+    pub fn new(path: &'a Path, bytes: &'a [u8], prefix: &'static str) -> Result<Self, BackendError> {
+        let tensors = SafeTensors::deserialize(bytes)
+            .map_err(|e| BackendError::Load(format!("{}: not a safetensors file: {e}", path.display())))?;
+        Ok(WeightReader { path, tensors, prefix })
     }
 
     /// Whether a tensor called `name` (or `prefix + name`) exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.tensor(name).is_ok()
-            || self
-                .tensors
-                .tensor(&format!("{}{name}", self.prefix))
-                .is_ok()
+        self.tensors.tensor(name).is_ok() || self.tensors.tensor(&format!("{}{name}", self.prefix)).is_ok()
     }
 
     /// The tensor `name` converted to f32, checked to have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, BackendError> {
         let view = match self.tensors.tensor(name) {
             Ok(v) => v,
-            Err(_) => self
-                .tensors
-                .tensor(&format!("{}{name}", self.prefix))
-                .map_err(|_| {
-                    BackendError::Load(format!(
-                        "{}: tensor '{name}' (expected shape {shape:?}) is missing",
-                        self.path.display()
-                    ))
-                })?,
+            Err(_) => self.tensors.tensor(&format!("{}{name}", self.prefix)).map_err(|_| {
+                BackendError::Load(format!(
+                    "{}: tensor '{name}' (expected shape {shape:?}) is missing",
+                    self.path.display()
+                ))
+            })?,
         };
         if view.shape() != shape {
             return Err(BackendError::Load(format!(
@@ -69,18 +53,9 @@ impl<'a> WeightReader<'a> {
         }
         let data = view.data();
         let out: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             other => {
                 return Err(BackendError::Load(format!(
                     "{}: tensor '{name}' has dtype {other:?}; F32, F16 or BF16 expected",

@@ -47,18 +47,12 @@ impl Operation {
 
     /// True for the operations of one execution (write inputs, execute, read outputs).
     pub fn is_execution(self) -> bool {
-        matches!(
-            self,
-            Operation::WriteInput | Operation::Execute | Operation::ReadOutput
-        )
+        matches!(self, Operation::WriteInput | Operation::Execute | Operation::ReadOutput)
     }
 
     /// True for the process-wide operations that decide whether Neuron is usable at all.
     pub fn is_runtime_setup(self) -> bool {
-        matches!(
-            self,
-            Operation::Init | Operation::CoreCount | Operation::Version
-        )
+        matches!(self, Operation::Init | Operation::CoreCount | Operation::Version)
     }
 }
 
@@ -167,22 +161,14 @@ pub fn advice(op: Operation, code: u32) -> &'static str {
         NRT_EXEC_HW_ERR_COLLECTIVES..=1299 => {
             "A hardware error left the core in an undefined state; it is taken out of service. Check `neuron-top`, the kernel log, and the instance's health."
         }
-        NRT_HW_ERROR => {
-            "The device reported a hardware error: check `neuron-ls`, `neuron-top` and the kernel log."
-        }
-        NRT_FAIL_HOST_MEM_ALLOC => {
-            "Host memory allocation failed: the worker's memory limit is too low."
-        }
+        NRT_HW_ERROR => "The device reported a hardware error: check `neuron-ls`, `neuron-top` and the kernel log.",
+        NRT_FAIL_HOST_MEM_ALLOC => "Host memory allocation failed: the worker's memory limit is too low.",
         NRT_UNINITIALIZED | NRT_CLOSED => {
             "The runtime is not initialised or already closed (a bug in the worker's lifecycle)."
         }
         NRT_QUEUE_FULL | NRT_EXEC_NC_BUSY => "The core is busy; retry the request.",
-        NRT_EXEC_BAD_INPUT => {
-            "The runtime rejected the inputs: check their sizes against the compiled model."
-        }
-        NRT_EXEC_COMPLETED_WITH_NUM_ERR => {
-            "Execution produced numerical errors (NaN or Inf) in the outputs."
-        }
+        NRT_EXEC_BAD_INPUT => "The runtime rejected the inputs: check their sizes against the compiled model.",
+        NRT_EXEC_COMPLETED_WITH_NUM_ERR => "Execution produced numerical errors (NaN or Inf) in the outputs.",
         NRT_EXEC_COMPLETED_WITH_ERR => {
             "Execution completed with errors; this happens under heavy concurrency: retry, and reduce concurrent executions per core if it persists."
         }
@@ -192,9 +178,7 @@ pub fn advice(op: Operation, code: u32) -> &'static str {
         NRT_INVALID | NRT_INVALID_HANDLE if op == Operation::Load => {
             "The runtime rejected the NEFF: check that the file is a NEFF compiled for this instance type (trn1/inf2/trn2)."
         }
-        NRT_INVALID | NRT_INVALID_HANDLE => {
-            "The runtime rejected an argument (a bug in the worker)."
-        }
+        NRT_INVALID | NRT_INVALID_HANDLE => "The runtime rejected an argument (a bug in the worker).",
         _ if op == Operation::Init => {
             "The runtime failed to start: check the Neuron driver (`neuron-ls`), NEURON_RT_* variables, and set NEURON_RT_LOG_LEVEL=INFO for details."
         }
@@ -234,9 +218,7 @@ impl NeuronError {
 
 impl From<neuron_sys::LoadError> for NeuronError {
     fn from(e: neuron_sys::LoadError) -> NeuronError {
-        NeuronError::Unavailable {
-            reason: e.to_string(),
-        }
+        NeuronError::Unavailable { reason: e.to_string() }
     }
 }
 
@@ -245,27 +227,14 @@ impl From<NeuronError> for BackendError {
         let message = e.to_string();
         match e {
             NeuronError::Unavailable { .. } => BackendError::Unavailable(message),
-            NeuronError::Status {
-                op,
-                code,
-                core_usable,
-                ..
-            } if op.is_execution() => BackendError::Execution {
-                message,
-                instance_usable: core_usable,
-                nrt_status: Some(code),
-            },
-            NeuronError::Status { op, .. } if op.is_runtime_setup() => {
-                BackendError::Unavailable(message)
+            NeuronError::Status { op, code, core_usable, .. } if op.is_execution() => {
+                BackendError::Execution { message, instance_usable: core_usable, nrt_status: Some(code) }
             }
-            NeuronError::Status { .. } | NeuronError::Mismatch { .. } => {
-                BackendError::Load(message)
+            NeuronError::Status { op, .. } if op.is_runtime_setup() => BackendError::Unavailable(message),
+            NeuronError::Status { .. } | NeuronError::Mismatch { .. } => BackendError::Load(message),
+            NeuronError::Invalid { op, .. } if op.is_execution() => {
+                BackendError::Execution { message, instance_usable: true, nrt_status: None }
             }
-            NeuronError::Invalid { op, .. } if op.is_execution() => BackendError::Execution {
-                message,
-                instance_usable: true,
-                nrt_status: None,
-            },
             NeuronError::Invalid { .. } => BackendError::Load(message),
         }
     }
@@ -280,9 +249,7 @@ mod tests {
         for code in [5, 101, 1200, 1201, 1202, 1203, 1204, 1205, 1206, 1299] {
             assert!(!core_usable_after(code), "code {code}");
         }
-        for code in [
-            0, 1, 2, 4, 6, 7, 9, 10, 1002, 1003, 1004, 1005, 1006, 1100, 1300, 4242,
-        ] {
+        for code in [0, 1, 2, 4, 6, 7, 9, 10, 1002, 1003, 1004, 1005, 1006, 1100, 1300, 4242] {
             assert!(core_usable_after(code), "code {code}");
         }
     }
@@ -292,70 +259,36 @@ mod tests {
         let e = NeuronError::status(Operation::Execute, 1201, "bert", Some(3));
         let text = e.to_string();
         assert!(
-            text.starts_with(
-                "execute of model 'bert' on NeuronCore 3 failed: NRT_EXEC_HW_ERR_HBM_UE (1201)"
-            ),
+            text.starts_with("execute of model 'bert' on NeuronCore 3 failed: NRT_EXEC_HW_ERR_HBM_UE (1201)"),
             "{text}"
         );
         assert!(text.contains("taken out of service"), "{text}");
         match BackendError::from(e) {
-            BackendError::Execution {
-                message,
-                instance_usable,
-                nrt_status,
-            } => {
+            BackendError::Execution { message, instance_usable, nrt_status } => {
                 assert_eq!(message, text);
                 assert!(!instance_usable);
                 assert_eq!(nrt_status, Some(1201));
             }
             other => panic!("expected Execution, got {other:?}"),
         }
-        let busy = BackendError::from(NeuronError::status(
-            Operation::Execute,
-            1005,
-            "bert",
-            Some(0),
-        ));
-        assert!(matches!(
-            busy,
-            BackendError::Execution {
-                instance_usable: true,
-                nrt_status: Some(1005),
-                ..
-            }
-        ));
+        let busy = BackendError::from(NeuronError::status(Operation::Execute, 1005, "bert", Some(0)));
+        assert!(matches!(busy, BackendError::Execution { instance_usable: true, nrt_status: Some(1005), .. }));
         let unknown = NeuronError::status(Operation::ReadOutput, 4242, "bert", Some(1));
-        assert!(
-            unknown.to_string().contains("NRT status 4242 (4242)"),
-            "{unknown}"
-        );
+        assert!(unknown.to_string().contains("NRT status 4242 (4242)"), "{unknown}");
         assert!(matches!(
             BackendError::from(unknown),
-            BackendError::Execution {
-                instance_usable: true,
-                nrt_status: Some(4242),
-                ..
-            }
+            BackendError::Execution { instance_usable: true, nrt_status: Some(4242), .. }
         ));
     }
 
     #[test]
     fn load_failures_say_what_to_do() {
         let oom = NeuronError::status(Operation::Load, 4, "llama", Some(1));
-        assert!(
-            oom.to_string()
-                .contains("load of model 'llama' on NeuronCore 1 failed: NRT_RESOURCE (4)")
-        );
-        assert!(
-            oom.to_string().contains("fewer models on this core"),
-            "{oom}"
-        );
+        assert!(oom.to_string().contains("load of model 'llama' on NeuronCore 1 failed: NRT_RESOURCE (4)"));
+        assert!(oom.to_string().contains("fewer models on this core"), "{oom}");
         assert!(matches!(BackendError::from(oom), BackendError::Load(_)));
         let held = NeuronError::status(Operation::Load, 9, "llama", Some(0)).to_string();
-        assert!(
-            held.contains("neuron-ls") && held.contains("NEURON_RT_VISIBLE_CORES"),
-            "{held}"
-        );
+        assert!(held.contains("neuron-ls") && held.contains("NEURON_RT_VISIBLE_CORES"), "{held}");
         let skew = NeuronError::status(Operation::Load, 10, "llama", Some(0)).to_string();
         assert!(skew.contains("version skew"), "{skew}");
     }
@@ -368,15 +301,8 @@ mod tests {
             Some("init failed"),
             "no model or core is named for init: {init}"
         );
-        assert!(matches!(
-            BackendError::from(init),
-            BackendError::Unavailable(_)
-        ));
-        let missing = NeuronError::Unavailable {
-            reason: "libnrt not found".into(),
-        };
-        assert!(
-            matches!(BackendError::from(missing), BackendError::Unavailable(m) if m.contains("libnrt not found"))
-        );
+        assert!(matches!(BackendError::from(init), BackendError::Unavailable(_)));
+        let missing = NeuronError::Unavailable { reason: "libnrt not found".into() };
+        assert!(matches!(BackendError::from(missing), BackendError::Unavailable(m) if m.contains("libnrt not found")));
     }
 }

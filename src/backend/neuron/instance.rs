@@ -38,9 +38,7 @@ impl NeuronModelConfig {
     /// The full shape of `tensor` for one execution of `batch` rows (`None`: non-batching).
     pub fn shape(&self, tensor: &TensorConfig, batch: Option<usize>) -> Vec<usize> {
         match batch {
-            Some(b) if self.batching => std::iter::once(b)
-                .chain(tensor.dims.iter().copied())
-                .collect(),
+            Some(b) if self.batching => std::iter::once(b).chain(tensor.dims.iter().copied()).collect(),
             _ => tensor.dims.clone(),
         }
     }
@@ -48,11 +46,7 @@ impl NeuronModelConfig {
     fn expected(&self, tensors: &[TensorConfig], batch: Option<usize>) -> Vec<ExpectedTensor> {
         tensors
             .iter()
-            .map(|t| ExpectedTensor {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: self.shape(t, batch),
-            })
+            .map(|t| ExpectedTensor { name: t.name.clone(), dtype: t.dtype, shape: self.shape(t, batch) })
             .collect()
     }
 }
@@ -87,10 +81,7 @@ impl Bucket {
             None if config.batching => Some(infer_batch(config, &model)?),
             None => None,
         };
-        model.check_against(
-            &config.expected(&config.inputs, batch),
-            &config.expected(&config.outputs, batch),
-        )?;
+        model.check_against(&config.expected(&config.inputs, batch), &config.expected(&config.outputs, batch))?;
         let name = Arc::clone(model.name_arc());
         let mut inputs = TensorSet::new(runtime, &name, core)?;
         let mut outputs = TensorSet::new(runtime, &name, core)?;
@@ -111,26 +102,11 @@ impl Bucket {
         }
         // check_against guaranteed every configured name is present.
         let slots = |configured: &[TensorConfig], names: &[&str]| -> Vec<usize> {
-            configured
-                .iter()
-                .map(|t| {
-                    names
-                        .iter()
-                        .position(|n| *n == t.name)
-                        .unwrap_or(usize::MAX)
-                })
-                .collect()
+            configured.iter().map(|t| names.iter().position(|n| *n == t.name).unwrap_or(usize::MAX)).collect()
         };
         let input_slots = slots(&config.inputs, &input_names);
         let output_slots = slots(&config.outputs, &output_names);
-        Ok(Bucket {
-            batch,
-            input_slots,
-            output_slots,
-            inputs,
-            outputs,
-            model,
-        })
+        Ok(Bucket { batch, input_slots, output_slots, inputs, outputs, model })
     }
 }
 
@@ -142,32 +118,16 @@ fn infer_batch(config: &NeuronModelConfig, model: &NeuronModel) -> Result<usize,
         (None, Some(t)) => (TensorUsage::Output, t),
         (None, None) => return Ok(1),
     };
-    let mismatch = |detail: String| NeuronError::Mismatch {
-        model: config.name.clone(),
-        core: model.core(),
-        detail,
-    };
-    let row = tensor
-        .dims
-        .iter()
-        .try_fold(tensor.dtype.size().unwrap_or(0), |acc, d| {
-            acc.checked_mul(*d)
-        })
-        .unwrap_or(0);
-    let found = model
-        .tensors()
-        .iter()
-        .find(|t| t.usage == usage && t.name == tensor.name);
+    let mismatch = |detail: String| NeuronError::Mismatch { model: config.name.clone(), core: model.core(), detail };
+    let row = tensor.dims.iter().try_fold(tensor.dtype.size().unwrap_or(0), |acc, d| acc.checked_mul(*d)).unwrap_or(0);
+    let found = model.tensors().iter().find(|t| t.usage == usage && t.name == tensor.name);
     match found {
         Some(t) if row > 0 && t.size % row == 0 && t.size > 0 => Ok(t.size / row),
         Some(t) => Err(mismatch(format!(
             "'{}' is {} bytes in the NEFF, not a whole number of {} {:?} rows ({row} bytes each)",
             tensor.name, t.size, tensor.dtype, tensor.dims
         ))),
-        None => Err(mismatch(format!(
-            "the NEFF has no tensor '{}'",
-            tensor.name
-        ))),
+        None => Err(mismatch(format!("the NEFF has no tensor '{}'", tensor.name))),
     }
 }
 
@@ -210,17 +170,12 @@ impl NeuronInstance {
             return Err(invalid("no NEFF was given".into()));
         }
         if !config.batching && neffs.len() > 1 {
-            return Err(invalid(format!(
-                "a non-batching model takes one NEFF, got {}",
-                neffs.len()
-            )));
+            return Err(invalid(format!("a non-batching model takes one NEFF, got {}", neffs.len())));
         }
         let mut sizes: Vec<usize> = neffs.iter().map(|(b, _)| *b).collect();
         sizes.sort_unstable();
         if config.batching && (sizes.contains(&0) || sizes.windows(2).any(|w| w[0] == w[1])) {
-            return Err(invalid(format!(
-                "bucket batch sizes must be distinct and positive, got {sizes:?}"
-            )));
+            return Err(invalid(format!("bucket batch sizes must be distinct and positive, got {sizes:?}")));
         }
         let mut buckets = Vec::with_capacity(neffs.len());
         for (batch, neff) in neffs {
@@ -228,12 +183,7 @@ impl NeuronInstance {
             buckets.push(Bucket::load(&runtime, core, &config, batch, neff)?);
         }
         buckets.sort_by_key(|b| b.batch);
-        Ok(NeuronInstance {
-            config,
-            core,
-            buckets,
-            runtime,
-        })
+        Ok(NeuronInstance { config, core, buckets, runtime })
     }
 
     /// Loads a single NEFF; for a batching model its batch size is read from the NEFF's tensor
@@ -245,12 +195,7 @@ impl NeuronInstance {
         neff: &[u8],
     ) -> Result<NeuronInstance, NeuronError> {
         let bucket = Bucket::load(&runtime, core, &config, None, neff)?;
-        Ok(NeuronInstance {
-            config,
-            core,
-            buckets: vec![bucket],
-            runtime,
-        })
+        Ok(NeuronInstance { config, core, buckets: vec![bucket], runtime })
     }
 
     /// The batch sizes this instance has a NEFF for, ascending (empty for a non-batching model).
@@ -272,18 +217,10 @@ impl NeuronInstance {
         let config = &self.config;
         let first = config.inputs.first().map(|t| t.name.as_str()).unwrap_or("");
         let bucket = if config.batching {
-            let batch = inputs
-                .first()
-                .and_then(|i| i.tensor.shape.first().copied())
-                .ok_or_else(|| BackendError::InvalidInput {
-                    name: first.to_owned(),
-                    reason: "the batch has no batch dimension".into(),
-                })?;
-            let sizes = self
-                .buckets
-                .iter()
-                .filter_map(|b| b.batch)
-                .collect::<Vec<_>>();
+            let batch = inputs.first().and_then(|i| i.tensor.shape.first().copied()).ok_or_else(|| {
+                BackendError::InvalidInput { name: first.to_owned(), reason: "the batch has no batch dimension".into() }
+            })?;
+            let sizes = self.buckets.iter().filter_map(|b| b.batch).collect::<Vec<_>>();
             self.buckets.iter_mut().find(|b| b.batch == Some(batch)).ok_or_else(|| BackendError::InvalidInput {
                 name: first.to_owned(),
                 reason: format!(
@@ -292,28 +229,20 @@ impl NeuronInstance {
                 ),
             })?
         } else {
-            self.buckets
-                .first_mut()
-                .ok_or_else(|| BackendError::Load("no NEFF loaded".into()))?
+            self.buckets.first_mut().ok_or_else(|| BackendError::Load("no NEFF loaded".into()))?
         };
         if inputs.len() != config.inputs.len() {
             return Err(BackendError::InvalidInput {
                 name: first.to_owned(),
-                reason: format!(
-                    "the model takes {} inputs, the batch has {}",
-                    config.inputs.len(),
-                    inputs.len()
-                ),
+                reason: format!("the model takes {} inputs, the batch has {}", config.inputs.len(), inputs.len()),
             });
         }
         for (i, cfg) in config.inputs.iter().enumerate() {
             let given = match inputs.get(i) {
                 Some(x) if x.name == cfg.name => x,
-                _ => inputs.iter().find(|x| x.name == cfg.name).ok_or_else(|| {
-                    BackendError::InvalidInput {
-                        name: cfg.name.clone(),
-                        reason: "missing from the batch".into(),
-                    }
+                _ => inputs.iter().find(|x| x.name == cfg.name).ok_or_else(|| BackendError::InvalidInput {
+                    name: cfg.name.clone(),
+                    reason: "missing from the batch".into(),
                 })?,
             };
             let shape = config.shape(cfg, bucket.batch);
@@ -330,9 +259,7 @@ impl NeuronInstance {
                 .input_slots
                 .get(i)
                 .and_then(|s| bucket.inputs.tensor_mut(*s))
-                .ok_or_else(|| {
-                    BackendError::Load(format!("input '{}' has no device tensor", cfg.name))
-                })?;
+                .ok_or_else(|| BackendError::Load(format!("input '{}' has no device tensor", cfg.name)))?;
             if given.tensor.data.len() != tensor.size() {
                 return Err(BackendError::InvalidInput {
                     name: cfg.name.clone(),
@@ -352,20 +279,11 @@ impl NeuronInstance {
                 .output_slots
                 .get(i)
                 .and_then(|s| bucket.outputs.tensor(*s))
-                .ok_or_else(|| {
-                    BackendError::Load(format!("output '{}' has no device tensor", cfg.name))
-                })?;
+                .ok_or_else(|| BackendError::Load(format!("output '{}' has no device tensor", cfg.name)))?;
             let mut data = vec![0u8; tensor.size()];
             tensor.read_into(&mut data)?;
             let shape = config.shape(cfg, bucket.batch);
-            results.push(NamedTensor {
-                name: cfg.name.clone(),
-                tensor: Tensor {
-                    dtype: cfg.dtype,
-                    shape,
-                    data,
-                },
-            });
+            results.push(NamedTensor { name: cfg.name.clone(), tensor: Tensor { dtype: cfg.dtype, shape, data } });
         }
         Ok(results)
     }
@@ -387,22 +305,11 @@ mod tests {
 
     #[test]
     fn shapes_get_the_batch_dimension_only_when_batching() {
-        let t = TensorConfig {
-            name: "x".into(),
-            dtype: DataType::Fp32,
-            dims: vec![3, 4],
-        };
-        let mut config = NeuronModelConfig {
-            name: "m".into(),
-            batching: true,
-            inputs: vec![t.clone()],
-            outputs: vec![],
-        };
+        let t = TensorConfig { name: "x".into(), dtype: DataType::Fp32, dims: vec![3, 4] };
+        let mut config =
+            NeuronModelConfig { name: "m".into(), batching: true, inputs: vec![t.clone()], outputs: vec![] };
         assert_eq!(config.shape(&t, Some(8)), vec![8, 3, 4]);
-        assert_eq!(
-            config.expected(&config.inputs, Some(2))[0].shape,
-            vec![2, 3, 4]
-        );
+        assert_eq!(config.expected(&config.inputs, Some(2))[0].shape, vec![2, 3, 4]);
         config.batching = false;
         assert_eq!(config.shape(&t, Some(8)), vec![3, 4]);
         assert_eq!(config.shape(&t, None), vec![3, 4]);

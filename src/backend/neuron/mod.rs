@@ -60,18 +60,14 @@ pub fn probe() -> Probe {
     let library = match runtime::library() {
         Ok(lib) => lib,
         Err(e) => {
-            return Probe::Unavailable {
-                reason: e.to_string(),
-            };
+            return Probe::Unavailable { reason: e.to_string() };
         }
     };
     let nrt = library.core();
     let visible_cores = match runtime::visible_core_count(nrt) {
         Ok(n) => n,
         Err(e) => {
-            return Probe::Unavailable {
-                reason: e.to_string(),
-            };
+            return Probe::Unavailable { reason: e.to_string() };
         }
     };
     if visible_cores == 0 {
@@ -85,9 +81,5 @@ pub fn probe() -> Probe {
         };
     }
     let runtime_version = runtime::version(nrt).unwrap_or_else(|e| format!("unknown ({e})"));
-    Probe::Available {
-        runtime_version,
-        visible_cores,
-        library_path: library.path().to_path_buf(),
-    }
+    Probe::Available { runtime_version, visible_cores, library_path: library.path().to_path_buf() }
 }

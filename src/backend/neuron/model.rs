@@ -5,9 +5,7 @@ use std::ffi::c_void;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use neuron_sys::bindings::{
-    NRT_SUCCESS, NRT_TENSOR_USAGE_OUTPUT, nrt_model_t, nrt_tensor_info_array_t,
-};
+use neuron_sys::bindings::{NRT_SUCCESS, NRT_TENSOR_USAGE_OUTPUT, nrt_model_t, nrt_tensor_info_array_t};
 
 use super::error::{NeuronError, Operation};
 use super::runtime::{Runtime, c_chars_to_string};
@@ -62,9 +60,7 @@ impl ExpectedTensor {
     /// Bytes of the whole tensor; `None` for `BYTES` or on overflow.
     pub fn byte_size(&self) -> Option<usize> {
         let elem = self.dtype.size()?;
-        self.shape
-            .iter()
-            .try_fold(elem, |acc, d| acc.checked_mul(*d))
+        self.shape.iter().try_fold(elem, |acc, d| acc.checked_mul(*d))
     }
 }
 
@@ -78,25 +74,14 @@ pub fn check_tensors(
 ) -> Result<(), String> {
     for (usage, expected) in [(TensorUsage::Input, inputs), (TensorUsage::Output, outputs)] {
         for want in expected {
-            let Some(have) = found
-                .iter()
-                .find(|t| t.usage == usage && t.name == want.name)
-            else {
-                let names: Vec<&str> = found
-                    .iter()
-                    .filter(|t| t.usage == usage)
-                    .map(|t| t.name.as_str())
-                    .collect();
+            let Some(have) = found.iter().find(|t| t.usage == usage && t.name == want.name) else {
+                let names: Vec<&str> = found.iter().filter(|t| t.usage == usage).map(|t| t.name.as_str()).collect();
                 return Err(format!(
                     "the NEFF has no {} '{}' (its {}s: {})",
                     usage.as_str(),
                     want.name,
                     usage.as_str(),
-                    if names.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        names.join(", ")
-                    }
+                    if names.is_empty() { "none".to_owned() } else { names.join(", ") }
                 ));
             };
             let Some(bytes) = want.byte_size() else {
@@ -121,9 +106,8 @@ pub fn check_tensors(
             }
         }
     }
-    if let Some(extra) = found
-        .iter()
-        .find(|t| t.usage == TensorUsage::Input && !inputs.iter().any(|i| i.name == t.name))
+    if let Some(extra) =
+        found.iter().find(|t| t.usage == TensorUsage::Input && !inputs.iter().any(|i| i.name == t.name))
     {
         return Err(format!(
             "the NEFF's input '{}' ({} bytes) is not in the model configuration; every input must be configured",
@@ -159,12 +143,7 @@ impl std::fmt::Debug for NeuronModel {
 impl NeuronModel {
     /// Loads `neff` on NeuronCore `core` (an index among the visible cores) and reads its tensor
     /// info. `name` is the model's name, used in errors.
-    pub fn load(
-        runtime: &Arc<Runtime>,
-        name: &str,
-        core: u32,
-        neff: &[u8],
-    ) -> Result<NeuronModel, NeuronError> {
+    pub fn load(runtime: &Arc<Runtime>, name: &str, core: u32, neff: &[u8]) -> Result<NeuronModel, NeuronError> {
         let invalid = |detail: String| NeuronError::Invalid {
             op: Operation::Load,
             model: name.to_owned(),
@@ -178,8 +157,7 @@ impl NeuronModel {
                 runtime.visible_cores()
             )));
         }
-        let start_nc =
-            i32::try_from(core).map_err(|_| invalid("core index out of range".into()))?;
+        let start_nc = i32::try_from(core).map_err(|_| invalid("core index out of range".into()))?;
         if neff.is_empty() {
             return Err(invalid("the NEFF is empty".into()));
         }
@@ -187,27 +165,14 @@ impl NeuronModel {
         // SAFETY: `neff` is a live buffer of `neff.len()` bytes for the duration of the call (the
         // runtime copies what it keeps); `raw` is a valid out-pointer; the runtime is initialised
         // (we hold an Arc to it).
-        let code = unsafe {
-            (runtime.nrt().nrt_load)(
-                neff.as_ptr().cast::<c_void>(),
-                neff.len(),
-                start_nc,
-                1,
-                &mut raw,
-            )
-        };
+        let code =
+            unsafe { (runtime.nrt().nrt_load)(neff.as_ptr().cast::<c_void>(), neff.len(), start_nc, 1, &mut raw) };
         if code != NRT_SUCCESS {
             return Err(NeuronError::status(Operation::Load, code, name, Some(core)));
         }
-        let handle = NonNull::new(raw)
-            .ok_or_else(|| invalid("nrt_load succeeded but returned no model".into()))?;
-        let mut model = NeuronModel {
-            runtime: Arc::clone(runtime),
-            handle,
-            name: Arc::from(name),
-            core,
-            tensors: Vec::new(),
-        };
+        let handle = NonNull::new(raw).ok_or_else(|| invalid("nrt_load succeeded but returned no model".into()))?;
+        let mut model =
+            NeuronModel { runtime: Arc::clone(runtime), handle, name: Arc::from(name), core, tensors: Vec::new() };
         model.tensors = model.read_tensor_info()?;
         Ok(model)
     }
@@ -233,11 +198,7 @@ impl NeuronModel {
     }
 
     /// Checks the NEFF against the configuration (see [`check_tensors`]).
-    pub fn check_against(
-        &self,
-        inputs: &[ExpectedTensor],
-        outputs: &[ExpectedTensor],
-    ) -> Result<(), NeuronError> {
+    pub fn check_against(&self, inputs: &[ExpectedTensor], outputs: &[ExpectedTensor]) -> Result<(), NeuronError> {
         check_tensors(&self.tensors, inputs, outputs).map_err(|detail| NeuronError::Mismatch {
             model: self.name.to_string(),
             core: self.core,
@@ -249,20 +210,10 @@ impl NeuronModel {
     pub fn execute(&self, inputs: &TensorSet, outputs: &mut TensorSet) -> Result<(), NeuronError> {
         // SAFETY: the model handle and both sets are live (owned by us and the caller) and the
         // sets' tensors outlive them; the runtime may be called from any thread.
-        let code = unsafe {
-            (self.runtime.nrt().nrt_execute)(
-                self.handle.as_ptr(),
-                inputs.as_ptr(),
-                outputs.as_mut_ptr(),
-            )
-        };
+        let code =
+            unsafe { (self.runtime.nrt().nrt_execute)(self.handle.as_ptr(), inputs.as_ptr(), outputs.as_mut_ptr()) };
         if code != NRT_SUCCESS {
-            return Err(NeuronError::status(
-                Operation::Execute,
-                code,
-                &self.name,
-                Some(self.core),
-            ));
+            return Err(NeuronError::status(Operation::Execute, code, &self.name, Some(self.core)));
         }
         Ok(())
     }
@@ -273,12 +224,7 @@ impl NeuronModel {
         // SAFETY: the model handle is live; `raw` is a valid out-pointer.
         let code = unsafe { (nrt.nrt_get_model_tensor_info)(self.handle.as_ptr(), &mut raw) };
         if code != NRT_SUCCESS {
-            return Err(NeuronError::status(
-                Operation::TensorInfo,
-                code,
-                &self.name,
-                Some(self.core),
-            ));
+            return Err(NeuronError::status(Operation::TensorInfo, code, &self.name, Some(self.core)));
         }
         if raw.is_null() {
             return Err(NeuronError::Invalid {
@@ -299,19 +245,12 @@ impl NeuronModel {
                 .iter()
                 .map(|e| NeffTensorInfo {
                     name: c_chars_to_string(&e.name),
-                    usage: if e.usage == NRT_TENSOR_USAGE_OUTPUT {
-                        TensorUsage::Output
-                    } else {
-                        TensorUsage::Input
-                    },
+                    usage: if e.usage == NRT_TENSOR_USAGE_OUTPUT { TensorUsage::Output } else { TensorUsage::Input },
                     size: e.size,
                     shape: if e.shape.is_null() || e.ndim == 0 {
                         Vec::new()
                     } else {
-                        std::slice::from_raw_parts(e.shape, e.ndim as usize)
-                            .iter()
-                            .map(|d| *d as usize)
-                            .collect()
+                        std::slice::from_raw_parts(e.shape, e.ndim as usize).iter().map(|d| *d as usize).collect()
                     },
                 })
                 .collect();
@@ -338,20 +277,11 @@ mod tests {
     use super::*;
 
     fn info(name: &str, usage: TensorUsage, size: usize, shape: &[usize]) -> NeffTensorInfo {
-        NeffTensorInfo {
-            name: name.into(),
-            usage,
-            size,
-            shape: shape.to_vec(),
-        }
+        NeffTensorInfo { name: name.into(), usage, size, shape: shape.to_vec() }
     }
 
     fn want(name: &str, dtype: DataType, shape: &[usize]) -> ExpectedTensor {
-        ExpectedTensor {
-            name: name.into(),
-            dtype,
-            shape: shape.to_vec(),
-        }
+        ExpectedTensor { name: name.into(), dtype, shape: shape.to_vec() }
     }
 
     #[test]
@@ -361,63 +291,32 @@ mod tests {
             info("y", TensorUsage::Output, 4 * 2 * 2, &[4, 2]),
             info("aux", TensorUsage::Output, 16, &[4]),
         ];
-        let ok = check_tensors(
-            &found,
-            &[want("x", DataType::Fp32, &[4, 8])],
-            &[want("y", DataType::Bf16, &[4, 2])],
-        );
+        let ok = check_tensors(&found, &[want("x", DataType::Fp32, &[4, 8])], &[want("y", DataType::Bf16, &[4, 2])]);
         assert_eq!(ok, Ok(()));
     }
 
     #[test]
     fn a_size_mismatch_names_the_tensor_and_both_sizes() {
-        let found = [
-            info("x", TensorUsage::Input, 64, &[4, 4]),
-            info("y", TensorUsage::Output, 8, &[4, 2]),
-        ];
+        let found = [info("x", TensorUsage::Input, 64, &[4, 4]), info("y", TensorUsage::Output, 8, &[4, 2])];
         let err = check_tensors(&found, &[want("x", DataType::Fp32, &[4, 8])], &[]);
-        let Err(text) = err else {
-            panic!("a 128-byte config passed against a 64-byte tensor")
-        };
-        assert!(
-            text.starts_with("input 'x': the configuration says FP32 [4, 8] = 128 bytes"),
-            "{text}"
-        );
-        assert!(
-            text.contains("the NEFF's tensor is 64 bytes (shape [4, 4])"),
-            "{text}"
-        );
+        let Err(text) = err else { panic!("a 128-byte config passed against a 64-byte tensor") };
+        assert!(text.starts_with("input 'x': the configuration says FP32 [4, 8] = 128 bytes"), "{text}");
+        assert!(text.contains("the NEFF's tensor is 64 bytes (shape [4, 4])"), "{text}");
     }
 
     #[test]
     fn missing_and_unconfigured_tensors_are_reported() {
-        let found = [
-            info("x", TensorUsage::Input, 16, &[4]),
-            info("mask", TensorUsage::Input, 4, &[4]),
-        ];
-        let missing = check_tensors(
-            &found,
-            &[want("x", DataType::Fp32, &[4])],
-            &[want("y", DataType::Fp32, &[4])],
-        );
-        assert_eq!(
-            missing,
-            Err("the NEFF has no output 'y' (its outputs: none)".to_owned())
-        );
+        let found = [info("x", TensorUsage::Input, 16, &[4]), info("mask", TensorUsage::Input, 4, &[4])];
+        let missing = check_tensors(&found, &[want("x", DataType::Fp32, &[4])], &[want("y", DataType::Fp32, &[4])]);
+        assert_eq!(missing, Err("the NEFF has no output 'y' (its outputs: none)".to_owned()));
         let extra = check_tensors(&found, &[want("x", DataType::Fp32, &[4])], &[]);
         assert!(
             matches!(&extra, Err(t) if t.starts_with("the NEFF's input 'mask' (4 bytes) is not in the model")),
             "{extra:?}"
         );
         let wrong_name = check_tensors(&found, &[want("z", DataType::Fp32, &[4])], &[]);
-        assert_eq!(
-            wrong_name,
-            Err("the NEFF has no input 'z' (its inputs: x, mask)".to_owned())
-        );
+        assert_eq!(wrong_name, Err("the NEFF has no input 'z' (its inputs: x, mask)".to_owned()));
         let bytes = check_tensors(&found, &[want("x", DataType::Bytes, &[4])], &[]);
-        assert!(
-            matches!(&bytes, Err(t) if t.contains("BYTES tensors cannot run on Neuron")),
-            "{bytes:?}"
-        );
+        assert!(matches!(&bytes, Err(t) if t.contains("BYTES tensors cannot run on Neuron")), "{bytes:?}");
     }
 }

@@ -9,10 +9,7 @@ use neuron_sys::bindings::{NRT_FRAMEWORK_TYPE_NO_FW, NRT_SUCCESS, Nrt, nrt_versi
 use super::error::{NeuronError, Operation};
 
 /// The runtime of this process (libnrt allows one per process).
-static CURRENT: Mutex<Current> = Mutex::new(Current {
-    runtime: Weak::new(),
-    open: false,
-});
+static CURRENT: Mutex<Current> = Mutex::new(Current { runtime: Weak::new(), open: false });
 
 /// Signalled when a runtime finishes closing.
 static CLOSED: Condvar = Condvar::new();
@@ -78,9 +75,7 @@ impl Runtime {
                 break;
             }
             // The last user is closing the previous runtime: wait for nrt_close to return.
-            current = CLOSED
-                .wait(current)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            current = CLOSED.wait(current).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         let library = library()?;
         let nrt = library.core();
@@ -99,11 +94,7 @@ impl Runtime {
                 return Err(e);
             }
         };
-        let rt = Arc::new(Runtime {
-            library,
-            visible_cores,
-            version,
-        });
+        let rt = Arc::new(Runtime { library, visible_cores, version });
         current.runtime = Arc::downgrade(&rt);
         current.open = true;
         tracing::info!(
@@ -175,24 +166,13 @@ pub(crate) fn version(nrt: &Nrt) -> Result<String, NeuronError> {
         return Err(NeuronError::status(Operation::Version, code, "", None));
     }
     let detail = c_chars_to_string(&v.rt_detail);
-    let numbers = format!(
-        "{}.{}.{}.{}",
-        v.rt_major, v.rt_minor, v.rt_patch, v.rt_maintenance
-    );
-    Ok(if detail.is_empty() {
-        numbers
-    } else {
-        format!("{numbers} ({detail})")
-    })
+    let numbers = format!("{}.{}.{}.{}", v.rt_major, v.rt_minor, v.rt_patch, v.rt_maintenance);
+    Ok(if detail.is_empty() { numbers } else { format!("{numbers} ({detail})") })
 }
 
 /// A fixed-size C character array up to its first NUL (all of it when there is none), lossily.
 pub(crate) fn c_chars_to_string(chars: &[c_char]) -> String {
-    let bytes: Vec<u8> = chars
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
+    let bytes: Vec<u8> = chars.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
     String::from_utf8_lossy(&bytes).trim().to_owned()
 }
 

@@ -4,9 +4,7 @@ use std::ffi::{CString, c_void};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use neuron_sys::bindings::{
-    NRT_SUCCESS, NRT_TENSOR_PLACEMENT_DEVICE, nrt_tensor_set_t, nrt_tensor_t,
-};
+use neuron_sys::bindings::{NRT_SUCCESS, NRT_TENSOR_PLACEMENT_DEVICE, nrt_tensor_set_t, nrt_tensor_t};
 
 use super::error::{NeuronError, Operation};
 use super::runtime::Runtime;
@@ -58,41 +56,19 @@ impl DeviceTensor {
                 "tensor '{name}' is {size} bytes; the runtime cannot allocate 4 GiB or more in one tensor"
             )));
         }
-        let c_name = CString::new(name)
-            .map_err(|_| invalid(format!("tensor name {name:?} contains a NUL byte")))?;
+        let c_name = CString::new(name).map_err(|_| invalid(format!("tensor name {name:?} contains a NUL byte")))?;
         let nc = i32::try_from(core).map_err(|_| invalid("core index out of range".into()))?;
         let mut raw: *mut nrt_tensor_t = std::ptr::null_mut();
         // SAFETY: `c_name` is NUL-terminated and outlives the call; `raw` is a valid out-pointer.
         let code = unsafe {
-            (runtime.nrt().nrt_tensor_allocate)(
-                NRT_TENSOR_PLACEMENT_DEVICE,
-                nc,
-                size,
-                c_name.as_ptr(),
-                &mut raw,
-            )
+            (runtime.nrt().nrt_tensor_allocate)(NRT_TENSOR_PLACEMENT_DEVICE, nc, size, c_name.as_ptr(), &mut raw)
         };
         if code != NRT_SUCCESS {
-            return Err(NeuronError::status(
-                Operation::AllocateTensor,
-                code,
-                model,
-                Some(core),
-            ));
+            return Err(NeuronError::status(Operation::AllocateTensor, code, model, Some(core)));
         }
-        let handle = NonNull::new(raw).ok_or_else(|| {
-            invalid(format!(
-                "nrt_tensor_allocate returned no tensor for '{name}'"
-            ))
-        })?;
-        Ok(DeviceTensor {
-            runtime: Arc::clone(runtime),
-            handle,
-            name: c_name,
-            size,
-            model: Arc::clone(model),
-            core,
-        })
+        let handle =
+            NonNull::new(raw).ok_or_else(|| invalid(format!("nrt_tensor_allocate returned no tensor for '{name}'")))?;
+        Ok(DeviceTensor { runtime: Arc::clone(runtime), handle, name: c_name, size, model: Arc::clone(model), core })
     }
 
     /// The tensor's name (the runtime's name for the model tensor it backs).
@@ -112,20 +88,10 @@ impl DeviceTensor {
         }
         // SAFETY: the tensor is live and `size` bytes long; `data` is `size` readable bytes.
         let code = unsafe {
-            (self.runtime.nrt().nrt_tensor_write)(
-                self.handle.as_ptr(),
-                data.as_ptr().cast::<c_void>(),
-                0,
-                data.len(),
-            )
+            (self.runtime.nrt().nrt_tensor_write)(self.handle.as_ptr(), data.as_ptr().cast::<c_void>(), 0, data.len())
         };
         if code != NRT_SUCCESS {
-            return Err(NeuronError::status(
-                Operation::WriteInput,
-                code,
-                &self.model,
-                Some(self.core),
-            ));
+            return Err(NeuronError::status(Operation::WriteInput, code, &self.model, Some(self.core)));
         }
         Ok(())
     }
@@ -137,20 +103,10 @@ impl DeviceTensor {
         }
         // SAFETY: the tensor is live and `size` bytes long; `out` is `size` writable bytes.
         let code = unsafe {
-            (self.runtime.nrt().nrt_tensor_read)(
-                self.handle.as_ptr(),
-                out.as_mut_ptr().cast::<c_void>(),
-                0,
-                out.len(),
-            )
+            (self.runtime.nrt().nrt_tensor_read)(self.handle.as_ptr(), out.as_mut_ptr().cast::<c_void>(), 0, out.len())
         };
         if code != NRT_SUCCESS {
-            return Err(NeuronError::status(
-                Operation::ReadOutput,
-                code,
-                &self.model,
-                Some(self.core),
-            ));
+            return Err(NeuronError::status(Operation::ReadOutput, code, &self.model, Some(self.core)));
         }
         Ok(())
     }
@@ -160,11 +116,7 @@ impl DeviceTensor {
             op,
             model: self.model.to_string(),
             core: Some(self.core),
-            detail: format!(
-                "tensor '{}' is {} bytes, the buffer is {got}",
-                self.name(),
-                self.size
-            ),
+            detail: format!("tensor '{}' is {} bytes, the buffer is {got}", self.name(), self.size),
         }
     }
 }
@@ -192,29 +144,18 @@ unsafe impl Send for TensorSet {}
 
 impl std::fmt::Debug for TensorSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorSet")
-            .field("tensors", &self.tensors)
-            .finish_non_exhaustive()
+        f.debug_struct("TensorSet").field("tensors", &self.tensors).finish_non_exhaustive()
     }
 }
 
 impl TensorSet {
     /// An empty set for tensors of `model` on NeuronCore `core`.
-    pub fn new(
-        runtime: &Arc<Runtime>,
-        model: &Arc<str>,
-        core: u32,
-    ) -> Result<TensorSet, NeuronError> {
+    pub fn new(runtime: &Arc<Runtime>, model: &Arc<str>, core: u32) -> Result<TensorSet, NeuronError> {
         let mut raw: *mut nrt_tensor_set_t = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer.
         let code = unsafe { (runtime.nrt().nrt_allocate_tensor_set)(&mut raw) };
         if code != NRT_SUCCESS {
-            return Err(NeuronError::status(
-                Operation::BuildTensorSet,
-                code,
-                model,
-                Some(core),
-            ));
+            return Err(NeuronError::status(Operation::BuildTensorSet, code, model, Some(core)));
         }
         let handle = NonNull::new(raw).ok_or_else(|| NeuronError::Invalid {
             op: Operation::BuildTensorSet,
@@ -222,13 +163,7 @@ impl TensorSet {
             core: Some(core),
             detail: "nrt_allocate_tensor_set returned no set".into(),
         })?;
-        Ok(TensorSet {
-            runtime: Arc::clone(runtime),
-            handle,
-            tensors: Vec::new(),
-            model: Arc::clone(model),
-            core,
-        })
+        Ok(TensorSet { runtime: Arc::clone(runtime), handle, tensors: Vec::new(), model: Arc::clone(model), core })
     }
 
     /// Adds `tensor` under its own name and takes ownership of it; returns its index.
@@ -243,12 +178,7 @@ impl TensorSet {
             )
         };
         if code != NRT_SUCCESS {
-            return Err(NeuronError::status(
-                Operation::BuildTensorSet,
-                code,
-                &self.model,
-                Some(self.core),
-            ));
+            return Err(NeuronError::status(Operation::BuildTensorSet, code, &self.model, Some(self.core)));
         }
         self.tensors.push(tensor);
         Ok(self.tensors.len() - 1)

@@ -1,0 +1,171 @@
+//! The session store (`--session-store DIR`): an embedded, crash-safe redb database holding
+//! spilled sessions, one entry per (model, version, sequence id) whose value is the checksummed
+//! [`SessionBlob`]. Entries that do not decode, or whose content does not match their key, are
+//! reported and skipped, never loaded.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::export::SessionBlob;
+use super::{SequenceError, SequenceId};
+
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+/// The database file inside the store folder.
+pub const STORE_FILE: &str = "sessions.redb";
+
+/// An opened session store, shared by every model of the worker.
+pub struct SessionStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore").field("path", &self.path).finish()
+    }
+}
+
+/// A session found in the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSession {
+    /// The sequence id.
+    pub id: SequenceId,
+    /// Steps executed before it was stored.
+    pub steps: u64,
+}
+
+fn key(model: &str, version: i64, id: &SequenceId) -> String {
+    match id {
+        SequenceId::Uint(v) => format!("{model}\u{1f}{version}\u{1f}u:{v}"),
+        SequenceId::Str(s) => format!("{model}\u{1f}{version}\u{1f}s:{s}"),
+    }
+}
+
+fn prefix(model: &str, version: i64) -> String {
+    format!("{model}\u{1f}{version}\u{1f}")
+}
+
+impl SessionStore {
+    /// Opens (or creates) the store in folder `dir`.
+    pub fn open(dir: &Path) -> Result<SessionStore, SequenceError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| SequenceError::Store { reason: format!("{}: {what}: {e}", dir.display()) };
+        std::fs::create_dir_all(dir).map_err(|e| err("cannot create the folder", &e))?;
+        let path = dir.join(STORE_FILE);
+        let db = Database::create(&path).map_err(|e| err("cannot open the session database", &e))?;
+        let txn = db.begin_write().map_err(|e| err("cannot write", &e))?;
+        txn.open_table(SESSIONS).map_err(|e| err("cannot open the sessions table", &e))?;
+        txn.commit().map_err(|e| err("cannot commit", &e))?;
+        Ok(SessionStore { db, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> SequenceError {
+        SequenceError::Store { reason: format!("{}: {what}: {e}", self.path.display()) }
+    }
+
+    /// Writes sessions in one durable transaction (replacing entries with the same key).
+    pub fn put_all(&self, blobs: &[SessionBlob]) -> Result<(), SequenceError> {
+        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
+        {
+            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
+            for b in blobs {
+                t.insert(key(&b.model, b.version, &b.id).as_str(), b.encode().as_slice()).map_err(|e| self.fail("insert", e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.fail("commit", e))
+    }
+
+    /// Removes a session and returns it, verified. A corrupt or foreign entry is removed and
+    /// reported as an error; `Ok(None)` when there is no entry.
+    pub fn take(&self, model: &str, version: i64, id: &SequenceId) -> Result<Option<SessionBlob>, SequenceError> {
+        let k = key(model, version, id);
+        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
+        let raw = {
+            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
+            t.remove(k.as_str()).map_err(|e| self.fail("remove", e))?.map(|v| v.value().to_vec())
+        };
+        txn.commit().map_err(|e| self.fail("commit", e))?;
+        let Some(raw) = raw else { return Ok(None) };
+        let blob = SessionBlob::decode(&raw).map_err(|reason| SequenceError::CorruptSession { id: id.clone(), reason })?;
+        if blob.model != model || blob.version != version || &blob.id != id {
+            return Err(SequenceError::CorruptSession {
+                id: id.clone(),
+                reason: format!("the entry holds model '{}' version {} sequence {}", blob.model, blob.version, blob.id),
+            });
+        }
+        Ok(Some(blob))
+    }
+
+    /// Deletes a session's entry if there is one.
+    pub fn remove(&self, model: &str, version: i64, id: &SequenceId) -> Result<(), SequenceError> {
+        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
+        {
+            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
+            t.remove(key(model, version, id).as_str()).map_err(|e| self.fail("remove", e))?;
+        }
+        txn.commit().map_err(|e| self.fail("commit", e))
+    }
+
+    /// The sessions stored for a model version, and a description of every entry under that
+    /// model version that was skipped (corrupt, or its content does not match its key).
+    pub fn list(&self, model: &str, version: i64) -> Result<(Vec<StoredSession>, Vec<String>), SequenceError> {
+        let txn = self.db.begin_read().map_err(|e| self.fail("begin read", e))?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
+        let p = prefix(model, version);
+        let (mut ok, mut skipped) = (Vec::new(), Vec::new());
+        for entry in t.range(p.as_str()..).map_err(|e| self.fail("read", e))? {
+            let (k, v) = entry.map_err(|e| self.fail("read", e))?;
+            let k = k.value().to_string();
+            if !k.starts_with(&p) {
+                break;
+            }
+            match SessionBlob::decode(v.value()) {
+                Ok(b) if b.model == model && b.version == version && key(model, version, &b.id) == k => {
+                    ok.push(StoredSession { id: b.id, steps: b.steps })
+                }
+                Ok(b) => skipped.push(format!("entry '{}' holds model '{}' version {} sequence {}", k.replace('\u{1f}', "/"), b.model, b.version, b.id)),
+                Err(reason) => skipped.push(format!("entry '{}': {reason}", k.replace('\u{1f}', "/"))),
+            }
+        }
+        Ok((ok, skipped))
+    }
+
+    /// Overwrites an entry's raw value (tests use it to simulate corruption).
+    pub fn put_raw(&self, model: &str, version: i64, id: &SequenceId, value: &[u8]) -> Result<(), SequenceError> {
+        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
+        {
+            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
+            t.insert(key(model, version, id).as_str(), value).map_err(|e| self.fail("insert", e))?;
+        }
+        txn.commit().map_err(|e| self.fail("commit", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+
+    #[test]
+    fn stores_takes_and_skips_corrupt_or_foreign_entries() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = SessionStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let blob = |id: u64| SessionBlob { model: "m".into(), version: 1, id: SequenceId::Uint(id), steps: id, state: vec![Tensor::from_f32(vec![1], &[id as f32])] };
+        store.put_all(&[blob(1), blob(2)]).unwrap_or_else(|e| panic!("{e}"));
+        store.put_raw("m", 1, &SequenceId::Uint(3), b"garbage").unwrap_or_else(|e| panic!("{e}"));
+        store.put_raw("m", 1, &SequenceId::Uint(4), &blob(5).encode()).unwrap_or_else(|e| panic!("{e}"));
+        let (ok, skipped) = store.list("m", 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.iter().map(|s| s.steps).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert_eq!(store.take("m", 1, &SequenceId::Uint(2)).ok().flatten(), Some(blob(2)));
+        assert_eq!(store.take("m", 1, &SequenceId::Uint(2)).ok().flatten(), None);
+        assert!(matches!(store.take("m", 1, &SequenceId::Uint(3)), Err(SequenceError::CorruptSession { .. })));
+        assert!(matches!(store.take("m", 1, &SequenceId::Uint(4)), Err(SequenceError::CorruptSession { .. })));
+        assert_eq!(store.list("m", 2).map(|l| l.0.len()).ok(), Some(0));
+    }
+}
