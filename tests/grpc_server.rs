@@ -202,7 +202,9 @@ async fn unsupported_rpcs_answer_unimplemented_and_repository_control_is_guarded
     assert!(e.message().contains("--model-control-mode explicit"));
     let idx = c.repository_index(RepositoryIndexRequest::default()).await.expect("index").into_inner();
     let names: Vec<(String, String)> = idx.models.iter().map(|m| (m.name.clone(), m.state.clone())).collect();
-    assert_eq!(names, vec![("linear".into(), "READY".into()), ("mlp".into(), "READY".into())]);
+    let want: Vec<(String, String)> =
+        ["accumulate", "gru", "linear", "mlp"].iter().map(|m| (m.to_string(), "READY".to_string())).collect();
+    assert_eq!(names, want);
 }
 
 #[tokio::test]

@@ -67,15 +67,6 @@ impl InputSet {
         self.rows
     }
 
-    /// Number of distinct requests.
-    pub fn len(&self) -> usize {
-        self.requests.len()
-    }
-
-    /// Never true: a set holds at least one request.
-    pub fn is_empty(&self) -> bool {
-        self.requests.is_empty()
-    }
 }
 
 fn inputs_err(model: &ModelInfo, reason: String) -> BenchError {
@@ -493,7 +484,7 @@ mod tests {
             r#"{"data":[{"INPUT0":[1,2,3,4]},{"INPUT0":{"content":[[5,6],[7,8]],"shape":[4]}}]}"#,
         )?;
         let set = file_inputs(&linear(), 2, &[], &path)?;
-        assert_eq!(set.len(), 2);
+        assert_eq!(set.requests.len(), 2);
         let second = set.request(1);
         assert_eq!(second.inputs[0].shape, vec![2, 4]);
         let floats: Vec<f32> = second.raw_input_contents[0]

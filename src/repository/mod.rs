@@ -51,6 +51,8 @@ pub struct LoadedModel {
     pub scheduler: SchedulerHandle,
     /// `cpu` or `neuron`.
     pub backend: &'static str,
+    /// The sequence batcher, for models with `sequence_batching` (requests go there).
+    pub sequence: Option<crate::sequence::SequenceHandle>,
 }
 
 /// A model's state in the repository index.
@@ -71,12 +73,19 @@ pub struct Repository {
     backend: BackendSelection,
     control: ModelControlMode,
     models: RwLock<BTreeMap<String, ModelEntry>>,
+    session_store: Option<Arc<crate::sequence::SessionStore>>,
 }
 
 impl Repository {
     /// A repository over `root` (or the built-in models when `None`). Nothing is loaded yet.
     pub fn new(root: Option<PathBuf>, backend: BackendSelection, control: ModelControlMode) -> Repository {
-        Repository { root, backend, control, models: RwLock::new(BTreeMap::new()) }
+        Repository { root, backend, control, models: RwLock::new(BTreeMap::new()), session_store: None }
+    }
+
+    /// Uses `store` for spilled and drained sessions of sequence models (set before loading).
+    pub fn with_session_store(mut self, store: Option<Arc<crate::sequence::SessionStore>>) -> Repository {
+        self.session_store = store;
+        self
     }
 
     /// The backend models are loaded on.
@@ -141,10 +150,20 @@ impl Repository {
             Some(d) => loader::read_source(name, d),
         };
         let backend = self.backend.clone();
+        let store = self.session_store.clone();
         let loaded = async move {
             let source = source?;
             let mut versions = BTreeMap::new();
+            let file = format!("model '{name}' config");
+            let seq = crate::sequence::SequenceSpec::from_config(&source.config, &file, dir.as_deref()).map_err(|e| e.to_string())?;
             for (version, vdir) in source.versions {
+                if let Some(seq) = &seq {
+                    let (scheduler, sequence) = crate::sequence::start_cpu(source.spec.clone(), seq.clone(), version, store.clone())?;
+                    let (config, spec) = (source.config.clone(), source.spec.clone());
+                    let model = LoadedModel { version, config, spec, scheduler, backend: "cpu", sequence: Some(sequence) };
+                    versions.insert(version, Arc::new(model));
+                    continue;
+                }
                 let (spec, config) = (source.spec.clone(), source.config.clone());
                 let be = backend.clone();
                 let (instances, kind, buckets) =
@@ -160,7 +179,7 @@ impl Repository {
                 }
                 let spec = Arc::new(spec);
                 let scheduler = SchedulerHandle::start(spec.clone(), instances);
-                let model = LoadedModel { version, config: source.config.clone(), spec, scheduler, backend: kind };
+                let model = LoadedModel { version, config: source.config.clone(), spec, scheduler, backend: kind, sequence: None };
                 versions.insert(version, Arc::new(model));
             }
             Ok::<_, String>(versions)
@@ -181,6 +200,9 @@ impl Repository {
         };
         if let Some(old) = old {
             for v in old.versions.values() {
+                if let Some(s) = &v.sequence {
+                    s.drain().await;
+                }
                 v.scheduler.drain().await;
             }
         }
@@ -196,6 +218,9 @@ impl Repository {
         };
         self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNLOADING", reason: "unloading".into() });
         for v in entry.versions.values() {
+            if let Some(s) = &v.sequence {
+                s.drain().await;
+            }
             v.scheduler.drain().await;
         }
         self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: "unloaded".into() });
@@ -242,6 +267,9 @@ impl Repository {
     pub async fn drain_all(&self) {
         for (_, entry) in self.entries() {
             for v in entry.versions.values() {
+                if let Some(s) = &v.sequence {
+                    s.drain().await;
+                }
                 v.scheduler.drain().await;
             }
         }

@@ -105,9 +105,11 @@ impl Worker {
                     let _ = req.reply.send(Ok(InferReply { outputs: outs }));
                 }
                 let out_time = t_out.elapsed() + timings.split;
-                stats.compute_input.add(n, timings.input);
-                stats.compute_infer.add(n, timings.infer);
-                stats.compute_output.add(n, out_time);
+                // Triton's per-request semantics: every request of the batch spent the batch's time.
+                let k = n as u32;
+                stats.compute_input.add(n, timings.input * k);
+                stats.compute_infer.add(n, timings.infer * k);
+                stats.compute_output.add(n, out_time * k);
                 stats.inference_count.fetch_add(rows as u64, Relaxed);
                 if let Some(s) = stats.instances.get(self.index) {
                     s.executions.fetch_add(timings.executions.len() as u64, Relaxed);

@@ -44,11 +44,8 @@ pub const GRU_INPUT: usize = 64;
 /// `gru` hidden (and output) width.
 pub const GRU_HIDDEN: usize = 128;
 
-/// Configurations of the built-in stateful models, in Triton's text format.
-pub const STATEFUL_BUILTIN_CONFIGS: &[(&str, &str)] = &[
-    (
-        "accumulate",
-        r#"
+/// Configuration of the built-in `accumulate` model, in Triton's text format.
+pub const ACCUMULATE_CONFIG: &str = r#"
 name: "accumulate"
 backend: "builtin"
 max_batch_size: 8
@@ -64,11 +61,10 @@ sequence_batching {
   ]
   state [ { input_name: "ACC_IN" output_name: "ACC_OUT" data_type: TYPE_INT32 dims: [ 1 ] } ]
 }
-"#,
-    ),
-    (
-        "gru",
-        r#"
+"#;
+
+/// Configuration of the built-in `gru` model, in Triton's text format.
+pub const GRU_CONFIG: &str = r#"
 name: "gru"
 backend: "builtin"
 max_batch_size: 16
@@ -80,9 +76,10 @@ sequence_batching {
   oldest { max_candidate_sequences: 64 preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 200 }
   state [ { input_name: "HIDDEN_IN" output_name: "HIDDEN_OUT" data_type: TYPE_FP32 dims: [ 128 ] } ]
 }
-"#,
-    ),
-];
+"#;
+
+/// Configurations of the built-in stateful models.
+pub const STATEFUL_BUILTIN_CONFIGS: &[(&str, &str)] = &[("accumulate", ACCUMULATE_CONFIG), ("gru", GRU_CONFIG)];
 
 /// One sequence's step as a kernel sees it.
 #[derive(Debug)]
@@ -303,7 +300,7 @@ mod tests {
     fn accumulate_sums_in_its_state() {
         let one = |v: i32| RequestInput { shape: vec![1, 1], data: Bytes::from(v.to_le_bytes().to_vec()) };
         let mut state = vec![Tensor { dtype: DataType::Int32, shape: vec![1], data: vec![0; 4] }];
-        for (v, want) in [(3, 3), (4, 7), (-10, -3)] {
+        for (v, want) in [(3, 3i32), (4, 7), (-10, -3)] {
             let inputs = [one(v)];
             let mut steps = [KernelStep { inputs: &inputs, controls: &[], state: &mut state }];
             let out = Accumulate.run(&mut steps).unwrap_or_default();

@@ -28,6 +28,35 @@ pub struct DecodedRequest {
     pub timeout: Option<Duration>,
     /// Indices of the outputs to return, in the order requested (all when the request names none).
     pub outputs: Vec<usize>,
+    /// `sequence_id` / `sequence_start` / `sequence_end` (stateful models only).
+    pub sequence: SequenceParams,
+}
+
+/// The sequence parameters of a request to a stateful (sequence-batched) model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SequenceParams {
+    /// `sequence_id` (uint64/int64 or string); `None` when absent, 0 or empty.
+    pub id: Option<crate::sequence::SequenceId>,
+    /// `sequence_start`.
+    pub start: bool,
+    /// `sequence_end`.
+    pub end: bool,
+}
+
+fn sequence_param(params: &mut SequenceParams, name: &str, p: &InferParameter) -> Result<(), ServerError> {
+    use crate::sequence::SequenceId;
+    match (name, &p.parameter_choice) {
+        ("sequence_id", Some(ParameterChoice::StringParam(s))) => params.id = (!s.is_empty()).then(|| SequenceId::Str(s.clone())),
+        ("sequence_id", Some(ParameterChoice::Uint64Param(v))) => params.id = (*v != 0).then_some(SequenceId::Uint(*v)),
+        ("sequence_id", Some(ParameterChoice::Int64Param(v))) if *v >= 0 => params.id = (*v != 0).then_some(SequenceId::Uint(*v as u64)),
+        ("sequence_start", Some(ParameterChoice::BoolParam(b))) => params.start = *b,
+        ("sequence_end", Some(ParameterChoice::BoolParam(b))) => params.end = *b,
+        (_, other) => {
+            let want = if name == "sequence_id" { "a non-negative integer or a string" } else { "a bool" };
+            return Err(bad(format!("parameter '{name}' must be {want}, got {other:?}")));
+        }
+    }
+    Ok(())
 }
 
 fn bad(msg: String) -> ServerError {
@@ -44,9 +73,15 @@ fn param_u64(name: &str, p: &InferParameter) -> Result<u64, ServerError> {
 
 /// Checks `req` against `spec` and decodes it. `max_batch_rows` is what one request may carry.
 pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<DecodedRequest, ServerError> {
+    decode_request_for(req, spec, false)
+}
+
+/// [`decode_request`], accepting the sequence parameters when `stateful` (a sequence model).
+pub fn decode_request_for(req: &mut ModelInferRequest, spec: &ModelSpec, stateful: bool) -> Result<DecodedRequest, ServerError> {
     let model = &spec.name;
     let mut priority = 0;
     let mut timeout = None;
+    let mut sequence = SequenceParams::default();
     for (k, v) in &req.parameters {
         match k.as_str() {
             "priority" => priority = param_u64(k, v)?,
@@ -54,6 +89,10 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
                 let us = param_u64(k, v)?;
                 timeout = (us > 0).then(|| Duration::from_micros(us));
             }
+            // Sent by perf_analyzer and tritonclient's streaming API on every request; a model that is
+            // not decoupled sends exactly one (final) response per request, so there is nothing to do.
+            "triton_enable_empty_final_response" => {}
+            "sequence_id" | "sequence_start" | "sequence_end" if stateful => sequence_param(&mut sequence, k, v)?,
             "sequence_id" | "sequence_start" | "sequence_end" => {
                 return Err(bad(format!(
                     "model '{model}': parameter '{k}' is for stateful (sequence-batched) models, and '{model}' is not one"
@@ -158,7 +197,7 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
             })
             .collect::<Result<Vec<_>, _>>()?
     };
-    Ok(DecodedRequest { inputs, rows, priority, timeout, outputs })
+    Ok(DecodedRequest { inputs, rows, priority, timeout, outputs, sequence })
 }
 
 fn check_shape(ispec: &IoSpec, shape: &[i64], spec: &ModelSpec) -> Result<Vec<usize>, ServerError> {

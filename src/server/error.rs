@@ -8,6 +8,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::backend::BackendError;
 use crate::repository::RepositoryError;
 use crate::scheduler::SchedulerError;
+use crate::sequence::SequenceError;
 
 /// Why an RPC failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,9 @@ pub enum ServerError {
     /// The worker is shutting down.
     #[error("the worker is shutting down and accepts no new requests; send them to another worker")]
     Draining,
+    /// From the sequence batcher (stateful sessions).
+    #[error(transparent)]
+    Sequence(#[from] SequenceError),
 }
 
 impl From<ServerError> for Status {
@@ -53,6 +57,27 @@ impl From<ServerError> for Status {
                 SchedulerError::Unavailable { .. } => Status::unavailable(msg),
                 SchedulerError::TooLarge { .. } => Status::invalid_argument(msg),
                 SchedulerError::Backend { source, .. } => match source {
+                    BackendError::InvalidInput { .. } => Status::invalid_argument(msg),
+                    BackendError::Unavailable(_) => Status::unavailable(msg),
+                    BackendError::Load(_) | BackendError::Execution { .. } => Status::internal(msg),
+                },
+            },
+            ServerError::Sequence(s) => match s {
+                SequenceError::InvalidRequest { .. } | SequenceError::NotLive { .. } | SequenceError::BadBlob { .. } => {
+                    Status::invalid_argument(msg)
+                }
+                SequenceError::SlotsExhausted { .. } | SequenceError::QueueFull { .. } => Status::with_error_details(
+                    Code::ResourceExhausted,
+                    msg,
+                    ErrorDetails::with_retry_info(Some(Duration::from_millis(100))),
+                ),
+                SequenceError::Busy { .. } => Status::failed_precondition(msg),
+                SequenceError::NotFound { .. } => Status::not_found(msg),
+                SequenceError::AlreadyExists { .. } => Status::already_exists(msg),
+                SequenceError::CorruptSession { .. } => Status::data_loss(msg),
+                SequenceError::Store { .. } => Status::internal(msg),
+                SequenceError::Unavailable { .. } => Status::unavailable(msg),
+                SequenceError::Backend { source, .. } => match source {
                     BackendError::InvalidInput { .. } => Status::invalid_argument(msg),
                     BackendError::Unavailable(_) => Status::unavailable(msg),
                     BackendError::Load(_) | BackendError::Execution { .. } => Status::internal(msg),

@@ -36,6 +36,9 @@ impl InferenceService {
     async fn infer(repo: &Repository, mut req: ModelInferRequest) -> Result<ModelInferResponse, ServerError> {
         let arrived = Instant::now();
         let model = repo.get(&req.model_name, &req.model_version)?;
+        if let Some(sequence) = &model.sequence {
+            return super::sessions::infer_sequence(sequence, &model, req, arrived).await;
+        }
         let decoded = decode_request(&mut req, &model.spec)?;
         let (tx, rx) = oneshot::channel();
         model.scheduler.submit(InferRequest {

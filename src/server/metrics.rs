@@ -61,6 +61,14 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
         Opts::new(format!("{PREFIX}estimated_queue_wait_us"), "Estimated queue wait for a new request, us"),
         mv,
     )?;
+    let sess_live = gauge("sessions_live", "Live sequences holding a batch slot", mv)?;
+    let sess_capacity = gauge("sessions_capacity", "Batch slots for live sequences (slots x instances)", mv)?;
+    let sess_stored = gauge("sessions_spilled_current", "Sessions in the session store now", mv)?;
+    let sess_spilled = counter("sessions_spilled", "Sessions spilled to the session store (incl. at drain)", mv)?;
+    let sess_restored = counter("sessions_restored", "Sessions restored from the session store", mv)?;
+    let sess_expired = counter("sessions_expired", "Sequences freed after max_sequence_idle_microseconds", mv)?;
+    let sess_ended = counter("sessions_ended", "Sequences ended by their END request", mv)?;
+    let sess_corrupt = counter("sessions_corrupt", "Session store entries found corrupt or foreign and skipped", mv)?;
     for (name, entry) in repo.entries() {
         if entry.versions.is_empty() {
             state.with_label_values(&[name.as_str(), ""]).set(0);
@@ -98,10 +106,21 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
             depth.with_label_values(&l).set(m.scheduler.queue_depth() as i64);
             max_queue.with_label_values(&l).set(m.spec.dynamic.max_queue_size as i64);
             wait.with_label_values(&l).set(m.scheduler.estimated_queue_wait().as_micros() as f64);
+            if let Some(seq) = &m.sequence {
+                let c = seq.counters();
+                sess_live.with_label_values(&l).set(c.live.load(Relaxed) as i64);
+                sess_capacity.with_label_values(&l).set(seq.capacity() as i64);
+                sess_stored.with_label_values(&l).set(c.spilled_now.load(Relaxed) as i64);
+                sess_spilled.with_label_values(&l).inc_by(c.spilled.load(Relaxed));
+                sess_restored.with_label_values(&l).inc_by(c.restored.load(Relaxed));
+                sess_expired.with_label_values(&l).inc_by(c.expired.load(Relaxed));
+                sess_ended.with_label_values(&l).inc_by(c.ended.load(Relaxed));
+                sess_corrupt.with_label_values(&l).inc_by(c.corrupt.load(Relaxed));
+            }
         }
     }
     let mut families = Vec::new();
-    let collectors: [&dyn Collector; 19] = [
+    let collectors: [&dyn Collector; 27] = [
         &success,
         &failure,
         &count,
@@ -121,6 +140,14 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
         &depth,
         &max_queue,
         &wait,
+        &sess_live,
+        &sess_capacity,
+        &sess_stored,
+        &sess_spilled,
+        &sess_restored,
+        &sess_expired,
+        &sess_ended,
+        &sess_corrupt,
     ];
     for c in collectors {
         families.extend(c.collect().into_iter().filter(|f| !f.get_metric().is_empty()));

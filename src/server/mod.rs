@@ -5,6 +5,7 @@ mod decode;
 mod error;
 mod inference;
 pub mod metrics;
+pub mod sessions;
 mod stats;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
@@ -154,10 +156,16 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
     let check = auth_check(token);
     let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), opts.server_version.clone()))
         .max_decoding_message_size(opts.max_message_size)
+        .max_encoding_message_size(opts.max_message_size)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
+    let sessions = sessions::proto::sessions_server::SessionsServer::new(sessions::SessionsService::new(repo.clone()))
+        .max_decoding_message_size(opts.max_message_size)
         .max_encoding_message_size(opts.max_message_size);
     let router = builder
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(inference, check.clone()))
+        .add_service(tonic::service::interceptor::InterceptedService::new(sessions, check.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1, check.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1alpha, check));
 

@@ -34,6 +34,9 @@ DEADLINE = 10.0
 LINEAR_IN, LINEAR_OUT, LINEAR_MAX_BATCH = 64, 16, 64
 
 
+# The models a worker serves with no --model-repository, sorted by name.
+BUILTIN_MODELS = ["accumulate", "gru", "linear", "mlp"]
+
 def linear_reference(x: np.ndarray) -> np.ndarray:
     """y = x·W + b for the built-in `linear` model, in float64."""
     i = np.arange(LINEAR_IN).reshape(-1, 1)
@@ -132,7 +135,7 @@ def test_model_config_linear(client):
 def test_repository_index(client):
     idx = client.get_model_repository_index(as_json=True, client_timeout=DEADLINE)
     got = sorted((m["name"], m.get("version", ""), m.get("state", "")) for m in idx["models"])
-    assert got == [("linear", "1", "READY"), ("mlp", "1", "READY")]
+    assert got == [(m, "1", "READY") for m in BUILTIN_MODELS]
 
 
 def test_unknown_model_metadata_is_not_found(client):
@@ -327,7 +330,7 @@ def test_statistics_count_inferences(client):
 
 def test_statistics_all_models(client):
     s = client.get_inference_statistics(as_json=True, client_timeout=DEADLINE)
-    assert sorted((m["name"], m["version"]) for m in s["model_stats"]) == [("linear", "1"), ("mlp", "1")]
+    assert sorted((m["name"], m["version"]) for m in s["model_stats"]) == [(m, "1") for m in BUILTIN_MODELS]
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -457,7 +460,7 @@ def test_prometheus_metrics(client):
 def test_capacity_json():
     doc = json.loads(scrape("/capacity"))
     by_model = {m["model"]: m for m in doc["models"]}
-    assert set(by_model) == {"linear", "mlp"}
+    assert set(by_model) == set(BUILTIN_MODELS)
     lin = by_model["linear"]
     assert lin["version"] == "1"
     assert lin["ready"] is True
