@@ -304,8 +304,11 @@ async fn metrics_and_capacity_endpoints_report_the_models() {
     let cap = http_get(addr, "/capacity").await;
     let body = cap.split("\r\n\r\n").nth(1).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(body).expect("capacity is JSON");
-    assert_eq!(v["models"][0]["model"], "linear");
-    assert_eq!(v["models"][0]["queue_capacity"], 1024);
+    let linear = v["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned();
+    let linear = linear.expect("linear listed");
+    assert_eq!(linear["queue_capacity"], 1024);
+    assert_eq!(linear["instances_in_service"], 1);
+    assert_eq!(linear["ready"], true);
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
