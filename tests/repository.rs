@@ -199,3 +199,39 @@ async fn explicit_mode_loads_and_unloads_and_refuses_escaping_names() {
         .expect_err("absent");
     assert_eq!(e.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn int32_ids_and_fp16_outputs_follow_the_config() {
+    let repo = tempfile::tempdir().expect("tmp");
+    bert_folder(&repo.path().join("half/1"));
+    bert_folder(&repo.path().join("full/1"));
+    std::fs::write(
+        repo.path().join("half/config.pbtxt"),
+        r#"name: "half" max_batch_size: 8
+input [ { name: "input_ids" data_type: TYPE_INT32 dims: [ -1 ] }, { name: "attention_mask" data_type: TYPE_INT32 dims: [ -1 ] } ]
+output [ { name: "last_hidden_state" data_type: TYPE_FP32 dims: [ -1, 32 ] }, { name: "sentence_embedding" data_type: TYPE_FP16 dims: [ 32 ] } ]"#,
+    )
+    .expect("write");
+    let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, options()).await;
+    let mut c = w.client().await;
+    let ids: [i32; 4] = [3, 9, 27, 81];
+    let i32_bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let ones: Vec<u8> = [1i32; 4].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let t = |name: &str| InferInputTensor { name: name.into(), datatype: "INT32".into(), shape: vec![1, 4], ..Default::default() };
+    let req = ModelInferRequest {
+        model_name: "half".into(),
+        inputs: vec![t("input_ids"), t("attention_mask")],
+        raw_input_contents: vec![i32_bytes.into(), ones.into()],
+        ..Default::default()
+    };
+    let r = c.model_infer(req).await.expect("infer").into_inner();
+    let k = r.outputs.iter().position(|o| o.name == "sentence_embedding").expect("output");
+    assert_eq!(r.outputs[k].datatype, "FP16");
+    assert_eq!(r.raw_output_contents[k].len(), 32 * 2);
+    let half: Vec<f32> =
+        r.raw_output_contents[k].chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+    let (full, _) = embedding(&mut c, "full", &[3, 9, 27, 81]).await.expect("fp32 model");
+    for (h, f) in half.iter().zip(&full) {
+        assert!((h - f).abs() < 2e-3, "{h} vs {f}");
+    }
+}

@@ -168,13 +168,13 @@ impl GruCell {
             let mut gi = self.bi.clone();
             let mut gh = self.bh.clone();
             for (i, xv) in xt.iter().enumerate() {
-                for j in 0..g {
-                    gi[j] += xv * self.wi[i * g + j];
+                for (acc, w) in gi.iter_mut().zip(&self.wi[i * g..(i + 1) * g]) {
+                    *acc += xv * w;
                 }
             }
             for (i, hv) in h.iter().enumerate() {
-                for j in 0..g {
-                    gh[j] += hv * self.wh[i * g + j];
+                for (acc, w) in gh.iter_mut().zip(&self.wh[i * g..(i + 1) * g]) {
+                    *acc += hv * w;
                 }
             }
             gate(&gi, &gh, h);
