@@ -16,18 +16,13 @@ use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenc
 use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
 use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
 use neuron_worker::server::{self, RunningServer, ServeOptions};
-use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 
 const IN_FLIGHT: u64 = 16;
 
 /// Starts the worker with the built-in models on an ephemeral port.
 async fn start_worker() -> Result<RunningServer, String> {
-    let repo = Arc::new(Repository::new(
-        None,
-        BackendSelection::Cpu,
-        ModelControlMode::None,
-    ));
+    let repo = Arc::new(Repository::new(None, BackendSelection::Cpu, ModelControlMode::None));
     repo.load_all().await.map_err(|e| e.to_string())?;
     let opts = ServeOptions {
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -46,9 +41,7 @@ async fn start_worker() -> Result<RunningServer, String> {
 
 /// A batch-1 FP32 request of `width` values for `model`.
 fn request(model: &str, width: usize) -> ModelInferRequest {
-    let raw: Vec<u8> = (0..width)
-        .flat_map(|i| (i as f32 / width as f32).to_le_bytes())
-        .collect();
+    let raw: Vec<u8> = (0..width).flat_map(|i| (i as f32 / width as f32).to_le_bytes()).collect();
     ModelInferRequest {
         model_name: model.into(),
         inputs: vec![InferInputTensor {
@@ -69,10 +62,7 @@ async fn infer(client: &mut GrpcInferenceServiceClient<Channel>, req: &ModelInfe
 }
 
 fn benches(c: &mut Criterion) {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => panic!("tokio runtime: {e}"),
     };
@@ -89,10 +79,7 @@ fn benches(c: &mut Criterion) {
     let models = [("linear", 64usize), ("mlp", 256usize)];
 
     let mut group = c.benchmark_group("round_trip");
-    group
-        .measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_secs(1))
-        .sample_size(30);
+    group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
     for (model, width) in models {
         let req = request(model, width);
         let mut client = client.clone();
@@ -108,9 +95,7 @@ fn benches(c: &mut Criterion) {
         .throughput(Throughput::Elements(1));
     for (model, width) in models {
         let req = Arc::new(request(model, width));
-        group.bench_function(model, |b| {
-            b.iter_custom(|iters| rt.block_on(run_in_flight(&client, &req, iters)))
-        });
+        group.bench_function(model, |b| b.iter_custom(|iters| rt.block_on(run_in_flight(&client, &req, iters))));
     }
     group.finish();
 

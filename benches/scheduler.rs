@@ -356,10 +356,9 @@ struct Measured {
     rows: u64,
     /// Executions completed in the window.
     executions: u64,
-    /// Instance-thread time copying inputs into the batch, ns (sum over executions).
-    input_ns: u64,
-    /// Instance-thread time splitting outputs and replying, ns (sum over executions).
-    output_ns: u64,
+    /// Instance-thread time copying inputs into batches, splitting outputs and replying, ns
+    /// (summed over executions).
+    host_ns: u64,
     /// Queue-depth samples taken, and how many found less than one bucket queued.
     samples: u64,
     short_samples: u64,
@@ -380,12 +379,8 @@ async fn saturate(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let snapshot = |h: &SchedulerHandle| {
         let s = h.stats();
-        (
-            s.inference_count.load(Relaxed),
-            s.execution_count.load(Relaxed),
-            s.compute_input.ns.load(Relaxed),
-            s.compute_output.ns.load(Relaxed),
-        )
+        let host: u64 = s.batch_stats().iter().map(|(_, b)| b.compute_input_ns + b.compute_output_ns).sum();
+        (s.inference_count.load(Relaxed), s.execution_count.load(Relaxed), host)
     };
     // Samples the queue depth from its own thread, off the runtime the scheduler uses.
     let sampling = Arc::new(AtomicBool::new(true));
@@ -419,8 +414,7 @@ async fn saturate(
         window,
         rows: after.0 - before.0,
         executions: after.1 - before.1,
-        input_ns: after.2 - before.2,
-        output_ns: after.3 - before.3,
+        host_ns: after.2 - before.2,
         samples,
         short_samples,
     };
@@ -445,7 +439,7 @@ fn report(m: &Measured, times: &[Arc<CoreTimes>], alone_us: f64) {
     let max_gap_us = times.iter().map(|t| t.max_gap_ns.load(Relaxed)).max().unwrap_or(0) as f64 / 1e3;
     let long_gaps = sum(|t| t.long_gaps.load(Relaxed));
     let execs = m.executions as f64;
-    let host_us = (m.input_ns + m.output_ns) as f64 / 1e3 / execs;
+    let host_us = m.host_ns as f64 / 1e3 / execs;
     println!(
         "  {achieved:.0} rows/s of {ideal:.0} ideal; avg batch {:.2} rows; cores inside execute {:.1}% of the window",
         m.rows as f64 / execs,

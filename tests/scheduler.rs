@@ -133,15 +133,6 @@ async fn output(rx: Rx) -> Result<Vec<f32>, SchedulerError> {
     Ok(t.view().to_f32().unwrap_or_default())
 }
 
-/// Waits (bounded) until the instance has picked up `n` batches.
-async fn wait_batches(p: &Probe, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while p.seen().len() < n {
-        assert!(Instant::now() < deadline, "only {} batches executed", p.seen().len());
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
 /// Occupies the single instance with a blocked batch (tag 0) and returns its receiver.
 async fn block(h: &SchedulerHandle, p: &Probe) -> Rx {
     p.close();

@@ -17,7 +17,9 @@ use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
 use neuron_worker::sequence::models::{GRU_HIDDEN, GRU_INPUT, GruCell};
 use neuron_worker::sequence::{SequenceId, SessionStore};
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
-use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ImportSessionRequest, ListSessionsRequest};
+use neuron_worker::server::sessions::proto::{
+    self as sp, ExportSessionRequest, ImportSessionRequest, ListSessionsRequest,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -72,14 +74,25 @@ fn with_sequence(mut r: ModelInferRequest, id: &SequenceId, start: bool, end: bo
 fn acc_request(id: &SequenceId, v: i32, start: bool, end: bool) -> ModelInferRequest {
     let r = ModelInferRequest {
         model_name: "accumulate".into(),
-        inputs: vec![InferInputTensor { name: "INPUT".into(), datatype: "INT32".into(), shape: vec![1, 1], ..Default::default() }],
+        inputs: vec![InferInputTensor {
+            name: "INPUT".into(),
+            datatype: "INT32".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
         raw_input_contents: vec![v.to_le_bytes().to_vec().into()],
         ..Default::default()
     };
     with_sequence(r, id, start, end)
 }
 
-async fn acc(c: &mut GrpcInferenceServiceClient<Channel>, id: &SequenceId, v: i32, start: bool, end: bool) -> Result<i32, tonic::Status> {
+async fn acc(
+    c: &mut GrpcInferenceServiceClient<Channel>,
+    id: &SequenceId,
+    v: i32,
+    start: bool,
+    end: bool,
+) -> Result<i32, tonic::Status> {
     let r = c.model_infer(acc_request(id, v, start, end)).await?.into_inner();
     let b = &r.raw_output_contents[0];
     assert_eq!(r.outputs[0].shape, vec![1, 1]);
@@ -91,7 +104,13 @@ fn gru_steps(seq: u64, step: usize, t: usize) -> Vec<f32> {
     (0..t * GRU_INPUT).map(|i| ((((seq as usize) * 131 + step * 17 + i * 7) % 29) as f32) / 14.0 - 1.0).collect()
 }
 
-async fn gru(c: &mut GrpcInferenceServiceClient<Channel>, id: &SequenceId, x: &[f32], start: bool, end: bool) -> Result<Vec<f32>, tonic::Status> {
+async fn gru(
+    c: &mut GrpcInferenceServiceClient<Channel>,
+    id: &SequenceId,
+    x: &[f32],
+    start: bool,
+    end: bool,
+) -> Result<Vec<f32>, tonic::Status> {
     let t = x.len() / GRU_INPUT;
     let r = with_sequence(fp32_request("gru", "INPUT0", vec![1, t as i64, GRU_INPUT as i64], x), id, start, end);
     let r = c.model_infer(r).await?.into_inner();
@@ -153,7 +172,8 @@ async fn gru_interleaved_sequences_with_several_steps_per_request_match_the_refe
         let mut c = w.client().await;
         let cell = cell.clone();
         tasks.push(tokio::spawn(async move {
-            let id = if client % 2 == 0 { SequenceId::Uint(client + 1) } else { SequenceId::Str(format!("user-{client}")) };
+            let id =
+                if client % 2 == 0 { SequenceId::Uint(client + 1) } else { SequenceId::Str(format!("user-{client}")) };
             let mut h = vec![0f32; GRU_HIDDEN];
             for step in 0..6 {
                 let t = 1 + (client as usize + step) % 3;
@@ -280,11 +300,18 @@ async fn drained_sessions_continue_on_a_worker_started_on_the_same_store() {
         let mut c = w.client().await;
         for s in 0..5u64 {
             assert_eq!(acc(&mut c, &SequenceId::Uint(s + 1), 10, true, false).await.expect("start"), 10);
-            assert_eq!(acc(&mut c, &SequenceId::Uint(s + 1), s as i32, false, false).await.expect("step"), 10 + s as i32);
+            assert_eq!(
+                acc(&mut c, &SequenceId::Uint(s + 1), s as i32, false, false).await.expect("step"),
+                10 + s as i32
+            );
         }
         let x = gru_steps(3, 0, 2);
         let want = cell.reference(&x, &mut h);
-        assert_close(&gru(&mut c, &SequenceId::Str("g".into()), &x, true, false).await.expect("gru"), &want, "gru before drain");
+        assert_close(
+            &gru(&mut c, &SequenceId::Str("g".into()), &x, true, false).await.expect("gru"),
+            &want,
+            "gru before drain",
+        );
         w.server.shutdown.cancel();
         w.server.wait().await.expect("drains");
         drop(w.repo);
@@ -302,11 +329,18 @@ async fn drained_sessions_continue_on_a_worker_started_on_the_same_store() {
     }
     let x = gru_steps(3, 1, 3);
     let want = cell.reference(&x, &mut h);
-    assert_close(&gru(&mut c, &SequenceId::Str("g".into()), &x, false, true).await.expect("gru"), &want, "gru after restart");
+    assert_close(
+        &gru(&mut c, &SequenceId::Str("g".into()), &x, false, true).await.expect("gru"),
+        &want,
+        "gru after restart",
+    );
     let e = acc(&mut c, &SequenceId::Uint(42), 1, false, false).await.expect_err("corrupt entry not loaded");
-    assert_eq!(e.code(), Code::InvalidArgument);
+    assert_eq!(e.code(), Code::DataLoss);
+    assert!(e.message().contains("stored session 42 is corrupt and was discarded"), "{}", e.message());
+    let e = acc(&mut c, &SequenceId::Uint(42), 1, false, false).await.expect_err("and it is gone");
+    assert!(e.message().contains("never started"), "{}", e.message());
     let m = metrics(&w).await;
-    assert_eq!(metric(&m, "sessions_corrupt", "accumulate"), 1);
+    assert_eq!(metric(&m, "sessions_corrupt", "accumulate"), 2, "reported at start-up and when asked for");
     assert_eq!(metric(&m, "sessions_restored", "accumulate"), 5);
 }
 
@@ -327,7 +361,11 @@ async fn a_session_moved_between_workers_gives_exactly_the_unmoved_outputs() {
     let mut sb = sessions_client(&b).await;
     let pid = sp::SequenceId { id: Some(sp::sequence_id::Id::StringId("moved".into())) };
     let exported = sa
-        .export_session(ExportSessionRequest { model: "gru".into(), version: String::new(), sequence_id: Some(pid.clone()) })
+        .export_session(ExportSessionRequest {
+            model: "gru".into(),
+            version: String::new(),
+            sequence_id: Some(pid.clone()),
+        })
         .await
         .expect("export")
         .into_inner();
@@ -347,7 +385,8 @@ async fn a_session_moved_between_workers_gives_exactly_the_unmoved_outputs() {
     let e = sb.import_session(ImportSessionRequest { blob: bad }).await.expect_err("corrupt blob");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("checksum"), "{}", e.message());
-    let imported = sb.import_session(ImportSessionRequest { blob: exported.blob.clone() }).await.expect("import").into_inner();
+    let imported =
+        sb.import_session(ImportSessionRequest { blob: exported.blob.clone() }).await.expect("import").into_inner();
     assert_eq!(imported.session.map(|s| s.location), Some("LIVE".into()));
     let e = sb.import_session(ImportSessionRequest { blob: exported.blob }).await.expect_err("twice");
     assert_eq!(e.code(), Code::AlreadyExists);
@@ -362,7 +401,11 @@ async fn a_session_moved_between_workers_gives_exactly_the_unmoved_outputs() {
     assert_eq!(acc(&mut ca, &id, 20, true, false).await.expect("start"), 20);
     let pid = sp::SequenceId { id: Some(sp::sequence_id::Id::Uint64Id(8)) };
     let blob = sa
-        .export_session(ExportSessionRequest { model: "accumulate".into(), version: "1".into(), sequence_id: Some(pid) })
+        .export_session(ExportSessionRequest {
+            model: "accumulate".into(),
+            version: "1".into(),
+            sequence_id: Some(pid),
+        })
         .await
         .expect("export")
         .into_inner()
@@ -373,8 +416,10 @@ async fn a_session_moved_between_workers_gives_exactly_the_unmoved_outputs() {
 
 #[tokio::test]
 async fn sessions_service_is_reflected_and_authenticated() {
-    let fds = <prost_types::FileDescriptorSet as prost::Message>::decode(neuron_worker::proto::FILE_DESCRIPTOR_SET).expect("descriptor set");
-    let file = fds.file.iter().find(|f| f.package() == "neuronworker.v1").expect("sessions.proto registered for reflection");
+    let fds = <prost_types::FileDescriptorSet as prost::Message>::decode(neuron_worker::proto::FILE_DESCRIPTOR_SET)
+        .expect("descriptor set");
+    let file =
+        fds.file.iter().find(|f| f.package() == "neuronworker.v1").expect("sessions.proto registered for reflection");
     let methods: Vec<&str> = file.service[0].method.iter().map(|m| m.name()).collect();
     assert_eq!(methods, vec!["ListSessions", "ExportSession", "ImportSession"]);
 

@@ -35,9 +35,7 @@ pub enum BenchError {
         available: String,
     },
     /// The worker knows the model but cannot run it now.
-    #[error(
-        "model '{model}' on {url} is not ready ({state}{reason}); wait for it to load or check the worker's log"
-    )]
+    #[error("model '{model}' on {url} is not ready ({state}{reason}); wait for it to load or check the worker's log")]
     NotReady {
         /// The worker address.
         url: String,
@@ -79,9 +77,7 @@ pub enum BenchError {
         reason: String,
     },
     /// The first request, sent before any load, was refused.
-    #[error(
-        "a single test request to '{model}' failed: {code}: {message}; fix that before load-testing"
-    )]
+    #[error("a single test request to '{model}' failed: {code}: {message}; fix that before load-testing")]
     Probe {
         /// The model.
         model: String,
@@ -171,37 +167,21 @@ mod tests {
 
     #[test]
     fn code_names_are_canonical() {
-        assert_eq!(
-            code_name(tonic::Code::ResourceExhausted),
-            "RESOURCE_EXHAUSTED"
-        );
+        assert_eq!(code_name(tonic::Code::ResourceExhausted), "RESOURCE_EXHAUSTED");
         assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
 
     #[test]
     fn unauthenticated_suggests_the_token_flag() {
-        let e = BenchError::rpc(
-            "ModelMetadata",
-            "h:1",
-            &tonic::Status::unauthenticated("missing"),
-        );
+        let e = BenchError::rpc("ModelMetadata", "h:1", &tonic::Status::unauthenticated("missing"));
         let s = e.to_string();
-        assert!(
-            s.starts_with("ModelMetadata on h:1 failed: UNAUTHENTICATED: missing; "),
-            "{s}"
-        );
+        assert!(s.starts_with("ModelMetadata on h:1 failed: UNAUTHENTICATED: missing; "), "{s}");
         assert!(s.contains("--auth-token"), "{s}");
     }
 
     #[test]
     fn connect_error_suggests_serve() {
-        let e = BenchError::Connect {
-            url: "127.0.0.1:9".into(),
-            reason: "Connection refused".into(),
-        };
-        assert!(
-            e.to_string()
-                .contains("neuron-worker serve --grpc-addr 127.0.0.1:9")
-        );
+        let e = BenchError::Connect { url: "127.0.0.1:9".into(), reason: "Connection refused".into() };
+        assert!(e.to_string().contains("neuron-worker serve --grpc-addr 127.0.0.1:9"));
     }
 }

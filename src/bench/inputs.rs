@@ -30,9 +30,7 @@ pub struct ShapeOverride {
 
 /// Parses `NAME:d1,d2,...` (the clap value parser of `--shape`).
 pub fn parse_shape(s: &str) -> Result<ShapeOverride, String> {
-    let (name, dims) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("'{s}' is not NAME:d1,d2,... (e.g. INPUT0:64)"))?;
+    let (name, dims) = s.rsplit_once(':').ok_or_else(|| format!("'{s}' is not NAME:d1,d2,... (e.g. INPUT0:64)"))?;
     if name.is_empty() {
         return Err(format!("'{s}' has no input name before ':'"));
     }
@@ -43,10 +41,7 @@ pub fn parse_shape(s: &str) -> Result<ShapeOverride, String> {
             _ => Err(format!("'{d}' in '{s}' is not a dimension ≥ 1")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(ShapeOverride {
-        name: name.to_string(),
-        dims,
-    })
+    Ok(ShapeOverride { name: name.to_string(), dims })
 }
 
 /// The requests a run sends, cycled through in turn.
@@ -66,14 +61,10 @@ impl InputSet {
     pub fn rows(&self) -> u32 {
         self.rows
     }
-
 }
 
 fn inputs_err(model: &ModelInfo, reason: String) -> BenchError {
-    BenchError::Inputs {
-        model: model.name.clone(),
-        reason,
-    }
+    BenchError::Inputs { model: model.name.clone(), reason }
 }
 
 /// Bytes per element, `None` for BYTES (length-prefixed, variable).
@@ -85,9 +76,7 @@ fn element_size(datatype: &str) -> Result<Option<usize>, String> {
         "UINT64" | "INT64" | "FP64" => 8,
         "BYTES" => return Ok(None),
         other => {
-            return Err(format!(
-                "datatype {other} is not supported by the load generator"
-            ));
+            return Err(format!("datatype {other} is not supported by the load generator"));
         }
     }))
 }
@@ -95,18 +84,9 @@ fn element_size(datatype: &str) -> Result<Option<usize>, String> {
 /// The dimensions (without batch) to send for `input`: the `--shape` override, else -1 → 1.
 fn resolve_dims(input: &InputMeta, shapes: &[ShapeOverride]) -> Result<Vec<i64>, String> {
     let Some(o) = shapes.iter().find(|o| o.name == input.name) else {
-        return Ok(input
-            .dims
-            .iter()
-            .map(|&d| if d < 0 { 1 } else { d })
-            .collect());
+        return Ok(input.dims.iter().map(|&d| if d < 0 { 1 } else { d }).collect());
     };
-    if o.dims.len() != input.dims.len()
-        || o.dims
-            .iter()
-            .zip(&input.dims)
-            .any(|(&a, &b)| b >= 0 && a != b)
-    {
+    if o.dims.len() != input.dims.len() || o.dims.iter().zip(&input.dims).any(|(&a, &b)| b >= 0 && a != b) {
         return Err(format!(
             "--shape {}:{:?} does not fit the model's dims {:?} (without the batch dimension)",
             o.name, o.dims, input.dims
@@ -121,11 +101,7 @@ fn check_overrides(model: &ModelInfo, shapes: &[ShapeOverride]) -> Result<(), Be
             let names: Vec<&str> = model.inputs.iter().map(|i| i.name.as_str()).collect();
             return Err(inputs_err(
                 model,
-                format!(
-                    "--shape names input '{}', but the inputs are {}",
-                    o.name,
-                    names.join(", ")
-                ),
+                format!("--shape names input '{}', but the inputs are {}", o.name, names.join(", ")),
             ));
         }
     }
@@ -135,9 +111,7 @@ fn check_overrides(model: &ModelInfo, shapes: &[ShapeOverride]) -> Result<(), Be
 /// The full request shape: the batch dimension first when the model batches.
 fn full_shape(model: &ModelInfo, batch: u32, dims: &[i64]) -> Vec<i64> {
     if model.max_batch_size > 0 {
-        std::iter::once(i64::from(batch))
-            .chain(dims.iter().copied())
-            .collect()
+        std::iter::once(i64::from(batch)).chain(dims.iter().copied()).collect()
     } else {
         dims.to_vec()
     }
@@ -153,20 +127,11 @@ fn random_raw(datatype: &str, n: usize, rng: &mut impl Rng) -> Result<Vec<u8>, S
         match datatype {
             "BOOL" => out.push(rng.random_range(0..=1u8)),
             "UINT8" | "INT8" => out.push(rng.random_range(0..=100u8)),
-            "UINT16" | "INT16" => {
-                out.extend_from_slice(&rng.random_range(0..=100u16).to_le_bytes())
-            }
-            "UINT32" | "INT32" => {
-                out.extend_from_slice(&rng.random_range(0..=100u32).to_le_bytes())
-            }
-            "UINT64" | "INT64" => {
-                out.extend_from_slice(&rng.random_range(0..=100u64).to_le_bytes())
-            }
-            "FP16" => out
-                .extend_from_slice(&half::f16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes()),
-            "BF16" => out.extend_from_slice(
-                &half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes(),
-            ),
+            "UINT16" | "INT16" => out.extend_from_slice(&rng.random_range(0..=100u16).to_le_bytes()),
+            "UINT32" | "INT32" => out.extend_from_slice(&rng.random_range(0..=100u32).to_le_bytes()),
+            "UINT64" | "INT64" => out.extend_from_slice(&rng.random_range(0..=100u64).to_le_bytes()),
+            "FP16" => out.extend_from_slice(&half::f16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes()),
+            "BF16" => out.extend_from_slice(&half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes()),
             "FP32" => out.extend_from_slice(&rng.random_range(-1.0f32..1.0).to_le_bytes()),
             "FP64" => out.extend_from_slice(&rng.random_range(-1.0f64..1.0).to_le_bytes()),
             "BYTES" => {
@@ -174,23 +139,15 @@ fn random_raw(datatype: &str, n: usize, rng: &mut impl Rng) -> Result<Vec<u8>, S
                 out.extend((0..RANDOM_STRING_LEN).map(|_| rng.random_range(b'a'..=b'z')));
             }
             other => {
-                return Err(format!(
-                    "datatype {other} is not supported by the load generator"
-                ));
+                return Err(format!("datatype {other} is not supported by the load generator"));
             }
         }
     }
     Ok(out)
 }
 
-fn build_request(
-    model: &ModelInfo,
-    tensors: Vec<(InferInputTensor, Vec<u8>)>,
-) -> ModelInferRequest {
-    let (inputs, raw): (Vec<_>, Vec<_>) = tensors
-        .into_iter()
-        .map(|(t, r)| (t, Bytes::from(r)))
-        .unzip();
+fn build_request(model: &ModelInfo, tensors: Vec<(InferInputTensor, Vec<u8>)>) -> ModelInferRequest {
+    let (inputs, raw): (Vec<_>, Vec<_>) = tensors.into_iter().map(|(t, r)| (t, Bytes::from(r))).unzip();
     ModelInferRequest {
         model_name: model.name.clone(),
         model_version: model.version.clone(),
@@ -201,20 +158,11 @@ fn build_request(
 }
 
 fn tensor(input: &InputMeta, shape: Vec<i64>) -> InferInputTensor {
-    InferInputTensor {
-        name: input.name.clone(),
-        datatype: input.datatype.clone(),
-        shape,
-        ..Default::default()
-    }
+    InferInputTensor { name: input.name.clone(), datatype: input.datatype.clone(), shape, ..Default::default() }
 }
 
 /// Random requests of `batch` rows, with `--shape` overrides for variable dimensions.
-pub fn random_inputs(
-    model: &ModelInfo,
-    batch: u32,
-    shapes: &[ShapeOverride],
-) -> Result<InputSet, BenchError> {
+pub fn random_inputs(model: &ModelInfo, batch: u32, shapes: &[ShapeOverride]) -> Result<InputSet, BenchError> {
     check_overrides(model, shapes)?;
     let mut rng = rand::rng();
     let mut requests = Vec::with_capacity(RANDOM_VARIANTS);
@@ -229,10 +177,7 @@ pub fn random_inputs(
         }
         requests.push(build_request(model, tensors));
     }
-    Ok(InputSet {
-        requests,
-        rows: batch,
-    })
+    Ok(InputSet { requests, rows: batch })
 }
 
 /// Nested JSON arrays flattened in row-major order.
@@ -248,32 +193,17 @@ fn encode_values(datatype: &str, values: &[&Value]) -> Result<Vec<u8>, String> {
     for v in values {
         let bad = || format!("{v} is not a valid {datatype} value");
         let int = || {
-            v.as_i64()
-                .or_else(|| v.as_u64().map(|u| u as i64))
-                .or_else(|| v.as_bool().map(i64::from))
-                .ok_or_else(bad)
+            v.as_i64().or_else(|| v.as_u64().map(|u| u as i64)).or_else(|| v.as_bool().map(i64::from)).ok_or_else(bad)
         };
         let float = || v.as_f64().ok_or_else(bad);
         match datatype {
-            "BOOL" => out.push(u8::from(
-                v.as_bool().map_or_else(|| int().map(|i| i != 0), Ok)?,
-            )),
+            "BOOL" => out.push(u8::from(v.as_bool().map_or_else(|| int().map(|i| i != 0), Ok)?)),
             "UINT8" => out.push(u8::try_from(int()?).map_err(|_| bad())?),
-            "INT8" => {
-                out.extend_from_slice(&i8::try_from(int()?).map_err(|_| bad())?.to_le_bytes())
-            }
-            "UINT16" => {
-                out.extend_from_slice(&u16::try_from(int()?).map_err(|_| bad())?.to_le_bytes())
-            }
-            "INT16" => {
-                out.extend_from_slice(&i16::try_from(int()?).map_err(|_| bad())?.to_le_bytes())
-            }
-            "UINT32" => {
-                out.extend_from_slice(&u32::try_from(int()?).map_err(|_| bad())?.to_le_bytes())
-            }
-            "INT32" => {
-                out.extend_from_slice(&i32::try_from(int()?).map_err(|_| bad())?.to_le_bytes())
-            }
+            "INT8" => out.extend_from_slice(&i8::try_from(int()?).map_err(|_| bad())?.to_le_bytes()),
+            "UINT16" => out.extend_from_slice(&u16::try_from(int()?).map_err(|_| bad())?.to_le_bytes()),
+            "INT16" => out.extend_from_slice(&i16::try_from(int()?).map_err(|_| bad())?.to_le_bytes()),
+            "UINT32" => out.extend_from_slice(&u32::try_from(int()?).map_err(|_| bad())?.to_le_bytes()),
+            "INT32" => out.extend_from_slice(&i32::try_from(int()?).map_err(|_| bad())?.to_le_bytes()),
             "UINT64" => out.extend_from_slice(&v.as_u64().ok_or_else(bad)?.to_le_bytes()),
             "INT64" => out.extend_from_slice(&int()?.to_le_bytes()),
             "FP16" => out.extend_from_slice(&half::f16::from_f64(float()?).to_le_bytes()),
@@ -289,9 +219,7 @@ fn encode_values(datatype: &str, values: &[&Value]) -> Result<Vec<u8>, String> {
                 out.extend_from_slice(s.as_bytes());
             }
             other => {
-                return Err(format!(
-                    "datatype {other} is not supported by the load generator"
-                ));
+                return Err(format!("datatype {other} is not supported by the load generator"));
             }
         }
     }
@@ -307,28 +235,16 @@ fn entry_dims(
     count: usize,
 ) -> Result<Vec<i64>, String> {
     if let Some(shape) = given {
-        let dims: Option<Vec<i64>> = shape
-            .as_array()
-            .and_then(|a| a.iter().map(Value::as_i64).collect());
-        return dims
-            .ok_or_else(|| format!("\"shape\" of {} must be an array of integers", input.name));
+        let dims: Option<Vec<i64>> = shape.as_array().and_then(|a| a.iter().map(Value::as_i64).collect());
+        return dims.ok_or_else(|| format!("\"shape\" of {} must be an array of integers", input.name));
     }
     if shapes.iter().any(|o| o.name == input.name) {
         return resolve_dims(input, shapes);
     }
     let unknown = input.dims.iter().filter(|&&d| d < 0).count();
-    let known: usize = input
-        .dims
-        .iter()
-        .filter(|&&d| d >= 0)
-        .map(|&d| d as usize)
-        .product();
-    if unknown == 1 && known > 0 && count % known == 0 {
-        return Ok(input
-            .dims
-            .iter()
-            .map(|&d| if d < 0 { (count / known) as i64 } else { d })
-            .collect());
+    let known: usize = input.dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
+    if unknown == 1 && known > 0 && count.is_multiple_of(known) {
+        return Ok(input.dims.iter().map(|&d| if d < 0 { (count / known) as i64 } else { d }).collect());
     }
     resolve_dims(input, shapes)
 }
@@ -343,13 +259,9 @@ pub fn file_inputs(
     path: &Path,
 ) -> Result<InputSet, BenchError> {
     check_overrides(model, shapes)?;
-    let err = |reason: String| BenchError::InputData {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let err = |reason: String| BenchError::InputData { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let doc: Value =
-        serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    let doc: Value = serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
     let entries = doc
         .get("data")
         .and_then(Value::as_array)
@@ -359,11 +271,9 @@ pub fn file_inputs(
     }
     let mut requests = Vec::with_capacity(entries.len());
     for (n, entry) in entries.iter().enumerate() {
-        let obj = entry.as_object().ok_or_else(|| {
-            err(format!(
-                "data[{n}] is not an object (sequence data is not supported)"
-            ))
-        })?;
+        let obj = entry
+            .as_object()
+            .ok_or_else(|| err(format!("data[{n}] is not an object (sequence data is not supported)")))?;
         let by_name: HashMap<&str, &Value> = obj.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut tensors = Vec::with_capacity(model.inputs.len());
         for input in &model.inputs {
@@ -378,17 +288,15 @@ pub fn file_inputs(
                     )));
                 }
                 Value::Object(o) => (
-                    o.get("content").ok_or_else(|| {
-                        err(format!("data[{n}].{} has no \"content\"", input.name))
-                    })?,
+                    o.get("content").ok_or_else(|| err(format!("data[{n}].{} has no \"content\"", input.name)))?,
                     o.get("shape"),
                 ),
                 other => (*other, None),
             };
             let mut values = Vec::new();
             flatten(content, &mut values);
-            let dims = entry_dims(input, shapes, given_shape, values.len())
-                .map_err(|r| err(format!("data[{n}]: {r}")))?;
+            let dims =
+                entry_dims(input, shapes, given_shape, values.len()).map_err(|r| err(format!("data[{n}]: {r}")))?;
             if element_count(&dims) != values.len() {
                 return Err(err(format!(
                     "data[{n}].{}: {} values do not fill shape {dims:?}",
@@ -396,24 +304,14 @@ pub fn file_inputs(
                     values.len()
                 )));
             }
-            let row = encode_values(&input.datatype, &values)
-                .map_err(|r| err(format!("data[{n}].{}: {r}", input.name)))?;
-            let rows = if model.max_batch_size > 0 {
-                batch as usize
-            } else {
-                1
-            };
-            tensors.push((
-                tensor(input, full_shape(model, batch, &dims)),
-                row.repeat(rows),
-            ));
+            let row =
+                encode_values(&input.datatype, &values).map_err(|r| err(format!("data[{n}].{}: {r}", input.name)))?;
+            let rows = if model.max_batch_size > 0 { batch as usize } else { 1 };
+            tensors.push((tensor(input, full_shape(model, batch, &dims)), row.repeat(rows)));
         }
         requests.push(build_request(model, tensors));
     }
-    Ok(InputSet {
-        requests,
-        rows: batch,
-    })
+    Ok(InputSet { requests, rows: batch })
 }
 
 #[cfg(test)]
@@ -425,11 +323,7 @@ mod tests {
             name: "linear".into(),
             version: String::new(),
             max_batch_size: 64,
-            inputs: vec![InputMeta {
-                name: "INPUT0".into(),
-                datatype: "FP32".into(),
-                dims: vec![4],
-            }],
+            inputs: vec![InputMeta { name: "INPUT0".into(), datatype: "FP32".into(), dims: vec![4] }],
         }
     }
 
@@ -455,22 +349,10 @@ mod tests {
     fn variable_dims_default_to_one_or_the_override() -> Result<(), BenchError> {
         let mut m = linear();
         m.inputs[0].dims = vec![-1, 8];
-        assert_eq!(
-            random_inputs(&m, 1, &[])?.request(0).inputs[0].shape,
-            vec![1, 1, 8]
-        );
-        let o = ShapeOverride {
-            name: "INPUT0".into(),
-            dims: vec![5, 8],
-        };
-        assert_eq!(
-            random_inputs(&m, 2, &[o])?.request(0).inputs[0].shape,
-            vec![2, 5, 8]
-        );
-        let bad = ShapeOverride {
-            name: "INPUT0".into(),
-            dims: vec![5, 9],
-        };
+        assert_eq!(random_inputs(&m, 1, &[])?.request(0).inputs[0].shape, vec![1, 1, 8]);
+        let o = ShapeOverride { name: "INPUT0".into(), dims: vec![5, 8] };
+        assert_eq!(random_inputs(&m, 2, &[o])?.request(0).inputs[0].shape, vec![2, 5, 8]);
+        let bad = ShapeOverride { name: "INPUT0".into(), dims: vec![5, 9] };
         assert!(random_inputs(&m, 1, &[bad]).is_err());
         Ok(())
     }
@@ -479,24 +361,16 @@ mod tests {
     fn file_inputs_accept_both_forms() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("in.json");
-        std::fs::write(
-            &path,
-            r#"{"data":[{"INPUT0":[1,2,3,4]},{"INPUT0":{"content":[[5,6],[7,8]],"shape":[4]}}]}"#,
-        )?;
+        std::fs::write(&path, r#"{"data":[{"INPUT0":[1,2,3,4]},{"INPUT0":{"content":[[5,6],[7,8]],"shape":[4]}}]}"#)?;
         let set = file_inputs(&linear(), 2, &[], &path)?;
         assert_eq!(set.requests.len(), 2);
         let second = set.request(1);
         assert_eq!(second.inputs[0].shape, vec![2, 4]);
-        let floats: Vec<f32> = second.raw_input_contents[0]
-            .chunks(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let floats: Vec<f32> =
+            second.raw_input_contents[0].chunks(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         assert_eq!(floats, vec![5.0, 6.0, 7.0, 8.0, 5.0, 6.0, 7.0, 8.0]);
         std::fs::write(&path, r#"{"data":[{"INPUT0":[1,2,3]}]}"#)?;
-        let e = file_inputs(&linear(), 1, &[], &path)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let e = file_inputs(&linear(), 1, &[], &path).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("3 values do not fill shape [4]"), "{e}");
         Ok(())
     }

@@ -70,19 +70,14 @@ struct Tally {
 
 impl Tally {
     fn new(empty: &Histogram<u64>) -> Tally {
-        Tally {
-            latency: empty.clone(),
-            completed: 0,
-            errors: BTreeMap::new(),
-        }
+        Tally { latency: empty.clone(), completed: 0, errors: BTreeMap::new() }
     }
 
     fn record(&mut self, result: Result<(), tonic::Code>, latency: Duration) {
         match result {
             Ok(()) => {
                 self.completed += 1;
-                self.latency
-                    .saturating_record((latency.as_micros() as u64).clamp(1, MAX_LATENCY_US));
+                self.latency.saturating_record((latency.as_micros() as u64).clamp(1, MAX_LATENCY_US));
             }
             Err(code) => *self.errors.entry(code_name(code)).or_insert(0) += 1,
         }
@@ -100,11 +95,7 @@ impl Tally {
 
 async fn send(pool: &Pool, inputs: &InputSet, i: usize) -> Result<(), tonic::Code> {
     let req = pool.request(inputs.request(i));
-    pool.client()
-        .model_infer(req)
-        .await
-        .map(|_| ())
-        .map_err(|s| s.code())
+    pool.client().model_infer(req).await.map(|_| ()).map_err(|s| s.code())
 }
 
 /// Sleeps `d`, moving the progress bar along (its unit is milliseconds).
@@ -131,8 +122,7 @@ pub async fn run_point(
     plan: PointPlan,
     progress: &ProgressBar,
 ) -> Result<PointOutcome, BenchError> {
-    let empty = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-        .map_err(|e| BenchError::Histogram(e.to_string()))?;
+    let empty = Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).map_err(|e| BenchError::Histogram(e.to_string()))?;
     let phase = Arc::new(AtomicU8::new(WARMUP));
     let sink = Arc::new(Mutex::new(Tally::new(&empty)));
     let driver = match plan.rate {
@@ -144,15 +134,9 @@ pub async fn run_point(
             sink.clone(),
             empty.clone(),
         )),
-        Some((rate, arrivals)) => tokio::spawn(open_loop(
-            pool.clone(),
-            inputs,
-            phase.clone(),
-            plan.concurrency,
-            rate,
-            arrivals,
-            sink.clone(),
-        )),
+        Some((rate, arrivals)) => {
+            tokio::spawn(open_loop(pool.clone(), inputs, phase.clone(), plan.concurrency, rate, arrivals, sink.clone()))
+        }
     };
     wait(plan.warmup, progress).await;
     let before = server_stats::snapshot(&pool, &model.name, &model.version).await;
@@ -185,8 +169,7 @@ async fn closed_loop(
 ) {
     let mut tasks = Vec::with_capacity(concurrency as usize);
     for task in 0..concurrency as usize {
-        let (pool, inputs, phase, sink) =
-            (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
+        let (pool, inputs, phase, sink) = (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
         let mut tally = Tally::new(&empty);
         tasks.push(tokio::spawn(async move {
             let mut i = task;
@@ -232,8 +215,7 @@ async fn open_loop(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (pool, inputs, phase, sink) =
-            (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
+        let (pool, inputs, phase, sink) = (pool.clone(), inputs.clone(), phase.clone(), sink.clone());
         let scheduled = next;
         tokio::spawn(async move {
             let result = send(&pool, &inputs, i).await;

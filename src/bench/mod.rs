@@ -84,10 +84,7 @@ pub struct BenchArgs {
 
 fn check_args(args: &BenchArgs) -> Result<(), BenchError> {
     if args.concurrency.is_empty() {
-        return Err(BenchError::Arg {
-            flag: "--concurrency",
-            reason: "give at least one level, e.g. 1,8,64".into(),
-        });
+        return Err(BenchError::Arg { flag: "--concurrency", reason: "give at least one level, e.g. 1,8,64".into() });
     }
     if let Some(r) = args.request_rate
         && !(r.is_finite() && r > 0.0)
@@ -98,10 +95,7 @@ fn check_args(args: &BenchArgs) -> Result<(), BenchError> {
         });
     }
     if Duration::from(args.duration).is_zero() {
-        return Err(BenchError::Arg {
-            flag: "--duration",
-            reason: "must be longer than zero, e.g. 10s".into(),
-        });
+        return Err(BenchError::Arg { flag: "--duration", reason: "must be longer than zero, e.g. 10s".into() });
     }
     Ok(())
 }
@@ -110,30 +104,18 @@ fn progress_bar(total: Duration) -> ProgressBar {
     if !std::io::stdout().is_terminal() {
         return ProgressBar::hidden();
     }
-    let bar =
-        ProgressBar::with_draw_target(Some(total.as_millis() as u64), ProgressDrawTarget::stderr());
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {msg}")
-    {
+    let bar = ProgressBar::with_draw_target(Some(total.as_millis() as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {msg}") {
         bar.set_style(style);
     }
     bar
 }
 
 /// Sends one request before the load so that a wrong input or a broken model fails clearly.
-async fn probe(
-    pool: &pool::Pool,
-    model: &str,
-    request: ModelInferRequest,
-) -> Result<(), BenchError> {
+async fn probe(pool: &pool::Pool, model: &str, request: ModelInferRequest) -> Result<(), BenchError> {
     match pool.client().model_infer(pool.request(request)).await {
         Ok(_) => Ok(()),
-        Err(s)
-            if matches!(
-                s.code(),
-                tonic::Code::Unauthenticated | tonic::Code::Unavailable
-            ) =>
-        {
+        Err(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::Unavailable) => {
             Err(BenchError::rpc("ModelInfer", pool.url(), &s))
         }
         Err(s) => Err(BenchError::Probe {
@@ -148,22 +130,14 @@ async fn probe(
 pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     check_args(args)?;
     let pool = Arc::new(
-        pool::Pool::connect(
-            &args.url,
-            args.connections as usize,
-            args.auth_token.as_deref(),
-            args.timeout.into(),
-        )
-        .await?,
+        pool::Pool::connect(&args.url, args.connections as usize, args.auth_token.as_deref(), args.timeout.into())
+            .await?,
     );
     let info = model::describe(&pool, &args.model, &args.model_version).await?;
     if info.max_batch_size == 0 && args.batch_size > 1 {
         return Err(BenchError::Arg {
             flag: "--batch-size",
-            reason: format!(
-                "model '{}' does not batch (max_batch_size 0); use 1",
-                info.name
-            ),
+            reason: format!("model '{}' does not batch (max_batch_size 0); use 1", info.name),
         });
     }
     if info.max_batch_size > 0 && args.batch_size > info.max_batch_size {
@@ -187,30 +161,19 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     let mut points = Vec::with_capacity(args.concurrency.len());
     for &concurrency in &args.concurrency {
         progress.set_message(format!("{} concurrency {concurrency}", info.name));
-        let plan = load::PointPlan {
-            concurrency,
-            warmup,
-            duration,
-            rate: args.request_rate.map(|r| (r, args.arrivals)),
-        };
+        let plan =
+            load::PointPlan { concurrency, warmup, duration, rate: args.request_rate.map(|r| (r, args.arrivals)) };
         let outcome = load::run_point(pool.clone(), inputs.clone(), &info, plan, &progress).await?;
         points.push(Point::from_outcome(concurrency, inputs.rows(), &outcome));
     }
     progress.finish_and_clear();
-    Ok(Report {
-        points,
-        model: info.name,
-        batch_size: args.batch_size,
-        duration_s: duration.as_secs_f64(),
-    })
+    Ok(Report { points, model: info.name, batch_size: args.batch_size, duration_s: duration.as_secs_f64() })
 }
 
 /// Runs the load test: a table on stdout, and the JSON, CSV and SVG files asked for.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
     let mode = match args.request_rate {
-        Some(r) => {
-            format!("open loop at {r} requests/s ({:?} arrivals)", args.arrivals).to_lowercase()
-        }
+        Some(r) => format!("open loop at {r} requests/s ({:?} arrivals)", args.arrivals).to_lowercase(),
         None => "closed loop".to_string(),
     };
     println!(

@@ -35,39 +35,21 @@ pub async fn describe(pool: &Pool, name: &str, version: &str) -> Result<ModelInf
     // The index gives the actionable "here is what it serves" message; servers without it skip this.
     match pool
         .client()
-        .repository_index(pool.request(RepositoryIndexRequest {
-            repository_name: String::new(),
-            ready: false,
-        }))
+        .repository_index(pool.request(RepositoryIndexRequest { repository_name: String::new(), ready: false }))
         .await
     {
         Ok(index) => {
             let models = index.into_inner().models;
             let mine: Vec<_> = models.iter().filter(|m| m.name == name).collect();
             if mine.is_empty() {
-                let mut available: Vec<String> = models
-                    .iter()
-                    .map(|m| format!("{} ({})", m.name, m.state))
-                    .collect();
+                let mut available: Vec<String> = models.iter().map(|m| format!("{} ({})", m.name, m.state)).collect();
                 available.dedup();
-                let available = if available.is_empty() {
-                    "no models".to_string()
-                } else {
-                    available.join(", ")
-                };
-                return Err(BenchError::UnknownModel {
-                    url: url.into(),
-                    model: name.into(),
-                    available,
-                });
+                let available = if available.is_empty() { "no models".to_string() } else { available.join(", ") };
+                return Err(BenchError::UnknownModel { url: url.into(), model: name.into(), available });
             }
             if !mine.iter().any(|m| m.state == "READY") {
                 let m = mine[0];
-                let reason = if m.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", m.reason)
-                };
+                let reason = if m.reason.is_empty() { String::new() } else { format!(": {}", m.reason) };
                 return Err(BenchError::NotReady {
                     url: url.into(),
                     model: name.into(),
@@ -81,26 +63,16 @@ pub async fn describe(pool: &Pool, name: &str, version: &str) -> Result<ModelInf
     }
     let meta = pool
         .client()
-        .model_metadata(pool.request(ModelMetadataRequest {
-            name: name.into(),
-            version: version.into(),
-        }))
+        .model_metadata(pool.request(ModelMetadataRequest { name: name.into(), version: version.into() }))
         .await
         .map_err(|s| BenchError::rpc("ModelMetadata", url, &s))?
         .into_inner();
     let max_batch_size = match pool
         .client()
-        .model_config(pool.request(ModelConfigRequest {
-            name: name.into(),
-            version: version.into(),
-        }))
+        .model_config(pool.request(ModelConfigRequest { name: name.into(), version: version.into() }))
         .await
     {
-        Ok(r) => r
-            .into_inner()
-            .config
-            .map(|c| c.max_batch_size.max(0) as u32)
-            .unwrap_or(0),
+        Ok(r) => r.into_inner().config.map(|c| c.max_batch_size.max(0) as u32).unwrap_or(0),
         Err(s) if s.code() == tonic::Code::Unimplemented => 0,
         Err(s) => return Err(BenchError::rpc("ModelConfig", url, &s)),
     };
@@ -108,22 +80,9 @@ pub async fn describe(pool: &Pool, name: &str, version: &str) -> Result<ModelInf
         .inputs
         .into_iter()
         .map(|t| {
-            let dims = if max_batch_size > 0 && !t.shape.is_empty() {
-                t.shape[1..].to_vec()
-            } else {
-                t.shape
-            };
-            InputMeta {
-                name: t.name,
-                datatype: t.datatype,
-                dims,
-            }
+            let dims = if max_batch_size > 0 && !t.shape.is_empty() { t.shape[1..].to_vec() } else { t.shape };
+            InputMeta { name: t.name, datatype: t.datatype, dims }
         })
         .collect();
-    Ok(ModelInfo {
-        name: name.into(),
-        version: version.into(),
-        max_batch_size,
-        inputs,
-    })
+    Ok(ModelInfo { name: name.into(), version: version.into(), max_batch_size, inputs })
 }

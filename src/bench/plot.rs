@@ -11,10 +11,7 @@ const SIZE: (u32, u32) = (800, 640);
 
 /// The x range on a log scale, padded so that a single point still has room.
 fn x_range(report: &Report) -> (f64, f64) {
-    let xs = report
-        .points
-        .iter()
-        .map(|p| f64::from(p.concurrency.max(1)));
+    let xs = report.points.iter().map(|p| f64::from(p.concurrency.max(1)));
     let lo = xs.clone().fold(f64::INFINITY, f64::min);
     let hi = xs.fold(1.0f64, f64::max);
     let lo = if lo.is_finite() { lo } else { 1.0 };
@@ -30,13 +27,7 @@ fn panel<DB: DrawingBackend>(
     y: impl Fn(&super::report::Point) -> f64,
 ) -> Result<(), String> {
     let (x_lo, x_hi) = x_range(report);
-    let y_hi = report
-        .points
-        .iter()
-        .map(&y)
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.15;
+    let y_hi = report.points.iter().map(&y).fold(0.0f64, f64::max).max(1e-3) * 1.15;
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -51,17 +42,9 @@ fn panel<DB: DrawingBackend>(
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
         .map_err(|e| e.to_string())?;
-    let pts: Vec<(f64, f64)> = report
-        .points
-        .iter()
-        .map(|p| (f64::from(p.concurrency.max(1)), y(p)))
-        .collect();
-    chart
-        .draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2)))
-        .map_err(|e| e.to_string())?;
-    chart
-        .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, colour.filled())))
-        .map_err(|e| e.to_string())?;
+    let pts: Vec<(f64, f64)> = report.points.iter().map(|p| (f64::from(p.concurrency.max(1)), y(p))).collect();
+    chart.draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2))).map_err(|e| e.to_string())?;
+    chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, colour.filled()))).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -71,20 +54,11 @@ pub fn render_svg(report: &Report) -> Result<String, String> {
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let title = format!(
-            "{} (batch {}, {:.0} s per point)",
-            report.model, report.batch_size, report.duration_s
-        );
-        let root = root
-            .titled(&title, ("sans-serif", 24))
-            .map_err(|e| e.to_string())?;
+        let title = format!("{} (batch {}, {:.0} s per point)", report.model, report.batch_size, report.duration_s);
+        let root = root.titled(&title, ("sans-serif", 24)).map_err(|e| e.to_string())?;
         let (top, bottom) = root.split_vertically(SIZE.1 / 2 - 20);
-        panel(&top, report, "throughput", "inferences/s", BLUE, |p| {
-            p.throughput
-        })?;
-        panel(&bottom, report, "p99 latency", "p99 (ms)", RED, |p| {
-            p.p99_us as f64 / 1000.0
-        })?;
+        panel(&top, report, "throughput", "inferences/s", BLUE, |p| p.throughput)?;
+        panel(&bottom, report, "p99 latency", "p99 (ms)", RED, |p| p.p99_us as f64 / 1000.0)?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
@@ -92,10 +66,7 @@ pub fn render_svg(report: &Report) -> Result<String, String> {
 
 /// Writes the chart to `path`.
 pub fn write_svg(path: &Path, report: &Report) -> Result<(), BenchError> {
-    let svg = render_svg(report).map_err(|reason| BenchError::Output {
-        path: path.to_path_buf(),
-        reason,
-    })?;
+    let svg = render_svg(report).map_err(|reason| BenchError::Output { path: path.to_path_buf(), reason })?;
     write_file(path, &svg)
 }
 

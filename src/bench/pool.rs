@@ -30,25 +30,18 @@ impl Pool {
         token: Option<&str>,
         timeout: Duration,
     ) -> Result<Pool, BenchError> {
-        let uri = if url.contains("://") {
-            url.to_string()
-        } else {
-            format!("http://{url}")
-        };
+        let uri = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
         let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| BenchError::Arg {
-                flag: "--url",
-                reason: format!("'{url}' is not HOST:PORT ({e})"),
-            })?
+            .map_err(|e| BenchError::Arg { flag: "--url", reason: format!("'{url}' is not HOST:PORT ({e})") })?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .timeout(timeout);
         let mut clients = Vec::with_capacity(connections.max(1));
         for _ in 0..connections.max(1) {
-            let channel = endpoint.connect().await.map_err(|e| BenchError::Connect {
-                url: url.to_string(),
-                reason: with_causes(&e),
-            })?;
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|e| BenchError::Connect { url: url.to_string(), reason: with_causes(&e) })?;
             clients.push(
                 GrpcInferenceServiceClient::new(channel)
                     .max_decoding_message_size(MAX_MESSAGE)
@@ -60,18 +53,10 @@ impl Pool {
             Some(t) => Some(
                 format!("Bearer {t}")
                     .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| BenchError::Arg {
-                        flag: "--auth-token",
-                        reason: "must be printable ASCII".into(),
-                    })?,
+                    .map_err(|_| BenchError::Arg { flag: "--auth-token", reason: "must be printable ASCII".into() })?,
             ),
         };
-        Ok(Pool {
-            url: url.to_string(),
-            clients,
-            next: AtomicUsize::new(0),
-            auth,
-        })
+        Ok(Pool { url: url.to_string(), clients, next: AtomicUsize::new(0), auth })
     }
 
     /// The worker address as the user gave it.

@@ -43,11 +43,7 @@ impl Point {
         let secs = o.window.as_secs_f64().max(1e-9);
         let throughput = o.completed as f64 / secs;
         let q = |p: f64| {
-            if o.completed == 0 {
-                0
-            } else {
-                o.latency.value_at_quantile(p)
-            }
+            if o.completed == 0 { 0 } else { o.latency.value_at_quantile(p) }
         };
         Point {
             concurrency,
@@ -57,11 +53,7 @@ impl Point {
             p90_us: q(0.90),
             p99_us: q(0.99),
             max_us: if o.completed == 0 { 0 } else { o.latency.max() },
-            errors: o
-                .errors
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), *v))
-                .collect(),
+            errors: o.errors.iter().map(|(k, v)| ((*k).to_string(), *v)).collect(),
             server_queue_us: o.server.queue_us,
             server_compute_us: o.server.compute_us,
             avg_batch: o.server.avg_batch,
@@ -101,11 +93,7 @@ fn opt(v: Option<f64>, decimals: usize) -> String {
 }
 
 fn errors_cell(errors: &BTreeMap<String, u64>) -> String {
-    errors
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(";")
+    errors.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(";")
 }
 
 impl Report {
@@ -115,23 +103,10 @@ impl Report {
         let _ = writeln!(
             out,
             "{:>11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}  errors",
-            "concurrency",
-            "infer/s",
-            "rows/s",
-            "p50 µs",
-            "p90 µs",
-            "p99 µs",
-            "max µs",
-            "queue µs",
-            "comp. µs",
-            "batch"
+            "concurrency", "infer/s", "rows/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "queue µs", "comp. µs", "batch"
         );
         for p in &self.points {
-            let errors = if p.errors.is_empty() {
-                "0".to_string()
-            } else {
-                errors_cell(&p.errors)
-            };
+            let errors = if p.errors.is_empty() { "0".to_string() } else { errors_cell(&p.errors) };
             let _ = writeln!(
                 out,
                 "{:>11} {:>11.1} {:>11.1} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}  {errors}",
@@ -182,10 +157,7 @@ impl Report {
 
 /// Writes `text` to `path`, naming the file on failure.
 pub fn write_file(path: &Path, text: &str) -> Result<(), BenchError> {
-    std::fs::write(path, text).map_err(|e| BenchError::Output {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })
+    std::fs::write(path, text).map_err(|e| BenchError::Output { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -206,12 +178,7 @@ mod tests {
             server_compute_us: None,
             avg_batch: Some(1.5),
         };
-        Report {
-            points: vec![point],
-            model: "linear".into(),
-            batch_size: 2,
-            duration_s: 1.0,
-        }
+        Report { points: vec![point], model: "linear".into(), batch_size: 2, duration_s: 1.0 }
     }
 
     #[test]
@@ -219,19 +186,13 @@ mod tests {
         let csv = report().csv();
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], COLUMNS.join(","));
-        assert_eq!(
-            lines[1],
-            "4,1000.000,2000.000,100,150,300,900,UNAVAILABLE=2,5.000,,1.500"
-        );
+        assert_eq!(lines[1], "4,1000.000,2000.000,100,150,300,900,UNAVAILABLE=2,5.000,,1.500");
     }
 
     #[test]
     fn json_has_the_documented_keys() -> Result<(), serde_json::Error> {
         let v: serde_json::Value = serde_json::from_str(&report().json()?)?;
-        let keys: Vec<&String> = v["points"][0]
-            .as_object()
-            .map(|o| o.keys().collect())
-            .unwrap_or_default();
+        let keys: Vec<&String> = v["points"][0].as_object().map(|o| o.keys().collect()).unwrap_or_default();
         let mut expected: Vec<&str> = COLUMNS.to_vec();
         expected.sort_unstable();
         let mut got: Vec<&str> = keys.iter().map(|k| k.as_str()).collect();

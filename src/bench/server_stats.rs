@@ -49,17 +49,8 @@ fn add(stats: &[ModelStatistics]) -> Snapshot {
 /// Reads the model's counters; `None` when the worker does not answer ModelStatistics (the
 /// report then leaves the server columns empty rather than failing the run).
 pub async fn snapshot(pool: &Pool, model: &str, version: &str) -> Option<Snapshot> {
-    let req = pool.request(ModelStatisticsRequest {
-        name: model.into(),
-        version: version.into(),
-    });
-    let stats = pool
-        .client()
-        .model_statistics(req)
-        .await
-        .ok()?
-        .into_inner()
-        .model_stats;
+    let req = pool.request(ModelStatisticsRequest { name: model.into(), version: version.into() });
+    let stats = pool.client().model_statistics(req).await.ok()?.into_inner().model_stats;
     let mine: Vec<ModelStatistics> = stats.into_iter().filter(|m| m.name == model).collect();
     Some(add(&mine))
 }
@@ -75,10 +66,7 @@ pub fn split(before: Option<Snapshot>, after: Option<Snapshot>) -> ServerSplit {
     let (Some(b), Some(a)) = (before, after) else {
         return ServerSplit::default();
     };
-    let executions = a
-        .execution_count
-        .checked_sub(b.execution_count)
-        .filter(|&e| e > 0);
+    let executions = a.execution_count.checked_sub(b.execution_count).filter(|&e| e > 0);
     let rows = a.inference_count.checked_sub(b.inference_count);
     ServerSplit {
         queue_us: mean_us(b.queue, a.queue),
@@ -93,12 +81,7 @@ mod tests {
 
     #[test]
     fn split_divides_deltas() {
-        let b = Snapshot {
-            inference_count: 10,
-            execution_count: 5,
-            queue: (10, 10_000),
-            compute_infer: (10, 50_000),
-        };
+        let b = Snapshot { inference_count: 10, execution_count: 5, queue: (10, 10_000), compute_infer: (10, 50_000) };
         let a = Snapshot {
             inference_count: 110,
             execution_count: 30,
@@ -113,12 +96,7 @@ mod tests {
 
     #[test]
     fn split_is_empty_without_traffic_or_stats() {
-        let b = Snapshot {
-            inference_count: 10,
-            execution_count: 5,
-            queue: (10, 1),
-            compute_infer: (10, 1),
-        };
+        let b = Snapshot { inference_count: 10, execution_count: 5, queue: (10, 1), compute_infer: (10, 1) };
         assert_eq!(split(Some(b), Some(b)), ServerSplit::default());
         assert_eq!(split(None, Some(b)), ServerSplit::default());
     }

@@ -12,7 +12,10 @@ use std::time::Instant;
 use super::config::ControlKind;
 use super::export::SessionBlob;
 use super::instance::{self, Job, StepJob};
-use super::{ClosedReason, Command, SequenceError, SequenceId, SequenceRequest, SequenceSetup, SessionInfo, SessionStore, Shared, StatefulInstance};
+use super::{
+    ClosedReason, Command, SequenceError, SequenceId, SequenceRequest, SequenceSetup, SessionInfo, SessionStore,
+    Shared, StatefulInstance,
+};
 use crate::backend::NamedTensor;
 use crate::scheduler::FailureReason;
 use crate::tensor::{DataType, Tensor};
@@ -56,14 +59,19 @@ struct Actor {
     drain: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
-pub(super) fn spawn(shared: Arc<Shared>, setup: SequenceSetup, instances: Vec<Box<dyn StatefulInstance>>) -> Result<Sender<Command>, SequenceError> {
+pub(super) fn spawn(
+    shared: Arc<Shared>,
+    setup: SequenceSetup,
+    instances: Vec<Box<dyn StatefulInstance>>,
+) -> Result<Sender<Command>, SequenceError> {
     let (tx, rx) = std::sync::mpsc::channel();
     let model = shared.spec.name.clone();
     let n = instances.len();
     let mut senders = Vec::with_capacity(n);
     for (i, inst) in instances.into_iter().enumerate() {
-        let s = instance::spawn(i, inst, model.clone(), shared.stats.clone(), tx.clone())
-            .map_err(|e| SequenceError::Unavailable { model: model.clone(), reason: format!("cannot start an instance thread: {e}") })?;
+        let s = instance::spawn(i, inst, model.clone(), shared.stats.clone(), tx.clone()).map_err(|e| {
+            SequenceError::Unavailable { model: model.clone(), reason: format!("cannot start an instance thread: {e}") }
+        })?;
         senders.push(Some(s));
     }
     let mut spilled = HashMap::new();
@@ -175,7 +183,11 @@ impl Actor {
         }
         if let Some(l) = self.live.get_mut(&req.id) {
             if !req.start && l.closing {
-                let e = SequenceError::NotLive { model: self.model(), id: req.id.clone(), why: ClosedReason::Ended.as_str().into() };
+                let e = SequenceError::NotLive {
+                    model: self.model(),
+                    id: req.id.clone(),
+                    why: ClosedReason::Ended.as_str().into(),
+                };
                 return self.reject(req, e);
             }
             l.closing = req.end;
@@ -183,7 +195,9 @@ impl Actor {
             l.queue.push_back(req);
             return;
         }
-        let spilled = self.spilled.contains_key(&req.id);
+        // An id absent from the index may still be in the store (written by the previous
+        // instance of this model at a reload, after this one listed the store).
+        let spilled = self.spilled.contains_key(&req.id) || (!req.start && self.in_store(&req.id));
         if !req.start && !spilled {
             let why = self.closed.get(&req.id).map_or(
                 "was never started on this worker: its first request must set sequence_start (or import the session)",
@@ -196,7 +210,17 @@ impl Actor {
             Ok(s) => s,
             Err(e) => return self.reject(req, e),
         };
-        let mut live = Live { instance: inst, slot, steps: 0, last_active: now, queue: VecDeque::new(), in_flight: false, closing: req.end, end_after: false, restore: None };
+        let mut live = Live {
+            instance: inst,
+            slot,
+            steps: 0,
+            last_active: now,
+            queue: VecDeque::new(),
+            in_flight: false,
+            closing: req.end,
+            end_after: false,
+            restore: None,
+        };
         if spilled {
             self.spilled.remove(&req.id);
             self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
@@ -217,7 +241,11 @@ impl Actor {
                 }
                 (Ok(None), false) => {
                     self.free_slot(inst, slot);
-                    let e = SequenceError::NotLive { model: self.model(), id: req.id.clone(), why: "was spilled, but its entry is gone from the session store".into() };
+                    let e = SequenceError::NotLive {
+                        model: self.model(),
+                        id: req.id.clone(),
+                        why: "was spilled, but its entry is gone from the session store".into(),
+                    };
                     return self.reject(req, e);
                 }
                 (Err(e), false) => {
@@ -238,12 +266,23 @@ impl Actor {
         self.shared.counters.live.store(self.live.len() as u64, Ordering::Relaxed);
     }
 
+    fn in_store(&self, id: &SequenceId) -> bool {
+        let Some(store) = &self.store else { return false };
+        store.contains(&self.shared.spec.name, self.shared.version, id).unwrap_or_else(|e| {
+            tracing::warn!(model = %self.model(), error = %e, "session store lookup failed");
+            false
+        })
+    }
+
     fn check_corrid(&self, id: &SequenceId) -> Result<(), SequenceError> {
-        let numeric = self.shared.seq.controls.iter().any(|c| c.kind == ControlKind::CorrId && c.dtype != DataType::Bytes);
+        let numeric =
+            self.shared.seq.controls.iter().any(|c| c.kind == ControlKind::CorrId && c.dtype != DataType::Bytes);
         if numeric && matches!(id, SequenceId::Str(_)) {
             return Err(SequenceError::InvalidRequest {
                 model: self.model(),
-                reason: format!("sequence id {id} is a string, but the model's CORRID control input is an integer; send an integer sequence_id"),
+                reason: format!(
+                    "sequence id {id} is a string, but the model's CORRID control input is an integer; send an integer sequence_id"
+                ),
             });
         }
         Ok(())
@@ -251,13 +290,19 @@ impl Actor {
 
     fn check_state(&self, state: &[Tensor]) -> Result<(), SequenceError> {
         let specs = &self.shared.seq.states;
-        let ok = state.len() == specs.len() && state.iter().zip(specs).all(|(t, s)| t.dtype == s.dtype && t.shape == s.dims && t.data.len() == s.initial.data.len());
+        let ok = state.len() == specs.len()
+            && state
+                .iter()
+                .zip(specs)
+                .all(|(t, s)| t.dtype == s.dtype && t.shape == s.dims && t.data.len() == s.initial.data.len());
         if ok {
             return Ok(());
         }
         let want: Vec<String> = specs.iter().map(|s| format!("{}{:?}", s.dtype, s.dims)).collect();
         let got: Vec<String> = state.iter().map(|t| format!("{}{:?}", t.dtype, t.shape)).collect();
-        Err(SequenceError::BadBlob { reason: format!("model '{}' keeps state {want:?}, the session holds {got:?}", self.model()) })
+        Err(SequenceError::BadBlob {
+            reason: format!("model '{}' keeps state {want:?}, the session holds {got:?}", self.model()),
+        })
     }
 
     fn free_slot(&mut self, instance: usize, slot: usize) {
@@ -282,7 +327,12 @@ impl Actor {
             if attempt == 1 || self.store.is_none() {
                 break;
             }
-            let lru = self.live.iter().filter(|(_, l)| !l.in_flight && l.queue.is_empty()).min_by_key(|(_, l)| l.last_active).map(|(id, _)| id.clone());
+            let lru = self
+                .live
+                .iter()
+                .filter(|(_, l)| !l.in_flight && l.queue.is_empty())
+                .min_by_key(|(_, l)| l.last_active)
+                .map(|(id, _)| id.clone());
             let Some(id) = lru else {
                 return Err(SequenceError::SlotsExhausted {
                     model: self.model(),
@@ -302,7 +352,11 @@ impl Actor {
     fn read_state(&mut self, instance: usize, slot: usize) -> Result<Vec<Tensor>, SequenceError> {
         let model = self.model();
         let unavailable = |reason: &str| SequenceError::Unavailable { model: model.clone(), reason: reason.into() };
-        let sender = self.instances.get(instance).and_then(Option::as_ref).ok_or_else(|| unavailable("the session's instance is out of service"))?;
+        let sender = self
+            .instances
+            .get(instance)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| unavailable("the session's instance is out of service"))?;
         let (tx, rx) = std::sync::mpsc::channel();
         sender.send(Job::Read { slot, reply: tx }).map_err(|_| unavailable("the session's instance stopped"))?;
         let state = rx.recv().map_err(|_| unavailable("the session's instance stopped"))?;
@@ -311,7 +365,9 @@ impl Actor {
 
     /// The state of an idle live session (from its pending restore, or read from its slot).
     fn take_state(&mut self, id: &SequenceId) -> Result<(Vec<Tensor>, u64), SequenceError> {
-        let Some(l) = self.live.get_mut(id) else { return Err(SequenceError::NotFound { model: self.model(), id: id.clone() }) };
+        let Some(l) = self.live.get_mut(id) else {
+            return Err(SequenceError::NotFound { model: self.model(), id: id.clone() });
+        };
         let (inst, slot, steps) = (l.instance, l.slot, l.steps);
         match l.restore.take() {
             Some(s) => Ok((s, steps)),
@@ -320,7 +376,9 @@ impl Actor {
     }
 
     fn spill(&mut self, id: &SequenceId) -> Result<(), SequenceError> {
-        let Some(store) = self.store.clone() else { return Err(SequenceError::Store { reason: "no session store configured".into() }) };
+        let Some(store) = self.store.clone() else {
+            return Err(SequenceError::Store { reason: "no session store configured".into() });
+        };
         let (state, steps) = self.take_state(id)?;
         let blob = SessionBlob { model: self.model(), version: self.shared.version, id: id.clone(), steps, state };
         store.put_all(std::slice::from_ref(&blob))?;
@@ -364,7 +422,9 @@ impl Actor {
         let idle: Vec<SequenceId> = self
             .live
             .iter()
-            .filter(|(_, l)| !l.in_flight && l.queue.is_empty() && now.saturating_duration_since(l.last_active) >= max_idle)
+            .filter(|(_, l)| {
+                !l.in_flight && l.queue.is_empty() && now.saturating_duration_since(l.last_active) >= max_idle
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in idle {
@@ -436,7 +496,16 @@ impl Actor {
                 l.end_after = req.end;
                 l.steps = if req.start { 1 } else { l.steps + 1 };
                 let SequenceRequest { id, start, inputs, reply, arrived, .. } = req;
-                jobs.push(StepJob { id, slot: l.slot, start, restore: l.restore.take(), inputs, controls, reply, arrived });
+                jobs.push(StepJob {
+                    id,
+                    slot: l.slot,
+                    start,
+                    restore: l.restore.take(),
+                    inputs,
+                    controls,
+                    reply,
+                    arrived,
+                });
             }
             self.shared.queued.fetch_sub(jobs.len() as u64, Ordering::AcqRel);
             let sent = self.instances[inst].as_ref().map(|s| s.send(Job::Execute(jobs, now)));
@@ -468,12 +537,16 @@ impl Actor {
     fn take_out(&mut self, inst: usize) {
         self.instances[inst] = None;
         self.busy[inst] = false;
-        let ids: Vec<SequenceId> = self.live.iter().filter(|(_, l)| l.instance == inst).map(|(id, _)| id.clone()).collect();
+        let ids: Vec<SequenceId> =
+            self.live.iter().filter(|(_, l)| l.instance == inst).map(|(id, _)| id.clone()).collect();
         tracing::error!(model = %self.model(), instance = inst, sessions_lost = ids.len(), "sequence instance taken out of service");
         for id in ids {
             if let Some(l) = self.live.remove(&id) {
                 for r in l.queue {
-                    let e = SequenceError::Unavailable { model: self.model(), reason: format!("sequence {id} was lost: its instance failed") };
+                    let e = SequenceError::Unavailable {
+                        model: self.model(),
+                        reason: format!("sequence {id} was lost: its instance failed"),
+                    };
                     self.reject(r, e);
                 }
             }
@@ -508,7 +581,14 @@ impl Actor {
         let mut out: Vec<SessionInfo> = self
             .live
             .iter()
-            .map(|(id, l)| SessionInfo { model: model.clone(), version, id: id.clone(), steps: l.steps, live: true, idle: now.saturating_duration_since(l.last_active) })
+            .map(|(id, l)| SessionInfo {
+                model: model.clone(),
+                version,
+                id: id.clone(),
+                steps: l.steps,
+                live: true,
+                idle: now.saturating_duration_since(l.last_active),
+            })
             .collect();
         out.extend(self.spilled.iter().map(|(id, steps)| SessionInfo {
             model: model.clone(),
@@ -533,8 +613,13 @@ impl Actor {
         }
         if self.spilled.remove(&id).is_some() {
             self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
-            let store = self.store.clone().ok_or_else(|| SequenceError::Store { reason: "no session store configured".into() })?;
-            let blob = store.take(&self.shared.spec.name, self.shared.version, &id)?.ok_or_else(|| SequenceError::NotFound { model: self.model(), id: id.clone() })?;
+            let store = self
+                .store
+                .clone()
+                .ok_or_else(|| SequenceError::Store { reason: "no session store configured".into() })?;
+            let blob = store
+                .take(&self.shared.spec.name, self.shared.version, &id)?
+                .ok_or_else(|| SequenceError::NotFound { model: self.model(), id: id.clone() })?;
             if self.closed.insert(id.clone(), ClosedReason::Exported).is_none() {
                 self.closed_order.push_back(id);
             }
@@ -546,7 +631,13 @@ impl Actor {
     fn import(&mut self, blob: SessionBlob) -> Result<SessionInfo, SequenceError> {
         if blob.model != self.shared.spec.name || blob.version != self.shared.version {
             return Err(SequenceError::BadBlob {
-                reason: format!("the session belongs to model '{}' version {}, not '{}' version {}", blob.model, blob.version, self.model(), self.shared.version),
+                reason: format!(
+                    "the session belongs to model '{}' version {}, not '{}' version {}",
+                    blob.model,
+                    blob.version,
+                    self.model(),
+                    self.shared.version
+                ),
             });
         }
         self.check_state(&blob.state)?;
@@ -557,10 +648,27 @@ impl Actor {
         let (instance, slot) = self.allocate()?;
         let now = Instant::now();
         self.closed.remove(&blob.id);
-        let info = SessionInfo { model: self.model(), version: blob.version, id: blob.id.clone(), steps: blob.steps, live: true, idle: std::time::Duration::ZERO };
+        let info = SessionInfo {
+            model: self.model(),
+            version: blob.version,
+            id: blob.id.clone(),
+            steps: blob.steps,
+            live: true,
+            idle: std::time::Duration::ZERO,
+        };
         self.live.insert(
             blob.id,
-            Live { instance, slot, steps: blob.steps, last_active: now, queue: VecDeque::new(), in_flight: false, closing: false, end_after: false, restore: Some(blob.state) },
+            Live {
+                instance,
+                slot,
+                steps: blob.steps,
+                last_active: now,
+                queue: VecDeque::new(),
+                in_flight: false,
+                closing: false,
+                end_after: false,
+                restore: Some(blob.state),
+            },
         );
         self.shared.counters.live.store(self.live.len() as u64, Ordering::Relaxed);
         Ok(info)
@@ -572,8 +680,12 @@ impl Actor {
             let mut blobs = Vec::with_capacity(ids.len());
             for id in ids {
                 match self.take_state(&id) {
-                    Ok((state, steps)) => blobs.push(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state }),
-                    Err(e) => tracing::warn!(model = %self.model(), id = %id, error = %e, "cannot save a session at drain"),
+                    Ok((state, steps)) => {
+                        blobs.push(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state })
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %self.model(), id = %id, error = %e, "cannot save a session at drain")
+                    }
                 }
             }
             let n = blobs.len();
@@ -584,7 +696,9 @@ impl Actor {
                     }
                     self.shared.counters.spilled.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Err(e) => tracing::error!(model = %self.model(), sessions = n, error = %e, "cannot write live sessions to the session store; they are lost"),
+                Err(e) => {
+                    tracing::error!(model = %self.model(), sessions = n, error = %e, "cannot write live sessions to the session store; they are lost")
+                }
             }
         } else if !self.live.is_empty() {
             tracing::info!(model = %self.model(), sessions = self.live.len(), "live sessions dropped at drain (no --session-store)");

@@ -5,11 +5,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::ConfigError;
+use crate::proto::inference::ModelConfig;
 use crate::proto::inference::model_config::SchedulingChoice;
 use crate::proto::inference::model_sequence_batching::{
     self as msb, StrategyChoice, control::Kind as ControlKindProto, initial_state::StateData,
 };
-use crate::proto::inference::ModelConfig;
 use crate::tensor::{DataType, Tensor};
 
 /// Idle time after which a live sequence is freed when the config sets none (Triton's default).
@@ -95,13 +95,23 @@ impl SequenceSpec {
     /// The `sequence_batching` block of `config`, or `None` when the model is stateless.
     /// `model_dir` is where `initial_state { data_file }` paths are read from
     /// (`<model_dir>/initial_state/<data_file>`, Triton's layout); `file` names the source in errors.
-    pub fn from_config(config: &ModelConfig, file: &str, model_dir: Option<&Path>) -> Result<Option<SequenceSpec>, ConfigError> {
+    pub fn from_config(
+        config: &ModelConfig,
+        file: &str,
+        model_dir: Option<&Path>,
+    ) -> Result<Option<SequenceSpec>, ConfigError> {
         let Some(SchedulingChoice::SequenceBatching(sb)) = &config.scheduling_choice else { return Ok(None) };
-        let err = |field: String, reason: String| ConfigError::Field { file: file.to_string(), field: format!("sequence_batching.{field}"), reason };
+        let err = |field: String, reason: String| ConfigError::Field {
+            file: file.to_string(),
+            field: format!("sequence_batching.{field}"),
+            reason,
+        };
         let max_batch = usize::try_from(config.max_batch_size).unwrap_or(0).max(1);
         let strategy = match &sb.strategy_choice {
             None => Strategy::Direct { max_queue_delay: Duration::ZERO },
-            Some(StrategyChoice::Direct(d)) => Strategy::Direct { max_queue_delay: Duration::from_micros(d.max_queue_delay_microseconds) },
+            Some(StrategyChoice::Direct(d)) => {
+                Strategy::Direct { max_queue_delay: Duration::from_micros(d.max_queue_delay_microseconds) }
+            }
             Some(StrategyChoice::Oldest(o)) => {
                 let candidates = match o.max_candidate_sequences {
                     0 => max_batch,
@@ -112,7 +122,10 @@ impl SequenceSpec {
                 for p in &o.preferred_batch_size {
                     let ok = usize::try_from(*p).ok().filter(|p| *p >= 1 && *p <= max_batch);
                     preferred.push(ok.ok_or_else(|| {
-                        err("oldest.preferred_batch_size".into(), format!("each size must be between 1 and max_batch_size ({max_batch}), got {p}"))
+                        err(
+                            "oldest.preferred_batch_size".into(),
+                            format!("each size must be between 1 and max_batch_size ({max_batch}), got {p}"),
+                        )
                     })?);
                 }
                 preferred.sort_unstable();
@@ -134,7 +147,10 @@ impl SequenceSpec {
                 return Err(err(format!("control_input[{i}].name"), "must not be empty".into()));
             }
             let [c] = ci.control.as_slice() else {
-                return Err(err(format!("control_input[{i}].control"), format!("exactly one control per input, got {}", ci.control.len())));
+                return Err(err(
+                    format!("control_input[{i}].control"),
+                    format!("exactly one control per input, got {}", ci.control.len()),
+                ));
             };
             controls.push(control_spec(c, &ci.name).map_err(|r| err(format!("control_input[{i}]"), r))?);
         }
@@ -150,7 +166,9 @@ impl SequenceSpec {
     pub fn slots_per_instance(&self, max_batch_size: usize, instances: usize) -> usize {
         match &self.strategy {
             Strategy::Direct { .. } => max_batch_size.max(1),
-            Strategy::Oldest { max_candidate_sequences, .. } => max_candidate_sequences.div_ceil(instances.max(1)).max(1),
+            Strategy::Oldest { max_candidate_sequences, .. } => {
+                max_candidate_sequences.div_ceil(instances.max(1)).max(1)
+            }
         }
     }
 
@@ -158,7 +176,9 @@ impl SequenceSpec {
     pub fn batch_policy(&self) -> (Duration, &[usize]) {
         match &self.strategy {
             Strategy::Direct { max_queue_delay } => (*max_queue_delay, &[]),
-            Strategy::Oldest { preferred_batch_sizes, max_queue_delay, .. } => (*max_queue_delay, preferred_batch_sizes),
+            Strategy::Oldest { preferred_batch_sizes, max_queue_delay, .. } => {
+                (*max_queue_delay, preferred_batch_sizes)
+            }
         }
     }
 }
@@ -173,11 +193,19 @@ fn control_spec(c: &msb::Control, name: &str) -> Result<ControlSpec, String> {
     };
     if kind == ControlKind::CorrId {
         let dtype = DataType::from_config_code(c.data_type)
-            .filter(|d| matches!(d, DataType::Uint64 | DataType::Int64 | DataType::Uint32 | DataType::Int32 | DataType::Bytes))
-            .ok_or_else(|| format!("'{name}': CORRID data_type must be TYPE_UINT64, TYPE_INT64, TYPE_UINT32, TYPE_INT32 or TYPE_STRING"))?;
+            .filter(|d| {
+                matches!(d, DataType::Uint64 | DataType::Int64 | DataType::Uint32 | DataType::Int32 | DataType::Bytes)
+            })
+            .ok_or_else(|| {
+                format!(
+                    "'{name}': CORRID data_type must be TYPE_UINT64, TYPE_INT64, TYPE_UINT32, TYPE_INT32 or TYPE_STRING"
+                )
+            })?;
         return Ok(ControlSpec { name: name.to_string(), kind, dtype, false_true: [Vec::new(), Vec::new()] });
     }
-    let pair = |n: usize| if n == 2 { Ok(()) } else { Err(format!("'{name}': a false/true pair needs exactly 2 values, got {n}")) };
+    let pair = |n: usize| {
+        if n == 2 { Ok(()) } else { Err(format!("'{name}': a false/true pair needs exactly 2 values, got {n}")) }
+    };
     let (dtype, false_true) = if !c.int32_false_true.is_empty() {
         pair(c.int32_false_true.len())?;
         (DataType::Int32, [c.int32_false_true[0].to_le_bytes().to_vec(), c.int32_false_true[1].to_le_bytes().to_vec()])
@@ -197,18 +225,16 @@ fn state_spec(s: &msb::State, model_dir: Option<&Path>) -> Result<StateSpec, Str
     if s.input_name.is_empty() || s.output_name.is_empty() {
         return Err("input_name and output_name must both be set".into());
     }
-    let dtype = DataType::from_config_code(s.data_type).filter(|d| d.size().is_some()).ok_or_else(|| {
-        format!("'{}': data_type {} is not a fixed-size tensor type", s.input_name, s.data_type)
-    })?;
+    let dtype = DataType::from_config_code(s.data_type)
+        .filter(|d| d.size().is_some())
+        .ok_or_else(|| format!("'{}': data_type {} is not a fixed-size tensor type", s.input_name, s.data_type))?;
     if s.use_growable_memory {
         return Err(format!("'{}': use_growable_memory is not supported; declare fixed dims", s.input_name));
     }
-    let dims = s
-        .dims
-        .iter()
-        .map(|d| usize::try_from(*d).ok().filter(|d| *d > 0))
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| format!("'{}': dims {:?} must all be positive (implicit state has a fixed shape)", s.input_name, s.dims))?;
+    let dims =
+        s.dims.iter().map(|d| usize::try_from(*d).ok().filter(|d| *d > 0)).collect::<Option<Vec<usize>>>().ok_or_else(
+            || format!("'{}': dims {:?} must all be positive (implicit state has a fixed shape)", s.input_name, s.dims),
+        )?;
     let bytes = dims.iter().product::<usize>() * dtype.size().unwrap_or(1);
     let mut initial = Tensor { dtype, shape: dims.clone(), data: vec![0u8; bytes] };
     if let Some(init) = s.initial_state.first() {
@@ -223,10 +249,14 @@ fn state_spec(s: &msb::State, model_dir: Option<&Path>) -> Result<StateSpec, Str
             Some(StateData::DataFile(f)) => {
                 let plain = Path::new(f).components().all(|c| matches!(c, std::path::Component::Normal(_)));
                 let Some(dir) = model_dir.filter(|_| plain && !f.is_empty()) else {
-                    return Err(format!("'{}': initial_state data_file '{f}' needs a model folder and a relative path", s.input_name));
+                    return Err(format!(
+                        "'{}': initial_state data_file '{f}' needs a model folder and a relative path",
+                        s.input_name
+                    ));
                 };
                 let path = dir.join("initial_state").join(f);
-                let data = std::fs::read(&path).map_err(|e| format!("{}: cannot read initial state: {e}", path.display()))?;
+                let data =
+                    std::fs::read(&path).map_err(|e| format!("{}: cannot read initial state: {e}", path.display()))?;
                 if data.len() != bytes {
                     return Err(format!("{}: {} bytes, the state needs {bytes}", path.display(), data.len()));
                 }
@@ -268,7 +298,11 @@ mod tests {
         assert_eq!(s.max_idle, Duration::from_millis(5));
         assert_eq!(
             s.strategy,
-            Strategy::Oldest { max_candidate_sequences: 10, preferred_batch_sizes: vec![2, 4], max_queue_delay: Duration::from_micros(100) }
+            Strategy::Oldest {
+                max_candidate_sequences: 10,
+                preferred_batch_sizes: vec![2, 4],
+                max_queue_delay: Duration::from_micros(100)
+            }
         );
         assert_eq!(s.slots_per_instance(4, 3), 4);
         assert_eq!(s.controls[0].kind, ControlKind::Start);

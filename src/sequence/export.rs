@@ -100,7 +100,10 @@ impl SessionBlob {
         let mut state = Vec::with_capacity(n as usize);
         for i in 0..n {
             let code = r.u32()?;
-            let dtype = i32::try_from(code).ok().and_then(DataType::from_config_code).ok_or_else(|| format!("state {i}: unknown datatype code {code}"))?;
+            let dtype = i32::try_from(code)
+                .ok()
+                .and_then(DataType::from_config_code)
+                .ok_or_else(|| format!("state {i}: unknown datatype code {code}"))?;
             let rank = r.u32()?;
             if rank > MAX_RANK {
                 return Err(format!("state {i}: rank {rank} is too large"));

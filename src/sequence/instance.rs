@@ -51,12 +51,21 @@ pub struct CpuSequenceInstance {
 
 impl CpuSequenceInstance {
     /// An instance with `slots` slots, each starting at `initial`.
-    pub fn new(kernel: Arc<dyn SequenceKernel>, initial: Vec<Tensor>, slots: usize, index: usize) -> CpuSequenceInstance {
+    pub fn new(
+        kernel: Arc<dyn SequenceKernel>,
+        initial: Vec<Tensor>,
+        slots: usize,
+        index: usize,
+    ) -> CpuSequenceInstance {
         CpuSequenceInstance { kernel, states: vec![initial.clone(); slots], initial, index }
     }
 
     fn slot_error(&self, slot: usize) -> BackendError {
-        BackendError::Execution { message: format!("slot {slot} does not exist (instance has {})", self.states.len()), instance_usable: true, nrt_status: None }
+        BackendError::Execution {
+            message: format!("slot {slot} does not exist (instance has {})", self.states.len()),
+            instance_usable: true,
+            nrt_status: None,
+        }
     }
 }
 
@@ -154,7 +163,14 @@ pub(crate) fn spawn(
     Ok(tx)
 }
 
-fn run_batch(instance: &mut dyn StatefulInstance, mut steps: Vec<StepJob>, dispatched: Instant, model: &str, stats: &ModelStats, index: usize) -> bool {
+fn run_batch(
+    instance: &mut dyn StatefulInstance,
+    mut steps: Vec<StepJob>,
+    dispatched: Instant,
+    model: &str,
+    stats: &ModelStats,
+    index: usize,
+) -> bool {
     let t0 = Instant::now();
     let mut restore_error = None;
     for s in &mut steps {
@@ -168,8 +184,10 @@ fn run_batch(instance: &mut dyn StatefulInstance, mut steps: Vec<StepJob>, dispa
     let result = match restore_error {
         Some(e) => Err(e),
         None => {
-            let views: Vec<SlotStep<'_>> =
-                steps.iter().map(|s| SlotStep { slot: s.slot, start: s.start, inputs: &s.inputs, controls: &s.controls }).collect();
+            let views: Vec<SlotStep<'_>> = steps
+                .iter()
+                .map(|s| SlotStep { slot: s.slot, start: s.start, inputs: &s.inputs, controls: &s.controls })
+                .collect();
             instance.execute(&views)
         }
     };

@@ -65,8 +65,12 @@ pub enum ClosedReason {
 impl ClosedReason {
     fn as_str(self) -> &'static str {
         match self {
-            ClosedReason::Ended => "has ended (its END request was executed); send a request with sequence_start to begin it again",
-            ClosedReason::Expired => "expired after being idle longer than max_sequence_idle_microseconds; start it again with sequence_start",
+            ClosedReason::Ended => {
+                "has ended (its END request was executed); send a request with sequence_start to begin it again"
+            }
+            ClosedReason::Expired => {
+                "expired after being idle longer than max_sequence_idle_microseconds; start it again with sequence_start"
+            }
             ClosedReason::Exported => "was exported to another worker with ExportSession; send its requests there",
         }
     }
@@ -278,7 +282,10 @@ pub struct SequenceSetup {
 
 impl SequenceHandle {
     /// Starts the actor thread and one thread per instance.
-    pub fn start(setup: SequenceSetup, instances: Vec<Box<dyn StatefulInstance>>) -> Result<SequenceHandle, SequenceError> {
+    pub fn start(
+        setup: SequenceSetup,
+        instances: Vec<Box<dyn StatefulInstance>>,
+    ) -> Result<SequenceHandle, SequenceError> {
         let shared = Arc::new(Shared {
             spec: setup.spec.clone(),
             seq: setup.seq.clone(),
@@ -308,7 +315,11 @@ impl SequenceHandle {
         let queued = s.queued.fetch_add(1, Ordering::AcqRel);
         if queued >= bound {
             s.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(SequenceError::QueueFull { model: s.spec.name.clone(), queued: queued as usize, bound: bound as usize });
+            return Err(SequenceError::QueueFull {
+                model: s.spec.name.clone(),
+                queued: queued as usize,
+                bound: bound as usize,
+            });
         }
         self.tx.send(Command::Submit(req)).map_err(|_| {
             s.queued.fetch_sub(1, Ordering::AcqRel);
@@ -366,12 +377,24 @@ impl SequenceHandle {
 }
 
 /// Creates CPU instances for a built-in stateful model: `count` instances of `slots` slots each.
-pub fn create_cpu_instances(spec: &ModelSpec, seq: &SequenceSpec, slots: usize, count: usize) -> Result<Vec<Box<dyn StatefulInstance>>, String> {
+pub fn create_cpu_instances(
+    spec: &ModelSpec,
+    seq: &SequenceSpec,
+    slots: usize,
+    count: usize,
+) -> Result<Vec<Box<dyn StatefulInstance>>, String> {
     let kernel = builtin_kernel(&spec.name).ok_or_else(|| {
-        format!("model '{}': the CPU backend has no stateful kernel for it (built-in stateful models: accumulate, gru)", spec.name)
+        format!(
+            "model '{}': the CPU backend has no stateful kernel for it (built-in stateful models: accumulate, gru)",
+            spec.name
+        )
     })?;
     let initial = seq.states.iter().map(|s| s.initial.clone()).collect::<Vec<_>>();
-    Ok((0..count).map(|i| Box::new(CpuSequenceInstance::new(kernel.clone(), initial.clone(), slots, i)) as Box<dyn StatefulInstance>).collect())
+    Ok((0..count)
+        .map(|i| {
+            Box::new(CpuSequenceInstance::new(kernel.clone(), initial.clone(), slots, i)) as Box<dyn StatefulInstance>
+        })
+        .collect())
 }
 
 /// The placeholder instances a sequence model's stateless scheduler is started with: they keep
@@ -383,7 +406,10 @@ pub struct RoutedToSequences {
 }
 
 impl crate::backend::ModelInstance for RoutedToSequences {
-    fn execute(&mut self, _: &[crate::backend::BatchInput<'_>]) -> Result<Vec<crate::backend::NamedTensor>, BackendError> {
+    fn execute(
+        &mut self,
+        _: &[crate::backend::BatchInput<'_>],
+    ) -> Result<Vec<crate::backend::NamedTensor>, BackendError> {
         Err(BackendError::Execution {
             message: "requests of sequence models are executed by the sequence batcher".into(),
             instance_usable: true,
@@ -407,8 +433,9 @@ pub fn start_cpu(
     let count = spec.instance_count.unwrap_or(1).max(1);
     let slots = seq.slots_per_instance(spec.max_batch_size, count);
     let instances = create_cpu_instances(&spec, &seq, slots, count)?;
-    let placeholders: Vec<Box<dyn crate::backend::ModelInstance>> =
-        (0..count).map(|index| Box::new(RoutedToSequences { index }) as Box<dyn crate::backend::ModelInstance>).collect();
+    let placeholders: Vec<Box<dyn crate::backend::ModelInstance>> = (0..count)
+        .map(|index| Box::new(RoutedToSequences { index }) as Box<dyn crate::backend::ModelInstance>)
+        .collect();
     let scheduler = crate::scheduler::SchedulerHandle::start(spec.clone(), placeholders);
     let setup = SequenceSetup { spec, seq: Arc::new(seq), version, stats: scheduler.stats().clone(), store, slots };
     let handle = SequenceHandle::start(setup, instances).map_err(|e| e.to_string())?;

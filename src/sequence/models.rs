@@ -121,8 +121,13 @@ impl SequenceKernel for Accumulate {
         let mut out = Vec::with_capacity(steps.len());
         for step in steps.iter_mut() {
             let x = step.inputs.first().ok_or_else(|| invalid("INPUT", "missing".into()))?;
-            let [a, b, c, d] = x.data.get(..4).and_then(|s| <[u8; 4]>::try_from(s).ok()).ok_or_else(|| invalid("INPUT", "needs one INT32".into()))?;
-            let acc = step.state.first_mut().ok_or_else(|| BackendError::Load("accumulate needs one state tensor".into()))?;
+            let [a, b, c, d] = x
+                .data
+                .get(..4)
+                .and_then(|s| <[u8; 4]>::try_from(s).ok())
+                .ok_or_else(|| invalid("INPUT", "needs one INT32".into()))?;
+            let acc =
+                step.state.first_mut().ok_or_else(|| BackendError::Load("accumulate needs one state tensor".into()))?;
             let prev = acc.data.get(..4).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(i32::from_le_bytes).unwrap_or(0);
             let sum = prev.wrapping_add(i32::from_le_bytes([a, b, c, d]));
             acc.data = sum.to_le_bytes().to_vec();

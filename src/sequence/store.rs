@@ -49,7 +49,9 @@ fn prefix(model: &str, version: i64) -> String {
 impl SessionStore {
     /// Opens (or creates) the store in folder `dir`.
     pub fn open(dir: &Path) -> Result<SessionStore, SequenceError> {
-        let err = |what: &str, e: &dyn std::fmt::Display| SequenceError::Store { reason: format!("{}: {what}: {e}", dir.display()) };
+        let err = |what: &str, e: &dyn std::fmt::Display| SequenceError::Store {
+            reason: format!("{}: {what}: {e}", dir.display()),
+        };
         std::fs::create_dir_all(dir).map_err(|e| err("cannot create the folder", &e))?;
         let path = dir.join(STORE_FILE);
         let db = Database::create(&path).map_err(|e| err("cannot open the session database", &e))?;
@@ -74,7 +76,8 @@ impl SessionStore {
         {
             let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
             for b in blobs {
-                t.insert(key(&b.model, b.version, &b.id).as_str(), b.encode().as_slice()).map_err(|e| self.fail("insert", e))?;
+                t.insert(key(&b.model, b.version, &b.id).as_str(), b.encode().as_slice())
+                    .map_err(|e| self.fail("insert", e))?;
             }
         }
         txn.commit().map_err(|e| self.fail("commit", e))
@@ -91,7 +94,8 @@ impl SessionStore {
         };
         txn.commit().map_err(|e| self.fail("commit", e))?;
         let Some(raw) = raw else { return Ok(None) };
-        let blob = SessionBlob::decode(&raw).map_err(|reason| SequenceError::CorruptSession { id: id.clone(), reason })?;
+        let blob =
+            SessionBlob::decode(&raw).map_err(|reason| SequenceError::CorruptSession { id: id.clone(), reason })?;
         if blob.model != model || blob.version != version || &blob.id != id {
             return Err(SequenceError::CorruptSession {
                 id: id.clone(),
@@ -99,6 +103,13 @@ impl SessionStore {
             });
         }
         Ok(Some(blob))
+    }
+
+    /// Whether the store has an entry (valid or not) for the session.
+    pub fn contains(&self, model: &str, version: i64, id: &SequenceId) -> Result<bool, SequenceError> {
+        let txn = self.db.begin_read().map_err(|e| self.fail("begin read", e))?;
+        let t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
+        Ok(t.get(key(model, version, id).as_str()).map_err(|e| self.fail("read", e))?.is_some())
     }
 
     /// Deletes a session's entry if there is one.
@@ -128,7 +139,13 @@ impl SessionStore {
                 Ok(b) if b.model == model && b.version == version && key(model, version, &b.id) == k => {
                     ok.push(StoredSession { id: b.id, steps: b.steps })
                 }
-                Ok(b) => skipped.push(format!("entry '{}' holds model '{}' version {} sequence {}", k.replace('\u{1f}', "/"), b.model, b.version, b.id)),
+                Ok(b) => skipped.push(format!(
+                    "entry '{}' holds model '{}' version {} sequence {}",
+                    k.replace('\u{1f}', "/"),
+                    b.model,
+                    b.version,
+                    b.id
+                )),
                 Err(reason) => skipped.push(format!("entry '{}': {reason}", k.replace('\u{1f}', "/"))),
             }
         }
@@ -155,7 +172,13 @@ mod tests {
     fn stores_takes_and_skips_corrupt_or_foreign_entries() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = SessionStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        let blob = |id: u64| SessionBlob { model: "m".into(), version: 1, id: SequenceId::Uint(id), steps: id, state: vec![Tensor::from_f32(vec![1], &[id as f32])] };
+        let blob = |id: u64| SessionBlob {
+            model: "m".into(),
+            version: 1,
+            id: SequenceId::Uint(id),
+            steps: id,
+            state: vec![Tensor::from_f32(vec![1], &[id as f32])],
+        };
         store.put_all(&[blob(1), blob(2)]).unwrap_or_else(|e| panic!("{e}"));
         store.put_raw("m", 1, &SequenceId::Uint(3), b"garbage").unwrap_or_else(|e| panic!("{e}"));
         store.put_raw("m", 1, &SequenceId::Uint(4), &blob(5).encode()).unwrap_or_else(|e| panic!("{e}"));

@@ -22,8 +22,8 @@ pub mod proto {
 
 use proto::sessions_server::Sessions;
 use proto::{
-    ExportSessionRequest, ExportSessionResponse, ImportSessionRequest, ImportSessionResponse, ListSessionsRequest, ListSessionsResponse,
-    sequence_id,
+    ExportSessionRequest, ExportSessionResponse, ImportSessionRequest, ImportSessionResponse, ListSessionsRequest,
+    ListSessionsResponse, sequence_id,
 };
 
 /// Runs one request of a sequence model through its sequence batcher.
@@ -35,19 +35,33 @@ pub(super) async fn infer_sequence(
 ) -> Result<ModelInferResponse, ServerError> {
     let spec = &model.spec;
     let decoded = decode_request_for(&mut req, spec, true)?;
-    let invalid = |reason: String| ServerError::Sequence(SequenceError::InvalidRequest { model: spec.name.clone(), reason });
+    let invalid =
+        |reason: String| ServerError::Sequence(SequenceError::InvalidRequest { model: spec.name.clone(), reason });
     let Some(id) = decoded.sequence.id else {
         return Err(invalid(
             "this is a stateful (sequence-batched) model: every request needs a non-zero sequence_id, and the first request of a sequence sequence_start".into(),
         ));
     };
     if decoded.rows != 1 {
-        return Err(invalid(format!("a request of sequence {id} must carry exactly one batch row, got {}", decoded.rows)));
+        return Err(invalid(format!(
+            "a request of sequence {id} must carry exactly one batch row, got {}",
+            decoded.rows
+        )));
     }
     let (tx, rx) = oneshot::channel();
-    handle.submit(SequenceRequest { id, start: decoded.sequence.start, end: decoded.sequence.end, inputs: decoded.inputs, reply: tx, arrived })?;
+    handle.submit(SequenceRequest {
+        id,
+        start: decoded.sequence.start,
+        end: decoded.sequence.end,
+        inputs: decoded.inputs,
+        reply: tx,
+        arrived,
+    })?;
     let reply = rx.await.map_err(|_| {
-        ServerError::Sequence(SequenceError::Unavailable { model: spec.name.clone(), reason: "the sequence batcher stopped before answering".into() })
+        ServerError::Sequence(SequenceError::Unavailable {
+            model: spec.name.clone(),
+            reason: "the sequence batcher stopped before answering".into(),
+        })
     })??;
     Ok(encode_response(&req.model_name, model.version, std::mem::take(&mut req.id), reply, &decoded.outputs))
 }
@@ -67,7 +81,9 @@ impl SessionsService {
     fn handle(&self, model: &str, version: &str) -> Result<SequenceHandle, ServerError> {
         let m = self.repo.get(model, version)?;
         m.sequence.clone().ok_or_else(|| {
-            ServerError::InvalidRequest(format!("model '{model}' is not a stateful (sequence-batched) model; it has no sessions"))
+            ServerError::InvalidRequest(format!(
+                "model '{model}' is not a stateful (sequence-batched) model; it has no sessions"
+            ))
         })
     }
 }
@@ -85,7 +101,9 @@ fn id_from_proto(id: Option<proto::SequenceId>) -> Result<SequenceId, ServerErro
     match id.and_then(|i| i.id) {
         Some(sequence_id::Id::Uint64Id(v)) if v != 0 => Ok(SequenceId::Uint(v)),
         Some(sequence_id::Id::StringId(s)) if !s.is_empty() => Ok(SequenceId::Str(s)),
-        _ => Err(ServerError::InvalidRequest("sequence_id must be a non-zero uint64_id or a non-empty string_id".into())),
+        _ => {
+            Err(ServerError::InvalidRequest("sequence_id must be a non-zero uint64_id or a non-empty string_id".into()))
+        }
     }
 }
 
@@ -118,17 +136,31 @@ impl Sessions for SessionsService {
         Ok(Response::new(ListSessionsResponse { sessions }))
     }
 
-    async fn export_session(&self, r: Request<ExportSessionRequest>) -> Result<Response<ExportSessionResponse>, Status> {
+    async fn export_session(
+        &self,
+        r: Request<ExportSessionRequest>,
+    ) -> Result<Response<ExportSessionResponse>, Status> {
         let r = r.into_inner();
         let id = id_from_proto(r.sequence_id)?;
         let handle = self.handle(&r.model, &r.version)?;
         let blob = handle.export(id).await.map_err(ServerError::from)?;
-        let info = SessionInfo { model: blob.model.clone(), version: blob.version, id: blob.id.clone(), steps: blob.steps, live: false, idle: Default::default() };
+        let info = SessionInfo {
+            model: blob.model.clone(),
+            version: blob.version,
+            id: blob.id.clone(),
+            steps: blob.steps,
+            live: false,
+            idle: Default::default(),
+        };
         Ok(Response::new(ExportSessionResponse { blob: blob.encode(), session: Some(info_to_proto(&info)) }))
     }
 
-    async fn import_session(&self, r: Request<ImportSessionRequest>) -> Result<Response<ImportSessionResponse>, Status> {
-        let blob = SessionBlob::decode(&r.into_inner().blob).map_err(|reason| ServerError::Sequence(SequenceError::BadBlob { reason }))?;
+    async fn import_session(
+        &self,
+        r: Request<ImportSessionRequest>,
+    ) -> Result<Response<ImportSessionResponse>, Status> {
+        let blob = SessionBlob::decode(&r.into_inner().blob)
+            .map_err(|reason| ServerError::Sequence(SequenceError::BadBlob { reason }))?;
         let handle = self.handle(&blob.model, &blob.version.to_string())?;
         let info = handle.import(blob).await.map_err(ServerError::from)?;
         Ok(Response::new(ImportSessionResponse { session: Some(info_to_proto(&info)) }))

@@ -11,7 +11,7 @@
 #   INTEROP_BACKEND       --backend for the worker        (default cpu: the expected values are the CPU reference's)
 #   PYTEST_ARGS           extra pytest arguments (e.g. "-k streaming -v")
 # Exits non-zero when any step fails. The last line is "interop: N passed, M failed", counting the
-# pytest tests plus three checks: perf_analyzer unary, perf_analyzer streaming, exit 0 on SIGTERM.
+# pytest tests plus four checks: perf_analyzer unary, streaming and sequences, exit 0 on SIGTERM.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -105,7 +105,7 @@ fi
 echo "interop: worker ready (pid $WORKER_PID)"
 
 FAILED_STEPS=()   # what failed besides pytest tests, for the log
-CHECKS_PASSED=0   # perf_analyzer unary, perf_analyzer streaming, SIGTERM
+CHECKS_PASSED=0   # perf_analyzer unary, streaming and sequences, SIGTERM
 CHECKS_FAILED=0
 
 # --- pytest ----------------------------------------------------------------------------------------
@@ -114,7 +114,7 @@ set +e
 # shellcheck disable=SC2086
 NEURON_WORKER_URL="$GRPC_ADDR" NEURON_WORKER_METRICS_URL="http://$METRICS_ADDR" \
   timeout 120 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfE --junitxml="$JUNIT" \
-  "$ROOT/tests/interop/test_tritonclient.py" ${PYTEST_ARGS:-}
+  "$ROOT/tests/interop/test_tritonclient.py" "$ROOT/tests/interop/test_sequences.py" ${PYTEST_ARGS:-}
 PYTEST_RC=$?
 set -e
 SUMMARY=$("$VENV/bin/python" - "$JUNIT" <<'PY'
@@ -166,6 +166,21 @@ perf() {
 }
 perf unary
 perf streaming --streaming
+
+# Sequences: perf_analyzer drives the stateful `accumulate` model with START/END flags.
+echo "interop: perf_analyzer (sequences)"
+SEQ_OUT="$WORK/perf-sequences.txt"
+SEQ_RC=0
+timeout 90 perf_analyzer -i grpc -u "$GRPC_ADDR" -m accumulate --sequence-length 20 --concurrency-range 8 \
+  --shape INPUT:1 --measurement-interval 1000 --stability-percentage 50 --max-trials 8 >"$SEQ_OUT" 2>&1 || SEQ_RC=$?
+grep -E '^Concurrency: [0-9]+, throughput: [0-9.]+ infer/sec' "$SEQ_OUT" || true
+if [ "$SEQ_RC" -ne 0 ] || ! grep -qE '^Concurrency: 8, throughput: [0-9.]*[1-9][0-9.]* infer/sec' "$SEQ_OUT"; then
+  tail -n 20 "$SEQ_OUT" >&2
+  FAILED_STEPS+=("perf_analyzer sequences (exit $SEQ_RC)")
+  CHECKS_FAILED=$((CHECKS_FAILED + 1))
+else
+  CHECKS_PASSED=$((CHECKS_PASSED + 1))
+fi
 
 # --- graceful stop ---------------------------------------------------------------------------------
 echo "interop: SIGTERM to the worker"
