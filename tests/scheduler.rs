@@ -361,3 +361,23 @@ async fn drain_finishes_accepted_requests_then_refuses() {
     }
     tokio::time::timeout(Duration::from_secs(5), drain).await.expect("drain completes").expect("join");
 }
+
+#[tokio::test]
+async fn work_handed_ahead_to_a_retiring_instance_is_served_by_another() {
+    let p = Probe::default();
+    p.close();
+    let h = start(spec("dynamic_batching { }", "2", 1), &p, 2, Some((13.0, false)));
+    // Instance 0 takes the batch that will fail fatally, instance 1 a normal one; then one batch is
+    // handed ahead to each while both are busy.
+    let doomed = submit(&h, 13.0, 1, 2, 0, None).expect("submit");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let rest: Vec<Rx> = (1..=3).map(|t| submit(&h, t as f32, 1, 2, 0, None).expect("submit")).collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.open();
+    assert!(output(doomed).await.is_err());
+    for (i, rx) in rest.into_iter().enumerate() {
+        let out = output(rx).await.expect("served by the remaining instance");
+        assert_eq!(out[0], (i + 1) as f32);
+    }
+    assert_eq!(h.instances_in_service(), 1);
+}

@@ -1,6 +1,8 @@
 //! The queue actor: the only owner of a model's queue. It admits requests, purges cancelled and
 //! expired ones, waits for fuller batches within the configured delay, and hands each batch to an
-//! idle instance.
+//! idle instance. When a full batch is waiting and no instance is idle, a busy instance is handed
+//! one batch ahead (single-priority queues only), so it starts its next execution without waiting
+//! for a round trip through the actor.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,7 +24,8 @@ struct Actor {
     shared: Arc<Shared>,
     queue: Queue,
     instances: Vec<Option<InstanceSender>>,
-    idle: Vec<usize>,
+    /// Batches sent to each instance and not yet done (0 = idle; at most 2).
+    outstanding: Vec<usize>,
     busy: usize,
     drain: Vec<oneshot::Sender<()>>,
     max_rows: usize,
@@ -34,12 +37,9 @@ pub(super) fn spawn(rx: mpsc::UnboundedReceiver<Command>, instances: Vec<Instanc
     if let Some(largest) = spec.buckets.largest_batch() {
         max_rows = max_rows.min(largest);
     }
-    if !spec.dynamic_batching {
-        max_rows = max_rows.min(spec.max_rows());
-    }
     let actor = Actor {
         queue: Queue::new(spec.dynamic.priority_levels as usize),
-        idle: (0..instances.len()).rev().collect(),
+        outstanding: vec![0; instances.len()],
         instances: instances.into_iter().map(Some).collect(),
         busy: 0,
         drain: Vec::new(),
@@ -82,22 +82,23 @@ impl Actor {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Enqueue(req) => {
-                let spec = &self.shared.spec;
-                let policy = &spec.dynamic;
-                let timeout = match (req.timeout, policy.default_timeout) {
-                    (Some(t), Some(d)) if !policy.allow_timeout_override => Some(t.min(d)),
-                    (Some(t), _) => Some(t),
-                    (None, d) => d,
-                };
-                let level = if req.priority == 0 { policy.default_priority_level } else { req.priority };
-                let deadline = timeout.map(|t| req.arrived + t);
-                self.queue.push(Queued { req, deadline }, level);
+                let (q, level) = self.queued(req);
+                self.queue.push(q, level);
+            }
+            Command::Requeue(requests) => {
+                self.busy = self.busy.saturating_sub(1);
+                self.shared.queued.fetch_add(requests.len(), Ordering::AcqRel);
+                for req in requests.into_iter().rev() {
+                    let (q, level) = self.queued(req);
+                    self.queue.push_front(q, level);
+                }
             }
             Command::Done { instance, usable } => {
                 self.busy = self.busy.saturating_sub(1);
-                if usable {
-                    self.idle.push(instance);
-                } else if let Some(slot) = self.instances.get_mut(instance) {
+                if let Some(n) = self.outstanding.get_mut(instance) {
+                    *n = n.saturating_sub(1);
+                }
+                if !usable && let Some(slot) = self.instances.get_mut(instance) {
                     *slot = None;
                     let left = self.shared.in_service.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
                     tracing::error!(model = %self.shared.spec.name, instance, left, "instance taken out of service");
@@ -108,6 +109,26 @@ impl Actor {
             }
             Command::Drain(done) => self.drain.push(done),
         }
+    }
+
+    /// A request with its queue deadline and priority level, per the model's queue policy.
+    fn queued(&self, req: super::InferRequest) -> (Queued, u64) {
+        let policy = &self.shared.spec.dynamic;
+        let timeout = match (req.timeout, policy.default_timeout) {
+            (Some(t), Some(d)) if !policy.allow_timeout_override => Some(t.min(d)),
+            (Some(t), _) => Some(t),
+            (None, d) => d,
+        };
+        let level = if req.priority == 0 { policy.default_priority_level } else { req.priority };
+        let deadline = timeout.map(|t| req.arrived + t);
+        (Queued { req, deadline }, level)
+    }
+
+    /// An idle instance; or, when a full batch is waiting (`full`), one busy with a single batch.
+    fn pick_instance(&self, full: bool) -> Option<usize> {
+        let live = |i: &usize| self.instances[*i].is_some();
+        let idle = (0..self.instances.len()).filter(live).find(|i| self.outstanding[*i] == 0);
+        idle.or_else(|| if full { (0..self.instances.len()).filter(live).find(|i| self.outstanding[*i] == 1) } else { None })
     }
 
     fn fail_all_unavailable(&mut self) {
@@ -155,8 +176,11 @@ impl Actor {
         let policy = &spec.dynamic;
         let mut wake = None;
         while !self.queue.is_empty() {
-            let Some(&inst) = self.idle.last() else { break };
             let avail = self.queue.available_rows(self.max_rows);
+            // Handing a batch ahead commits its requests to that instance early; with priority levels
+            // a later, more urgent request could then wait behind it, so only single-level queues do it.
+            let ahead = avail >= self.max_rows && policy.priority_levels <= 1;
+            let Some(inst) = self.pick_instance(ahead) else { break };
             let delay = policy.max_queue_delay;
             if spec.dynamic_batching
                 && delay > Duration::ZERO
@@ -170,13 +194,15 @@ impl Actor {
                 }
             }
             let preferred: &[usize] = if spec.dynamic_batching { &policy.preferred_batch_sizes } else { &[] };
-            let (requests, rows) = self.queue.take_batch(self.max_rows, preferred);
+            let (requests, _rows) = self.queue.take_batch(self.max_rows, preferred);
             self.shared.queued.fetch_sub(requests.len(), Ordering::AcqRel);
-            self.idle.pop();
-            let batch = Batch { requests: requests.into_iter().map(|q| q.req).collect(), rows, dispatched: now };
+            let batch = Batch { requests: requests.into_iter().map(|q| q.req).collect() };
             match self.instances.get(inst).and_then(Option::as_ref) {
                 Some(sender) => match sender.send(batch) {
-                    Ok(()) => self.busy += 1,
+                    Ok(()) => {
+                        self.busy += 1;
+                        self.outstanding[inst] += 1;
+                    }
                     Err(e) => self.fail_batch(e.0, "instance thread stopped"),
                 },
                 None => self.fail_batch(batch, "instance out of service"),

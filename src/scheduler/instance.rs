@@ -17,8 +17,6 @@ use crate::tensor::{Tensor, TensorView};
 #[derive(Debug)]
 pub(crate) struct Batch {
     pub(crate) requests: Vec<InferRequest>,
-    pub(crate) rows: usize,
-    pub(crate) dispatched: Instant,
 }
 
 /// The actor's end of an instance's batch channel.
@@ -62,9 +60,12 @@ impl Worker {
             s.in_service.store(1, Relaxed);
         }
         while let Ok(batch) = rx.recv() {
-            let usable = self.process(batch);
-            let _ = self.done.send(Command::Done { instance: self.index, usable });
-            if !usable {
+            if !self.process(batch) {
+                // Out of service: hand every batch already sent here back to the queue. The actor
+                // drops its sender when it handles our Done, which ends this loop.
+                while let Ok(b) = rx.recv() {
+                    let _ = self.done.send(Command::Requeue(b.requests));
+                }
                 break;
             }
         }
@@ -77,7 +78,13 @@ impl Worker {
         self.shared.spec.name.clone()
     }
 
-    /// Runs one batch; returns whether the instance is still usable.
+    /// Tells the actor this instance can take another batch (or is out of service).
+    fn signal_done(&self, usable: bool) {
+        let _ = self.done.send(Command::Done { instance: self.index, usable });
+    }
+
+    /// Runs one batch and signals the actor (before the replies, so the next batch is on its way while
+    /// they go out); returns whether the instance is still usable.
     fn process(&mut self, batch: Batch) -> bool {
         let stats = self.shared.stats.clone();
         let mut requests = batch.requests;
@@ -89,6 +96,7 @@ impl Worker {
             !closed
         });
         if requests.is_empty() {
+            self.signal_done(true);
             return true;
         }
         let start = Instant::now();
@@ -96,6 +104,7 @@ impl Worker {
             if self.shared.spec.batches() { self.run_batched(&requests) } else { self.run_single(&requests[0]) };
         match result {
             Ok((outputs, timings)) => {
+                self.signal_done(true);
                 let t_out = Instant::now();
                 let n = requests.len() as u64;
                 let rows: usize = requests.iter().map(|r| r.rows).sum();
@@ -118,8 +127,6 @@ impl Worker {
                 for (rows, infer) in timings.executions {
                     stats.record_execution(rows, timings.input / per_exec, infer, out_time / per_exec);
                 }
-                let _ = batch.rows;
-                let _ = batch.dispatched;
                 true
             }
             Err(e) => {
@@ -127,6 +134,7 @@ impl Worker {
                     e,
                     SchedulerError::Backend { source: BackendError::Execution { instance_usable: false, .. }, .. }
                 );
+                self.signal_done(usable);
                 if let SchedulerError::Backend {
                     source: BackendError::Execution { nrt_status: Some(code), .. }, ..
                 } = &e

@@ -123,6 +123,7 @@ pub(crate) struct Shared {
 enum Command {
     Enqueue(InferRequest),
     Done { instance: usize, usable: bool },
+    Requeue(Vec<InferRequest>),
     Drain(oneshot::Sender<()>),
 }
 
@@ -138,6 +139,7 @@ impl std::fmt::Debug for Command {
         f.write_str(match self {
             Command::Enqueue(_) => "Enqueue",
             Command::Done { .. } => "Done",
+            Command::Requeue(_) => "Requeue",
             Command::Drain(_) => "Drain",
         })
     }

@@ -57,6 +57,13 @@ impl Queue {
         self.len += 1;
     }
 
+    /// Puts a request back at the head of `level` (work handed back by an instance leaving service).
+    pub(crate) fn push_front(&mut self, q: Queued, level: u64) {
+        let idx = (level.max(1) as usize - 1).min(self.levels.len() - 1);
+        self.levels[idx].push_front(q);
+        self.len += 1;
+    }
+
     /// Removes requests whose client went away or whose deadline passed.
     pub(crate) fn purge(&mut self, now: Instant) -> Purged {
         let mut out = Purged::default();
