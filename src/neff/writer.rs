@@ -9,7 +9,7 @@
 //! bytes after the header, so neither this reader nor the stand-in checks it. The `uuid` is
 //! derived from the payload, so equal content gives an equal uuid.
 //!
-//! # The stand-in program format (`standin/program.json`, version 1)
+//! # The stand-in program format (`standin/program.json`, versions 1 and 2)
 //!
 //! ```json
 //! {
@@ -23,28 +23,43 @@
 //! ```
 //!
 //! - Values are named host buffers of `f32`. Before the first op, every NEFF input is a buffer
-//!   (its tensor bytes read as little-endian `f32`; inputs must be `float32`). Each op writes a
-//!   new buffer named `output`; after the last op, every NEFF output is written from the buffer
-//!   of the same name. Ops run in order.
+//!   (its tensor bytes read as little-endian `f32`). Each op writes a new buffer named `output`;
+//!   after the last op, every NEFF output is written from the buffer of the same name. Ops run in
+//!   order.
 //! - A blob is a file in the archive holding row-major little-endian `f32` values; `shape` is
 //!   its shape and `product(shape)` its element count. Blob names use `[A-Za-z0-9_.-]`.
 //! - `dense { input, weight, bias?, activation, output }`: `weight` is a blob of shape
 //!   `[in, out]`, `bias` an optional blob of shape `[out]`; the input buffer is viewed as
 //!   `[rows, in]` and `output = act(input · weight + bias)` of shape `[rows, out]`.
-//!   `activation` is `none`, `relu`, `gelu` (erf form, `x/2 · (1 + erf(x/√2))`) or `tanh`.
+//!   `activation` is `none`, `relu`, `gelu` (erf form, `x/2 · (1 + erf(x/√2))`), `tanh` or
+//!   (version 2) `sigmoid` (`1 / (1 + exp(−x))`).
 //! - `add { a, b, output }`: elementwise sum of two buffers of equal length.
 //! - `copy { input, output }`: a copy of a buffer.
+//!
+//! Version 2 adds, for stateful models:
+//! - `mul { a, b, output }`, `sub { a, b, output }`: elementwise product and difference.
+//! - `activation { input, function, output }`: one of the activations above, elementwise.
+//! - `select { cond, a, b, output }`: `cond` holds one value per row (e.g. a `[rows, 1]` READY
+//!   control); `a` and `b` have equal lengths, split into that many rows; row `r` of `output` is
+//!   row `r` of `a` where `cond[r] != 0`, else row `r` of `b`. This is how a state update is
+//!   gated: rows whose slot is not in the batch keep their state input.
+//! - `int32` NEFF inputs and outputs: converted to `f32` when read and back (rounded to nearest,
+//!   saturating) when written. Exact for |v| < 2^24; larger values lose low bits, so wrapping
+//!   32-bit arithmetic is not reproduced there.
+//!
+//! [`NeffBuilder::build`] writes the lowest version that has every feature the program uses
+//! (so version 1 programs are unchanged); the stand-in refuses a program that uses a feature
+//! newer than its declared version, or a version it does not know, with
+//! `NRT_UNSUPPORTED_NEFF_VERSION`, so an older stand-in never runs a newer program wrongly.
 //!
 //! Shapes are fixed per NEFF (one NEFF per batch-size bucket, as on real hardware); the
 //! stand-in checks at load time that every buffer length follows from the input sizes and that
 //! every output gets exactly its declared size.
 //!
-//! Extending: stateful ops (a running-sum accumulator, a GRU cell) will declare persistent
-//! buffers in a top-level `"state": { "acc": { "shape": [16] } }` map (zero at load, kept per
-//! loaded model across executions, named like any other buffer) and new `op` tags that read and
-//! update them. The stand-in refuses unknown keys and op tags at `nrt_load` (status
-//! `NRT_UNSUPPORTED_NEFF_VERSION`), so an older stand-in never runs a newer program wrongly;
-//! bump `version` only for changes that alter the meaning of existing ops.
+//! Implicit state is not a program feature: a stateful model's NEFF takes its state as an
+//! ordinary input and writes the next state as an ordinary output, and the worker keeps the two
+//! device tensors (see `backend::neuron::stateful`). The top-level `"state"` key stays reserved
+//! (refused at load).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -55,8 +70,9 @@ use serde_json::{Value, json};
 
 use super::{HEADER_LEN, NeffError, NeffHeader, Result};
 
-/// Version of the stand-in program format written by this builder.
-pub const PROGRAM_VERSION: u32 = 1;
+/// Newest version of the stand-in program format this builder writes (each program gets the
+/// lowest version that has the features it uses).
+pub const PROGRAM_VERSION: u32 = 2;
 
 /// Path of the stand-in program inside the archive.
 pub const PROGRAM_PATH: &str = "standin/program.json";
@@ -73,6 +89,8 @@ pub enum Activation {
     Gelu,
     /// Hyperbolic tangent.
     Tanh,
+    /// Logistic `1 / (1 + exp(−x))` (program version 2).
+    Sigmoid,
 }
 
 /// One step of a stand-in program (see the module documentation for semantics).
@@ -109,6 +127,58 @@ pub enum ProgramOp {
         /// Buffer written.
         output: String,
     },
+    /// `output = a * b`, elementwise (program version 2).
+    Mul {
+        /// First operand.
+        a: String,
+        /// Second operand (same length).
+        b: String,
+        /// Buffer written.
+        output: String,
+    },
+    /// `output = a - b`, elementwise (program version 2).
+    Sub {
+        /// First operand.
+        a: String,
+        /// Second operand (same length).
+        b: String,
+        /// Buffer written.
+        output: String,
+    },
+    /// `output = function(input)`, elementwise (program version 2).
+    Activation {
+        /// Buffer read.
+        input: String,
+        /// Function applied to every element.
+        function: Activation,
+        /// Buffer written.
+        output: String,
+    },
+    /// Row `r` of `output` is row `r` of `a` where `cond[r] != 0`, else row `r` of `b`; `cond`
+    /// holds one value per row (program version 2).
+    Select {
+        /// One value per row.
+        cond: String,
+        /// Rows taken where `cond` is non-zero.
+        a: String,
+        /// Rows taken where `cond` is zero (same length as `a`).
+        b: String,
+        /// Buffer written.
+        output: String,
+    },
+}
+
+impl ProgramOp {
+    /// The lowest program format version that has this op (with its activation).
+    pub fn min_version(&self) -> u32 {
+        match self {
+            ProgramOp::Dense { activation: Activation::Sigmoid, .. } => 2,
+            ProgramOp::Dense { .. } | ProgramOp::Add { .. } | ProgramOp::Copy { .. } => 1,
+            ProgramOp::Mul { .. } | ProgramOp::Sub { .. } | ProgramOp::Activation { .. } | ProgramOp::Select { .. } => {
+                2
+            }
+        }
+    }
 }
 
 /// One fully connected layer for [`NeffBuilder::dense_chain`].
@@ -341,7 +411,15 @@ impl NeffBuilder {
                 )
             })
             .collect();
-        json!({ "version": PROGRAM_VERSION, "blobs": blobs, "ops": self.ops })
+        json!({ "version": self.program_version(), "blobs": blobs, "ops": self.ops })
+    }
+
+    /// The lowest program version with every feature used: version 2 for its ops or for `int32`
+    /// tensors, else 1.
+    pub fn program_version(&self) -> u32 {
+        let int32 = self.inputs.iter().chain(&self.outputs).any(|t| t.dtype == "int32");
+        let ops = self.ops.iter().map(ProgramOp::min_version).max().unwrap_or(1);
+        ops.max(if int32 { 2 } else { 1 })
     }
 
     /// Checks names, dtypes, blob sizes and (with a program) that every buffer length follows
@@ -385,11 +463,8 @@ impl NeffBuilder {
         }
         let mut lengths: HashMap<&str, u64> = HashMap::new();
         for t in &self.inputs {
-            if t.dtype != "float32" {
-                return Err(self.invalid(format!(
-                    "input '{}' must be float32 to run a program",
-                    t.name
-                )));
+            if t.dtype != "float32" && t.dtype != "int32" {
+                return Err(self.invalid(format!("input '{}' must be float32 or int32 to run a program", t.name)));
             }
             lengths.insert(&t.name, product(&t.shape).unwrap_or(0));
         }
@@ -400,7 +475,7 @@ impl NeffBuilder {
         for t in &self.outputs {
             let want = product(&t.shape).unwrap_or(0);
             match lengths.get(t.name.as_str()) {
-                Some(&have) if have == want && t.dtype == "float32" => {}
+                Some(&have) if have == want && (t.dtype == "float32" || t.dtype == "int32") => {}
                 Some(&have) => {
                     return Err(self.invalid(format!(
                         "output '{}' ({}, {want} elements) gets {have} float32 values",
@@ -457,14 +532,25 @@ impl NeffBuilder {
                 }
                 Ok((output, len / fan_in * fan_out))
             }
-            ProgramOp::Add { a, b, output } => {
+            ProgramOp::Add { a, b, output } | ProgramOp::Mul { a, b, output } | ProgramOp::Sub { a, b, output } => {
                 let (la, lb) = (buffer(a)?, buffer(b)?);
                 if la != lb {
-                    return Err(self.invalid(format!("add: '{a}' has {la} values, '{b}' has {lb}")));
+                    return Err(self.invalid(format!("elementwise op: '{a}' has {la} values, '{b}' has {lb}")));
                 }
                 Ok((output, la))
             }
-            ProgramOp::Copy { input, output } => Ok((output, buffer(input)?)),
+            ProgramOp::Copy { input, output } | ProgramOp::Activation { input, output, .. } => {
+                Ok((output, buffer(input)?))
+            }
+            ProgramOp::Select { cond, a, b, output } => {
+                let (rows, la, lb) = (buffer(cond)?, buffer(a)?, buffer(b)?);
+                if la != lb || rows == 0 || la % rows != 0 {
+                    return Err(self.invalid(format!(
+                        "select: '{a}' ({la} values) and '{b}' ({lb}) must be equal and split into the {rows} rows of '{cond}'"
+                    )));
+                }
+                Ok((output, la))
+            }
         }
     }
 }

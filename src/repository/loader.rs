@@ -172,7 +172,8 @@ pub(crate) fn create_instances(
     Ok((instances, "cpu", None))
 }
 
-fn has_neff(dir: &Path) -> bool {
+/// True when `dir` holds at least one `.neff` file.
+pub(crate) fn has_neff(dir: &Path) -> bool {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "neff")))
         .unwrap_or(false)

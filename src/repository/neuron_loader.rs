@@ -6,12 +6,18 @@
 //! the folder holds `model_b1.neff`, `model_b4.neff`, `model_b16.neff` (override the pattern with
 //! the `neuron_neff_pattern` parameter, `{batch}` standing for the bucket). Without buckets it holds
 //! one `model.neff`, whose compiled batch size becomes the only bucket.
+//!
+//! Stateful models (`sequence_batching`) take one `model.neff` (or `neuron_neff_pattern` with
+//! `{batch}` standing for the rows) compiled with one row per sequence slot of an instance; see
+//! `sequence::neuron`.
 
 use std::path::Path;
 
 use crate::backend::ModelInstance;
 use crate::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
 use crate::config::{IoSpec, ModelSpec};
+use crate::sequence::neuron::NeuronSequenceInstance;
+use crate::sequence::{SequenceSpec, StatefulInstance};
 use crate::proto::inference::ModelConfig;
 use crate::repository::BackendSelection;
 
@@ -83,4 +89,34 @@ pub(crate) fn create_neuron_instances(
         instances.push(Box::new(inst));
     }
     Ok((instances, buckets))
+}
+
+/// Stateful instances (one per core) for the sequence model `spec` from `dir/model.neff`, and
+/// the slots each holds (= the rows the NEFF was compiled for).
+pub(crate) fn create_neuron_sequence_instances(
+    spec: &ModelSpec,
+    config: &ModelConfig,
+    seq: &SequenceSpec,
+    dir: &Path,
+    backend: &BackendSelection,
+) -> Result<(Vec<Box<dyn StatefulInstance>>, usize), String> {
+    let BackendSelection::Neuron { cores } = backend else {
+        return Err("the Neuron backend is not selected".into());
+    };
+    let count = spec.instance_count.unwrap_or(*cores).min(*cores).max(1);
+    let slots = seq.slots_per_instance(spec.max_batch_size, count);
+    let pattern =
+        config.parameters.get("neuron_neff_pattern").map(|p| p.string_value.clone()).unwrap_or_else(|| "model.neff".into());
+    let path = dir.join(pattern.replace("{batch}", &slots.to_string()));
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!("{}: cannot read the NEFF of stateful model '{}' ({slots} rows, one per slot): {e}", path.display(), spec.name)
+    })?;
+    let runtime = Runtime::get_or_init().map_err(|e| e.to_string())?;
+    let mut instances: Vec<Box<dyn StatefulInstance>> = Vec::with_capacity(count);
+    for core in 0..count {
+        let inst = NeuronSequenceInstance::load(&runtime, core as u32, spec, seq, slots, &bytes)
+            .map_err(|e| format!("core {core}: {e}"))?;
+        instances.push(Box::new(inst));
+    }
+    Ok((instances, slots))
 }

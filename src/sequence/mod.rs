@@ -14,6 +14,7 @@ pub mod config;
 pub mod export;
 pub mod instance;
 pub mod models;
+pub mod neuron;
 pub mod store;
 
 use std::sync::Arc;
@@ -433,6 +434,20 @@ pub fn start_cpu(
     let count = spec.instance_count.unwrap_or(1).max(1);
     let slots = seq.slots_per_instance(spec.max_batch_size, count);
     let instances = create_cpu_instances(&spec, &seq, slots, count)?;
+    start_with_instances(spec, seq, version, store, instances, slots)
+}
+
+/// Starts a sequence model version over `instances` (each with `slots` slots): its stateless
+/// scheduler (readiness, statistics) and its sequence batcher.
+pub fn start_with_instances(
+    spec: Arc<ModelSpec>,
+    seq: SequenceSpec,
+    version: i64,
+    store: Option<Arc<SessionStore>>,
+    instances: Vec<Box<dyn StatefulInstance>>,
+    slots: usize,
+) -> Result<(crate::scheduler::SchedulerHandle, SequenceHandle), String> {
+    let count = instances.len();
     let placeholders: Vec<Box<dyn crate::backend::ModelInstance>> = (0..count)
         .map(|index| Box::new(RoutedToSequences { index }) as Box<dyn crate::backend::ModelInstance>)
         .collect();

@@ -20,11 +20,7 @@ fn guard(f: impl FnOnce() -> NrtStatus) -> NrtStatus {
 /// `ptr` is null or a valid NUL-terminated string.
 unsafe fn c_str(ptr: *const c_char) -> Option<String> {
     // SAFETY: per this function's contract.
-    (!ptr.is_null()).then(|| {
-        unsafe { CStr::from_ptr(ptr) }
-            .to_string_lossy()
-            .into_owned()
-    })
+    (!ptr.is_null()).then(|| unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned())
 }
 
 /// Writes `value` through `out`, or returns `NRT_INVALID` for a null `out`.
@@ -44,11 +40,7 @@ fn store<T>(out: *mut T, value: Result<T, NrtStatus>) -> NrtStatus {
 
 /// `nrt_init`: reads the knobs from the environment (see the crate docs).
 #[unsafe(no_mangle)]
-pub extern "C" fn nrt_init(
-    _framework: u32,
-    _fw_version: *const c_char,
-    _fal_version: *const c_char,
-) -> NrtStatus {
+pub extern "C" fn nrt_init(_framework: u32, _fw_version: *const c_char, _fal_version: *const c_char) -> NrtStatus {
     guard(|| global().init(Knobs::from_env()))
 }
 
@@ -79,12 +71,7 @@ pub unsafe extern "C" fn nrt_load(
         }
         // SAFETY: per this function's contract.
         let bytes = unsafe { std::slice::from_raw_parts(neff_bytes.cast::<u8>(), size) };
-        store(
-            model,
-            global()
-                .load(bytes, start_nc, nc_count)
-                .map(|h| h as *mut NrtModel),
-        )
+        store(model, global().load(bytes, start_nc, nc_count).map(|h| h as *mut NrtModel))
     })
 }
 
@@ -113,9 +100,7 @@ pub unsafe extern "C" fn nrt_get_visible_nc_count(nc_count: *mut u32) -> NrtStat
 }
 
 fn info_layout(count: usize) -> Option<Layout> {
-    let bytes = std::mem::size_of::<NrtTensorInfo>()
-        .checked_mul(count)?
-        .checked_add(8)?;
+    let bytes = std::mem::size_of::<NrtTensorInfo>().checked_mul(count)?.checked_add(8)?;
     Layout::from_size_align(bytes, 8).ok()
 }
 
@@ -157,23 +142,12 @@ pub unsafe extern "C" fn nrt_get_model_tensor_info(
             (*array).tensor_count = decls.len() as u64;
             let entries = (&raw mut (*array).tensor_array).cast::<NrtTensorInfo>();
             for (i, (decl, usage)) in decls.into_iter().enumerate() {
-                let dims: Vec<u32> = decl
-                    .shape
-                    .iter()
-                    .flatten()
-                    .map(|&d| u32::try_from(d).unwrap_or(u32::MAX))
-                    .collect();
+                let dims: Vec<u32> =
+                    decl.shape.iter().flatten().map(|&d| u32::try_from(d).unwrap_or(u32::MAX)).collect();
                 let ndim = dims.len() as u32;
-                let shape = if dims.is_empty() {
-                    vec![0u32].into_boxed_slice()
-                } else {
-                    dims.into_boxed_slice()
-                };
+                let shape = if dims.is_empty() { vec![0u32].into_boxed_slice() } else { dims.into_boxed_slice() };
                 let mut name = [0 as c_char; NRT_TENSOR_NAME_MAX];
-                for (dst, &src) in name
-                    .iter_mut()
-                    .zip(decl.name.as_bytes().iter().take(NRT_TENSOR_NAME_MAX - 1))
-                {
+                for (dst, &src) in name.iter_mut().zip(decl.name.as_bytes().iter().take(NRT_TENSOR_NAME_MAX - 1)) {
                     *dst = src as c_char;
                 }
                 entries.add(i).write(NrtTensorInfo {
@@ -196,9 +170,7 @@ pub unsafe extern "C" fn nrt_get_model_tensor_info(
 /// # Safety
 /// `tensor_info` is null or came from `nrt_get_model_tensor_info` and was not freed yet.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nrt_free_model_tensor_info(
-    tensor_info: *mut NrtTensorInfoArray,
-) -> NrtStatus {
+pub unsafe extern "C" fn nrt_free_model_tensor_info(tensor_info: *mut NrtTensorInfoArray) -> NrtStatus {
     guard(|| {
         if tensor_info.is_null() {
             return NRT_INVALID;
@@ -210,10 +182,7 @@ pub unsafe extern "C" fn nrt_free_model_tensor_info(
             for i in 0..count {
                 let entry = &*entries.add(i);
                 let len = (entry.ndim as usize).max(1);
-                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                    entry.shape,
-                    len,
-                )));
+                drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(entry.shape, len)));
             }
             if let Some(layout) = info_layout(count) {
                 std::alloc::dealloc(tensor_info.cast::<u8>(), layout);
@@ -229,12 +198,7 @@ pub unsafe extern "C" fn nrt_free_model_tensor_info(
 /// `result` is null or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn nrt_allocate_tensor_set(result: *mut *mut NrtTensorSet) -> NrtStatus {
-    guard(|| {
-        store(
-            result,
-            global().set_allocate().map(|h| h as *mut NrtTensorSet),
-        )
-    })
+    guard(|| store(result, global().set_allocate().map(|h| h as *mut NrtTensorSet)))
 }
 
 /// `nrt_destroy_tensor_set`: destroys the set and nulls `*tensor_set`.
@@ -289,12 +253,7 @@ pub unsafe extern "C" fn nrt_get_tensor_from_tensor_set(
         let Some(name) = (unsafe { c_str(tensor_name) }) else {
             return NRT_INVALID;
         };
-        store(
-            tensor,
-            global()
-                .set_get(tensor_set as usize, &name)
-                .map(|h| h as *mut NrtTensor),
-        )
+        store(tensor, global().set_get(tensor_set as usize, &name).map(|h| h as *mut NrtTensor))
     })
 }
 
@@ -360,7 +319,7 @@ pub unsafe extern "C" fn nrt_tensor_read(
         }
         // SAFETY: per this function's contract.
         let dst = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), size) };
-        tensor.read(offset, dst)
+        global().host_read(&tensor, offset, dst)
     })
 }
 
@@ -403,29 +362,17 @@ pub extern "C" fn nrt_tensor_get_size(tensor: *const NrtTensor) -> usize {
 /// # Safety
 /// `name` is null or a valid C string; `tensor` is null or writable.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn nrt_tensor_allocate_empty(
-    name: *const c_char,
-    tensor: *mut *mut NrtTensor,
-) -> NrtStatus {
+pub unsafe extern "C" fn nrt_tensor_allocate_empty(name: *const c_char, tensor: *mut *mut NrtTensor) -> NrtStatus {
     guard(|| {
         // SAFETY: per this function's contract.
         let name = unsafe { c_str(name) }.unwrap_or_default();
-        store(
-            tensor,
-            global()
-                .tensor_allocate_empty(&name)
-                .map(|h| h as *mut NrtTensor),
-        )
+        store(tensor, global().tensor_allocate_empty(&name).map(|h| h as *mut NrtTensor))
     })
 }
 
 /// `nrt_tensor_attach_buffer`: the caller keeps `buffer` alive while the tensor uses it.
 #[unsafe(no_mangle)]
-pub extern "C" fn nrt_tensor_attach_buffer(
-    tensor: *mut NrtTensor,
-    buffer: *mut c_void,
-    size: usize,
-) -> NrtStatus {
+pub extern "C" fn nrt_tensor_attach_buffer(tensor: *mut NrtTensor, buffer: *mut c_void, size: usize) -> NrtStatus {
     guard(|| {
         if buffer.is_null() && size > 0 {
             return NRT_INVALID;
@@ -452,14 +399,7 @@ pub extern "C" fn nrt_execute_repeat(
     output_set: *mut NrtTensorSet,
     repeat_count: c_int,
 ) -> NrtStatus {
-    guard(|| {
-        global().execute(
-            model as usize,
-            input_set as usize,
-            output_set as usize,
-            repeat_count,
-        )
-    })
+    guard(|| global().execute(model as usize, input_set as usize, output_set as usize, repeat_count))
 }
 
 /// The version the stand-in reports: 2.28.0.0, detail `nrt-standin (test-only, host memory)`.
@@ -483,11 +423,7 @@ pub unsafe extern "C" fn nrt_get_version(ver: *mut NrtVersion, size: usize) -> N
             rt_detail: [0; 128],
             git_hash: [0; 64],
         };
-        for (dst, &src) in version
-            .rt_detail
-            .iter_mut()
-            .zip(b"nrt-standin (test-only, host memory)")
-        {
+        for (dst, &src) in version.rt_detail.iter_mut().zip(b"nrt-standin (test-only, host memory)") {
             *dst = src as c_char;
         }
         for (dst, &src) in version.git_hash.iter_mut().zip(b"standin") {
@@ -495,9 +431,7 @@ pub unsafe extern "C" fn nrt_get_version(ver: *mut NrtVersion, size: usize) -> N
         }
         let len = size.min(std::mem::size_of::<NrtVersion>());
         // SAFETY: `ver` has `size` writable bytes and `len <= size`.
-        unsafe {
-            std::ptr::copy_nonoverlapping((&raw const version).cast::<u8>(), ver.cast::<u8>(), len)
-        };
+        unsafe { std::ptr::copy_nonoverlapping((&raw const version).cast::<u8>(), ver.cast::<u8>(), len) };
         NRT_SUCCESS
     })
 }

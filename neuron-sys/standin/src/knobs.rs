@@ -31,6 +31,8 @@ pub struct Knobs {
     pub hang_exec: bool,
     /// How long a hung execution sleeps.
     pub hang_bound: Duration,
+    /// `nrt_tensor_read` of a tensor whose allocation name starts with this fails (`NRT_INVALID`).
+    pub deny_read_prefix: Option<String>,
 }
 
 impl Default for Knobs {
@@ -45,6 +47,7 @@ impl Default for Knobs {
             fail_core: None,
             hang_exec: false,
             hang_bound: DEFAULT_HANG_BOUND,
+            deny_read_prefix: None,
         }
     }
 }
@@ -67,8 +70,7 @@ impl Knobs {
             parsed
         };
         let status = |key: &str| number(key).and_then(|v| u32::try_from(v).ok());
-        let flag =
-            |key: &str| lookup(key).is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
+        let flag = |key: &str| lookup(key).is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes"));
         let visible_cores = match number("NRT_STANDIN_VISIBLE_CORES") {
             Some(n) => u32::try_from(n).unwrap_or(u32::MAX),
             None => lookup("NEURON_RT_VISIBLE_CORES")
@@ -84,8 +86,8 @@ impl Knobs {
             fail_once: flag("NRT_STANDIN_FAIL_ONCE"),
             fail_core: number("NRT_STANDIN_FAIL_CORE").and_then(|v| u32::try_from(v).ok()),
             hang_exec: flag("NRT_STANDIN_HANG_EXEC"),
-            hang_bound: number("NEURON_RT_EXEC_TIMEOUT")
-                .map_or(DEFAULT_HANG_BOUND, Duration::from_secs),
+            hang_bound: number("NEURON_RT_EXEC_TIMEOUT").map_or(DEFAULT_HANG_BOUND, Duration::from_secs),
+            deny_read_prefix: lookup("NRT_STANDIN_DENY_READ_PREFIX").filter(|p| !p.is_empty()),
         }
     }
 }
@@ -97,10 +99,7 @@ pub fn count_core_spec(spec: &str) -> Option<u32> {
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let n = match part.split_once('-') {
             Some((lo, hi)) => {
-                let (lo, hi) = (
-                    lo.trim().parse::<u32>().ok()?,
-                    hi.trim().parse::<u32>().ok()?,
-                );
+                let (lo, hi) = (lo.trim().parse::<u32>().ok()?, hi.trim().parse::<u32>().ok()?);
                 hi.checked_sub(lo)?.checked_add(1)?
             }
             None => {
@@ -119,10 +118,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn knobs(pairs: &[(&str, &str)]) -> Knobs {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Knobs::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -134,24 +130,12 @@ mod tests {
 
     #[test]
     fn visible_cores_prefers_standin_knob_then_neuron_spec() {
-        assert_eq!(
-            knobs(&[("NEURON_RT_VISIBLE_CORES", "0-3")]).visible_cores,
-            4
-        );
+        assert_eq!(knobs(&[("NEURON_RT_VISIBLE_CORES", "0-3")]).visible_cores, 4);
         assert_eq!(knobs(&[("NEURON_RT_VISIBLE_CORES", "5")]).visible_cores, 1);
-        assert_eq!(
-            knobs(&[("NEURON_RT_VISIBLE_CORES", "0,1,4-5")]).visible_cores,
-            4
-        );
-        let both = [
-            ("NEURON_RT_VISIBLE_CORES", "0-3"),
-            ("NRT_STANDIN_VISIBLE_CORES", "8"),
-        ];
+        assert_eq!(knobs(&[("NEURON_RT_VISIBLE_CORES", "0,1,4-5")]).visible_cores, 4);
+        let both = [("NEURON_RT_VISIBLE_CORES", "0-3"), ("NRT_STANDIN_VISIBLE_CORES", "8")];
         assert_eq!(knobs(&both).visible_cores, 8);
-        assert_eq!(
-            knobs(&[("NEURON_RT_VISIBLE_CORES", "3-1")]).visible_cores,
-            2
-        );
+        assert_eq!(knobs(&[("NEURON_RT_VISIBLE_CORES", "3-1")]).visible_cores, 2);
     }
 
     #[test]
@@ -173,10 +157,10 @@ mod tests {
         assert_eq!(k.fail_load_status, Some(4));
         assert_eq!(k.exec_delay, Duration::from_micros(250));
         assert!(k.hang_exec);
+        assert_eq!(k.deny_read_prefix, None);
+        let deny = knobs(&[("NRT_STANDIN_DENY_READ_PREFIX", "state:")]);
+        assert_eq!(deny.deny_read_prefix.as_deref(), Some("state:"));
         assert_eq!(k.hang_bound, Duration::from_secs(2));
-        assert_eq!(
-            knobs(&[("NRT_STANDIN_EXEC_DELAY_US", "abc")]).exec_delay,
-            Duration::ZERO
-        );
+        assert_eq!(knobs(&[("NRT_STANDIN_EXEC_DELAY_US", "abc")]).exec_delay, Duration::ZERO);
     }
 }

@@ -72,17 +72,11 @@ impl Tensor {
                     return NRT_INVALID;
                 }
                 // SAFETY: the caller attached `len` valid bytes at `ptr` and keeps them alive.
-                let src = unsafe {
-                    std::slice::from_raw_parts((*ptr as *const u8).add(offset), dst.len())
-                };
+                let src = unsafe { std::slice::from_raw_parts((*ptr as *const u8).add(offset), dst.len()) };
                 dst.copy_from_slice(src);
             }
             Storage::Empty => {
-                return if dst.is_empty() {
-                    NRT_SUCCESS
-                } else {
-                    NRT_INVALID
-                };
+                return if dst.is_empty() { NRT_SUCCESS } else { NRT_INVALID };
             }
         }
         NRT_SUCCESS
@@ -104,17 +98,11 @@ impl Tensor {
                     return NRT_INVALID;
                 }
                 // SAFETY: the caller attached `len` writable bytes at `ptr` and keeps them alive.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut((*ptr as *mut u8).add(offset), src.len())
-                };
+                let dst = unsafe { std::slice::from_raw_parts_mut((*ptr as *mut u8).add(offset), src.len()) };
                 dst.copy_from_slice(src);
             }
             Storage::Empty => {
-                return if src.is_empty() {
-                    NRT_SUCCESS
-                } else {
-                    NRT_INVALID
-                };
+                return if src.is_empty() { NRT_SUCCESS } else { NRT_INVALID };
             }
         }
         NRT_SUCCESS
@@ -155,9 +143,7 @@ pub fn global() -> &'static Runtime {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn log(message: &str) {
@@ -178,11 +164,7 @@ impl Runtime {
     pub fn init(&self, knobs: Knobs) -> NrtStatus {
         let mut state = lock(&self.state);
         if !state.initialized {
-            *state = State {
-                initialized: true,
-                knobs,
-                ..State::default()
-            };
+            *state = State { initialized: true, knobs, ..State::default() };
         }
         NRT_SUCCESS
     }
@@ -199,20 +181,13 @@ impl Runtime {
     /// Releases everything; later calls return `NRT_CLOSED` until the next `init`.
     pub fn close(&self) {
         let mut state = lock(&self.state);
-        *state = State {
-            closed: true,
-            ..State::default()
-        };
+        *state = State { closed: true, ..State::default() };
     }
 
     /// Visible NeuronCores (from the knobs once initialised, else from the environment).
     pub fn visible_cores(&self) -> u32 {
         let state = lock(&self.state);
-        if state.initialized {
-            state.knobs.visible_cores
-        } else {
-            Knobs::from_env().visible_cores
-        }
+        if state.initialized { state.knobs.visible_cores } else { Knobs::from_env().visible_cores }
     }
 
     /// Loads a NEFF onto `nc_count` cores from `start_nc` (-1: runtime's choice / one core).
@@ -240,19 +215,14 @@ impl Runtime {
             }
         };
         if u64::from(core) + u64::from(count) > u64::from(visible) {
-            log(&format!(
-                "nrt_load: cores {core}..{} requested, {visible} visible",
-                core + count
-            ));
+            log(&format!("nrt_load: cores {core}..{} requested, {visible} visible", core + count));
             return Err(NRT_LOAD_NOT_ENOUGH_NC);
         }
         if let Some(status) = state.knobs.fail_load_status
             && !(state.knobs.fail_once && state.load_failed)
         {
             state.load_failed = true;
-            log(&format!(
-                "nrt_load: injected failure {status} (NRT_STANDIN_FAIL_LOAD_STATUS)"
-            ));
+            log(&format!("nrt_load: injected failure {status} (NRT_STANDIN_FAIL_LOAD_STATUS)"));
             return Err(status);
         }
         drop(state);
@@ -261,32 +231,20 @@ impl Runtime {
             NRT_INVALID
         })?;
         if parsed.version_major > 2 {
-            log(&format!(
-                "nrt_load: NEFF version {} is newer than this runtime supports",
-                parsed.version_major
-            ));
+            log(&format!("nrt_load: NEFF version {} is newer than this runtime supports", parsed.version_major));
             return Err(NRT_UNSUPPORTED_NEFF_VERSION);
         }
-        let program = if parsed
-            .standin_files
-            .contains_key(crate::program::PROGRAM_PATH)
-        {
-            let program = Program::load(&parsed.standin_files, &parsed.inputs, &parsed.outputs)
-                .map_err(|e| {
-                    log(&format!("nrt_load: model '{}': {}", parsed.name, e.message));
-                    e.status
-                })?;
+        let program = if parsed.standin_files.contains_key(crate::program::PROGRAM_PATH) {
+            let program = Program::load(&parsed.standin_files, &parsed.inputs, &parsed.outputs).map_err(|e| {
+                log(&format!("nrt_load: model '{}': {}", parsed.name, e.message));
+                e.status
+            })?;
             Some(program)
         } else {
             None
         };
-        let model = Arc::new(Model {
-            name: parsed.name,
-            core,
-            inputs: parsed.inputs,
-            outputs: parsed.outputs,
-            program,
-        });
+        let model =
+            Arc::new(Model { name: parsed.name, core, inputs: parsed.inputs, outputs: parsed.outputs, program });
         let handle = Arc::as_ptr(&model) as usize;
         self.ready()?.models.insert(handle, model);
         Ok(handle)
@@ -305,68 +263,42 @@ impl Runtime {
 
     /// The loaded model behind a handle.
     pub fn model(&self, model: usize) -> Result<Arc<Model>, NrtStatus> {
-        self.ready()?
-            .models
-            .get(&model)
-            .cloned()
-            .ok_or(NRT_INVALID_HANDLE)
+        self.ready()?.models.get(&model).cloned().ok_or(NRT_INVALID_HANDLE)
     }
 
     /// Allocates a tensor: `placement` DEVICE (on visible core `nc`), HOST, or VIRTUAL (empty).
-    pub fn tensor_allocate(
-        &self,
-        placement: u32,
-        nc: i32,
-        size: usize,
-        name: &str,
-    ) -> Result<usize, NrtStatus> {
+    pub fn tensor_allocate(&self, placement: u32, nc: i32, size: usize, name: &str) -> Result<usize, NrtStatus> {
         let state = self.ready()?;
         let visible = state.knobs.visible_cores;
         drop(state);
         let storage = match placement {
             NRT_TENSOR_PLACEMENT_VIRTUAL => Storage::Empty,
             NRT_TENSOR_PLACEMENT_DEVICE | NRT_TENSOR_PLACEMENT_HOST => {
-                if placement == NRT_TENSOR_PLACEMENT_DEVICE
-                    && !(0..visible as i64).contains(&i64::from(nc))
-                {
-                    log(&format!(
-                        "nrt_tensor_allocate '{name}': core {nc} is not visible ({visible} visible)"
-                    ));
+                if placement == NRT_TENSOR_PLACEMENT_DEVICE && !(0..visible as i64).contains(&i64::from(nc)) {
+                    log(&format!("nrt_tensor_allocate '{name}': core {nc} is not visible ({visible} visible)"));
                     return Err(NRT_INVALID);
                 }
                 if size > MAX_TENSOR_BYTES {
-                    log(&format!(
-                        "nrt_tensor_allocate '{name}': {size} bytes (4 GiB or more) refused"
-                    ));
+                    log(&format!("nrt_tensor_allocate '{name}': {size} bytes (4 GiB or more) refused"));
                     return Err(NRT_INVALID);
                 }
                 let mut bytes = Vec::new();
-                bytes
-                    .try_reserve_exact(size)
-                    .map_err(|_| NRT_FAIL_HOST_MEM_ALLOC)?;
+                bytes.try_reserve_exact(size).map_err(|_| NRT_FAIL_HOST_MEM_ALLOC)?;
                 bytes.resize(size, 0);
                 Storage::Owned(bytes)
             }
             other => {
-                log(&format!(
-                    "nrt_tensor_allocate '{name}': placement {other} is invalid"
-                ));
+                log(&format!("nrt_tensor_allocate '{name}': placement {other} is invalid"));
                 return Err(NRT_INVALID);
             }
         };
-        Ok(self.register_tensor(Tensor {
-            name: name.to_string(),
-            storage: Mutex::new(storage),
-        }))
+        Ok(self.register_tensor(Tensor { name: name.to_string(), storage: Mutex::new(storage) }))
     }
 
     /// Allocates a tensor with no memory (see [`Runtime::tensor_attach`]).
     pub fn tensor_allocate_empty(&self, name: &str) -> Result<usize, NrtStatus> {
         drop(self.ready()?);
-        Ok(self.register_tensor(Tensor {
-            name: name.to_string(),
-            storage: Mutex::new(Storage::Empty),
-        }))
+        Ok(self.register_tensor(Tensor { name: name.to_string(), storage: Mutex::new(Storage::Empty) }))
     }
 
     fn register_tensor(&self, tensor: Tensor) -> usize {
@@ -389,11 +321,19 @@ impl Runtime {
 
     /// The tensor behind a handle.
     pub fn tensor(&self, tensor: usize) -> Result<Arc<Tensor>, NrtStatus> {
-        self.ready()?
-            .tensors
-            .get(&tensor)
-            .cloned()
-            .ok_or(NRT_INVALID_HANDLE)
+        self.ready()?.tensors.get(&tensor).cloned().ok_or(NRT_INVALID_HANDLE)
+    }
+
+    /// `nrt_tensor_read` as the C API sees it: like [`Tensor::read`], but refused with
+    /// `NRT_INVALID` (and a line on stderr) for tensors whose allocation name starts with the
+    /// `NRT_STANDIN_DENY_READ_PREFIX` knob, so tests can prove such tensors never reach the host.
+    pub fn host_read(&self, tensor: &Tensor, offset: usize, dst: &mut [u8]) -> NrtStatus {
+        let denied = lock(&self.state).knobs.deny_read_prefix.clone();
+        if let Some(prefix) = denied.filter(|p| tensor.name.starts_with(p.as_str())) {
+            log(&format!("nrt_tensor_read '{}': refused (NRT_STANDIN_DENY_READ_PREFIX={prefix})", tensor.name));
+            return NRT_INVALID;
+        }
+        tensor.read(offset, dst)
     }
 
     /// Frees a tensor handle (sets holding it keep the memory alive).
@@ -416,11 +356,7 @@ impl Runtime {
     }
 
     fn set(&self, set: usize) -> Result<Arc<TensorSet>, NrtStatus> {
-        self.ready()?
-            .sets
-            .get(&set)
-            .cloned()
-            .ok_or(NRT_INVALID_HANDLE)
+        self.ready()?.sets.get(&set).cloned().ok_or(NRT_INVALID_HANDLE)
     }
 
     /// Adds (or replaces) `name` → tensor in a set.
@@ -451,19 +387,11 @@ impl Runtime {
         }
     }
 
-    fn execute_inner(
-        &self,
-        model: usize,
-        inputs: usize,
-        outputs: usize,
-        repeat: i32,
-    ) -> Result<(), NrtStatus> {
+    fn execute_inner(&self, model: usize, inputs: usize, outputs: usize, repeat: i32) -> Result<(), NrtStatus> {
         let model = self.model(model)?;
         let (in_set, out_set) = (self.set(inputs)?, self.set(outputs)?);
         if repeat < 1 {
-            log(&format!(
-                "nrt_execute_repeat: repeat_count {repeat} is invalid"
-            ));
+            log(&format!("nrt_execute_repeat: repeat_count {repeat} is invalid"));
             return Err(NRT_INVALID);
         }
         let in_tensors = bind(&model, &model.inputs, &lock(&in_set), "input")?;
@@ -476,10 +404,7 @@ impl Runtime {
             match injected {
                 Some(Injected::Hang) => return Err(self.hang(&model, knobs.hang_bound)),
                 Some(Injected::Status(status)) => {
-                    log(&format!(
-                        "nrt_execute: model '{}' core {}: injected failure {status}",
-                        model.name, model.core
-                    ));
+                    log(&format!("nrt_execute: model '{}' core {}: injected failure {status}", model.name, model.core));
                     return Err(status);
                 }
                 None => {}
@@ -540,20 +465,14 @@ fn bind(
     kind: &str,
 ) -> Result<Vec<Arc<Tensor>>, NrtStatus> {
     if let Some(name) = set.keys().find(|n| !decls.iter().any(|d| &d.name == *n)) {
-        log(&format!(
-            "nrt_execute: model '{}' has no {kind} tensor named '{name}'",
-            model.name
-        ));
+        log(&format!("nrt_execute: model '{}' has no {kind} tensor named '{name}'", model.name));
         return Err(NRT_FAILURE);
     }
     decls
         .iter()
         .map(|decl| {
             let Some(tensor) = set.get(&decl.name) else {
-                log(&format!(
-                    "nrt_execute: model '{}': {kind} '{}' is missing from the set",
-                    model.name, decl.name
-                ));
+                log(&format!("nrt_execute: model '{}': {kind} '{}' is missing from the set", model.name, decl.name));
                 return Err(NRT_INVALID);
             };
             let size = tensor.size() as u64;
@@ -569,11 +488,7 @@ fn bind(
         .collect()
 }
 
-fn run_program(
-    model: &Model,
-    inputs: &[Arc<Tensor>],
-    outputs: &[Arc<Tensor>],
-) -> Result<(), NrtStatus> {
+fn run_program(model: &Model, inputs: &[Arc<Tensor>], outputs: &[Arc<Tensor>]) -> Result<(), NrtStatus> {
     let Some(program) = &model.program else {
         log(&format!(
             "nrt_execute: model '{}' has no standin/program.json (compiled for real hardware); the stand-in cannot run it",
@@ -588,9 +503,14 @@ fn run_program(
         if status != NRT_SUCCESS {
             return Err(status);
         }
+        let int32 = decl.dtype.as_deref() == Some("int32");
         let values = bytes
             .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .map(|c| {
+                let b = [c[0], c[1], c[2], c[3]];
+                // int32 values enter as f32: exact for |v| < 2^24.
+                if int32 { i32::from_le_bytes(b) as f32 } else { f32::from_le_bytes(b) }
+            })
             .collect();
         buffers.insert(decl.name.clone(), values);
     }
@@ -600,7 +520,12 @@ fn run_program(
     })?;
     for (decl, tensor) in model.outputs.iter().zip(outputs) {
         let values = results.get(&decl.name).ok_or(NRT_FAILURE)?;
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bytes: Vec<u8> = if decl.dtype.as_deref() == Some("int32") {
+            // Rounded to the nearest integer; `as` saturates out-of-range values (NaN gives 0).
+            values.iter().flat_map(|v| (v.round() as i32).to_le_bytes()).collect()
+        } else {
+            values.iter().flat_map(|v| v.to_le_bytes()).collect()
+        };
         let status = tensor.write(0, &bytes);
         if status != NRT_SUCCESS {
             return Err(status);

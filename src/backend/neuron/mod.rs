@@ -6,6 +6,8 @@
 //! - [`DeviceTensor`] / [`TensorSet`]: device memory and the sets `nrt_execute` takes.
 //! - [`NeuronInstance`]: a [`ModelInstance`](crate::backend::ModelInstance) for one core, one NEFF
 //!   per batch-size bucket, tensor sets allocated once and reused.
+//! - [`StatefulNeff`]: a stateful model's NEFF on one core, its implicit state kept in two
+//!   device tensors per state used ping-pong (one row per sequence slot).
 //! - [`probe`]: whether this machine can use Neuron, and why not.
 //!
 //! libnrt is found through `NEURON_WORKER_LIBNRT`, then `/opt/aws/neuron/lib/libnrt.so.1`, then
@@ -17,6 +19,7 @@ pub mod error;
 pub mod instance;
 pub mod model;
 pub mod runtime;
+pub mod stateful;
 pub mod tensor;
 
 use std::path::PathBuf;
@@ -25,6 +28,7 @@ pub use error::{NeuronError, Operation};
 pub use instance::{NeuronInstance, NeuronModelConfig, TensorConfig};
 pub use model::{ExpectedTensor, NeffTensorInfo, NeuronModel, TensorUsage, check_tensors};
 pub use runtime::Runtime;
+pub use stateful::{StateTensorConfig, StatefulNeff, StatefulNeffConfig};
 pub use tensor::{DeviceTensor, TensorSet};
 
 /// Whether the Neuron backend can run here, for `--backend auto|cpu|neuron` and the startup log.

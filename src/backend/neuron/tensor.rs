@@ -111,6 +111,55 @@ impl DeviceTensor {
         Ok(())
     }
 
+    /// Copies `data` to the device at byte `offset` (one row of a batched tensor, say).
+    pub fn write_at(&mut self, offset: usize, data: &[u8]) -> Result<(), NeuronError> {
+        if offset.checked_add(data.len()).is_none_or(|end| end > self.size) {
+            return Err(self.out_of_range(Operation::WriteInput, offset, data.len()));
+        }
+        // SAFETY: the tensor is live and `offset + data.len() <= size`; `data` is readable.
+        let code = unsafe {
+            (self.runtime.nrt().nrt_tensor_write)(
+                self.handle.as_ptr(),
+                data.as_ptr().cast::<c_void>(),
+                offset,
+                data.len(),
+            )
+        };
+        if code != NRT_SUCCESS {
+            return Err(NeuronError::status(Operation::WriteInput, code, &self.model, Some(self.core)));
+        }
+        Ok(())
+    }
+
+    /// Copies `out.len()` bytes from the device, starting at byte `offset`.
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), NeuronError> {
+        if offset.checked_add(out.len()).is_none_or(|end| end > self.size) {
+            return Err(self.out_of_range(Operation::ReadOutput, offset, out.len()));
+        }
+        // SAFETY: the tensor is live and `offset + out.len() <= size`; `out` is writable.
+        let code = unsafe {
+            (self.runtime.nrt().nrt_tensor_read)(
+                self.handle.as_ptr(),
+                out.as_mut_ptr().cast::<c_void>(),
+                offset,
+                out.len(),
+            )
+        };
+        if code != NRT_SUCCESS {
+            return Err(NeuronError::status(Operation::ReadOutput, code, &self.model, Some(self.core)));
+        }
+        Ok(())
+    }
+
+    fn out_of_range(&self, op: Operation, offset: usize, len: usize) -> NeuronError {
+        NeuronError::Invalid {
+            op,
+            model: self.model.to_string(),
+            core: Some(self.core),
+            detail: format!("tensor '{}' is {} bytes; {len} bytes at offset {offset} do not fit", self.name(), self.size),
+        }
+    }
+
     fn invalid(&self, op: Operation, got: usize) -> NeuronError {
         NeuronError::Invalid {
             op,
@@ -135,6 +184,8 @@ pub struct TensorSet {
     runtime: Arc<Runtime>,
     handle: NonNull<nrt_tensor_set_t>,
     tensors: Vec<DeviceTensor>,
+    /// Names of borrowed tensors, kept alive with the set like the owned tensors' names.
+    borrowed_names: Vec<CString>,
     model: Arc<str>,
     core: u32,
 }
@@ -163,7 +214,14 @@ impl TensorSet {
             core: Some(core),
             detail: "nrt_allocate_tensor_set returned no set".into(),
         })?;
-        Ok(TensorSet { runtime: Arc::clone(runtime), handle, tensors: Vec::new(), model: Arc::clone(model), core })
+        Ok(TensorSet {
+            runtime: Arc::clone(runtime),
+            handle,
+            tensors: Vec::new(),
+            borrowed_names: Vec::new(),
+            model: Arc::clone(model),
+            core,
+        })
     }
 
     /// Adds `tensor` under its own name and takes ownership of it; returns its index.
@@ -182,6 +240,30 @@ impl TensorSet {
         }
         self.tensors.push(tensor);
         Ok(self.tensors.len() - 1)
+    }
+
+    /// Adds `tensor` under `name` without taking ownership (a tensor can then be in several
+    /// sets, e.g. a state tensor that is one set's input and another's output).
+    ///
+    /// # Safety
+    /// `tensor` must stay alive (not be dropped) for as long as this set is used or alive.
+    pub(crate) unsafe fn push_borrowed(&mut self, name: &str, tensor: &DeviceTensor) -> Result<(), NeuronError> {
+        let c_name = CString::new(name).map_err(|_| NeuronError::Invalid {
+            op: Operation::BuildTensorSet,
+            model: self.model.to_string(),
+            core: Some(self.core),
+            detail: format!("tensor name {name:?} contains a NUL byte"),
+        })?;
+        // SAFETY: the set and the tensor are live; the NUL-terminated name is kept by this set
+        // from here on; the caller keeps the tensor alive for the set's life (the contract).
+        let code = unsafe {
+            (self.runtime.nrt().nrt_add_tensor_to_tensor_set)(self.handle.as_ptr(), c_name.as_ptr(), tensor.handle.as_ptr())
+        };
+        if code != NRT_SUCCESS {
+            return Err(NeuronError::status(Operation::BuildTensorSet, code, &self.model, Some(self.core)));
+        }
+        self.borrowed_names.push(c_name);
+        Ok(())
     }
 
     /// The tensor at `index` (in the order pushed).

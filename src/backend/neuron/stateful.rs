@@ -1,0 +1,233 @@
+//! [`StatefulNeff`]: a stateful model's NEFF on one NeuronCore, with its implicit state kept in
+//! device memory between executions.
+//!
+//! The NEFF is compiled for one row per sequence slot: it takes the model's per-step inputs, the
+//! control inputs and each state input (`[rows, state dims]`), and writes the outputs and each
+//! state output. Each state has two device tensors used ping-pong: two input/output tensor-set
+//! pairs are built once, the state output of one execution being the state input of the next,
+//! so the state never travels to the host between steps. The NEFF must write every row of every
+//! state output: the new state for rows that took a step, the unchanged state input for the
+//! others (gated on the READY control). A single row is read or written at its byte offset to
+//! reset it (START), spill, export or import it.
+
+use std::sync::Arc;
+
+use super::error::{NeuronError, Operation};
+use super::instance::TensorConfig;
+use super::model::{ExpectedTensor, NeuronModel};
+use super::runtime::Runtime;
+use super::tensor::{DeviceTensor, TensorSet};
+use crate::tensor::DataType;
+
+/// One implicit state tensor of a stateful NEFF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateTensorConfig {
+    /// The NEFF input that receives the state.
+    pub input: String,
+    /// The NEFF output that produces the next state.
+    pub output: String,
+    /// Element datatype.
+    pub dtype: DataType,
+    /// Dimensions of one row (one sequence's state).
+    pub dims: Vec<usize>,
+}
+
+/// What a stateful NEFF is checked against: every tensor is `[rows, dims...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatefulNeffConfig {
+    /// Model name, for errors and logs.
+    pub name: String,
+    /// Rows the NEFF was compiled for: one per sequence slot.
+    pub rows: usize,
+    /// Inputs written before each execution (model inputs of one step, then controls).
+    pub inputs: Vec<TensorConfig>,
+    /// Outputs read after each execution.
+    pub outputs: Vec<TensorConfig>,
+    /// Implicit state tensors.
+    pub states: Vec<StateTensorConfig>,
+}
+
+fn row_bytes(dtype: DataType, dims: &[usize]) -> usize {
+    dims.iter().fold(dtype.size().unwrap_or(0), |acc, d| acc.saturating_mul(*d))
+}
+
+/// A stateful NEFF loaded on one core, its tensors allocated once, its state on the device.
+pub struct StatefulNeff {
+    // Field order is drop order: the sets reference the tensors below, so they go first, and
+    // the tensors go before the model.
+    /// `sets[p]` = (input set, output set) of an execution whose state input is `states[_][p]`.
+    sets: Vec<(TensorSet, TensorSet)>,
+    inputs: Vec<DeviceTensor>,
+    outputs: Vec<DeviceTensor>,
+    /// Two device tensors per state, `[rows, dims]` each.
+    states: Vec<[DeviceTensor; 2]>,
+    model: NeuronModel,
+    config: StatefulNeffConfig,
+    /// Which of the two tensors of each state holds the current state (the next state input).
+    current: usize,
+}
+
+impl std::fmt::Debug for StatefulNeff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatefulNeff")
+            .field("model", &self.config.name)
+            .field("core", &self.model.core())
+            .field("rows", &self.config.rows)
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatefulNeff {
+    /// Loads `neff` on NeuronCore `core`, checks its tensors against `config` (every tensor
+    /// `[rows, dims]`), allocates every tensor once (two per state, zeroed) and builds the two
+    /// tensor-set pairs.
+    pub fn load(
+        runtime: &Arc<Runtime>,
+        core: u32,
+        config: StatefulNeffConfig,
+        neff: &[u8],
+    ) -> Result<StatefulNeff, NeuronError> {
+        let model = NeuronModel::load(runtime, &config.name, core, neff)?;
+        let rows = config.rows;
+        let full = |name: &str, dtype: DataType, dims: &[usize]| ExpectedTensor {
+            name: name.to_owned(),
+            dtype,
+            shape: std::iter::once(rows).chain(dims.iter().copied()).collect(),
+        };
+        let mut want_in: Vec<ExpectedTensor> = config.inputs.iter().map(|t| full(&t.name, t.dtype, &t.dims)).collect();
+        let mut want_out: Vec<ExpectedTensor> =
+            config.outputs.iter().map(|t| full(&t.name, t.dtype, &t.dims)).collect();
+        want_in.extend(config.states.iter().map(|s| full(&s.input, s.dtype, &s.dims)));
+        want_out.extend(config.states.iter().map(|s| full(&s.output, s.dtype, &s.dims)));
+        model.check_against(&want_in, &want_out).map_err(|e| match e {
+            NeuronError::Mismatch { model, core, detail } => NeuronError::Mismatch {
+                model,
+                core,
+                detail: format!("{detail} (a stateful NEFF has one row per sequence slot: {rows} rows)"),
+            },
+            other => other,
+        })?;
+        let name = Arc::clone(model.name_arc());
+        let alloc = |tensor: &str, bytes: usize| DeviceTensor::allocate(runtime, &name, core, tensor, bytes);
+        let size = |t: &ExpectedTensor| t.byte_size().unwrap_or(0);
+        let inputs = want_in[..config.inputs.len()].iter().map(|t| alloc(&t.name, size(t))).collect::<Result<_, _>>()?;
+        let outputs =
+            want_out[..config.outputs.len()].iter().map(|t| alloc(&t.name, size(t))).collect::<Result<_, _>>()?;
+        let mut states = Vec::with_capacity(config.states.len());
+        for (s, t) in config.states.iter().zip(&want_in[config.inputs.len()..]) {
+            // The stand-in's NRT_STANDIN_DENY_READ_PREFIX knob matches these `state:` names.
+            let mut pair = [alloc(&format!("state:{}:0", s.input), size(t))?, alloc(&format!("state:{}:1", s.input), size(t))?];
+            let zeros = vec![0u8; size(t)];
+            for tensor in &mut pair {
+                tensor.write(&zeros)?;
+            }
+            states.push(pair);
+        }
+        let mut neff = StatefulNeff { sets: Vec::new(), inputs, outputs, states, model, config, current: 0 };
+        for parity in 0..2 {
+            let mut ins = TensorSet::new(runtime, &name, core)?;
+            let mut outs = TensorSet::new(runtime, &name, core)?;
+            // SAFETY (each push_borrowed below): the tensors are owned by `neff`, which also owns
+            // the sets; the sets are declared first in the struct, so they are dropped before any
+            // tensor they reference, and no tensor is ever replaced or removed.
+            for (t, cfg) in neff.inputs.iter().zip(&neff.config.inputs) {
+                unsafe { ins.push_borrowed(&cfg.name, t)? };
+            }
+            for (t, cfg) in neff.outputs.iter().zip(&neff.config.outputs) {
+                unsafe { outs.push_borrowed(&cfg.name, t)? };
+            }
+            for (pair, s) in neff.states.iter().zip(&neff.config.states) {
+                unsafe { ins.push_borrowed(&s.input, &pair[parity])? };
+                unsafe { outs.push_borrowed(&s.output, &pair[1 - parity])? };
+            }
+            neff.sets.push((ins, outs));
+        }
+        Ok(neff)
+    }
+
+    /// Rows (sequence slots) per execution.
+    pub fn rows(&self) -> usize {
+        self.config.rows
+    }
+
+    /// The NeuronCore it runs on.
+    pub fn core(&self) -> u32 {
+        self.model.core()
+    }
+
+    /// The configuration it was checked against.
+    pub fn config(&self) -> &StatefulNeffConfig {
+        &self.config
+    }
+
+    /// Copies input `index` (configuration order) for all rows to the device.
+    pub fn write_input(&mut self, index: usize, data: &[u8]) -> Result<(), NeuronError> {
+        let model = self.config.name.clone();
+        let tensor = self.inputs.get_mut(index).ok_or_else(|| missing(Operation::WriteInput, &model, index))?;
+        tensor.write(data)
+    }
+
+    /// Runs one execution. On success the state outputs become the current state (the next
+    /// execution's state inputs); on failure the current state is unchanged.
+    pub fn execute(&mut self) -> Result<(), NeuronError> {
+        let model = self.config.name.clone();
+        let (ins, outs) =
+            self.sets.get_mut(self.current).ok_or_else(|| missing(Operation::Execute, &model, self.current))?;
+        self.model.execute(ins, outs)?;
+        self.current = 1 - self.current;
+        Ok(())
+    }
+
+    /// Copies output `index` (configuration order) for all rows from the device.
+    pub fn read_output(&self, index: usize) -> Result<Vec<u8>, NeuronError> {
+        let tensor =
+            self.outputs.get(index).ok_or_else(|| missing(Operation::ReadOutput, &self.config.name, index))?;
+        let mut out = vec![0u8; tensor.size()];
+        tensor.read_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// Bytes of one row of state `index`.
+    pub fn state_row_bytes(&self, index: usize) -> usize {
+        self.config.states.get(index).map_or(0, |s| row_bytes(s.dtype, &s.dims))
+    }
+
+    /// Reads one row (one slot) of the current value of state `index` from the device.
+    pub fn read_state_row(&self, index: usize, row: usize) -> Result<Vec<u8>, NeuronError> {
+        let bytes = self.state_row_bytes(index);
+        let tensor = self
+            .states
+            .get(index)
+            .map(|pair| &pair[self.current])
+            .ok_or_else(|| missing(Operation::ReadOutput, &self.config.name, index))?;
+        let mut out = vec![0u8; bytes];
+        tensor.read_at(row.saturating_mul(bytes), &mut out)?;
+        Ok(out)
+    }
+
+    /// Writes one row (one slot) of the current value of state `index` on the device.
+    pub fn write_state_row(&mut self, index: usize, row: usize, data: &[u8]) -> Result<(), NeuronError> {
+        let bytes = self.state_row_bytes(index);
+        if data.len() != bytes {
+            return Err(NeuronError::Invalid {
+                op: Operation::WriteInput,
+                model: self.config.name.clone(),
+                core: Some(self.model.core()),
+                detail: format!("state row of {} bytes given, a row is {bytes}", data.len()),
+            });
+        }
+        let model = self.config.name.clone();
+        let current = self.current;
+        let tensor = self
+            .states
+            .get_mut(index)
+            .map(|pair| &mut pair[current])
+            .ok_or_else(|| missing(Operation::WriteInput, &model, index))?;
+        tensor.write_at(row.saturating_mul(bytes), data)
+    }
+}
+
+fn missing(op: Operation, model: &str, index: usize) -> NeuronError {
+    NeuronError::Invalid { op, model: model.to_owned(), core: None, detail: format!("no tensor at index {index}") }
+}
