@@ -5,19 +5,12 @@ use std::path::PathBuf;
 
 use prost::Message;
 
-const PROTOS: &[&str] = &[
-    "inference/grpc_service.proto",
-    "inference/model_config.proto",
-    "neuronworker/v1/sessions.proto",
-];
+const PROTOS: &[&str] =
+    &["inference/grpc_service.proto", "inference/model_config.proto", "neuronworker/v1/sessions.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let present: Vec<&str> = PROTOS
-        .iter()
-        .copied()
-        .filter(|p| PathBuf::from("proto").join(p).exists())
-        .collect();
+    let present: Vec<&str> = PROTOS.iter().copied().filter(|p| PathBuf::from("proto").join(p).exists()).collect();
     let fds = protox::compile(&present, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("descriptor.bin"), fds.encode_to_vec())?;

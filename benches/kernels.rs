@@ -5,9 +5,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use neuron_worker::backend::cpu::gemm::{flops_per_cycle, isa_name};
-use neuron_worker::backend::cpu::{
-    BertConfig, BertModel, BertScratch, PoolingMode, default_threads, matmul_bt,
-};
+use neuron_worker::backend::cpu::{BertConfig, BertModel, BertScratch, PoolingMode, default_threads, matmul_bt};
 
 /// Nominal clock from /proc/cpuinfo (first "cpu MHz" line), in GHz.
 fn ghz() -> f64 {
@@ -37,10 +35,7 @@ fn bench_gemm(c: &mut Criterion) {
         flops_per_cycle()
     );
     let mut group = c.benchmark_group("gemm_f32");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(3))
-        .warm_up_time(Duration::from_secs(1));
+    group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     // (m, k, n): QKV-sized, FFN up, FFN down for batch 32 × seq 128 MiniLM; weight as [n, k].
     for (m, k, n) in [(4096, 384, 384), (4096, 384, 1536), (4096, 1536, 384)] {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 * 0.01).collect();
@@ -58,10 +53,7 @@ fn bench_gemm(c: &mut Criterion) {
             matmul_bt(&a, &b, &mut out, m, k, n, threads);
         }
         let gflops = flops as f64 * reps as f64 / start.elapsed().as_secs_f64() / 1e9;
-        println!(
-            "gemm {id}: {gflops:.1} GFLOP/s = {:.0}% of peak",
-            100.0 * gflops / peak_gflops()
-        );
+        println!("gemm {id}: {gflops:.1} GFLOP/s = {:.0}% of peak", 100.0 * gflops / peak_gflops());
     }
     group.finish();
 }
@@ -81,17 +73,11 @@ fn minilm_shaped() -> BertModel {
     let mut state = 1u64;
     let built = BertModel::from_fn(config, PoolingMode::Mean, true, |name, shape| {
         let n: usize = shape.iter().product();
-        let base = if name.contains("LayerNorm.weight") {
-            1.0
-        } else {
-            0.0
-        };
+        let base = if name.contains("LayerNorm.weight") { 1.0 } else { 0.0 };
         Ok(Some(
             (0..n)
                 .map(|_| {
-                    state = state
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     base + ((state >> 40) as f32 / 16_777_216.0 - 0.5) * 0.1
                 })
                 .collect(),
@@ -108,14 +94,9 @@ fn bench_bert(c: &mut Criterion) {
     let threads = default_threads();
     let seq = 128;
     let mut group = c.benchmark_group("bert_minilm_forward");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(5))
-        .warm_up_time(Duration::from_secs(1));
+    group.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
     for batch in [1usize, 8, 32] {
-        let ids: Vec<i64> = (0..batch * seq)
-            .map(|i| (i * 7919 % 30522) as i64)
-            .collect();
+        let ids: Vec<i64> = (0..batch * seq).map(|i| (i * 7919 % 30522) as i64).collect();
         let mask = vec![1i64; batch * seq];
         let mut scratch = BertScratch::default();
         group.throughput(Throughput::Elements(batch as u64));
@@ -128,11 +109,7 @@ fn bench_bert(c: &mut Criterion) {
             let _ = model.forward_with(&mut scratch, threads, &ids, &mask, None, batch, seq);
         }
         let per = start.elapsed().as_secs_f64() / reps as f64;
-        println!(
-            "bert b{batch} s{seq}: {:.1} ms/batch, {:.1} seq/s",
-            per * 1e3,
-            batch as f64 / per
-        );
+        println!("bert b{batch} s{seq}: {:.1} ms/batch, {:.1} seq/s", per * 1e3, batch as f64 / per);
     }
     group.finish();
 }

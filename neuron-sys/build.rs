@@ -61,30 +61,23 @@ fn generate() -> Result<(), Box<dyn Error>> {
     }
 
     let core = generation::core(&core_header, &core_include)?;
-    let optional = generation::optional(
-        &own_include.join("nrt").join("nrt_optional.h"),
-        &own_include,
-    )?;
+    let optional = generation::optional(&own_include.join("nrt").join("nrt_optional.h"), &own_include)?;
     std::fs::write(out_dir.join("bindings.rs"), &core)?;
     std::fs::write(out_dir.join("bindings_optional.rs"), &optional)?;
     println!("cargo::rustc-cfg={GENERATED_CFG}");
 
     if update_requested() {
         if sdk_include.is_some() {
-            return Err(
-                "refusing to commit bindings generated from an SDK header: unset \
+            return Err("refusing to commit bindings generated from an SDK header: unset \
                         NEURON_SYS_INCLUDE_DIR to regenerate from include/nrt/*.h"
-                    .into(),
-            );
+                .into());
         }
         for (name, text) in [("bindings.rs", &core), ("bindings_optional.rs", &optional)] {
             let target = manifest_dir.join("src").join(name);
             std::fs::write(&target, text)?;
             rustfmt(&target)?;
         }
-        println!(
-            "cargo::warning=neuron-sys: regenerated src/bindings.rs and src/bindings_optional.rs"
-        );
+        println!("cargo::warning=neuron-sys: regenerated src/bindings.rs and src/bindings_optional.rs");
     }
     Ok(())
 }
@@ -102,12 +95,7 @@ fn rustfmt(file: &Path) -> Result<(), Box<dyn Error>> {
         .args(["--edition", "2024"])
         .arg(file)
         .status()
-        .map_err(|e| {
-            format!(
-                "cannot run rustfmt ({}): {e}",
-                PathBuf::from(&rustfmt).display()
-            )
-        })?;
+        .map_err(|e| format!("cannot run rustfmt ({}): {e}", PathBuf::from(&rustfmt).display()))?;
     if !status.success() {
         return Err(format!("rustfmt failed on {}: {status}", file.display()).into());
     }
@@ -133,11 +121,7 @@ mod generation {
     const OPTIONAL_FUNCTIONS: &str = "nrt_(get_status_as_str|get_total_vnc_count|get_visible_vnc_count\
                                       |profile_start|profile_stop)";
 
-    fn common(
-        header: &Path,
-        include: &Path,
-        banner: &str,
-    ) -> Result<bindgen::Builder, Box<dyn Error>> {
+    fn common(header: &Path, include: &Path, banner: &str) -> Result<bindgen::Builder, Box<dyn Error>> {
         let header = header.to_str().ok_or("header path is not UTF-8")?;
         Ok(bindgen::Builder::default()
             .header(header)

@@ -44,7 +44,8 @@ fn select_backend(arg: BackendArg) -> Result<(BackendSelection, String), String>
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let store = match &args.session_store {
         Some(dir) => {
-            let store = neuron_worker::sequence::SessionStore::open(dir).map_err(|e| format!("--session-store: {e}"))?;
+            let store =
+                neuron_worker::sequence::SessionStore::open(dir).map_err(|e| format!("--session-store: {e}"))?;
             tracing::info!(path = %store.path().display(), "session store opened");
             Some(Arc::new(store))
         }
@@ -52,7 +53,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let (backend, why) = select_backend(args.backend)?;
     tracing::info!(backend = %why, "backend selected");
-    let repo = Arc::new(Repository::new(args.model_repository.clone(), backend, args.model_control_mode).with_session_store(store));
+    let repo = Arc::new(
+        Repository::new(args.model_repository.clone(), backend, args.model_control_mode).with_session_store(store),
+    );
     repo.load_all().await.map_err(|e| e.to_string())?;
     let opts = ServeOptions {
         grpc_addr: args.grpc_addr,

@@ -25,9 +25,7 @@ fn layer_norm(x: &mut [f64], g: &[f32], b: &[f32]) {
 
 fn linear(x: &[f64], w: &[f32], b: &[f32], out: usize) -> Vec<f64> {
     let inp = x.len();
-    (0..out)
-        .map(|o| b[o] as f64 + (0..inp).map(|i| x[i] * w[o * inp + i] as f64).sum::<f64>())
-        .collect()
+    (0..out).map(|o| b[o] as f64 + (0..inp).map(|i| x[i] * w[o * inp + i] as f64).sum::<f64>()).collect()
 }
 
 /// Returns (token states [seq][H], mean-pooled L2-normalised embedding).
@@ -41,15 +39,10 @@ fn reference(w: &Weights, ids: &[i64], mask: &[i64], types: &[i64]) -> (Vec<Vec<
                 .map(|i| {
                     t("embeddings.word_embeddings.weight")[ids[s] as usize * H + i] as f64
                         + t("embeddings.position_embeddings.weight")[s * H + i] as f64
-                        + t("embeddings.token_type_embeddings.weight")[types[s] as usize * H + i]
-                            as f64
+                        + t("embeddings.token_type_embeddings.weight")[types[s] as usize * H + i] as f64
                 })
                 .collect();
-            layer_norm(
-                &mut row,
-                t("embeddings.LayerNorm.weight"),
-                t("embeddings.LayerNorm.bias"),
-            );
+            layer_norm(&mut row, t("embeddings.LayerNorm.weight"), t("embeddings.LayerNorm.bias"));
             row
         })
         .collect();
@@ -57,16 +50,7 @@ fn reference(w: &Weights, ids: &[i64], mask: &[i64], types: &[i64]) -> (Vec<Vec<
     for l in 0..LAYERS {
         let p = |s: &str| format!("encoder.layer.{l}.{s}");
         let proj = |x: &Vec<Vec<f64>>, name: &str, out: usize| -> Vec<Vec<f64>> {
-            x.iter()
-                .map(|r| {
-                    linear(
-                        r,
-                        t(&p(&format!("{name}.weight"))),
-                        t(&p(&format!("{name}.bias"))),
-                        out,
-                    )
-                })
-                .collect()
+            x.iter().map(|r| linear(r, t(&p(&format!("{name}.weight"))), t(&p(&format!("{name}.bias"))), out)).collect()
         };
         let q = proj(&x, "attention.self.query", H);
         let k = proj(&x, "attention.self.key", H);
@@ -91,59 +75,33 @@ fn reference(w: &Weights, ids: &[i64], mask: &[i64], types: &[i64]) -> (Vec<Vec<
         let attn = proj(&ctx, "attention.output.dense", H);
         for s in 0..seq {
             let mut r: Vec<f64> = (0..H).map(|i| attn[s][i] + x[s][i]).collect();
-            layer_norm(
-                &mut r,
-                t(&p("attention.output.LayerNorm.weight")),
-                t(&p("attention.output.LayerNorm.bias")),
-            );
+            layer_norm(&mut r, t(&p("attention.output.LayerNorm.weight")), t(&p("attention.output.LayerNorm.bias")));
             x[s] = r;
         }
         let inter: Vec<Vec<f64>> = proj(&x, "intermediate.dense", INTER)
             .into_iter()
-            .map(|r| {
-                r.into_iter()
-                    .map(|v| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt())))
-                    .collect()
-            })
+            .map(|r| r.into_iter().map(|v| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()))).collect())
             .collect();
         let out = proj(&inter, "output.dense", H);
         for s in 0..seq {
             let mut r: Vec<f64> = (0..H).map(|i| out[s][i] + x[s][i]).collect();
-            layer_norm(
-                &mut r,
-                t(&p("output.LayerNorm.weight")),
-                t(&p("output.LayerNorm.bias")),
-            );
+            layer_norm(&mut r, t(&p("output.LayerNorm.weight")), t(&p("output.LayerNorm.bias")));
             x[s] = r;
         }
     }
     let count = mask.iter().filter(|m| **m != 0).count() as f64;
-    let mut emb: Vec<f64> = (0..H)
-        .map(|i| {
-            (0..seq)
-                .filter(|s| mask[*s] != 0)
-                .map(|s| x[s][i])
-                .sum::<f64>()
-                / count
-        })
-        .collect();
+    let mut emb: Vec<f64> =
+        (0..H).map(|i| (0..seq).filter(|s| mask[*s] != 0).map(|s| x[s][i]).sum::<f64>() / count).collect();
     let norm = emb.iter().map(|v| v * v).sum::<f64>().sqrt();
     emb.iter_mut().for_each(|v| *v /= norm);
     (x, emb)
 }
 
 fn max_diff(a: &[f32], b: &[f64]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - y).abs())
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
 }
 
-const SENTENCES: [&[i64]; 3] = [
-    &[1, 17, 42, 99, 3, 2],
-    &[1, 5, 2],
-    &[1, 88, 0, 64, 12, 7, 31, 2],
-];
+const SENTENCES: [&[i64]; 3] = [&[1, 17, 42, 99, 3, 2], &[1, 5, 2], &[1, 88, 0, 64, 12, 7, 31, 2]];
 
 fn padded(batch: &[&[i64]]) -> (Vec<i64>, Vec<i64>, Vec<i64>, usize) {
     let seq = batch.iter().map(|s| s.len()).max().unwrap_or(0);
@@ -162,36 +120,20 @@ fn check_against_reference(dtype: Dtype, prefix: &str, tol: f64) {
     let (dir, w) = checkpoint(dtype, prefix, true);
     let model = BertModel::load(dir.path()).expect("load");
     let info = model.info();
-    assert_eq!(
-        (
-            info.hidden_size,
-            info.vocab_size,
-            info.max_position_embeddings
-        ),
-        (H, VOCAB, MAX_POS)
-    );
+    assert_eq!((info.hidden_size, info.vocab_size, info.max_position_embeddings), (H, VOCAB, MAX_POS));
     assert!(info.has_token_type_embeddings && info.normalize);
     assert_eq!(info.pooling, PoolingMode::Mean);
     let (ids, mask, types, seq) = padded(&SENTENCES);
-    let out = model
-        .forward(&ids, &mask, Some(&types), SENTENCES.len(), seq)
-        .expect("forward");
+    let out = model.forward(&ids, &mask, Some(&types), SENTENCES.len(), seq).expect("forward");
     assert_eq!(out.last_hidden_state.len(), SENTENCES.len() * seq * H);
     for (b, _) in SENTENCES.iter().enumerate() {
         let r = b * seq..(b + 1) * seq;
         let (states, emb) = reference(&w, &ids[r.clone()], &mask[r.clone()], &types[r]);
         let got = &out.sentence_embedding[b * H..(b + 1) * H];
-        assert!(
-            max_diff(got, &emb) < tol,
-            "{dtype:?} sentence {b}: {}",
-            max_diff(got, &emb)
-        );
+        assert!(max_diff(got, &emb) < tol, "{dtype:?} sentence {b}: {}", max_diff(got, &emb));
         for s in 0..SENTENCES[b].len() {
             let row = &out.last_hidden_state[(b * seq + s) * H..(b * seq + s + 1) * H];
-            assert!(
-                max_diff(row, &states[s]) < 10.0 * tol,
-                "{dtype:?} state {b},{s}"
-            );
+            assert!(max_diff(row, &states[s]) < 10.0 * tol, "{dtype:?} state {b},{s}");
         }
     }
 }
@@ -229,22 +171,16 @@ fn padding_does_not_change_a_sentence() {
     let model = BertModel::load(dir.path()).expect("load");
     let alone = &SENTENCES[1..2];
     let (ids, mask, types, seq) = padded(alone);
-    let single = model
-        .forward(&ids, &mask, Some(&types), 1, seq)
-        .expect("alone");
+    let single = model.forward(&ids, &mask, Some(&types), 1, seq).expect("alone");
     let (ids, mask, types, seq_b) = padded(&SENTENCES);
-    let batch = model
-        .forward(&ids, &mask, Some(&types), 3, seq_b)
-        .expect("batch");
+    let batch = model.forward(&ids, &mask, Some(&types), 3, seq_b).expect("batch");
     for i in 0..H {
         let d = (single.sentence_embedding[i] - batch.sentence_embedding[H + i]).abs();
         assert!(d < 1e-5, "embedding {i} moved by {d}");
     }
     for s in 0..seq {
         for i in 0..H {
-            let d = (single.last_hidden_state[s * H + i]
-                - batch.last_hidden_state[(seq_b + s) * H + i])
-                .abs();
+            let d = (single.last_hidden_state[s * H + i] - batch.last_hidden_state[(seq_b + s) * H + i]).abs();
             assert!(d < 1e-4, "state {s},{i} moved by {d}");
         }
     }
@@ -267,48 +203,16 @@ fn bad_inputs_are_explained_not_panics() {
     let (dir, _) = checkpoint(Dtype::F32, "", false);
     let model = BertModel::load(dir.path()).expect("load");
     let m = |n: usize| vec![1i64; n];
-    expect_invalid(
-        model.forward(&[1, 100], &m(2), None, 1, 2),
-        "input_ids",
-        &["100", "0..100"],
-    );
-    expect_invalid(
-        model.forward(&[-1, 5], &m(2), None, 1, 2),
-        "input_ids",
-        &["-1"],
-    );
-    expect_invalid(
-        model.forward(&[1, 5], &m(2), Some(&[0, 2]), 1, 2),
-        "token_type_ids",
-        &["2", "0..2"],
-    );
-    expect_invalid(
-        model.forward(&[1; 17], &m(17), None, 1, 17),
-        "input_ids",
-        &["17", "16"],
-    );
-    expect_invalid(
-        model.forward(&[1, 5, 6], &m(2), None, 1, 3),
-        "attention_mask",
-        &["2", "3"],
-    );
-    expect_invalid(
-        model.forward(&[1, 5], &[1, 2], None, 1, 2),
-        "attention_mask",
-        &["2"],
-    );
-    expect_invalid(
-        model.forward(&[1, 5], &m(2), None, 2, 2),
-        "input_ids",
-        &["2", "4"],
-    );
+    expect_invalid(model.forward(&[1, 100], &m(2), None, 1, 2), "input_ids", &["100", "0..100"]);
+    expect_invalid(model.forward(&[-1, 5], &m(2), None, 1, 2), "input_ids", &["-1"]);
+    expect_invalid(model.forward(&[1, 5], &m(2), Some(&[0, 2]), 1, 2), "token_type_ids", &["2", "0..2"]);
+    expect_invalid(model.forward(&[1; 17], &m(17), None, 1, 17), "input_ids", &["17", "16"]);
+    expect_invalid(model.forward(&[1, 5, 6], &m(2), None, 1, 3), "attention_mask", &["2", "3"]);
+    expect_invalid(model.forward(&[1, 5], &[1, 2], None, 1, 2), "attention_mask", &["2"]);
+    expect_invalid(model.forward(&[1, 5], &m(2), None, 2, 2), "input_ids", &["2", "4"]);
     // Without modules.json: mean pooling, not normalised.
-    let out = model
-        .forward(&[1, 5, 9], &[1, 1, 0], None, 1, 3)
-        .expect("forward");
-    let mean: Vec<f32> = (0..H)
-        .map(|i| (out.last_hidden_state[i] + out.last_hidden_state[H + i]) / 2.0)
-        .collect();
+    let out = model.forward(&[1, 5, 9], &[1, 1, 0], None, 1, 3).expect("forward");
+    let mean: Vec<f32> = (0..H).map(|i| (out.last_hidden_state[i] + out.last_hidden_state[H + i]) / 2.0).collect();
     for i in 0..H {
         assert!((out.sentence_embedding[i] - mean[i]).abs() < 1e-6);
     }
@@ -324,10 +228,7 @@ fn missing_or_misshapen_tensors_name_file_and_tensor() {
     let err = BertModel::load(dir.path()).expect_err("missing tensor");
     let msg = err.to_string();
     assert!(matches!(err, BackendError::Load(_)));
-    assert!(
-        msg.contains("model.safetensors") && msg.contains("encoder.layer.1.output.dense.bias"),
-        "{msg}"
-    );
+    assert!(msg.contains("model.safetensors") && msg.contains("encoder.layer.1.output.dense.bias"), "{msg}");
     assert!(msg.contains("[32]"), "{msg}");
 
     let mut w = generate(7);
@@ -338,19 +239,10 @@ fn missing_or_misshapen_tensors_name_file_and_tensor() {
         }
     }
     write_checkpoint(dir.path(), &w, Dtype::F32, "", false);
-    let msg = BertModel::load(dir.path())
-        .expect_err("wrong shape")
-        .to_string();
-    assert!(
-        msg.contains("intermediate.dense.weight")
-            && msg.contains("[32, 64]")
-            && msg.contains("[64, 32]"),
-        "{msg}"
-    );
+    let msg = BertModel::load(dir.path()).expect_err("wrong shape").to_string();
+    assert!(msg.contains("intermediate.dense.weight") && msg.contains("[32, 64]") && msg.contains("[64, 32]"), "{msg}");
     std::fs::remove_file(dir.path().join("config.json")).expect("rm");
-    let msg = BertModel::load(dir.path())
-        .expect_err("no config")
-        .to_string();
+    let msg = BertModel::load(dir.path()).expect_err("no config").to_string();
     assert!(msg.contains("config.json"), "{msg}");
 }
 
@@ -371,72 +263,26 @@ fn instance_runs_int32_inputs_without_token_types() {
     )
     .expect("instance");
     let (ids, mask, _, seq) = padded(&SENTENCES);
-    let i32s = |v: &[i64]| {
-        v.iter()
-            .flat_map(|x| (*x as i32).to_le_bytes())
-            .collect::<Vec<u8>>()
-    };
+    let i32s = |v: &[i64]| v.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect::<Vec<u8>>();
     let (idb, mb) = (i32s(&ids), i32s(&mask));
     let shape = [3usize, seq];
     let inputs = [
-        BatchInput {
-            name: "input_ids",
-            tensor: TensorView {
-                dtype: DataType::Int32,
-                shape: &shape,
-                data: &idb,
-            },
-        },
-        BatchInput {
-            name: "attention_mask",
-            tensor: TensorView {
-                dtype: DataType::Int32,
-                shape: &shape,
-                data: &mb,
-            },
-        },
+        BatchInput { name: "input_ids", tensor: TensorView { dtype: DataType::Int32, shape: &shape, data: &idb } },
+        BatchInput { name: "attention_mask", tensor: TensorView { dtype: DataType::Int32, shape: &shape, data: &mb } },
     ];
     let out = inst.execute(&inputs).expect("execute");
     assert_eq!(out.len(), 2);
-    assert_eq!(
-        (out[0].name.as_str(), out[0].tensor.shape.clone()),
-        ("last_hidden_state", vec![3, seq, H])
-    );
-    assert_eq!(
-        (out[1].name.as_str(), out[1].tensor.shape.clone()),
-        ("sentence_embedding", vec![3, H])
-    );
-    let CpuModel::Bert(bert) = &*model else {
-        panic!("bert")
-    };
+    assert_eq!((out[0].name.as_str(), out[0].tensor.shape.clone()), ("last_hidden_state", vec![3, seq, H]));
+    assert_eq!((out[1].name.as_str(), out[1].tensor.shape.clone()), ("sentence_embedding", vec![3, H]));
+    let CpuModel::Bert(bert) = &*model else { panic!("bert") };
     let zeros = vec![0i64; ids.len()];
-    let direct = bert
-        .forward(&ids, &mask, Some(&zeros), 3, seq)
-        .expect("forward");
+    let direct = bert.forward(&ids, &mask, Some(&zeros), 3, seq).expect("forward");
     let got = out[1].tensor.view().to_f32().expect("f32");
-    assert!(
-        got.iter()
-            .zip(&direct.sentence_embedding)
-            .all(|(a, b)| (a - b).abs() < 1e-6)
-    );
+    assert!(got.iter().zip(&direct.sentence_embedding).all(|(a, b)| (a - b).abs() < 1e-6));
     let fp = vec![0u8; ids.len() * 4];
     let bad = [
-        BatchInput {
-            name: "input_ids",
-            tensor: TensorView {
-                dtype: DataType::Fp32,
-                shape: &shape,
-                data: &fp,
-            },
-        },
-        BatchInput {
-            name: "attention_mask",
-            tensor: TensorView {
-                dtype: DataType::Int32,
-                shape: &shape,
-                data: &mb,
-            },
-        },
+        BatchInput { name: "input_ids", tensor: TensorView { dtype: DataType::Fp32, shape: &shape, data: &fp } },
+        BatchInput { name: "attention_mask", tensor: TensorView { dtype: DataType::Int32, shape: &shape, data: &mb } },
     ];
     expect_invalid(inst.execute(&bad), "input_ids", &["FP32", "INT64"]);
 }

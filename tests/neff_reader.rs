@@ -4,21 +4,16 @@ use std::path::PathBuf;
 
 use neuron_worker::neff::writer::{DenseLayer, assemble};
 use neuron_worker::neff::{
-    Activation, HEADER_LEN, NeffBuilder, NeffError, ProgramOp, parse_neff, read_neff, render_json,
-    render_table,
+    Activation, HEADER_LEN, NeffBuilder, NeffError, ProgramOp, parse_neff, read_neff, render_json, render_table,
 };
 use serde_json::json;
 
 fn fixture() -> Option<PathBuf> {
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/neff/matmul_small.neff");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/neff/matmul_small.neff");
     if path.exists() {
         Some(path)
     } else {
-        eprintln!(
-            "NOTICE: {} is absent; skipping the real-NEFF test",
-            path.display()
-        );
+        eprintln!("NOTICE: {} is absent; skipping the real-NEFF test", path.display());
         None
     }
 }
@@ -27,10 +22,7 @@ fn small_neff() -> Vec<u8> {
     NeffBuilder::new("small.neff")
         .input("a", "float32", &[2, 3])
         .output("b", "float32", &[2, 3])
-        .op(ProgramOp::Copy {
-            input: "a".into(),
-            output: "b".into(),
-        })
+        .op(ProgramOp::Copy { input: "a".into(), output: "b".into() })
         .build()
         .expect("builder input is valid")
 }
@@ -61,11 +53,7 @@ fn real_fixture_header_and_tensors() {
     assert_eq!(y.shape, Some(vec![256, 128]));
     assert_eq!(y.size_bytes, Some(65536));
 
-    assert_eq!(
-        info.outputs.len(),
-        1,
-        "output0 is declared in sg00 and sg01 but reported once"
-    );
+    assert_eq!(info.outputs.len(), 1, "output0 is declared in sg00 and sg01 but reported once");
     let out = &info.outputs[0];
     assert_eq!(out.name, "output0");
     assert_eq!(out.size_bytes, Some(32768));
@@ -74,14 +62,8 @@ fn real_fixture_header_and_tensors() {
     let doc = render_json(&info);
     assert_eq!(doc["header"]["name"], "file.neff");
     assert_eq!(doc["header"]["lnc_size"], 2);
-    assert_eq!(
-        doc["outputs"],
-        json!([{"name": "output0", "dtype": null, "shape": null, "size_bytes": 32768}])
-    );
-    assert_eq!(
-        doc["inputs"][0],
-        json!({"name": "x", "dtype": "float16", "shape": [128, 256], "size_bytes": 65536})
-    );
+    assert_eq!(doc["outputs"], json!([{"name": "output0", "dtype": null, "shape": null, "size_bytes": 32768}]));
+    assert_eq!(doc["inputs"][0], json!({"name": "x", "dtype": "float16", "shape": [128, 256], "size_bytes": 65536}));
     let table = render_table(&info);
     assert!(table.contains("file.neff"), "{table}");
     assert!(table.contains("float16  [128, 256]  65536"), "{table}");
@@ -92,10 +74,7 @@ fn real_fixture_header_and_tensors() {
 fn header_shorter_than_1024_bytes_is_truncated_header() {
     let bytes = small_neff();
     let err = parse_neff(&bytes[..1000], "short.neff").expect_err("must fail");
-    assert!(
-        matches!(err, NeffError::TruncatedHeader { len: 1000, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, NeffError::TruncatedHeader { len: 1000, .. }), "{err}");
     assert!(err.to_string().contains("short.neff"));
 }
 
@@ -105,9 +84,7 @@ fn payload_shorter_than_data_size_is_truncated_payload() {
     let cut = bytes.len() - 10;
     let err = parse_neff(&bytes[..cut], "cut.neff").expect_err("must fail");
     match err {
-        NeffError::TruncatedPayload {
-            expected, actual, ..
-        } => {
+        NeffError::TruncatedPayload { expected, actual, .. } => {
             assert_eq!(expected, bytes.len() as u64);
             assert_eq!(actual, cut as u64);
         }
@@ -120,16 +97,7 @@ fn huge_data_size_is_refused_without_allocating() {
     let mut bytes = small_neff();
     bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
     let err = parse_neff(&bytes, "huge.neff").expect_err("must fail");
-    assert!(
-        matches!(
-            err,
-            NeffError::TruncatedPayload {
-                expected: u64::MAX,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, NeffError::TruncatedPayload { expected: u64::MAX, .. }), "{err}");
 }
 
 #[test]
@@ -223,12 +191,9 @@ fn writer_round_trip_linear() {
     assert_eq!(info.outputs[0].size_bytes, Some(8 * 16 * 4));
 
     let payload = &bytes[HEADER_LEN..];
-    let entries = neuron_worker::neff::archive::read_entries(payload, "linear", |p| {
-        p.starts_with("standin/")
-    })
-    .expect("archive reads");
-    let program: serde_json::Value =
-        serde_json::from_slice(&entries["standin/program.json"]).expect("program is JSON");
+    let entries = neuron_worker::neff::archive::read_entries(payload, "linear", |p| p.starts_with("standin/"))
+        .expect("archive reads");
+    let program: serde_json::Value = serde_json::from_slice(&entries["standin/program.json"]).expect("program is JSON");
     assert_eq!(program["version"], 1);
     assert_eq!(program["ops"][0]["op"], "dense");
     assert_eq!(program["ops"][0]["activation"], "none");
@@ -242,10 +207,7 @@ fn writer_rejects_inconsistent_programs() {
     let err = NeffBuilder::new("bad")
         .input("a", "float32", &[2, 3])
         .output("b", "float32", &[2, 4])
-        .op(ProgramOp::Copy {
-            input: "a".into(),
-            output: "b".into(),
-        })
+        .op(ProgramOp::Copy { input: "a".into(), output: "b".into() })
         .build()
         .expect_err("6 values cannot fill 8");
     assert!(matches!(err, NeffError::InvalidBuild { .. }), "{err}");
@@ -253,11 +215,7 @@ fn writer_rejects_inconsistent_programs() {
     let err = NeffBuilder::new("bad")
         .input("a", "float32", &[2, 3])
         .output("b", "float32", &[2, 3])
-        .op(ProgramOp::Add {
-            a: "a".into(),
-            b: "missing".into(),
-            output: "b".into(),
-        })
+        .op(ProgramOp::Add { a: "a".into(), b: "missing".into(), output: "b".into() })
         .build()
         .expect_err("unknown buffer");
     assert!(err.to_string().contains("missing"), "{err}");
@@ -269,18 +227,9 @@ fn tensors_without_signature_come_from_def_json_only() {
                   "in1": {"type": "input", "size": 12, "var_id": 2},
                   "in0": {"type": "input", "size": 4, "var_id": 1},
                   "out": {"type": "output", "size": 16, "var_id": 3}}}"#;
-    let bytes = assemble(
-        "d.neff",
-        1,
-        &[("neff.json", b"{}"), ("./sg00/def.json", def)],
-    )
-    .expect("in memory");
+    let bytes = assemble("d.neff", 1, &[("neff.json", b"{}"), ("./sg00/def.json", def)]).expect("in memory");
     let info = parse_neff(&bytes, "d.neff").expect("parses");
-    let inputs: Vec<(&str, Option<u64>)> = info
-        .inputs
-        .iter()
-        .map(|t| (t.name.as_str(), t.size_bytes))
-        .collect();
+    let inputs: Vec<(&str, Option<u64>)> = info.inputs.iter().map(|t| (t.name.as_str(), t.size_bytes)).collect();
     assert_eq!(inputs, [("in0", Some(4)), ("in1", Some(12))]);
     assert_eq!(info.outputs.len(), 1);
     assert_eq!(info.outputs[0].size_bytes, Some(16));
@@ -298,18 +247,12 @@ fn standin_library_is_built_next_to_the_tests() {
 fn written_mlp_runs_on_the_standin() {
     use nrt_standin::abi::NRT_SUCCESS;
     use nrt_standin::runtime::Runtime;
-    let dims = [
-        (256u64, 1024u64, Activation::Gelu),
-        (1024, 1024, Activation::Gelu),
-        (1024, 256, Activation::None),
-    ];
+    let dims = [(256u64, 1024u64, Activation::Gelu), (1024, 1024, Activation::Gelu), (1024, 256, Activation::None)];
     let layers: Vec<DenseLayer> = dims
         .iter()
         .enumerate()
         .map(|(l, &(i, o, activation))| DenseLayer {
-            weight: (0..i * o)
-                .map(|k| (((k * 7 + l as u64) % 11) as f32 - 5.0) / 200.0)
-                .collect(),
+            weight: (0..i * o).map(|k| (((k * 7 + l as u64) % 11) as f32 - 5.0) / 200.0).collect(),
             bias: Some((0..o).map(|j| (j % 3) as f32 / 10.0).collect()),
             in_features: i,
             out_features: o,
@@ -317,12 +260,9 @@ fn written_mlp_runs_on_the_standin() {
         })
         .collect();
     let batch = 2usize;
-    let neff = NeffBuilder::dense_chain("mlp_b2", batch as u64, "INPUT0", "OUTPUT0", &layers)
-        .build()
-        .expect("valid mlp");
-    let x: Vec<f32> = (0..batch * 256)
-        .map(|k| ((k % 9) as f32 - 4.0) / 4.0)
-        .collect();
+    let neff =
+        NeffBuilder::dense_chain("mlp_b2", batch as u64, "INPUT0", "OUTPUT0", &layers).build().expect("valid mlp");
+    let x: Vec<f32> = (0..batch * 256).map(|k| ((k % 9) as f32 - 4.0) / 4.0).collect();
     // Naive reference.
     let gelu = |v: f32| {
         let v = f64::from(v);
@@ -336,55 +276,27 @@ fn written_mlp_runs_on_the_standin() {
             .chunks(i)
             .flat_map(|row| {
                 (0..o).map(move |j| {
-                    let v = bias[j]
-                        + (0..i)
-                            .map(|k| row[k] * layer.weight[k * o + j])
-                            .sum::<f32>();
-                    if layer.activation == Activation::Gelu {
-                        gelu(v)
-                    } else {
-                        v
-                    }
+                    let v = bias[j] + (0..i).map(|k| row[k] * layer.weight[k * o + j]).sum::<f32>();
+                    if layer.activation == Activation::Gelu { gelu(v) } else { v }
                 })
             })
             .collect();
     }
     let rt = Runtime::default();
     assert_eq!(rt.init(nrt_standin::knobs::Knobs::default()), NRT_SUCCESS);
-    let model = rt
-        .load(&neff, 0, 1)
-        .expect("stand-in loads the written NEFF");
-    let input = rt
-        .tensor_allocate(0, 0, batch * 256 * 4, "INPUT0")
-        .expect("alloc");
-    let output = rt
-        .tensor_allocate(0, 0, batch * 256 * 4, "OUTPUT0")
-        .expect("alloc");
+    let model = rt.load(&neff, 0, 1).expect("stand-in loads the written NEFF");
+    let input = rt.tensor_allocate(0, 0, batch * 256 * 4, "INPUT0").expect("alloc");
+    let output = rt.tensor_allocate(0, 0, batch * 256 * 4, "OUTPUT0").expect("alloc");
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-    assert_eq!(
-        rt.tensor(input).expect("tensor").write(0, &bytes),
-        NRT_SUCCESS
-    );
-    let (ins, outs) = (
-        rt.set_allocate().expect("set"),
-        rt.set_allocate().expect("set"),
-    );
+    assert_eq!(rt.tensor(input).expect("tensor").write(0, &bytes), NRT_SUCCESS);
+    let (ins, outs) = (rt.set_allocate().expect("set"), rt.set_allocate().expect("set"));
     assert_eq!(rt.set_add(ins, "INPUT0", input), NRT_SUCCESS);
     assert_eq!(rt.set_add(outs, "OUTPUT0", output), NRT_SUCCESS);
     assert_eq!(rt.execute(model, ins, outs, 1), NRT_SUCCESS);
     let mut y = vec![0u8; batch * 256 * 4];
-    assert_eq!(
-        rt.tensor(output).expect("tensor").read(0, &mut y),
-        NRT_SUCCESS
-    );
-    let y: Vec<f32> = y
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    assert_eq!(rt.tensor(output).expect("tensor").read(0, &mut y), NRT_SUCCESS);
+    let y: Vec<f32> = y.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     for (k, (a, b)) in y.iter().zip(&h).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-            "element {k}: {a} vs {b}"
-        );
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "element {k}: {a} vs {b}");
     }
 }

@@ -33,37 +33,18 @@ fn standin() -> PathBuf {
 fn run_child(name: &str, env: &[(&str, String)]) -> String {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let mut cmd = Command::new(exe);
-    cmd.args([
-        "--ignored",
-        "--exact",
-        name,
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(CHILD_MARKER, "1");
-    for key in [
-        "NRT_STANDIN_VISIBLE_CORES",
-        "NRT_STANDIN_FAIL_EXEC_STATUS",
-        "NRT_STANDIN_FAIL_LOAD_STATUS",
-    ] {
+    cmd.args(["--ignored", "--exact", name, "--nocapture", "--test-threads=1"]).env(CHILD_MARKER, "1");
+    for key in ["NRT_STANDIN_VISIBLE_CORES", "NRT_STANDIN_FAIL_EXEC_STATUS", "NRT_STANDIN_FAIL_LOAD_STATUS"] {
         cmd.env_remove(key);
     }
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run child {name}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run child {name}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "child {name} failed:\n{stdout}\n{stderr}"
-    );
-    assert!(
-        stdout.contains(&format!("CHILD-OK {name}")),
-        "child {name} did not run:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "child {name} failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("CHILD-OK {name}")), "child {name} did not run:\n{stdout}\n{stderr}");
     stdout
 }
 
@@ -81,9 +62,7 @@ fn bias() -> Vec<f32> {
 
 fn linear_neff(batch: usize, in_features: usize) -> Vec<u8> {
     let layer = DenseLayer {
-        weight: (0..in_features * OUT)
-            .map(|i| weights().get(i).copied().unwrap_or(0.0))
-            .collect(),
+        weight: (0..in_features * OUT).map(|i| weights().get(i).copied().unwrap_or(0.0)).collect(),
         bias: Some(bias()),
         in_features: in_features as u64,
         out_features: OUT as u64,
@@ -99,16 +78,8 @@ fn config() -> NeuronModelConfig {
     NeuronModelConfig {
         name: "linear".into(),
         batching: true,
-        inputs: vec![TensorConfig {
-            name: "x".into(),
-            dtype: DataType::Fp32,
-            dims: vec![IN],
-        }],
-        outputs: vec![TensorConfig {
-            name: "y".into(),
-            dtype: DataType::Fp32,
-            dims: vec![OUT],
-        }],
+        inputs: vec![TensorConfig { name: "x".into(), dtype: DataType::Fp32, dims: vec![IN] }],
+        outputs: vec![TensorConfig { name: "y".into(), dtype: DataType::Fp32, dims: vec![OUT] }],
     }
 }
 
@@ -124,10 +95,7 @@ fn expected(x: &Tensor) -> Vec<f32> {
     let mut y = vec![0f32; rows * OUT];
     for r in 0..rows {
         for o in 0..OUT {
-            y[r * OUT + o] = b[o]
-                + (0..IN)
-                    .map(|k| xs[r * IN + k] * w[k * OUT + o])
-                    .sum::<f32>();
+            y[r * OUT + o] = b[o] + (0..IN).map(|k| xs[r * IN + k] * w[k * OUT + o]).sum::<f32>();
         }
     }
     y
@@ -141,10 +109,7 @@ fn instance(core: u32, buckets: &[usize]) -> Result<NeuronInstance, NeuronError>
 }
 
 fn execute(inst: &mut NeuronInstance, x: &Tensor) -> Result<Vec<f32>, BackendError> {
-    let out = inst.execute(&[BatchInput {
-        name: "x",
-        tensor: x.view(),
-    }])?;
+    let out = inst.execute(&[BatchInput { name: "x", tensor: x.view() }])?;
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].name, "y");
     assert_eq!(out[0].tensor.dtype, DataType::Fp32);
@@ -165,10 +130,7 @@ fn assert_close(got: &[f32], want: &[f32]) {
 fn neuron_probe_and_bucketed_execution_on_the_standin() {
     run_child(
         "child_nrt_probe_and_execute",
-        &[
-            ("NEURON_WORKER_LIBNRT", standin().display().to_string()),
-            ("NRT_STANDIN_VISIBLE_CORES", "3".into()),
-        ],
+        &[("NEURON_WORKER_LIBNRT", standin().display().to_string()), ("NRT_STANDIN_VISIBLE_CORES", "3".into())],
     );
 }
 
@@ -202,10 +164,7 @@ fn neuron_completed_with_err_keeps_the_core_in_service() {
 fn neuron_load_out_of_device_memory_is_a_load_error() {
     run_child(
         "child_nrt_load_resource",
-        &[
-            ("NEURON_WORKER_LIBNRT", standin().display().to_string()),
-            ("NRT_STANDIN_FAIL_LOAD_STATUS", "4".into()),
-        ],
+        &[("NEURON_WORKER_LIBNRT", standin().display().to_string()), ("NRT_STANDIN_FAIL_LOAD_STATUS", "4".into())],
     );
 }
 
@@ -213,19 +172,13 @@ fn neuron_load_out_of_device_memory_is_a_load_error() {
 fn neuron_probe_reports_zero_visible_cores() {
     run_child(
         "child_nrt_probe_no_cores",
-        &[
-            ("NEURON_WORKER_LIBNRT", standin().display().to_string()),
-            ("NRT_STANDIN_VISIBLE_CORES", "0".into()),
-        ],
+        &[("NEURON_WORKER_LIBNRT", standin().display().to_string()), ("NRT_STANDIN_VISIBLE_CORES", "0".into())],
     );
 }
 
 #[test]
 fn neuron_probe_without_libnrt_explains_what_was_tried() {
-    run_child(
-        "child_nrt_probe_missing",
-        &[("NEURON_WORKER_LIBNRT", "/nonexistent/libnrt.so.1".into())],
-    );
+    run_child("child_nrt_probe_missing", &[("NEURON_WORKER_LIBNRT", "/nonexistent/libnrt.so.1".into())]);
 }
 
 // ---- children ------------------------------------------------------------------------------
@@ -236,12 +189,7 @@ fn child_nrt_probe_and_execute() {
     if !is_child() {
         return;
     }
-    let Probe::Available {
-        runtime_version,
-        visible_cores,
-        library_path,
-    } = neuron::probe()
-    else {
+    let Probe::Available { runtime_version, visible_cores, library_path } = neuron::probe() else {
         panic!("probe: {:?}", neuron::probe());
     };
     assert_eq!(visible_cores, 3);
@@ -250,10 +198,7 @@ fn child_nrt_probe_and_execute() {
 
     let rt = Runtime::get_or_init().unwrap_or_else(|e| panic!("init: {e}"));
     let again = Runtime::get_or_init().unwrap_or_else(|e| panic!("second init: {e}"));
-    assert!(
-        Arc::ptr_eq(&rt, &again),
-        "a second get_or_init must return the same runtime"
-    );
+    assert!(Arc::ptr_eq(&rt, &again), "a second get_or_init must return the same runtime");
     assert_eq!(rt.visible_cores(), 3);
     assert_eq!(rt.version(), runtime_version);
 
@@ -269,41 +214,24 @@ fn child_nrt_probe_and_execute() {
     match execute(&mut inst, &input(3)) {
         Err(BackendError::InvalidInput { name, reason }) => {
             assert_eq!(name, "x");
-            assert!(
-                reason.contains("batch size 3") && reason.contains("[1, 2, 4]"),
-                "{reason}"
-            );
+            assert!(reason.contains("batch size 3") && reason.contains("[1, 2, 4]"), "{reason}");
         }
         other => panic!("batch 3 without a bucket: {other:?}"),
     }
-    let wrong = Tensor {
-        dtype: DataType::Fp16,
-        shape: vec![2, IN],
-        data: vec![0; 2 * IN * 2],
-    };
-    assert!(matches!(
-        execute(&mut inst, &wrong),
-        Err(BackendError::InvalidInput { .. })
-    ));
+    let wrong = Tensor { dtype: DataType::Fp16, shape: vec![2, IN], data: vec![0; 2 * IN * 2] };
+    assert!(matches!(execute(&mut inst, &wrong), Err(BackendError::InvalidInput { .. })));
 
-    let single =
-        NeuronInstance::with_single_neff(Arc::clone(&rt), 0, config(), &linear_neff(2, IN))
-            .unwrap_or_else(|e| panic!("single NEFF: {e}"));
+    let single = NeuronInstance::with_single_neff(Arc::clone(&rt), 0, config(), &linear_neff(2, IN))
+        .unwrap_or_else(|e| panic!("single NEFF: {e}"));
     assert_eq!(single.bucket_sizes(), vec![2]);
 
     let mut bad = config();
     bad.inputs[0].dims = vec![IN * 2];
     match NeuronInstance::new(Arc::clone(&rt), 2, bad, &[(2, &linear_neff(2, IN))]) {
-        Err(NeuronError::Mismatch {
-            model,
-            core,
-            detail,
-        }) => {
+        Err(NeuronError::Mismatch { model, core, detail }) => {
             assert_eq!((model.as_str(), core), ("linear", 2));
             assert!(
-                detail.contains("input 'x'")
-                    && detail.contains("128 bytes")
-                    && detail.contains("64 bytes"),
+                detail.contains("input 'x'") && detail.contains("128 bytes") && detail.contains("64 bytes"),
                 "{detail}"
             );
         }
@@ -325,27 +253,18 @@ fn child_nrt_exec_failure() {
         return;
     }
     let expect_usable = std::env::var("EXPECT_USABLE").is_ok_and(|v| v == "1");
-    let code: u32 = std::env::var("NRT_STANDIN_FAIL_EXEC_STATUS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let code: u32 = std::env::var("NRT_STANDIN_FAIL_EXEC_STATUS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut inst = instance(0, &[2]).unwrap_or_else(|e| panic!("instance: {e}"));
     let x = input(2);
     let first = execute(&mut inst, &x).unwrap_or_else(|e| panic!("first execution: {e}"));
     assert_close(&first, &expected(&x));
     match execute(&mut inst, &x) {
-        Err(BackendError::Execution {
-            message,
-            instance_usable,
-            nrt_status,
-        }) => {
+        Err(BackendError::Execution { message, instance_usable, nrt_status }) => {
             assert_eq!(nrt_status, Some(code));
             assert_eq!(instance_usable, expect_usable, "{message}");
             let name = neuron_sys::status_name(code).unwrap_or("?");
             assert!(
-                message.contains(name)
-                    && message.contains("NeuronCore 0")
-                    && message.contains("'linear'"),
+                message.contains(name) && message.contains("NeuronCore 0") && message.contains("'linear'"),
                 "{message}"
             );
         }
@@ -363,13 +282,8 @@ fn child_nrt_load_resource() {
     match instance(0, &[1]) {
         Err(e @ NeuronError::Status { code: 4, .. }) => {
             let text = e.to_string();
-            assert!(
-                text.contains("load of model 'linear' on NeuronCore 0 failed: NRT_RESOURCE (4)"),
-                "{text}"
-            );
-            assert!(
-                matches!(BackendError::from(e), BackendError::Load(m) if m.contains("fewer models"))
-            );
+            assert!(text.contains("load of model 'linear' on NeuronCore 0 failed: NRT_RESOURCE (4)"), "{text}");
+            assert!(matches!(BackendError::from(e), BackendError::Load(m) if m.contains("fewer models")));
         }
         other => panic!("load should fail with NRT_RESOURCE: {other:?}"),
     }
@@ -399,19 +313,12 @@ fn child_nrt_probe_missing() {
     }
     match neuron::probe() {
         Probe::Unavailable { reason } => {
-            for needle in [
-                "/nonexistent/libnrt.so.1",
-                "/opt/aws/neuron/lib/libnrt.so.1",
-                "aws-neuronx-runtime-lib",
-            ] {
+            for needle in ["/nonexistent/libnrt.so.1", "/opt/aws/neuron/lib/libnrt.so.1", "aws-neuronx-runtime-lib"] {
                 assert!(reason.contains(needle), "{needle} missing from {reason}");
             }
         }
         other => panic!("missing libnrt: {other:?}"),
     }
-    assert!(matches!(
-        Runtime::get_or_init(),
-        Err(NeuronError::Unavailable { .. })
-    ));
+    assert!(matches!(Runtime::get_or_init(), Err(NeuronError::Unavailable { .. })));
     println!("CHILD-OK child_nrt_probe_missing");
 }

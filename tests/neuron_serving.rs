@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Command;
 
 use common::*;
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
@@ -15,71 +15,26 @@ use neuron_worker::proto::inference::*;
 use tonic::Code;
 use tonic::transport::Channel;
 
-struct Worker {
-    child: Child,
-    grpc: String,
-    metrics: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn standin() -> PathBuf {
-    nrt_standin::standin_library_path()
-        .expect("the stand-in libnrt is built by cargo test (dev-dependency nrt-standin)")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-/// Starts `neuron-worker serve --backend neuron` over a fresh stand-in repository.
-fn start_neuron_worker(env: &[(&str, &str)], extra_config: &str) -> Worker {
+/// Starts `neuron-worker serve --backend neuron` over a fresh stand-in repository (2 cores) and
+/// connects.
+async fn start_neuron_worker(
+    env: &[(&str, &str)],
+    extra_config: &str,
+) -> (SpawnedWorker, GrpcInferenceServiceClient<Channel>) {
     let dir = tempfile::tempdir().expect("temp dir");
     for model in ["linear", "mlp"] {
         neuron_worker::neff::testing::write_standin_model(dir.path(), model, &[1, 4, 16], extra_config)
             .expect("write NEFFs");
     }
-    let (g, m) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neuron-worker"));
-    cmd.args([
-        "serve",
-        "--backend",
-        "neuron",
-        "--grpc-addr",
-        &format!("127.0.0.1:{g}"),
-        "--metrics-addr",
-        &format!("127.0.0.1:{m}"),
-    ])
-    .arg("--model-repository")
-    .arg(dir.path())
-    .env("NEURON_WORKER_LIBNRT", standin())
-    .env("NRT_STANDIN_VISIBLE_CORES", "2")
-    .stdout(Stdio::null())
-    .stderr(Stdio::inherit());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("worker starts");
-    Worker { child, grpc: format!("http://127.0.0.1:{g}"), metrics: format!("127.0.0.1:{m}"), _dir: dir }
-}
-
-async fn connect(url: &str) -> GrpcInferenceServiceClient<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut c) = GrpcInferenceServiceClient::connect(url.to_string()).await
-            && c.server_ready(ServerReadyRequest {}).await.map(|r| r.into_inner().ready).unwrap_or(false)
-        {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "worker at {url} did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let lib = standin();
+    let args: Vec<&OsStr> =
+        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
+    let mut all_env: Vec<(&str, &OsStr)> =
+        vec![("NEURON_WORKER_LIBNRT", lib.as_os_str()), ("NRT_STANDIN_VISIBLE_CORES", "2".as_ref())];
+    all_env.extend(env.iter().map(|(k, v)| (*k, OsStr::new(v))));
+    let (mut w, c) = spawn_worker(&args, &all_env).await;
+    w.dir = Some(dir);
+    (w, c)
 }
 
 async fn infer(
@@ -105,9 +60,8 @@ async fn capacity(addr: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn neuron_standin_outputs_match_cpu_for_every_batch_size() {
-    let neuron = start_neuron_worker(&[], "");
+    let (_neuron, mut n) = start_neuron_worker(&[], "").await;
     let cpu = start().await;
-    let mut n = connect(&neuron.grpc).await;
     let mut c = cpu.client().await;
     // 1..=20 rows: exact buckets, padding (3 → 4, 5 → 16) and splitting (20 → 16 + 4).
     for (model, dim) in [("linear", 64), ("mlp", 256)] {
@@ -139,8 +93,8 @@ async fn neuron_standin_outputs_match_cpu_for_every_batch_size() {
 #[tokio::test]
 async fn neuron_nonfatal_execute_error_fails_only_that_batch() {
     // NRT_EXEC_COMPLETED_WITH_ERR (1004) on the first execution only: the core stays in service.
-    let w = start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "1004"), ("NRT_STANDIN_FAIL_ONCE", "1")], "");
-    let mut c = connect(&w.grpc).await;
+    let (w, mut c) =
+        start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "1004"), ("NRT_STANDIN_FAIL_ONCE", "1")], "").await;
     let err = infer(&mut c, "linear", 64, 1, 0).await.expect_err("first execution fails");
     assert_eq!(err.code(), Code::Internal);
     assert!(err.message().contains("NRT_EXEC_COMPLETED_WITH_ERR"), "{}", err.message());
@@ -156,11 +110,11 @@ async fn neuron_nonfatal_execute_error_fails_only_that_batch() {
 #[tokio::test]
 async fn neuron_fatal_status_takes_the_core_out_and_the_model_keeps_serving() {
     // NRT_EXEC_HW_ERR_NC_UE (1202) on core 0 only: that core leaves service, core 1 serves on.
-    let w = start_neuron_worker(
+    let (w, mut c) = start_neuron_worker(
         &[("NRT_STANDIN_FAIL_EXEC_STATUS", "1202"), ("NRT_STANDIN_FAIL_CORE", "0"), ("NRT_STANDIN_FAIL_EVERY_N", "1")],
         "",
-    );
-    let mut c = connect(&w.grpc).await;
+    )
+    .await;
     let mut failures = Vec::new();
     let mut successes = 0;
     for i in 0..12 {
@@ -183,8 +137,8 @@ async fn neuron_fatal_status_takes_the_core_out_and_the_model_keeps_serving() {
 
 #[tokio::test]
 async fn neuron_all_cores_lost_makes_the_model_unavailable() {
-    let w = start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "5"), ("NRT_STANDIN_FAIL_EVERY_N", "1")], "");
-    let mut c = connect(&w.grpc).await;
+    let (_w, mut c) =
+        start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "5"), ("NRT_STANDIN_FAIL_EVERY_N", "1")], "").await;
     let mut codes = Vec::new();
     for i in 0..4 {
         codes.push(infer(&mut c, "linear", 64, 1, i).await.map(|_| ()).map_err(|e| e.code()));

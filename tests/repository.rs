@@ -217,7 +217,12 @@ output [ { name: "last_hidden_state" data_type: TYPE_FP32 dims: [ -1, 32 ] }, { 
     let ids: [i32; 4] = [3, 9, 27, 81];
     let i32_bytes: Vec<u8> = ids.iter().flat_map(|x| x.to_le_bytes()).collect();
     let ones: Vec<u8> = [1i32; 4].iter().flat_map(|x| x.to_le_bytes()).collect();
-    let t = |name: &str| InferInputTensor { name: name.into(), datatype: "INT32".into(), shape: vec![1, 4], ..Default::default() };
+    let t = |name: &str| InferInputTensor {
+        name: name.into(),
+        datatype: "INT32".into(),
+        shape: vec![1, 4],
+        ..Default::default()
+    };
     let req = ModelInferRequest {
         model_name: "half".into(),
         inputs: vec![t("input_ids"), t("attention_mask")],

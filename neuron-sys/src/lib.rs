@@ -45,8 +45,8 @@ mod loader;
 mod status;
 
 pub use loader::{
-    Attempt, CORE_SYMBOLS, LIBNRT_ENV, Library, LoadError, OptionalFunctions, SDK_LIBRARY_PATH,
-    SONAME, candidates, load, load_from,
+    Attempt, CORE_SYMBOLS, LIBNRT_ENV, Library, LoadError, OptionalFunctions, SDK_LIBRARY_PATH, SONAME, candidates,
+    load, load_from,
 };
 pub use status::{STATUS_NAMES, status_label, status_name};
 

@@ -122,42 +122,22 @@ pub struct OptionalFunctions {
 impl OptionalFunctions {
     /// `nrt_get_status_as_str` (runtimes from SDK 2.28).
     pub fn get_status_as_str(&self) -> Option<StatusAsStrFn> {
-        self.table
-            .as_ref()?
-            .nrt_get_status_as_str
-            .as_ref()
-            .ok()
-            .copied()
+        self.table.as_ref()?.nrt_get_status_as_str.as_ref().ok().copied()
     }
 
     /// `nrt_get_total_vnc_count`.
     pub fn get_total_vnc_count(&self) -> Option<VncCountFn> {
-        self.table
-            .as_ref()?
-            .nrt_get_total_vnc_count
-            .as_ref()
-            .ok()
-            .copied()
+        self.table.as_ref()?.nrt_get_total_vnc_count.as_ref().ok().copied()
     }
 
     /// `nrt_get_visible_vnc_count`.
     pub fn get_visible_vnc_count(&self) -> Option<VncCountFn> {
-        self.table
-            .as_ref()?
-            .nrt_get_visible_vnc_count
-            .as_ref()
-            .ok()
-            .copied()
+        self.table.as_ref()?.nrt_get_visible_vnc_count.as_ref().ok().copied()
     }
 
     /// `nrt_profile_start`.
     pub fn profile_start(&self) -> Option<ProfileStartFn> {
-        self.table
-            .as_ref()?
-            .nrt_profile_start
-            .as_ref()
-            .ok()
-            .copied()
+        self.table.as_ref()?.nrt_profile_start.as_ref().ok().copied()
     }
 
     /// `nrt_profile_stop`.
@@ -170,14 +150,8 @@ impl OptionalFunctions {
         let mut names = Vec::new();
         let checks = [
             ("nrt_get_status_as_str", self.get_status_as_str().is_some()),
-            (
-                "nrt_get_total_vnc_count",
-                self.get_total_vnc_count().is_some(),
-            ),
-            (
-                "nrt_get_visible_vnc_count",
-                self.get_visible_vnc_count().is_some(),
-            ),
+            ("nrt_get_total_vnc_count", self.get_total_vnc_count().is_some()),
+            ("nrt_get_visible_vnc_count", self.get_visible_vnc_count().is_some()),
             ("nrt_profile_start", self.profile_start().is_some()),
             ("nrt_profile_stop", self.profile_stop().is_some()),
         ];
@@ -271,10 +245,7 @@ pub fn load_from(candidates: &[PathBuf]) -> Result<Library, LoadError> {
         if is_path {
             match std::fs::metadata(candidate) {
                 Err(e) => {
-                    attempts.push(Attempt {
-                        candidate: candidate.clone(),
-                        error: e.to_string(),
-                    });
+                    attempts.push(Attempt { candidate: candidate.clone(), error: e.to_string() });
                     continue;
                 }
                 Ok(meta) if meta.is_dir() => {
@@ -292,15 +263,9 @@ pub fn load_from(candidates: &[PathBuf]) -> Result<Library, LoadError> {
         match opened {
             Ok(lib) => return bind(lib, candidate),
             Err(e) if is_path => {
-                return Err(LoadError::Unloadable {
-                    path: candidate.clone(),
-                    reason: e.to_string(),
-                });
+                return Err(LoadError::Unloadable { path: candidate.clone(), reason: e.to_string() });
             }
-            Err(e) => attempts.push(Attempt {
-                candidate: candidate.clone(),
-                error: e.to_string(),
-            }),
+            Err(e) => attempts.push(Attempt { candidate: candidate.clone(), error: e.to_string() }),
         }
     }
     Err(LoadError::NotFound { attempts })
@@ -314,31 +279,20 @@ fn bind(lib: libloading::Library, candidate: &Path) -> Result<Library, LoadError
         // or dereferenced here).
         let found = unsafe { lib.get::<*const c_void>(name.as_bytes()) };
         if found.is_err() {
-            return Err(LoadError::MissingSymbol {
-                path: candidate.to_path_buf(),
-                symbol,
-            });
+            return Err(LoadError::MissingSymbol { path: candidate.to_path_buf(), symbol });
         }
     }
     // SAFETY: every core symbol is present (checked above) and declared in our header with the
     // signature libnrt documents; the table keeps the library loaded while it lives.
-    let core = unsafe { Nrt::from_library(lib) }.map_err(|e| LoadError::Unloadable {
-        path: candidate.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let core = unsafe { Nrt::from_library(lib) }
+        .map_err(|e| LoadError::Unloadable { path: candidate.to_path_buf(), reason: e.to_string() })?;
     // A second handle to the same, already loaded, object (dlopen counts references).
     // SAFETY: as above; the library is already loaded, so no initialiser runs again.
     let optional_table = unsafe { libloading::Library::new(candidate) }
         .ok()
         // SAFETY: every field of the optional table is a `Result`; absent symbols are not called.
         .and_then(|lib| unsafe { NrtOptional::from_library(lib) }.ok());
-    Ok(Library {
-        core,
-        optional: OptionalFunctions {
-            table: optional_table,
-        },
-        path: candidate.to_path_buf(),
-    })
+    Ok(Library { core, optional: OptionalFunctions { table: optional_table }, path: candidate.to_path_buf() })
 }
 
 #[cfg(test)]
@@ -348,11 +302,7 @@ mod tests {
     fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
         let path = std::env::temp_dir().join(format!("neuron-sys-{}-{name}", std::process::id()));
         let written = std::fs::write(&path, contents);
-        assert!(
-            written.is_ok(),
-            "cannot write {}: {written:?}",
-            path.display()
-        );
+        assert!(written.is_ok(), "cannot write {}: {written:?}", path.display());
         path
     }
 
@@ -361,16 +311,9 @@ mod tests {
         let with_env = candidates(Some("/custom/libnrt.so.1".into()));
         assert_eq!(
             with_env,
-            vec![
-                PathBuf::from("/custom/libnrt.so.1"),
-                PathBuf::from(SDK_LIBRARY_PATH),
-                PathBuf::from(SONAME)
-            ]
+            vec![PathBuf::from("/custom/libnrt.so.1"), PathBuf::from(SDK_LIBRARY_PATH), PathBuf::from(SONAME)]
         );
-        assert_eq!(
-            candidates(None),
-            vec![PathBuf::from(SDK_LIBRARY_PATH), PathBuf::from(SONAME)]
-        );
+        assert_eq!(candidates(None), vec![PathBuf::from(SDK_LIBRARY_PATH), PathBuf::from(SONAME)]);
         assert_eq!(candidates(Some("".into())).len(), 2);
     }
 
@@ -386,25 +329,13 @@ mod tests {
         let tried: Vec<&Path> = attempts.iter().map(|a| a.candidate.as_path()).collect();
         assert_eq!(
             tried,
-            vec![
-                Path::new("/nonexistent/dir/libnrt.so.1"),
-                Path::new(SDK_LIBRARY_PATH),
-                Path::new(SONAME)
-            ]
+            vec![Path::new("/nonexistent/dir/libnrt.so.1"), Path::new(SDK_LIBRARY_PATH), Path::new(SONAME)]
         );
-        assert!(
-            attempts[0].error.contains("No such file"),
-            "{}",
-            attempts[0].error
-        );
+        assert!(attempts[0].error.contains("No such file"), "{}", attempts[0].error);
         let text = err.to_string();
-        for needle in [
-            "/nonexistent/dir/libnrt.so.1",
-            SDK_LIBRARY_PATH,
-            "libnrt.so.1 (",
-            "aws-neuronx-runtime-lib",
-            LIBNRT_ENV,
-        ] {
+        for needle in
+            ["/nonexistent/dir/libnrt.so.1", SDK_LIBRARY_PATH, "libnrt.so.1 (", "aws-neuronx-runtime-lib", LIBNRT_ENV]
+        {
             assert!(text.contains(needle), "{needle:?} missing from: {text}");
         }
     }
@@ -417,27 +348,18 @@ mod tests {
         let Err(err) = result else {
             panic!("a text file loaded as libnrt");
         };
-        let LoadError::Unloadable {
-            path: reported,
-            reason,
-        } = &err
-        else {
+        let LoadError::Unloadable { path: reported, reason } = &err else {
             panic!("expected Unloadable, got {err}");
         };
         assert_eq!(reported, &path);
         assert!(!reason.is_empty());
-        assert!(
-            err.to_string()
-                .contains("cannot be loaded as a shared library"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("cannot be loaded as a shared library"), "{err}");
     }
 
     #[test]
     fn a_directory_is_not_a_library() {
         let dir = std::env::temp_dir();
-        let Err(LoadError::Unloadable { path, reason }) = load_from(std::slice::from_ref(&dir))
-        else {
+        let Err(LoadError::Unloadable { path, reason }) = load_from(std::slice::from_ref(&dir)) else {
             panic!("expected Unloadable for a directory");
         };
         assert_eq!(path, dir);
@@ -456,10 +378,7 @@ mod tests {
         };
         assert_eq!(path, &libm);
         assert_eq!(*symbol, "nrt_init");
-        assert!(
-            err.to_string().contains("does not export `nrt_init`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("does not export `nrt_init`"), "{err}");
     }
 
     #[test]
@@ -473,9 +392,7 @@ mod tests {
                 let rest = &l[start..];
                 let end = rest.find('(')?;
                 let name = &rest[..end];
-                name.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-                    .then_some(name)
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_').then_some(name)
             })
             .collect();
         declared.sort_unstable();

@@ -20,10 +20,7 @@ pub const STATUS_NAMES: [(NRT_STATUS, &str); 28] = [
     (NRT_QUEUE_EMPTY, "NRT_QUEUE_EMPTY"),
     (NRT_EXEC_UNIT_UNRECOVERABLE, "NRT_EXEC_UNIT_UNRECOVERABLE"),
     (NRT_EXEC_BAD_INPUT, "NRT_EXEC_BAD_INPUT"),
-    (
-        NRT_EXEC_COMPLETED_WITH_NUM_ERR,
-        "NRT_EXEC_COMPLETED_WITH_NUM_ERR",
-    ),
+    (NRT_EXEC_COMPLETED_WITH_NUM_ERR, "NRT_EXEC_COMPLETED_WITH_NUM_ERR"),
     (NRT_EXEC_COMPLETED_WITH_ERR, "NRT_EXEC_COMPLETED_WITH_ERR"),
     (NRT_EXEC_NC_BUSY, "NRT_EXEC_NC_BUSY"),
     (NRT_EXEC_OOB, "NRT_EXEC_OOB"),
@@ -33,20 +30,14 @@ pub const STATUS_NAMES: [(NRT_STATUS, &str); 28] = [
     (NRT_EXEC_HW_ERR_NC_UE, "NRT_EXEC_HW_ERR_NC_UE"),
     (NRT_EXEC_HW_ERR_DMA_ABORT, "NRT_EXEC_HW_ERR_DMA_ABORT"),
     (NRT_EXEC_SW_NQ_OVERFLOW, "NRT_EXEC_SW_NQ_OVERFLOW"),
-    (
-        NRT_EXEC_HW_ERR_REPAIRABLE_HBM_UE,
-        "NRT_EXEC_HW_ERR_REPAIRABLE_HBM_UE",
-    ),
+    (NRT_EXEC_HW_ERR_REPAIRABLE_HBM_UE, "NRT_EXEC_HW_ERR_REPAIRABLE_HBM_UE"),
     (NRT_NETWORK_PROXY_FAILURE, "NRT_NETWORK_PROXY_FAILURE"),
 ];
 
 /// The documented name of a status code (`5` → `"NRT_TIMEOUT"`); `None` for codes this header does
 /// not know (newer runtimes may return more), which callers keep as raw integers.
 pub fn status_name(code: u32) -> Option<&'static str> {
-    STATUS_NAMES
-        .iter()
-        .find(|(c, _)| *c == code)
-        .map(|(_, name)| *name)
+    STATUS_NAMES.iter().find(|(c, _)| *c == code).map(|(_, name)| *name)
 }
 
 /// A printable label: the name when known, `NRT status <code>` otherwise.

@@ -15,9 +15,6 @@ fn load_tries_the_path_in_neuron_worker_libnrt_first() {
     };
     assert_eq!(attempts.len(), 3);
     assert_eq!(attempts[0].candidate, Path::new(wanted));
-    assert_eq!(
-        attempts[1].candidate,
-        Path::new(neuron_sys::SDK_LIBRARY_PATH)
-    );
+    assert_eq!(attempts[1].candidate, Path::new(neuron_sys::SDK_LIBRARY_PATH));
     assert_eq!(attempts[2].candidate, Path::new(neuron_sys::SONAME));
 }

@@ -23,19 +23,10 @@ pub struct ArchiveTensors {
 
 /// Reads the tensors declared in a NEFF payload (`file` names the NEFF in errors).
 pub fn read_tensors(payload: &[u8], file: &str) -> Result<ArchiveTensors> {
-    let entries = read_entries(payload, file, |path| {
-        path == "neff.json" || is_subgraph_def(path)
-    })?;
-    let neff_json = entries
-        .get("neff.json")
-        .ok_or_else(|| NeffError::MissingNeffJson {
-            file: file.to_string(),
-        })?;
+    let entries = read_entries(payload, file, |path| path == "neff.json" || is_subgraph_def(path))?;
+    let neff_json = entries.get("neff.json").ok_or_else(|| NeffError::MissingNeffJson { file: file.to_string() })?;
     let neff_json = parse_json(neff_json, file, "neff.json")?;
-    let signature = neff_json
-        .pointer("/metadata/signatures/default")
-        .cloned()
-        .unwrap_or(Value::Null);
+    let signature = neff_json.pointer("/metadata/signatures/default").cloned().unwrap_or(Value::Null);
     let mut inputs = signature_tensors(&signature, "inputs", file)?;
     let mut outputs = signature_tensors(&signature, "outputs", file)?;
     // BTreeMap order: sg00 before sg01 ...; a tensor shared by subgraphs is reported once.
@@ -48,11 +39,7 @@ pub fn read_tensors(payload: &[u8], file: &str) -> Result<ArchiveTensors> {
 
 /// Reads the archive entries whose (normalised) path `want` accepts, each at most
 /// [`MAX_ENTRY_BYTES`]; keys are the normalised paths (no leading `./`).
-pub fn read_entries(
-    payload: &[u8],
-    file: &str,
-    want: impl Fn(&str) -> bool,
-) -> Result<BTreeMap<String, Vec<u8>>> {
+pub fn read_entries(payload: &[u8], file: &str, want: impl Fn(&str) -> bool) -> Result<BTreeMap<String, Vec<u8>>> {
     if payload.len() < 2 || payload[0] != 0x1f || payload[1] != 0x8b {
         return Err(NeffError::BadGzip {
             file: file.to_string(),
@@ -60,22 +47,13 @@ pub fn read_entries(
         });
     }
     let gzip_failed = Rc::new(Cell::new(false));
-    let reader = GzipTracker {
-        inner: flate2::read::GzDecoder::new(payload),
-        failed: Rc::clone(&gzip_failed),
-    };
+    let reader = GzipTracker { inner: flate2::read::GzDecoder::new(payload), failed: Rc::clone(&gzip_failed) };
     let mut archive = tar::Archive::new(reader);
     let classify = |err: std::io::Error| {
         if gzip_failed.get() {
-            NeffError::BadGzip {
-                file: file.to_string(),
-                reason: err.to_string(),
-            }
+            NeffError::BadGzip { file: file.to_string(), reason: err.to_string() }
         } else {
-            NeffError::BadTar {
-                file: file.to_string(),
-                reason: err.to_string(),
-            }
+            NeffError::BadTar { file: file.to_string(), reason: err.to_string() }
         }
     };
     let mut found = BTreeMap::new();
@@ -91,19 +69,11 @@ pub fn read_entries(
         }
         let size = entry.size();
         if size > MAX_ENTRY_BYTES {
-            return Err(NeffError::EntryTooLarge {
-                file: file.to_string(),
-                entry: path,
-                size,
-                limit: MAX_ENTRY_BYTES,
-            });
+            return Err(NeffError::EntryTooLarge { file: file.to_string(), entry: path, size, limit: MAX_ENTRY_BYTES });
         }
         // `take` bounds the read even if the entry's header lies about its size.
         let mut bytes = Vec::new();
-        (&mut entry)
-            .take(MAX_ENTRY_BYTES)
-            .read_to_end(&mut bytes)
-            .map_err(classify)?;
+        (&mut entry).take(MAX_ENTRY_BYTES).read_to_end(&mut bytes).map_err(classify)?;
         found.insert(path, bytes);
     }
     Ok(found)
@@ -125,11 +95,7 @@ fn parse_json(bytes: &[u8], file: &str, entry: &str) -> Result<Value> {
 }
 
 fn bad_metadata(file: &str, entry: &str, reason: String) -> NeffError {
-    NeffError::BadMetadata {
-        file: file.to_string(),
-        entry: entry.to_string(),
-        reason,
-    }
+    NeffError::BadMetadata { file: file.to_string(), entry: entry.to_string(), reason }
 }
 
 /// The tensors of `metadata.signatures.default.<key>`, ordered by their `id`.
@@ -155,29 +121,18 @@ fn signature_tensors(signature: &Value, key: &str, file: &str) -> Result<Vec<Nef
         };
         let shape = match spec.get("shape") {
             None | Some(Value::Null) => None,
-            Some(Value::Array(dims)) => Some(
-                dims.iter()
-                    .map(Value::as_u64)
-                    .collect::<Option<Vec<u64>>>()
-                    .ok_or_else(|| {
-                        let reason = format!("{key} '{name}': shape holds a non-integer");
-                        bad_metadata(file, "neff.json", reason)
-                    })?,
-            ),
+            Some(Value::Array(dims)) => {
+                Some(dims.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>().ok_or_else(|| {
+                    let reason = format!("{key} '{name}': shape holds a non-integer");
+                    bad_metadata(file, "neff.json", reason)
+                })?)
+            }
             Some(_) => {
                 let reason = format!("{key} '{name}': shape is not an array");
                 return Err(bad_metadata(file, "neff.json", reason));
             }
         };
-        tensors.push((
-            id,
-            NeffTensor {
-                name: name.clone(),
-                dtype,
-                shape,
-                size_bytes: None,
-            },
-        ));
+        tensors.push((id, NeffTensor { name: name.clone(), dtype, shape, size_bytes: None }));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.name.cmp(&b.1.name)));
     Ok(tensors.into_iter().map(|(_, tensor)| tensor).collect())
@@ -203,41 +158,26 @@ fn merge_def_vars(
         if kind != "input" && kind != "output" {
             continue;
         }
-        let size = match var.get("size") {
-            None | Some(Value::Null) => None,
-            Some(size) => Some(size.as_u64().ok_or_else(|| {
-                bad_metadata(
-                    file,
-                    entry,
-                    format!("var '{name}': size is not an unsigned integer"),
-                )
-            })?),
-        };
-        let var_id = var
-            .get("var_id")
-            .and_then(Value::as_u64)
-            .unwrap_or(u64::MAX);
+        let size =
+            match var.get("size") {
+                None | Some(Value::Null) => None,
+                Some(size) => Some(size.as_u64().ok_or_else(|| {
+                    bad_metadata(file, entry, format!("var '{name}': size is not an unsigned integer"))
+                })?),
+            };
+        let var_id = var.get("var_id").and_then(Value::as_u64).unwrap_or(u64::MAX);
         io_vars.push((var_id, name, kind, size));
     }
     io_vars.sort();
     for (_, name, kind, size) in io_vars {
-        let list = if kind == "input" {
-            &mut *inputs
-        } else {
-            &mut *outputs
-        };
+        let list = if kind == "input" { &mut *inputs } else { &mut *outputs };
         match list.iter_mut().find(|t| &t.name == name) {
             Some(tensor) => {
                 if tensor.size_bytes.is_none() {
                     tensor.size_bytes = size;
                 }
             }
-            None => list.push(NeffTensor {
-                name: name.clone(),
-                dtype: None,
-                shape: None,
-                size_bytes: size,
-            }),
+            None => list.push(NeffTensor { name: name.clone(), dtype: None, shape: None, size_bytes: size }),
         }
     }
     Ok(())

@@ -62,9 +62,7 @@ impl NeffHeader {
             data_size: read_u64(bytes, OFF_DATA_SIZE),
             neff_version_major: read_u64(bytes, OFF_VERSION_MAJOR),
             neff_version_minor: read_u64(bytes, OFF_VERSION_MINOR),
-            build_version: read_cstr(
-                &bytes[OFF_BUILD_VERSION..OFF_BUILD_VERSION + LEN_BUILD_VERSION],
-            ),
+            build_version: read_cstr(&bytes[OFF_BUILD_VERSION..OFF_BUILD_VERSION + LEN_BUILD_VERSION]),
             num_tpb: read_u32(bytes, OFF_NUM_TPB),
             hash: read_array(bytes, OFF_HASH),
             uuid: read_array(bytes, OFF_UUID),
@@ -82,22 +80,16 @@ impl NeffHeader {
         out[OFF_PKG_VERSION..OFF_PKG_VERSION + 8].copy_from_slice(&self.pkg_version.to_le_bytes());
         out[OFF_HEADER_SIZE..OFF_HEADER_SIZE + 8].copy_from_slice(&self.header_size.to_le_bytes());
         out[OFF_DATA_SIZE..OFF_DATA_SIZE + 8].copy_from_slice(&self.data_size.to_le_bytes());
-        out[OFF_VERSION_MAJOR..OFF_VERSION_MAJOR + 8]
-            .copy_from_slice(&self.neff_version_major.to_le_bytes());
-        out[OFF_VERSION_MINOR..OFF_VERSION_MINOR + 8]
-            .copy_from_slice(&self.neff_version_minor.to_le_bytes());
-        write_cstr(
-            &mut out[OFF_BUILD_VERSION..OFF_BUILD_VERSION + LEN_BUILD_VERSION],
-            &self.build_version,
-        );
+        out[OFF_VERSION_MAJOR..OFF_VERSION_MAJOR + 8].copy_from_slice(&self.neff_version_major.to_le_bytes());
+        out[OFF_VERSION_MINOR..OFF_VERSION_MINOR + 8].copy_from_slice(&self.neff_version_minor.to_le_bytes());
+        write_cstr(&mut out[OFF_BUILD_VERSION..OFF_BUILD_VERSION + LEN_BUILD_VERSION], &self.build_version);
         out[OFF_NUM_TPB..OFF_NUM_TPB + 4].copy_from_slice(&self.num_tpb.to_le_bytes());
         out[OFF_HASH..OFF_HASH + LEN_HASH].copy_from_slice(&self.hash);
         out[OFF_UUID..OFF_UUID + LEN_UUID].copy_from_slice(&self.uuid);
         write_cstr(&mut out[OFF_NAME..OFF_NAME + LEN_NAME], &self.name);
         out[OFF_REQUESTED_TPB_COUNT..OFF_REQUESTED_TPB_COUNT + 4]
             .copy_from_slice(&self.requested_tpb_count.to_le_bytes());
-        out[OFF_FEATURE_BITS..OFF_FEATURE_BITS + 8]
-            .copy_from_slice(&self.feature_bits.to_le_bytes());
+        out[OFF_FEATURE_BITS..OFF_FEATURE_BITS + 8].copy_from_slice(&self.feature_bits.to_le_bytes());
         out[OFF_LNC_SIZE..OFF_LNC_SIZE + 4].copy_from_slice(&self.lnc_size.to_le_bytes());
         out
     }
@@ -173,10 +165,7 @@ mod tests {
 
     #[test]
     fn overlong_name_is_cut_to_leave_a_nul() {
-        let header = NeffHeader {
-            name: "n".repeat(400),
-            ..NeffHeader::decode(&[0u8; HEADER_LEN])
-        };
+        let header = NeffHeader { name: "n".repeat(400), ..NeffHeader::decode(&[0u8; HEADER_LEN]) };
         let decoded = NeffHeader::decode(&header.encode());
         assert_eq!(decoded.name.len(), 255);
     }

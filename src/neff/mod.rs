@@ -179,10 +179,7 @@ pub struct NeffInfo {
 pub fn read_neff(path: impl AsRef<Path>) -> Result<NeffInfo> {
     let path = path.as_ref();
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| NeffError::Io {
-        file: file.clone(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| NeffError::Io { file: file.clone(), source })?;
     parse_neff(&bytes, &file)
 }
 
@@ -192,10 +189,7 @@ pub fn parse_neff(bytes: &[u8], name_for_errors: &str) -> Result<NeffInfo> {
     let header_bytes: &[u8; HEADER_LEN] = bytes
         .get(..HEADER_LEN)
         .and_then(|head| head.try_into().ok())
-        .ok_or(NeffError::TruncatedHeader {
-            file: file.to_string(),
-            len: bytes.len() as u64,
-        })?;
+        .ok_or(NeffError::TruncatedHeader { file: file.to_string(), len: bytes.len() as u64 })?;
     let header = NeffHeader::decode(header_bytes);
     if header.header_size < HEADER_LEN as u64 {
         return Err(NeffError::BadHeader {
@@ -206,20 +200,12 @@ pub fn parse_neff(bytes: &[u8], name_for_errors: &str) -> Result<NeffInfo> {
     let expected = header.header_size.saturating_add(header.data_size);
     let actual = bytes.len() as u64;
     if expected > actual {
-        return Err(NeffError::TruncatedPayload {
-            file: file.to_string(),
-            expected,
-            actual,
-        });
+        return Err(NeffError::TruncatedPayload { file: file.to_string(), expected, actual });
     }
     // Both bounds are at most `bytes.len()`, so they fit in usize.
     let payload = &bytes[header.header_size as usize..expected as usize];
     let tensors = archive::read_tensors(payload, file)?;
-    Ok(NeffInfo {
-        header,
-        inputs: tensors.inputs,
-        outputs: tensors.outputs,
-    })
+    Ok(NeffInfo { header, inputs: tensors.inputs, outputs: tensors.outputs })
 }
 
 /// The `inspect --json` document: `{"header": {...}, "inputs": [...], "outputs": [...]}`, each
@@ -266,35 +252,18 @@ pub fn render_table(info: &NeffInfo) -> String {
     let mut out = String::new();
     let fields: [(&str, String); 13] = [
         ("name", h.name.clone()),
-        (
-            "neff_version",
-            format!("{}.{}", h.neff_version_major, h.neff_version_minor),
-        ),
+        ("neff_version", format!("{}.{}", h.neff_version_major, h.neff_version_minor)),
         ("pkg_version", h.pkg_version.to_string()),
         ("header_size", h.header_size.to_string()),
         ("data_size", h.data_size.to_string()),
-        (
-            "build_version",
-            if h.build_version.is_empty() {
-                "-".into()
-            } else {
-                h.build_version.clone()
-            },
-        ),
+        ("build_version", if h.build_version.is_empty() { "-".into() } else { h.build_version.clone() }),
         ("num_tpb", h.num_tpb.to_string()),
         ("requested_tpb_count", h.requested_tpb_count.to_string()),
         ("lnc_size", h.lnc_size.to_string()),
         ("feature_bits", format!("{:#x}", h.feature_bits)),
         ("hash", h.hash_hex()),
         ("uuid", h.uuid_hex()),
-        (
-            "tensors",
-            format!(
-                "{} inputs, {} outputs",
-                info.inputs.len(),
-                info.outputs.len()
-            ),
-        ),
+        ("tensors", format!("{} inputs, {} outputs", info.inputs.len(), info.outputs.len())),
     ];
     out.push_str("header\n");
     for (key, value) in fields {
@@ -306,18 +275,13 @@ pub fn render_table(info: &NeffInfo) -> String {
                 [
                     t.name.clone(),
                     t.dtype.clone().unwrap_or_else(|| "-".into()),
-                    t.shape
-                        .as_ref()
-                        .map_or_else(|| "-".into(), |s| format!("{s:?}")),
+                    t.shape.as_ref().map_or_else(|| "-".into(), |s| format!("{s:?}")),
                     t.size_bytes.map_or_else(|| "-".into(), |b| b.to_string()),
                 ]
             })
             .collect()
     };
-    let sections = [
-        ("inputs", rows(&info.inputs)),
-        ("outputs", rows(&info.outputs)),
-    ];
+    let sections = [("inputs", rows(&info.inputs)), ("outputs", rows(&info.outputs))];
     let titles = ["name", "dtype", "shape", "bytes"];
     let mut widths = titles.map(str::len);
     for row in sections.iter().flat_map(|(_, rows)| rows) {

@@ -236,33 +236,21 @@ impl NeffBuilder {
 
     /// Declares an input tensor (`dtype` as the compiler spells it, e.g. `float32`).
     pub fn input(mut self, name: impl Into<String>, dtype: &str, shape: &[u64]) -> NeffBuilder {
-        let spec = TensorSpec {
-            name: name.into(),
-            dtype: dtype.into(),
-            shape: shape.to_vec(),
-        };
+        let spec = TensorSpec { name: name.into(), dtype: dtype.into(), shape: shape.to_vec() };
         self.inputs.push(spec);
         self
     }
 
     /// Declares an output tensor.
     pub fn output(mut self, name: impl Into<String>, dtype: &str, shape: &[u64]) -> NeffBuilder {
-        let spec = TensorSpec {
-            name: name.into(),
-            dtype: dtype.into(),
-            shape: shape.to_vec(),
-        };
+        let spec = TensorSpec { name: name.into(), dtype: dtype.into(), shape: shape.to_vec() };
         self.outputs.push(spec);
         self
     }
 
     /// Adds a weight blob of `f32` values with the given shape.
     pub fn blob(mut self, name: impl Into<String>, shape: &[u64], data: Vec<f32>) -> NeffBuilder {
-        self.blobs.push(Blob {
-            name: name.into(),
-            shape: shape.to_vec(),
-            data,
-        });
+        self.blobs.push(Blob { name: name.into(), shape: shape.to_vec(), data });
         self
     }
 
@@ -290,17 +278,12 @@ impl NeffBuilder {
     ) -> NeffBuilder {
         let first = layers.first().map_or(0, |l| l.in_features);
         let last = layers.last().map_or(0, |l| l.out_features);
-        let mut builder = NeffBuilder::new(name)
-            .input(input, "float32", &[batch, first])
-            .output(output, "float32", &[batch, last]);
+        let mut builder =
+            NeffBuilder::new(name).input(input, "float32", &[batch, first]).output(output, "float32", &[batch, last]);
         let mut current = input.to_string();
         for (i, layer) in layers.iter().enumerate() {
             let weight = format!("w{i}");
-            builder = builder.blob(
-                &weight,
-                &[layer.in_features, layer.out_features],
-                layer.weight.clone(),
-            );
+            builder = builder.blob(&weight, &[layer.in_features, layer.out_features], layer.weight.clone());
             let bias = layer.bias.as_ref().map(|b| {
                 let name = format!("b{i}");
                 (name, b.clone())
@@ -308,11 +291,7 @@ impl NeffBuilder {
             if let Some((bias_name, data)) = &bias {
                 builder = builder.blob(bias_name, &[layer.out_features], data.clone());
             }
-            let next = if i + 1 == layers.len() {
-                output.to_string()
-            } else {
-                format!("h{i}")
-            };
+            let next = if i + 1 == layers.len() { output.to_string() } else { format!("h{i}") };
             builder = builder.op(ProgramOp::Dense {
                 input: current,
                 weight,
@@ -339,10 +318,7 @@ impl NeffBuilder {
                 files.push((blob_path(&blob.name), bytes));
             }
         }
-        let refs: Vec<(&str, &[u8])> = files
-            .iter()
-            .map(|(p, b)| (p.as_str(), b.as_slice()))
-            .collect();
+        let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (p.as_str(), b.as_slice())).collect();
         assemble(&self.name, self.lnc_size, &refs).map_err(|e| self.invalid(e.to_string()))
     }
 
@@ -354,10 +330,7 @@ impl NeffBuilder {
     }
 
     fn invalid(&self, reason: String) -> NeffError {
-        NeffError::InvalidBuild {
-            name: self.name.clone(),
-            reason,
-        }
+        NeffError::InvalidBuild { name: self.name.clone(), reason }
     }
 
     fn neff_json(&self) -> Value {
@@ -365,12 +338,7 @@ impl NeffBuilder {
             let map: serde_json::Map<String, Value> = list
                 .iter()
                 .enumerate()
-                .map(|(id, t)| {
-                    (
-                        t.name.clone(),
-                        json!({"id": id, "dtype": t.dtype, "shape": t.shape}),
-                    )
-                })
+                .map(|(id, t)| (t.name.clone(), json!({"id": id, "dtype": t.dtype, "shape": t.shape})))
                 .collect();
             Value::Object(map)
         };
@@ -385,17 +353,10 @@ impl NeffBuilder {
 
     fn def_json(&self) -> Value {
         let mut vars = serde_json::Map::new();
-        let io = self
-            .inputs
-            .iter()
-            .map(|t| (t, "input"))
-            .chain(self.outputs.iter().map(|t| (t, "output")));
+        let io = self.inputs.iter().map(|t| (t, "input")).chain(self.outputs.iter().map(|t| (t, "output")));
         for (var_id, (tensor, kind)) in io.enumerate() {
             let size = tensor_bytes(tensor).unwrap_or(0);
-            vars.insert(
-                tensor.name.clone(),
-                json!({"ops": [], "size": size, "type": kind, "var_id": var_id + 1}),
-            );
+            vars.insert(tensor.name.clone(), json!({"ops": [], "size": size, "type": kind, "var_id": var_id + 1}));
         }
         json!({ "name": "sg00", "var": vars })
     }
@@ -404,12 +365,7 @@ impl NeffBuilder {
         let blobs: serde_json::Map<String, Value> = self
             .blobs
             .iter()
-            .map(|b| {
-                (
-                    b.name.clone(),
-                    json!({"file": blob_path(&b.name), "shape": b.shape}),
-                )
-            })
+            .map(|b| (b.name.clone(), json!({"file": blob_path(&b.name), "shape": b.shape})))
             .collect();
         json!({ "version": self.program_version(), "blobs": blobs, "ops": self.ops })
     }
@@ -431,23 +387,15 @@ impl NeffBuilder {
                 return Err(self.invalid(format!("tensor name '{}' is empty or repeated", t.name)));
             }
             if tensor_bytes(t).is_none() {
-                return Err(self.invalid(format!(
-                    "tensor '{}': unknown dtype '{}' or size overflow",
-                    t.name, t.dtype
-                )));
+                return Err(self.invalid(format!("tensor '{}': unknown dtype '{}' or size overflow", t.name, t.dtype)));
             }
         }
         let mut blobs: HashMap<&str, &Blob> = HashMap::new();
         for blob in &self.blobs {
-            let valid_name = !blob.name.is_empty()
-                && blob
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+            let valid_name =
+                !blob.name.is_empty() && blob.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
             if !valid_name || blobs.insert(&blob.name, blob).is_some() {
-                return Err(
-                    self.invalid(format!("blob name '{}' is invalid or repeated", blob.name))
-                );
+                return Err(self.invalid(format!("blob name '{}' is invalid or repeated", blob.name)));
             }
             if product(&blob.shape) != Some(blob.data.len() as u64) {
                 return Err(self.invalid(format!(
@@ -495,40 +443,27 @@ impl NeffBuilder {
         blobs: &HashMap<&str, &Blob>,
     ) -> Result<(&'a str, u64)> {
         let buffer = |name: &str| {
-            lengths
-                .get(name)
-                .copied()
-                .ok_or_else(|| self.invalid(format!("op reads unknown buffer '{name}'")))
+            lengths.get(name).copied().ok_or_else(|| self.invalid(format!("op reads unknown buffer '{name}'")))
         };
         match op {
-            ProgramOp::Dense {
-                input,
-                weight,
-                bias,
-                output,
-                ..
-            } => {
-                let w = blobs.get(weight.as_str()).ok_or_else(|| {
-                    self.invalid(format!("dense: unknown weight blob '{weight}'"))
-                })?;
+            ProgramOp::Dense { input, weight, bias, output, .. } => {
+                let w = blobs
+                    .get(weight.as_str())
+                    .ok_or_else(|| self.invalid(format!("dense: unknown weight blob '{weight}'")))?;
                 let [fan_in, fan_out] = w.shape[..] else {
                     return Err(self.invalid(format!("dense: weight '{weight}' is not 2-D")));
                 };
                 if let Some(bias) = bias {
-                    let b = blobs.get(bias.as_str()).ok_or_else(|| {
-                        self.invalid(format!("dense: unknown bias blob '{bias}'"))
-                    })?;
+                    let b = blobs
+                        .get(bias.as_str())
+                        .ok_or_else(|| self.invalid(format!("dense: unknown bias blob '{bias}'")))?;
                     if b.data.len() as u64 != fan_out {
-                        return Err(
-                            self.invalid(format!("dense: bias '{bias}' is not [{fan_out}]"))
-                        );
+                        return Err(self.invalid(format!("dense: bias '{bias}' is not [{fan_out}]")));
                     }
                 }
                 let len = buffer(input)?;
                 if fan_in == 0 || len % fan_in != 0 {
-                    return Err(self.invalid(format!(
-                        "dense: '{input}' ({len} values) is not [rows, {fan_in}]"
-                    )));
+                    return Err(self.invalid(format!("dense: '{input}' ({len} values) is not [rows, {fan_in}]")));
                 }
                 Ok((output, len / fan_in * fan_out))
             }
@@ -559,10 +494,7 @@ impl NeffBuilder {
 /// correct sizes, the given name and lnc_size) then a gzip'd tar of `files` in order.
 /// Useful on its own for tests that need malformed archives.
 pub fn assemble(name: &str, lnc_size: u32, files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(
-        Vec::new(),
-        flate2::Compression::default(),
-    ));
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
     for (path, bytes) in files {
         let mut header = tar::Header::new_gnu();
         header.set_size(bytes.len() as u64);
@@ -622,11 +554,7 @@ fn tensor_bytes(t: &TensorSpec) -> Option<u64> {
 
 /// 16 bytes from two FNV-1a passes over the payload (not a cryptographic hash).
 fn content_uuid(payload: &[u8]) -> [u8; 16] {
-    let fnv = |seed: u64| {
-        payload.iter().fold(seed, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
-    };
+    let fnv = |seed: u64| payload.iter().fold(seed, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     let mut out = [0u8; 16];
     out[..8].copy_from_slice(&fnv(0xcbf2_9ce4_8422_2325).to_le_bytes());
     out[8..].copy_from_slice(&fnv(0x8422_2325_cbf2_9ce4).to_le_bytes());

@@ -155,28 +155,41 @@ impl Repository {
             let source = source?;
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
-            let seq = crate::sequence::SequenceSpec::from_config(&source.config, &file, dir.as_deref()).map_err(|e| e.to_string())?;
+            let seq = crate::sequence::SequenceSpec::from_config(&source.config, &file, dir.as_deref())
+                .map_err(|e| e.to_string())?;
             for (version, vdir) in source.versions {
                 if let Some(seq) = &seq {
-                    let neuron_dir = vdir.clone().filter(|d| matches!(backend, BackendSelection::Neuron { .. }) && loader::has_neff(d));
+                    let neuron_dir = vdir
+                        .clone()
+                        .filter(|d| matches!(backend, BackendSelection::Neuron { .. }) && loader::has_neff(d));
                     let (scheduler, sequence, kind) = match neuron_dir {
                         Some(d) => {
-                            let (spec, config, seq2, be) = (source.spec.clone(), source.config.clone(), seq.clone(), backend.clone());
+                            let (spec, config, seq2, be) =
+                                (source.spec.clone(), source.config.clone(), seq.clone(), backend.clone());
                             let (instances, slots) = tokio::task::spawn_blocking(move || {
                                 neuron_loader::create_neuron_sequence_instances(&spec, &config, &seq2, &d, &be)
                             })
                             .await
                             .map_err(|e| format!("loader task failed: {e}"))??;
-                            let (scheduler, sequence) = crate::sequence::start_with_instances(source.spec.clone(), seq.clone(), version, store.clone(), instances, slots)?;
+                            let (scheduler, sequence) = crate::sequence::start_with_instances(
+                                source.spec.clone(),
+                                seq.clone(),
+                                version,
+                                store.clone(),
+                                instances,
+                                slots,
+                            )?;
                             (scheduler, sequence, "neuron")
                         }
                         None => {
-                            let (scheduler, sequence) = crate::sequence::start_cpu(source.spec.clone(), seq.clone(), version, store.clone())?;
+                            let (scheduler, sequence) =
+                                crate::sequence::start_cpu(source.spec.clone(), seq.clone(), version, store.clone())?;
                             (scheduler, sequence, "cpu")
                         }
                     };
                     let (config, spec) = (source.config.clone(), source.spec.clone());
-                    let model = LoadedModel { version, config, spec, scheduler, backend: kind, sequence: Some(sequence) };
+                    let model =
+                        LoadedModel { version, config, spec, scheduler, backend: kind, sequence: Some(sequence) };
                     versions.insert(version, Arc::new(model));
                     continue;
                 }
@@ -195,7 +208,14 @@ impl Repository {
                 }
                 let spec = Arc::new(spec);
                 let scheduler = SchedulerHandle::start(spec.clone(), instances);
-                let model = LoadedModel { version, config: source.config.clone(), spec, scheduler, backend: kind, sequence: None };
+                let model = LoadedModel {
+                    version,
+                    config: source.config.clone(),
+                    spec,
+                    scheduler,
+                    backend: kind,
+                    sequence: None,
+                };
                 versions.insert(version, Arc::new(model));
             }
             Ok::<_, String>(versions)

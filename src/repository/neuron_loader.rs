@@ -16,10 +16,10 @@ use std::path::Path;
 use crate::backend::ModelInstance;
 use crate::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
 use crate::config::{IoSpec, ModelSpec};
-use crate::sequence::neuron::NeuronSequenceInstance;
-use crate::sequence::{SequenceSpec, StatefulInstance};
 use crate::proto::inference::ModelConfig;
 use crate::repository::BackendSelection;
+use crate::sequence::neuron::NeuronSequenceInstance;
+use crate::sequence::{SequenceSpec, StatefulInstance};
 
 /// The instances (one per core) and the batch buckets they were compiled for.
 pub(crate) type NeuronInstances = (Vec<Box<dyn ModelInstance>>, Vec<usize>);
@@ -105,11 +105,18 @@ pub(crate) fn create_neuron_sequence_instances(
     };
     let count = spec.instance_count.unwrap_or(*cores).min(*cores).max(1);
     let slots = seq.slots_per_instance(spec.max_batch_size, count);
-    let pattern =
-        config.parameters.get("neuron_neff_pattern").map(|p| p.string_value.clone()).unwrap_or_else(|| "model.neff".into());
+    let pattern = config
+        .parameters
+        .get("neuron_neff_pattern")
+        .map(|p| p.string_value.clone())
+        .unwrap_or_else(|| "model.neff".into());
     let path = dir.join(pattern.replace("{batch}", &slots.to_string()));
     let bytes = std::fs::read(&path).map_err(|e| {
-        format!("{}: cannot read the NEFF of stateful model '{}' ({slots} rows, one per slot): {e}", path.display(), spec.name)
+        format!(
+            "{}: cannot read the NEFF of stateful model '{}' ({slots} rows, one per slot): {e}",
+            path.display(),
+            spec.name
+        )
     })?;
     let runtime = Runtime::get_or_init().map_err(|e| e.to_string())?;
     let mut instances: Vec<Box<dyn StatefulInstance>> = Vec::with_capacity(count);

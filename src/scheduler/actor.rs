@@ -128,7 +128,9 @@ impl Actor {
     fn pick_instance(&self, full: bool) -> Option<usize> {
         let live = |i: &usize| self.instances[*i].is_some();
         let idle = (0..self.instances.len()).filter(live).find(|i| self.outstanding[*i] == 0);
-        idle.or_else(|| if full { (0..self.instances.len()).filter(live).find(|i| self.outstanding[*i] == 1) } else { None })
+        idle.or_else(|| {
+            if full { (0..self.instances.len()).filter(live).find(|i| self.outstanding[*i] == 1) } else { None }
+        })
     }
 
     fn fail_all_unavailable(&mut self) {

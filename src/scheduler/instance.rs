@@ -105,15 +105,10 @@ impl Worker {
         match result {
             Ok((outputs, timings)) => {
                 self.signal_done(true);
-                let t_out = Instant::now();
+                // Statistics first, so a client that reads them after its reply sees its request.
                 let n = requests.len() as u64;
                 let rows: usize = requests.iter().map(|r| r.rows).sum();
-                for (req, outs) in requests.into_iter().zip(outputs) {
-                    stats.queue.add(1, start.saturating_duration_since(req.arrived));
-                    stats.success.add(1, req.arrived.elapsed());
-                    let _ = req.reply.send(Ok(InferReply { outputs: outs }));
-                }
-                let out_time = t_out.elapsed() + timings.split;
+                let out_time = timings.split;
                 // Triton's per-request semantics: every request of the batch spent the batch's time.
                 let k = n as u32;
                 stats.compute_input.add(n, timings.input * k);
@@ -126,6 +121,13 @@ impl Worker {
                 let per_exec = timings.executions.len().max(1) as u32;
                 for (rows, infer) in timings.executions {
                     stats.record_execution(rows, timings.input / per_exec, infer, out_time / per_exec);
+                }
+                for req in &requests {
+                    stats.queue.add(1, start.saturating_duration_since(req.arrived));
+                    stats.success.add(1, req.arrived.elapsed());
+                }
+                for (req, outs) in requests.into_iter().zip(outputs) {
+                    let _ = req.reply.send(Ok(InferReply { outputs: outs }));
                 }
                 true
             }

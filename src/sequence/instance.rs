@@ -154,8 +154,13 @@ pub(crate) fn spawn(
                 }
                 Job::Execute(steps, dispatched) => {
                     let ids: Vec<SequenceId> = steps.iter().map(|s| s.id.clone()).collect();
-                    let usable = run_batch(&mut *instance, steps, dispatched, &model, &stats, index);
+                    let (usable, replies) = run_batch(&mut *instance, steps, dispatched, &model, &stats, index);
+                    // Done reaches the actor before any client sees its reply, so a client's next
+                    // call (an export, say) never finds its sequence still marked as running.
                     let _ = done.send(Command::Done { instance: index, ids, usable });
+                    for (reply, result) in replies {
+                        let _ = reply.send(result);
+                    }
                 }
             }
         }
@@ -163,6 +168,10 @@ pub(crate) fn spawn(
     Ok(tx)
 }
 
+/// A reply to deliver once the actor has been told the batch is done.
+type Reply = (oneshot::Sender<Result<InferReply, SequenceError>>, Result<InferReply, SequenceError>);
+
+/// Runs one batch; returns whether the instance stays usable and the replies to send.
 fn run_batch(
     instance: &mut dyn StatefulInstance,
     mut steps: Vec<StepJob>,
@@ -170,7 +179,7 @@ fn run_batch(
     model: &str,
     stats: &ModelStats,
     index: usize,
-) -> bool {
+) -> (bool, Vec<Reply>) {
     let t0 = Instant::now();
     let mut restore_error = None;
     for s in &mut steps {
@@ -196,10 +205,11 @@ fn run_batch(
     match result {
         Ok(outputs) if outputs.len() == steps.len() => {
             let t_out = Instant::now();
+            let mut replies = Vec::with_capacity(steps.len());
             for (s, outs) in steps.into_iter().zip(outputs) {
                 stats.queue.add(1, dispatched.saturating_duration_since(s.arrived));
                 stats.success.add(1, s.arrived.elapsed());
-                let _ = s.reply.send(Ok(InferReply { outputs: outs }));
+                replies.push((s.reply, Ok(InferReply { outputs: outs })));
             }
             let out_time = t_out.elapsed();
             stats.compute_input.add(n, t_in);
@@ -210,7 +220,7 @@ fn run_batch(
             if let Some(s) = stats.instances.get(index) {
                 s.executions.fetch_add(1, Relaxed);
             }
-            true
+            (true, replies)
         }
         other => {
             let e = match other {
@@ -226,11 +236,14 @@ fn run_batch(
                 s.errors.fetch_add(1, Relaxed);
             }
             tracing::warn!(model, instance = index, error = %e, "sequence batch failed");
-            for s in steps {
-                stats.record_failure(FailureReason::Backend, s.arrived.elapsed());
-                let _ = s.reply.send(Err(SequenceError::Backend { model: model.to_string(), source: e.clone() }));
-            }
-            usable
+            let replies = steps
+                .into_iter()
+                .map(|s| {
+                    stats.record_failure(FailureReason::Backend, s.arrived.elapsed());
+                    (s.reply, Err(SequenceError::Backend { model: model.to_string(), source: e.clone() }))
+                })
+                .collect();
+            (usable, replies)
         }
     }
 }

@@ -37,7 +37,8 @@ struct StepTensor {
 }
 
 fn step_tensor(model: &str, io: &IoSpec) -> Result<StepTensor, String> {
-    let fixed = |dims: &[i64]| dims.iter().map(|d| usize::try_from(*d).ok().filter(|d| *d > 0)).collect::<Option<Vec<_>>>();
+    let fixed =
+        |dims: &[i64]| dims.iter().map(|d| usize::try_from(*d).ok().filter(|d| *d > 0)).collect::<Option<Vec<_>>>();
     let (stepped, dims) = match io.dims.split_first() {
         Some((-1, rest)) => (true, fixed(rest)),
         _ => (false, fixed(&io.dims)),
@@ -49,7 +50,10 @@ fn step_tensor(model: &str, io: &IoSpec) -> Result<StepTensor, String> {
             io.name, io.dims
         )
     })?;
-    let size = io.dtype.size().ok_or_else(|| format!("model '{model}': tensor '{}' is {}: not fixed-size", io.name, io.dtype))?;
+    let size = io
+        .dtype
+        .size()
+        .ok_or_else(|| format!("model '{model}': tensor '{}' is {}: not fixed-size", io.name, io.dtype))?;
     let row_bytes = dims.iter().product::<usize>() * size;
     Ok(StepTensor { name: io.name.clone(), dtype: io.dtype, dims, stepped, row_bytes })
 }
@@ -75,7 +79,9 @@ impl std::fmt::Debug for NeuronSequenceInstance {
 pub fn neuron_config(spec: &ModelSpec, seq: &SequenceSpec, rows: usize) -> Result<StatefulNeffConfig, String> {
     let model = &spec.name;
     if !spec.batches() {
-        return Err(format!("model '{model}': a stateful model on Neuron needs max_batch_size ≥ 1 (one NEFF row per slot)"));
+        return Err(format!(
+            "model '{model}': a stateful model on Neuron needs max_batch_size ≥ 1 (one NEFF row per slot)"
+        ));
     }
     if !seq.controls.iter().any(|c| c.kind == ControlKind::Ready) {
         return Err(format!(
@@ -92,7 +98,10 @@ pub fn neuron_config(spec: &ModelSpec, seq: &SequenceSpec, rows: usize) -> Resul
         inputs.iter().map(|t| TensorConfig { name: t.name.clone(), dtype: t.dtype, dims: t.dims.clone() }).collect();
     for c in &seq.controls {
         if c.dtype.size().is_none() {
-            return Err(format!("model '{model}': control '{}' is {}; on Neuron controls are fixed-size", c.name, c.dtype));
+            return Err(format!(
+                "model '{model}': control '{}' is {}; on Neuron controls are fixed-size",
+                c.name, c.dtype
+            ));
         }
         neff_inputs.push(TensorConfig { name: c.name.clone(), dtype: c.dtype, dims: vec![1] });
     }
@@ -100,7 +109,10 @@ pub fn neuron_config(spec: &ModelSpec, seq: &SequenceSpec, rows: usize) -> Resul
         name: model.clone(),
         rows,
         inputs: neff_inputs,
-        outputs: outputs.iter().map(|t| TensorConfig { name: t.name.clone(), dtype: t.dtype, dims: t.dims.clone() }).collect(),
+        outputs: outputs
+            .iter()
+            .map(|t| TensorConfig { name: t.name.clone(), dtype: t.dtype, dims: t.dims.clone() })
+            .collect(),
         states: seq
             .states
             .iter()
@@ -132,20 +144,17 @@ impl NeuronSequenceInstance {
         let inputs = spec.inputs.iter().map(|i| step_tensor(&spec.name, i)).collect::<Result<_, _>>()?;
         let outputs = spec.outputs.iter().map(|o| step_tensor(&spec.name, o)).collect::<Result<_, _>>()?;
         let neff = StatefulNeff::load(runtime, core, config, neff).map_err(|e| e.to_string())?;
-        Ok(NeuronSequenceInstance {
-            neff,
-            inputs,
-            outputs,
-            controls: seq.controls.clone(),
-            states: seq.states.clone(),
-        })
+        Ok(NeuronSequenceInstance { neff, inputs, outputs, controls: seq.controls.clone(), states: seq.states.clone() })
     }
 
     /// Number of time steps of `step` (1 without stepped inputs), after checking its inputs.
     fn steps_of(&self, step: &SlotStep<'_>) -> Result<usize, BackendError> {
         if step.inputs.len() != self.inputs.len() {
             let first = self.inputs.first().map_or("", |i| i.name.as_str());
-            return Err(invalid(first, format!("{} inputs given, the model takes {}", step.inputs.len(), self.inputs.len())));
+            return Err(invalid(
+                first,
+                format!("{} inputs given, the model takes {}", step.inputs.len(), self.inputs.len()),
+            ));
         }
         let mut steps: Option<usize> = None;
         for (io, x) in self.inputs.iter().zip(step.inputs) {
@@ -156,7 +165,10 @@ impl NeuronSequenceInstance {
                 std::iter::once(1).chain(io.dims.iter().copied()).collect()
             };
             if x.shape != want || x.data.len() != t * io.row_bytes {
-                return Err(invalid(&io.name, format!("shape {:?} ({} bytes): expected {want:?} {}", x.shape, x.data.len(), io.dtype)));
+                return Err(invalid(
+                    &io.name,
+                    format!("shape {:?} ({} bytes): expected {want:?} {}", x.shape, x.data.len(), io.dtype),
+                ));
             }
             if io.stepped {
                 if t == 0 {
@@ -177,8 +189,20 @@ impl NeuronSequenceInstance {
         let given = step.controls.get(c).map(|n| n.tensor.data.clone()).unwrap_or_default();
         let [no, yes] = &spec.false_true;
         match spec.kind {
-            ControlKind::Start => if step.start && t == 0 { yes.clone() } else { no.clone() },
-            ControlKind::End => if t + 1 == len { given } else { no.clone() },
+            ControlKind::Start => {
+                if step.start && t == 0 {
+                    yes.clone()
+                } else {
+                    no.clone()
+                }
+            }
+            ControlKind::End => {
+                if t + 1 == len {
+                    given
+                } else {
+                    no.clone()
+                }
+            }
             ControlKind::Ready => yes.clone(),
             ControlKind::CorrId => given,
         }
@@ -216,7 +240,9 @@ impl StatefulInstance for NeuronSequenceInstance {
                 for s in steps.iter().zip(&lens).filter(|(_, len)| t < **len).map(|(s, _)| s) {
                     let from = if io.stepped { t * io.row_bytes } else { 0 };
                     let src = s.inputs.get(k).and_then(|x| x.data.get(from..from + io.row_bytes));
-                    if let (Some(src), Some(dst)) = (src, buf.get_mut(s.slot * io.row_bytes..(s.slot + 1) * io.row_bytes)) {
+                    if let (Some(src), Some(dst)) =
+                        (src, buf.get_mut(s.slot * io.row_bytes..(s.slot + 1) * io.row_bytes))
+                    {
                         dst.copy_from_slice(src);
                     }
                 }
@@ -289,5 +315,46 @@ impl StatefulInstance for NeuronSequenceInstance {
 
     fn label(&self) -> String {
         format!("nc:{}", self.neff.core())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_model_config;
+    use crate::sequence::models::{ACCUMULATE_CONFIG, GRU_CONFIG, GRU_INPUT};
+
+    fn specs(text: &str) -> (ModelSpec, SequenceSpec) {
+        let cfg = parse_model_config(text, "t.pbtxt").unwrap_or_else(|e| panic!("{e}"));
+        let spec = ModelSpec::from_config(&cfg, "t.pbtxt").unwrap_or_else(|e| panic!("{e}"));
+        let seq = SequenceSpec::from_config(&cfg, "t.pbtxt", None).ok().flatten().unwrap_or_else(|| panic!("no seq"));
+        (spec, seq)
+    }
+
+    #[test]
+    fn neuron_config_has_one_row_per_slot_and_needs_ready() {
+        let (spec, seq) = specs(ACCUMULATE_CONFIG);
+        let cfg = neuron_config(&spec, &seq, 8).unwrap_or_else(|e| panic!("{e}"));
+        let inputs: Vec<(&str, Vec<usize>)> = cfg.inputs.iter().map(|t| (t.name.as_str(), t.dims.clone())).collect();
+        assert_eq!(inputs, vec![("INPUT", vec![1]), ("START", vec![1]), ("READY", vec![1])]);
+        assert_eq!((cfg.rows, cfg.states[0].input.as_str(), cfg.states[0].output.as_str()), (8, "ACC_IN", "ACC_OUT"));
+
+        let (spec, seq) = specs(GRU_CONFIG);
+        let err = neuron_config(&spec, &seq, 32).err().unwrap_or_default();
+        assert!(err.contains("CONTROL_SEQUENCE_READY"), "{err}");
+        let with_ready = GRU_CONFIG.replacen(
+            "state [",
+            r#"control_input [ { name: "READY" control [ { kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] } ] } ] state ["#,
+            1,
+        );
+        let (spec, seq) = specs(&with_ready);
+        let cfg = neuron_config(&spec, &seq, 32).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.inputs[0].dims, vec![GRU_INPUT], "one time step per execution");
+        assert_eq!(cfg.outputs[0].dims, vec![128]);
+
+        let bad = with_ready.replace("dims: [ -1, 64 ]", "dims: [ 64, -1 ]");
+        let (spec, seq) = specs(&bad);
+        let err = neuron_config(&spec, &seq, 32).err().unwrap_or_default();
+        assert!(err.contains("fixed dims"), "{err}");
     }
 }

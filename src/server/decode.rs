@@ -46,9 +46,13 @@ pub struct SequenceParams {
 fn sequence_param(params: &mut SequenceParams, name: &str, p: &InferParameter) -> Result<(), ServerError> {
     use crate::sequence::SequenceId;
     match (name, &p.parameter_choice) {
-        ("sequence_id", Some(ParameterChoice::StringParam(s))) => params.id = (!s.is_empty()).then(|| SequenceId::Str(s.clone())),
+        ("sequence_id", Some(ParameterChoice::StringParam(s))) => {
+            params.id = (!s.is_empty()).then(|| SequenceId::Str(s.clone()))
+        }
         ("sequence_id", Some(ParameterChoice::Uint64Param(v))) => params.id = (*v != 0).then_some(SequenceId::Uint(*v)),
-        ("sequence_id", Some(ParameterChoice::Int64Param(v))) if *v >= 0 => params.id = (*v != 0).then_some(SequenceId::Uint(*v as u64)),
+        ("sequence_id", Some(ParameterChoice::Int64Param(v))) if *v >= 0 => {
+            params.id = (*v != 0).then_some(SequenceId::Uint(*v as u64))
+        }
         ("sequence_start", Some(ParameterChoice::BoolParam(b))) => params.start = *b,
         ("sequence_end", Some(ParameterChoice::BoolParam(b))) => params.end = *b,
         (_, other) => {
@@ -77,7 +81,11 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
 }
 
 /// [`decode_request`], accepting the sequence parameters when `stateful` (a sequence model).
-pub fn decode_request_for(req: &mut ModelInferRequest, spec: &ModelSpec, stateful: bool) -> Result<DecodedRequest, ServerError> {
+pub fn decode_request_for(
+    req: &mut ModelInferRequest,
+    spec: &ModelSpec,
+    stateful: bool,
+) -> Result<DecodedRequest, ServerError> {
     let model = &spec.name;
     let mut priority = 0;
     let mut timeout = None;

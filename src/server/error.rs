@@ -63,9 +63,9 @@ impl From<ServerError> for Status {
                 },
             },
             ServerError::Sequence(s) => match s {
-                SequenceError::InvalidRequest { .. } | SequenceError::NotLive { .. } | SequenceError::BadBlob { .. } => {
-                    Status::invalid_argument(msg)
-                }
+                SequenceError::InvalidRequest { .. }
+                | SequenceError::NotLive { .. }
+                | SequenceError::BadBlob { .. } => Status::invalid_argument(msg),
                 SequenceError::SlotsExhausted { .. } | SequenceError::QueueFull { .. } => Status::with_error_details(
                     Code::ResourceExhausted,
                     msg,

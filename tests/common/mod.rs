@@ -100,3 +100,75 @@ pub fn int_param(v: i64) -> InferParameter {
 pub fn tagged_rows(tag: usize, rows: usize) -> Vec<f32> {
     (0..rows * 64).map(|i| (((tag * 64 + (i / 64) * 7 + i % 64) % 13) as f32) / 8.0 - 0.75).collect()
 }
+
+/// A `neuron-worker serve` child process, killed when dropped.
+pub struct SpawnedWorker {
+    pub child: std::process::Child,
+    /// `http://127.0.0.1:PORT` of its gRPC endpoint.
+    pub grpc: String,
+    /// `127.0.0.1:PORT` of its metrics endpoint.
+    pub metrics: String,
+    /// A folder (e.g. its model repository) kept as long as the worker.
+    pub dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for SpawnedWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The stand-in libnrt built by `cargo test` (dev-dependency `nrt-standin`).
+pub fn standin() -> PathBuf {
+    nrt_standin::standin_library_path()
+        .expect("the stand-in libnrt is built by cargo test (dev-dependency nrt-standin)")
+}
+
+/// Starts the worker binary (`serve` plus `args`, on fresh loopback ports, with `env`) and connects
+/// once it is ready. A worker that exits before it is ready (a port taken between picking and
+/// binding it) is started again on other ports, up to three times.
+pub async fn spawn_worker(
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (SpawnedWorker, GrpcInferenceServiceClient<Channel>) {
+    use neuron_worker::proto::inference::ServerReadyRequest;
+    use std::time::Instant;
+    for _attempt in 0..3 {
+        let (g, m) = (free_port(), free_port());
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_neuron-worker"));
+        cmd.arg("serve")
+            .args(["--grpc-addr", &format!("127.0.0.1:{g}"), "--metrics-addr", &format!("127.0.0.1:{m}")])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("worker starts");
+        let grpc = format!("http://127.0.0.1:{g}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            if let Ok(mut c) = GrpcInferenceServiceClient::connect(grpc.clone()).await
+                && c.server_ready(ServerReadyRequest {}).await.map(|r| r.into_inner().ready).unwrap_or(false)
+            {
+                return (SpawnedWorker { child, grpc, metrics: format!("127.0.0.1:{m}"), dir: None }, c);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("the worker did not become ready in three attempts");
+}

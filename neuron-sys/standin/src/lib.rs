@@ -9,7 +9,8 @@
 //! # What it runs
 //! Any NEFF loads (its tensors come from `neff.json` and `sgNN/def.json`, so the tensor info of
 //! real compiler output is reported faithfully). Only NEFFs carrying a `standin/program.json`
-//! (written by the worker's `neff::writer`, format in [`program`]) execute; executing compiler
+//! (written by the worker's `neff::writer`, format in [`program`]: versions 1 and 2, version 2
+//! adding the ops of stateful models and `int32` tensors run as `f32`) execute; executing compiler
 //! output returns `NRT_UNSUPPORTED_NEFF_VERSION` and logs why on stderr.
 //!
 //! # Rules enforced like the real runtime
@@ -32,6 +33,9 @@
 //!   unset: only the first execution fails (once per process).
 //! - `NRT_STANDIN_FAIL_ONCE=1`: at most one injected failure per kind (load, execute).
 //! - `NRT_STANDIN_FAIL_CORE`: only executions of models placed on this core fail or hang.
+//! - `NRT_STANDIN_DENY_READ_PREFIX`: `nrt_tensor_read` of a tensor whose allocation name starts
+//!   with this prefix returns `NRT_INVALID` (executions still read it), so tests can show that a
+//!   tensor (the worker's `state:` tensors) is never read back to the host.
 //! - `NRT_STANDIN_HANG_EXEC=1`: executions sleep `NEURON_RT_EXEC_TIMEOUT` seconds (default
 //!   3600, or until `nrt_close`) and return `NRT_TIMEOUT`.
 //!
@@ -52,11 +56,7 @@ use std::path::PathBuf;
 
 /// File name of the built stand-in library (`libnrt_standin.so` on Linux).
 pub fn library_file_name() -> String {
-    format!(
-        "{}nrt_standin{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    )
+    format!("{}nrt_standin{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX)
 }
 
 /// Finds the built stand-in library next to the running executable: in its directory, then in
@@ -66,9 +66,5 @@ pub fn standin_library_path() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     let name = library_file_name();
-    [Some(dir), dir.parent()]
-        .into_iter()
-        .flatten()
-        .map(|d| d.join(&name))
-        .find(|p| p.is_file())
+    [Some(dir), dir.parent()].into_iter().flatten().map(|d| d.join(&name)).find(|p| p.is_file())
 }

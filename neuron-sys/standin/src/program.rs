@@ -253,7 +253,7 @@ impl Program {
             Some("int32") => self.version >= 2,
             Some(_) => false,
         };
-        if !ok || t.size % 4 != 0 {
+        if !ok || !t.size.is_multiple_of(4) {
             let allowed = if self.version >= 2 { "float32 or int32" } else { "float32 (int32 from version 2)" };
             return Err(invalid(format!("{kind} '{}' is {:?}, a program takes {allowed}", t.name, t.dtype)));
         }
@@ -369,7 +369,8 @@ fn check_known(value: &Value) -> Result<(), ProgramError> {
     let ops = map.get("ops").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     for op in ops {
         let tag = op.get("op").and_then(Value::as_str).unwrap_or("");
-        if !OPS_V1.contains(&tag) && !(version >= 2 && OPS_V2.contains(&tag)) {
+        let known = OPS_V1.contains(&tag) || (version >= 2 && OPS_V2.contains(&tag));
+        if !known {
             return Err(unsupported(format!("{PROGRAM_PATH}: op '{tag}' is not supported by this stand-in")));
         }
     }

@@ -111,13 +111,15 @@ impl StatefulNeff {
         let name = Arc::clone(model.name_arc());
         let alloc = |tensor: &str, bytes: usize| DeviceTensor::allocate(runtime, &name, core, tensor, bytes);
         let size = |t: &ExpectedTensor| t.byte_size().unwrap_or(0);
-        let inputs = want_in[..config.inputs.len()].iter().map(|t| alloc(&t.name, size(t))).collect::<Result<_, _>>()?;
+        let inputs =
+            want_in[..config.inputs.len()].iter().map(|t| alloc(&t.name, size(t))).collect::<Result<_, _>>()?;
         let outputs =
             want_out[..config.outputs.len()].iter().map(|t| alloc(&t.name, size(t))).collect::<Result<_, _>>()?;
         let mut states = Vec::with_capacity(config.states.len());
         for (s, t) in config.states.iter().zip(&want_in[config.inputs.len()..]) {
             // The stand-in's NRT_STANDIN_DENY_READ_PREFIX knob matches these `state:` names.
-            let mut pair = [alloc(&format!("state:{}:0", s.input), size(t))?, alloc(&format!("state:{}:1", s.input), size(t))?];
+            let mut pair =
+                [alloc(&format!("state:{}:0", s.input), size(t))?, alloc(&format!("state:{}:1", s.input), size(t))?];
             let zeros = vec![0u8; size(t)];
             for tensor in &mut pair {
                 tensor.write(&zeros)?;
@@ -128,17 +130,21 @@ impl StatefulNeff {
         for parity in 0..2 {
             let mut ins = TensorSet::new(runtime, &name, core)?;
             let mut outs = TensorSet::new(runtime, &name, core)?;
-            // SAFETY (each push_borrowed below): the tensors are owned by `neff`, which also owns
-            // the sets; the sets are declared first in the struct, so they are dropped before any
-            // tensor they reference, and no tensor is ever replaced or removed.
+            // Every tensor pushed below is owned by `neff`, which also owns the sets; `sets` is the
+            // struct's first field, so the sets are dropped before any tensor they reference, and
+            // no tensor is ever replaced or removed while `neff` lives.
             for (t, cfg) in neff.inputs.iter().zip(&neff.config.inputs) {
+                // SAFETY: `t` outlives the set (owned by `neff`, dropped after `sets`).
                 unsafe { ins.push_borrowed(&cfg.name, t)? };
             }
             for (t, cfg) in neff.outputs.iter().zip(&neff.config.outputs) {
+                // SAFETY: `t` outlives the set (owned by `neff`, dropped after `sets`).
                 unsafe { outs.push_borrowed(&cfg.name, t)? };
             }
             for (pair, s) in neff.states.iter().zip(&neff.config.states) {
+                // SAFETY: both state tensors outlive the sets (owned by `neff`, dropped after `sets`).
                 unsafe { ins.push_borrowed(&s.input, &pair[parity])? };
+                // SAFETY: as above.
                 unsafe { outs.push_borrowed(&s.output, &pair[1 - parity])? };
             }
             neff.sets.push((ins, outs));
@@ -181,8 +187,7 @@ impl StatefulNeff {
 
     /// Copies output `index` (configuration order) for all rows from the device.
     pub fn read_output(&self, index: usize) -> Result<Vec<u8>, NeuronError> {
-        let tensor =
-            self.outputs.get(index).ok_or_else(|| missing(Operation::ReadOutput, &self.config.name, index))?;
+        let tensor = self.outputs.get(index).ok_or_else(|| missing(Operation::ReadOutput, &self.config.name, index))?;
         let mut out = vec![0u8; tensor.size()];
         tensor.read_into(&mut out)?;
         Ok(out)

@@ -156,7 +156,11 @@ impl DeviceTensor {
             op,
             model: self.model.to_string(),
             core: Some(self.core),
-            detail: format!("tensor '{}' is {} bytes; {len} bytes at offset {offset} do not fit", self.name(), self.size),
+            detail: format!(
+                "tensor '{}' is {} bytes; {len} bytes at offset {offset} do not fit",
+                self.name(),
+                self.size
+            ),
         }
     }
 
@@ -257,7 +261,11 @@ impl TensorSet {
         // SAFETY: the set and the tensor are live; the NUL-terminated name is kept by this set
         // from here on; the caller keeps the tensor alive for the set's life (the contract).
         let code = unsafe {
-            (self.runtime.nrt().nrt_add_tensor_to_tensor_set)(self.handle.as_ptr(), c_name.as_ptr(), tensor.handle.as_ptr())
+            (self.runtime.nrt().nrt_add_tensor_to_tensor_set)(
+                self.handle.as_ptr(),
+                c_name.as_ptr(),
+                tensor.handle.as_ptr(),
+            )
         };
         if code != NRT_SUCCESS {
             return Err(NeuronError::status(Operation::BuildTensorSet, code, &self.model, Some(self.core)));

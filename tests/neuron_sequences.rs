@@ -1,0 +1,304 @@
+//! Stateful sessions on the Neuron path: the worker binary with `--backend neuron` over the
+//! project's stand-in libnrt, serving `accumulate` and `gru` as stand-in NEFFs (one row per
+//! sequence slot, state kept in device tensors). Outputs must match the CPU worker and the GRU
+//! reference; sessions move between a Neuron worker and a CPU worker; and a stand-in knob that
+//! refuses host reads of state tensors shows the state is never read back between steps.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use common::*;
+use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use neuron_worker::proto::inference::infer_parameter::ParameterChoice;
+use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
+use neuron_worker::proto::inference::{InferParameter, ModelInferRequest, ModelMetadataRequest};
+use neuron_worker::sequence::SequenceId;
+use neuron_worker::sequence::models::{GRU_HIDDEN, GRU_INPUT, GruCell};
+use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
+use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ImportSessionRequest};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Starts `neuron-worker serve --backend neuron` over a repository holding the stand-in
+/// `accumulate` and `gru`, with 2 visible cores (the built-ins ask for 2 instances), and connects.
+async fn start_neuron_worker(
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> (SpawnedWorker, GrpcInferenceServiceClient<Channel>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for model in ["accumulate", "gru"] {
+        neuron_worker::neff::testing::write_standin_sequence_model(dir.path(), model, "").expect("write NEFF");
+    }
+    let lib = standin();
+    let mut all_args: Vec<&OsStr> =
+        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
+    all_args.extend(args.iter().map(OsStr::new));
+    let mut all_env: Vec<(&str, &OsStr)> =
+        vec![("NEURON_WORKER_LIBNRT", lib.as_os_str()), ("NRT_STANDIN_VISIBLE_CORES", "2".as_ref())];
+    all_env.extend(env.iter().map(|(k, v)| (*k, OsStr::new(v))));
+    let (mut w, c) = spawn_worker(&all_args, &all_env).await;
+    w.dir = Some(dir);
+    (w, c)
+}
+
+async fn platform(c: &mut GrpcInferenceServiceClient<Channel>, model: &str) -> String {
+    let md = c.model_metadata(ModelMetadataRequest { name: model.into(), version: String::new() }).await;
+    md.expect("metadata").into_inner().platform
+}
+
+fn param_bool(b: bool) -> InferParameter {
+    InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(b)) }
+}
+
+fn with_sequence(mut r: ModelInferRequest, id: &SequenceId, start: bool, end: bool) -> ModelInferRequest {
+    let id = match id {
+        SequenceId::Uint(v) => int_param(*v as i64),
+        SequenceId::Str(s) => InferParameter { parameter_choice: Some(ParameterChoice::StringParam(s.clone())) },
+    };
+    r.parameters.insert("sequence_id".into(), id);
+    if start {
+        r.parameters.insert("sequence_start".into(), param_bool(true));
+    }
+    if end {
+        r.parameters.insert("sequence_end".into(), param_bool(true));
+    }
+    r
+}
+
+async fn acc(
+    c: &mut GrpcInferenceServiceClient<Channel>,
+    id: &SequenceId,
+    v: i32,
+    start: bool,
+    end: bool,
+) -> Result<i32, tonic::Status> {
+    let r = ModelInferRequest {
+        model_name: "accumulate".into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT".into(),
+            datatype: "INT32".into(),
+            shape: vec![1, 1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![v.to_le_bytes().to_vec().into()],
+        ..Default::default()
+    };
+    let r = c.model_infer(with_sequence(r, id, start, end)).await?.into_inner();
+    assert_eq!(r.outputs[0].shape, vec![1, 1]);
+    let b = &r.raw_output_contents[0];
+    Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Time steps of sequence `seq`, request `step`: `t` rows of 64 values.
+fn gru_steps(seq: u64, step: usize, t: usize) -> Vec<f32> {
+    (0..t * GRU_INPUT).map(|i| ((((seq as usize) * 131 + step * 17 + i * 7) % 29) as f32) / 14.0 - 1.0).collect()
+}
+
+async fn gru(
+    c: &mut GrpcInferenceServiceClient<Channel>,
+    id: &SequenceId,
+    x: &[f32],
+    start: bool,
+    end: bool,
+) -> Result<Vec<f32>, tonic::Status> {
+    let t = x.len() / GRU_INPUT;
+    let r = with_sequence(fp32_request("gru", "INPUT0", vec![1, t as i64, GRU_INPUT as i64], x), id, start, end);
+    let r = c.model_infer(r).await?.into_inner();
+    assert_eq!(r.outputs[0].shape, vec![1, t as i64, GRU_HIDDEN as i64]);
+    Ok(bytes_f32(&r.raw_output_contents[0]))
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() < 1e-4, "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+/// The accumulate script of client `c`: (value, start) per step; every third client restarts
+/// its sequence mid-way.
+fn acc_script(c: u64) -> Vec<(i32, bool)> {
+    (0..12).map(|step| ((c as i32 + 1) * 3 - step * 2, step == 0 || (c.is_multiple_of(3) && step == 6))).collect()
+}
+
+async fn run_acc_clients(url: String, clients: u64) -> Vec<Vec<i32>> {
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = GrpcInferenceServiceClient::connect(url).await.expect("client connects");
+            let id = SequenceId::Uint(700 + client);
+            let script = acc_script(client);
+            let mut outs = Vec::new();
+            for (step, (v, start)) in script.iter().enumerate() {
+                outs.push(acc(&mut c, &id, *v, *start, step + 1 == script.len()).await.expect("step ok"));
+                if step % 4 == 1 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            outs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.expect("client task"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neuron_accumulate_interleaved_sequences_match_the_cpu_worker() {
+    let (neuron, mut n) = start_neuron_worker(&[], &[]).await;
+    assert_eq!(platform(&mut n, "accumulate").await, "neuron", "served by the Neuron path");
+    let cpu = start().await;
+    let clients = 12;
+    let on_neuron = run_acc_clients(neuron.grpc.clone(), clients).await;
+    let on_cpu = run_acc_clients(format!("http://{}", cpu.server.grpc_addr), clients).await;
+    assert_eq!(on_neuron, on_cpu);
+    for (client, outs) in on_neuron.iter().enumerate() {
+        let mut sum = 0;
+        for ((v, start), got) in acc_script(client as u64).into_iter().zip(outs) {
+            sum = if start { v } else { sum + v };
+            assert_eq!(*got, sum, "client {client}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neuron_gru_sequences_match_the_cpu_reference_and_start_resets_the_slot() {
+    let (neuron, mut n) = start_neuron_worker(&[], &[]).await;
+    assert_eq!(platform(&mut n, "gru").await, "neuron");
+    let cell = Arc::new(GruCell::seeded());
+    let mut tasks = Vec::new();
+    for client in 0..8u64 {
+        let url = neuron.grpc.clone();
+        let cell = cell.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = GrpcInferenceServiceClient::connect(url).await.expect("client connects");
+            let id =
+                if client % 2 == 0 { SequenceId::Uint(client + 1) } else { SequenceId::Str(format!("user-{client}")) };
+            let mut h = vec![0f32; GRU_HIDDEN];
+            for step in 0..6 {
+                // Client 0 restarts at step 3: its state goes back to zeros.
+                let start = step == 0 || (client == 0 && step == 3);
+                if start {
+                    h = vec![0f32; GRU_HIDDEN];
+                }
+                let t = 1 + (client as usize + step) % 3;
+                let x = gru_steps(client, step, t);
+                let want = cell.reference(&x, &mut h);
+                let got = gru(&mut c, &id, &x, start, step == 5).await.expect("gru step");
+                assert_close(&got, &want, &format!("sequence {id} step {step}"));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+}
+
+async fn export(
+    sc: &mut SessionsClient<Channel>,
+    model: &str,
+    id: sp::sequence_id::Id,
+) -> Result<Vec<u8>, tonic::Status> {
+    let req = ExportSessionRequest {
+        model: model.into(),
+        version: String::new(),
+        sequence_id: Some(sp::SequenceId { id: Some(id) }),
+    };
+    Ok(sc.export_session(req).await?.into_inner().blob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neuron_sessions_move_to_and_from_a_cpu_worker() {
+    let (neuron, mut n) = start_neuron_worker(&[], &[]).await;
+    let mut ns = SessionsClient::connect(neuron.grpc.clone()).await.expect("sessions client");
+    let cpu = start().await;
+    let mut c = cpu.client().await;
+    let mut cs = SessionsClient::connect(format!("http://{}", cpu.server.grpc_addr)).await.expect("sessions client");
+
+    // gru: three steps on Neuron, exported, continued on the CPU, as if it never moved.
+    let cell = GruCell::seeded();
+    let id = SequenceId::Str("travels".into());
+    let mut h = vec![0f32; GRU_HIDDEN];
+    for step in 0..3 {
+        let x = gru_steps(11, step, 2);
+        let want = cell.reference(&x, &mut h);
+        assert_close(&gru(&mut n, &id, &x, step == 0, false).await.expect("neuron step"), &want, "on neuron");
+    }
+    let blob = export(&mut ns, "gru", sp::sequence_id::Id::StringId("travels".into())).await.expect("export");
+    let e = gru(&mut n, &id, &gru_steps(11, 3, 1), false, false).await.expect_err("gone from the Neuron worker");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    cs.import_session(ImportSessionRequest { blob }).await.expect("import on CPU");
+    for step in 3..5 {
+        let x = gru_steps(11, step, 2);
+        let want = cell.reference(&x, &mut h);
+        assert_close(&gru(&mut c, &id, &x, false, false).await.expect("cpu step"), &want, "on cpu");
+    }
+    // And back to Neuron.
+    let blob = export(&mut cs, "gru", sp::sequence_id::Id::StringId("travels".into())).await.expect("export");
+    ns.import_session(ImportSessionRequest { blob }).await.expect("import on Neuron");
+    let x = gru_steps(11, 5, 3);
+    let want = cell.reference(&x, &mut h);
+    assert_close(&gru(&mut n, &id, &x, false, true).await.expect("neuron step"), &want, "back on neuron");
+
+    // accumulate: started on the CPU, continued on Neuron.
+    let id = SequenceId::Uint(8);
+    assert_eq!(acc(&mut c, &id, 20, true, false).await.expect("start"), 20);
+    assert_eq!(acc(&mut c, &id, 3, false, false).await.expect("step"), 23);
+    let blob = export(&mut cs, "accumulate", sp::sequence_id::Id::Uint64Id(8)).await.expect("export");
+    ns.import_session(ImportSessionRequest { blob }).await.expect("import on Neuron");
+    assert_eq!(acc(&mut n, &id, 1, false, false).await.expect("continue"), 24);
+    assert_eq!(acc(&mut n, &id, -30, false, true).await.expect("end"), -6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neuron_sessions_spill_to_the_store_and_restore_into_device_rows() {
+    let store = tempfile::tempdir().expect("temp dir");
+    let store_arg = store.path().to_string_lossy().into_owned();
+    let (_neuron, mut n) = start_neuron_worker(&[], &["--session-store", &store_arg]).await;
+    // 16 slots (8 per core × 2 cores); 24 sequences spill and restore each round.
+    let count = 24u64;
+    let mut sums = vec![0i32; count as usize];
+    for round in 0..3 {
+        for s in 0..count {
+            let v = (s as i32) * 10 + round;
+            sums[s as usize] += v;
+            let got = acc(&mut n, &SequenceId::Uint(900 + s), v, round == 0, false).await.expect("step");
+            assert_eq!(got, sums[s as usize], "sequence {} round {round}", 900 + s);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nrt_state_is_not_read_back_to_the_host_between_steps() {
+    // The stand-in refuses nrt_tensor_read of the state tensors (allocated as `state:...`):
+    // every step still succeeds, so no step reads the state; exporting, which must read it, fails.
+    let (neuron, mut n) = start_neuron_worker(&[("NRT_STANDIN_DENY_READ_PREFIX", "state:")], &[]).await;
+    let outs = run_acc_clients(neuron.grpc.clone(), 6).await;
+    for (client, outs) in outs.iter().enumerate() {
+        let mut sum = 0;
+        for ((v, start), got) in acc_script(client as u64).into_iter().zip(outs) {
+            sum = if start { v } else { sum + v };
+            assert_eq!(*got, sum, "client {client}");
+        }
+    }
+    let cell = GruCell::seeded();
+    let mut h = vec![0f32; GRU_HIDDEN];
+    let id = SequenceId::Uint(5);
+    for step in 0..4 {
+        let x = gru_steps(5, step, 3);
+        let want = cell.reference(&x, &mut h);
+        assert_close(&gru(&mut n, &id, &x, step == 0, false).await.expect("gru step"), &want, "gru");
+    }
+    let mut ns = SessionsClient::connect(neuron.grpc.clone()).await.expect("sessions client");
+    let e = export(&mut ns, "gru", sp::sequence_id::Id::Uint64Id(5)).await.expect_err("the knob bites on reads");
+    assert!(e.message().contains("NRT_INVALID"), "{}", e.message());
+    // The failed export left the session live and intact.
+    let x = gru_steps(5, 4, 1);
+    let want = cell.reference(&x, &mut h);
+    assert_close(&gru(&mut n, &id, &x, false, true).await.expect("gru step"), &want, "after failed export");
+}
