@@ -9,13 +9,12 @@ mod common;
 use std::ffi::OsStr;
 use std::sync::Arc;
 
+use common::sequences::*;
 use common::*;
+use neuron_worker::proto::inference::ModelMetadataRequest;
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use neuron_worker::proto::inference::infer_parameter::ParameterChoice;
-use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
-use neuron_worker::proto::inference::{InferParameter, ModelInferRequest, ModelMetadataRequest};
 use neuron_worker::sequence::SequenceId;
-use neuron_worker::sequence::models::{GRU_HIDDEN, GRU_INPUT, GruCell};
+use neuron_worker::sequence::models::{GRU_HIDDEN, GruCell};
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ImportSessionRequest};
 use tonic::Code;
@@ -46,75 +45,6 @@ async fn start_neuron_worker(
 async fn platform(c: &mut GrpcInferenceServiceClient<Channel>, model: &str) -> String {
     let md = c.model_metadata(ModelMetadataRequest { name: model.into(), version: String::new() }).await;
     md.expect("metadata").into_inner().platform
-}
-
-fn param_bool(b: bool) -> InferParameter {
-    InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(b)) }
-}
-
-fn with_sequence(mut r: ModelInferRequest, id: &SequenceId, start: bool, end: bool) -> ModelInferRequest {
-    let id = match id {
-        SequenceId::Uint(v) => int_param(*v as i64),
-        SequenceId::Str(s) => InferParameter { parameter_choice: Some(ParameterChoice::StringParam(s.clone())) },
-    };
-    r.parameters.insert("sequence_id".into(), id);
-    if start {
-        r.parameters.insert("sequence_start".into(), param_bool(true));
-    }
-    if end {
-        r.parameters.insert("sequence_end".into(), param_bool(true));
-    }
-    r
-}
-
-async fn acc(
-    c: &mut GrpcInferenceServiceClient<Channel>,
-    id: &SequenceId,
-    v: i32,
-    start: bool,
-    end: bool,
-) -> Result<i32, tonic::Status> {
-    let r = ModelInferRequest {
-        model_name: "accumulate".into(),
-        inputs: vec![InferInputTensor {
-            name: "INPUT".into(),
-            datatype: "INT32".into(),
-            shape: vec![1, 1],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![v.to_le_bytes().to_vec().into()],
-        ..Default::default()
-    };
-    let r = c.model_infer(with_sequence(r, id, start, end)).await?.into_inner();
-    assert_eq!(r.outputs[0].shape, vec![1, 1]);
-    let b = &r.raw_output_contents[0];
-    Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-}
-
-/// Time steps of sequence `seq`, request `step`: `t` rows of 64 values.
-fn gru_steps(seq: u64, step: usize, t: usize) -> Vec<f32> {
-    (0..t * GRU_INPUT).map(|i| ((((seq as usize) * 131 + step * 17 + i * 7) % 29) as f32) / 14.0 - 1.0).collect()
-}
-
-async fn gru(
-    c: &mut GrpcInferenceServiceClient<Channel>,
-    id: &SequenceId,
-    x: &[f32],
-    start: bool,
-    end: bool,
-) -> Result<Vec<f32>, tonic::Status> {
-    let t = x.len() / GRU_INPUT;
-    let r = with_sequence(fp32_request("gru", "INPUT0", vec![1, t as i64, GRU_INPUT as i64], x), id, start, end);
-    let r = c.model_infer(r).await?.into_inner();
-    assert_eq!(r.outputs[0].shape, vec![1, t as i64, GRU_HIDDEN as i64]);
-    Ok(bytes_f32(&r.raw_output_contents[0]))
-}
-
-fn assert_close(got: &[f32], want: &[f32], what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() < 1e-4, "{what}: element {i}: {g} vs {w}");
-    }
 }
 
 /// The accumulate script of client `c`: (value, start) per step; every third client restarts

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod bert_fixture;
+pub mod sequences;
 
 use std::path::PathBuf;
 use std::sync::Arc;
