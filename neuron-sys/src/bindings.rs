@@ -69,14 +69,10 @@ pub struct Nrt {
     pub nrt_unload: unsafe extern "C" fn(model: *mut nrt_model_t) -> NRT_STATUS,
     pub nrt_get_total_nc_count: unsafe extern "C" fn(nc_count: *mut u32) -> NRT_STATUS,
     pub nrt_get_visible_nc_count: unsafe extern "C" fn(nc_count: *mut u32) -> NRT_STATUS,
-    pub nrt_get_model_tensor_info: unsafe extern "C" fn(
-        model: *mut nrt_model_t,
-        tensor_info: *mut *mut nrt_tensor_info_array_t,
-    ) -> NRT_STATUS,
-    pub nrt_free_model_tensor_info:
-        unsafe extern "C" fn(tensor_info: *mut nrt_tensor_info_array_t) -> NRT_STATUS,
-    pub nrt_allocate_tensor_set:
-        unsafe extern "C" fn(result: *mut *mut nrt_tensor_set_t) -> NRT_STATUS,
+    pub nrt_get_model_tensor_info:
+        unsafe extern "C" fn(model: *mut nrt_model_t, tensor_info: *mut *mut nrt_tensor_info_array_t) -> NRT_STATUS,
+    pub nrt_free_model_tensor_info: unsafe extern "C" fn(tensor_info: *mut nrt_tensor_info_array_t) -> NRT_STATUS,
+    pub nrt_allocate_tensor_set: unsafe extern "C" fn(result: *mut *mut nrt_tensor_set_t) -> NRT_STATUS,
     pub nrt_destroy_tensor_set: unsafe extern "C" fn(tensor_set: *mut *mut nrt_tensor_set_t),
     pub nrt_add_tensor_to_tensor_set: unsafe extern "C" fn(
         tensor_set: *mut nrt_tensor_set_t,
@@ -109,15 +105,10 @@ pub struct Nrt {
         size: usize,
     ) -> NRT_STATUS,
     pub nrt_tensor_get_size: unsafe extern "C" fn(tensor: *const nrt_tensor_t) -> usize,
-    pub nrt_tensor_allocate_empty: unsafe extern "C" fn(
-        name: *const ::std::os::raw::c_char,
-        tensor: *mut *mut nrt_tensor_t,
-    ) -> NRT_STATUS,
-    pub nrt_tensor_attach_buffer: unsafe extern "C" fn(
-        tensor: *mut nrt_tensor_t,
-        buffer: *mut ::std::os::raw::c_void,
-        size: usize,
-    ) -> NRT_STATUS,
+    pub nrt_tensor_allocate_empty:
+        unsafe extern "C" fn(name: *const ::std::os::raw::c_char, tensor: *mut *mut nrt_tensor_t) -> NRT_STATUS,
+    pub nrt_tensor_attach_buffer:
+        unsafe extern "C" fn(tensor: *mut nrt_tensor_t, buffer: *mut ::std::os::raw::c_void, size: usize) -> NRT_STATUS,
     pub nrt_execute: unsafe extern "C" fn(
         model: *mut nrt_model_t,
         input_set: *const nrt_tensor_set_t,
@@ -166,18 +157,12 @@ pub const NRT_NETWORK_PROXY_FAILURE: NRT_STATUS = 1206;
 const _: () = {
     ["Size of nrt_version"][::std::mem::size_of::<nrt_version>() - 224usize];
     ["Alignment of nrt_version"][::std::mem::align_of::<nrt_version>() - 8usize];
-    ["Offset of field: nrt_version::rt_major"]
-        [::std::mem::offset_of!(nrt_version, rt_major) - 0usize];
-    ["Offset of field: nrt_version::rt_minor"]
-        [::std::mem::offset_of!(nrt_version, rt_minor) - 8usize];
-    ["Offset of field: nrt_version::rt_patch"]
-        [::std::mem::offset_of!(nrt_version, rt_patch) - 16usize];
-    ["Offset of field: nrt_version::rt_maintenance"]
-        [::std::mem::offset_of!(nrt_version, rt_maintenance) - 24usize];
-    ["Offset of field: nrt_version::rt_detail"]
-        [::std::mem::offset_of!(nrt_version, rt_detail) - 32usize];
-    ["Offset of field: nrt_version::git_hash"]
-        [::std::mem::offset_of!(nrt_version, git_hash) - 160usize];
+    ["Offset of field: nrt_version::rt_major"][::std::mem::offset_of!(nrt_version, rt_major) - 0usize];
+    ["Offset of field: nrt_version::rt_minor"][::std::mem::offset_of!(nrt_version, rt_minor) - 8usize];
+    ["Offset of field: nrt_version::rt_patch"][::std::mem::offset_of!(nrt_version, rt_patch) - 16usize];
+    ["Offset of field: nrt_version::rt_maintenance"][::std::mem::offset_of!(nrt_version, rt_maintenance) - 24usize];
+    ["Offset of field: nrt_version::rt_detail"][::std::mem::offset_of!(nrt_version, rt_detail) - 32usize];
+    ["Offset of field: nrt_version::git_hash"][::std::mem::offset_of!(nrt_version, git_hash) - 160usize];
 };
 pub const NRT_TENSOR_PLACEMENT_DEVICE: nrt_tensor_placement_t = 0;
 pub const NRT_TENSOR_PLACEMENT_HOST: nrt_tensor_placement_t = 1;
@@ -194,24 +179,17 @@ pub const NRT_TENSOR_USAGE_OUTPUT: nrt_tensor_usage_t = 1;
 const _: () = {
     ["Size of nrt_tensor_info"][::std::mem::size_of::<nrt_tensor_info>() - 296usize];
     ["Alignment of nrt_tensor_info"][::std::mem::align_of::<nrt_tensor_info>() - 8usize];
-    ["Offset of field: nrt_tensor_info::name"]
-        [::std::mem::offset_of!(nrt_tensor_info, name) - 0usize];
-    ["Offset of field: nrt_tensor_info::usage"]
-        [::std::mem::offset_of!(nrt_tensor_info, usage) - 256usize];
-    ["Offset of field: nrt_tensor_info::size"]
-        [::std::mem::offset_of!(nrt_tensor_info, size) - 264usize];
-    ["Offset of field: nrt_tensor_info::dtype"]
-        [::std::mem::offset_of!(nrt_tensor_info, dtype) - 272usize];
-    ["Offset of field: nrt_tensor_info::shape"]
-        [::std::mem::offset_of!(nrt_tensor_info, shape) - 280usize];
-    ["Offset of field: nrt_tensor_info::ndim"]
-        [::std::mem::offset_of!(nrt_tensor_info, ndim) - 288usize];
+    ["Offset of field: nrt_tensor_info::name"][::std::mem::offset_of!(nrt_tensor_info, name) - 0usize];
+    ["Offset of field: nrt_tensor_info::usage"][::std::mem::offset_of!(nrt_tensor_info, usage) - 256usize];
+    ["Offset of field: nrt_tensor_info::size"][::std::mem::offset_of!(nrt_tensor_info, size) - 264usize];
+    ["Offset of field: nrt_tensor_info::dtype"][::std::mem::offset_of!(nrt_tensor_info, dtype) - 272usize];
+    ["Offset of field: nrt_tensor_info::shape"][::std::mem::offset_of!(nrt_tensor_info, shape) - 280usize];
+    ["Offset of field: nrt_tensor_info::ndim"][::std::mem::offset_of!(nrt_tensor_info, ndim) - 288usize];
 };
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of nrt_tensor_info_array"][::std::mem::size_of::<nrt_tensor_info_array>() - 8usize];
-    ["Alignment of nrt_tensor_info_array"]
-        [::std::mem::align_of::<nrt_tensor_info_array>() - 8usize];
+    ["Alignment of nrt_tensor_info_array"][::std::mem::align_of::<nrt_tensor_info_array>() - 8usize];
     ["Offset of field: nrt_tensor_info_array::tensor_count"]
         [::std::mem::offset_of!(nrt_tensor_info_array, tensor_count) - 0usize];
     ["Offset of field: nrt_tensor_info_array::tensor_array"]
@@ -288,36 +266,25 @@ impl Nrt {
         let nrt_close = unsafe { __library.get(b"nrt_close\0") }.map(|sym| *sym)?;
         let nrt_load = unsafe { __library.get(b"nrt_load\0") }.map(|sym| *sym)?;
         let nrt_unload = unsafe { __library.get(b"nrt_unload\0") }.map(|sym| *sym)?;
-        let nrt_get_total_nc_count =
-            unsafe { __library.get(b"nrt_get_total_nc_count\0") }.map(|sym| *sym)?;
-        let nrt_get_visible_nc_count =
-            unsafe { __library.get(b"nrt_get_visible_nc_count\0") }.map(|sym| *sym)?;
-        let nrt_get_model_tensor_info =
-            unsafe { __library.get(b"nrt_get_model_tensor_info\0") }.map(|sym| *sym)?;
-        let nrt_free_model_tensor_info =
-            unsafe { __library.get(b"nrt_free_model_tensor_info\0") }.map(|sym| *sym)?;
-        let nrt_allocate_tensor_set =
-            unsafe { __library.get(b"nrt_allocate_tensor_set\0") }.map(|sym| *sym)?;
-        let nrt_destroy_tensor_set =
-            unsafe { __library.get(b"nrt_destroy_tensor_set\0") }.map(|sym| *sym)?;
+        let nrt_get_total_nc_count = unsafe { __library.get(b"nrt_get_total_nc_count\0") }.map(|sym| *sym)?;
+        let nrt_get_visible_nc_count = unsafe { __library.get(b"nrt_get_visible_nc_count\0") }.map(|sym| *sym)?;
+        let nrt_get_model_tensor_info = unsafe { __library.get(b"nrt_get_model_tensor_info\0") }.map(|sym| *sym)?;
+        let nrt_free_model_tensor_info = unsafe { __library.get(b"nrt_free_model_tensor_info\0") }.map(|sym| *sym)?;
+        let nrt_allocate_tensor_set = unsafe { __library.get(b"nrt_allocate_tensor_set\0") }.map(|sym| *sym)?;
+        let nrt_destroy_tensor_set = unsafe { __library.get(b"nrt_destroy_tensor_set\0") }.map(|sym| *sym)?;
         let nrt_add_tensor_to_tensor_set =
             unsafe { __library.get(b"nrt_add_tensor_to_tensor_set\0") }.map(|sym| *sym)?;
         let nrt_get_tensor_from_tensor_set =
             unsafe { __library.get(b"nrt_get_tensor_from_tensor_set\0") }.map(|sym| *sym)?;
-        let nrt_tensor_allocate =
-            unsafe { __library.get(b"nrt_tensor_allocate\0") }.map(|sym| *sym)?;
+        let nrt_tensor_allocate = unsafe { __library.get(b"nrt_tensor_allocate\0") }.map(|sym| *sym)?;
         let nrt_tensor_free = unsafe { __library.get(b"nrt_tensor_free\0") }.map(|sym| *sym)?;
         let nrt_tensor_read = unsafe { __library.get(b"nrt_tensor_read\0") }.map(|sym| *sym)?;
         let nrt_tensor_write = unsafe { __library.get(b"nrt_tensor_write\0") }.map(|sym| *sym)?;
-        let nrt_tensor_get_size =
-            unsafe { __library.get(b"nrt_tensor_get_size\0") }.map(|sym| *sym)?;
-        let nrt_tensor_allocate_empty =
-            unsafe { __library.get(b"nrt_tensor_allocate_empty\0") }.map(|sym| *sym)?;
-        let nrt_tensor_attach_buffer =
-            unsafe { __library.get(b"nrt_tensor_attach_buffer\0") }.map(|sym| *sym)?;
+        let nrt_tensor_get_size = unsafe { __library.get(b"nrt_tensor_get_size\0") }.map(|sym| *sym)?;
+        let nrt_tensor_allocate_empty = unsafe { __library.get(b"nrt_tensor_allocate_empty\0") }.map(|sym| *sym)?;
+        let nrt_tensor_attach_buffer = unsafe { __library.get(b"nrt_tensor_attach_buffer\0") }.map(|sym| *sym)?;
         let nrt_execute = unsafe { __library.get(b"nrt_execute\0") }.map(|sym| *sym)?;
-        let nrt_execute_repeat =
-            unsafe { __library.get(b"nrt_execute_repeat\0") }.map(|sym| *sym)?;
+        let nrt_execute_repeat = unsafe { __library.get(b"nrt_execute_repeat\0") }.map(|sym| *sym)?;
         let nrt_get_version = unsafe { __library.get(b"nrt_get_version\0") }.map(|sym| *sym)?;
         Ok(Nrt {
             __library,
@@ -382,10 +349,7 @@ impl Nrt {
     ) -> NRT_STATUS {
         unsafe { (self.nrt_get_model_tensor_info)(model, tensor_info) }
     }
-    pub unsafe fn nrt_free_model_tensor_info(
-        &self,
-        tensor_info: *mut nrt_tensor_info_array_t,
-    ) -> NRT_STATUS {
+    pub unsafe fn nrt_free_model_tensor_info(&self, tensor_info: *mut nrt_tensor_info_array_t) -> NRT_STATUS {
         unsafe { (self.nrt_free_model_tensor_info)(tensor_info) }
     }
     pub unsafe fn nrt_allocate_tensor_set(&self, result: *mut *mut nrt_tensor_set_t) -> NRT_STATUS {

@@ -3,25 +3,16 @@
 
 pub struct NrtOptional {
     __library: ::libloading::Library,
-    pub nrt_get_status_as_str: Result<
-        unsafe extern "C" fn(status: NRT_STATUS) -> *const ::std::os::raw::c_char,
-        ::libloading::Error,
-    >,
-    pub nrt_get_total_vnc_count:
-        Result<unsafe extern "C" fn(vnc_count: *mut u32) -> NRT_STATUS, ::libloading::Error>,
-    pub nrt_get_visible_vnc_count:
-        Result<unsafe extern "C" fn(vnc_count: *mut u32) -> NRT_STATUS, ::libloading::Error>,
+    pub nrt_get_status_as_str:
+        Result<unsafe extern "C" fn(status: NRT_STATUS) -> *const ::std::os::raw::c_char, ::libloading::Error>,
+    pub nrt_get_total_vnc_count: Result<unsafe extern "C" fn(vnc_count: *mut u32) -> NRT_STATUS, ::libloading::Error>,
+    pub nrt_get_visible_vnc_count: Result<unsafe extern "C" fn(vnc_count: *mut u32) -> NRT_STATUS, ::libloading::Error>,
     pub nrt_profile_start: Result<
-        unsafe extern "C" fn(
-            model: *mut nrt_model_t,
-            filename: *const ::std::os::raw::c_char,
-        ) -> NRT_STATUS,
+        unsafe extern "C" fn(model: *mut nrt_model_t, filename: *const ::std::os::raw::c_char) -> NRT_STATUS,
         ::libloading::Error,
     >,
-    pub nrt_profile_stop: Result<
-        unsafe extern "C" fn(filename: *const ::std::os::raw::c_char) -> NRT_STATUS,
-        ::libloading::Error,
-    >,
+    pub nrt_profile_stop:
+        Result<unsafe extern "C" fn(filename: *const ::std::os::raw::c_char) -> NRT_STATUS, ::libloading::Error>,
 }
 impl NrtOptional {
     pub unsafe fn new<P>(path: P) -> Result<Self, ::libloading::Error>
@@ -36,12 +27,9 @@ impl NrtOptional {
         L: Into<::libloading::Library>,
     {
         let __library = library.into();
-        let nrt_get_status_as_str =
-            unsafe { __library.get(b"nrt_get_status_as_str\0") }.map(|sym| *sym);
-        let nrt_get_total_vnc_count =
-            unsafe { __library.get(b"nrt_get_total_vnc_count\0") }.map(|sym| *sym);
-        let nrt_get_visible_vnc_count =
-            unsafe { __library.get(b"nrt_get_visible_vnc_count\0") }.map(|sym| *sym);
+        let nrt_get_status_as_str = unsafe { __library.get(b"nrt_get_status_as_str\0") }.map(|sym| *sym);
+        let nrt_get_total_vnc_count = unsafe { __library.get(b"nrt_get_total_vnc_count\0") }.map(|sym| *sym);
+        let nrt_get_visible_vnc_count = unsafe { __library.get(b"nrt_get_visible_vnc_count\0") }.map(|sym| *sym);
         let nrt_profile_start = unsafe { __library.get(b"nrt_profile_start\0") }.map(|sym| *sym);
         let nrt_profile_stop = unsafe { __library.get(b"nrt_profile_stop\0") }.map(|sym| *sym);
         Ok(NrtOptional {
@@ -53,51 +41,23 @@ impl NrtOptional {
             nrt_profile_stop,
         })
     }
-    pub unsafe fn nrt_get_status_as_str(
-        &self,
-        status: NRT_STATUS,
-    ) -> *const ::std::os::raw::c_char {
-        unsafe {
-            (self
-                .nrt_get_status_as_str
-                .as_ref()
-                .expect("Expected function, got error."))(status)
-        }
+    pub unsafe fn nrt_get_status_as_str(&self, status: NRT_STATUS) -> *const ::std::os::raw::c_char {
+        unsafe { (self.nrt_get_status_as_str.as_ref().expect("Expected function, got error."))(status) }
     }
     pub unsafe fn nrt_get_total_vnc_count(&self, vnc_count: *mut u32) -> NRT_STATUS {
-        unsafe {
-            (self
-                .nrt_get_total_vnc_count
-                .as_ref()
-                .expect("Expected function, got error."))(vnc_count)
-        }
+        unsafe { (self.nrt_get_total_vnc_count.as_ref().expect("Expected function, got error."))(vnc_count) }
     }
     pub unsafe fn nrt_get_visible_vnc_count(&self, vnc_count: *mut u32) -> NRT_STATUS {
-        unsafe {
-            (self
-                .nrt_get_visible_vnc_count
-                .as_ref()
-                .expect("Expected function, got error."))(vnc_count)
-        }
+        unsafe { (self.nrt_get_visible_vnc_count.as_ref().expect("Expected function, got error."))(vnc_count) }
     }
     pub unsafe fn nrt_profile_start(
         &self,
         model: *mut nrt_model_t,
         filename: *const ::std::os::raw::c_char,
     ) -> NRT_STATUS {
-        unsafe {
-            (self
-                .nrt_profile_start
-                .as_ref()
-                .expect("Expected function, got error."))(model, filename)
-        }
+        unsafe { (self.nrt_profile_start.as_ref().expect("Expected function, got error."))(model, filename) }
     }
     pub unsafe fn nrt_profile_stop(&self, filename: *const ::std::os::raw::c_char) -> NRT_STATUS {
-        unsafe {
-            (self
-                .nrt_profile_stop
-                .as_ref()
-                .expect("Expected function, got error."))(filename)
-        }
+        unsafe { (self.nrt_profile_stop.as_ref().expect("Expected function, got error."))(filename) }
     }
 }
