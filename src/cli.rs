@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "NEURON_WORKER_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
     pub max_message_size: usize,
+    /// Threads for gRPC I/O and request handling (the async runtime). Default: half the cores (at
+    /// least 1), leaving the rest to the instance threads and, on a shared machine, to the clients.
+    #[arg(long, env = "NEURON_WORKER_IO_THREADS")]
+    pub io_threads: Option<usize>,
     /// Most concurrent gRPC streams per connection.
     #[arg(long, env = "NEURON_WORKER_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,

@@ -122,7 +122,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
             init_logs(args.log_format);
-            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+            let io_threads = args.io_threads.unwrap_or(cores / 2).max(1);
+            match tokio::runtime::Builder::new_multi_thread().worker_threads(io_threads).enable_all().build() {
                 Ok(rt) => rt.block_on(serve(args)),
                 Err(e) => Err(format!("cannot start the async runtime: {e}")),
             }
