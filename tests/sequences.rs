@@ -138,6 +138,13 @@ async fn unknown_ended_and_missing_ids_are_refused_with_the_reason() {
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("needs a non-zero sequence_id"), "{}", e.message());
 
+    // Queue parameters do not apply to sequence steps: refused, not silently ignored.
+    let mut r = acc_request(&SequenceId::Uint(9), 1, true, false);
+    r.parameters.insert("timeout".into(), int_param(1000));
+    let e = c.model_infer(r).await.expect_err("timeout on a sequence model");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("parameter 'timeout' is not supported for sequence models"), "{}", e.message());
+
     // Stateless models still refuse sequence parameters.
     let mut r = fp32_request("linear", "INPUT0", vec![1, 64], &tagged_rows(0, 1));
     r.parameters.insert("sequence_id".into(), int_param(3));

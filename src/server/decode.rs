@@ -92,6 +92,12 @@ pub fn decode_request_for(
     let mut sequence = SequenceParams::default();
     for (k, v) in &req.parameters {
         match k.as_str() {
+            "priority" | "timeout" if stateful => {
+                return Err(bad(format!(
+                    "model '{model}': parameter '{k}' is not supported for sequence models (a sequence's steps run in \
+                     arrival order); leave it out"
+                )));
+            }
             "priority" => priority = param_u64(k, v)?,
             "timeout" => {
                 let us = param_u64(k, v)?;
