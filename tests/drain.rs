@@ -60,3 +60,39 @@ async fn sigterm_finishes_accepted_requests_and_exits_zero() {
     };
     assert!(code.success(), "worker exited with {code:?}");
 }
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_with_unavailable_and_exits_zero() {
+    let args: Vec<&OsStr> = vec!["--backend".as_ref(), "cpu".as_ref(), "--exit-timeout".as_ref(), "20".as_ref()];
+    let (mut worker, mut client) = spawn_worker(&args, &[]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut responses =
+        client.model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    for i in 0..2 {
+        let mut r = fp32_request("linear", "INPUT0", vec![1, 64], &tagged_rows(i, 1));
+        r.id = format!("s{i}");
+        tx.send(r).await.expect("send");
+        let m = responses.message().await.expect("response").expect("not ended");
+        assert!(m.error_message.is_empty(), "{}", m.error_message);
+    }
+    // The client keeps its side of the stream open; the worker must not wait for it.
+    let t0 = Instant::now();
+    let status = Command::new("kill").args(["-TERM", &worker.child.id().to_string()]).status().expect("kill runs");
+    assert!(status.success());
+    let end = responses.message().await;
+    match end {
+        Err(e) => assert_eq!(e.code(), tonic::Code::Unavailable, "{e}"),
+        Ok(other) => panic!("expected UNAVAILABLE at drain, got {other:?}"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(s) = worker.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "worker did not exit while a client held a stream open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(code.success(), "worker exited with {code:?}");
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    drop(tx);
+}

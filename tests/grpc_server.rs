@@ -129,6 +129,13 @@ async fn validation_errors_name_the_input_and_expectation() {
         assert_eq!(err.code(), code, "{}", err.message());
         assert!(err.message().contains(text), "message '{}' lacks '{text}'", err.message());
     }
+    // Triton's rule: a priority above the model's levels means the default level.
+    let mut r = fp32_request("linear", "INPUT0", vec![1, 64], &x);
+    r.parameters.insert("priority".into(), int_param(99));
+    c.model_infer(r).await.expect("out-of-range priority served at the default level");
+    // Zero-sized dimensions are refused.
+    let e = c.model_infer(fp32_request("linear", "INPUT0", vec![0, 64], &[])).await.expect_err("zero rows");
+    assert_eq!(e.code(), Code::InvalidArgument);
     // A bad request does not affect the next good one.
     let ok = c.model_infer(fp32_request("linear", "INPUT0", vec![1, 64], &x)).await;
     assert!(ok.is_ok());

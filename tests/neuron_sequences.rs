@@ -232,3 +232,78 @@ async fn nrt_state_is_not_read_back_to_the_host_between_steps() {
     let want = cell.reference(&x, &mut h);
     assert_close(&gru(&mut n, &id, &x, false, true).await.expect("gru step"), &want, "after failed export");
 }
+
+async fn capacity(addr: &str) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
+    s.write_all(b"GET /capacity HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neuron_sequence_model_whose_neff_has_an_extra_output_serves() {
+    // The NEFF writes an output the configuration does not declare: it must still be given one.
+    let dir = tempfile::tempdir().expect("temp dir");
+    neuron_worker::neff::testing::write_standin_sequence_model_with_extra_output(dir.path(), "accumulate", "EXTRA")
+        .expect("write NEFF");
+    let lib = standin();
+    let args: Vec<&OsStr> =
+        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
+    let env: Vec<(&str, &OsStr)> =
+        vec![("NEURON_WORKER_LIBNRT", lib.as_os_str()), ("NRT_STANDIN_VISIBLE_CORES", "2".as_ref())];
+    let (_w, mut c) = spawn_worker(&args, &env).await;
+    let id = SequenceId::Uint(3);
+    let mut sum = 0;
+    for (step, v) in [4, 5, 6].into_iter().enumerate() {
+        sum += v;
+        assert_eq!(acc(&mut c, &id, v, step == 0, step == 2).await.expect("step"), sum);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neuron_sequence_model_without_instances_is_not_ready_and_unavailable() {
+    // Every execution returns NRT_TIMEOUT: each core that executes leaves service.
+    let (w, mut c) =
+        start_neuron_worker(&[("NRT_STANDIN_FAIL_EXEC_STATUS", "5"), ("NRT_STANDIN_FAIL_EVERY_N", "1")], &[]).await;
+    // One START per instance: each fails and takes its instance out.
+    for id in [1, 2] {
+        let e = acc(&mut c, &SequenceId::Uint(id), 1, true, false).await.expect_err("fatal status");
+        assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    }
+    let e = acc(&mut c, &SequenceId::Uint(3), 1, true, false).await.expect_err("no instance");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    let e = acc(&mut c, &SequenceId::Uint(1), 1, false, false).await.expect_err("no instance");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    let t = std::time::Instant::now();
+    loop {
+        let ready = c
+            .model_ready(neuron_worker::proto::inference::ModelReadyRequest {
+                name: "accumulate".into(),
+                version: String::new(),
+            })
+            .await
+            .expect("ready rpc")
+            .into_inner()
+            .ready;
+        let cap = capacity(&w.metrics).await;
+        let acc_cap = cap["models"]
+            .as_array()
+            .and_then(|m| m.iter().find(|x| x["model"] == "accumulate"))
+            .cloned()
+            .unwrap_or_default();
+        if !ready && acc_cap["instances_in_service"] == 0 && acc_cap["ready"] == false {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "still ready: {ready} {acc_cap}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // gru never executed: it is untouched.
+    let ready = c
+        .model_ready(neuron_worker::proto::inference::ModelReadyRequest { name: "gru".into(), version: String::new() })
+        .await
+        .expect("ready rpc")
+        .into_inner();
+    assert!(ready.ready);
+}

@@ -94,6 +94,13 @@ async fn bare_bert_folder_is_completed_and_padding_never_changes_a_sentence() {
             assert!((g - w).abs() < 1e-4, "padded batch changed a sentence: {g} vs {w}");
         }
     }
+    // Ids and mask of different lengths would be padded apart: refused before they reach a batch.
+    let mut r = bert_request("bert", &[5, 6, 7, 8]);
+    r.inputs[1].shape = vec![1, 6];
+    r.raw_input_contents[1] = i64_bytes(&[1; 6]).into();
+    let e = c.model_infer(r).await.expect_err("mismatched lengths");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("sequence length 6 differs from input 'input_ids' (4)"), "{}", e.message());
     let bad = c.model_infer(bert_request("bert", &[5, 100, 7])).await.expect_err("id out of vocabulary");
     assert_eq!(bad.code(), Code::InvalidArgument);
     assert!(bad.message().contains("input_ids"), "{}", bad.message());
@@ -186,6 +193,15 @@ async fn explicit_mode_loads_and_unloads_and_refuses_escaping_names() {
         .await
         .expect("load");
     embedding(&mut c, "bert", &[3, 4]).await.expect("served again");
+    // A reload that fails keeps the serving version.
+    std::fs::write(repo.path().join("bert/config.pbtxt"), "name: \"bert\" max_batch_size: oops").expect("write");
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest { model_name: "bert".into(), ..Default::default() })
+        .await
+        .expect_err("broken config");
+    assert_eq!(e.code(), Code::Internal);
+    embedding(&mut c, "bert", &[3, 4]).await.expect("the loaded version still serves");
+    std::fs::remove_file(repo.path().join("bert/config.pbtxt")).expect("remove");
     for bad in ["../bert", "/etc", "a/b", ".."] {
         let e = c
             .repository_model_load(RepositoryModelLoadRequest { model_name: bad.into(), ..Default::default() })

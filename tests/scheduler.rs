@@ -381,3 +381,55 @@ async fn work_handed_ahead_to_a_retiring_instance_is_served_by_another() {
     }
     assert_eq!(h.instances_in_service(), 1);
 }
+
+/// Panics on the first batch it sees (a bug in a backend must not take the worker down).
+struct PanickingInstance;
+
+impl ModelInstance for PanickingInstance {
+    fn execute(&mut self, _inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
+        panic!("kernel bug");
+    }
+    fn label(&self) -> String {
+        "panics".into()
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_instance_is_retired_and_the_others_serve() {
+    let p = Probe::default();
+    p.open();
+    let inst: Vec<Box<dyn ModelInstance>> =
+        vec![Box::new(PanickingInstance), Box::new(EchoInstance { probe: p.clone(), fail_tag: None, index: 1 })];
+    let h = SchedulerHandle::start(spec("dynamic_batching { }", "2", 1), inst);
+    let err = output(submit(&h, 1.0, 1, 2, 0, None).expect("submit")).await.expect_err("the panic fails the batch");
+    assert!(err.to_string().contains("panicked: kernel bug"), "{err}");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(h.instances_in_service(), 1);
+    for t in 2..6 {
+        assert_eq!(output(submit(&h, t as f32, 1, 2, 0, None).expect("submit")).await.expect("served")[0], t as f32);
+    }
+    // Drain still completes (no batch is left counted on the dead instance).
+    tokio::time::timeout(Duration::from_secs(5), h.drain()).await.expect("drain completes");
+}
+
+#[tokio::test]
+async fn a_reachable_preferred_size_goes_without_waiting_for_the_delay() {
+    let p = Probe::default();
+    let extra = "dynamic_batching { preferred_batch_size: [ 2 ] max_queue_delay_microseconds: 5000000 }";
+    let h = start(spec(extra, "2", 8), &p, 1, None);
+    p.open();
+    let t0 = Instant::now();
+    // One request alone waits for the delay (1 row: no preferred size reachable)...
+    let first = submit(&h, 0.0, 1, 2, 0, None).expect("submit");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(p.seen().is_empty(), "a lone request did not wait for a preferred batch");
+    // ...until more arrive: 4 rows queued, so the preferred 2 goes at once, twice.
+    let rxs: Vec<Rx> = (1..=3).map(|t| submit(&h, t as f32, 1, 2, 0, None).expect("submit")).collect();
+    output(first).await.expect("first");
+    for rx in rxs {
+        output(rx).await.expect("preferred batch");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(4), "the 5 s delay was waited out: {:?}", t0.elapsed());
+    let tags: Vec<Vec<f32>> = p.seen().iter().map(|s| s.tags.clone()).collect();
+    assert_eq!(tags, vec![vec![0.0, 1.0], vec![2.0, 3.0]]);
+}

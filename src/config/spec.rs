@@ -202,7 +202,19 @@ impl ModelSpec {
                     format!("{} exceeds priority_levels ({})", dynamic.default_priority_level, dynamic.priority_levels),
                 ));
             }
+            if !db.priority_queue_policy.is_empty() {
+                return Err(err(
+                    "dynamic_batching.priority_queue_policy".into(),
+                    "per-priority queue policies are not supported; use default_queue_policy".into(),
+                ));
+            }
             if let Some(q) = &db.default_queue_policy {
+                if q.timeout_action != 0 {
+                    return Err(err(
+                        "dynamic_batching.default_queue_policy.timeout_action".into(),
+                        "only REJECT is supported (expired requests are rejected, never executed)".into(),
+                    ));
+                }
                 if q.max_queue_size > 0 {
                     dynamic.max_queue_size = q.max_queue_size as usize;
                 }

@@ -142,6 +142,25 @@ fn sequence_program(model: &str, builder: NeffBuilder) -> Result<NeffBuilder, St
 /// model needs), and a NEFF with one row per sequence slot of an instance (the built-ins ask for
 /// 2 instances, so serve them with 2 visible cores). `extra_config` is appended to the config.
 pub fn write_standin_sequence_model(root: &Path, model: &str, extra_config: &str) -> Result<(), String> {
+    write_sequence_model(root, model, extra_config, None)
+}
+
+/// Like [`write_standin_sequence_model`], with one more NEFF output, `extra_output` (a copy of the
+/// model's first output), that the configuration does not declare.
+pub fn write_standin_sequence_model_with_extra_output(
+    root: &Path,
+    model: &str,
+    extra_output: &str,
+) -> Result<(), String> {
+    write_sequence_model(root, model, "", Some(extra_output))
+}
+
+fn write_sequence_model(
+    root: &Path,
+    model: &str,
+    extra_config: &str,
+    extra_output: Option<&str>,
+) -> Result<(), String> {
     let base = STATEFUL_BUILTIN_CONFIGS
         .iter()
         .find(|(n, _)| *n == model)
@@ -179,7 +198,12 @@ pub fn write_standin_sequence_model(root: &Path, model: &str, extra_config: &str
     for s in &neff_config.states {
         builder = builder.output(&s.output, neff_dtype(model, s.dtype)?, &shape(&s.dims));
     }
-    let builder = sequence_program(model, builder)?;
+    let mut builder = sequence_program(model, builder)?;
+    if let (Some(extra), Some(first)) = (extra_output, neff_config.outputs.first()) {
+        builder = builder
+            .output(extra, neff_dtype(model, first.dtype)?, &shape(&first.dims))
+            .op(ProgramOp::Copy { input: first.name.clone(), output: extra.to_owned() });
+    }
     let vdir = root.join(model).join("1");
     std::fs::create_dir_all(&vdir).map_err(|e| format!("{}: {e}", vdir.display()))?;
     builder.write_to(vdir.join("model.neff")).map_err(|e| e.to_string())?;

@@ -81,7 +81,10 @@ fn select_versions(config: &ModelConfig, all: &[(i64, PathBuf)]) -> Result<Vec<(
         Some(PolicyChoice::All(_)) => all.to_vec(),
         Some(PolicyChoice::Specific(s)) => {
             let mut out = Vec::new();
-            for v in &s.versions {
+            let mut wanted = s.versions.clone();
+            wanted.sort_unstable();
+            wanted.dedup();
+            for v in &wanted {
                 let found = all.iter().find(|(x, _)| x == v).ok_or_else(|| format!("version {v} has no folder"))?;
                 out.push(found.clone());
             }

@@ -221,26 +221,32 @@ impl Repository {
             Ok::<_, String>(versions)
         }
         .await;
-        let old = self.models.read().ok().and_then(|m| m.get(name).cloned());
-        let result = match loaded {
+        let (old, result) = match loaded {
             Ok(versions) => {
                 tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend).unwrap_or("-"), "model ready");
-                self.set(name, ModelEntry { versions, state: "READY", reason: String::new() });
-                Ok(())
+                // Swap under one write lock, so concurrent loads never lose a running entry.
+                (self.set(name, ModelEntry { versions, state: "READY", reason: String::new() }), Ok(()))
             }
             Err(reason) => {
                 tracing::error!(model = name, %reason, "model failed to load");
-                self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: reason.clone() });
-                Err(RepositoryError::Load { model: name.into(), reason })
+                let mut models = self.models.write().map_err(|_| RepositoryError::Load {
+                    model: name.into(),
+                    reason: "repository lock poisoned".into(),
+                })?;
+                // A failed reload keeps the versions that are serving (Triton's rule).
+                match models.get_mut(name) {
+                    Some(entry) if !entry.versions.is_empty() => entry.reason = format!("reload failed: {reason}"),
+                    _ => {
+                        let failed =
+                            ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: reason.clone() };
+                        models.insert(name.to_string(), failed);
+                    }
+                }
+                (None, Err(RepositoryError::Load { model: name.into(), reason }))
             }
         };
         if let Some(old) = old {
-            for v in old.versions.values() {
-                if let Some(s) = &v.sequence {
-                    s.drain().await;
-                }
-                v.scheduler.drain().await;
-            }
+            drain_versions(&old).await;
         }
         result
     }
@@ -248,25 +254,20 @@ impl Repository {
     /// Unloads a model: it stops accepting requests, finishes what it accepted, then is removed.
     pub async fn unload(&self, name: &str) -> Result<(), RepositoryError> {
         self.model_dir(name)?;
-        let entry = self.models.read().ok().and_then(|m| m.get(name).cloned());
-        let Some(entry) = entry else {
+        if self.models.read().map(|m| !m.contains_key(name)).unwrap_or(true) {
             return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
-        };
-        self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNLOADING", reason: "unloading".into() });
-        for v in entry.versions.values() {
-            if let Some(s) = &v.sequence {
-                s.drain().await;
-            }
-            v.scheduler.drain().await;
+        }
+        let unloading = ModelEntry { versions: BTreeMap::new(), state: "UNLOADING", reason: "unloading".into() };
+        if let Some(current) = self.set(name, unloading) {
+            drain_versions(&current).await;
         }
         self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: "unloaded".into() });
         Ok(())
     }
 
-    fn set(&self, name: &str, entry: ModelEntry) {
-        if let Ok(mut m) = self.models.write() {
-            m.insert(name.to_string(), entry);
-        }
+    /// Puts `entry` in place and returns the one it replaced.
+    fn set(&self, name: &str, entry: ModelEntry) -> Option<ModelEntry> {
+        self.models.write().ok().and_then(|mut m| m.insert(name.to_string(), entry))
     }
 
     /// The model version a request names (`version` empty = the highest loaded version).
@@ -302,12 +303,18 @@ impl Repository {
     /// Drains every model (used at shutdown).
     pub async fn drain_all(&self) {
         for (_, entry) in self.entries() {
-            for v in entry.versions.values() {
-                if let Some(s) = &v.sequence {
-                    s.drain().await;
-                }
-                v.scheduler.drain().await;
-            }
+            drain_versions(&entry).await;
         }
+    }
+}
+
+/// Drains every version of an entry: sequence batchers first (they write live sessions to the
+/// store), then the dynamic schedulers.
+async fn drain_versions(entry: &ModelEntry) {
+    for v in entry.versions.values() {
+        if let Some(s) = &v.sequence {
+            s.drain().await;
+        }
+        v.scheduler.drain().await;
     }
 }

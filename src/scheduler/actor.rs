@@ -87,6 +87,17 @@ impl Actor {
             }
             Command::Requeue(requests) => {
                 self.busy = self.busy.saturating_sub(1);
+                if self.shared.in_service.load(Ordering::Acquire) == 0 {
+                    let reason = self.unavailable_reason();
+                    for r in requests {
+                        self.shared.stats.record_failure(FailureReason::Unavailable, r.arrived.elapsed());
+                        let _ = r.reply.send(Err(SchedulerError::Unavailable {
+                            model: self.shared.spec.name.clone(),
+                            reason: reason.clone(),
+                        }));
+                    }
+                    return;
+                }
                 self.shared.queued.fetch_add(requests.len(), Ordering::AcqRel);
                 for req in requests.into_iter().rev() {
                     let (q, level) = self.queued(req);
@@ -103,9 +114,22 @@ impl Actor {
                     let left = self.shared.in_service.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
                     tracing::error!(model = %self.shared.spec.name, instance, left, "instance taken out of service");
                     if left == 0 {
-                        self.fail_all_unavailable();
+                        self.fail_all_unavailable(
+                            "every instance was taken out of service after fatal runtime errors; reload the model or \
+                             restart the worker"
+                                .into(),
+                        );
                     }
                 }
+            }
+            Command::RetireAll(reason) => {
+                tracing::error!(model = %self.shared.spec.name, %reason, "all instances taken out of service");
+                self.instances.iter_mut().for_each(|i| *i = None);
+                self.shared.in_service.store(0, Ordering::Release);
+                for s in &self.shared.stats.instances {
+                    s.in_service.store(0, Ordering::Relaxed);
+                }
+                self.fail_all_unavailable(reason);
             }
             Command::Drain(done) => self.drain.push(done),
         }
@@ -114,10 +138,12 @@ impl Actor {
     /// A request with its queue deadline and priority level, per the model's queue policy.
     fn queued(&self, req: super::InferRequest) -> (Queued, u64) {
         let policy = &self.shared.spec.dynamic;
+        // Triton's queue policy: with `allow_timeout_override` a request may shorten the default
+        // timeout (or set one when there is no default); without it the default applies.
         let timeout = match (req.timeout, policy.default_timeout) {
-            (Some(t), Some(d)) if !policy.allow_timeout_override => Some(t.min(d)),
-            (Some(t), _) => Some(t),
-            (None, d) => d,
+            (Some(t), Some(d)) if policy.allow_timeout_override => Some(t.min(d)),
+            (Some(t), None) if policy.allow_timeout_override => Some(t),
+            (_, d) => d,
         };
         let level = if req.priority == 0 { policy.default_priority_level } else { req.priority };
         let deadline = timeout.map(|t| req.arrived + t);
@@ -133,8 +159,11 @@ impl Actor {
         })
     }
 
-    fn fail_all_unavailable(&mut self) {
-        let reason = "every instance was taken out of service after fatal runtime errors; reload the model or restart the worker".to_string();
+    fn unavailable_reason(&self) -> String {
+        self.shared.unavailable_reason.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    fn fail_all_unavailable(&mut self, reason: String) {
         if let Ok(mut r) = self.shared.unavailable_reason.lock() {
             *r = reason.clone();
         }
@@ -187,7 +216,7 @@ impl Actor {
             if spec.dynamic_batching
                 && delay > Duration::ZERO
                 && avail < self.max_rows
-                && !policy.preferred_batch_sizes.contains(&avail)
+                && !policy.preferred_batch_sizes.iter().any(|p| *p <= avail)
             {
                 let oldest = self.queue.oldest_arrival().unwrap_or(now);
                 if oldest + delay > now {

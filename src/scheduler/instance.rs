@@ -169,8 +169,7 @@ impl Worker {
             })
             .collect();
         let t = Instant::now();
-        let mut out =
-            self.instance.execute(&inputs).map_err(|source| SchedulerError::Backend { model: self.model(), source })?;
+        let mut out = guarded_execute(self.instance.as_mut(), &spec.name, &inputs)?;
         let infer = t.elapsed();
         conform_dtypes(&spec, &mut out).map_err(|message| SchedulerError::Backend {
             model: self.model(),
@@ -249,6 +248,15 @@ impl Worker {
                     buf.extend_from_slice(&t.data);
                 } else {
                     let src_row = t.data.len() / r.rows.max(1);
+                    if src_row > row_bytes {
+                        return Err(SchedulerError::Backend {
+                            model: self.model(),
+                            source: BackendError::InvalidInput {
+                                name: ispec.name.clone(),
+                                reason: format!("a row of {src_row} bytes does not fit the batch's {row_bytes}"),
+                            },
+                        });
+                    }
                     for row in t.data.chunks(src_row.max(1)) {
                         buf.extend_from_slice(row);
                         buf.resize(buf.len() + row_bytes.saturating_sub(row.len()), 0);
@@ -286,10 +294,7 @@ impl Worker {
                 })
                 .collect();
             let t = Instant::now();
-            let out = self
-                .instance
-                .execute(&inputs)
-                .map_err(|source| SchedulerError::Backend { model: self.model(), source })?;
+            let out = guarded_execute(self.instance.as_mut(), &spec.name, &inputs)?;
             executions.push((real, t.elapsed()));
             chunks.push((out, real));
             start += rows;
@@ -307,6 +312,29 @@ impl Worker {
         let infer = executions.iter().map(|e| e.1).sum();
         Ok((per_request, Timings { input: input_time, infer, split: t_split.elapsed(), executions }))
     }
+}
+
+/// Executes on the backend; a panic inside it is caught and treated as a fatal error of this instance
+/// (it leaves service; the model keeps serving on the others).
+fn guarded_execute(
+    instance: &mut dyn ModelInstance,
+    model: &str,
+    inputs: &[BatchInput<'_>],
+) -> Result<Vec<NamedTensor>, SchedulerError> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| instance.execute(inputs)));
+    let result = result.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(BackendError::Execution {
+            message: format!("instance {} panicked: {what}; it is taken out of service", instance.label()),
+            instance_usable: false,
+            nrt_status: None,
+        })
+    });
+    result.map_err(|source| SchedulerError::Backend { model: model.to_string(), source })
 }
 
 /// Time spent per phase of one batch.

@@ -124,6 +124,7 @@ enum Command {
     Enqueue(InferRequest),
     Done { instance: usize, usable: bool },
     Requeue(Vec<InferRequest>),
+    RetireAll(String),
     Drain(oneshot::Sender<()>),
 }
 
@@ -140,6 +141,7 @@ impl std::fmt::Debug for Command {
             Command::Enqueue(_) => "Enqueue",
             Command::Done { .. } => "Done",
             Command::Requeue(_) => "Requeue",
+            Command::RetireAll(_) => "RetireAll",
             Command::Drain(_) => "Drain",
         })
     }
@@ -203,6 +205,17 @@ impl SchedulerHandle {
         if self.tx.send(Command::Drain(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Takes every instance out of service from outside the scheduler (e.g. a sequence model's
+    /// batcher lost its last instance): the model becomes not ready and requests get UNAVAILABLE
+    /// with `reason`.
+    pub fn retire_all(&self, reason: &str) {
+        if let Ok(mut r) = self.shared.unavailable_reason.lock() {
+            *r = reason.to_string();
+        }
+        self.shared.ready.store(false, Ordering::Release);
+        let _ = self.tx.send(Command::RetireAll(reason.to_string()));
     }
 
     /// The model's spec.

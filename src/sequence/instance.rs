@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::models::{KernelStep, SequenceKernel};
-use super::{Command, SequenceError, SequenceId};
+use super::{ClosedReason, Command, SequenceError, SequenceId, StepOutcome};
 use crate::backend::{BackendError, NamedTensor};
 use crate::scheduler::stats::ModelStats;
 use crate::scheduler::{FailureReason, InferReply, RequestInput};
@@ -153,11 +153,11 @@ pub(crate) fn spawn(
                     let _ = reply.send(instance.read_state(slot));
                 }
                 Job::Execute(steps, dispatched) => {
-                    let ids: Vec<SequenceId> = steps.iter().map(|s| s.id.clone()).collect();
-                    let (usable, replies) = run_batch(&mut *instance, steps, dispatched, &model, &stats, index);
+                    let (usable, outcomes, replies) =
+                        run_batch(&mut *instance, steps, dispatched, &model, &stats, index);
                     // Done reaches the actor before any client sees its reply, so a client's next
                     // call (an export, say) never finds its sequence still marked as running.
-                    let _ = done.send(Command::Done { instance: index, ids, usable });
+                    let _ = done.send(Command::Done { instance: index, outcomes, usable });
                     for (reply, result) in replies {
                         let _ = reply.send(result);
                     }
@@ -171,39 +171,78 @@ pub(crate) fn spawn(
 /// A reply to deliver once the actor has been told the batch is done.
 type Reply = (oneshot::Sender<Result<InferReply, SequenceError>>, Result<InferReply, SequenceError>);
 
-/// Runs one batch; returns whether the instance stays usable and the replies to send.
+/// Runs one batch; returns whether the instance stays usable, how each step went and the
+/// replies to send. A step whose pending restore cannot be written is not executed (the actor
+/// closes its sequence); the other steps run.
 fn run_batch(
     instance: &mut dyn StatefulInstance,
-    mut steps: Vec<StepJob>,
+    steps: Vec<StepJob>,
     dispatched: Instant,
     model: &str,
     stats: &ModelStats,
     index: usize,
-) -> (bool, Vec<Reply>) {
+) -> (bool, Vec<(SequenceId, StepOutcome)>, Vec<Reply>) {
     let t0 = Instant::now();
-    let mut restore_error = None;
-    for s in &mut steps {
-        if let Some(state) = s.restore.take()
-            && let Err(e) = instance.write_state(s.slot, state)
-        {
-            restore_error = Some(e);
+    let mut outcomes = Vec::with_capacity(steps.len());
+    let mut replies = Vec::with_capacity(steps.len());
+    let mut usable = true;
+    let mut runnable = Vec::with_capacity(steps.len());
+    for mut s in steps {
+        let Some(state) = s.restore.take() else {
+            runnable.push(s);
+            continue;
+        };
+        match instance.write_state(s.slot, state) {
+            Ok(()) => runnable.push(s),
+            Err(e) => {
+                usable &= !matches!(e, BackendError::Execution { instance_usable: false, .. });
+                tracing::warn!(model, instance = index, id = %s.id, error = %e, "cannot restore a session into its slot; it is closed");
+                stats.record_failure(FailureReason::Backend, s.arrived.elapsed());
+                let why = format!("{}: {e}", ClosedReason::RestoreFailed.as_str());
+                let err = SequenceError::NotLive { model: model.to_string(), id: s.id.clone(), why };
+                outcomes.push((s.id, StepOutcome::RestoreFailed));
+                replies.push((s.reply, Err(err)));
+            }
         }
     }
-    let t_in = t0.elapsed();
-    let result = match restore_error {
-        Some(e) => Err(e),
-        None => {
-            let views: Vec<SlotStep<'_>> = steps
-                .iter()
-                .map(|s| SlotStep { slot: s.slot, start: s.start, inputs: &s.inputs, controls: &s.controls })
-                .collect();
-            instance.execute(&views)
+    if runnable.is_empty() || !usable {
+        for s in runnable {
+            stats.record_failure(FailureReason::Unavailable, s.arrived.elapsed());
+            let reason = "its instance failed while restoring another session".to_string();
+            outcomes.push((s.id, StepOutcome::Failed));
+            replies.push((s.reply, Err(SequenceError::Unavailable { model: model.to_string(), reason })));
         }
-    };
+        return (usable, outcomes, replies);
+    }
+    let (usable, mut done, mut rest) = execute_batch(instance, runnable, t0, dispatched, model, stats, index);
+    outcomes.append(&mut done);
+    replies.append(&mut rest);
+    (usable, outcomes, replies)
+}
+
+/// Executes steps whose slots hold their state.
+fn execute_batch(
+    instance: &mut dyn StatefulInstance,
+    steps: Vec<StepJob>,
+    t0: Instant,
+    dispatched: Instant,
+    model: &str,
+    stats: &ModelStats,
+    index: usize,
+) -> (bool, Vec<(SequenceId, StepOutcome)>, Vec<Reply>) {
+    let t_in = t0.elapsed();
+    let views: Vec<SlotStep<'_>> = steps
+        .iter()
+        .map(|s| SlotStep { slot: s.slot, start: s.start, inputs: &s.inputs, controls: &s.controls })
+        .collect();
+    let result = instance.execute(&views);
+    drop(views);
     let infer = t0.elapsed().saturating_sub(t_in);
     let n = steps.len() as u64;
+    let outcomes = |o: StepOutcome| steps.iter().map(|s| (s.id.clone(), o)).collect::<Vec<_>>();
     match result {
         Ok(outputs) if outputs.len() == steps.len() => {
+            let ok = outcomes(StepOutcome::Ok);
             let t_out = Instant::now();
             let mut replies = Vec::with_capacity(steps.len());
             for (s, outs) in steps.into_iter().zip(outputs) {
@@ -220,9 +259,10 @@ fn run_batch(
             if let Some(s) = stats.instances.get(index) {
                 s.executions.fetch_add(1, Relaxed);
             }
-            (true, replies)
+            (true, ok, replies)
         }
         other => {
+            let failed = outcomes(StepOutcome::Failed);
             let e = match other {
                 Err(e) => e,
                 Ok(o) => BackendError::Execution {
@@ -243,7 +283,7 @@ fn run_batch(
                     (s.reply, Err(SequenceError::Backend { model: model.to_string(), source: e.clone() }))
                 })
                 .collect();
-            (usable, replies)
+            (usable, failed, replies)
         }
     }
 }

@@ -16,9 +16,11 @@ pub mod instance;
 pub mod models;
 pub mod neuron;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -61,6 +63,10 @@ pub enum ClosedReason {
     Expired,
     /// It was exported to another worker.
     Exported,
+    /// Its spilled or imported state could not be written into its slot.
+    RestoreFailed,
+    /// Its instance failed and was taken out of service.
+    InstanceFailed,
 }
 
 impl ClosedReason {
@@ -73,6 +79,12 @@ impl ClosedReason {
                 "expired after being idle longer than max_sequence_idle_microseconds; start it again with sequence_start"
             }
             ClosedReason::Exported => "was exported to another worker with ExportSession; send its requests there",
+            ClosedReason::RestoreFailed => {
+                "was closed: its state could not be restored into a slot; start it again with sequence_start"
+            }
+            ClosedReason::InstanceFailed => {
+                "was lost: its instance failed and was taken out of service; start it again with sequence_start"
+            }
         }
     }
 }
@@ -233,11 +245,22 @@ pub struct SessionCounters {
     pub corrupt: AtomicU64,
 }
 
+/// How one step of a finished batch went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StepOutcome {
+    /// Executed.
+    Ok,
+    /// The execution failed.
+    Failed,
+    /// Its pending restore could not be written into its slot; it was not executed.
+    RestoreFailed,
+}
+
 /// Commands to the sequence actor.
 #[derive(Debug)]
 pub(crate) enum Command {
     Submit(SequenceRequest),
-    Done { instance: usize, ids: Vec<SequenceId>, usable: bool },
+    Done { instance: usize, outcomes: Vec<(SequenceId, StepOutcome)>, usable: bool },
     List(oneshot::Sender<Vec<SessionInfo>>),
     Export { id: SequenceId, reply: oneshot::Sender<Result<SessionBlob, SequenceError>> },
     Import { blob: SessionBlob, reply: oneshot::Sender<Result<SessionInfo, SequenceError>> },
@@ -255,7 +278,24 @@ pub(crate) struct Shared {
     pub(crate) accepting: AtomicBool,
     pub(crate) queued: AtomicU64,
     pub(crate) capacity: usize,
+    /// Instances in service (the actor lowers it when it takes one out).
+    pub(crate) in_service: AtomicUsize,
+    /// Run once when the last instance is taken out of service.
+    pub(crate) on_no_instance: std::sync::Mutex<Option<NoInstanceHook>>,
 }
+
+/// What to do when a sequence model has no instance left (see [`start_with_instances`]).
+pub(crate) struct NoInstanceHook(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for NoInstanceHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NoInstanceHook")
+    }
+}
+
+/// Why a model without instances refuses requests.
+pub(crate) const NO_INSTANCE: &str =
+    "every instance was taken out of service after it failed; reload the model or restart the worker";
 
 /// A cheap, cloneable handle to one model version's sequence batcher.
 #[derive(Clone, Debug)]
@@ -287,6 +327,14 @@ impl SequenceHandle {
         setup: SequenceSetup,
         instances: Vec<Box<dyn StatefulInstance>>,
     ) -> Result<SequenceHandle, SequenceError> {
+        SequenceHandle::start_with_hook(setup, instances, None)
+    }
+
+    fn start_with_hook(
+        setup: SequenceSetup,
+        instances: Vec<Box<dyn StatefulInstance>>,
+        on_no_instance: Option<NoInstanceHook>,
+    ) -> Result<SequenceHandle, SequenceError> {
         let shared = Arc::new(Shared {
             spec: setup.spec.clone(),
             seq: setup.seq.clone(),
@@ -296,6 +344,8 @@ impl SequenceHandle {
             accepting: AtomicBool::new(true),
             queued: AtomicU64::new(0),
             capacity: setup.slots * instances.len(),
+            in_service: AtomicUsize::new(instances.len()),
+            on_no_instance: std::sync::Mutex::new(on_no_instance),
         });
         let tx = actor::spawn(shared.clone(), setup, instances)?;
         Ok(SequenceHandle { tx, shared })
@@ -311,6 +361,9 @@ impl SequenceHandle {
         let s = &self.shared;
         if !s.accepting.load(Ordering::Acquire) {
             return Err(self.unavailable("the model is draining"));
+        }
+        if s.in_service.load(Ordering::Acquire) == 0 {
+            return Err(self.unavailable(NO_INSTANCE));
         }
         let bound = s.spec.dynamic.max_queue_size as u64;
         let queued = s.queued.fetch_add(1, Ordering::AcqRel);
@@ -359,6 +412,11 @@ impl SequenceHandle {
     /// The model version's session counters.
     pub fn counters(&self) -> &SessionCounters {
         &self.shared.counters
+    }
+
+    /// Instances in service (0 once every instance failed; the model is then not ready).
+    pub fn instances_in_service(&self) -> usize {
+        self.shared.in_service.load(Ordering::Acquire)
     }
 
     /// Live sequences the model can hold (slots × instances).
@@ -452,7 +510,11 @@ pub fn start_with_instances(
         .map(|index| Box::new(RoutedToSequences { index }) as Box<dyn crate::backend::ModelInstance>)
         .collect();
     let scheduler = crate::scheduler::SchedulerHandle::start(spec.clone(), placeholders);
+    let hook = {
+        let scheduler = scheduler.clone();
+        NoInstanceHook(Box::new(move || scheduler.retire_all(NO_INSTANCE)))
+    };
     let setup = SequenceSetup { spec, seq: Arc::new(seq), version, stats: scheduler.stats().clone(), store, slots };
-    let handle = SequenceHandle::start(setup, instances).map_err(|e| e.to_string())?;
+    let handle = SequenceHandle::start_with_hook(setup, instances, Some(hook)).map_err(|e| e.to_string())?;
     Ok((scheduler, handle))
 }

@@ -152,6 +152,19 @@ impl SessionStore {
         Ok((ok, skipped))
     }
 
+    /// An in-memory store whose writes fail (as a disk error would) while the returned switch is
+    /// on: tests use it to check that nothing is lost when the store cannot be written.
+    #[cfg(test)]
+    pub(crate) fn in_memory_with_write_fault() -> (SessionStore, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let fault = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend = fault_backend::Faulty { inner: redb::backends::InMemoryBackend::new(), fail: fault.clone() };
+        let db = redb::Builder::new().create_with_backend(backend).unwrap_or_else(|e| panic!("in-memory store: {e}"));
+        let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
+        txn.open_table(SESSIONS).unwrap_or_else(|e| panic!("{e}"));
+        txn.commit().unwrap_or_else(|e| panic!("{e}"));
+        (SessionStore { db, path: PathBuf::from("<in-memory test store>") }, fault)
+    }
+
     /// Overwrites an entry's raw value (tests use it to simulate corruption).
     pub fn put_raw(&self, model: &str, version: i64, id: &SequenceId, value: &[u8]) -> Result<(), SequenceError> {
         let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
@@ -160,6 +173,52 @@ impl SessionStore {
             t.insert(key(model, version, id).as_str(), value).map_err(|e| self.fail("insert", e))?;
         }
         txn.commit().map_err(|e| self.fail("commit", e))
+    }
+}
+
+#[cfg(test)]
+mod fault_backend {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::StorageBackend;
+    use redb::backends::InMemoryBackend;
+
+    /// redb storage in memory whose writes and syncs fail while `fail` is set.
+    #[derive(Debug)]
+    pub(super) struct Faulty {
+        pub(super) inner: InMemoryBackend,
+        pub(super) fail: Arc<AtomicBool>,
+    }
+
+    impl Faulty {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.fail.load(Ordering::Acquire) {
+                return Err(std::io::Error::other("injected write failure"));
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for Faulty {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
     }
 }
 

@@ -119,11 +119,9 @@ pub fn decode_request_for(
             }
         }
     }
+    // Triton's rule: 0 or a level above `priority_levels` means the model's default level.
     if priority > spec.dynamic.priority_levels {
-        return Err(bad(format!(
-            "model '{model}': priority {priority} is outside 1..={} (0 = default)",
-            spec.dynamic.priority_levels
-        )));
+        priority = 0;
     }
     let raw = std::mem::take(&mut req.raw_input_contents);
     if !raw.is_empty() && raw.len() != req.inputs.len() {
@@ -197,6 +195,7 @@ pub fn decode_request_for(
             None => return Err(bad(format!("model '{model}': input '{}' is missing", ispec.name))),
         }
     }
+    check_variable_dims_agree(spec, &inputs)?;
     check_seq_buckets(spec, &inputs)?;
     let outputs = if req.outputs.is_empty() {
         (0..spec.outputs.len()).collect()
@@ -222,11 +221,10 @@ fn check_shape(ispec: &IoSpec, shape: &[i64], spec: &ModelSpec) -> Result<Vec<us
         ispec.dims.clone()
     };
     let ok = shape.len() == ispec.dims.len() + batch
-        && shape.iter().zip(&expected).all(|(got, want)| *got >= 0 && (*want == -1 || got == want))
-        && (!spec.batches() || shape[0] >= 1);
+        && shape.iter().zip(&expected).all(|(got, want)| *got >= 1 && (*want == -1 || got == want));
     if !ok {
         return Err(bad(format!(
-            "input '{}': shape {shape:?} does not match the model's {expected:?} (-1 = any size)",
+            "input '{}': shape {shape:?} does not match the model's {expected:?} (-1 = any size ≥ 1)",
             ispec.name
         )));
     }
@@ -361,6 +359,30 @@ fn zeros_like(ispec: &IoSpec, template: Option<&[usize]>, spec: &ModelSpec) -> R
     }
     let n: usize = shape.iter().product::<usize>() * size;
     Ok(RequestInput { shape, data: Bytes::from(vec![0u8; n]) })
+}
+
+/// Inputs whose first non-batch dimension is variable (sequence inputs: ids, mask, token types) are
+/// padded together, so one request must give them the same length there.
+fn check_variable_dims_agree(spec: &ModelSpec, inputs: &[RequestInput]) -> Result<(), ServerError> {
+    let at = usize::from(spec.batches());
+    let mut first: Option<(&str, usize)> = None;
+    for (s, i) in spec.inputs.iter().zip(inputs) {
+        if s.dims.first() != Some(&-1) {
+            continue;
+        }
+        let Some(len) = i.shape.get(at).copied() else { continue };
+        match first {
+            None => first = Some((&s.name, len)),
+            Some((name, want)) if want != len => {
+                return Err(bad(format!(
+                    "input '{}': sequence length {len} differs from input '{name}' ({want}); send them with equal lengths",
+                    s.name
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn check_seq_buckets(spec: &ModelSpec, inputs: &[RequestInput]) -> Result<(), ServerError> {

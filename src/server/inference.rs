@@ -23,12 +23,18 @@ use crate::scheduler::{InferRequest, SchedulerError};
 pub struct InferenceService {
     repo: Arc<Repository>,
     server_version: String,
+    draining: tokio_util::sync::CancellationToken,
 }
 
 impl InferenceService {
-    /// A service over `repo`; `server_version` is reported by ServerMetadata.
-    pub fn new(repo: Arc<Repository>, server_version: String) -> InferenceService {
-        InferenceService { repo, server_version }
+    /// A service over `repo`; `server_version` is reported by ServerMetadata; `draining` is
+    /// cancelled when the worker starts shutting down.
+    pub fn new(
+        repo: Arc<Repository>,
+        server_version: String,
+        draining: tokio_util::sync::CancellationToken,
+    ) -> InferenceService {
+        InferenceService { repo, server_version, draining }
     }
 
     /// Runs one inference request end to end (shared by ModelInfer and ModelStreamInfer).
@@ -75,7 +81,8 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
-        let ready = self.repo.entries().iter().any(|(_, e)| e.versions.values().any(|v| v.scheduler.is_ready()));
+        let ready = !self.draining.is_cancelled()
+            && self.repo.entries().iter().any(|(_, e)| e.versions.values().any(|v| v.scheduler.is_ready()));
         Ok(Response::new(ServerReadyResponse { ready }))
     }
 
@@ -141,15 +148,18 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let mut incoming = r.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ModelStreamInferResponse, Status>>(64);
-        let repo = self.repo.clone();
+        let (repo, draining) = (self.repo.clone(), self.draining.clone());
         tokio::spawn(async move {
+            let in_flight = tokio_util::task::TaskTracker::new();
             // Responses of models with `preserve_ordering` wait for the previous such response.
             let mut previous: Option<oneshot::Receiver<()>> = None;
-            while let Some(msg) = incoming.next().await {
-                let req = match msg {
-                    Ok(req) => req,
-                    Err(_) => break,
+            loop {
+                let msg = tokio::select! {
+                    m = incoming.next() => m,
+                    _ = draining.cancelled() => None,
+                    _ = tx.closed() => None,
                 };
+                let Some(Ok(req)) = msg else { break };
                 let ordered = repo
                     .get(&req.model_name, &req.model_version)
                     .map(|m| m.spec.dynamic.preserve_ordering)
@@ -157,24 +167,38 @@ impl GrpcInferenceService for InferenceService {
                 let (done_tx, done_rx) = oneshot::channel();
                 let wait = if ordered { previous.replace(done_rx) } else { None };
                 let (repo, tx) = (repo.clone(), tx.clone());
-                tokio::spawn(async move {
+                in_flight.spawn(async move {
                     let id = req.id.clone();
-                    let result = Self::infer(&repo, req).await;
-                    if let Some(w) = wait {
-                        let _ = w.await;
-                    }
-                    let msg = match result {
-                        Ok(resp) => {
-                            ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) }
+                    let work = async {
+                        let result = Self::infer(&repo, req).await;
+                        if let Some(w) = wait {
+                            let _ = w.await;
                         }
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: e.to_string(),
-                            infer_response: Some(ModelInferResponse { id, ..Default::default() }),
-                        },
+                        let msg = match result {
+                            Ok(resp) => {
+                                ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) }
+                            }
+                            Err(e) => ModelStreamInferResponse {
+                                error_message: e.to_string(),
+                                infer_response: Some(ModelInferResponse { id, ..Default::default() }),
+                            },
+                        };
+                        let _ = tx.send(Ok(msg)).await;
                     };
-                    let _ = tx.send(Ok(msg)).await;
+                    // A client that closes the stream cancels what it sent: dropping the request's
+                    // future drops its reply channel, and the scheduler skips it.
+                    tokio::select! {
+                        _ = work => {}
+                        _ = tx.closed() => {}
+                    }
                     let _ = done_tx.send(());
                 });
+            }
+            // Every accepted request is answered; then a draining worker ends the stream.
+            in_flight.close();
+            in_flight.wait().await;
+            if draining.is_cancelled() {
+                let _ = tx.send(Err(ServerError::Draining.into())).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -192,9 +216,17 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let r = r.into_inner();
         let mut out = Vec::new();
-        if !r.name.is_empty() {
+        if !r.name.is_empty() && !r.version.is_empty() {
             let m = self.repo.get(&r.name, &r.version).map_err(ServerError::from)?;
             out.push(model_statistics(&r.name, &m));
+        } else if !r.name.is_empty() {
+            // Every loaded version of the model (Triton: empty version = all versions).
+            self.repo.get(&r.name, "").map_err(ServerError::from)?;
+            for (name, entry) in self.repo.entries().into_iter().filter(|(n, _)| *n == r.name) {
+                for m in entry.versions.values() {
+                    out.push(model_statistics(&name, m));
+                }
+            }
         } else {
             for (name, entry) in self.repo.entries() {
                 for m in entry.versions.values() {

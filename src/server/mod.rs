@@ -154,11 +154,15 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
 
     let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
     let check = auth_check(token);
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(repo.clone(), opts.server_version.clone()))
-        .max_decoding_message_size(opts.max_message_size)
-        .max_encoding_message_size(opts.max_message_size)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate);
+    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
+        repo.clone(),
+        opts.server_version.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(opts.max_message_size)
+    .max_encoding_message_size(opts.max_message_size)
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Deflate);
     let sessions = sessions::proto::sessions_server::SessionsServer::new(sessions::SessionsService::new(repo.clone()))
         .max_decoding_message_size(opts.max_message_size)
         .max_encoding_message_size(opts.max_message_size);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::error::{NeuronError, Operation};
 use super::instance::TensorConfig;
-use super::model::{ExpectedTensor, NeuronModel};
+use super::model::{ExpectedTensor, NeuronModel, TensorUsage};
 use super::runtime::Runtime;
 use super::tensor::{DeviceTensor, TensorSet};
 use crate::tensor::DataType;
@@ -59,6 +59,9 @@ pub struct StatefulNeff {
     sets: Vec<(TensorSet, TensorSet)>,
     inputs: Vec<DeviceTensor>,
     outputs: Vec<DeviceTensor>,
+    /// NEFF outputs the configuration does not declare: written by every execution, never read
+    /// (one tensor each, bound in both output sets).
+    extra_outputs: Vec<DeviceTensor>,
     /// Two device tensors per state, `[rows, dims]` each.
     states: Vec<[DeviceTensor; 2]>,
     model: NeuronModel,
@@ -80,7 +83,8 @@ impl std::fmt::Debug for StatefulNeff {
 
 impl StatefulNeff {
     /// Loads `neff` on NeuronCore `core`, checks its tensors against `config` (every tensor
-    /// `[rows, dims]`), allocates every tensor once (two per state, zeroed) and builds the two
+    /// `[rows, dims]`), allocates every tensor once (two per state, zeroed; one per NEFF output
+    /// the configuration leaves out, which an execution must still be given) and builds the two
     /// tensor-set pairs.
     pub fn load(
         runtime: &Arc<Runtime>,
@@ -126,7 +130,14 @@ impl StatefulNeff {
             }
             states.push(pair);
         }
-        let mut neff = StatefulNeff { sets: Vec::new(), inputs, outputs, states, model, config, current: 0 };
+        let extra_outputs = model
+            .tensors()
+            .iter()
+            .filter(|t| t.usage == TensorUsage::Output && !want_out.iter().any(|w| w.name == t.name))
+            .map(|t| alloc(&t.name, t.size))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut neff =
+            StatefulNeff { sets: Vec::new(), inputs, outputs, extra_outputs, states, model, config, current: 0 };
         for parity in 0..2 {
             let mut ins = TensorSet::new(runtime, &name, core)?;
             let mut outs = TensorSet::new(runtime, &name, core)?;
@@ -140,6 +151,10 @@ impl StatefulNeff {
             for (t, cfg) in neff.outputs.iter().zip(&neff.config.outputs) {
                 // SAFETY: `t` outlives the set (owned by `neff`, dropped after `sets`).
                 unsafe { outs.push_borrowed(&cfg.name, t)? };
+            }
+            for t in &neff.extra_outputs {
+                // SAFETY: `t` outlives the set (owned by `neff`, dropped after `sets`).
+                unsafe { outs.push_borrowed(t.name(), t)? };
             }
             for (pair, s) in neff.states.iter().zip(&neff.config.states) {
                 // SAFETY: both state tensors outlive the sets (owned by `neff`, dropped after `sets`).

@@ -13,8 +13,8 @@ use super::config::ControlKind;
 use super::export::SessionBlob;
 use super::instance::{self, Job, StepJob};
 use super::{
-    ClosedReason, Command, SequenceError, SequenceId, SequenceRequest, SequenceSetup, SessionInfo, SessionStore,
-    Shared, StatefulInstance,
+    ClosedReason, Command, NO_INSTANCE, SequenceError, SequenceId, SequenceRequest, SequenceSetup, SessionInfo,
+    SessionStore, Shared, StatefulInstance, StepOutcome,
 };
 use crate::backend::NamedTensor;
 use crate::scheduler::FailureReason;
@@ -44,6 +44,8 @@ struct Live {
     closing: bool,
     /// The request in flight is its END.
     end_after: bool,
+    /// The request in flight is a START.
+    start_after: bool,
     /// State to write into the slot before its next step (restored or imported sessions).
     restore: Option<Vec<Tensor>>,
 }
@@ -153,7 +155,7 @@ impl Actor {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Submit(req) => self.submit(req),
-            Command::Done { instance, ids, usable } => self.done(instance, ids, usable),
+            Command::Done { instance, outcomes, usable } => self.done(instance, outcomes, usable),
             Command::List(reply) => {
                 let _ = reply.send(self.list());
             }
@@ -181,6 +183,10 @@ impl Actor {
     fn submit(&mut self, req: SequenceRequest) {
         let now = Instant::now();
         if let Err(e) = self.check_corrid(&req.id) {
+            return self.reject(req, e);
+        }
+        if self.instances.iter().all(Option::is_none) {
+            let e = SequenceError::Unavailable { model: self.model(), reason: NO_INSTANCE.into() };
             return self.reject(req, e);
         }
         if let Some(l) = self.live.get_mut(&req.id) {
@@ -221,6 +227,7 @@ impl Actor {
             in_flight: false,
             closing: req.end,
             end_after: false,
+            start_after: false,
             restore: None,
         };
         if spilled {
@@ -365,14 +372,15 @@ impl Actor {
         state.map_err(|source| SequenceError::Backend { model: model.clone(), source })
     }
 
-    /// The state of an idle live session (from its pending restore, or read from its slot).
-    fn take_state(&mut self, id: &SequenceId) -> Result<(Vec<Tensor>, u64), SequenceError> {
-        let Some(l) = self.live.get_mut(id) else {
+    /// A copy of the state of an idle live session (its pending restore, or read from its slot).
+    /// The session keeps it: callers remove the session once the copy is safely elsewhere.
+    fn copy_state(&mut self, id: &SequenceId) -> Result<(Vec<Tensor>, u64), SequenceError> {
+        let Some(l) = self.live.get(id) else {
             return Err(SequenceError::NotFound { model: self.model(), id: id.clone() });
         };
         let (inst, slot, steps) = (l.instance, l.slot, l.steps);
-        match l.restore.take() {
-            Some(s) => Ok((s, steps)),
+        match &l.restore {
+            Some(s) => Ok((s.clone(), steps)),
             None => Ok((self.read_state(inst, slot)?, steps)),
         }
     }
@@ -381,8 +389,9 @@ impl Actor {
         let Some(store) = self.store.clone() else {
             return Err(SequenceError::Store { reason: "no session store configured".into() });
         };
-        let (state, steps) = self.take_state(id)?;
+        let (state, steps) = self.copy_state(id)?;
         let blob = SessionBlob { model: self.model(), version: self.shared.version, id: id.clone(), steps, state };
+        // The session stays live, its state untouched, unless the store has it.
         store.put_all(std::slice::from_ref(&blob))?;
         if let Some(l) = self.live.remove(id) {
             self.free_slot(l.instance, l.slot);
@@ -402,6 +411,18 @@ impl Actor {
             let e = SequenceError::NotLive { model: self.model(), id: id.clone(), why: reason.as_str().into() };
             self.reject(r, e);
         }
+        self.remember_closed(id, reason);
+        let c = &self.shared.counters;
+        match reason {
+            ClosedReason::Ended => c.ended.fetch_add(1, Ordering::Relaxed),
+            ClosedReason::Expired => c.expired.fetch_add(1, Ordering::Relaxed),
+            ClosedReason::Exported | ClosedReason::RestoreFailed | ClosedReason::InstanceFailed => 0,
+        };
+        c.live.store(self.live.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Records why a sequence is gone, so its late requests learn it.
+    fn remember_closed(&mut self, id: &SequenceId, reason: ClosedReason) {
         if self.closed.insert(id.clone(), reason).is_none() {
             self.closed_order.push_back(id.clone());
         }
@@ -410,13 +431,6 @@ impl Actor {
                 self.closed.remove(&old);
             }
         }
-        let c = &self.shared.counters;
-        match reason {
-            ClosedReason::Ended => c.ended.fetch_add(1, Ordering::Relaxed),
-            ClosedReason::Expired => c.expired.fetch_add(1, Ordering::Relaxed),
-            ClosedReason::Exported => 0,
-        };
-        c.live.store(self.live.len() as u64, Ordering::Relaxed);
     }
 
     fn expire(&mut self, now: Instant) {
@@ -496,7 +510,7 @@ impl Actor {
                 let Some(l) = self.live.get_mut(&id) else { continue };
                 l.in_flight = true;
                 l.end_after = req.end;
-                l.steps = if req.start { 1 } else { l.steps + 1 };
+                l.start_after = req.start;
                 let SequenceRequest { id, start, inputs, reply, arrived, .. } = req;
                 jobs.push(StepJob {
                     id,
@@ -535,8 +549,13 @@ impl Actor {
         }
     }
 
-    /// Takes an instance out of service: its sequences are lost and their queued requests fail.
+    /// Takes an instance out of service: its sequences are lost (remembered as closed because
+    /// their instance failed) and their queued requests fail. Without any instance left, the
+    /// model becomes not ready and every request is refused as unavailable.
     fn take_out(&mut self, inst: usize) {
+        if self.instances.get(inst).is_none_or(Option::is_none) {
+            return;
+        }
         self.instances[inst] = None;
         self.busy[inst] = false;
         let ids: Vec<SequenceId> =
@@ -551,25 +570,45 @@ impl Actor {
                     };
                     self.reject(r, e);
                 }
+                self.free_slot(l.instance, l.slot);
             }
+            self.remember_closed(&id, ClosedReason::InstanceFailed);
         }
         if let Some(s) = self.shared.stats.instances.get(inst) {
             s.in_service.store(0, Ordering::Relaxed);
         }
         self.shared.counters.live.store(self.live.len() as u64, Ordering::Relaxed);
+        let left = self.instances.iter().filter(|i| i.is_some()).count();
+        self.shared.in_service.store(left, Ordering::Release);
+        if left == 0 {
+            tracing::error!(model = %self.model(), "no sequence instance left in service; the model is not ready");
+            let hook = self.shared.on_no_instance.lock().ok().and_then(|mut h| h.take());
+            if let Some(hook) = hook {
+                (hook.0)();
+            }
+        }
     }
 
-    fn done(&mut self, instance: usize, ids: Vec<SequenceId>, usable: bool) {
+    fn done(&mut self, instance: usize, outcomes: Vec<(SequenceId, StepOutcome)>, usable: bool) {
         let now = Instant::now();
         if let Some(b) = self.busy.get_mut(instance) {
             *b = false;
         }
-        for id in ids {
+        for (id, outcome) in outcomes {
             let Some(l) = self.live.get_mut(&id) else { continue };
             l.in_flight = false;
             l.last_active = now;
-            if l.end_after && l.queue.is_empty() {
-                self.close(&id, ClosedReason::Ended);
+            match outcome {
+                StepOutcome::Ok => {
+                    l.steps = if l.start_after { 1 } else { l.steps + 1 };
+                    if l.end_after && l.queue.is_empty() {
+                        self.close(&id, ClosedReason::Ended);
+                    }
+                }
+                // A failed END does not end the sequence: it can be retried. Later requests
+                // without START are refused only while an END is still queued.
+                StepOutcome::Failed => l.closing = l.queue.back().is_some_and(|r| r.end),
+                StepOutcome::RestoreFailed => self.close(&id, ClosedReason::RestoreFailed),
             }
         }
         if !usable {

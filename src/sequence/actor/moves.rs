@@ -36,7 +36,7 @@ impl Actor {
             if l.in_flight || !l.queue.is_empty() {
                 return Err(SequenceError::Busy { model: self.model(), id });
             }
-            let (state, steps) = self.take_state(&id)?;
+            let (state, steps) = self.copy_state(&id)?;
             self.close(&id, ClosedReason::Exported);
             return Ok(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state });
         }
@@ -96,6 +96,7 @@ impl Actor {
                 in_flight: false,
                 closing: false,
                 end_after: false,
+                start_after: false,
                 restore: Some(blob.state),
             },
         );
@@ -108,7 +109,7 @@ impl Actor {
             let ids: Vec<SequenceId> = self.live.keys().cloned().collect();
             let mut blobs = Vec::with_capacity(ids.len());
             for id in ids {
-                match self.take_state(&id) {
+                match self.copy_state(&id) {
                     Ok((state, steps)) => {
                         blobs.push(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state })
                     }
