@@ -58,6 +58,19 @@ async fn metrics(w: &TestWorker) -> String {
     neuron_worker::server::metrics::render(&w.repo).expect("metrics render")
 }
 
+/// Waits (bounded) until the session metric reaches `want`: the sequence actor updates its
+/// counters when it learns a batch finished, which may be just after the client got its reply.
+async fn wait_metric(w: &TestWorker, name: &str, model: &str, want: u64) -> u64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = metric(&metrics(w).await, name, model);
+        if got == want || std::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accumulate_interleaved_sequences_from_many_clients_match_their_own_sums() {
     let w = worker(None).await;
@@ -81,9 +94,9 @@ async fn accumulate_interleaved_sequences_from_many_clients_match_their_own_sums
     for t in tasks {
         t.await.expect("client task");
     }
+    assert_eq!(wait_metric(&w, "sessions_ended", "accumulate", 12).await, 12);
+    assert_eq!(wait_metric(&w, "sessions_live", "accumulate", 0).await, 0);
     let m = metrics(&w).await;
-    assert_eq!(metric(&m, "sessions_ended", "accumulate"), 12);
-    assert_eq!(metric(&m, "sessions_live", "accumulate"), 0);
     assert_eq!(metric(&m, "sessions_capacity", "accumulate"), ACC_SLOTS as u64);
 }
 
