@@ -305,7 +305,7 @@ impl Worker {
             model: self.model(),
             source: BackendError::Execution { message, instance_usable: true, nrt_status: None },
         })?;
-        let per_request = split_outputs(&spec, &merged, &layout).map_err(|reason| SchedulerError::Backend {
+        let per_request = split_outputs(&spec, merged, &layout).map_err(|reason| SchedulerError::Backend {
             model: self.model(),
             source: BackendError::Execution { message: reason, instance_usable: true, nrt_status: None },
         })?;
@@ -394,12 +394,20 @@ fn merge_chunks(mut chunks: Vec<(Vec<NamedTensor>, usize)>, total_rows: usize) -
 /// Cuts the batch outputs into each request's rows, cropping padded sequence positions.
 fn split_outputs(
     spec: &crate::config::ModelSpec,
-    outputs: &[NamedTensor],
+    outputs: Vec<NamedTensor>,
     layout: &Layout,
 ) -> Result<Vec<Vec<NamedTensor>>, String> {
+    // One request whose rows fill the outputs exactly (no padded rows, no padded positions): hand
+    // the outputs over without copying.
+    if let [(_, rows, seq)] = layout.offsets.as_slice()
+        && (layout.padded_seq.is_none() || *seq == layout.padded_seq)
+        && outputs.iter().all(|o| o.tensor.shape.first() == Some(rows))
+    {
+        return Ok(vec![outputs]);
+    }
     let mut per_request: Vec<Vec<NamedTensor>> =
         layout.offsets.iter().map(|_| Vec::with_capacity(outputs.len())).collect();
-    for out in outputs {
+    for out in &outputs {
         let t = &out.tensor;
         let rows = t.shape.first().copied().unwrap_or(0);
         if rows < layout.total_rows {
