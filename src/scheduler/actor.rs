@@ -82,6 +82,16 @@ impl Actor {
     fn handle(&mut self, cmd: Command) {
         match cmd {
             Command::Enqueue(req) => {
+                // Admitted just before the last instance left service: answer now, nothing will run it.
+                if self.shared.in_service.load(Ordering::Acquire) == 0 {
+                    self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+                    self.shared.stats.record_failure(FailureReason::Unavailable, req.arrived.elapsed());
+                    let reason = self.unavailable_reason();
+                    let _ = req
+                        .reply
+                        .send(Err(SchedulerError::Unavailable { model: self.shared.spec.name.clone(), reason }));
+                    return;
+                }
                 let (q, level) = self.queued(req);
                 self.queue.push(q, level);
             }
@@ -111,25 +121,27 @@ impl Actor {
                 }
                 if !usable && let Some(slot) = self.instances.get_mut(instance) {
                     *slot = None;
-                    let left = self.shared.in_service.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+                    let left = self.shared.in_service.load(Ordering::Acquire).saturating_sub(1);
                     tracing::error!(model = %self.shared.spec.name, instance, left, "instance taken out of service");
                     if left == 0 {
+                        // Not ready before the count reads 0, so nobody sees "0 in service" and ready.
                         self.fail_all_unavailable(
                             "every instance was taken out of service after fatal runtime errors; reload the model or \
                              restart the worker"
                                 .into(),
                         );
                     }
+                    self.shared.in_service.store(left, Ordering::Release);
                 }
             }
             Command::RetireAll(reason) => {
                 tracing::error!(model = %self.shared.spec.name, %reason, "all instances taken out of service");
                 self.instances.iter_mut().for_each(|i| *i = None);
-                self.shared.in_service.store(0, Ordering::Release);
                 for s in &self.shared.stats.instances {
                     s.in_service.store(0, Ordering::Relaxed);
                 }
                 self.fail_all_unavailable(reason);
+                self.shared.in_service.store(0, Ordering::Release);
             }
             Command::Drain(done) => self.drain.push(done),
         }

@@ -183,6 +183,8 @@ async fn losing_every_instance_makes_the_model_unavailable_and_not_ready() {
     assert_eq!(step(&r.handle, 2, 6, true, false).await.ok(), Some(6));
     r.exec[0].store(EXEC_FATAL, Ordering::Release);
     assert!(step(&r.handle, 1, 1, false, false).await.is_err());
+    // The actor learns of the failure just after the client got its error.
+    until("instance 0 is out of service", || r.handle.instances_in_service() == 1).await;
     // Sequence 1 is remembered as lost with its instance; the model serves on with the other.
     let e = step(&r.handle, 1, 1, false, false).await.expect_err("lost");
     assert!(matches!(e, SequenceError::NotLive { .. }) && e.to_string().contains("its instance failed"), "{e}");
@@ -192,7 +194,7 @@ async fn losing_every_instance_makes_the_model_unavailable_and_not_ready() {
 
     r.exec[1].store(EXEC_FATAL, Ordering::Release);
     assert!(step(&r.handle, 2, 1, false, false).await.is_err());
-    assert_eq!(r.handle.instances_in_service(), 0);
+    until("no instance is left", || r.handle.instances_in_service() == 0).await;
     // STARTs are refused as unavailable (not as slots exhausted), and so are lost sequences.
     for (id, start) in [(3, true), (2, false)] {
         let e = step(&r.handle, id, 1, start, false).await.expect_err("unavailable");
