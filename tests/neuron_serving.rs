@@ -49,15 +49,6 @@ async fn infer(
     Ok(bytes_f32(&r.into_inner().raw_output_contents[0]))
 }
 
-async fn capacity(addr: &str) -> serde_json::Value {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("metrics");
-    s.write_all(b"GET /capacity HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("json")
-}
-
 #[tokio::test]
 async fn neuron_standin_outputs_match_cpu_for_every_batch_size() {
     let (_neuron, mut n) = start_neuron_worker(&[], "").await;

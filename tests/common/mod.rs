@@ -173,3 +173,21 @@ pub async fn spawn_worker(
     }
     panic!("the worker did not become ready in three attempts");
 }
+
+/// The raw HTTP/1.1 response (head and body) to `GET path` on the metrics endpoint at `addr`.
+pub async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+/// The `/capacity` document of the metrics endpoint at `addr`.
+pub async fn capacity(addr: &str) -> serde_json::Value {
+    let out = http_get(addr, "/capacity").await;
+    serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("capacity is JSON")
+}
