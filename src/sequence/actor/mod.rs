@@ -358,52 +358,6 @@ impl Actor {
         })
     }
 
-    fn read_state(&mut self, instance: usize, slot: usize) -> Result<Vec<Tensor>, SequenceError> {
-        let model = self.model();
-        let unavailable = |reason: &str| SequenceError::Unavailable { model: model.clone(), reason: reason.into() };
-        let sender = self
-            .instances
-            .get(instance)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| unavailable("the session's instance is out of service"))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        sender.send(Job::Read { slot, reply: tx }).map_err(|_| unavailable("the session's instance stopped"))?;
-        let state = rx.recv().map_err(|_| unavailable("the session's instance stopped"))?;
-        state.map_err(|source| SequenceError::Backend { model: model.clone(), source })
-    }
-
-    /// A copy of the state of an idle live session (its pending restore, or read from its slot).
-    /// The session keeps it: callers remove the session once the copy is safely elsewhere.
-    fn copy_state(&mut self, id: &SequenceId) -> Result<(Vec<Tensor>, u64), SequenceError> {
-        let Some(l) = self.live.get(id) else {
-            return Err(SequenceError::NotFound { model: self.model(), id: id.clone() });
-        };
-        let (inst, slot, steps) = (l.instance, l.slot, l.steps);
-        match &l.restore {
-            Some(s) => Ok((s.clone(), steps)),
-            None => Ok((self.read_state(inst, slot)?, steps)),
-        }
-    }
-
-    fn spill(&mut self, id: &SequenceId) -> Result<(), SequenceError> {
-        let Some(store) = self.store.clone() else {
-            return Err(SequenceError::Store { reason: "no session store configured".into() });
-        };
-        let (state, steps) = self.copy_state(id)?;
-        let blob = SessionBlob { model: self.model(), version: self.shared.version, id: id.clone(), steps, state };
-        // The session stays live, its state untouched, unless the store has it.
-        store.put_all(std::slice::from_ref(&blob))?;
-        if let Some(l) = self.live.remove(id) {
-            self.free_slot(l.instance, l.slot);
-        }
-        self.spilled.insert(id.clone(), steps);
-        let c = &self.shared.counters;
-        c.spilled.fetch_add(1, Ordering::Relaxed);
-        c.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
-        c.live.store(self.live.len() as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
     fn close(&mut self, id: &SequenceId, reason: ClosedReason) {
         let Some(l) = self.live.remove(id) else { return };
         self.free_slot(l.instance, l.slot);
