@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod error;
+pub mod generative;
 pub mod neuron;
 pub mod stateful;
 
