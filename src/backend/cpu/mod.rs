@@ -9,6 +9,7 @@ pub mod bert;
 pub mod builtin;
 pub mod dense;
 pub mod gemm;
+pub mod gguf;
 pub mod instance;
 pub mod ops;
 pub mod pooling;

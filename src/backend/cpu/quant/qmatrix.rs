@@ -111,6 +111,39 @@ impl QMatrix {
         QMatrix::from_gguf_bytes(format, n, k, &bytes)
     }
 
+    /// A matrix made of rows `rows` of this one, in that order (blocks move untouched). Panics if
+    /// a row is out of range (callers build `rows` from `n()`).
+    pub fn select_rows(&self, rows: &[usize]) -> QMatrix {
+        let d = &self.data;
+        let row_qs = d.nb * d.qs_bytes;
+        let mut out = QData {
+            format: d.format,
+            n: rows.len(),
+            k: d.k,
+            nb: d.nb,
+            qs_bytes: d.qs_bytes,
+            qs: Vec::with_capacity(rows.len() * row_qs),
+            d: Vec::new(),
+            mins: Vec::new(),
+        };
+        for &r in rows {
+            out.qs.extend_from_slice(&d.qs[r * row_qs..(r + 1) * row_qs]);
+            if !d.d.is_empty() {
+                out.d.extend_from_slice(&d.d[r * d.nb..(r + 1) * d.nb]);
+            }
+            if !d.mins.is_empty() {
+                out.mins.extend_from_slice(&d.mins[r * d.nb..(r + 1) * d.nb]);
+            }
+        }
+        QMatrix { data: Arc::new(out) }
+    }
+
+    /// Row `r` dequantized into `out` (`k` values): an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let one = self.select_rows(&[r]);
+        out.copy_from_slice(&one.dequantize());
+    }
+
     /// Output features (rows of the weight).
     pub fn n(&self) -> usize {
         self.data.n
