@@ -2,6 +2,10 @@
 //! Inferentia2, with a CPU reference backend that runs everywhere.
 
 pub mod backend;
+pub mod batching {
+    //! The batching layer (the generative policy; the dynamic and sequence policies move here).
+    pub mod generative;
+}
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -1,0 +1,10 @@
+//! Generative batching: iteration-level (continuous) batching of decoder models.
+//!
+//! Pure parts, each readable alone: [`params`] (the `sampling_parameters` JSON), [`sampler`]
+//! (seeded by request seed and absolute position), [`detok`] (text deltas, stop strings),
+//! [`kv_blocks`] (paged K/V blocks with a prefix cache).
+
+pub mod detok;
+pub mod kv_blocks;
+pub mod params;
+pub mod sampler;
