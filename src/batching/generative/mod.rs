@@ -7,4 +7,10 @@
 pub mod detok;
 pub mod kv_blocks;
 pub mod params;
+pub mod request;
 pub mod sampler;
+pub mod sequence;
+pub mod stats;
+pub mod step;
+#[cfg(test)]
+mod testing;
