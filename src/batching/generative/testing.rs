@@ -154,8 +154,11 @@ fn request(prompt: Vec<u32>, params: SamplingParams, seed: u64) -> (GenerateRequ
     (req, rx)
 }
 
-/// Everything a receiver got: tokens, logprobs, text, finish reason, or the error.
-fn collect(rx: &mut UpdateReceiver) -> Result<(Vec<u32>, Vec<f32>, String, Option<FinishReason>), GenerationError> {
+/// Everything a receiver got: tokens, logprobs, text, finish reason.
+type Collected = (Vec<u32>, Vec<f32>, String, Option<FinishReason>);
+
+/// Everything a receiver got, or the error it got.
+fn collect(rx: &mut UpdateReceiver) -> Result<Collected, GenerationError> {
     let (mut t, mut l, mut s, mut f) = (vec![], vec![], String::new(), None);
     while let Ok(u) = rx.try_recv() {
         let u: GenerationUpdate = u?;
