@@ -5,6 +5,7 @@
 //! [`kv_blocks`] (paged K/V blocks with a prefix cache).
 
 pub mod detok;
+pub mod handle;
 pub mod kv_blocks;
 pub mod params;
 pub mod request;
@@ -14,3 +15,4 @@ pub mod stats;
 pub mod step;
 #[cfg(test)]
 mod testing;
+pub mod tokens;

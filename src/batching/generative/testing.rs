@@ -333,3 +333,50 @@ fn stop_strings_and_limits_end_sequences() {
     e.add(bad);
     assert!(matches!(rx.try_recv(), Ok(Err(GenerationError::TooLarge { .. }))));
 }
+
+#[test]
+fn the_handle_serves_requests_on_instance_threads_and_bounds_its_queue() {
+    use super::handle::{GenerativeModel, GenerativeSetup, SubmitError};
+    let setup =
+        GenerativeSetup { model: "fake".into(), limits: StepLimits::default(), max_queue_size: 2, eos: vec![EOS] };
+    let decoders: Vec<Box<dyn DecoderInstance>> =
+        vec![Box::new(FakeDecoder::new(64, 4, 4096)), Box::new(FakeDecoder::new(64, 4, 4096))];
+    let model = GenerativeModel::start(setup, decoders, Arc::new(Bytes)).unwrap();
+    assert_eq!(model.instances_in_service(), 2);
+    assert_eq!(model.context_limit(), 256);
+    let params = sampled(8);
+    let mut rxs = Vec::new();
+    let mut refused = 0;
+    for k in 0..6u32 {
+        let (req, rx) = request(prompt(5, k), params.clone(), u64::from(k));
+        match model.submit(req) {
+            Ok(()) => rxs.push((k, rx)),
+            Err(SubmitError::QueueFull { max_queue_size, .. }) => {
+                assert_eq!(max_queue_size, 2);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(rxs.len() >= 2, "at least the queue bound is accepted");
+    for (k, mut rx) in rxs {
+        let mut tokens = Vec::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(Ok(u)) => {
+                    tokens.extend(u.tokens);
+                    if u.finished.is_some() {
+                        break;
+                    }
+                }
+                other => panic!("request {k}: {other:?}"),
+            }
+        }
+        assert_eq!(tokens, direct(&prompt(5, k), &params, u64::from(k)).0);
+    }
+    let _ = refused;
+    model.drain();
+    assert_eq!(model.instances_in_service(), 0);
+    let (req, _rx) = request(prompt(5, 0), params, 0);
+    assert!(matches!(model.submit(req), Err(SubmitError::Unavailable { .. })));
+}
