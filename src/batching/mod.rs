@@ -30,6 +30,7 @@
 pub(crate) mod admission;
 pub mod dynamic;
 pub mod error;
+pub mod generative;
 pub(crate) mod instance;
 pub mod request;
 pub mod sequence;

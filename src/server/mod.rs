@@ -3,6 +3,7 @@
 
 mod decode;
 mod error;
+pub mod generate;
 mod inference;
 pub mod metrics;
 pub mod sessions;
