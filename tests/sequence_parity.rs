@@ -140,7 +140,11 @@ async fn more_sessions_than_slots_spill_and_restore_through_the_store(backend: B
     assert_eq!(metric(&m, "sessions_live", "accumulate"), ACC_SLOTS);
     assert_eq!(metric(&m, "sessions_spilled_current", "accumulate"), n - ACC_SLOTS);
     let mut sc = SessionsClient::connect(w.grpc.clone()).await.expect("sessions client");
-    let list = sc.list_sessions(ListSessionsRequest { model: "accumulate".into() }).await.expect("list").into_inner();
+    let list = sc
+        .list_sessions(ListSessionsRequest { model: "accumulate".into(), ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner();
     assert_eq!(list.sessions.len(), n as usize);
     assert_eq!(list.sessions.iter().filter(|s| s.location == "SPILLED").count() as u64, n - ACC_SLOTS);
     assert!(list.sessions.iter().all(|s| s.steps == 3));

@@ -30,6 +30,7 @@
 pub(crate) mod admission;
 pub mod dynamic;
 pub mod error;
+pub mod generative;
 pub(crate) mod instance;
 pub mod request;
 pub mod sequence;
@@ -207,7 +208,8 @@ impl Batcher {
         }
     }
 
-    /// Live sessions the model can hold at once (slots × instances), for models that keep sessions.
+    /// Live sessions the model can hold at once (slots × instances in service), for models that
+    /// keep sessions.
     pub fn session_capacity(&self) -> Option<usize> {
         match &self.policy {
             Policy::Sequence(s) => Some(s.capacity()),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::error::ServerError;
+use super::sessions_page as page;
 use crate::batching::{Batcher, BatchingError};
 use crate::repository::Repository;
 use crate::sessions::{SequenceId, SessionBlob, SessionInfo};
@@ -53,13 +54,17 @@ fn id_to_proto(id: &SequenceId) -> proto::SequenceId {
 }
 
 fn id_from_proto(id: Option<proto::SequenceId>) -> Result<SequenceId, ServerError> {
-    match id.and_then(|i| i.id) {
-        Some(sequence_id::Id::Uint64Id(v)) if v != 0 => Ok(SequenceId::Uint(v)),
-        Some(sequence_id::Id::StringId(s)) if !s.is_empty() => Ok(SequenceId::Str(s)),
+    let id = match id.and_then(|i| i.id) {
+        Some(sequence_id::Id::Uint64Id(v)) if v != 0 => SequenceId::Uint(v),
+        Some(sequence_id::Id::StringId(s)) if !s.is_empty() => SequenceId::Str(s),
         _ => {
-            Err(ServerError::InvalidRequest("sequence_id must be a non-zero uint64_id or a non-empty string_id".into()))
+            return Err(ServerError::InvalidRequest(
+                "sequence_id must be a non-zero uint64_id or a non-empty string_id".into(),
+            ));
         }
-    }
+    };
+    id.check().map_err(ServerError::InvalidRequest)?;
+    Ok(id)
 }
 
 fn info_to_proto(s: &SessionInfo) -> proto::SessionInfo {
@@ -76,17 +81,21 @@ fn info_to_proto(s: &SessionInfo) -> proto::SessionInfo {
 #[tonic::async_trait]
 impl Sessions for SessionsService {
     async fn list_sessions(&self, r: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
-        let only = r.into_inner().model;
-        let mut sessions = Vec::new();
+        let r = r.into_inner();
+        let after = page::decode_token(&r.page_token)?;
+        let size = page::size(r.page_size);
+        let mut all: Vec<SessionInfo> = Vec::new();
         for (name, entry) in self.repo.entries() {
-            if !only.is_empty() && name != only {
+            if !r.model.is_empty() && name != r.model {
                 continue;
             }
             for m in entry.versions.values() {
-                sessions.extend(m.batching.list_sessions().await.iter().map(info_to_proto));
+                all.extend(m.batching.list_sessions().await);
             }
         }
-        Ok(Response::new(ListSessionsResponse { sessions }))
+        let (page, next) = page::select(all, after.as_ref(), size);
+        let sessions = page.iter().map(info_to_proto).collect();
+        Ok(Response::new(ListSessionsResponse { sessions, next_page_token: next }))
     }
 
     async fn export_session(

@@ -12,6 +12,13 @@ use std::time::Duration;
 pub use blob::SessionBlob;
 pub use store::{SessionStore, StoreError, StoredSession};
 
+/// The longest string sequence id accepted, in bytes. Ids live in memory (ended ones are
+/// remembered for a while), in the store and in messages, so longer ones are refused.
+pub const MAX_SEQUENCE_ID_BYTES: usize = 256;
+
+/// How much of a string id messages show.
+const SHOWN_ID_CHARS: usize = 64;
+
 /// A sequence (correlation) id, as Triton's requests carry it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SequenceId {
@@ -21,11 +28,32 @@ pub enum SequenceId {
     Str(String),
 }
 
+impl SequenceId {
+    /// Whether the id can name a session: a non-zero integer, or a non-empty string of at most
+    /// [`MAX_SEQUENCE_ID_BYTES`] bytes. The error says what is wrong.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            SequenceId::Uint(0) => Err("sequence id 0 is not a valid id; use a non-zero integer".into()),
+            SequenceId::Str(s) if s.is_empty() => Err("an empty sequence id is not a valid id".into()),
+            SequenceId::Str(s) if s.len() > MAX_SEQUENCE_ID_BYTES => Err(format!(
+                "a string sequence id of {} bytes is longer than the {MAX_SEQUENCE_ID_BYTES} bytes allowed",
+                s.len()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Integers as they are; strings quoted, cut to their first 64 characters (with the length) so a
+/// message never grows with a client's id.
 impl std::fmt::Display for SequenceId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SequenceId::Uint(v) => write!(f, "{v}"),
-            SequenceId::Str(s) => write!(f, "\"{s}\""),
+            SequenceId::Str(s) => match s.char_indices().nth(SHOWN_ID_CHARS) {
+                Some((cut, _)) => write!(f, "\"{}…\" ({} bytes)", &s[..cut], s.len()),
+                None => write!(f, "\"{s}\""),
+            },
         }
     }
 }
@@ -64,4 +92,21 @@ pub struct SessionCounters {
     pub ended: AtomicU64,
     /// Store entries found corrupt or foreign and skipped, total.
     pub corrupt: AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_and_long_ones_shown_cut() {
+        assert!(SequenceId::Uint(1).check().is_ok());
+        assert!(SequenceId::Uint(0).check().is_err());
+        assert!(SequenceId::Str(String::new()).check().is_err());
+        assert!(SequenceId::Str("a".repeat(MAX_SEQUENCE_ID_BYTES)).check().is_ok());
+        assert!(SequenceId::Str("a".repeat(MAX_SEQUENCE_ID_BYTES + 1)).check().is_err());
+        assert_eq!(SequenceId::Str("s-1".into()).to_string(), "\"s-1\"");
+        let long = SequenceId::Str("é".repeat(5000)).to_string();
+        assert_eq!(long, format!("\"{}…\" (10000 bytes)", "é".repeat(64)));
+    }
 }

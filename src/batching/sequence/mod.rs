@@ -113,7 +113,15 @@ pub(crate) struct Shared {
     pub(crate) seq: Arc<SequenceSpec>,
     pub(crate) version: i64,
     pub(crate) counters: SessionCounters,
-    pub(crate) capacity: usize,
+    /// Slots per instance.
+    pub(crate) slots: usize,
+}
+
+impl Shared {
+    /// Live sequences the model can hold now: slots × instances in service.
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots * self.adm.instances_in_service()
+    }
 }
 
 /// Everything needed to start a sequence model version.
@@ -165,7 +173,7 @@ impl SequenceSessions {
             seq: setup.seq.clone(),
             version: setup.version,
             counters: SessionCounters::default(),
-            capacity: setup.slots * instances.len(),
+            slots: setup.slots,
         });
         let tx = actor::spawn(shared.clone(), setup, instances)?;
         Ok(SequenceSessions { tx, shared })
@@ -249,9 +257,9 @@ impl SequenceSessions {
         &self.shared.counters
     }
 
-    /// Live sequences the model can hold (slots × instances).
+    /// Live sequences the model can hold now (slots × instances in service).
     pub(crate) fn capacity(&self) -> usize {
-        self.shared.capacity
+        self.shared.capacity()
     }
 
     /// The sequence batching settings.

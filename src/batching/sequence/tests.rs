@@ -208,3 +208,56 @@ async fn losing_every_instance_makes_the_model_unavailable_and_not_ready() {
     // What readiness, health and /capacity read follows.
     until("the model is not ready", || !r.handle.is_ready() && r.handle.instances_in_service() == 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capacity_follows_the_instances_in_service_and_import_without_any_says_unavailable() {
+    let r = rig(2, 2, None);
+    assert_eq!(r.handle.session_capacity(), Some(4));
+    assert_eq!(step(&r.handle, 1, 5, true, false).await.ok(), Some(5));
+    assert_eq!(step(&r.handle, 2, 6, true, false).await.ok(), Some(6));
+    r.exec[0].store(EXEC_FATAL, Ordering::Release);
+    assert!(step(&r.handle, 1, 1, false, false).await.is_err());
+    until("instance 0 is out of service", || r.handle.instances_in_service() == 1).await;
+    // Two slots are left (one holds sequence 2): the refusal names what is there, not the start-up figure.
+    assert_eq!(r.handle.session_capacity(), Some(2));
+    assert_eq!(step(&r.handle, 3, 1, true, false).await.ok(), Some(1));
+    let e = step(&r.handle, 4, 1, true, false).await.expect_err("slots taken");
+    assert!(e.to_string().contains("all 2 sequence slots are taken"), "{e}");
+
+    r.exec[1].store(EXEC_FATAL, Ordering::Release);
+    assert!(step(&r.handle, 2, 1, false, false).await.is_err());
+    until("no instance is left", || r.handle.instances_in_service() == 0).await;
+    assert_eq!(r.handle.session_capacity(), Some(0));
+    // Not "retry shortly" (RESOURCE_EXHAUSTED) while nothing can ever take the session.
+    let e = r.handle.import_session(acc_blob(9, 1, 1)).await.expect_err("no instance");
+    assert!(matches!(e, BatchingError::Unavailable { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn import_refuses_unreachable_ids_and_step_counts_do_not_wrap() {
+    let r = rig(1, 2, None);
+    for id in [SequenceId::Uint(0), SequenceId::Str(String::new()), SequenceId::Str("x".repeat(300))] {
+        let blob = SessionBlob { id: id.clone(), ..acc_blob(1, 1, 1) };
+        let e = r.handle.import_session(blob).await.expect_err("unreachable id");
+        assert!(matches!(e, BatchingError::BadBlob { .. }), "{id}: {e}");
+    }
+    assert!(r.handle.list_sessions().await.is_empty());
+    r.handle.import_session(acc_blob(7, 1, u64::MAX)).await.unwrap_or_else(|e| panic!("import: {e}"));
+    assert_eq!(step(&r.handle, 7, 1, false, false).await.ok(), Some(2));
+    assert_eq!(steps_of(&r.handle, 7).await, Some(u64::MAX));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spilled_sessions_report_how_long_they_are_idle() {
+    let store = Arc::new(SessionStore::in_memory_with_write_fault().0);
+    let r = rig(1, 1, Some(store));
+    assert_eq!(step(&r.handle, 1, 5, true, false).await.ok(), Some(5));
+    let t = Instant::now();
+    until("sequence 1 is idle for a while", || t.elapsed() > Duration::from_millis(30)).await;
+    // Sequence 2 takes the only slot: sequence 1 is spilled, idle since its last request.
+    assert_eq!(step(&r.handle, 2, 1, true, false).await.ok(), Some(1));
+    let list = r.handle.list_sessions().await;
+    let spilled = list.iter().find(|s| s.id == SequenceId::Uint(1)).unwrap_or_else(|| panic!("listed: {list:?}"));
+    assert!(!spilled.live);
+    assert!(spilled.idle >= Duration::from_millis(30), "{spilled:?}");
+}

@@ -59,7 +59,8 @@ struct Actor {
     busy: Vec<bool>,
     free: Vec<Vec<usize>>,
     live: HashMap<SequenceId, Live>,
-    spilled: HashMap<SequenceId, u64>,
+    /// Sessions in the store: steps, and since when they are idle (start-up for those found there).
+    spilled: HashMap<SequenceId, (u64, Instant)>,
     closed: HashMap<SequenceId, ClosedReason>,
     closed_order: VecDeque<SequenceId>,
     drain: Vec<tokio::sync::oneshot::Sender<()>>,
@@ -91,7 +92,7 @@ pub(super) fn spawn(
             shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
         }
         for s in found {
-            spilled.insert(s.id, s.steps);
+            spilled.insert(s.id, (s.steps, Instant::now()));
         }
         shared.counters.spilled_now.store(spilled.len() as u64, Ordering::Relaxed);
         if !spilled.is_empty() {
@@ -360,7 +361,7 @@ impl Actor {
             let Some(id) = lru else {
                 return Err(BatchingError::SlotsExhausted {
                     model: self.model(),
-                    capacity: self.shared.capacity,
+                    capacity: self.shared.capacity(),
                     hint: "; every one has a request queued or running, so none can be spilled: retry shortly".into(),
                 });
             };
@@ -368,7 +369,7 @@ impl Actor {
         }
         Err(BatchingError::SlotsExhausted {
             model: self.model(),
-            capacity: self.shared.capacity,
+            capacity: self.shared.capacity(),
             hint: "; retry after sequences end or expire (max_sequence_idle_microseconds), or start the worker with --session-store to spill idle sessions".into(),
         })
     }
@@ -549,7 +550,7 @@ impl Actor {
             l.last_active = now;
             match outcome {
                 StepOutcome::Ok => {
-                    l.steps = if l.start_after { 1 } else { l.steps + 1 };
+                    l.steps = if l.start_after { 1 } else { l.steps.saturating_add(1) };
                     if l.end_after && l.queue.is_empty() {
                         self.close(&id, ClosedReason::Ended);
                     }

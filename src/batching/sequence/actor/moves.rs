@@ -39,10 +39,12 @@ impl Actor {
         let blob = SessionBlob { model: self.model(), version: self.shared.version, id: id.clone(), steps, state };
         // The session stays live, its state untouched, unless the store has it.
         store.put_all(std::slice::from_ref(&blob))?;
+        let mut last_active = Instant::now();
         if let Some(l) = self.live.remove(id) {
             self.free_slot(l.instance, l.slot);
+            last_active = l.last_active;
         }
-        self.spilled.insert(id.clone(), steps);
+        self.spilled.insert(id.clone(), (steps, last_active));
         let c = &self.shared.counters;
         c.spilled.fetch_add(1, Ordering::Relaxed);
         c.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
@@ -65,13 +67,13 @@ impl Actor {
                 idle: now.saturating_duration_since(l.last_active),
             })
             .collect();
-        out.extend(self.spilled.iter().map(|(id, steps)| SessionInfo {
+        out.extend(self.spilled.iter().map(|(id, (steps, since))| SessionInfo {
             model: model.clone(),
             version,
             id: id.clone(),
             steps: *steps,
             live: false,
-            idle: std::time::Duration::ZERO,
+            idle: now.saturating_duration_since(*since),
         }));
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
@@ -101,6 +103,13 @@ impl Actor {
     }
 
     pub(super) fn import(&mut self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
+        if self.instances.iter().all(Option::is_none) {
+            // Not "retry shortly": no slot will free up until the model is reloaded.
+            return Err(BatchingError::Unavailable { model: self.model(), reason: NO_INSTANCE.into() });
+        }
+        if let Err(reason) = blob.id.check() {
+            return Err(BatchingError::BadBlob { reason });
+        }
         if blob.model != self.shared.adm.spec.name || blob.version != self.shared.version {
             return Err(BatchingError::BadBlob {
                 reason: format!(
