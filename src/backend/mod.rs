@@ -6,9 +6,11 @@
 pub mod cpu;
 pub mod error;
 pub mod generative;
+mod kind;
 pub mod neuron;
 
 pub use error::BackendError;
+pub use kind::BackendKind;
 
 use crate::tensor::{Tensor, TensorView};
 
