@@ -5,6 +5,7 @@
 
 pub mod cpu;
 pub mod error;
+pub mod generative;
 pub mod neuron;
 
 pub use error::BackendError;
