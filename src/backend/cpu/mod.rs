@@ -15,6 +15,7 @@ pub mod linear_kernels;
 pub mod llama;
 pub mod ops;
 pub mod pooling;
+pub mod stateful;
 pub mod weights;
 
 pub use bert::{BertConfig, BertInfo, BertModel, BertOutput, BertScratch};
