@@ -63,6 +63,12 @@ pub enum LoadError {
         /// What is wrong and what is supported.
         reason: String,
     },
+    /// The tokenizer or the chat template of the folder could not be loaded.
+    #[error("{message}")]
+    Tokenizer {
+        /// What is wrong, with the file.
+        message: String,
+    },
     /// The decoder was asked for a KV pool it cannot hold.
     #[error("KV pool: {reason}")]
     KvPool {
@@ -74,5 +80,11 @@ pub enum LoadError {
 impl From<LoadError> for BackendError {
     fn from(e: LoadError) -> Self {
         BackendError::Load(e.to_string())
+    }
+}
+
+impl From<crate::tokenize::TokenizeError> for LoadError {
+    fn from(e: crate::tokenize::TokenizeError) -> Self {
+        LoadError::Tokenizer { message: e.to_string() }
     }
 }
