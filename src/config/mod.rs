@@ -2,9 +2,11 @@
 //! [`ModelSpec`] the scheduler and server work from.
 
 mod pbtxt;
+pub mod sequence;
 mod spec;
 
 pub use pbtxt::parse_model_config;
+pub use sequence::{ControlKind, ControlSpec, SequenceSpec, StateSpec, Strategy};
 pub use spec::{BucketPlan, DEFAULT_MAX_QUEUE_SIZE, DynamicPolicy, IoSpec, ModelSpec};
 
 /// Why a model configuration cannot be used.
