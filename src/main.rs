@@ -45,7 +45,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let store = match &args.session_store {
         Some(dir) => {
             let store =
-                neuron_worker::sequence::SessionStore::open(dir).map_err(|e| format!("--session-store: {e}"))?;
+                neuron_worker::sessions::SessionStore::open(dir).map_err(|e| format!("--session-store: {e}"))?;
             tracing::info!(path = %store.path().display(), "session store opened");
             Some(Arc::new(store))
         }

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use common::sequences::*;
 use common::*;
+use neuron_worker::backend::cpu::stateful::kernels::{GRU_HIDDEN, GruCell};
 use neuron_worker::proto::inference::ModelMetadataRequest;
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use neuron_worker::sequence::SequenceId;
-use neuron_worker::sequence::models::{GRU_HIDDEN, GruCell};
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ImportSessionRequest};
+use neuron_worker::sessions::SequenceId;
 use tonic::Code;
 use tonic::transport::Channel;
 

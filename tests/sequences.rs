@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use common::sequences::*;
 use common::*;
+use neuron_worker::backend::cpu::stateful::kernels::{GRU_HIDDEN, GruCell};
 use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
-use neuron_worker::sequence::models::{GRU_HIDDEN, GruCell};
-use neuron_worker::sequence::{SequenceId, SessionStore};
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::server::sessions::proto::{
     self as sp, ExportSessionRequest, ImportSessionRequest, ListSessionsRequest,
 };
+use neuron_worker::sessions::{SequenceId, SessionStore};
 use tonic::Code;
 use tonic::transport::Channel;
 

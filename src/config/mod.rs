@@ -3,9 +3,11 @@
 
 pub mod generative;
 mod pbtxt;
+pub mod sequence;
 mod spec;
 
 pub use pbtxt::parse_model_config;
+pub use sequence::{ControlKind, ControlSpec, SequenceSpec, StateSpec, Strategy};
 pub use spec::{BucketPlan, DEFAULT_MAX_QUEUE_SIZE, DynamicPolicy, IoSpec, ModelSpec};
 
 /// Why a model configuration cannot be used.

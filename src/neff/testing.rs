@@ -6,11 +6,11 @@
 use std::path::Path;
 
 use super::writer::{Activation as NeffActivation, DenseLayer as NeffLayer, NeffBuilder, ProgramOp};
+use crate::backend::cpu::stateful::kernels::{GRU_HIDDEN, GRU_INPUT, GruCell, STATEFUL_BUILTIN_CONFIGS};
 use crate::backend::cpu::{Activation, builtin};
+use crate::backend::neuron::sequence::neuron_config;
+use crate::config::SequenceSpec;
 use crate::config::{ModelSpec, parse_model_config};
-use crate::sequence::SequenceSpec;
-use crate::sequence::models::{GRU_HIDDEN, GRU_INPUT, GruCell, STATEFUL_BUILTIN_CONFIGS};
-use crate::sequence::neuron::neuron_config;
 use crate::tensor::DataType;
 
 fn to_neff_layers(name: &str) -> Option<(Vec<NeffLayer>, usize, usize)> {

@@ -13,9 +13,10 @@ use std::sync::{Arc, RwLock};
 pub use builtin::BUILTIN_CONFIGS;
 pub use error::RepositoryError;
 
+use crate::batching::{Batcher, SequenceSetup};
 use crate::config::ModelSpec;
 use crate::proto::inference::ModelConfig;
-use crate::scheduler::SchedulerHandle;
+use crate::sessions::SessionStore;
 
 /// Which backend models are loaded on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,12 +48,10 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// The checked spec.
     pub spec: Arc<ModelSpec>,
-    /// Its scheduler.
-    pub scheduler: SchedulerHandle,
+    /// Its batching (dynamic or sequence policy): every request goes there.
+    pub batching: Batcher,
     /// `cpu` or `neuron`.
     pub backend: &'static str,
-    /// The sequence batcher, for models with `sequence_batching` (requests go there).
-    pub sequence: Option<crate::sequence::SequenceHandle>,
 }
 
 /// A model's state in the repository index.
@@ -73,7 +72,7 @@ pub struct Repository {
     backend: BackendSelection,
     control: ModelControlMode,
     models: RwLock<BTreeMap<String, ModelEntry>>,
-    session_store: Option<Arc<crate::sequence::SessionStore>>,
+    session_store: Option<Arc<SessionStore>>,
 }
 
 impl Repository {
@@ -83,7 +82,7 @@ impl Repository {
     }
 
     /// Uses `store` for spilled and drained sessions of sequence models (set before loading).
-    pub fn with_session_store(mut self, store: Option<Arc<crate::sequence::SessionStore>>) -> Repository {
+    pub fn with_session_store(mut self, store: Option<Arc<SessionStore>>) -> Repository {
         self.session_store = store;
         self
     }
@@ -155,41 +154,42 @@ impl Repository {
             let source = source?;
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
-            let seq = crate::sequence::SequenceSpec::from_config(&source.config, &file, dir.as_deref())
-                .map_err(|e| e.to_string())?;
+            let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())
+                .map_err(|e| e.to_string())?
+                .map(Arc::new);
             for (version, vdir) in source.versions {
                 if let Some(seq) = &seq {
+                    let mut spec = (*source.spec).clone();
+                    spec.sequence = Some(seq.clone());
+                    let spec = Arc::new(spec);
                     let neuron_dir = vdir
                         .clone()
                         .filter(|d| matches!(backend, BackendSelection::Neuron { .. }) && loader::has_neff(d));
-                    let (scheduler, sequence, kind) = match neuron_dir {
+                    let (batching, kind) = match neuron_dir {
                         Some(d) => {
-                            let (spec, config, seq2, be) =
-                                (source.spec.clone(), source.config.clone(), seq.clone(), backend.clone());
+                            let (spec2, config, seq2, be) =
+                                (spec.clone(), source.config.clone(), seq.clone(), backend.clone());
                             let (instances, slots) = tokio::task::spawn_blocking(move || {
-                                neuron_loader::create_neuron_sequence_instances(&spec, &config, &seq2, &d, &be)
+                                neuron_loader::create_neuron_sequence_instances(&spec2, &config, &seq2, &d, &be)
                             })
                             .await
                             .map_err(|e| format!("loader task failed: {e}"))??;
-                            let (scheduler, sequence) = crate::sequence::start_with_instances(
-                                source.spec.clone(),
-                                seq.clone(),
+                            let setup = SequenceSetup {
+                                spec: spec.clone(),
+                                seq: seq.clone(),
                                 version,
-                                store.clone(),
-                                instances,
+                                store: store.clone(),
                                 slots,
-                            )?;
-                            (scheduler, sequence, "neuron")
+                            };
+                            (Batcher::start_sequence(setup, instances).map_err(|e| e.to_string())?, "neuron")
                         }
                         None => {
-                            let (scheduler, sequence) =
-                                crate::sequence::start_cpu(source.spec.clone(), seq.clone(), version, store.clone())?;
-                            (scheduler, sequence, "cpu")
+                            let started =
+                                crate::batching::sequence::start_cpu(spec.clone(), seq.clone(), version, store.clone());
+                            (started?, "cpu")
                         }
                     };
-                    let (config, spec) = (source.config.clone(), source.spec.clone());
-                    let model =
-                        LoadedModel { version, config, spec, scheduler, backend: kind, sequence: Some(sequence) };
+                    let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
                     versions.insert(version, Arc::new(model));
                     continue;
                 }
@@ -207,15 +207,8 @@ impl Repository {
                     spec.buckets.batch = b;
                 }
                 let spec = Arc::new(spec);
-                let scheduler = SchedulerHandle::start(spec.clone(), instances);
-                let model = LoadedModel {
-                    version,
-                    config: source.config.clone(),
-                    spec,
-                    scheduler,
-                    backend: kind,
-                    sequence: None,
-                };
+                let batching = Batcher::start_dynamic(spec.clone(), instances);
+                let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
                 versions.insert(version, Arc::new(model));
             }
             Ok::<_, String>(versions)
@@ -308,13 +301,9 @@ impl Repository {
     }
 }
 
-/// Drains every version of an entry: sequence batchers first (they write live sessions to the
-/// store), then the dynamic schedulers.
+/// Drains every version of an entry (a sequence model writes its live sessions to the store).
 async fn drain_versions(entry: &ModelEntry) {
     for v in entry.versions.values() {
-        if let Some(s) = &v.sequence {
-            s.drain().await;
-        }
-        v.scheduler.drain().await;
+        v.batching.drain().await;
     }
 }

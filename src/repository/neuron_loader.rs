@@ -9,17 +9,18 @@
 //!
 //! Stateful models (`sequence_batching`) take one `model.neff` (or `neuron_neff_pattern` with
 //! `{batch}` standing for the rows) compiled with one row per sequence slot of an instance; see
-//! `sequence::neuron`.
+//! `backend::neuron::sequence`.
 
 use std::path::Path;
 
 use crate::backend::ModelInstance;
+use crate::backend::StatefulInstance;
+use crate::backend::neuron::sequence::NeuronSequenceInstance;
 use crate::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
+use crate::config::SequenceSpec;
 use crate::config::{IoSpec, ModelSpec};
 use crate::proto::inference::ModelConfig;
 use crate::repository::BackendSelection;
-use crate::sequence::neuron::NeuronSequenceInstance;
-use crate::sequence::{SequenceSpec, StatefulInstance};
 
 /// The instances (one per core) and the batch buckets they were compiled for.
 pub(crate) type NeuronInstances = (Vec<Box<dyn ModelInstance>>, Vec<usize>);

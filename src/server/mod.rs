@@ -182,7 +182,7 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
                 let draining = stop.is_cancelled();
                 let mut any = false;
                 for (name, entry) in repo.entries() {
-                    let ready = !draining && entry.versions.values().any(|v| v.scheduler.is_ready());
+                    let ready = !draining && entry.versions.values().any(|v| v.batching.is_ready());
                     any |= ready;
                     let st = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
                     reporter.set_service_status(&name, st).await;

@@ -1,12 +1,12 @@
 //! Helpers for tests of the stateful built-ins: Triton's sequence parameters on a request, and
 //! `accumulate` / `gru` steps over gRPC.
 
+use neuron_worker::backend::cpu::stateful::kernels::{GRU_HIDDEN, GRU_INPUT};
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use neuron_worker::proto::inference::infer_parameter::ParameterChoice;
 use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
 use neuron_worker::proto::inference::{InferParameter, ModelInferRequest};
-use neuron_worker::sequence::SequenceId;
-use neuron_worker::sequence::models::{GRU_HIDDEN, GRU_INPUT};
+use neuron_worker::sessions::SequenceId;
 use tonic::transport::Channel;
 
 use super::{bytes_f32, fp32_request, int_param};

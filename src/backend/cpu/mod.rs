@@ -12,6 +12,7 @@ pub mod gemm;
 pub mod instance;
 pub mod ops;
 pub mod pooling;
+pub mod stateful;
 pub mod weights;
 
 pub use bert::{BertConfig, BertInfo, BertModel, BertOutput, BertScratch};

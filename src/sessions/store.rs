@@ -7,12 +7,38 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 
-use super::export::SessionBlob;
-use super::{SequenceError, SequenceId};
+use super::SequenceId;
+use super::blob::SessionBlob;
 
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// The database file inside the store folder.
 pub const STORE_FILE: &str = "sessions.redb";
+
+/// Why the session store could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened, read or written (disk full, permissions, damaged file).
+    #[error("session store: {path}: {operation}: {reason}")]
+    Io {
+        /// The store's folder or database file.
+        path: String,
+        /// What was being done.
+        operation: &'static str,
+        /// The storage library's message.
+        reason: String,
+    },
+    /// A stored session that is corrupt or foreign; it was removed.
+    #[error("stored session {id} is corrupt and was discarded: {reason}")]
+    Corrupt {
+        /// The sequence id.
+        id: SequenceId,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The worker runs without `--session-store`.
+    #[error("session store: no session store configured; start the worker with --session-store DIR")]
+    NotConfigured,
+}
 
 /// An opened session store, shared by every model of the worker.
 pub struct SessionStore {
@@ -48,9 +74,11 @@ fn prefix(model: &str, version: i64) -> String {
 
 impl SessionStore {
     /// Opens (or creates) the store in folder `dir`.
-    pub fn open(dir: &Path) -> Result<SessionStore, SequenceError> {
-        let err = |what: &str, e: &dyn std::fmt::Display| SequenceError::Store {
-            reason: format!("{}: {what}: {e}", dir.display()),
+    pub fn open(dir: &Path) -> Result<SessionStore, StoreError> {
+        let err = |what: &'static str, e: &dyn std::fmt::Display| StoreError::Io {
+            path: dir.display().to_string(),
+            operation: what,
+            reason: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| err("cannot create the folder", &e))?;
         let path = dir.join(STORE_FILE);
@@ -66,12 +94,12 @@ impl SessionStore {
         &self.path
     }
 
-    fn fail(&self, what: &str, e: impl std::fmt::Display) -> SequenceError {
-        SequenceError::Store { reason: format!("{}: {what}: {e}", self.path.display()) }
+    fn fail(&self, what: &'static str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io { path: self.path.display().to_string(), operation: what, reason: e.to_string() }
     }
 
     /// Writes sessions in one durable transaction (replacing entries with the same key).
-    pub fn put_all(&self, blobs: &[SessionBlob]) -> Result<(), SequenceError> {
+    pub fn put_all(&self, blobs: &[SessionBlob]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
         {
             let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
@@ -85,7 +113,7 @@ impl SessionStore {
 
     /// Removes a session and returns it, verified. A corrupt or foreign entry is removed and
     /// reported as an error; `Ok(None)` when there is no entry.
-    pub fn take(&self, model: &str, version: i64, id: &SequenceId) -> Result<Option<SessionBlob>, SequenceError> {
+    pub fn take(&self, model: &str, version: i64, id: &SequenceId) -> Result<Option<SessionBlob>, StoreError> {
         let k = key(model, version, id);
         let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
         let raw = {
@@ -94,10 +122,9 @@ impl SessionStore {
         };
         txn.commit().map_err(|e| self.fail("commit", e))?;
         let Some(raw) = raw else { return Ok(None) };
-        let blob =
-            SessionBlob::decode(&raw).map_err(|reason| SequenceError::CorruptSession { id: id.clone(), reason })?;
+        let blob = SessionBlob::decode(&raw).map_err(|reason| StoreError::Corrupt { id: id.clone(), reason })?;
         if blob.model != model || blob.version != version || &blob.id != id {
-            return Err(SequenceError::CorruptSession {
+            return Err(StoreError::Corrupt {
                 id: id.clone(),
                 reason: format!("the entry holds model '{}' version {} sequence {}", blob.model, blob.version, blob.id),
             });
@@ -106,14 +133,14 @@ impl SessionStore {
     }
 
     /// Whether the store has an entry (valid or not) for the session.
-    pub fn contains(&self, model: &str, version: i64, id: &SequenceId) -> Result<bool, SequenceError> {
+    pub fn contains(&self, model: &str, version: i64, id: &SequenceId) -> Result<bool, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.fail("begin read", e))?;
         let t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
         Ok(t.get(key(model, version, id).as_str()).map_err(|e| self.fail("read", e))?.is_some())
     }
 
     /// Deletes a session's entry if there is one.
-    pub fn remove(&self, model: &str, version: i64, id: &SequenceId) -> Result<(), SequenceError> {
+    pub fn remove(&self, model: &str, version: i64, id: &SequenceId) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
         {
             let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
@@ -124,7 +151,7 @@ impl SessionStore {
 
     /// The sessions stored for a model version, and a description of every entry under that
     /// model version that was skipped (corrupt, or its content does not match its key).
-    pub fn list(&self, model: &str, version: i64) -> Result<(Vec<StoredSession>, Vec<String>), SequenceError> {
+    pub fn list(&self, model: &str, version: i64) -> Result<(Vec<StoredSession>, Vec<String>), StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.fail("begin read", e))?;
         let t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
         let p = prefix(model, version);
@@ -166,7 +193,7 @@ impl SessionStore {
     }
 
     /// Overwrites an entry's raw value (tests use it to simulate corruption).
-    pub fn put_raw(&self, model: &str, version: i64, id: &SequenceId, value: &[u8]) -> Result<(), SequenceError> {
+    pub fn put_raw(&self, model: &str, version: i64, id: &SequenceId, value: &[u8]) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
         {
             let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
@@ -246,8 +273,8 @@ mod tests {
         assert_eq!(skipped.len(), 2, "{skipped:?}");
         assert_eq!(store.take("m", 1, &SequenceId::Uint(2)).ok().flatten(), Some(blob(2)));
         assert_eq!(store.take("m", 1, &SequenceId::Uint(2)).ok().flatten(), None);
-        assert!(matches!(store.take("m", 1, &SequenceId::Uint(3)), Err(SequenceError::CorruptSession { .. })));
-        assert!(matches!(store.take("m", 1, &SequenceId::Uint(4)), Err(SequenceError::CorruptSession { .. })));
+        assert!(matches!(store.take("m", 1, &SequenceId::Uint(3)), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(store.take("m", 1, &SequenceId::Uint(4)), Err(StoreError::Corrupt { .. })));
         assert_eq!(store.list("m", 2).map(|l| l.0.len()).ok(), Some(0));
     }
 }

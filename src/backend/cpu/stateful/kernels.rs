@@ -31,10 +31,10 @@
 
 use std::sync::Arc;
 
+use crate::backend::RequestInput;
 use crate::backend::cpu::builtin::SplitMix64;
 use crate::backend::cpu::matmul;
 use crate::backend::{BackendError, NamedTensor};
-use crate::scheduler::RequestInput;
 use crate::tensor::{DataType, Tensor};
 
 /// Seed of the `gru` input-weight stream; the hidden-weight stream uses `GRU_SEED + 1`.

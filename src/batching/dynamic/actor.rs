@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::instance::{Batch, InstanceSender};
+use super::Command;
 use super::queue::{Queue, Queued};
-use super::{Command, FailureReason, SchedulerError, Shared};
+use super::worker::{Batch, InstanceSender};
+use crate::batching::admission::Admission;
+use crate::batching::stats::FailureReason;
+use crate::batching::{BatchingError, InferRequest};
 
 enum Event {
     Command(Command),
@@ -21,7 +24,7 @@ enum Event {
 }
 
 struct Actor {
-    shared: Arc<Shared>,
+    shared: Arc<Admission>,
     queue: Queue,
     instances: Vec<Option<InstanceSender>>,
     /// Batches sent to each instance and not yet done (0 = idle; at most 2).
@@ -31,7 +34,7 @@ struct Actor {
     max_rows: usize,
 }
 
-pub(super) fn spawn(rx: mpsc::UnboundedReceiver<Command>, instances: Vec<InstanceSender>, shared: Arc<Shared>) {
+pub(super) fn spawn(rx: mpsc::UnboundedReceiver<Command>, instances: Vec<InstanceSender>, shared: Arc<Admission>) {
     let spec = &shared.spec;
     let mut max_rows = spec.max_rows();
     if let Some(largest) = spec.buckets.largest_batch() {
@@ -89,7 +92,7 @@ impl Actor {
                     let reason = self.unavailable_reason();
                     let _ = req
                         .reply
-                        .send(Err(SchedulerError::Unavailable { model: self.shared.spec.name.clone(), reason }));
+                        .send(Err(BatchingError::Unavailable { model: self.shared.spec.name.clone(), reason }));
                     return;
                 }
                 let (q, level) = self.queued(req);
@@ -101,7 +104,7 @@ impl Actor {
                     let reason = self.unavailable_reason();
                     for r in requests {
                         self.shared.stats.record_failure(FailureReason::Unavailable, r.arrived.elapsed());
-                        let _ = r.reply.send(Err(SchedulerError::Unavailable {
+                        let _ = r.reply.send(Err(BatchingError::Unavailable {
                             model: self.shared.spec.name.clone(),
                             reason: reason.clone(),
                         }));
@@ -125,30 +128,18 @@ impl Actor {
                     tracing::error!(model = %self.shared.spec.name, instance, left, "instance taken out of service");
                     if left == 0 {
                         // Not ready before the count reads 0, so nobody sees "0 in service" and ready.
-                        self.fail_all_unavailable(
-                            "every instance was taken out of service after fatal runtime errors; reload the model or \
-                             restart the worker"
-                                .into(),
-                        );
+                        self.shared.close(crate::batching::admission::NO_INSTANCE);
+                        self.fail_all_unavailable();
                     }
-                    self.shared.in_service.store(left, Ordering::Release);
+                    self.shared.set_in_service(left);
                 }
-            }
-            Command::RetireAll(reason) => {
-                tracing::error!(model = %self.shared.spec.name, %reason, "all instances taken out of service");
-                self.instances.iter_mut().for_each(|i| *i = None);
-                for s in &self.shared.stats.instances {
-                    s.in_service.store(0, Ordering::Relaxed);
-                }
-                self.fail_all_unavailable(reason);
-                self.shared.in_service.store(0, Ordering::Release);
             }
             Command::Drain(done) => self.drain.push(done),
         }
     }
 
     /// A request with its queue deadline and priority level, per the model's queue policy.
-    fn queued(&self, req: super::InferRequest) -> (Queued, u64) {
+    fn queued(&self, req: InferRequest) -> (Queued, u64) {
         let policy = &self.shared.spec.dynamic;
         // Triton's queue policy: with `allow_timeout_override` a request may shorten the default
         // timeout (or set one when there is no default); without it the default applies.
@@ -172,14 +163,12 @@ impl Actor {
     }
 
     fn unavailable_reason(&self) -> String {
-        self.shared.unavailable_reason.lock().map(|r| r.clone()).unwrap_or_default()
+        self.shared.reason()
     }
 
-    fn fail_all_unavailable(&mut self, reason: String) {
-        if let Ok(mut r) = self.shared.unavailable_reason.lock() {
-            *r = reason.clone();
-        }
-        self.shared.ready.store(false, Ordering::Release);
+    /// Answers every queued request as unavailable (the model has no instance left).
+    fn fail_all_unavailable(&mut self) {
+        let reason = self.unavailable_reason();
         let mut rest = Vec::new();
         while !self.queue.is_empty() {
             rest.extend(self.queue.take_batch(usize::MAX, &[]).0);
@@ -187,10 +176,10 @@ impl Actor {
         self.shared.queued.fetch_sub(rest.len(), Ordering::AcqRel);
         for q in rest {
             self.shared.stats.record_failure(FailureReason::Unavailable, q.req.arrived.elapsed());
-            let _ = q.req.reply.send(Err(SchedulerError::Unavailable {
-                model: self.shared.spec.name.clone(),
-                reason: reason.clone(),
-            }));
+            let _ = q
+                .req
+                .reply
+                .send(Err(BatchingError::Unavailable { model: self.shared.spec.name.clone(), reason: reason.clone() }));
         }
     }
 
@@ -209,7 +198,7 @@ impl Actor {
             let waited = q.req.arrived.elapsed();
             self.shared.stats.record_failure(FailureReason::Timeout, waited);
             let timeout = q.deadline.map(|d| d.saturating_duration_since(q.req.arrived)).unwrap_or_default();
-            let _ = q.req.reply.send(Err(SchedulerError::Timeout {
+            let _ = q.req.reply.send(Err(BatchingError::Timeout {
                 model: self.shared.spec.name.clone(),
                 waited_us: waited.as_micros() as u64,
                 timeout_us: timeout.as_micros() as u64,
@@ -263,7 +252,7 @@ impl Actor {
             self.shared.stats.record_failure(FailureReason::Unavailable, r.arrived.elapsed());
             let _ = r
                 .reply
-                .send(Err(SchedulerError::Unavailable { model: self.shared.spec.name.clone(), reason: why.into() }));
+                .send(Err(BatchingError::Unavailable { model: self.shared.spec.name.clone(), reason: why.into() }));
         }
     }
 }

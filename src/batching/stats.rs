@@ -41,6 +41,17 @@ pub struct BatchSizeStats {
     pub compute_output_ns: u64,
 }
 
+/// Time one batch spent in each phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchPhases {
+    /// Assembling the batch's inputs.
+    pub input: Duration,
+    /// In the backend.
+    pub infer: Duration,
+    /// Splitting outputs and preparing replies.
+    pub output: Duration,
+}
+
 /// Why a request did not succeed, for the failure counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureReason {
@@ -153,6 +164,29 @@ impl ModelStats {
         }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.last_inference_ms.store(now, Relaxed);
+    }
+
+    /// Records a batch of `requests` requests carrying `rows` rows that succeeded, with Triton's
+    /// per-request semantics: every request of the batch is charged the batch's input, infer and
+    /// output time. `executions` are the backend executions it took (rows, backend time each; more
+    /// than one when it was split). Every policy records through here, before any reply goes out.
+    pub fn record_batch(&self, requests: usize, rows: usize, phases: BatchPhases, executions: &[(usize, Duration)]) {
+        let n = requests as u64;
+        let k = requests as u32;
+        self.compute_input.add(n, phases.input * k);
+        self.compute_infer.add(n, phases.infer * k);
+        self.compute_output.add(n, phases.output * k);
+        self.inference_count.fetch_add(rows as u64, Relaxed);
+        let per_exec = executions.len().max(1) as u32;
+        for (rows, infer) in executions {
+            self.record_execution(*rows, phases.input / per_exec, *infer, phases.output / per_exec);
+        }
+    }
+
+    /// Records one request of a successful batch: its time queued and its time in the worker.
+    pub fn record_success(&self, queued: Duration, in_worker: Duration) {
+        self.queue.add(1, queued);
+        self.success.add(1, in_worker);
     }
 
     /// Executions by batch size, ascending.

@@ -4,9 +4,9 @@
 use super::*;
 
 impl Actor {
-    pub(super) fn read_state(&mut self, instance: usize, slot: usize) -> Result<Vec<Tensor>, SequenceError> {
+    pub(super) fn read_state(&mut self, instance: usize, slot: usize) -> Result<Vec<Tensor>, BatchingError> {
         let model = self.model();
-        let unavailable = |reason: &str| SequenceError::Unavailable { model: model.clone(), reason: reason.into() };
+        let unavailable = |reason: &str| BatchingError::Unavailable { model: model.clone(), reason: reason.into() };
         let sender = self
             .instances
             .get(instance)
@@ -15,14 +15,14 @@ impl Actor {
         let (tx, rx) = std::sync::mpsc::channel();
         sender.send(Job::Read { slot, reply: tx }).map_err(|_| unavailable("the session's instance stopped"))?;
         let state = rx.recv().map_err(|_| unavailable("the session's instance stopped"))?;
-        state.map_err(|source| SequenceError::Backend { model: model.clone(), source })
+        state.map_err(|source| BatchingError::Backend { model: model.clone(), source })
     }
 
     /// A copy of the state of an idle live session (its pending restore, or read from its slot).
     /// The session keeps it: callers remove the session once the copy is safely elsewhere.
-    pub(super) fn copy_state(&mut self, id: &SequenceId) -> Result<(Vec<Tensor>, u64), SequenceError> {
+    pub(super) fn copy_state(&mut self, id: &SequenceId) -> Result<(Vec<Tensor>, u64), BatchingError> {
         let Some(l) = self.live.get(id) else {
-            return Err(SequenceError::NotFound { model: self.model(), id: id.clone() });
+            return Err(BatchingError::NotFound { model: self.model(), id: id.clone() });
         };
         let (inst, slot, steps) = (l.instance, l.slot, l.steps);
         match &l.restore {
@@ -31,9 +31,9 @@ impl Actor {
         }
     }
 
-    pub(super) fn spill(&mut self, id: &SequenceId) -> Result<(), SequenceError> {
+    pub(super) fn spill(&mut self, id: &SequenceId) -> Result<(), BatchingError> {
         let Some(store) = self.store.clone() else {
-            return Err(SequenceError::Store { reason: "no session store configured".into() });
+            return Err(BatchingError::Store(StoreError::NotConfigured));
         };
         let (state, steps) = self.copy_state(id)?;
         let blob = SessionBlob { model: self.model(), version: self.shared.version, id: id.clone(), steps, state };
@@ -77,10 +77,10 @@ impl Actor {
         out
     }
 
-    pub(super) fn export(&mut self, id: SequenceId) -> Result<SessionBlob, SequenceError> {
+    pub(super) fn export(&mut self, id: SequenceId) -> Result<SessionBlob, BatchingError> {
         if let Some(l) = self.live.get(&id) {
             if l.in_flight || !l.queue.is_empty() {
-                return Err(SequenceError::Busy { model: self.model(), id });
+                return Err(BatchingError::Busy { model: self.model(), id });
             }
             let (state, steps) = self.copy_state(&id)?;
             self.close(&id, ClosedReason::Exported);
@@ -88,24 +88,21 @@ impl Actor {
         }
         if self.spilled.remove(&id).is_some() {
             self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
-            let store = self
-                .store
-                .clone()
-                .ok_or_else(|| SequenceError::Store { reason: "no session store configured".into() })?;
+            let store = self.store.clone().ok_or(BatchingError::Store(StoreError::NotConfigured))?;
             let blob = store
-                .take(&self.shared.spec.name, self.shared.version, &id)?
-                .ok_or_else(|| SequenceError::NotFound { model: self.model(), id: id.clone() })?;
+                .take(&self.shared.adm.spec.name, self.shared.version, &id)?
+                .ok_or_else(|| BatchingError::NotFound { model: self.model(), id: id.clone() })?;
             if self.closed.insert(id.clone(), ClosedReason::Exported).is_none() {
                 self.closed_order.push_back(id);
             }
             return Ok(blob);
         }
-        Err(SequenceError::NotFound { model: self.model(), id })
+        Err(BatchingError::NotFound { model: self.model(), id })
     }
 
-    pub(super) fn import(&mut self, blob: SessionBlob) -> Result<SessionInfo, SequenceError> {
-        if blob.model != self.shared.spec.name || blob.version != self.shared.version {
-            return Err(SequenceError::BadBlob {
+    pub(super) fn import(&mut self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
+        if blob.model != self.shared.adm.spec.name || blob.version != self.shared.version {
+            return Err(BatchingError::BadBlob {
                 reason: format!(
                     "the session belongs to model '{}' version {}, not '{}' version {}",
                     blob.model,
@@ -118,7 +115,7 @@ impl Actor {
         self.check_state(&blob.state)?;
         self.check_corrid(&blob.id)?;
         if self.live.contains_key(&blob.id) || self.spilled.contains_key(&blob.id) {
-            return Err(SequenceError::AlreadyExists { model: self.model(), id: blob.id });
+            return Err(BatchingError::AlreadyExists { model: self.model(), id: blob.id });
         }
         let (instance, slot) = self.allocate()?;
         let now = Instant::now();

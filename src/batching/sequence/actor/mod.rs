@@ -9,15 +9,15 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::Instant;
 
-use super::config::ControlKind;
-use super::export::SessionBlob;
-use super::instance::{self, Job, StepJob};
-use super::{
-    ClosedReason, Command, NO_INSTANCE, SequenceError, SequenceId, SequenceRequest, SequenceSetup, SessionInfo,
-    SessionStore, Shared, StatefulInstance, StepOutcome,
-};
+use super::worker::{self, Job, StepJob};
+use super::{ClosedReason, Command, SequenceRequest, SequenceSetup, Shared, StepOutcome};
 use crate::backend::NamedTensor;
-use crate::scheduler::FailureReason;
+use crate::backend::StatefulInstance;
+use crate::batching::BatchingError;
+use crate::batching::admission::NO_INSTANCE;
+use crate::batching::stats::FailureReason;
+use crate::config::ControlKind;
+use crate::sessions::{SequenceId, SessionBlob, SessionInfo, SessionStore, StoreError};
 use crate::tensor::{DataType, Tensor};
 
 mod moves;
@@ -67,14 +67,15 @@ pub(super) fn spawn(
     shared: Arc<Shared>,
     setup: SequenceSetup,
     instances: Vec<Box<dyn StatefulInstance>>,
-) -> Result<Sender<Command>, SequenceError> {
+) -> Result<Sender<Command>, BatchingError> {
     let (tx, rx) = std::sync::mpsc::channel();
-    let model = shared.spec.name.clone();
+    let model = shared.adm.spec.name.clone();
     let n = instances.len();
     let mut senders = Vec::with_capacity(n);
     for (i, inst) in instances.into_iter().enumerate() {
-        let s = instance::spawn(i, inst, model.clone(), shared.stats.clone(), tx.clone()).map_err(|e| {
-            SequenceError::Unavailable { model: model.clone(), reason: format!("cannot start an instance thread: {e}") }
+        let s = worker::spawn(i, inst, shared.clone(), tx.clone()).map_err(|e| BatchingError::Unavailable {
+            model: model.clone(),
+            reason: format!("cannot start an instance thread: {e}"),
         })?;
         senders.push(Some(s));
     }
@@ -108,13 +109,13 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name(format!("{model}-sequences"))
         .spawn(move || actor.run(rx))
-        .map_err(|e| SequenceError::Unavailable { model, reason: format!("cannot start the sequence batcher: {e}") })?;
+        .map_err(|e| BatchingError::Unavailable { model, reason: format!("cannot start the sequence batcher: {e}") })?;
     Ok(tx)
 }
 
 impl Actor {
     fn model(&self) -> String {
-        self.shared.spec.name.clone()
+        self.shared.adm.spec.name.clone()
     }
 
     fn run(mut self, rx: Receiver<Command>) {
@@ -169,14 +170,16 @@ impl Actor {
         }
     }
 
-    fn reject(&self, req: SequenceRequest, e: SequenceError) {
-        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+    fn reject(&self, req: SequenceRequest, e: BatchingError) {
+        self.shared.adm.dequeued(1);
         let reason = match e {
-            SequenceError::SlotsExhausted { .. } | SequenceError::QueueFull { .. } => FailureReason::QueueFull,
-            SequenceError::Unavailable { .. } | SequenceError::Store { .. } => FailureReason::Unavailable,
+            BatchingError::SlotsExhausted { .. } | BatchingError::QueueFull { .. } => FailureReason::QueueFull,
+            BatchingError::Unavailable { .. } | BatchingError::Store(StoreError::Io { .. }) => {
+                FailureReason::Unavailable
+            }
             _ => FailureReason::Backend,
         };
-        self.shared.stats.record_failure(reason, req.arrived.elapsed());
+        self.shared.adm.stats.record_failure(reason, req.arrived.elapsed());
         let _ = req.reply.send(Err(e));
     }
 
@@ -186,12 +189,12 @@ impl Actor {
             return self.reject(req, e);
         }
         if self.instances.iter().all(Option::is_none) {
-            let e = SequenceError::Unavailable { model: self.model(), reason: NO_INSTANCE.into() };
+            let e = BatchingError::Unavailable { model: self.model(), reason: NO_INSTANCE.into() };
             return self.reject(req, e);
         }
         if let Some(l) = self.live.get_mut(&req.id) {
             if !req.start && l.closing {
-                let e = SequenceError::NotLive {
+                let e = BatchingError::NotLive {
                     model: self.model(),
                     id: req.id.clone(),
                     why: ClosedReason::Ended.as_str().into(),
@@ -211,7 +214,7 @@ impl Actor {
                 "was never started on this worker: its first request must set sequence_start (or import the session)",
                 |r| r.as_str(),
             );
-            let e = SequenceError::NotLive { model: self.model(), id: req.id.clone(), why: why.into() };
+            let e = BatchingError::NotLive { model: self.model(), id: req.id.clone(), why: why.into() };
             return self.reject(req, e);
         }
         let (inst, slot) = match self.allocate() {
@@ -234,10 +237,10 @@ impl Actor {
             self.spilled.remove(&req.id);
             self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
             let taken = match &self.store {
-                Some(store) => store.take(&self.shared.spec.name, self.shared.version, &req.id),
+                Some(store) => store.take(&self.shared.adm.spec.name, self.shared.version, &req.id),
                 None => Ok(None),
             };
-            let restored = taken.and_then(|b| match b {
+            let restored = taken.map_err(BatchingError::from).and_then(|b| match b {
                 Some(b) => self.check_state(&b.state).map(|()| Some(b)),
                 None => Ok(None),
             });
@@ -250,7 +253,7 @@ impl Actor {
                 }
                 (Ok(None), false) => {
                     self.free_slot(inst, slot);
-                    let e = SequenceError::NotLive {
+                    let e = BatchingError::NotLive {
                         model: self.model(),
                         id: req.id.clone(),
                         why: "was spilled, but its entry is gone from the session store".into(),
@@ -259,7 +262,7 @@ impl Actor {
                 }
                 (Err(e), false) => {
                     self.free_slot(inst, slot);
-                    if matches!(e, SequenceError::CorruptSession { .. } | SequenceError::BadBlob { .. }) {
+                    if matches!(e, BatchingError::Store(StoreError::Corrupt { .. }) | BatchingError::BadBlob { .. }) {
                         self.shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::warn!(model = %self.model(), id = %req.id, error = %e, "cannot restore a spilled session");
@@ -277,17 +280,17 @@ impl Actor {
 
     fn in_store(&self, id: &SequenceId) -> bool {
         let Some(store) = &self.store else { return false };
-        store.contains(&self.shared.spec.name, self.shared.version, id).unwrap_or_else(|e| {
+        store.contains(&self.shared.adm.spec.name, self.shared.version, id).unwrap_or_else(|e| {
             tracing::warn!(model = %self.model(), error = %e, "session store lookup failed");
             false
         })
     }
 
-    fn check_corrid(&self, id: &SequenceId) -> Result<(), SequenceError> {
+    fn check_corrid(&self, id: &SequenceId) -> Result<(), BatchingError> {
         let numeric =
             self.shared.seq.controls.iter().any(|c| c.kind == ControlKind::CorrId && c.dtype != DataType::Bytes);
         if numeric && matches!(id, SequenceId::Str(_)) {
-            return Err(SequenceError::InvalidRequest {
+            return Err(BatchingError::InvalidRequest {
                 model: self.model(),
                 reason: format!(
                     "sequence id {id} is a string, but the model's CORRID control input is an integer; send an integer sequence_id"
@@ -297,7 +300,7 @@ impl Actor {
         Ok(())
     }
 
-    fn check_state(&self, state: &[Tensor]) -> Result<(), SequenceError> {
+    fn check_state(&self, state: &[Tensor]) -> Result<(), BatchingError> {
         let specs = &self.shared.seq.states;
         let ok = state.len() == specs.len()
             && state
@@ -309,7 +312,7 @@ impl Actor {
         }
         let want: Vec<String> = specs.iter().map(|s| format!("{}{:?}", s.dtype, s.dims)).collect();
         let got: Vec<String> = state.iter().map(|t| format!("{}{:?}", t.dtype, t.shape)).collect();
-        Err(SequenceError::BadBlob {
+        Err(BatchingError::BadBlob {
             reason: format!("model '{}' keeps state {want:?}, the session holds {got:?}", self.model()),
         })
     }
@@ -322,7 +325,7 @@ impl Actor {
 
     /// A free slot on the instance with the most free slots; with a store, spills the least
     /// recently used idle session when none is free.
-    fn allocate(&mut self) -> Result<(usize, usize), SequenceError> {
+    fn allocate(&mut self) -> Result<(usize, usize), BatchingError> {
         for attempt in 0..2 {
             let best = (0..self.instances.len())
                 .filter(|i| self.instances[*i].is_some())
@@ -343,7 +346,7 @@ impl Actor {
                 .min_by_key(|(_, l)| l.last_active)
                 .map(|(id, _)| id.clone());
             let Some(id) = lru else {
-                return Err(SequenceError::SlotsExhausted {
+                return Err(BatchingError::SlotsExhausted {
                     model: self.model(),
                     capacity: self.shared.capacity,
                     hint: "; every one has a request queued or running, so none can be spilled: retry shortly".into(),
@@ -351,7 +354,7 @@ impl Actor {
             };
             self.spill(&id)?;
         }
-        Err(SequenceError::SlotsExhausted {
+        Err(BatchingError::SlotsExhausted {
             model: self.model(),
             capacity: self.shared.capacity,
             hint: "; retry after sequences end or expire (max_sequence_idle_microseconds), or start the worker with --session-store to spill idle sessions".into(),
@@ -362,7 +365,7 @@ impl Actor {
         let Some(l) = self.live.remove(id) else { return };
         self.free_slot(l.instance, l.slot);
         for r in l.queue {
-            let e = SequenceError::NotLive { model: self.model(), id: id.clone(), why: reason.as_str().into() };
+            let e = BatchingError::NotLive { model: self.model(), id: id.clone(), why: reason.as_str().into() };
             self.reject(r, e);
         }
         self.remember_closed(id, reason);
@@ -412,7 +415,7 @@ impl Actor {
     }
 
     fn controls(&self, req: &SequenceRequest) -> Vec<NamedTensor> {
-        let shape = if self.shared.spec.batches() { vec![1, 1] } else { vec![1] };
+        let shape = if self.shared.adm.spec.batches() { vec![1, 1] } else { vec![1] };
         self.shared
             .seq
             .controls
@@ -433,7 +436,7 @@ impl Actor {
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         let (delay, preferred) = self.shared.seq.batch_policy();
         let preferred = preferred.to_vec();
-        let limit = self.shared.spec.max_batch_size.max(1);
+        let limit = self.shared.adm.spec.max_batch_size.max(1);
         let mut wake: Option<Instant> = None;
         for inst in 0..self.instances.len() {
             if self.busy[inst] || self.instances[inst].is_none() {
@@ -477,7 +480,7 @@ impl Actor {
                     arrived,
                 });
             }
-            self.shared.queued.fetch_sub(jobs.len() as u64, Ordering::AcqRel);
+            self.shared.adm.dequeued(jobs.len());
             let sent = self.instances[inst].as_ref().map(|s| s.send(Job::Execute(jobs, now)));
             match sent {
                 Some(Ok(())) => self.busy[inst] = true,
@@ -498,8 +501,8 @@ impl Actor {
             if let Some(l) = self.live.get_mut(&j.id) {
                 l.in_flight = false;
             }
-            self.shared.stats.record_failure(FailureReason::Unavailable, j.arrived.elapsed());
-            let _ = j.reply.send(Err(SequenceError::Unavailable { model: self.model(), reason: why.into() }));
+            self.shared.adm.stats.record_failure(FailureReason::Unavailable, j.arrived.elapsed());
+            let _ = j.reply.send(Err(BatchingError::Unavailable { model: self.model(), reason: why.into() }));
         }
     }
 
@@ -518,7 +521,7 @@ impl Actor {
         for id in ids {
             if let Some(l) = self.live.remove(&id) {
                 for r in l.queue {
-                    let e = SequenceError::Unavailable {
+                    let e = BatchingError::Unavailable {
                         model: self.model(),
                         reason: format!("sequence {id} was lost: its instance failed"),
                     };
@@ -528,19 +531,15 @@ impl Actor {
             }
             self.remember_closed(&id, ClosedReason::InstanceFailed);
         }
-        if let Some(s) = self.shared.stats.instances.get(inst) {
+        if let Some(s) = self.shared.adm.stats.instances.get(inst) {
             s.in_service.store(0, Ordering::Relaxed);
         }
         self.shared.counters.live.store(self.live.len() as u64, Ordering::Relaxed);
         let left = self.instances.iter().filter(|i| i.is_some()).count();
-        self.shared.in_service.store(left, Ordering::Release);
         if left == 0 {
             tracing::error!(model = %self.model(), "no sequence instance left in service; the model is not ready");
-            let hook = self.shared.on_no_instance.lock().ok().and_then(|mut h| h.take());
-            if let Some(hook) = hook {
-                (hook.0)();
-            }
         }
+        self.shared.adm.set_in_service(left);
     }
 
     fn done(&mut self, instance: usize, outcomes: Vec<(SequenceId, StepOutcome)>, usable: bool) {

@@ -155,7 +155,7 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::RequestInput;
+    use crate::batching::RequestInput;
     use bytes::Bytes;
     use std::time::Duration;
     use tokio::sync::oneshot;
@@ -163,11 +163,18 @@ mod tests {
     fn req(
         rows: usize,
         tag: u8,
-    ) -> (Queued, oneshot::Receiver<Result<super::super::InferReply, super::super::SchedulerError>>) {
+    ) -> (Queued, oneshot::Receiver<Result<crate::batching::InferReply, crate::batching::BatchingError>>) {
         let (tx, rx) = oneshot::channel();
         let input = RequestInput { shape: vec![rows, 1], data: Bytes::from(vec![tag; rows]) };
-        let req =
-            InferRequest { inputs: vec![input], rows, priority: 0, timeout: None, reply: tx, arrived: Instant::now() };
+        let req = InferRequest {
+            inputs: vec![input],
+            rows,
+            priority: 0,
+            timeout: None,
+            sequence: Default::default(),
+            reply: tx,
+            arrived: Instant::now(),
+        };
         (Queued { req, deadline: None }, rx)
     }
 

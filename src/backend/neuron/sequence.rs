@@ -16,10 +16,9 @@
 
 use std::sync::Arc;
 
-use super::config::{ControlKind, ControlSpec, SequenceSpec, StateSpec};
-use super::instance::{SlotStep, StatefulInstance};
-use crate::backend::neuron::{Runtime, StateTensorConfig, StatefulNeff, StatefulNeffConfig, TensorConfig};
-use crate::backend::{BackendError, NamedTensor};
+use super::{Runtime, StateTensorConfig, StatefulNeff, StatefulNeffConfig, TensorConfig};
+use crate::backend::{BackendError, NamedTensor, SlotStep, StatefulInstance};
+use crate::config::{ControlKind, ControlSpec, SequenceSpec, StateSpec};
 use crate::config::{IoSpec, ModelSpec};
 use crate::tensor::{DataType, Tensor};
 
@@ -321,8 +320,8 @@ impl StatefulInstance for NeuronSequenceInstance {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::stateful::kernels::{ACCUMULATE_CONFIG, GRU_CONFIG, GRU_INPUT};
     use crate::config::parse_model_config;
-    use crate::sequence::models::{ACCUMULATE_CONFIG, GRU_CONFIG, GRU_INPUT};
 
     fn specs(text: &str) -> (ModelSpec, SequenceSpec) {
         let cfg = parse_model_config(text, "t.pbtxt").unwrap_or_else(|e| panic!("{e}"));

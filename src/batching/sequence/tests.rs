@@ -5,9 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use super::*;
-use crate::config::parse_model_config;
-use crate::scheduler::SchedulerHandle;
+use tokio::sync::oneshot;
+
+use crate::backend::cpu::stateful::kernels::ACCUMULATE_CONFIG;
+use crate::backend::cpu::stateful::{CpuSequenceInstance, builtin_kernel};
+use crate::backend::{BackendError, SlotStep, StatefulInstance};
+use crate::batching::{Batcher, BatchingError, InferRequest, RequestInput, SequenceControl, SequenceSetup};
+use crate::config::{ModelSpec, SequenceSpec, parse_model_config};
+use crate::sessions::{SequenceId, SessionBlob, SessionStore};
 use crate::tensor::Tensor;
 
 /// Execution failure modes of [`Flaky`].
@@ -55,8 +60,7 @@ impl StatefulInstance for Flaky {
 }
 
 struct Rig {
-    scheduler: SchedulerHandle,
-    handle: SequenceHandle,
+    handle: Batcher,
     /// Per instance: execution mode and state-write failure switch.
     exec: Vec<Arc<AtomicU8>>,
     fail_write: Vec<Arc<AtomicBool>>,
@@ -64,7 +68,7 @@ struct Rig {
 
 /// `accumulate` with `count` instances of `slots` slots each.
 fn rig(count: usize, slots: usize, store: Option<Arc<SessionStore>>) -> Rig {
-    let cfg = parse_model_config(models::ACCUMULATE_CONFIG, "t").unwrap_or_else(|e| panic!("{e}"));
+    let cfg = parse_model_config(ACCUMULATE_CONFIG, "t").unwrap_or_else(|e| panic!("{e}"));
     let spec = Arc::new(ModelSpec::from_config(&cfg, "t").unwrap_or_else(|e| panic!("{e}")));
     let seq = SequenceSpec::from_config(&cfg, "t", None).ok().flatten().unwrap_or_else(|| panic!("no sequence spec"));
     let exec: Vec<Arc<AtomicU8>> = (0..count).map(|_| Arc::new(AtomicU8::new(EXEC_OK))).collect();
@@ -81,18 +85,19 @@ fn rig(count: usize, slots: usize, store: Option<Arc<SessionStore>>) -> Rig {
                 as Box<dyn StatefulInstance>
         })
         .collect();
-    let (scheduler, handle) =
-        start_with_instances(spec, seq, 1, store, instances, slots).unwrap_or_else(|e| panic!("{e}"));
-    Rig { scheduler, handle, exec, fail_write }
+    let setup = SequenceSetup { spec, seq: Arc::new(seq), version: 1, store, slots };
+    let handle = Batcher::start_sequence(setup, instances).unwrap_or_else(|e| panic!("{e}"));
+    Rig { handle, exec, fail_write }
 }
 
-async fn step(h: &SequenceHandle, id: u64, v: i32, start: bool, end: bool) -> Result<i32, SequenceError> {
+async fn step(h: &Batcher, id: u64, v: i32, start: bool, end: bool) -> Result<i32, BatchingError> {
     let (tx, rx) = oneshot::channel();
-    h.submit(SequenceRequest {
-        id: SequenceId::Uint(id),
-        start,
-        end,
+    h.submit(InferRequest {
         inputs: vec![RequestInput { shape: vec![1, 1], data: bytes::Bytes::from(v.to_le_bytes().to_vec()) }],
+        rows: 1,
+        priority: 0,
+        timeout: None,
+        sequence: SequenceControl { id: Some(SequenceId::Uint(id)), start, end },
         reply: tx,
         arrived: Instant::now(),
     })?;
@@ -111,8 +116,8 @@ fn acc_blob(id: u64, sum: i32, steps: u64) -> SessionBlob {
     }
 }
 
-async fn steps_of(h: &SequenceHandle, id: u64) -> Option<u64> {
-    h.list().await.into_iter().find(|s| s.id == SequenceId::Uint(id)).map(|s| s.steps)
+async fn steps_of(h: &Batcher, id: u64) -> Option<u64> {
+    h.list_sessions().await.into_iter().find(|s| s.id == SequenceId::Uint(id)).map(|s| s.steps)
 }
 
 #[tokio::test]
@@ -122,11 +127,11 @@ async fn a_failed_spill_keeps_the_pending_restore_of_the_session() {
     // Sequence 1 leaves 50 in the only slot.
     assert_eq!(step(&r.handle, 1, 50, true, true).await.ok(), Some(50));
     // Session 2 (sum 100) is imported into that slot; its state waits to be written there.
-    r.handle.import(acc_blob(2, 100, 3)).await.unwrap_or_else(|e| panic!("import: {e}"));
+    r.handle.import_session(acc_blob(2, 100, 3)).await.unwrap_or_else(|e| panic!("import: {e}"));
     // Starting sequence 3 must spill session 2, but the store cannot be written.
     fault.store(true, Ordering::Release);
     let e = step(&r.handle, 3, 1, true, false).await.expect_err("spill fails");
-    assert!(matches!(e, SequenceError::Store { .. }), "{e}");
+    assert!(matches!(e, BatchingError::Store(_)), "{e}");
     fault.store(false, Ordering::Release);
     // Session 2 continues from its own state, not from the slot's previous occupant.
     assert_eq!(step(&r.handle, 2, 1, false, false).await.ok(), Some(101));
@@ -137,14 +142,14 @@ async fn a_failed_spill_keeps_the_pending_restore_of_the_session() {
 async fn a_failed_restore_closes_the_session_instead_of_running_on_foreign_state() {
     let r = rig(1, 2, None);
     assert_eq!(step(&r.handle, 1, 50, true, false).await.ok(), Some(50));
-    r.handle.import(acc_blob(2, 100, 3)).await.unwrap_or_else(|e| panic!("import: {e}"));
+    r.handle.import_session(acc_blob(2, 100, 3)).await.unwrap_or_else(|e| panic!("import: {e}"));
     r.fail_write[0].store(true, Ordering::Release);
     let e = step(&r.handle, 2, 1, false, false).await.expect_err("restore fails");
     assert!(e.to_string().contains("could not be restored"), "{e}");
     r.fail_write[0].store(false, Ordering::Release);
     // Its next request is refused with the reason; it never runs on the slot's old content.
     let e = step(&r.handle, 2, 1, false, false).await.expect_err("closed");
-    assert!(matches!(e, SequenceError::NotLive { .. }) && e.to_string().contains("could not be restored"), "{e}");
+    assert!(matches!(e, BatchingError::NotLive { .. }) && e.to_string().contains("could not be restored"), "{e}");
     // The other sequence was not disturbed, and the id can be started again.
     assert_eq!(step(&r.handle, 1, 1, false, false).await.ok(), Some(51));
     assert_eq!(step(&r.handle, 2, 7, true, false).await.ok(), Some(7));
@@ -164,7 +169,7 @@ async fn a_failed_end_keeps_the_sequence_and_failed_steps_are_not_counted() {
     assert_eq!(step(&r.handle, 1, 1, false, true).await.ok(), Some(11));
     let e = step(&r.handle, 1, 1, false, false).await.expect_err("ended");
     assert!(e.to_string().contains("has ended"), "{e}");
-    assert_eq!(r.handle.counters().ended.load(Ordering::Relaxed), 1);
+    assert_eq!(r.handle.session_counters().unwrap_or_else(|| panic!("counters")).ended.load(Ordering::Relaxed), 1);
 }
 
 async fn until(what: &str, mut ok: impl FnMut() -> bool) {
@@ -187,9 +192,9 @@ async fn losing_every_instance_makes_the_model_unavailable_and_not_ready() {
     until("instance 0 is out of service", || r.handle.instances_in_service() == 1).await;
     // Sequence 1 is remembered as lost with its instance; the model serves on with the other.
     let e = step(&r.handle, 1, 1, false, false).await.expect_err("lost");
-    assert!(matches!(e, SequenceError::NotLive { .. }) && e.to_string().contains("its instance failed"), "{e}");
+    assert!(matches!(e, BatchingError::NotLive { .. }) && e.to_string().contains("its instance failed"), "{e}");
     assert_eq!(r.handle.instances_in_service(), 1);
-    assert!(r.scheduler.is_ready());
+    assert!(r.handle.is_ready());
     assert_eq!(step(&r.handle, 2, 1, false, false).await.ok(), Some(7));
 
     r.exec[1].store(EXEC_FATAL, Ordering::Release);
@@ -198,8 +203,8 @@ async fn losing_every_instance_makes_the_model_unavailable_and_not_ready() {
     // STARTs are refused as unavailable (not as slots exhausted), and so are lost sequences.
     for (id, start) in [(3, true), (2, false)] {
         let e = step(&r.handle, id, 1, start, false).await.expect_err("unavailable");
-        assert!(matches!(e, SequenceError::Unavailable { .. }), "{e}");
+        assert!(matches!(e, BatchingError::Unavailable { .. }), "{e}");
     }
     // What readiness, health and /capacity read follows.
-    until("the model is not ready", || !r.scheduler.is_ready() && r.scheduler.instances_in_service() == 0).await;
+    until("the model is not ready", || !r.handle.is_ready() && r.handle.instances_in_service() == 0).await;
 }

@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{Command, FailureReason, InferReply, InferRequest, SchedulerError, Shared};
+use super::Command;
 use crate::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
+use crate::batching::admission::Admission;
+use crate::batching::instance::{self as protocol, Replies};
+use crate::batching::stats::{BatchPhases, FailureReason};
+use crate::batching::{BatchingError, InferReply, InferRequest};
 use crate::tensor::{Tensor, TensorView};
 
 /// A batch handed from the actor to an instance.
@@ -25,7 +29,7 @@ pub(crate) type InstanceSender = std::sync::mpsc::Sender<Batch>;
 pub(super) fn spawn(
     index: usize,
     instance: Box<dyn ModelInstance>,
-    shared: Arc<Shared>,
+    shared: Arc<Admission>,
     done: mpsc::UnboundedSender<Command>,
 ) -> InstanceSender {
     let (tx, rx) = std::sync::mpsc::channel::<Batch>();
@@ -40,7 +44,7 @@ pub(super) fn spawn(
 struct Worker {
     index: usize,
     instance: Box<dyn ModelInstance>,
-    shared: Arc<Shared>,
+    shared: Arc<Admission>,
     done: mpsc::UnboundedSender<Command>,
     buffers: Vec<Vec<u8>>,
     shapes: Vec<Vec<usize>>,
@@ -56,9 +60,7 @@ struct Layout {
 impl Worker {
     fn run(mut self, rx: std::sync::mpsc::Receiver<Batch>) {
         let stats = self.shared.stats.clone();
-        if let Some(s) = stats.instances.get(self.index) {
-            s.in_service.store(1, Relaxed);
-        }
+        let _in_service = protocol::in_service(&stats, self.index);
         while let Ok(batch) = rx.recv() {
             if !self.process(batch) {
                 // Out of service: hand every batch already sent here back to the queue. The actor
@@ -68,9 +70,6 @@ impl Worker {
                 }
                 break;
             }
-        }
-        if let Some(s) = stats.instances.get(self.index) {
-            s.in_service.store(0, Relaxed);
         }
     }
 
@@ -102,62 +101,50 @@ impl Worker {
         let start = Instant::now();
         let result =
             if self.shared.spec.batches() { self.run_batched(&requests) } else { self.run_single(&requests[0]) };
+        let index = self.index;
+        let done_tx = self.done.clone();
+        let done = move |usable: bool| {
+            move || {
+                let _ = done_tx.send(Command::Done { instance: index, usable });
+            }
+        };
+        let mut replies = Replies::with_capacity(requests.len());
         match result {
             Ok((outputs, timings)) => {
-                self.signal_done(true);
-                // Statistics first, so a client that reads them after its reply sees its request.
-                let n = requests.len() as u64;
-                let rows: usize = requests.iter().map(|r| r.rows).sum();
-                let out_time = timings.split;
                 // Triton's per-request semantics: every request of the batch spent the batch's time.
-                let k = n as u32;
-                stats.compute_input.add(n, timings.input * k);
-                stats.compute_infer.add(n, timings.infer * k);
-                stats.compute_output.add(n, out_time * k);
-                stats.inference_count.fetch_add(rows as u64, Relaxed);
-                if let Some(s) = stats.instances.get(self.index) {
+                let rows: usize = requests.iter().map(|r| r.rows).sum();
+                let phases = BatchPhases { input: timings.input, infer: timings.infer, output: timings.split };
+                stats.record_batch(requests.len(), rows, phases, &timings.executions);
+                if let Some(s) = stats.instances.get(index) {
                     s.executions.fetch_add(timings.executions.len() as u64, Relaxed);
                 }
-                let per_exec = timings.executions.len().max(1) as u32;
-                for (rows, infer) in timings.executions {
-                    stats.record_execution(rows, timings.input / per_exec, infer, out_time / per_exec);
-                }
-                for req in &requests {
-                    stats.queue.add(1, start.saturating_duration_since(req.arrived));
-                    stats.success.add(1, req.arrived.elapsed());
-                }
                 for (req, outs) in requests.into_iter().zip(outputs) {
-                    let _ = req.reply.send(Ok(InferReply { outputs: outs }));
+                    stats.record_success(start.saturating_duration_since(req.arrived), req.arrived.elapsed());
+                    replies.push(req.reply, Ok(InferReply { outputs: outs }));
                 }
+                replies.deliver_after(done(true));
                 true
             }
             Err(e) => {
-                let usable = !matches!(
-                    e,
-                    SchedulerError::Backend { source: BackendError::Execution { instance_usable: false, .. }, .. }
-                );
-                self.signal_done(usable);
-                if let SchedulerError::Backend {
-                    source: BackendError::Execution { nrt_status: Some(code), .. }, ..
-                } = &e
-                {
-                    stats.record_nrt_status(*code);
-                }
-                if let Some(s) = stats.instances.get(self.index) {
+                let usable = !e.is_fatal();
+                if let BatchingError::Backend { source, .. } = &e {
+                    protocol::record_batch_error(&stats, index, source);
+                } else if let Some(s) = stats.instances.get(index) {
                     s.errors.fetch_add(1, Relaxed);
                 }
                 tracing::warn!(model = %self.shared.spec.name, instance = %self.instance.label(), error = %e, "batch failed");
                 for req in requests {
                     stats.record_failure(FailureReason::Backend, req.arrived.elapsed());
-                    let _ = req.reply.send(Err(e.clone()));
+                    replies.push(req.reply, Err(e.clone()));
                 }
+                replies.deliver_after(done(usable));
                 usable
             }
         }
     }
 
     /// A model without a batch dimension: one request, its tensors as they are.
-    fn run_single(&mut self, req: &InferRequest) -> Result<(Vec<Vec<NamedTensor>>, Timings), SchedulerError> {
+    fn run_single(&mut self, req: &InferRequest) -> Result<(Vec<Vec<NamedTensor>>, Timings), BatchingError> {
         let spec = self.shared.spec.clone();
         let inputs: Vec<BatchInput<'_>> = spec
             .inputs
@@ -171,14 +158,14 @@ impl Worker {
         let t = Instant::now();
         let mut out = guarded_execute(self.instance.as_mut(), &spec.name, &inputs)?;
         let infer = t.elapsed();
-        conform_dtypes(&spec, &mut out).map_err(|message| SchedulerError::Backend {
+        conform_dtypes(&spec, &mut out).map_err(|message| BatchingError::Backend {
             model: self.model(),
             source: BackendError::Execution { message, instance_usable: true, nrt_status: None },
         })?;
         Ok((vec![out], Timings { input: Duration::ZERO, infer, split: Duration::ZERO, executions: vec![(1, infer)] }))
     }
 
-    fn layout(&self, requests: &[InferRequest]) -> Result<Layout, SchedulerError> {
+    fn layout(&self, requests: &[InferRequest]) -> Result<Layout, BatchingError> {
         let spec = &self.shared.spec;
         let seq_inputs: Vec<usize> =
             spec.inputs.iter().enumerate().filter(|(_, s)| s.dims.first() == Some(&-1)).map(|(i, _)| i).collect();
@@ -195,7 +182,7 @@ impl Worker {
             None
         } else {
             let Some(s) = spec.buckets.seq_bucket(max_seq) else {
-                return Err(SchedulerError::TooLarge {
+                return Err(BatchingError::TooLarge {
                     model: spec.name.clone(),
                     reason: format!(
                         "sequence length {max_seq} exceeds the largest sequence bucket {:?}",
@@ -223,7 +210,7 @@ impl Worker {
         }
     }
 
-    fn run_batched(&mut self, requests: &[InferRequest]) -> Result<(Vec<Vec<NamedTensor>>, Timings), SchedulerError> {
+    fn run_batched(&mut self, requests: &[InferRequest]) -> Result<(Vec<Vec<NamedTensor>>, Timings), BatchingError> {
         let spec = self.shared.spec.clone();
         let t0 = Instant::now();
         let layout = self.layout(requests)?;
@@ -249,7 +236,7 @@ impl Worker {
                 } else {
                     let src_row = t.data.len() / r.rows.max(1);
                     if src_row > row_bytes {
-                        return Err(SchedulerError::Backend {
+                        return Err(BatchingError::Backend {
                             model: self.model(),
                             source: BackendError::InvalidInput {
                                 name: ispec.name.clone(),
@@ -301,11 +288,11 @@ impl Worker {
         }
         let t_split = Instant::now();
         let mut merged = merge_chunks(chunks, layout.total_rows);
-        conform_dtypes(&spec, &mut merged).map_err(|message| SchedulerError::Backend {
+        conform_dtypes(&spec, &mut merged).map_err(|message| BatchingError::Backend {
             model: self.model(),
             source: BackendError::Execution { message, instance_usable: true, nrt_status: None },
         })?;
-        let per_request = split_outputs(&spec, merged, &layout).map_err(|reason| SchedulerError::Backend {
+        let per_request = split_outputs(&spec, merged, &layout).map_err(|reason| BatchingError::Backend {
             model: self.model(),
             source: BackendError::Execution { message: reason, instance_usable: true, nrt_status: None },
         })?;
@@ -314,27 +301,15 @@ impl Worker {
     }
 }
 
-/// Executes on the backend; a panic inside it is caught and treated as a fatal error of this instance
-/// (it leaves service; the model keeps serving on the others).
+/// Executes on the backend under the instance-thread protocol's panic guard.
 fn guarded_execute(
     instance: &mut dyn ModelInstance,
     model: &str,
     inputs: &[BatchInput<'_>],
-) -> Result<Vec<NamedTensor>, SchedulerError> {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| instance.execute(inputs)));
-    let result = result.unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
-        Err(BackendError::Execution {
-            message: format!("instance {} panicked: {what}; it is taken out of service", instance.label()),
-            instance_usable: false,
-            nrt_status: None,
-        })
-    });
-    result.map_err(|source| SchedulerError::Backend { model: model.to_string(), source })
+) -> Result<Vec<NamedTensor>, BatchingError> {
+    let label = instance.label();
+    protocol::guarded(&label, || instance.execute(inputs))
+        .map_err(|source| BatchingError::Backend { model: model.to_string(), source })
 }
 
 /// Time spent per phase of one batch.
