@@ -4,6 +4,7 @@
 mod decode;
 mod error;
 pub mod generate;
+mod generate_stream;
 mod inference;
 pub mod metrics;
 pub mod sessions;
