@@ -9,9 +9,11 @@ pub mod bert;
 pub mod builtin;
 pub mod dense;
 pub mod gemm;
+pub mod gguf;
 pub mod instance;
 pub mod ops;
 pub mod pooling;
+pub mod quant;
 pub mod stateful;
 pub mod weights;
 
