@@ -4,6 +4,7 @@
 mod decode;
 mod error;
 pub mod generate;
+mod generate_stream;
 pub mod http;
 mod inference;
 pub mod metrics;
