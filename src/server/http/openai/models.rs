@@ -18,7 +18,7 @@ pub async fn list(State(app): State<App>) -> Json<Value> {
         .repo
         .entries()
         .into_iter()
-        .filter(|(_, e)| e.versions.values().any(|v| v.scheduler.is_ready()))
+        .filter(|(_, e)| e.versions.values().any(|v| v.batching.is_ready()))
         .map(|(name, _)| entry(&name))
         .collect();
     Json(json!({ "object": "list", "data": data }))
