@@ -123,12 +123,12 @@ impl From<ServerError> for HttpError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scheduler::SchedulerError;
+    use crate::batching::BatchingError;
 
     #[test]
     fn overload_is_429_with_retry_after() {
         let e =
-            HttpError::from(ServerError::Scheduler(SchedulerError::QueueFull { model: "m".into(), max_queue_size: 2 }));
+            HttpError::from(ServerError::Batching(BatchingError::QueueFull { model: "m".into(), max_queue_size: 2 }));
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         let r = e.into_response();
         assert_eq!(r.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("1"));
