@@ -2,7 +2,7 @@
 //!
 //! It runs on every machine (CI included) and is the reference the Neuron path is checked
 //! against. GEMMs go through the `gemm` crate, which picks AVX-512 / AVX2+FMA / SSE kernels at run
-//! time; see [`gemm::isa_name`].
+//! time; see [`isa`] (`NEURON_WORKER_ISA` lowers the choice to measure the AVX2 path).
 
 pub mod attention;
 pub mod bert;
@@ -10,6 +10,7 @@ pub mod builtin;
 pub mod dense;
 pub mod gemm;
 pub mod instance;
+pub mod isa;
 pub mod ops;
 pub mod pooling;
 pub mod weights;
