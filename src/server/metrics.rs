@@ -98,7 +98,9 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
                 inst_up.with_label_values(&il).set(st.in_service.load(Relaxed) as i64);
             }
             for (code, n) in s.nrt_statuses() {
-                let label = neuron_sys::status_name(code).map(str::to_string).unwrap_or_else(|| code.to_string());
+                let label = crate::backend::neuron::nrt_status_name(code)
+                    .map(str::to_string)
+                    .unwrap_or_else(|| code.to_string());
                 nrt.with_label_values(&[l[0], l[1], &label]).inc_by(n);
             }
             state.with_label_values(&l).set(i64::from(m.batching.is_ready()));
