@@ -5,6 +5,7 @@ mod decode;
 mod error;
 pub mod generate;
 mod inference;
+mod metric_families;
 pub mod metrics;
 pub mod sessions;
 mod stats;
