@@ -151,6 +151,7 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
     for c in collectors {
         families.extend(c.collect().into_iter().filter(|f| !f.get_metric().is_empty()));
     }
+    families.extend(super::http::metrics::families());
     let mut buf = Vec::new();
     TextEncoder::new().encode(&families, &mut buf)?;
     String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))

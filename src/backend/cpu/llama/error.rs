@@ -71,6 +71,12 @@ pub enum LoadError {
         /// What is wrong (from the GGUF reader).
         message: String,
     },
+    /// The tokenizer or the chat template of the folder could not be loaded.
+    #[error("{message}")]
+    Tokenizer {
+        /// What is wrong, with the file.
+        message: String,
+    },
     /// The decoder was asked for a KV pool it cannot hold.
     #[error("KV pool: {reason}")]
     KvPool {
@@ -82,5 +88,11 @@ pub enum LoadError {
 impl From<LoadError> for BackendError {
     fn from(e: LoadError) -> Self {
         BackendError::Load(e.to_string())
+    }
+}
+
+impl From<crate::tokenize::TokenizeError> for LoadError {
+    fn from(e: crate::tokenize::TokenizeError) -> Self {
+        LoadError::Tokenizer { message: e.to_string() }
     }
 }

@@ -5,6 +5,7 @@
 mod attention;
 pub mod config;
 pub mod error;
+pub mod hf_folder;
 mod kv_pool;
 mod layers;
 pub mod model;
@@ -13,6 +14,7 @@ pub mod weights;
 
 pub use config::{Llama3RopeScaling, LlamaConfig};
 pub use error::LoadError;
+pub use hf_folder::{GenerationDefaults, HfDecoderFiles, load_hf_decoder};
 pub use kv_pool::KvPool;
 pub use model::LlamaModel;
 pub use weights::{SafetensorsSource, Weight, WeightSource};
