@@ -142,7 +142,7 @@ impl Batcher {
     /// as it is idle, so none is lost if the drain is cut short. Requests are still admitted.
     pub async fn begin_drain(&self) {
         match &self.policy {
-            Policy::Dynamic(_) => {}
+            Policy::Dynamic(_) | Policy::Generative(_) => {}
             Policy::Sequence(s) => s.begin_drain().await,
         }
     }
