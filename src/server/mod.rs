@@ -8,6 +8,7 @@ mod generate_stream;
 pub mod http;
 mod inference;
 pub mod metrics;
+mod metrics_generative;
 pub mod sessions;
 mod stats;
 
