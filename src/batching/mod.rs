@@ -137,6 +137,16 @@ impl Batcher {
         }
     }
 
+    /// The worker started draining and will call [`Batcher::drain`] once its accepted requests
+    /// are answered: a sequence model stops expiring sessions and saves each to the store as soon
+    /// as it is idle, so none is lost if the drain is cut short. Requests are still admitted.
+    pub async fn begin_drain(&self) {
+        match &self.policy {
+            Policy::Dynamic(_) | Policy::Generative(_) => {}
+            Policy::Sequence(s) => s.begin_drain().await,
+        }
+    }
+
     /// Stops accepting requests and finishes every accepted one (a sequence model then writes its
     /// live sessions to the store); resolves once the threads are stopped.
     pub async fn drain(&self) {

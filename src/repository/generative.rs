@@ -219,9 +219,10 @@ pub fn tiny_decoder(spec: &GenerativeSpec, instances: usize) -> Result<LoadedDec
 pub(crate) async fn load_versions(
     source: super::loader::ModelSource,
     defaults: &GenerativeSpec,
-) -> Result<std::collections::BTreeMap<i64, Arc<super::LoadedModel>>, String> {
+) -> Result<std::collections::BTreeMap<i64, Arc<super::LoadedModel>>, super::LoadError> {
+    use super::LoadError;
     let file = format!("model '{}' config", source.config.name);
-    let gspec = GenerativeSpec::from_config(&source.config, &file, defaults).map_err(|e| e.to_string())?;
+    let gspec = GenerativeSpec::from_config(&source.config, &file, defaults)?;
     let mut versions = std::collections::BTreeMap::new();
     for (version, vdir) in source.versions {
         let mut spec = (*source.spec).clone();
@@ -230,18 +231,22 @@ pub(crate) async fn load_versions(
         let instances = spec.instance_count.unwrap_or(1);
         let g = gspec.clone();
         let loaded = tokio::task::spawn_blocking(move || match vdir {
-            None => tiny_decoder(&g, instances),
+            None => tiny_decoder(&g, instances)
+                .map_err(|reason| LoadError::Decoder { path: "<built-in tiny_decoder>".into(), reason }),
             Some(d) => match detect(&d) {
-                Some(src) => load(&src, &g, instances),
-                None => Err(format!("{}: the version folder holds no decoder checkpoint", d.display())),
+                Some(src) => load(&src, &g, instances).map_err(|reason| LoadError::Decoder { path: d, reason }),
+                None => {
+                    Err(LoadError::Decoder { path: d, reason: "the version folder holds no decoder checkpoint".into() })
+                }
             },
         })
         .await
-        .map_err(|e| format!("loader task failed: {e}"))??;
+        .map_err(|e| LoadError::Task { reason: e.to_string() })??;
         let batching =
             crate::batching::Batcher::start_generative(spec.clone(), loaded.setup, loaded.decoders, loaded.tokenizer)
-                .map_err(|e| e.to_string())?;
-        let model = super::LoadedModel { version, config: source.config.clone(), spec, batching, backend: "cpu" };
+                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+        let backend = crate::backend::BackendKind::Cpu;
+        let model = super::LoadedModel { version, config: source.config.clone(), spec, batching, backend };
         versions.insert(version, Arc::new(model));
     }
     Ok(versions)

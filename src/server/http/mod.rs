@@ -7,6 +7,7 @@ mod auth;
 mod body;
 mod core;
 mod error;
+mod generate;
 mod infer;
 mod kserve;
 pub mod metrics;
@@ -62,7 +63,9 @@ fn router(app: App, token: Option<Arc<str>>) -> Router {
             .route(&format!("{base}/ready"), get(kserve::model_ready))
             .route(&format!("{base}/config"), get(kserve::model_config))
             .route(&format!("{base}/stats"), get(kserve::statistics))
-            .route(&format!("{base}/infer"), post(infer::infer));
+            .route(&format!("{base}/infer"), post(infer::infer))
+            .route(&format!("{base}/generate"), post(generate::generate))
+            .route(&format!("{base}/generate_stream"), post(generate::generate_stream));
     }
     r.fallback(kserve::no_route)
         .with_state(app)

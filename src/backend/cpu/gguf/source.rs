@@ -212,7 +212,7 @@ impl GgufSource {
 /// HF row order of a converter-permuted Q/K weight with `heads` heads of `rows / heads` rows:
 /// HF row `h·hd + s·hd/2 + i` is GGUF row `h·hd + 2i + s`.
 fn unpermute_order(rows: usize, heads: usize) -> Option<Vec<usize>> {
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return None;
     }
     let hd = rows / heads;
