@@ -127,6 +127,14 @@ pub enum LoadError {
         /// The backend's error.
         source: BackendError,
     },
+    /// A decoder checkpoint (generative model) could not be loaded.
+    #[error("{}: cannot serve this decoder checkpoint: {reason}", path.display())]
+    Decoder {
+        /// The folder or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The batching layer could not start the model's instances.
     #[error("{reason}")]
     Batching {

@@ -18,6 +18,8 @@ pub(crate) struct ModelSource {
     pub(crate) spec: Arc<ModelSpec>,
     /// (version, folder); the folder is `None` for built-in models.
     pub(crate) versions: Vec<(i64, Option<PathBuf>)>,
+    /// A generative (decoder) model: its versions hold decoder checkpoints.
+    pub(crate) decoder: bool,
 }
 
 /// Instances, backend name, and the batch buckets the backend fixed (if any).
@@ -25,9 +27,28 @@ pub(crate) type Created = (Vec<Box<dyn ModelInstance>>, BackendKind, Option<Vec<
 
 /// Reads a built-in model's configuration.
 pub(crate) fn builtin_source(name: &str, text: &str) -> Result<ModelSource, LoadError> {
-    let config = parse_model_config(text, &format!("<built-in {name}>"))?;
+    let mut config = parse_model_config(text, &format!("<built-in {name}>"))?;
+    let decoder = name == super::generative::TINY_DECODER;
+    if decoder {
+        crate::config::generative::complete_config(&mut config);
+    }
     let spec = ModelSpec::from_config(&config, &format!("<built-in {name}>"))?;
-    Ok(ModelSource { config, spec: Arc::new(spec), versions: vec![(1, None)] })
+    Ok(ModelSource { config, spec: Arc::new(spec), versions: vec![(1, None)], decoder })
+}
+
+/// A decoder checkpoint served without a repository layout (`serve --model [NAME=]PATH`): a
+/// completed configuration, one version (1) read from `path`.
+pub(crate) fn direct_source(name: &str, path: &Path) -> Result<ModelSource, LoadError> {
+    if super::generative::detect(path).is_none() {
+        return Err(LoadError::Decoder {
+            path: path.to_path_buf(),
+            reason: "not a decoder checkpoint this worker serves (an HF folder with config.json of a llama, mistral or qwen2 model, safetensors and tokenizer.json)".into(),
+        });
+    }
+    let mut config = ModelConfig { name: name.to_string(), backend: "cpu".into(), ..Default::default() };
+    crate::config::generative::complete_config(&mut config);
+    let spec = ModelSpec::from_config(&config, &format!("<model {name}>"))?;
+    Ok(ModelSource { config, spec: Arc::new(spec), versions: vec![(1, Some(path.to_path_buf()))], decoder: true })
 }
 
 /// Reads `<dir>/config.pbtxt` (or completes a configuration from an HF BERT checkpoint) and picks
@@ -43,6 +64,7 @@ pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, LoadErr
     all_versions.sort();
     let cfg_path = dir.join("config.pbtxt");
     let file = cfg_path.display().to_string();
+    let decoder = all_versions.last().is_some_and(|(_, d)| super::generative::detect(d).is_some());
     let mut config = if cfg_path.exists() {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| LoadError::Io {
             path: cfg_path.clone(),
@@ -50,6 +72,8 @@ pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, LoadErr
             reason: e.to_string(),
         })?;
         parse_model_config(&text, &file)?
+    } else if decoder {
+        ModelConfig { name: name.to_string(), backend: "cpu".into(), ..Default::default() }
     } else {
         let Some((_, latest)) = all_versions.last() else {
             return Err(LoadError::NoConfig { dir: dir.to_path_buf() });
@@ -62,12 +86,16 @@ pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, LoadErr
     if config.name != name {
         return Err(LoadError::NameMismatch { file, found: config.name, folder: name.to_string() });
     }
+    if decoder {
+        crate::config::generative::complete_config(&mut config);
+    }
     let spec = ModelSpec::from_config(&config, &file)?;
     let versions = select_versions(&config, &all_versions).map_err(|reason| LoadError::Versions { file, reason })?;
     Ok(ModelSource {
         config,
         spec: Arc::new(spec),
         versions: versions.into_iter().map(|(v, p)| (v, Some(p))).collect(),
+        decoder,
     })
 }
 

@@ -3,6 +3,7 @@
 
 mod builtin;
 mod error;
+pub mod generative;
 mod loader;
 mod neuron_loader;
 mod state;
@@ -76,12 +77,36 @@ pub struct Repository {
     control: ModelControlMode,
     models: RwLock<BTreeMap<String, ModelEntry>>,
     session_store: Option<Arc<SessionStore>>,
+    /// Worker-wide generative settings (`--kv-cache-memory`), under each model's parameters.
+    generative_defaults: crate::config::generative::GenerativeSpec,
+    /// Decoder checkpoints served without a repository layout (`--model NAME=PATH`).
+    direct: Vec<(String, PathBuf)>,
 }
 
 impl Repository {
     /// A repository over `root` (or the built-in models when `None`). Nothing is loaded yet.
     pub fn new(root: Option<PathBuf>, backend: BackendSelection, control: ModelControlMode) -> Repository {
-        Repository { root, backend, control, models: RwLock::new(BTreeMap::new()), session_store: None }
+        Repository {
+            root,
+            backend,
+            control,
+            models: RwLock::new(BTreeMap::new()),
+            session_store: None,
+            generative_defaults: Default::default(),
+            direct: Vec::new(),
+        }
+    }
+
+    /// Worker-wide settings of generative models (each model's `parameters` override them).
+    pub fn with_generative_defaults(mut self, spec: crate::config::generative::GenerativeSpec) -> Repository {
+        self.generative_defaults = spec;
+        self
+    }
+
+    /// Serves these decoder checkpoints (name, HF folder) instead of the built-in models.
+    pub fn with_direct_models(mut self, models: Vec<(String, PathBuf)>) -> Repository {
+        self.direct = models;
+        self
     }
 
     /// Uses `store` for spilled and drained sessions of sequence models (set before loading).
@@ -104,6 +129,11 @@ impl Repository {
     /// recorded as UNAVAILABLE with its reason and logged; the others are served.
     pub async fn load_all(&self) -> Result<(), RepositoryError> {
         match &self.root {
+            None if !self.direct.is_empty() => {
+                for (name, _) in self.direct.clone() {
+                    let _ = self.load(&name).await;
+                }
+            }
             None => {
                 for (name, _) in BUILTIN_CONFIGS {
                     let _ = self.load(name).await;
@@ -145,7 +175,12 @@ impl Repository {
     /// Loads (or reloads) one model by name. On failure the model is recorded as UNAVAILABLE.
     pub async fn load(&self, name: &str) -> Result<(), RepositoryError> {
         let dir = self.model_dir(name)?;
+        let direct = self.direct.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone());
         let source = match &dir {
+            None if !self.direct.is_empty() => match &direct {
+                Some(path) => loader::direct_source(name, path),
+                None => return Err(RepositoryError::NotFound { model: name.into(), version: String::new() }),
+            },
             None => match BUILTIN_CONFIGS.iter().find(|(n, _)| *n == name) {
                 Some((_, text)) => loader::builtin_source(name, text),
                 None => return Err(RepositoryError::NotFound { model: name.into(), version: String::new() }),
@@ -157,8 +192,12 @@ impl Repository {
         };
         let backend = self.backend.clone();
         let store = self.session_store.clone();
+        let gen_defaults = self.generative_defaults.clone();
         let loaded = async move {
             let source = source?;
+            if source.decoder {
+                return generative::load_versions(source, &gen_defaults).await;
+            }
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
             let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())?.map(Arc::new);

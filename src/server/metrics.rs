@@ -22,7 +22,9 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
     let families = FAMILIES.get_or_init(|| MetricFamilies::new().map(Mutex::new).map_err(|e| e.to_string()));
     let families = families.as_ref().map_err(|e| prometheus::Error::Msg(e.clone()))?;
     let families = families.lock().map_err(|_| prometheus::Error::Msg("metrics lock poisoned".into()))?;
-    families.render(repo)
+    let mut text = families.render(repo)?;
+    text.push_str(&super::metrics_generative::render(repo));
+    Ok(text)
 }
 
 /// The capacity summary: per model version, readiness, instances in service, queue depth and bound,
@@ -31,7 +33,7 @@ pub fn capacity(repo: &Repository) -> serde_json::Value {
     let mut models = Vec::new();
     for (name, entry) in repo.entries() {
         for (v, m) in &entry.versions {
-            models.push(serde_json::json!({
+            let mut entry = serde_json::json!({
                 "model": name,
                 "version": v.to_string(),
                 "ready": m.batching.is_ready(),
@@ -41,7 +43,11 @@ pub fn capacity(repo: &Repository) -> serde_json::Value {
                 "queue_capacity": m.spec.dynamic.max_queue_size,
                 "max_batch_size": m.spec.max_batch_size,
                 "estimated_queue_wait_us": m.batching.estimated_queue_wait().as_micros() as u64,
-            }));
+            });
+            if let Some(g) = m.batching.generative() {
+                entry["generative"] = super::metrics_generative::capacity(g.stats());
+            }
+            models.push(entry);
         }
         if entry.versions.is_empty() {
             models

@@ -9,6 +9,7 @@ pub mod http;
 mod inference;
 mod metric_families;
 pub mod metrics;
+mod metrics_generative;
 pub mod sessions;
 mod stats;
 

@@ -60,6 +60,8 @@ pub struct Accepted {
     pub inter_token_s: Option<f64>,
     /// Why the sequence ended, when it ended with this token.
     pub finished: Option<FinishReason>,
+    /// The client had gone away (the update could not be sent): the sequence ends.
+    pub client_gone: bool,
 }
 
 impl Sequence {
@@ -145,9 +147,10 @@ impl Sequence {
             top_logprobs: top.into_iter().collect(),
             finished,
         };
-        if self.updates.send(Ok(update)).is_err() || finished.is_some() {
+        let client_gone = self.updates.send(Ok(update)).is_err();
+        if client_gone || finished.is_some() {
             self.done = true;
         }
-        Accepted { first_token_s, inter_token_s, finished: reason }
+        Accepted { first_token_s, inter_token_s, finished: reason, client_gone }
     }
 }

@@ -378,6 +378,9 @@ impl Engine {
             if let Some(t) = accepted.inter_token_s {
                 self.stats.inter_token_latency.observe(t);
             }
+            if accepted.client_gone {
+                self.stats.cancelled.fetch_add(1, Relaxed);
+            }
             match accepted.finished {
                 Some(FinishReason::Stop) => self.stats.finished_stop.fetch_add(1, Relaxed),
                 Some(FinishReason::Length) => self.stats.finished_length.fetch_add(1, Relaxed),
