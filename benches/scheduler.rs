@@ -17,13 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use neuron_worker::backend::cpu::linear_weights;
 use neuron_worker::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
 use neuron_worker::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
 use neuron_worker::batching::{Batcher, InferRequest, RequestInput};
 use neuron_worker::config::{ModelSpec, parse_model_config};
-use neuron_worker::neff::NeffBuilder;
-use neuron_worker::neff::writer::{Activation, DenseLayer};
 use neuron_worker::tensor::{DataType, Tensor, TensorView};
 use tokio::sync::oneshot;
 
@@ -290,19 +287,7 @@ fn efficiency_child() -> Result<(), Failure> {
     if (runtime.visible_cores() as usize) < CORES {
         return Err(format!("the stand-in shows {} cores, the bench needs {CORES}", runtime.visible_cores()));
     }
-    let w = linear_weights();
-    let layers: Vec<DenseLayer> = w
-        .layers
-        .iter()
-        .map(|l| DenseLayer {
-            weight: l.weight.clone(),
-            bias: Some(l.bias.clone()),
-            in_features: l.in_dim as u64,
-            out_features: l.out_dim as u64,
-            activation: Activation::None,
-        })
-        .collect();
-    let neff = NeffBuilder::dense_chain(format!("linear_b{BUCKET}"), BUCKET as u64, "INPUT0", "OUTPUT0", &layers)
+    let neff = neuron_worker::neff::testing::builtin_dense_neff("linear", BUCKET)?
         .build()
         .map_err(|e| format!("building the NEFF: {e}"))?;
     let spec = spec(&format!(

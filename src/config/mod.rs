@@ -1,6 +1,7 @@
 //! Model configuration: Triton's `ModelConfig` read from `config.pbtxt`, checked and turned into the
 //! [`ModelSpec`] the scheduler and server work from.
 
+pub mod generative;
 mod pbtxt;
 pub mod sequence;
 mod spec;

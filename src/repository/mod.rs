@@ -5,14 +5,17 @@ mod builtin;
 mod error;
 mod loader;
 mod neuron_loader;
+mod state;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 pub use builtin::BUILTIN_CONFIGS;
-pub use error::RepositoryError;
+pub use error::{LoadError, RepositoryError};
+pub use state::ModelState;
 
+use crate::backend::BackendKind;
 use crate::batching::{Batcher, SequenceSetup};
 use crate::config::ModelSpec;
 use crate::proto::inference::ModelConfig;
@@ -50,8 +53,8 @@ pub struct LoadedModel {
     pub spec: Arc<ModelSpec>,
     /// Its batching (dynamic or sequence policy): every request goes there.
     pub batching: Batcher,
-    /// `cpu` or `neuron`.
-    pub backend: &'static str,
+    /// The backend it runs on.
+    pub backend: BackendKind,
 }
 
 /// A model's state in the repository index.
@@ -59,8 +62,8 @@ pub struct LoadedModel {
 pub struct ModelEntry {
     /// Loaded versions, by number.
     pub versions: BTreeMap<i64, Arc<LoadedModel>>,
-    /// `READY`, `UNAVAILABLE`, `UNLOADING`...
-    pub state: &'static str,
+    /// Ready, unavailable or unloading.
+    pub state: ModelState,
     /// Why it is not ready, if it is not.
     pub reason: String,
 }
@@ -109,7 +112,11 @@ impl Repository {
             Some(root) => {
                 let rd = std::fs::read_dir(root).map_err(|e| RepositoryError::Load {
                     model: String::new(),
-                    reason: format!("{}: cannot read the model repository: {e}", root.display()),
+                    source: LoadError::Io {
+                        path: root.clone(),
+                        what: "the model repository".into(),
+                        reason: e.to_string(),
+                    },
                 })?;
                 let mut names: Vec<String> = rd
                     .filter_map(Result::ok)
@@ -154,9 +161,7 @@ impl Repository {
             let source = source?;
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
-            let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())
-                .map_err(|e| e.to_string())?
-                .map(Arc::new);
+            let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())?.map(Arc::new);
             for (version, vdir) in source.versions {
                 if let Some(seq) = &seq {
                     let mut spec = (*source.spec).clone();
@@ -173,7 +178,7 @@ impl Repository {
                                 neuron_loader::create_neuron_sequence_instances(&spec2, &config, &seq2, &d, &be)
                             })
                             .await
-                            .map_err(|e| format!("loader task failed: {e}"))??;
+                            .map_err(|e| LoadError::Task { reason: e.to_string() })??;
                             let setup = SequenceSetup {
                                 spec: spec.clone(),
                                 seq: seq.clone(),
@@ -181,12 +186,14 @@ impl Repository {
                                 store: store.clone(),
                                 slots,
                             };
-                            (Batcher::start_sequence(setup, instances).map_err(|e| e.to_string())?, "neuron")
+                            let batching = Batcher::start_sequence(setup, instances)
+                                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+                            (batching, BackendKind::Neuron)
                         }
                         None => {
                             let started =
                                 crate::batching::sequence::start_cpu(spec.clone(), seq.clone(), version, store.clone());
-                            (started?, "cpu")
+                            (started.map_err(|reason| LoadError::Batching { reason })?, BackendKind::Cpu)
                         }
                     };
                     let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
@@ -198,7 +205,7 @@ impl Repository {
                 let (instances, kind, buckets) =
                     tokio::task::spawn_blocking(move || loader::create_instances(&spec, &config, vdir.as_deref(), &be))
                         .await
-                        .map_err(|e| format!("loader task failed: {e}"))??;
+                        .map_err(|e| LoadError::Task { reason: e.to_string() })??;
                 let mut spec = (*source.spec).clone();
                 if let Some(b) = buckets
                     && spec.buckets.batch.is_empty()
@@ -211,18 +218,19 @@ impl Repository {
                 let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
                 versions.insert(version, Arc::new(model));
             }
-            Ok::<_, String>(versions)
+            Ok::<_, LoadError>(versions)
         }
         .await;
         let (old, result) = match loaded {
             Ok(versions) => {
-                tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend).unwrap_or("-"), "model ready");
+                tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend.as_str()).unwrap_or("-"), "model ready");
                 // Swap under one write lock, so concurrent loads never lose a running entry.
-                (self.set(name, ModelEntry { versions, state: "READY", reason: String::new() }), Ok(()))
+                (self.set(name, ModelEntry { versions, state: ModelState::Ready, reason: String::new() }), Ok(()))
             }
-            Err(reason) => {
+            Err(source) => {
+                let reason = source.to_string();
                 tracing::error!(model = name, %reason, "model failed to load");
-                let mut models = self.models.write().map_err(|_| RepositoryError::Load {
+                let mut models = self.models.write().map_err(|_| RepositoryError::NotReady {
                     model: name.into(),
                     reason: "repository lock poisoned".into(),
                 })?;
@@ -230,12 +238,11 @@ impl Repository {
                 match models.get_mut(name) {
                     Some(entry) if !entry.versions.is_empty() => entry.reason = format!("reload failed: {reason}"),
                     _ => {
-                        let failed =
-                            ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: reason.clone() };
+                        let failed = ModelEntry { versions: BTreeMap::new(), state: ModelState::Unavailable, reason };
                         models.insert(name.to_string(), failed);
                     }
                 }
-                (None, Err(RepositoryError::Load { model: name.into(), reason }))
+                (None, Err(RepositoryError::Load { model: name.into(), source }))
             }
         };
         if let Some(old) = old {
@@ -250,11 +257,15 @@ impl Repository {
         if self.models.read().map(|m| !m.contains_key(name)).unwrap_or(true) {
             return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
         }
-        let unloading = ModelEntry { versions: BTreeMap::new(), state: "UNLOADING", reason: "unloading".into() };
+        let unloading =
+            ModelEntry { versions: BTreeMap::new(), state: ModelState::Unloading, reason: "unloading".into() };
         if let Some(current) = self.set(name, unloading) {
             drain_versions(&current).await;
         }
-        self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: "unloaded".into() });
+        self.set(
+            name,
+            ModelEntry { versions: BTreeMap::new(), state: ModelState::Unavailable, reason: "unloaded".into() },
+        );
         Ok(())
     }
 
@@ -291,6 +302,15 @@ impl Repository {
     /// Every model with its state, by name.
     pub fn entries(&self) -> Vec<(String, ModelEntry)> {
         self.models.read().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
+    /// Tells every model the worker started draining (see [`Batcher::begin_drain`]).
+    pub async fn begin_drain_all(&self) {
+        for (_, entry) in self.entries() {
+            for v in entry.versions.values() {
+                v.batching.begin_drain().await;
+            }
+        }
     }
 
     /// Drains every model (used at shutdown).

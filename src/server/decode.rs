@@ -213,7 +213,7 @@ fn check_shape(ispec: &IoSpec, shape: &[i64], spec: &ModelSpec) -> Result<Vec<us
     Ok(shape.iter().map(|d| *d as usize).collect())
 }
 
-fn check_bytes(name: &str, dtype: DataType, shape: &[usize], data: &[u8]) -> Result<(), ServerError> {
+pub(super) fn check_bytes(name: &str, dtype: DataType, shape: &[usize], data: &[u8]) -> Result<(), ServerError> {
     let elements = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
     let Some(elements) = elements else {
         return Err(bad(format!("input '{name}': shape {shape:?} is too large")));
@@ -249,7 +249,7 @@ fn check_bytes(name: &str, dtype: DataType, shape: &[usize], data: &[u8]) -> Res
     Ok(())
 }
 
-fn typed_contents(tensor: &mut InferInputTensor, dtype: DataType) -> Result<Bytes, ServerError> {
+pub(super) fn typed_contents(tensor: &mut InferInputTensor, dtype: DataType) -> Result<Bytes, ServerError> {
     let name = tensor.name.clone();
     let Some(c) = tensor.contents.take() else {
         return Err(bad(format!("input '{name}': no data (neither raw_input_contents nor typed contents)")));

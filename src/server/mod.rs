@@ -3,6 +3,8 @@
 
 mod decode;
 mod error;
+pub mod generate;
+mod generate_stream;
 pub mod http;
 mod inference;
 pub mod metrics;
@@ -232,6 +234,8 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         }
         let _ = health_task.await;
         match tokio::time::timeout(exit_timeout, async {
+            // Sessions are saved as they go idle from now on, not only once the RPCs are done.
+            repo.begin_drain_all().await;
             let r = serve.await;
             if let Some(t) = http_task {
                 let _ = t.await;

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod bert_fixture;
 pub mod http;
 pub mod sequences;

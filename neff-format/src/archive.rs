@@ -1,4 +1,8 @@
 //! The NEFF payload: a gzip'd tar holding `neff.json` and `sgNN/def.json`, read into tensor lists.
+//!
+//! The tensors come from `neff.json` (`metadata.signatures.default`, with dtype and shape) merged
+//! with the `var` entries of every `sgNN/def.json` (byte sizes; outputs are often declared only
+//! there).
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -7,25 +11,33 @@ use std::rc::Rc;
 
 use serde_json::Value;
 
-use super::{NeffError, NeffTensor, Result};
+use crate::error::{NeffError, Result};
+use crate::tensor::NeffTensor;
+
+/// The archive entry holding the signatures.
+pub const NEFF_JSON: &str = "neff.json";
 
 /// Largest archive entry the reader will hold in memory (1 GiB); larger ones are refused.
 pub const MAX_ENTRY_BYTES: u64 = 1 << 30;
 
-/// The tensors a NEFF archive declares, in signature order then definition order.
+/// What the reader takes from a NEFF archive: the declared tensors and the entries the caller
+/// asked to keep.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ArchiveTensors {
-    /// Input tensors.
+pub struct ArchiveContents {
+    /// Input tensors, in signature order then definition order.
     pub inputs: Vec<NeffTensor>,
-    /// Output tensors.
+    /// Output tensors, in signature order then definition order.
     pub outputs: Vec<NeffTensor>,
+    /// The kept entries (e.g. `standin/...`), keyed by normalised path.
+    pub files: BTreeMap<String, Vec<u8>>,
 }
 
-/// Reads the tensors declared in a NEFF payload (`file` names the NEFF in errors).
-pub fn read_tensors(payload: &[u8], file: &str) -> Result<ArchiveTensors> {
-    let entries = read_entries(payload, file, |path| path == "neff.json" || is_subgraph_def(path))?;
-    let neff_json = entries.get("neff.json").ok_or_else(|| NeffError::MissingNeffJson { file: file.to_string() })?;
-    let neff_json = parse_json(neff_json, file, "neff.json")?;
+/// Reads the tensors declared in a NEFF payload and the entries `keep` accepts (`file` names the
+/// NEFF in errors).
+pub fn read_archive(payload: &[u8], file: &str, keep: impl Fn(&str) -> bool) -> Result<ArchiveContents> {
+    let mut entries = read_entries(payload, file, |path| path == NEFF_JSON || is_subgraph_def(path) || keep(path))?;
+    let neff_json = entries.get(NEFF_JSON).ok_or_else(|| NeffError::MissingNeffJson { file: file.to_string() })?;
+    let neff_json = parse_json(neff_json, file, NEFF_JSON)?;
     let signature = neff_json.pointer("/metadata/signatures/default").cloned().unwrap_or(Value::Null);
     let mut inputs = signature_tensors(&signature, "inputs", file)?;
     let mut outputs = signature_tensors(&signature, "outputs", file)?;
@@ -34,7 +46,8 @@ pub fn read_tensors(payload: &[u8], file: &str) -> Result<ArchiveTensors> {
         let def = parse_json(bytes, file, path)?;
         merge_def_vars(&def, path, file, &mut inputs, &mut outputs)?;
     }
-    Ok(ArchiveTensors { inputs, outputs })
+    entries.retain(|path, _| keep(path));
+    Ok(ArchiveContents { inputs, outputs, files: entries })
 }
 
 /// Reads the archive entries whose (normalised) path `want` accepts, each at most
@@ -80,7 +93,7 @@ pub fn read_entries(payload: &[u8], file: &str, want: impl Fn(&str) -> bool) -> 
 }
 
 /// True for `sgNN/def.json` (any number of digits).
-fn is_subgraph_def(path: &str) -> bool {
+pub fn is_subgraph_def(path: &str) -> bool {
     path.strip_suffix("/def.json")
         .and_then(|dir| dir.strip_prefix("sg"))
         .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
