@@ -125,7 +125,23 @@ pub fn gemm_strided(
     // mutably so it cannot alias `a` or `b`. The driver computes dst := alpha·dst + beta·lhs·rhs.
     unsafe {
         let (a_cs, a_rs, b_cs, b_rs) = (a.cs as isize, a.rs as isize, b.cs as isize, b.rs as isize);
-        driver(isa(), m, n, k, c.as_mut_ptr(), c_rs as isize, accumulate, a.data.as_ptr(), a_cs, a_rs, b.data.as_ptr(), b_cs, b_rs, scale, parallelism);
+        driver(
+            isa(),
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            scale,
+            parallelism,
+        );
     }
 }
 
@@ -239,7 +255,23 @@ mod tests {
             let mut c = vec![1.0f32; m * n];
             // SAFETY: row-major m×k, k×n and m×n slices of exactly those sizes; `level` is supported.
             unsafe {
-                driver(level, m, n, k, c.as_mut_ptr(), n as isize, false, a.as_ptr(), 1, k as isize, b.as_ptr(), 1, n as isize, 1.0, Parallelism::None);
+                driver(
+                    level,
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    Parallelism::None,
+                );
             }
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4, "{}: {x} vs {y}", level.name());
