@@ -17,13 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use neuron_worker::backend::cpu::linear_weights;
 use neuron_worker::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
 use neuron_worker::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
+use neuron_worker::batching::{Batcher, InferRequest, RequestInput};
 use neuron_worker::config::{ModelSpec, parse_model_config};
-use neuron_worker::neff::NeffBuilder;
-use neuron_worker::neff::writer::{Activation, DenseLayer};
-use neuron_worker::scheduler::{InferRequest, RequestInput, SchedulerHandle};
 use neuron_worker::tensor::{DataType, Tensor, TensorView};
 use tokio::sync::oneshot;
 
@@ -87,7 +84,7 @@ struct Load {
 }
 
 /// Keeps `in_flight` single-row requests outstanding until `stop` is set.
-async fn submit_loop(h: SchedulerHandle, row: Bytes, width: usize, in_flight: usize, stop: Arc<AtomicBool>) -> Load {
+async fn submit_loop(h: Batcher, row: Bytes, width: usize, in_flight: usize, stop: Arc<AtomicBool>) -> Load {
     let tasks: Vec<_> = (0..in_flight)
         .map(|_| {
             let (h, row, stop) = (h.clone(), row.clone(), stop.clone());
@@ -100,6 +97,7 @@ async fn submit_loop(h: SchedulerHandle, row: Bytes, width: usize, in_flight: us
                         rows: 1,
                         priority: 0,
                         timeout: None,
+                        sequence: Default::default(),
                         reply: tx,
                         arrived: Instant::now(),
                     };
@@ -145,7 +143,7 @@ async fn submit_loop(h: SchedulerHandle, row: Bytes, width: usize, in_flight: us
 }
 
 /// Rows and executions the scheduler has completed so far.
-fn progress(h: &SchedulerHandle) -> (u64, u64) {
+fn progress(h: &Batcher) -> (u64, u64) {
     let s = h.stats();
     (s.inference_count.load(Relaxed), s.execution_count.load(Relaxed))
 }
@@ -183,7 +181,7 @@ fn overhead() -> Result<(), Failure> {
     ))?;
     rt.block_on(async {
         let instances: Vec<Box<dyn ModelInstance>> = vec![Box::new(NoopInstance { out_width: WIDTH })];
-        let h = SchedulerHandle::start(spec, instances);
+        let h = Batcher::start_dynamic(spec, instances);
         let stop = Arc::new(AtomicBool::new(false));
         let load = tokio::spawn(submit_loop(h.clone(), one_row(WIDTH), WIDTH, IN_FLIGHT, stop.clone()));
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -289,19 +287,7 @@ fn efficiency_child() -> Result<(), Failure> {
     if (runtime.visible_cores() as usize) < CORES {
         return Err(format!("the stand-in shows {} cores, the bench needs {CORES}", runtime.visible_cores()));
     }
-    let w = linear_weights();
-    let layers: Vec<DenseLayer> = w
-        .layers
-        .iter()
-        .map(|l| DenseLayer {
-            weight: l.weight.clone(),
-            bias: Some(l.bias.clone()),
-            in_features: l.in_dim as u64,
-            out_features: l.out_dim as u64,
-            activation: Activation::None,
-        })
-        .collect();
-    let neff = NeffBuilder::dense_chain(format!("linear_b{BUCKET}"), BUCKET as u64, "INPUT0", "OUTPUT0", &layers)
+    let neff = neuron_worker::neff::testing::builtin_dense_neff("linear", BUCKET)?
         .build()
         .map_err(|e| format!("building the NEFF: {e}"))?;
     let spec = spec(&format!(
@@ -372,12 +358,12 @@ async fn saturate(
 ) -> Result<Measured, Failure> {
     // Two rounds of the whole bucket per core in flight: a full batch is always queued.
     const IN_FLIGHT: usize = CORES * BUCKET * 2;
-    let h = SchedulerHandle::start(spec, instances);
+    let h = Batcher::start_dynamic(spec, instances);
     let stop = Arc::new(AtomicBool::new(false));
     let row = one_row(IN_FEATURES);
     let load = tokio::spawn(submit_loop(h.clone(), row, IN_FEATURES, IN_FLIGHT, stop.clone()));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let snapshot = |h: &SchedulerHandle| {
+    let snapshot = |h: &Batcher| {
         let s = h.stats();
         let host: u64 = s.batch_stats().iter().map(|(_, b)| b.compute_input_ns + b.compute_output_ns).sum();
         (s.inference_count.load(Relaxed), s.execution_count.load(Relaxed), host)

@@ -13,13 +13,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use neuron_worker::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
-use neuron_worker::config::{ModelSpec, parse_model_config};
-use neuron_worker::scheduler::{InferRequest, RequestInput, SchedulerHandle};
-use neuron_worker::sequence::models::{
+use neuron_worker::backend::cpu::stateful::kernels::{
     ACCUMULATE_CONFIG, GRU_CONFIG, GRU_HIDDEN, GRU_INPUT, GruCell, KernelStep, SequenceKernel,
 };
-use neuron_worker::sequence::{SequenceHandle, SequenceId, SequenceRequest, SequenceSpec, SessionStore, start_cpu};
+use neuron_worker::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
+use neuron_worker::batching::SequenceControl;
+use neuron_worker::batching::sequence::start_cpu;
+use neuron_worker::batching::{Batcher, InferRequest, RequestInput};
+use neuron_worker::config::SequenceSpec;
+use neuron_worker::config::{ModelSpec, parse_model_config};
+use neuron_worker::sessions::{SequenceId, SessionStore};
 use neuron_worker::tensor::{DataType, Tensor};
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
@@ -38,16 +41,17 @@ fn x_bytes(seed: u64) -> Bytes {
     Bytes::from(x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
 }
 
-async fn stateful_round(h: &SequenceHandle, start: bool) {
+async fn stateful_round(h: &Batcher, start: bool) {
     let mut waits = Vec::with_capacity(SESSIONS as usize);
     for s in 0..SESSIONS {
         let (tx, rx) = oneshot::channel();
         let inputs = vec![RequestInput { shape: vec![1, 1, GRU_INPUT], data: x_bytes(s) }];
-        let req = SequenceRequest {
-            id: SequenceId::Uint(s + 1),
-            start,
-            end: false,
+        let req = InferRequest {
             inputs,
+            rows: 1,
+            priority: 0,
+            timeout: None,
+            sequence: SequenceControl { id: Some(SequenceId::Uint(s + 1)), start, end: false },
             reply: tx,
             arrived: Instant::now(),
         };
@@ -122,7 +126,7 @@ instance_group [ { count: 2 } ]
 dynamic_batching { preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 200 }
 "#;
 
-async fn resent_round(h: &SchedulerHandle, hidden: &mut [Bytes]) {
+async fn resent_round(h: &Batcher, hidden: &mut [Bytes]) {
     let mut waits = Vec::with_capacity(SESSIONS as usize);
     for (s, state) in hidden.iter().enumerate() {
         let (tx, rx) = oneshot::channel();
@@ -130,7 +134,15 @@ async fn resent_round(h: &SchedulerHandle, hidden: &mut [Bytes]) {
             RequestInput { shape: vec![1, 1, GRU_INPUT], data: x_bytes(s as u64) },
             RequestInput { shape: vec![1, GRU_HIDDEN], data: state.clone() },
         ];
-        let req = InferRequest { inputs, rows: 1, priority: 0, timeout: None, reply: tx, arrived: Instant::now() };
+        let req = InferRequest {
+            inputs,
+            rows: 1,
+            priority: 0,
+            timeout: None,
+            sequence: SequenceControl::default(),
+            reply: tx,
+            arrived: Instant::now(),
+        };
         h.submit(req).unwrap_or_else(|e| panic!("{e}"));
         waits.push(rx);
     }
@@ -140,14 +152,15 @@ async fn resent_round(h: &SchedulerHandle, hidden: &mut [Bytes]) {
     }
 }
 
-async fn acc_step(h: &SequenceHandle, id: u64, start: bool) {
+async fn acc_step(h: &Batcher, id: u64, start: bool) {
     let (tx, rx) = oneshot::channel();
     let inputs = vec![RequestInput { shape: vec![1, 1], data: Bytes::from(1i32.to_le_bytes().to_vec()) }];
-    h.submit(SequenceRequest {
-        id: SequenceId::Uint(id),
-        start,
-        end: false,
+    h.submit(InferRequest {
         inputs,
+        rows: 1,
+        priority: 0,
+        timeout: None,
+        sequence: SequenceControl { id: Some(SequenceId::Uint(id)), start, end: false },
         reply: tx,
         arrived: Instant::now(),
     })
@@ -162,14 +175,14 @@ fn bench(c: &mut Criterion) {
 
     let (spec, seq) = spec_of(GRU_CONFIG);
     let seq = seq.unwrap_or_else(|| panic!("gru is a sequence model"));
-    let (_sched, handle) = rt.block_on(async { start_cpu(spec, seq, 1, None) }).unwrap_or_else(|e| panic!("{e}"));
+    let handle = rt.block_on(async { start_cpu(spec, Arc::new(seq), 1, None) }).unwrap_or_else(|e| panic!("{e}"));
     rt.block_on(stateful_round(&handle, true));
     g.bench_function("state_on_worker", |b| b.iter(|| rt.block_on(stateful_round(&handle, false))));
 
     let (rspec, _) = spec_of(RESENT_CONFIG);
     let instances: Vec<Box<dyn ModelInstance>> =
         (0..2).map(|_| Box::new(ResentGru { cell: GruCell::seeded() }) as Box<dyn ModelInstance>).collect();
-    let sched = rt.block_on(async { SchedulerHandle::start(rspec, instances) });
+    let sched = rt.block_on(async { Batcher::start_dynamic(rspec, instances) });
     let mut hidden: Vec<Bytes> = (0..SESSIONS).map(|_| Bytes::from(vec![0u8; GRU_HIDDEN * 4])).collect();
     g.bench_function("state_resent", |b| b.iter(|| rt.block_on(resent_round(&sched, &mut hidden))));
     g.finish();
@@ -178,7 +191,7 @@ fn bench(c: &mut Criterion) {
     let store = Arc::new(SessionStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
     let (spec, seq) = spec_of(ACCUMULATE_CONFIG);
     let seq = seq.unwrap_or_else(|| panic!("accumulate is a sequence model"));
-    let (_s2, acc) = rt.block_on(async { start_cpu(spec, seq, 1, Some(store)) }).unwrap_or_else(|e| panic!("{e}"));
+    let acc = rt.block_on(async { start_cpu(spec, Arc::new(seq), 1, Some(store)) }).unwrap_or_else(|e| panic!("{e}"));
     let mut g = c.benchmark_group("spill_restore");
     g.sample_size(20).measurement_time(Duration::from_secs(4));
     for n in [16u64, 17] {

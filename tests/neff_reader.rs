@@ -48,7 +48,7 @@ fn real_fixture_header_and_tensors() {
     assert_eq!(x.dtype.as_deref(), Some("float16"));
     assert_eq!(x.shape, Some(vec![128, 256]));
     assert_eq!(x.size_bytes, Some(65536));
-    assert_eq!(x.data_type(), Some(neuron_worker::tensor::DataType::Fp16));
+    assert_eq!(neuron_worker::neff::tensor_data_type(x), Some(neuron_worker::tensor::DataType::Fp16));
     let y = &info.inputs[1];
     assert_eq!(y.shape, Some(vec![256, 128]));
     assert_eq!(y.size_bytes, Some(65536));

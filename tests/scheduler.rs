@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use neuron_worker::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
+use neuron_worker::batching::{Batcher, BatchingError, InferReply, InferRequest, RequestInput};
 use neuron_worker::config::{ModelSpec, parse_model_config};
-use neuron_worker::scheduler::{InferReply, InferRequest, RequestInput, SchedulerError, SchedulerHandle};
 use neuron_worker::tensor::{DataType, Tensor};
 use tokio::sync::oneshot;
 
@@ -92,24 +92,24 @@ fn spec(extra: &str, dims: &str, max_batch: usize) -> Arc<ModelSpec> {
     Arc::new(ModelSpec::from_config(&cfg, "test").expect("spec"))
 }
 
-fn start(spec: Arc<ModelSpec>, probe: &Probe, instances: usize, fail_tag: Option<(f32, bool)>) -> SchedulerHandle {
+fn start(spec: Arc<ModelSpec>, probe: &Probe, instances: usize, fail_tag: Option<(f32, bool)>) -> Batcher {
     let inst: Vec<Box<dyn ModelInstance>> = (0..instances)
         .map(|index| Box::new(EchoInstance { probe: probe.clone(), fail_tag, index }) as Box<dyn ModelInstance>)
         .collect();
-    SchedulerHandle::start(spec, inst)
+    Batcher::start_dynamic(spec, inst)
 }
 
-type Rx = oneshot::Receiver<Result<InferReply, SchedulerError>>;
+type Rx = oneshot::Receiver<Result<InferReply, BatchingError>>;
 
 /// A request of `rows` rows of width `width`, every element = tag + position/1000.
 fn submit(
-    h: &SchedulerHandle,
+    h: &Batcher,
     tag: f32,
     rows: usize,
     width: usize,
     priority: u64,
     timeout: Option<Duration>,
-) -> Result<Rx, SchedulerError> {
+) -> Result<Rx, BatchingError> {
     let data: Vec<f32> =
         (0..rows * width).map(|i| if i % width == 0 { tag } else { tag + (i % width) as f32 / 1000.0 }).collect();
     let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -119,15 +119,16 @@ fn submit(
         rows,
         priority,
         timeout,
+        sequence: Default::default(),
         reply: tx,
         arrived: Instant::now(),
     })?;
     Ok(rx)
 }
 
-async fn output(rx: Rx) -> Result<Vec<f32>, SchedulerError> {
+async fn output(rx: Rx) -> Result<Vec<f32>, BatchingError> {
     let reply =
-        rx.await.map_err(|_| SchedulerError::Unavailable { model: "echo".into(), reason: "dropped".into() })??;
+        rx.await.map_err(|_| BatchingError::Unavailable { model: "echo".into(), reason: "dropped".into() })??;
     let t = &reply.outputs[0].tensor;
     assert_eq!(t.dtype, DataType::Fp32);
     Ok(t.view().to_f32().unwrap_or_default())
@@ -135,7 +136,7 @@ async fn output(rx: Rx) -> Result<Vec<f32>, SchedulerError> {
 
 /// Waits (bounded) until `n` instances are in service: the actor learns of a retired instance just
 /// after the failed batch's clients got their errors.
-async fn wait_in_service(h: &SchedulerHandle, n: usize) {
+async fn wait_in_service(h: &Batcher, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while h.instances_in_service() != n {
         assert!(Instant::now() < deadline, "{} instances in service, expected {n}", h.instances_in_service());
@@ -144,7 +145,7 @@ async fn wait_in_service(h: &SchedulerHandle, n: usize) {
 }
 
 /// Occupies the single instance with a blocked batch (tag 0) and returns its receiver.
-async fn block(h: &SchedulerHandle, p: &Probe) -> Rx {
+async fn block(h: &Batcher, p: &Probe) -> Rx {
     p.close();
     let rx = submit(h, 0.0, 1, 2, 0, None).expect("submit");
     // The batch is dispatched, then the instance waits at the gate before logging it.
@@ -241,7 +242,7 @@ async fn full_queue_rejects_with_queue_full_and_counts_it() {
     let a = submit(&h, 1.0, 1, 2, 0, None).expect("a");
     let b = submit(&h, 2.0, 1, 2, 0, None).expect("b");
     let err = submit(&h, 3.0, 1, 2, 0, None).expect_err("queue full");
-    assert!(matches!(err, SchedulerError::QueueFull { max_queue_size: 2, .. }), "{err}");
+    assert!(matches!(err, BatchingError::QueueFull { max_queue_size: 2, .. }), "{err}");
     assert_eq!(h.queue_depth(), 2);
     p.open();
     for rx in [first, a, b] {
@@ -260,7 +261,7 @@ async fn expired_requests_are_rejected_and_never_executed() {
     let fine = submit(&h, 8.0, 1, 2, 0, None).expect("fine");
     tokio::time::sleep(Duration::from_millis(60)).await;
     let err = output(late).await.expect_err("timed out");
-    assert!(matches!(err, SchedulerError::Timeout { timeout_us: 10_000, .. }), "{err}");
+    assert!(matches!(err, BatchingError::Timeout { timeout_us: 10_000, .. }), "{err}");
     p.open();
     output(first).await.expect("first");
     output(fine).await.expect("fine");
@@ -349,7 +350,7 @@ async fn an_unusable_instance_is_retired_and_the_rest_serve() {
     wait_in_service(&h, 0).await;
     assert!(!h.is_ready());
     let err = submit(&h, 1.0, 1, 2, 0, None).expect_err("unavailable");
-    assert!(matches!(err, SchedulerError::Unavailable { .. }), "{err}");
+    assert!(matches!(err, BatchingError::Unavailable { .. }), "{err}");
 }
 
 #[tokio::test]
@@ -408,7 +409,7 @@ async fn a_panicking_instance_is_retired_and_the_others_serve() {
     p.open();
     let inst: Vec<Box<dyn ModelInstance>> =
         vec![Box::new(PanickingInstance), Box::new(EchoInstance { probe: p.clone(), fail_tag: None, index: 1 })];
-    let h = SchedulerHandle::start(spec("dynamic_batching { }", "2", 1), inst);
+    let h = Batcher::start_dynamic(spec("dynamic_batching { }", "2", 1), inst);
     let err = output(submit(&h, 1.0, 1, 2, 0, None).expect("submit")).await.expect_err("the panic fails the batch");
     assert!(err.to_string().contains("panicked: kernel bug"), "{err}");
     wait_in_service(&h, 1).await;

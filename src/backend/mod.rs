@@ -1,15 +1,32 @@
-//! The backend contract: what the scheduler hands an instance (one batch) and what it gets back.
+//! The backend contracts: what the batching layer hands an instance (one batch, or one step of
+//! live sequences' slots) and what it gets back.
 //!
 //! A backend loads one model version and creates *instances*; each instance is owned by one
 //! worker thread (one per NeuronCore, or per CPU instance) and executes one batch at a time.
 
 pub mod cpu;
 pub mod error;
+pub mod generative;
+mod kind;
 pub mod neuron;
+pub mod stateful;
 
 pub use error::BackendError;
+pub use kind::BackendKind;
+pub use stateful::{SlotStep, StatefulInstance};
+
+use bytes::Bytes;
 
 use crate::tensor::{Tensor, TensorView};
+
+/// One input of a request, already validated against the model's spec.
+#[derive(Debug, Clone)]
+pub struct RequestInput {
+    /// Full shape, including the batch dimension for batching models.
+    pub shape: Vec<usize>,
+    /// Row-major little-endian bytes (exactly `shape` × element size).
+    pub data: Bytes,
+}
 
 /// One input of a batch, named as in the model configuration.
 #[derive(Debug, Clone, Copy)]

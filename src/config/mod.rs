@@ -1,10 +1,13 @@
 //! Model configuration: Triton's `ModelConfig` read from `config.pbtxt`, checked and turned into the
 //! [`ModelSpec`] the scheduler and server work from.
 
+pub mod generative;
 mod pbtxt;
+pub mod sequence;
 mod spec;
 
 pub use pbtxt::parse_model_config;
+pub use sequence::{ControlKind, ControlSpec, SequenceSpec, StateSpec, Strategy};
 pub use spec::{BucketPlan, DEFAULT_MAX_QUEUE_SIZE, DynamicPolicy, IoSpec, ModelSpec};
 
 /// Why a model configuration cannot be used.

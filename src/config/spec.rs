@@ -120,6 +120,12 @@ pub struct ModelSpec {
     pub buckets: BucketPlan,
     /// Instances requested by `instance_group { count }` (summed); `None` = backend default.
     pub instance_count: Option<usize>,
+    /// Sequence batching settings (`sequence_batching`), filled in by the repository, which knows
+    /// the model folder its initial states are read from; `None` for stateless models.
+    pub sequence: Option<std::sync::Arc<super::SequenceSpec>>,
+    /// Generative settings, filled in by the repository for decoder models (served by the
+    /// generative policy).
+    pub generative: Option<std::sync::Arc<super::generative::GenerativeSpec>>,
 }
 
 impl ModelSpec {
@@ -253,6 +259,8 @@ impl ModelSpec {
             dynamic_batching,
             buckets,
             instance_count,
+            sequence: None,
+            generative: None,
         })
     }
 }

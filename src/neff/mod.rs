@@ -1,147 +1,26 @@
-//! Reading NEFF files (Neuron Executable File Format): header, declared tensors, `inspect` output.
-//!
-//! A NEFF is a 1024-byte little-endian header ([`header`]) followed by a gzip'd tar archive
-//! ([`archive`]). The tensors come from `neff.json` (`metadata.signatures.default`, with dtype
-//! and shape) merged with the `var` entries of every `sgNN/def.json` (byte sizes; outputs are
-//! often declared only there). [`writer`] produces NEFFs in the same container format for tests.
+//! NEFF files in the worker: the shared `neff-format` crate (header, archive, declared tensors,
+//! stand-in program format), the dtype names mapped to protocol datatypes, and the `inspect`
+//! command's output. With the `testing` feature, the format crate's writer and [`testing`] (model
+//! repositories of NEFFs the stand-in libnrt runs) are here too; release builds leave them out.
 
-pub mod archive;
-pub mod header;
+#[cfg(feature = "testing")]
 pub mod testing;
-pub mod writer;
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use serde_json::{Value, json};
 
-pub use header::{HEADER_LEN, NeffHeader};
-pub use writer::{Activation, NeffBuilder, ProgramOp};
+#[cfg(feature = "testing")]
+pub use neff_format::writer::{self, Activation, NeffBuilder, ProgramOp};
+pub use neff_format::{
+    HEADER_LEN, NeffError, NeffHeader, NeffInfo, NeffTensor, Result, archive, header, parse_neff, program, read_neff,
+};
 
 use crate::tensor::DataType;
 
-/// Why a NEFF file could not be read. Every variant names the file.
-#[derive(Debug, thiserror::Error)]
-pub enum NeffError {
-    /// The file could not be read from disk.
-    #[error("{file}: cannot read: {source}")]
-    Io {
-        /// The file.
-        file: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is shorter than the 1024-byte header.
-    #[error("{file}: truncated header: {len} bytes, a NEFF header is {HEADER_LEN}")]
-    TruncatedHeader {
-        /// The file.
-        file: String,
-        /// The file's length in bytes.
-        len: u64,
-    },
-    /// A header field is impossible (e.g. `header_size` below 1024).
-    #[error("{file}: bad header: {reason}")]
-    BadHeader {
-        /// The file.
-        file: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The file is shorter than `header_size + data_size` says.
-    #[error("{file}: truncated payload: header says {expected} bytes in all, file has {actual}")]
-    TruncatedPayload {
-        /// The file.
-        file: String,
-        /// `header_size + data_size` (saturating).
-        expected: u64,
-        /// The file's length in bytes.
-        actual: u64,
-    },
-    /// The payload is not a valid gzip stream.
-    #[error("{file}: bad gzip payload: {reason}")]
-    BadGzip {
-        /// The file.
-        file: String,
-        /// What the decompressor said.
-        reason: String,
-    },
-    /// The decompressed payload is not a valid tar archive.
-    #[error("{file}: bad tar archive in payload: {reason}")]
-    BadTar {
-        /// The file.
-        file: String,
-        /// What the tar reader said.
-        reason: String,
-    },
-    /// An archive entry the reader needs is larger than it will hold in memory.
-    #[error("{file}: archive entry '{entry}' is {size} bytes, more than the {limit}-byte limit")]
-    EntryTooLarge {
-        /// The file.
-        file: String,
-        /// The entry's path in the archive.
-        entry: String,
-        /// Its declared size.
-        size: u64,
-        /// The limit.
-        limit: u64,
-    },
-    /// The archive holds no `neff.json`.
-    #[error("{file}: the archive holds no neff.json (not a NEFF, or a damaged one)")]
-    MissingNeffJson {
-        /// The file.
-        file: String,
-    },
-    /// An archive entry is not valid JSON.
-    #[error("{file}: {entry} is not valid JSON: {source}")]
-    BadJson {
-        /// The file.
-        file: String,
-        /// The entry's path in the archive.
-        entry: String,
-        /// The parser's error.
-        source: serde_json::Error,
-    },
-    /// JSON is valid but does not have the expected structure.
-    #[error("{file}: {entry}: {reason}")]
-    BadMetadata {
-        /// The file.
-        file: String,
-        /// The entry's path in the archive.
-        entry: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// [`NeffBuilder`] was given an inconsistent description.
-    #[error("cannot build NEFF '{name}': {reason}")]
-    InvalidBuild {
-        /// The NEFF's name.
-        name: String,
-        /// What is inconsistent.
-        reason: String,
-    },
-}
-
-/// Result of NEFF operations.
-pub type Result<T, E = NeffError> = std::result::Result<T, E>;
-
-/// One input or output tensor a NEFF declares.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NeffTensor {
-    /// Tensor name as the runtime knows it (the name to use in tensor sets).
-    pub name: String,
-    /// Element type as the compiler spells it (`float16`, `float32`, ...), when declared.
-    pub dtype: Option<String>,
-    /// Fixed shape, when declared.
-    pub shape: Option<Vec<u64>>,
-    /// Size in bytes from the subgraph definition, when declared.
-    pub size_bytes: Option<u64>,
-}
-
-impl NeffTensor {
-    /// The protocol datatype for the declared dtype; `None` when absent or unknown.
-    pub fn data_type(&self) -> Option<DataType> {
-        self.dtype.as_deref().and_then(data_type_from_neff)
-    }
+/// The protocol datatype of a declared tensor; `None` when its dtype is absent or unknown.
+pub fn tensor_data_type(tensor: &NeffTensor) -> Option<DataType> {
+    tensor.dtype.as_deref().and_then(data_type_from_neff)
 }
 
 /// Maps a compiler dtype name (`float32`, `bfloat16`, `int64`, ...) to a protocol datatype.
@@ -162,50 +41,6 @@ pub fn data_type_from_neff(dtype: &str) -> Option<DataType> {
         "float64" => DataType::Fp64,
         _ => return None,
     })
-}
-
-/// Everything the reader learns from a NEFF file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NeffInfo {
-    /// The decoded header.
-    pub header: NeffHeader,
-    /// Input tensors, in signature (`id`) order.
-    pub inputs: Vec<NeffTensor>,
-    /// Output tensors, in signature order, then subgraph definition order.
-    pub outputs: Vec<NeffTensor>,
-}
-
-/// Reads and parses the NEFF file at `path`.
-pub fn read_neff(path: impl AsRef<Path>) -> Result<NeffInfo> {
-    let path = path.as_ref();
-    let file = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| NeffError::Io { file: file.clone(), source })?;
-    parse_neff(&bytes, &file)
-}
-
-/// Parses a NEFF held in memory; `name_for_errors` names it in errors.
-pub fn parse_neff(bytes: &[u8], name_for_errors: &str) -> Result<NeffInfo> {
-    let file = name_for_errors;
-    let header_bytes: &[u8; HEADER_LEN] = bytes
-        .get(..HEADER_LEN)
-        .and_then(|head| head.try_into().ok())
-        .ok_or(NeffError::TruncatedHeader { file: file.to_string(), len: bytes.len() as u64 })?;
-    let header = NeffHeader::decode(header_bytes);
-    if header.header_size < HEADER_LEN as u64 {
-        return Err(NeffError::BadHeader {
-            file: file.to_string(),
-            reason: format!("header_size {} is below {HEADER_LEN}", header.header_size),
-        });
-    }
-    let expected = header.header_size.saturating_add(header.data_size);
-    let actual = bytes.len() as u64;
-    if expected > actual {
-        return Err(NeffError::TruncatedPayload { file: file.to_string(), expected, actual });
-    }
-    // Both bounds are at most `bytes.len()`, so they fit in usize.
-    let payload = &bytes[header.header_size as usize..expected as usize];
-    let tensors = archive::read_tensors(payload, file)?;
-    Ok(NeffInfo { header, inputs: tensors.inputs, outputs: tensors.outputs })
 }
 
 /// The `inspect --json` document: `{"header": {...}, "inputs": [...], "outputs": [...]}`, each

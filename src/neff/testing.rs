@@ -5,13 +5,13 @@
 
 use std::path::Path;
 
-use super::writer::{Activation as NeffActivation, DenseLayer as NeffLayer, NeffBuilder, ProgramOp};
+use crate::backend::cpu::stateful::kernels::{GRU_HIDDEN, GRU_INPUT, GruCell, STATEFUL_BUILTIN_CONFIGS};
 use crate::backend::cpu::{Activation, builtin};
+use crate::backend::neuron::sequence::neuron_config;
+use crate::config::SequenceSpec;
 use crate::config::{ModelSpec, parse_model_config};
-use crate::sequence::SequenceSpec;
-use crate::sequence::models::{GRU_HIDDEN, GRU_INPUT, GruCell, STATEFUL_BUILTIN_CONFIGS};
-use crate::sequence::neuron::neuron_config;
 use crate::tensor::DataType;
+use neff_format::writer::{Activation as NeffActivation, DenseLayer as NeffLayer, NeffBuilder, ProgramOp};
 
 fn to_neff_layers(name: &str) -> Option<(Vec<NeffLayer>, usize, usize)> {
     let stack = builtin::builtin(name)?;
@@ -34,14 +34,21 @@ fn to_neff_layers(name: &str) -> Option<(Vec<NeffLayer>, usize, usize)> {
     Some((layers, stack.input_dim(), stack.output_dim()))
 }
 
+/// The NEFF of the built-in dense model `model` (`linear` or `mlp`, its real weights) compiled
+/// for batch size `batch`: `INPUT0 [batch, in]` → `OUTPUT0 [batch, out]`.
+pub fn builtin_dense_neff(model: &str, batch: usize) -> Result<NeffBuilder, String> {
+    let (layers, _, _) = to_neff_layers(model).ok_or_else(|| format!("no built-in dense model '{model}'"))?;
+    Ok(NeffBuilder::dense_chain(format!("{model}_b{batch}"), batch as u64, "INPUT0", "OUTPUT0", &layers))
+}
+
 /// Writes `<root>/<model>/config.pbtxt` and `<root>/<model>/1/model_b{N}.neff` for each bucket, for
 /// the built-in dense model `model` (`linear` or `mlp`). `extra_config` is appended to the config.
 pub fn write_standin_model(root: &Path, model: &str, buckets: &[usize], extra_config: &str) -> Result<(), String> {
-    let (layers, din, dout) = to_neff_layers(model).ok_or_else(|| format!("no built-in dense model '{model}'"))?;
+    let (_, din, dout) = to_neff_layers(model).ok_or_else(|| format!("no built-in dense model '{model}'"))?;
     let vdir = root.join(model).join("1");
     std::fs::create_dir_all(&vdir).map_err(|e| format!("{}: {e}", vdir.display()))?;
     for b in buckets {
-        let neff = NeffBuilder::dense_chain(format!("{model}_b{b}"), *b as u64, "INPUT0", "OUTPUT0", &layers);
+        let neff = builtin_dense_neff(model, *b)?;
         neff.write_to(vdir.join(format!("model_b{b}.neff"))).map_err(|e| e.to_string())?;
     }
     let bucket_list: Vec<String> = buckets.iter().map(|b| b.to_string()).collect();

@@ -1,6 +1,6 @@
 //! The built-in models served when no `--model-repository` is given: `linear` and `mlp`
 //! (weights embedded as closed forms / a documented seeded generator, see `backend::cpu::builtin`),
-//! and the stateful `accumulate` and `gru` (see `sequence::models`).
+//! and the stateful `accumulate` and `gru` (see `backend::cpu::stateful::kernels`).
 
 /// Configurations of the built-in models, in Triton's text format.
 pub const BUILTIN_CONFIGS: &[(&str, &str)] = &[
@@ -26,6 +26,6 @@ output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 256 ] } ]
 dynamic_batching { }
 "#,
     ),
-    ("accumulate", crate::sequence::models::ACCUMULATE_CONFIG),
-    ("gru", crate::sequence::models::GRU_CONFIG),
+    ("accumulate", crate::backend::cpu::stateful::kernels::ACCUMULATE_CONFIG),
+    ("gru", crate::backend::cpu::stateful::kernels::GRU_CONFIG),
 ];

@@ -5,17 +5,21 @@ mod builtin;
 mod error;
 mod loader;
 mod neuron_loader;
+mod state;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 pub use builtin::BUILTIN_CONFIGS;
-pub use error::RepositoryError;
+pub use error::{LoadError, RepositoryError};
+pub use state::ModelState;
 
+use crate::backend::BackendKind;
+use crate::batching::{Batcher, SequenceSetup};
 use crate::config::ModelSpec;
 use crate::proto::inference::ModelConfig;
-use crate::scheduler::SchedulerHandle;
+use crate::sessions::SessionStore;
 
 /// Which backend models are loaded on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,12 +51,10 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// The checked spec.
     pub spec: Arc<ModelSpec>,
-    /// Its scheduler.
-    pub scheduler: SchedulerHandle,
-    /// `cpu` or `neuron`.
-    pub backend: &'static str,
-    /// The sequence batcher, for models with `sequence_batching` (requests go there).
-    pub sequence: Option<crate::sequence::SequenceHandle>,
+    /// Its batching (dynamic or sequence policy): every request goes there.
+    pub batching: Batcher,
+    /// The backend it runs on.
+    pub backend: BackendKind,
 }
 
 /// A model's state in the repository index.
@@ -60,8 +62,8 @@ pub struct LoadedModel {
 pub struct ModelEntry {
     /// Loaded versions, by number.
     pub versions: BTreeMap<i64, Arc<LoadedModel>>,
-    /// `READY`, `UNAVAILABLE`, `UNLOADING`...
-    pub state: &'static str,
+    /// Ready, unavailable or unloading.
+    pub state: ModelState,
     /// Why it is not ready, if it is not.
     pub reason: String,
 }
@@ -73,7 +75,7 @@ pub struct Repository {
     backend: BackendSelection,
     control: ModelControlMode,
     models: RwLock<BTreeMap<String, ModelEntry>>,
-    session_store: Option<Arc<crate::sequence::SessionStore>>,
+    session_store: Option<Arc<SessionStore>>,
 }
 
 impl Repository {
@@ -83,7 +85,7 @@ impl Repository {
     }
 
     /// Uses `store` for spilled and drained sessions of sequence models (set before loading).
-    pub fn with_session_store(mut self, store: Option<Arc<crate::sequence::SessionStore>>) -> Repository {
+    pub fn with_session_store(mut self, store: Option<Arc<SessionStore>>) -> Repository {
         self.session_store = store;
         self
     }
@@ -110,7 +112,11 @@ impl Repository {
             Some(root) => {
                 let rd = std::fs::read_dir(root).map_err(|e| RepositoryError::Load {
                     model: String::new(),
-                    reason: format!("{}: cannot read the model repository: {e}", root.display()),
+                    source: LoadError::Io {
+                        path: root.clone(),
+                        what: "the model repository".into(),
+                        reason: e.to_string(),
+                    },
                 })?;
                 let mut names: Vec<String> = rd
                     .filter_map(Result::ok)
@@ -155,41 +161,42 @@ impl Repository {
             let source = source?;
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
-            let seq = crate::sequence::SequenceSpec::from_config(&source.config, &file, dir.as_deref())
-                .map_err(|e| e.to_string())?;
+            let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())?.map(Arc::new);
             for (version, vdir) in source.versions {
                 if let Some(seq) = &seq {
+                    let mut spec = (*source.spec).clone();
+                    spec.sequence = Some(seq.clone());
+                    let spec = Arc::new(spec);
                     let neuron_dir = vdir
                         .clone()
                         .filter(|d| matches!(backend, BackendSelection::Neuron { .. }) && loader::has_neff(d));
-                    let (scheduler, sequence, kind) = match neuron_dir {
+                    let (batching, kind) = match neuron_dir {
                         Some(d) => {
-                            let (spec, config, seq2, be) =
-                                (source.spec.clone(), source.config.clone(), seq.clone(), backend.clone());
+                            let (spec2, config, seq2, be) =
+                                (spec.clone(), source.config.clone(), seq.clone(), backend.clone());
                             let (instances, slots) = tokio::task::spawn_blocking(move || {
-                                neuron_loader::create_neuron_sequence_instances(&spec, &config, &seq2, &d, &be)
+                                neuron_loader::create_neuron_sequence_instances(&spec2, &config, &seq2, &d, &be)
                             })
                             .await
-                            .map_err(|e| format!("loader task failed: {e}"))??;
-                            let (scheduler, sequence) = crate::sequence::start_with_instances(
-                                source.spec.clone(),
-                                seq.clone(),
+                            .map_err(|e| LoadError::Task { reason: e.to_string() })??;
+                            let setup = SequenceSetup {
+                                spec: spec.clone(),
+                                seq: seq.clone(),
                                 version,
-                                store.clone(),
-                                instances,
+                                store: store.clone(),
                                 slots,
-                            )?;
-                            (scheduler, sequence, "neuron")
+                            };
+                            let batching = Batcher::start_sequence(setup, instances)
+                                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+                            (batching, BackendKind::Neuron)
                         }
                         None => {
-                            let (scheduler, sequence) =
-                                crate::sequence::start_cpu(source.spec.clone(), seq.clone(), version, store.clone())?;
-                            (scheduler, sequence, "cpu")
+                            let started =
+                                crate::batching::sequence::start_cpu(spec.clone(), seq.clone(), version, store.clone());
+                            (started.map_err(|reason| LoadError::Batching { reason })?, BackendKind::Cpu)
                         }
                     };
-                    let (config, spec) = (source.config.clone(), source.spec.clone());
-                    let model =
-                        LoadedModel { version, config, spec, scheduler, backend: kind, sequence: Some(sequence) };
+                    let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
                     versions.insert(version, Arc::new(model));
                     continue;
                 }
@@ -198,7 +205,7 @@ impl Repository {
                 let (instances, kind, buckets) =
                     tokio::task::spawn_blocking(move || loader::create_instances(&spec, &config, vdir.as_deref(), &be))
                         .await
-                        .map_err(|e| format!("loader task failed: {e}"))??;
+                        .map_err(|e| LoadError::Task { reason: e.to_string() })??;
                 let mut spec = (*source.spec).clone();
                 if let Some(b) = buckets
                     && spec.buckets.batch.is_empty()
@@ -207,29 +214,23 @@ impl Repository {
                     spec.buckets.batch = b;
                 }
                 let spec = Arc::new(spec);
-                let scheduler = SchedulerHandle::start(spec.clone(), instances);
-                let model = LoadedModel {
-                    version,
-                    config: source.config.clone(),
-                    spec,
-                    scheduler,
-                    backend: kind,
-                    sequence: None,
-                };
+                let batching = Batcher::start_dynamic(spec.clone(), instances);
+                let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
                 versions.insert(version, Arc::new(model));
             }
-            Ok::<_, String>(versions)
+            Ok::<_, LoadError>(versions)
         }
         .await;
         let (old, result) = match loaded {
             Ok(versions) => {
-                tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend).unwrap_or("-"), "model ready");
+                tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend.as_str()).unwrap_or("-"), "model ready");
                 // Swap under one write lock, so concurrent loads never lose a running entry.
-                (self.set(name, ModelEntry { versions, state: "READY", reason: String::new() }), Ok(()))
+                (self.set(name, ModelEntry { versions, state: ModelState::Ready, reason: String::new() }), Ok(()))
             }
-            Err(reason) => {
+            Err(source) => {
+                let reason = source.to_string();
                 tracing::error!(model = name, %reason, "model failed to load");
-                let mut models = self.models.write().map_err(|_| RepositoryError::Load {
+                let mut models = self.models.write().map_err(|_| RepositoryError::NotReady {
                     model: name.into(),
                     reason: "repository lock poisoned".into(),
                 })?;
@@ -237,12 +238,11 @@ impl Repository {
                 match models.get_mut(name) {
                     Some(entry) if !entry.versions.is_empty() => entry.reason = format!("reload failed: {reason}"),
                     _ => {
-                        let failed =
-                            ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: reason.clone() };
+                        let failed = ModelEntry { versions: BTreeMap::new(), state: ModelState::Unavailable, reason };
                         models.insert(name.to_string(), failed);
                     }
                 }
-                (None, Err(RepositoryError::Load { model: name.into(), reason }))
+                (None, Err(RepositoryError::Load { model: name.into(), source }))
             }
         };
         if let Some(old) = old {
@@ -257,11 +257,15 @@ impl Repository {
         if self.models.read().map(|m| !m.contains_key(name)).unwrap_or(true) {
             return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
         }
-        let unloading = ModelEntry { versions: BTreeMap::new(), state: "UNLOADING", reason: "unloading".into() };
+        let unloading =
+            ModelEntry { versions: BTreeMap::new(), state: ModelState::Unloading, reason: "unloading".into() };
         if let Some(current) = self.set(name, unloading) {
             drain_versions(&current).await;
         }
-        self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: "unloaded".into() });
+        self.set(
+            name,
+            ModelEntry { versions: BTreeMap::new(), state: ModelState::Unavailable, reason: "unloaded".into() },
+        );
         Ok(())
     }
 
@@ -300,6 +304,15 @@ impl Repository {
         self.models.read().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
     }
 
+    /// Tells every model the worker started draining (see [`Batcher::begin_drain`]).
+    pub async fn begin_drain_all(&self) {
+        for (_, entry) in self.entries() {
+            for v in entry.versions.values() {
+                v.batching.begin_drain().await;
+            }
+        }
+    }
+
     /// Drains every model (used at shutdown).
     pub async fn drain_all(&self) {
         for (_, entry) in self.entries() {
@@ -308,13 +321,9 @@ impl Repository {
     }
 }
 
-/// Drains every version of an entry: sequence batchers first (they write live sessions to the
-/// store), then the dynamic schedulers.
+/// Drains every version of an entry (a sequence model writes its live sessions to the store).
 async fn drain_versions(entry: &ModelEntry) {
     for v in entry.versions.values() {
-        if let Some(s) = &v.sequence {
-            s.drain().await;
-        }
-        v.scheduler.drain().await;
+        v.batching.drain().await;
     }
 }

@@ -7,12 +7,13 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::error::ServerError;
+use crate::batching::{InferReply, RequestInput, SequenceControl};
 use crate::config::{IoSpec, ModelSpec};
 use crate::proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
     model_infer_request::InferInputTensor, model_infer_response::InferOutputTensor,
 };
-use crate::scheduler::{InferReply, RequestInput};
+use crate::sessions::SequenceId;
 use crate::tensor::DataType;
 
 /// A request ready for the scheduler, plus what the response needs.
@@ -29,22 +30,10 @@ pub struct DecodedRequest {
     /// Indices of the outputs to return, in the order requested (all when the request names none).
     pub outputs: Vec<usize>,
     /// `sequence_id` / `sequence_start` / `sequence_end` (stateful models only).
-    pub sequence: SequenceParams,
+    pub sequence: SequenceControl,
 }
 
-/// The sequence parameters of a request to a stateful (sequence-batched) model.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SequenceParams {
-    /// `sequence_id` (uint64/int64 or string); `None` when absent, 0 or empty.
-    pub id: Option<crate::sequence::SequenceId>,
-    /// `sequence_start`.
-    pub start: bool,
-    /// `sequence_end`.
-    pub end: bool,
-}
-
-fn sequence_param(params: &mut SequenceParams, name: &str, p: &InferParameter) -> Result<(), ServerError> {
-    use crate::sequence::SequenceId;
+fn sequence_param(params: &mut SequenceControl, name: &str, p: &InferParameter) -> Result<(), ServerError> {
     match (name, &p.parameter_choice) {
         ("sequence_id", Some(ParameterChoice::StringParam(s))) => {
             params.id = (!s.is_empty()).then(|| SequenceId::Str(s.clone()))
@@ -75,21 +64,14 @@ fn param_u64(name: &str, p: &InferParameter) -> Result<u64, ServerError> {
     }
 }
 
-/// Checks `req` against `spec` and decodes it. `max_batch_rows` is what one request may carry.
+/// Checks `req` against `spec` and decodes it. The sequence parameters are accepted for sequence
+/// models (`spec.sequence`), and `priority` / `timeout` for the others.
 pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<DecodedRequest, ServerError> {
-    decode_request_for(req, spec, false)
-}
-
-/// [`decode_request`], accepting the sequence parameters when `stateful` (a sequence model).
-pub fn decode_request_for(
-    req: &mut ModelInferRequest,
-    spec: &ModelSpec,
-    stateful: bool,
-) -> Result<DecodedRequest, ServerError> {
     let model = &spec.name;
+    let stateful = spec.sequence.is_some();
     let mut priority = 0;
     let mut timeout = None;
-    let mut sequence = SequenceParams::default();
+    let mut sequence = SequenceControl::default();
     for (k, v) in &req.parameters {
         match k.as_str() {
             "priority" | "timeout" if stateful => {
@@ -231,7 +213,7 @@ fn check_shape(ispec: &IoSpec, shape: &[i64], spec: &ModelSpec) -> Result<Vec<us
     Ok(shape.iter().map(|d| *d as usize).collect())
 }
 
-fn check_bytes(name: &str, dtype: DataType, shape: &[usize], data: &[u8]) -> Result<(), ServerError> {
+pub(super) fn check_bytes(name: &str, dtype: DataType, shape: &[usize], data: &[u8]) -> Result<(), ServerError> {
     let elements = shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d));
     let Some(elements) = elements else {
         return Err(bad(format!("input '{name}': shape {shape:?} is too large")));
@@ -267,7 +249,7 @@ fn check_bytes(name: &str, dtype: DataType, shape: &[usize], data: &[u8]) -> Res
     Ok(())
 }
 
-fn typed_contents(tensor: &mut InferInputTensor, dtype: DataType) -> Result<Bytes, ServerError> {
+pub(super) fn typed_contents(tensor: &mut InferInputTensor, dtype: DataType) -> Result<Bytes, ServerError> {
     let name = tensor.name.clone();
     let Some(c) = tensor.contents.take() else {
         return Err(bad(format!("input '{name}': no data (neither raw_input_contents nor typed contents)")));

@@ -6,9 +6,9 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::backend::BackendError;
+use crate::batching::BatchingError;
 use crate::repository::RepositoryError;
-use crate::scheduler::SchedulerError;
-use crate::sequence::SequenceError;
+use crate::sessions::StoreError;
 
 /// Why an RPC failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,18 +19,15 @@ pub enum ServerError {
     /// From the model repository.
     #[error(transparent)]
     Repository(#[from] RepositoryError),
-    /// From the scheduler (and, through it, the backend).
+    /// From the batching layer (and, through it, the backend and the session store).
     #[error(transparent)]
-    Scheduler(#[from] SchedulerError),
+    Batching(#[from] BatchingError),
     /// A protocol feature this worker does not offer.
     #[error("{0}")]
     Unimplemented(String),
     /// The worker is shutting down.
     #[error("the worker is shutting down and accepts no new requests; send them to another worker")]
     Draining,
-    /// From the sequence batcher (stateful sessions).
-    #[error(transparent)]
-    Sequence(#[from] SequenceError),
 }
 
 impl From<ServerError> for Status {
@@ -47,37 +44,30 @@ impl From<ServerError> for Status {
                 RepositoryError::Load { .. } => Status::internal(msg),
                 RepositoryError::NotAllowed(_) => Status::failed_precondition(msg),
             },
-            ServerError::Scheduler(s) => match s {
-                SchedulerError::QueueFull { .. } => Status::with_error_details(
+            ServerError::Batching(b) => match b {
+                BatchingError::QueueFull { .. } => Status::with_error_details(
                     Code::ResourceExhausted,
                     msg,
                     ErrorDetails::with_retry_info(Some(Duration::from_millis(50))),
                 ),
-                SchedulerError::Timeout { .. } => Status::deadline_exceeded(msg),
-                SchedulerError::Unavailable { .. } => Status::unavailable(msg),
-                SchedulerError::TooLarge { .. } => Status::invalid_argument(msg),
-                SchedulerError::Backend { source, .. } => match source {
-                    BackendError::InvalidInput { .. } => Status::invalid_argument(msg),
-                    BackendError::Unavailable(_) => Status::unavailable(msg),
-                    BackendError::Load(_) | BackendError::Execution { .. } => Status::internal(msg),
-                },
-            },
-            ServerError::Sequence(s) => match s {
-                SequenceError::InvalidRequest { .. }
-                | SequenceError::NotLive { .. }
-                | SequenceError::BadBlob { .. } => Status::invalid_argument(msg),
-                SequenceError::SlotsExhausted { .. } | SequenceError::QueueFull { .. } => Status::with_error_details(
+                BatchingError::SlotsExhausted { .. } => Status::with_error_details(
                     Code::ResourceExhausted,
                     msg,
                     ErrorDetails::with_retry_info(Some(Duration::from_millis(100))),
                 ),
-                SequenceError::Busy { .. } => Status::failed_precondition(msg),
-                SequenceError::NotFound { .. } => Status::not_found(msg),
-                SequenceError::AlreadyExists { .. } => Status::already_exists(msg),
-                SequenceError::CorruptSession { .. } => Status::data_loss(msg),
-                SequenceError::Store { .. } => Status::internal(msg),
-                SequenceError::Unavailable { .. } => Status::unavailable(msg),
-                SequenceError::Backend { source, .. } => match source {
+                BatchingError::Timeout { .. } => Status::deadline_exceeded(msg),
+                BatchingError::Unavailable { .. } => Status::unavailable(msg),
+                BatchingError::TooLarge { .. }
+                | BatchingError::InvalidRequest { .. }
+                | BatchingError::NotLive { .. }
+                | BatchingError::BadBlob { .. }
+                | BatchingError::NoSessions { .. } => Status::invalid_argument(msg),
+                BatchingError::Busy { .. } => Status::failed_precondition(msg),
+                BatchingError::NotFound { .. } => Status::not_found(msg),
+                BatchingError::AlreadyExists { .. } => Status::already_exists(msg),
+                BatchingError::Store(StoreError::Corrupt { .. }) => Status::data_loss(msg),
+                BatchingError::Store(StoreError::Io { .. } | StoreError::NotConfigured) => Status::internal(msg),
+                BatchingError::Backend { source, .. } => match source {
                     BackendError::InvalidInput { .. } => Status::invalid_argument(msg),
                     BackendError::Unavailable(_) => Status::unavailable(msg),
                     BackendError::Load(_) | BackendError::Execution { .. } => Status::internal(msg),
@@ -93,13 +83,13 @@ mod tests {
 
     #[test]
     fn maps_kinds_to_codes() {
-        let full = ServerError::Scheduler(SchedulerError::QueueFull { model: "m".into(), max_queue_size: 3 });
+        let full = ServerError::Batching(BatchingError::QueueFull { model: "m".into(), max_queue_size: 3 });
         let st = Status::from(full);
         assert_eq!(st.code(), Code::ResourceExhausted);
         assert_eq!(st.get_details_retry_info().and_then(|r| r.retry_delay), Some(Duration::from_millis(50)));
         let nf = ServerError::Repository(RepositoryError::NotFound { model: "x".into(), version: String::new() });
         assert_eq!(Status::from(nf).code(), Code::NotFound);
-        let fatal = ServerError::Scheduler(SchedulerError::Backend {
+        let fatal = ServerError::Batching(BatchingError::Backend {
             model: "m".into(),
             source: BackendError::Execution {
                 message: "NRT_TIMEOUT".into(),

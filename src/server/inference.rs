@@ -13,10 +13,10 @@ use tonic::{Request, Response, Status, Streaming};
 use super::decode::{decode_request, encode_response};
 use super::error::ServerError;
 use super::stats::model_statistics;
+use crate::batching::{BatchingError, InferRequest};
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::inference::*;
 use crate::repository::{ModelControlMode, Repository};
-use crate::scheduler::{InferRequest, SchedulerError};
 
 /// The inference service: stateless apart from the shared repository.
 #[derive(Debug, Clone)]
@@ -37,28 +37,29 @@ impl InferenceService {
         InferenceService { repo, server_version, draining }
     }
 
-    /// Runs one inference request end to end (shared by ModelInfer and ModelStreamInfer).
-    /// Returns the response, and whether the model asks for ordered stream responses.
-    async fn infer(repo: &Repository, mut req: ModelInferRequest) -> Result<ModelInferResponse, ServerError> {
+    /// Runs one inference request end to end, for every model whatever its batching policy
+    /// (shared by ModelInfer and ModelStreamInfer, and the path any other front takes).
+    pub async fn infer(repo: &Repository, mut req: ModelInferRequest) -> Result<ModelInferResponse, ServerError> {
         let arrived = Instant::now();
         let model = repo.get(&req.model_name, &req.model_version)?;
-        if let Some(sequence) = &model.sequence {
-            return super::sessions::infer_sequence(sequence, &model, req, arrived).await;
+        if let Some(g) = model.batching.generative() {
+            return super::generate_stream::generate_unary(&model, g, req).await;
         }
         let decoded = decode_request(&mut req, &model.spec)?;
         let (tx, rx) = oneshot::channel();
-        model.scheduler.submit(InferRequest {
+        model.batching.submit(InferRequest {
             inputs: decoded.inputs,
             rows: decoded.rows,
             priority: decoded.priority,
             timeout: decoded.timeout,
+            sequence: decoded.sequence,
             reply: tx,
             arrived,
         })?;
         let reply = rx.await.map_err(|_| {
-            ServerError::Scheduler(SchedulerError::Unavailable {
+            ServerError::Batching(BatchingError::Unavailable {
                 model: req.model_name.clone(),
-                reason: "the model's scheduler stopped before answering".into(),
+                reason: "the model's batcher stopped before answering".into(),
             })
         })??;
         Ok(encode_response(&req.model_name, model.version, std::mem::take(&mut req.id), reply, &decoded.outputs))
@@ -82,13 +83,13 @@ impl GrpcInferenceService for InferenceService {
 
     async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Result<Response<ServerReadyResponse>, Status> {
         let ready = !self.draining.is_cancelled()
-            && self.repo.entries().iter().any(|(_, e)| e.versions.values().any(|v| v.scheduler.is_ready()));
+            && self.repo.entries().iter().any(|(_, e)| e.versions.values().any(|v| v.batching.is_ready()));
         Ok(Response::new(ServerReadyResponse { ready }))
     }
 
     async fn model_ready(&self, r: Request<ModelReadyRequest>) -> Result<Response<ModelReadyResponse>, Status> {
         let r = r.into_inner();
-        let ready = self.repo.get(&r.name, &r.version).map(|m| m.scheduler.is_ready()).unwrap_or(false);
+        let ready = self.repo.get(&r.name, &r.version).map(|m| m.batching.is_ready()).unwrap_or(false);
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -167,6 +168,19 @@ impl GrpcInferenceService for InferenceService {
                 let (done_tx, done_rx) = oneshot::channel();
                 let wait = if ordered { previous.replace(done_rx) } else { None };
                 let (repo, tx) = (repo.clone(), tx.clone());
+                // Generative models answer with one response per update (decoupled).
+                if let Ok(model) = repo.get(&req.model_name, &req.model_version)
+                    && let Some(g) = model.batching.generative().cloned()
+                {
+                    in_flight.spawn(async move {
+                        tokio::select! {
+                            _ = super::generate_stream::generate_stream(&model, &g, req, &tx) => {}
+                            _ = tx.closed() => {}
+                        }
+                        let _ = done_tx.send(());
+                    });
+                    continue;
+                }
                 in_flight.spawn(async move {
                     let id = req.id.clone();
                     let work = async {
@@ -256,7 +270,7 @@ impl GrpcInferenceService for InferenceService {
                 continue;
             }
             for (v, m) in &e.versions {
-                let ready = m.scheduler.is_ready();
+                let ready = m.batching.is_ready();
                 if only_ready && !ready {
                     continue;
                 }

@@ -76,14 +76,14 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
         for (v, m) in &entry.versions {
             let v = v.to_string();
             let l = [name.as_str(), v.as_str()];
-            let s = m.scheduler.stats();
+            let s = m.batching.stats();
             success.with_label_values(&l).inc_by(s.success.get().0);
             for (reason, n) in s.failures() {
                 failure.with_label_values(&[l[0], l[1], reason.as_str()]).inc_by(n);
             }
             count.with_label_values(&l).inc_by(s.inference_count.load(Relaxed));
             exec.with_label_values(&l).inc_by(s.execution_count.load(Relaxed));
-            pending.with_label_values(&l).set(m.scheduler.queue_depth() as i64);
+            pending.with_label_values(&l).set(m.batching.queue_depth() as i64);
             queue_us.with_label_values(&l).inc_by(s.queue.get().1 / 1000);
             input_us.with_label_values(&l).inc_by(s.compute_input.get().1 / 1000);
             infer_us.with_label_values(&l).inc_by(s.compute_infer.get().1 / 1000);
@@ -101,15 +101,14 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
                 let label = neuron_sys::status_name(code).map(str::to_string).unwrap_or_else(|| code.to_string());
                 nrt.with_label_values(&[l[0], l[1], &label]).inc_by(n);
             }
-            state.with_label_values(&l).set(i64::from(m.scheduler.is_ready()));
-            in_service.with_label_values(&l).set(m.scheduler.instances_in_service() as i64);
-            depth.with_label_values(&l).set(m.scheduler.queue_depth() as i64);
+            state.with_label_values(&l).set(i64::from(m.batching.is_ready()));
+            in_service.with_label_values(&l).set(m.batching.instances_in_service() as i64);
+            depth.with_label_values(&l).set(m.batching.queue_depth() as i64);
             max_queue.with_label_values(&l).set(m.spec.dynamic.max_queue_size as i64);
-            wait.with_label_values(&l).set(m.scheduler.estimated_queue_wait().as_micros() as f64);
-            if let Some(seq) = &m.sequence {
-                let c = seq.counters();
+            wait.with_label_values(&l).set(m.batching.estimated_queue_wait().as_micros() as f64);
+            if let (Some(c), Some(capacity)) = (m.batching.session_counters(), m.batching.session_capacity()) {
                 sess_live.with_label_values(&l).set(c.live.load(Relaxed) as i64);
-                sess_capacity.with_label_values(&l).set(seq.capacity() as i64);
+                sess_capacity.with_label_values(&l).set(capacity as i64);
                 sess_stored.with_label_values(&l).set(c.spilled_now.load(Relaxed) as i64);
                 sess_spilled.with_label_values(&l).inc_by(c.spilled.load(Relaxed));
                 sess_restored.with_label_values(&l).inc_by(c.restored.load(Relaxed));
@@ -152,6 +151,7 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
     for c in collectors {
         families.extend(c.collect().into_iter().filter(|f| !f.get_metric().is_empty()));
     }
+    families.extend(super::http::metrics::families());
     let mut buf = Vec::new();
     TextEncoder::new().encode(&families, &mut buf)?;
     String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
@@ -166,13 +166,13 @@ pub fn capacity(repo: &Repository) -> serde_json::Value {
             models.push(serde_json::json!({
                 "model": name,
                 "version": v.to_string(),
-                "ready": m.scheduler.is_ready(),
+                "ready": m.batching.is_ready(),
                 "backend": m.backend,
-                "instances_in_service": m.scheduler.instances_in_service(),
-                "queue_depth": m.scheduler.queue_depth(),
+                "instances_in_service": m.batching.instances_in_service(),
+                "queue_depth": m.batching.queue_depth(),
                 "queue_capacity": m.spec.dynamic.max_queue_size,
                 "max_batch_size": m.spec.max_batch_size,
-                "estimated_queue_wait_us": m.scheduler.estimated_queue_wait().as_micros() as u64,
+                "estimated_queue_wait_us": m.batching.estimated_queue_wait().as_micros() as u64,
             }));
         }
         if entry.versions.is_empty() {

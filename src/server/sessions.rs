@@ -1,18 +1,14 @@
-//! `neuronworker.v1.Sessions` (list, export, import of stateful sessions) and the inference path
-//! of sequence models: a request's sequence parameters checked and handed to the model's
-//! sequence batcher.
+//! `neuronworker.v1.Sessions`: list, export and import the sessions of the models whose batching
+//! policy keeps sessions.
 
 use std::sync::Arc;
-use std::time::Instant;
 
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use super::decode::{decode_request_for, encode_response};
 use super::error::ServerError;
-use crate::proto::inference::{ModelInferRequest, ModelInferResponse};
-use crate::repository::{LoadedModel, Repository};
-use crate::sequence::{SequenceError, SequenceHandle, SequenceId, SequenceRequest, SessionBlob, SessionInfo};
+use crate::batching::{Batcher, BatchingError};
+use crate::repository::Repository;
+use crate::sessions::{SequenceId, SessionBlob, SessionInfo};
 
 /// Generated types and service of `proto/neuronworker/v1/sessions.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -26,46 +22,6 @@ use proto::{
     ListSessionsResponse, sequence_id,
 };
 
-/// Runs one request of a sequence model through its sequence batcher.
-pub(super) async fn infer_sequence(
-    handle: &SequenceHandle,
-    model: &LoadedModel,
-    mut req: ModelInferRequest,
-    arrived: Instant,
-) -> Result<ModelInferResponse, ServerError> {
-    let spec = &model.spec;
-    let decoded = decode_request_for(&mut req, spec, true)?;
-    let invalid =
-        |reason: String| ServerError::Sequence(SequenceError::InvalidRequest { model: spec.name.clone(), reason });
-    let Some(id) = decoded.sequence.id else {
-        return Err(invalid(
-            "this is a stateful (sequence-batched) model: every request needs a non-zero sequence_id, and the first request of a sequence sequence_start".into(),
-        ));
-    };
-    if decoded.rows != 1 {
-        return Err(invalid(format!(
-            "a request of sequence {id} must carry exactly one batch row, got {}",
-            decoded.rows
-        )));
-    }
-    let (tx, rx) = oneshot::channel();
-    handle.submit(SequenceRequest {
-        id,
-        start: decoded.sequence.start,
-        end: decoded.sequence.end,
-        inputs: decoded.inputs,
-        reply: tx,
-        arrived,
-    })?;
-    let reply = rx.await.map_err(|_| {
-        ServerError::Sequence(SequenceError::Unavailable {
-            model: spec.name.clone(),
-            reason: "the sequence batcher stopped before answering".into(),
-        })
-    })??;
-    Ok(encode_response(&req.model_name, model.version, std::mem::take(&mut req.id), reply, &decoded.outputs))
-}
-
 /// The Sessions service over the repository's sequence models.
 #[derive(Debug, Clone)]
 pub struct SessionsService {
@@ -78,13 +34,12 @@ impl SessionsService {
         SessionsService { repo }
     }
 
-    fn handle(&self, model: &str, version: &str) -> Result<SequenceHandle, ServerError> {
+    fn handle(&self, model: &str, version: &str) -> Result<Batcher, ServerError> {
         let m = self.repo.get(model, version)?;
-        m.sequence.clone().ok_or_else(|| {
-            ServerError::InvalidRequest(format!(
-                "model '{model}' is not a stateful (sequence-batched) model; it has no sessions"
-            ))
-        })
+        if !m.batching.keeps_sessions() {
+            return Err(BatchingError::NoSessions { model: model.to_string() }.into());
+        }
+        Ok(m.batching.clone())
     }
 }
 
@@ -128,9 +83,7 @@ impl Sessions for SessionsService {
                 continue;
             }
             for m in entry.versions.values() {
-                if let Some(h) = &m.sequence {
-                    sessions.extend(h.list().await.iter().map(info_to_proto));
-                }
+                sessions.extend(m.batching.list_sessions().await.iter().map(info_to_proto));
             }
         }
         Ok(Response::new(ListSessionsResponse { sessions }))
@@ -143,7 +96,7 @@ impl Sessions for SessionsService {
         let r = r.into_inner();
         let id = id_from_proto(r.sequence_id)?;
         let handle = self.handle(&r.model, &r.version)?;
-        let blob = handle.export(id).await.map_err(ServerError::from)?;
+        let blob = handle.export_session(id).await.map_err(ServerError::from)?;
         let info = SessionInfo {
             model: blob.model.clone(),
             version: blob.version,
@@ -160,9 +113,9 @@ impl Sessions for SessionsService {
         r: Request<ImportSessionRequest>,
     ) -> Result<Response<ImportSessionResponse>, Status> {
         let blob = SessionBlob::decode(&r.into_inner().blob)
-            .map_err(|reason| ServerError::Sequence(SequenceError::BadBlob { reason }))?;
+            .map_err(|reason| ServerError::Batching(BatchingError::BadBlob { reason }))?;
         let handle = self.handle(&blob.model, &blob.version.to_string())?;
-        let info = handle.import(blob).await.map_err(ServerError::from)?;
+        let info = handle.import_session(blob).await.map_err(ServerError::from)?;
         Ok(Response::new(ImportSessionResponse { session: Some(info_to_proto(&info)) }))
     }
 }

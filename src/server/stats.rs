@@ -1,10 +1,10 @@
-//! ModelStatistics in Triton's shape, from a scheduler's counters.
+//! ModelStatistics in Triton's shape, from a model's batching statistics.
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use crate::batching::stats::StatDuration;
 use crate::proto::inference::{InferBatchStatistics, InferStatistics, ModelStatistics, StatisticDuration};
 use crate::repository::LoadedModel;
-use crate::scheduler::stats::StatDuration;
 
 fn dur(s: &StatDuration) -> Option<StatisticDuration> {
     let (count, ns) = s.get();
@@ -13,7 +13,7 @@ fn dur(s: &StatDuration) -> Option<StatisticDuration> {
 
 /// The statistics of one loaded model version.
 pub fn model_statistics(name: &str, m: &LoadedModel) -> ModelStatistics {
-    let s = m.scheduler.stats();
+    let s = m.batching.stats();
     ModelStatistics {
         name: name.to_string(),
         version: m.version.to_string(),

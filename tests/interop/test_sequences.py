@@ -4,7 +4,7 @@ driving the built-in sequence models ``accumulate`` and ``gru`` with ``sequence_
 
 Every output is checked against an independent computation of that sequence alone: a running sum
 for ``accumulate``, and for ``gru`` a numpy GRU cell whose weights are regenerated here from the
-documented SplitMix64 streams (see ``src/sequence/models.rs``).
+documented SplitMix64 streams (see ``src/backend/cpu/stateful/kernels.rs``).
 
 Environment as for ``test_tritonclient.py`` (``NEURON_WORKER_URL``, default ``127.0.0.1:18001``).
 """

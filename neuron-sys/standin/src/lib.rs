@@ -8,10 +8,11 @@
 //!
 //! # What it runs
 //! Any NEFF loads (its tensors come from `neff.json` and `sgNN/def.json`, so the tensor info of
-//! real compiler output is reported faithfully). Only NEFFs carrying a `standin/program.json`
-//! (written by the worker's `neff::writer`, format in [`program`]: versions 1 and 2, version 2
-//! adding the ops of stateful models and `int32` tensors run as `f32`) execute; executing compiler
-//! output returns `NRT_UNSUPPORTED_NEFF_VERSION` and logs why on stderr.
+//! real compiler output is reported faithfully; the reader is the `neff-format` crate the worker
+//! uses too). Only NEFFs carrying a `standin/program.json` (written by that crate's writer,
+//! format in `neff_format::program`: versions 1 and 2, version 2 adding the ops of stateful
+//! models and `int32` tensors run as `f32`) execute; executing compiler output returns
+//! `NRT_UNSUPPORTED_NEFF_VERSION` and logs why on stderr.
 //!
 //! # Rules enforced like the real runtime
 //! Calls before `nrt_init` return `NRT_UNINITIALIZED` (13), after `nrt_close` `NRT_CLOSED` (14)

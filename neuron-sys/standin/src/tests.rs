@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_void};
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,27 +14,11 @@ use crate::runtime::Runtime;
 /// Serialises the tests that use the process-wide runtime through the C functions.
 static GLOBAL_LOCK: Mutex<()> = Mutex::new(());
 
-/// A NEFF container (header + gzip'd tar) around `files`, as the worker's writer makes it.
+/// A NEFF container (header + gzip'd tar) around `files`, written by the shared format crate.
 fn container(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    for (path, bytes) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o644);
-        tar.append_data(&mut header, path, bytes.as_slice()).expect("in-memory tar");
-    }
-    let payload = tar.into_inner().expect("tar").finish().expect("gzip");
-    let mut out = vec![0u8; HEADER_LEN_FOR_TESTS];
-    out[0..8].copy_from_slice(&2u64.to_le_bytes());
-    out[8..16].copy_from_slice(&1024u64.to_le_bytes());
-    out[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    out[24..32].copy_from_slice(&2u64.to_le_bytes());
-    out[220..231].copy_from_slice(b"linear.neff");
-    out.write_all(&payload).expect("in memory");
-    out
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    neff_format::writer::assemble("linear.neff", 1, &refs).expect("in-memory NEFF")
 }
-
-const HEADER_LEN_FOR_TESTS: usize = 1024;
 
 fn weight(i: usize, j: usize) -> f32 {
     (((7 * i + 3 * j) % 17) as f32 - 8.0) / 16.0
@@ -331,7 +314,7 @@ fn load_failure_knob_and_core_bounds() {
     assert!(rt.load(&neff, 3, 1).is_ok());
     assert_eq!(rt.load(&neff, 3, 2), Err(NRT_LOAD_NOT_ENOUGH_NC));
     assert_eq!(rt.load(&neff, 4, 1), Err(NRT_LOAD_NOT_ENOUGH_NC));
-    assert_eq!(rt.load(&neff[..2000], 0, 1), Err(NRT_INVALID));
+    assert_eq!(rt.load(&neff[..neff.len() - 100], 0, 1), Err(NRT_INVALID), "truncated payload");
 }
 
 #[test]

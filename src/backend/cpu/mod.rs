@@ -9,10 +9,16 @@ pub mod bert;
 pub mod builtin;
 pub mod dense;
 pub mod gemm;
+pub mod gguf;
 pub mod instance;
 pub mod isa;
+pub mod linear;
+pub mod linear_kernels;
+pub mod llama;
 pub mod ops;
 pub mod pooling;
+pub mod quant;
+pub mod stateful;
 pub mod weights;
 
 pub use bert::{BertConfig, BertInfo, BertModel, BertOutput, BertScratch};

@@ -19,6 +19,7 @@ pub mod error;
 pub mod instance;
 pub mod model;
 pub mod runtime;
+pub mod sequence;
 pub mod stateful;
 pub mod tensor;
 

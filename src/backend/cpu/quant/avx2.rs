@@ -1,0 +1,259 @@
+//! AVX2 kernels (`vpmaddubsw` + `vpmaddwd` integer dots, F16C scale conversion), and the tiled
+//! loop shared with the AVX-512 VNNI kernels ([`quant_kernels!`]).
+//!
+//! A tile is `R` weight rows × `C` activation rows: each weight block is loaded and unpacked once per
+//! tile and reused for `C` activation rows. Every output keeps its own accumulator, updated in
+//! block order exactly as in [`super::scalar`], so tiling and threading never change a result.
+
+use std::arch::x86_64::*;
+
+/// Generates `rows` (and its helpers) for one target feature set from two inline helpers:
+/// `$load_w::<F>(block bytes) -> (__m256i, __m256i)` and
+/// `$dot::<F>(w, xv: __m256i, corr: &[i32]) -> __m256i` (8 lane sums of a block).
+macro_rules! quant_kernels {
+    ($feat:literal, $load_w:ident, $dot:ident) => {
+        use std::ops::Range;
+
+        use half::f16;
+
+        use super::format::{FQ4_0, FQ4_1, FQ8_0, QFormat, QK};
+        use super::qmatrix::{QData, XRef};
+
+        /// The fixed 8-lane horizontal sum (same order as `scalar::hsum8`).
+        #[inline(always)]
+        fn hsum(v: __m256) -> f32 {
+            // SAFETY: only inlined into functions compiled with AVX enabled and called after
+            // detection.
+            unsafe {
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+            }
+        }
+
+        /// 8 values from `src` (f16 bits or f32 via `conv`), zero-padded.
+        #[inline(always)]
+        fn pad8<T: Copy>(src: &[T], conv: impl Fn(T) -> f32) -> [f32; 8] {
+            let mut a = [0.0f32; 8];
+            for (o, &v) in a.iter_mut().zip(src) {
+                *o = conv(v);
+            }
+            a
+        }
+
+        #[inline(always)]
+        fn load8(a: &[f32; 8]) -> __m256 {
+            // SAFETY: `a` holds 8 f32; AVX is enabled in every caller.
+            unsafe { _mm256_loadu_ps(a.as_ptr()) }
+        }
+
+        /// Q4_1's minimum term for one output.
+        #[target_feature(enable = $feat)]
+        fn mins(w: &QData, r: usize, xs: &[f32]) -> f32 {
+            let nb = w.nb;
+            let ms = &w.mins[r * nb..(r + 1) * nb];
+            let mut macc = _mm256_setzero_ps();
+            let mut g = 0;
+            while g < nb {
+                let gl = (nb - g).min(8);
+                let m8 = load8(&pad8(&ms[g..g + gl], |b| f16::from_bits(b).to_f32()));
+                let s8 = load8(&pad8(&xs[g..g + gl], |v| v));
+                macc = _mm256_fmadd_ps(m8, s8, macc);
+                g += 8;
+            }
+            hsum(macc)
+        }
+
+        #[target_feature(enable = $feat)]
+        fn tile<const F: u8, const R: usize, const C: usize>(
+            w: &QData,
+            r0: usize,
+            x: &XRef<'_>,
+            c0: usize,
+            out: &mut [f32],
+            len: usize,
+            rstart: usize,
+        ) {
+            let nb = w.nb;
+            let qsb = w.qs_bytes;
+            let mut acc = [[_mm256_setzero_ps(); C]; R];
+            let xq: [&[i8]; C] = std::array::from_fn(|c| x.q.row_qs(c0 + c));
+            let xd: [&[f32]; C] = std::array::from_fn(|c| x.q.row_d(c0 + c));
+            let xc: [&[i32]; C] = std::array::from_fn(|c| x.q.row_corr(c0 + c));
+            let mut dd = [[[0.0f32; 8]; C]; R];
+            let mut g = 0;
+            while g < nb {
+                let gl = (nb - g).min(8);
+                for r in 0..R {
+                    let dw = pad8(&w.d[(r0 + r) * nb + g..(r0 + r) * nb + g + gl], |b| f16::from_bits(b).to_f32());
+                    for c in 0..C {
+                        for i in 0..gl {
+                            dd[r][c][i] = dw[i] * xd[c][g + i];
+                        }
+                    }
+                }
+                for i in 0..gl {
+                    let b = g + i;
+                    let wv: [(__m256i, __m256i); R] = std::array::from_fn(|r| {
+                        let at = ((r0 + r) * nb + b) * qsb;
+                        $load_w::<F>(&w.qs[at..at + qsb])
+                    });
+                    for c in 0..C {
+                        let xb = &xq[c][b * QK..b * QK + QK];
+                        // SAFETY: `xb` holds 32 bytes.
+                        let xv = unsafe { _mm256_loadu_si256(xb.as_ptr().cast()) };
+                        let corr: &[i32] = if F == FQ4_1 { &[] } else { &xc[c][b * 8..b * 8 + 8] };
+                        for r in 0..R {
+                            let p = $dot::<F>(wv[r], xv, corr);
+                            let d = _mm256_set1_ps(dd[r][c][i]);
+                            acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][c]);
+                        }
+                    }
+                }
+                g += 8;
+            }
+            for r in 0..R {
+                for c in 0..C {
+                    let mut v = hsum(acc[r][c]);
+                    if F == FQ4_1 {
+                        v += mins(w, r0 + r, x.q.row_s(c0 + c));
+                    }
+                    out[(c0 + c) * len + r0 + r - rstart] = v;
+                }
+            }
+        }
+
+        /// F16 weights times f32 activations, one output.
+        #[target_feature(enable = $feat)]
+        fn f16_dot(w: &QData, r: usize, xr: &[f32]) -> f32 {
+            let k = w.k;
+            let row = &w.qs[r * k * 2..(r + 1) * k * 2];
+            let mut acc = _mm256_setzero_ps();
+            let mut e = 0;
+            while e + 8 <= k {
+                // SAFETY: 16 bytes (8 halves) and 8 f32 are in bounds: e + 8 <= k.
+                let (wv, xv) = unsafe {
+                    (
+                        _mm256_cvtph_ps(_mm_loadu_si128(row[2 * e..2 * e + 16].as_ptr().cast())),
+                        _mm256_loadu_ps(xr[e..e + 8].as_ptr()),
+                    )
+                };
+                acc = _mm256_fmadd_ps(wv, xv, acc);
+                e += 8;
+            }
+            if e < k {
+                let mut wv = [0.0f32; 8];
+                for (j, o) in wv.iter_mut().enumerate().take(k - e) {
+                    *o = f16::from_bits(u16::from_le_bytes([row[2 * (e + j)], row[2 * (e + j) + 1]])).to_f32();
+                }
+                acc = _mm256_fmadd_ps(load8(&wv), load8(&pad8(&xr[e..], |v| v)), acc);
+            }
+            hsum(acc)
+        }
+
+        #[target_feature(enable = $feat)]
+        fn rows_f<const F: u8>(w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
+            let len = rows.len();
+            let m = x.m;
+            if m == 1 {
+                let mut r = rows.start;
+                while r + 4 <= rows.end {
+                    tile::<F, 4, 1>(w, r, x, 0, out, len, rows.start);
+                    r += 4;
+                }
+                for r in r..rows.end {
+                    tile::<F, 1, 1>(w, r, x, 0, out, len, rows.start);
+                }
+                return;
+            }
+            // Weight rows in panels that stay in L1 while every activation row streams past.
+            const PANEL: usize = 16;
+            let mut p = rows.start;
+            while p < rows.end {
+                let pe = (p + PANEL).min(rows.end);
+                let mut c = 0;
+                while c < m {
+                    let cn = (m - c).min(4);
+                    let mut r = p;
+                    while r < pe {
+                        let rn = if pe - r >= 2 { 2 } else { 1 };
+                        match (rn, cn) {
+                            (2, 4) => tile::<F, 2, 4>(w, r, x, c, out, len, rows.start),
+                            (2, 3) => tile::<F, 2, 3>(w, r, x, c, out, len, rows.start),
+                            (2, 2) => tile::<F, 2, 2>(w, r, x, c, out, len, rows.start),
+                            (2, _) => tile::<F, 2, 1>(w, r, x, c, out, len, rows.start),
+                            (_, 4) => tile::<F, 1, 4>(w, r, x, c, out, len, rows.start),
+                            (_, 3) => tile::<F, 1, 3>(w, r, x, c, out, len, rows.start),
+                            (_, 2) => tile::<F, 1, 2>(w, r, x, c, out, len, rows.start),
+                            _ => tile::<F, 1, 1>(w, r, x, c, out, len, rows.start),
+                        }
+                        r += rn;
+                    }
+                    c += cn;
+                }
+                p = pe;
+            }
+        }
+
+        #[target_feature(enable = $feat)]
+        fn rows_all(w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
+            match w.format {
+                QFormat::Q8_0 => rows_f::<FQ8_0>(w, rows, x, out),
+                QFormat::Q4_0 => rows_f::<FQ4_0>(w, rows, x, out),
+                QFormat::Q4_1 => rows_f::<FQ4_1>(w, rows, x, out),
+                QFormat::F16 => {
+                    let len = rows.len();
+                    let k = w.k;
+                    for c in 0..x.m {
+                        for r in rows.clone() {
+                            out[c * len + r - rows.start] = f16_dot(w, r, &x.f[c * k..(c + 1) * k]);
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+pub(crate) use quant_kernels;
+
+/// Loads one weight block: Q8_0 → (|w|, w); Q4_x → (nibbles as bytes 0..15, unused).
+#[inline(always)]
+fn load_w<const F: u8>(b: &[u8]) -> (__m256i, __m256i) {
+    // SAFETY: `b` holds the block's 32 (Q8_0) or 16 (Q4) bytes; AVX2 is enabled in every caller.
+    unsafe {
+        if F == FQ8_0 {
+            let w = _mm256_loadu_si256(b[..32].as_ptr().cast());
+            (_mm256_sign_epi8(w, w), w)
+        } else {
+            let v = _mm_loadu_si128(b[..16].as_ptr().cast());
+            let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+            (_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_setzero_si256())
+        }
+    }
+}
+
+/// 8 lane sums (4 elements each) of one block's integer dot product.
+#[inline(always)]
+fn dot<const F: u8>(w: (__m256i, __m256i), xv: __m256i, corr: &[i32]) -> __m256i {
+    // SAFETY: AVX2 is enabled in every caller; `corr` holds 8 i32 unless F is Q4_1.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        if F == FQ8_0 {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w.0, _mm256_sign_epi8(xv, w.1)), ones)
+        } else {
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w.0, xv), ones);
+            if F == FQ4_0 { _mm256_add_epi32(p, _mm256_loadu_si256(corr[..8].as_ptr().cast())) } else { p }
+        }
+    }
+}
+
+quant_kernels!("avx2,fma,f16c", load_w, dot);
+
+/// AVX2 outputs for weight rows `rows` (layout as [`super::scalar::rows`]).
+pub(crate) fn rows(w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+        return super::scalar::rows(w, rows, x, out);
+    }
+    // SAFETY: the features `rows_all` is compiled for were detected above.
+    unsafe { rows_all(w, rows, x, out) }
+}

@@ -1,0 +1,100 @@
+//! The generative instance contract: one decoder step over a batch of sequence chunks with paged K/V.
+//!
+//! The generative batching policy (the step loop) owns the block tables and decides which tokens of
+//! which sequences run in a step; a [`DecoderInstance`] owns the weights and the K/V storage (a pool of
+//! `num_blocks` fixed-size blocks) and runs one forward over the chunks it is given.
+
+use super::BackendError;
+
+/// Tokens per K/V block when a model does not say otherwise.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Shape facts the step loop needs from a decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderShape {
+    /// Number of transformer layers (each holds K and V per block).
+    pub layers: usize,
+    /// Number of key/value heads (grouped-query attention: may be fewer than the query heads).
+    pub kv_heads: usize,
+    /// Size of one attention head.
+    pub head_dim: usize,
+    /// Vocabulary size: the length of one logits row.
+    pub vocab: usize,
+    /// Context limit (`max_position_embeddings`): no position at or beyond it may be computed.
+    pub max_positions: usize,
+    /// Tokens per KV block (default [`DEFAULT_BLOCK_SIZE`]).
+    pub block_size: usize,
+}
+
+impl DecoderShape {
+    /// Blocks needed to hold K/V for `positions` tokens.
+    pub fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.block_size.max(1))
+    }
+}
+
+/// One sequence's part of a step: tokens at absolute positions `start..start + tokens.len()`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The tokens to run, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Absolute position of `tokens[0]`.
+    pub start: usize,
+    /// Block table: block ids covering positions 0..start+tokens.len() (block i holds positions
+    /// i*block_size .. (i+1)*block_size). K/V of positions < start are already in those blocks.
+    pub blocks: &'a [u32],
+    /// Logits wanted: for the last token only, or for every token of the chunk.
+    pub logits: LogitsWanted,
+}
+
+/// Which logits rows a chunk asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// No logits (a prefill chunk that is not the last of its prompt).
+    None,
+    /// One row: the logits after the chunk's last token (the next-token distribution).
+    Last,
+    /// One row per token of the chunk (prompt logprobs, speculative checks).
+    All,
+}
+
+impl LogitsWanted {
+    /// Number of logits rows this chunk appends for a chunk of `tokens` tokens.
+    pub fn rows(self, tokens: usize) -> usize {
+        match self {
+            LogitsWanted::None => 0,
+            LogitsWanted::Last => usize::from(tokens > 0),
+            LogitsWanted::All => tokens,
+        }
+    }
+}
+
+/// A decoder instance: owns its weights and its KV storage (num_blocks blocks), one thread.
+pub trait DecoderInstance: Send {
+    /// The decoder's shape (layers, heads, vocabulary, context limit, block size).
+    fn shape(&self) -> &DecoderShape;
+
+    /// Number of K/V blocks in this instance's pool; block ids are `0..num_blocks()`.
+    fn num_blocks(&self) -> usize;
+
+    /// One forward over all chunks (batched). Writes K/V of every chunk token into its blocks, and appends
+    /// logits rows (vocab f32 each) to `logits` in chunk order (0, 1 or tokens.len() rows per chunk).
+    /// Must be batch-invariant: a chunk's logits and K/V are bit-identical whatever else is in the step and
+    /// however its prefill was split into chunks.
+    fn forward(&mut self, chunks: &[SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<(), BackendError>;
+
+    /// Copies block `src` to block `dst` (copy-on-write of a shared partial block).
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError>;
+
+    /// Reads blocks' K/V as bytes (spill, export). Layout documented by the implementation.
+    fn read_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>, BackendError>;
+
+    /// Writes blocks' K/V back from bytes produced by [`DecoderInstance::read_blocks`] (restore, import).
+    fn write_blocks(&mut self, blocks: &[u32], bytes: &[u8]) -> Result<(), BackendError>;
+
+    /// A digest of the weights (model identity for sessions), e.g. a hash of the tensor bytes.
+    fn weights_digest(&self) -> [u8; 32];
+
+    /// A short label for logs and metrics, e.g. `cpu:0`.
+    fn label(&self) -> String;
+}

@@ -1,0 +1,277 @@
+//! The generative policy's handle: one step-loop thread per decoder instance, a bounded queue, and
+//! the dispatch of each request to the least loaded instance.
+
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::mpsc::{self, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::params::SamplingParams;
+use super::request::{GenerateRequest, GenerationError};
+use super::stats::GenerativeStats;
+use super::step::{Engine, StepLimits};
+use super::tokens::PromptTokenizer;
+use crate::backend::generative::DecoderInstance;
+use crate::batching::BatchingError;
+use crate::batching::admission::Admission;
+
+/// How a generative model version is served.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerativeSetup {
+    /// Per-step limits.
+    pub limits: StepLimits,
+    /// End-of-sequence token ids.
+    pub eos: Vec<u32>,
+    /// Sampling defaults of the model (its generation config over vLLM's defaults).
+    pub defaults: SamplingParams,
+}
+
+/// One instance's end of the handle.
+#[derive(Debug)]
+struct InstanceLink {
+    /// Requests to the step loop.
+    sender: mpsc::Sender<GenerateRequest>,
+    /// Sequences queued to or held by the instance.
+    load: Arc<AtomicUsize>,
+    /// False once the instance failed fatally.
+    alive: Arc<AtomicBool>,
+}
+
+/// The handle of one generative model version (shared behind an `Arc`).
+pub struct GenerativeModel {
+    setup: GenerativeSetup,
+    admission: Arc<Admission>,
+    tokenizer: Arc<dyn PromptTokenizer>,
+    links: Mutex<Vec<InstanceLink>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stats: Arc<GenerativeStats>,
+    context_limit: usize,
+    vocab: usize,
+    label: Vec<String>,
+}
+
+impl GenerativeModel {
+    /// Starts one step-loop thread per decoder; requests are admitted through `admission`.
+    pub(crate) fn start(
+        admission: Arc<Admission>,
+        setup: GenerativeSetup,
+        decoders: Vec<Box<dyn DecoderInstance>>,
+        tokenizer: Arc<dyn PromptTokenizer>,
+    ) -> Result<GenerativeModel, BatchingError> {
+        let model = admission.spec.name.clone();
+        let stats = Arc::new(GenerativeStats::default());
+        let in_service = Arc::new(AtomicUsize::new(decoders.len()));
+        let mut links = Vec::new();
+        let mut threads = Vec::new();
+        let mut context_limit = usize::MAX;
+        let mut vocab = 0;
+        let mut label = Vec::new();
+        for (i, decoder) in decoders.into_iter().enumerate() {
+            let shape = decoder.shape().clone();
+            context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
+            vocab = shape.vocab;
+            label.push(decoder.label());
+            let (tx, rx) = mpsc::channel();
+            let load = Arc::new(AtomicUsize::new(0));
+            let alive = Arc::new(AtomicBool::new(true));
+            let ctx = ThreadContext {
+                rx,
+                load: load.clone(),
+                alive: alive.clone(),
+                admission: admission.clone(),
+                in_service: in_service.clone(),
+            };
+            let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
+            let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("gen-{model}-{i}"))
+                .spawn(move || {
+                    let (decoder, text, eos, limits, stats) = engine_parts;
+                    step_loop(Engine::new(decoder, text, eos, limits, stats), ctx)
+                })
+                .map_err(|e| BatchingError::Unavailable {
+                    model: model.clone(),
+                    reason: format!("cannot start an instance thread: {e}"),
+                })?;
+            links.push(InstanceLink { sender: tx, load, alive });
+            threads.push(handle);
+        }
+        if links.is_empty() {
+            return Err(BatchingError::Unavailable { model, reason: "no decoder instance was created".into() });
+        }
+        Ok(GenerativeModel {
+            setup,
+            admission,
+            tokenizer,
+            links: Mutex::new(links),
+            threads: Mutex::new(threads),
+            stats,
+            context_limit,
+            vocab,
+            label,
+        })
+    }
+
+    /// Model name.
+    pub fn name(&self) -> &str {
+        &self.admission.spec.name
+    }
+
+    /// The model's tokenizer and chat template.
+    pub fn tokenizer(&self) -> &Arc<dyn PromptTokenizer> {
+        &self.tokenizer
+    }
+
+    /// The model's sampling defaults.
+    pub fn defaults(&self) -> &SamplingParams {
+        &self.setup.defaults
+    }
+
+    /// Most positions (prompt plus generated tokens) a sequence can hold.
+    pub fn context_limit(&self) -> usize {
+        self.context_limit
+    }
+
+    /// Vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// Instance labels.
+    pub fn instance_labels(&self) -> &[String] {
+        &self.label
+    }
+
+    /// The model's generation statistics.
+    pub fn stats(&self) -> &Arc<GenerativeStats> {
+        &self.stats
+    }
+
+    /// Queues a request on the least loaded instance (admitted through the model's admission
+    /// state: refused when the model is not ready or its queue is full).
+    pub fn submit(&self, req: GenerateRequest) -> Result<(), BatchingError> {
+        self.admission.admit(req.arrived)?;
+        let refuse = |reason: &str| {
+            self.admission.dequeued(1);
+            BatchingError::Unavailable { model: self.name().to_string(), reason: reason.to_string() }
+        };
+        let Ok(links) = self.links.lock() else {
+            return Err(refuse("the model's handle is poisoned; reload the model"));
+        };
+        let Some(link) = links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)) else {
+            return Err(refuse("the model is draining"));
+        };
+        link.load.fetch_add(1, AcqRel);
+        if link.sender.send(req).is_err() {
+            link.load.fetch_sub(1, AcqRel);
+            return Err(refuse("the instance stopped"));
+        }
+        Ok(())
+    }
+
+    /// Stops accepting requests; running and queued sequences finish, then the threads end.
+    /// Blocks until they have.
+    pub fn drain(&self) {
+        self.admission.close("the model is draining");
+        if let Ok(mut links) = self.links.lock() {
+            links.clear();
+        }
+        let threads = self.threads.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for GenerativeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerativeModel")
+            .field("model", &self.name())
+            .field("instances", &self.label)
+            .field("context_limit", &self.context_limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for GenerativeModel {
+    fn drop(&mut self) {
+        if let Ok(mut links) = self.links.lock() {
+            links.clear();
+        }
+    }
+}
+
+/// The tokenizer seen as a decoder only (what the step loop needs).
+struct TextOf(Arc<dyn PromptTokenizer>);
+
+impl super::detok::TokenText for TextOf {
+    fn decode(&self, ids: &[u32]) -> String {
+        self.0.decode(ids)
+    }
+}
+
+struct ThreadContext {
+    rx: mpsc::Receiver<GenerateRequest>,
+    load: Arc<AtomicUsize>,
+    alive: Arc<AtomicBool>,
+    admission: Arc<Admission>,
+    in_service: Arc<AtomicUsize>,
+}
+
+/// The instance thread: take requests, step while there is work, block when idle, end when the
+/// handle is gone and the work is done.
+fn step_loop(mut engine: Engine, ctx: ThreadContext) {
+    let mut open = true;
+    loop {
+        if engine.is_idle() {
+            if !open {
+                return;
+            }
+            match ctx.rx.recv() {
+                Ok(req) => engine.add(req),
+                Err(_) => return,
+            }
+        }
+        while open {
+            match ctx.rx.try_recv() {
+                Ok(req) => engine.add(req),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
+        ctx.admission.dequeued(engine.take_left_queue());
+        let (waiting, running) = engine.load();
+        ctx.load.store(waiting + running, Release);
+        let fatal = match result {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => match &e {
+                crate::backend::BackendError::Execution { instance_usable: true, .. } => {
+                    tracing::warn!(model = %ctx.admission.spec.name, instance = %engine.label(), error = %e, "generation step failed");
+                    None
+                }
+                _ => Some(e.to_string()),
+            },
+            Err(_) => Some("the instance panicked".to_string()),
+        };
+        if let Some(reason) = fatal {
+            tracing::error!(model = %ctx.admission.spec.name, instance = %engine.label(), %reason, "generative instance leaves service");
+            ctx.alive.store(false, Release);
+            let left = ctx.in_service.fetch_sub(1, AcqRel).saturating_sub(1);
+            ctx.admission.set_in_service(left);
+            engine.fail_all(GenerationError::Unavailable {
+                reason: format!("instance {} failed: {reason}", engine.label()),
+            });
+            // Answer what is still queued to this instance, then stop.
+            while let Ok(req) = ctx.rx.try_recv() {
+                ctx.admission.dequeued(1);
+                let _ = req.updates.send(Err(GenerationError::Unavailable {
+                    reason: format!("instance {} failed: {reason}", engine.label()),
+                }));
+            }
+            ctx.admission.dequeued(engine.take_left_queue());
+            return;
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Generative batching: iteration-level (continuous) batching of decoder models.
+//!
+//! Pure parts, each readable alone: [`params`] (the `sampling_parameters` JSON), [`sampler`]
+//! (seeded by request seed and absolute position), [`detok`] (text deltas, stop strings),
+//! [`kv_blocks`] (paged K/V blocks with a prefix cache).
+
+pub mod detok;
+pub mod handle;
+pub mod kv_blocks;
+pub mod params;
+pub mod request;
+pub mod sampler;
+pub mod sequence;
+pub mod stats;
+pub mod step;
+#[cfg(test)]
+mod testing;
+pub mod tokens;

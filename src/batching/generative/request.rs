@@ -1,0 +1,111 @@
+//! What the generative policy is handed (a tokenized prompt, its sampling parameters and an update
+//! channel) and what flows back (one update per generated token, the last one saying why it ended).
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use super::params::SamplingParams;
+use super::sampler::RankedLogprob;
+use crate::backend::BackendError;
+
+/// One generation request, validated and tokenized.
+#[derive(Debug)]
+pub struct GenerateRequest {
+    /// Prompt tokens (at least one).
+    pub prompt: Vec<u32>,
+    /// Sampling and stopping parameters.
+    pub params: SamplingParams,
+    /// The seed of the sampling randomness (the request's, or one drawn for it).
+    pub seed: u64,
+    /// Where updates go; a closed receiver means the client went away: the sequence stops and its
+    /// blocks are freed at the next step.
+    pub updates: UpdateSender,
+    /// When the request reached the worker (time to first token is measured from here).
+    pub arrived: Instant,
+}
+
+/// The update channel of one request. Unbounded: the step loop never waits on a client, and a
+/// request's updates are bounded by its `max_tokens`.
+pub type UpdateSender = mpsc::UnboundedSender<Result<GenerationUpdate, GenerationError>>;
+
+/// The receiving end of an update channel.
+pub type UpdateReceiver = mpsc::UnboundedReceiver<Result<GenerationUpdate, GenerationError>>;
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string (vLLM's `stop`).
+    Stop,
+    /// `max_tokens` generated, or the context limit reached (vLLM's `length`).
+    Length,
+}
+
+impl FinishReason {
+    /// The name vLLM reports (`stop`, `length`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// The summary carried by a sequence's last update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finished {
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated (including an end-of-sequence token).
+    pub output_tokens: usize,
+    /// Sum of the generated tokens' log-probabilities.
+    pub cumulative_logprob: f64,
+}
+
+/// The most likely tokens at one generated position (vLLM's `logprobs` entry for that position).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionLogprobs {
+    /// The chosen token, its log-probability and rank.
+    pub chosen: RankedLogprob,
+    /// The most likely tokens, best first (as many as the `logprobs` sampling parameter asked).
+    pub top: Vec<RankedLogprob>,
+}
+
+/// What one step produced for one sequence: its new token, the text that became final, and (last
+/// update only) why it ended.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerationUpdate {
+    /// Text completed by these tokens (may be empty while a character or a possible stop string is
+    /// incomplete).
+    pub text: String,
+    /// The generated token ids.
+    pub tokens: Vec<u32>,
+    /// Log-probability of each generated token.
+    pub logprobs: Vec<f32>,
+    /// Per token, the most likely alternatives (only when the `logprobs` parameter asked for them).
+    pub top_logprobs: Vec<PositionLogprobs>,
+    /// Set on the last update.
+    pub finished: Option<Finished>,
+}
+
+/// Why a generation request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GenerationError {
+    /// The request cannot be served by this model (prompt longer than the context or the K/V pool).
+    #[error("{reason}")]
+    TooLarge {
+        /// The limit exceeded and what to do.
+        reason: String,
+    },
+    /// The decoder failed the step this sequence was in.
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    /// The model stopped serving (drain, unload, instance lost) before the sequence finished.
+    #[error("{reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+}

@@ -1,0 +1,153 @@
+//! The state of one generating sequence: its tokens, how many have K/V in its blocks, its text
+//! stream and its update channel. Every move (run a chunk, preempt, finish) goes through this struct.
+
+use std::time::Instant;
+
+use super::detok::{TextStream, TokenText};
+use super::kv_blocks::BlockTable;
+use super::params::SamplingParams;
+use super::request::{FinishReason, Finished, GenerateRequest, GenerationUpdate, PositionLogprobs, UpdateSender};
+use super::sampler::Sampled;
+
+/// What the step loop needs to know to finish sequences.
+#[derive(Debug, Clone)]
+pub struct StopRules {
+    /// End-of-sequence token ids.
+    pub eos: Vec<u32>,
+    /// Most positions a sequence may hold (the decoder's context limit, or the K/V pool if smaller).
+    pub context_limit: usize,
+}
+
+/// One sequence of the step loop (waiting, running or preempted).
+#[derive(Debug)]
+pub struct Sequence {
+    /// Prompt followed by the tokens generated so far.
+    pub tokens: Vec<u32>,
+    /// Prompt length.
+    pub prompt_len: usize,
+    /// Positions whose K/V are in `table` (0 while waiting or preempted).
+    pub computed: usize,
+    /// The sequence's blocks (`None` while waiting or preempted).
+    pub table: Option<BlockTable>,
+    /// Sampling and stopping parameters.
+    pub params: SamplingParams,
+    /// Seed of the sampling randomness.
+    pub seed: u64,
+    /// Update channel.
+    pub updates: UpdateSender,
+    /// Arrival (for time to first token).
+    pub arrived: Instant,
+    /// When the last token was generated (for inter-token latency).
+    pub last_token_at: Option<Instant>,
+    /// Sum of the generated tokens' log-probabilities.
+    pub cumulative_logprob: f64,
+    /// Times this sequence was preempted (blocks freed, to be recomputed).
+    pub preemptions: u32,
+    /// Incremental text of the generated tokens.
+    pub text: TextStream,
+    /// Set once the sequence has ended (or its client went away).
+    pub done: bool,
+    /// Has been admitted to the running set at least once (it has left the model's queue).
+    pub started: bool,
+}
+
+/// What accepting one token did, for the statistics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Accepted {
+    /// Seconds since arrival, when this is the first generated token.
+    pub first_token_s: Option<f64>,
+    /// Seconds since the previous token otherwise.
+    pub inter_token_s: Option<f64>,
+    /// Why the sequence ended, when it ended with this token.
+    pub finished: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// A waiting sequence for `req`.
+    pub fn new(req: GenerateRequest) -> Sequence {
+        let prompt_len = req.prompt.len();
+        Sequence {
+            tokens: req.prompt,
+            prompt_len,
+            computed: 0,
+            table: None,
+            params: req.params,
+            seed: req.seed,
+            updates: req.updates,
+            arrived: req.arrived,
+            last_token_at: None,
+            cumulative_logprob: 0.0,
+            preemptions: 0,
+            text: TextStream::new(prompt_len),
+            done: false,
+            started: false,
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// The client went away (its receiver was dropped).
+    pub fn cancelled(&self) -> bool {
+        self.updates.is_closed()
+    }
+
+    /// Frees the sequence's blocks; it will recompute its K/V from its tokens when readmitted.
+    pub fn preempt(&mut self) {
+        self.table = None;
+        self.computed = 0;
+        self.preemptions += 1;
+    }
+
+    /// Appends a sampled token, works out the text it completes and whether the sequence ends,
+    /// and sends the update.
+    pub fn accept(
+        &mut self,
+        sampled: Sampled,
+        top: Option<PositionLogprobs>,
+        rules: &StopRules,
+        decoder: &dyn TokenText,
+        now: Instant,
+    ) -> Accepted {
+        self.tokens.push(sampled.token);
+        self.cumulative_logprob += f64::from(sampled.logprob);
+        let (first_token_s, inter_token_s) = match self.last_token_at {
+            None => (Some(now.duration_since(self.arrived).as_secs_f64()), None),
+            Some(t) => (None, Some(now.duration_since(t).as_secs_f64())),
+        };
+        self.last_token_at = Some(now);
+        let eos = !self.params.ignore_eos && rules.eos.contains(&sampled.token);
+        let (mut text, stopped) =
+            if eos { (String::new(), false) } else { self.text.push(&self.tokens, decoder, &self.params.stop) };
+        let reason = if eos || stopped {
+            Some(FinishReason::Stop)
+        } else if self.generated() >= self.params.max_tokens || self.tokens.len() >= rules.context_limit {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if reason.is_some() && !stopped {
+            let end = if eos { self.tokens.len() - 1 } else { self.tokens.len() };
+            text.push_str(&self.text.finish(&self.tokens[..end], decoder, &self.params.stop));
+        }
+        let finished = reason.map(|reason| Finished {
+            reason,
+            prompt_tokens: self.prompt_len,
+            output_tokens: self.generated(),
+            cumulative_logprob: self.cumulative_logprob,
+        });
+        let update = GenerationUpdate {
+            text,
+            tokens: vec![sampled.token],
+            logprobs: vec![sampled.logprob],
+            top_logprobs: top.into_iter().collect(),
+            finished,
+        };
+        if self.updates.send(Ok(update)).is_err() || finished.is_some() {
+            self.done = true;
+        }
+        Accepted { first_token_s, inter_token_s, finished: reason }
+    }
+}

@@ -1,0 +1,101 @@
+//! Counters, gauges and latency histograms of one generative model version, written by its step
+//! loops and read at scrape time (`/metrics`, `/capacity`). Atomics only.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Upper bounds (seconds) of the latency histogram buckets (time to first token, inter-token).
+pub const LATENCY_BUCKETS_S: [f64; 18] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A fixed-bucket histogram of seconds (Prometheus semantics: cumulative at read time).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (non-cumulative); the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS_S.len() + 1],
+    /// Sum of observations, nanoseconds.
+    sum_ns: AtomicU64,
+    /// Number of observations.
+    count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation.
+    pub fn observe(&self, seconds: f64) {
+        let i = LATENCY_BUCKETS_S.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS_S.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add((seconds * 1e9) as u64, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Cumulative counts per bucket bound (the last is +Inf), the sum in seconds, and the count.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let mut acc = 0;
+        let mut out = Vec::with_capacity(LATENCY_BUCKETS_S.len() + 1);
+        for (i, b) in self.buckets.iter().enumerate() {
+            acc += b.load(Relaxed);
+            out.push((LATENCY_BUCKETS_S.get(i).copied().unwrap_or(f64::INFINITY), acc));
+        }
+        (out, self.sum_ns.load(Relaxed) as f64 / 1e9, self.count.load(Relaxed))
+    }
+}
+
+/// The statistics of one generative model version (all instances).
+#[derive(Debug, Default)]
+pub struct GenerativeStats {
+    /// Sequences in the running set (holding K/V blocks), all instances.
+    pub running: AtomicU64,
+    /// Sequences waiting for admission (queued or preempted), all instances.
+    pub waiting: AtomicU64,
+    /// K/V blocks owned by sequences, all instances.
+    pub kv_blocks_used: AtomicU64,
+    /// K/V blocks in the pools, all instances.
+    pub kv_blocks_total: AtomicU64,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Prompt tokens whose K/V came from the prefix cache.
+    pub prefix_cached_tokens: AtomicU64,
+    /// Preemptions (a running sequence's blocks freed, to be recomputed).
+    pub preemptions: AtomicU64,
+    /// Forward steps run.
+    pub steps: AtomicU64,
+    /// Requests finished by a stop condition.
+    pub finished_stop: AtomicU64,
+    /// Requests finished by length.
+    pub finished_length: AtomicU64,
+    /// Requests whose client went away before they finished.
+    pub cancelled: AtomicU64,
+    /// Time from arrival to the first generated token.
+    pub time_to_first_token: LatencyHistogram,
+    /// Time between two generated tokens of a sequence.
+    pub inter_token_latency: LatencyHistogram,
+}
+
+impl GenerativeStats {
+    /// K/V cache usage, 0–1 (blocks owned by sequences over blocks in the pools).
+    pub fn kv_cache_usage(&self) -> f64 {
+        let total = self.kv_blocks_total.load(Relaxed);
+        if total == 0 { 0.0 } else { self.kv_blocks_used.load(Relaxed) as f64 / total as f64 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = LatencyHistogram::default();
+        h.observe(0.0005);
+        h.observe(0.02);
+        h.observe(100.0);
+        let (b, sum, n) = h.snapshot();
+        assert_eq!(n, 3);
+        assert!((sum - 100.0205).abs() < 1e-6);
+        assert_eq!(b[0], (0.001, 1));
+        assert_eq!(b[4], (0.025, 2));
+        assert_eq!(b.last().copied(), Some((f64::INFINITY, 3)));
+    }
+}

@@ -1,0 +1,417 @@
+//! The step loop's engine: iteration-level (continuous) batching over one [`DecoderInstance`].
+//!
+//! Each [`Engine::step`]: drops sequences whose client went away; gives every running sequence its
+//! next tokens (one decode token, or the next chunk of its prompt) under a per-step token budget,
+//! preempting the most recently admitted sequences when K/V blocks run out; admits waiting
+//! sequences (first come, first served) while the budget and the blocks for their whole prompt
+//! allow; runs one forward over all chunks; samples; sends each sequence its update; retires the
+//! finished. A preempted sequence keeps its tokens and recomputes its K/V when readmitted (the
+//! prefix cache often still holds most of it).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::detok::TokenText;
+use super::kv_blocks::BlockPool;
+use super::request::{FinishReason, GenerateRequest, GenerationError, PositionLogprobs};
+use super::sampler::{self, RankedLogprob};
+use super::sequence::{Sequence, StopRules};
+use super::stats::GenerativeStats;
+use crate::backend::BackendError;
+use crate::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+
+/// Limits of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepLimits {
+    /// Most tokens run in one forward (decode tokens plus prefill chunks).
+    pub max_batched_tokens: usize,
+    /// Most sequences in the running set.
+    pub max_running: usize,
+}
+
+impl Default for StepLimits {
+    fn default() -> Self {
+        Self { max_batched_tokens: 512, max_running: 64 }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Tokens run through the decoder.
+    pub tokens: usize,
+    /// Sequences in the forward.
+    pub sequences: usize,
+    /// Sequences preempted in this step.
+    pub preempted: usize,
+}
+
+/// The engine of one instance thread: the decoder, its block pool, the waiting and running sets.
+pub struct Engine {
+    decoder: Box<dyn DecoderInstance>,
+    text: Arc<dyn TokenText>,
+    rules: StopRules,
+    limits: StepLimits,
+    pool: BlockPool,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    stats: Arc<GenerativeStats>,
+    /// Gauge values this engine last added to the shared statistics.
+    published: [u64; 3],
+    logits: Vec<f32>,
+    scratch: Vec<u32>,
+    /// Requests that left the queue (first admission, refusal, cancellation) since the last
+    /// [`Engine::take_left_queue`].
+    left_queue: usize,
+}
+
+impl Engine {
+    /// An engine over `decoder` (its block pool sized by the decoder's `num_blocks`).
+    pub fn new(
+        decoder: Box<dyn DecoderInstance>,
+        text: Arc<dyn TokenText>,
+        eos: Vec<u32>,
+        limits: StepLimits,
+        stats: Arc<GenerativeStats>,
+    ) -> Engine {
+        let shape = decoder.shape().clone();
+        let pool = BlockPool::new(decoder.num_blocks(), shape.block_size);
+        let context_limit = shape.max_positions.min(decoder.num_blocks() * shape.block_size);
+        stats.kv_blocks_total.fetch_add(decoder.num_blocks() as u64, Relaxed);
+        Engine {
+            decoder,
+            text,
+            rules: StopRules { eos, context_limit },
+            limits: StepLimits {
+                max_batched_tokens: limits.max_batched_tokens.max(1),
+                max_running: limits.max_running.max(1),
+            },
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+            published: [0; 3],
+            logits: Vec::new(),
+            scratch: Vec::new(),
+            left_queue: 0,
+        }
+    }
+
+    /// Most positions a sequence can hold here (context limit, or the whole K/V pool if smaller).
+    pub fn context_limit(&self) -> usize {
+        self.rules.context_limit
+    }
+
+    /// The decoder's label.
+    pub fn label(&self) -> String {
+        self.decoder.label()
+    }
+
+    /// The block pool (for tests and capacity reports).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Sequences waiting and running.
+    pub fn load(&self) -> (usize, usize) {
+        (self.waiting.len(), self.running.len())
+    }
+
+    /// Requests that left the queue since the last call: admitted to the running set for the first
+    /// time, refused, or cancelled while waiting (the model's queue depth counts down by this).
+    pub fn take_left_queue(&mut self) -> usize {
+        std::mem::take(&mut self.left_queue)
+    }
+
+    /// Nothing to do until a request arrives.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Queues a request. A prompt that can never fit (empty, or longer than the context limit) is
+    /// answered with an error at once.
+    pub fn add(&mut self, req: GenerateRequest) {
+        let limit = self.rules.context_limit;
+        let refuse = if req.prompt.is_empty() {
+            Some("the prompt is empty: send at least one token".to_string())
+        } else if req.prompt.len() >= limit {
+            Some(format!(
+                "the prompt has {} tokens; this model holds at most {limit} positions (prompt plus generated tokens); shorten the prompt",
+                req.prompt.len()
+            ))
+        } else {
+            let vocab = self.decoder.shape().vocab as u32;
+            req.prompt
+                .iter()
+                .find(|&&t| t >= vocab)
+                .map(|t| format!("token id {t} is outside the vocabulary (0..{vocab})"))
+        };
+        if let Some(reason) = refuse {
+            let _ = req.updates.send(Err(GenerationError::TooLarge { reason }));
+            self.left_queue += 1;
+            return;
+        }
+        self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Relaxed);
+        self.waiting.push_back(Sequence::new(req));
+        self.publish();
+    }
+
+    /// Ends every sequence with `error` (the instance is leaving service).
+    pub fn fail_all(&mut self, error: GenerationError) {
+        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.left_queue += usize::from(!s.started);
+            let _ = s.updates.send(Err(error.clone()));
+        }
+        self.publish();
+    }
+
+    /// Runs one iteration. An `Err` is a decoder failure: the sequences of that step were failed
+    /// with it and dropped; the caller decides whether the instance stays in service.
+    pub fn step(&mut self) -> Result<StepReport, BackendError> {
+        self.drop_cancelled();
+        let mut report = StepReport::default();
+        let mut budget = self.limits.max_batched_tokens;
+        // (index in running, tokens to run)
+        let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
+        self.schedule_running(&mut budget, &mut plan, &mut report)?;
+        self.admit_waiting(&mut budget, &mut plan);
+        if plan.is_empty() {
+            self.publish();
+            return Ok(report);
+        }
+        let result = self.run(&plan);
+        if let Err(e) = &result {
+            let failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+            for &i in failed.iter().rev() {
+                let s = self.running.remove(i);
+                let _ = s.updates.send(Err(GenerationError::Backend(e.clone())));
+            }
+            self.publish();
+            return Err(e.clone());
+        }
+        report.tokens = plan.iter().map(|&(_, n)| n).sum();
+        report.sequences = plan.len();
+        self.stats.steps.fetch_add(1, Relaxed);
+        self.running.retain(|s| !s.done);
+        self.publish();
+        Ok(report)
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.running.len() + self.waiting.len();
+        self.running.retain(|s| !s.cancelled());
+        let mut left = 0;
+        self.waiting.retain(|s| {
+            let keep = !s.cancelled();
+            left += usize::from(!keep && !s.started);
+            keep
+        });
+        self.left_queue += left;
+        let gone = before - self.running.len() - self.waiting.len();
+        self.stats.cancelled.fetch_add(gone as u64, Relaxed);
+    }
+
+    /// Gives running sequences their tokens for this step, preempting the newest when blocks run out.
+    fn schedule_running(
+        &mut self,
+        budget: &mut usize,
+        plan: &mut Vec<(usize, usize)>,
+        report: &mut StepReport,
+    ) -> Result<(), BackendError> {
+        let mut i = 0;
+        while i < self.running.len() {
+            if *budget == 0 {
+                break;
+            }
+            let s = &self.running[i];
+            let n = (s.tokens.len() - s.computed).min(*budget);
+            let target = s.computed + n;
+            loop {
+                let grown = match self.running[i].table.as_mut() {
+                    Some(t) => t.grow(target),
+                    None => Ok(None),
+                };
+                match grown {
+                    Ok(copy) => {
+                        if let Some((src, dst)) = copy {
+                            self.decoder.copy_block(src, dst)?;
+                        }
+                        plan.push((i, n));
+                        *budget -= n;
+                        i += 1;
+                        break;
+                    }
+                    Err(_) if self.running.len() > i + 1 => {
+                        // Preempt the most recently admitted sequence (the last one).
+                        if let Some(mut victim) = self.running.pop() {
+                            victim.preempt();
+                            self.waiting.push_front(victim);
+                            report.preempted += 1;
+                            self.stats.preemptions.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(_) if i > 0 => {
+                        // It is itself the newest: it waits, recomputed later.
+                        let mut s = self.running.remove(i);
+                        s.preempt();
+                        self.waiting.push_front(s);
+                        report.preempted += 1;
+                        self.stats.preemptions.fetch_add(1, Relaxed);
+                        break;
+                    }
+                    Err(e) => {
+                        // Alone and out of blocks: the pool cannot hold it any longer.
+                        let s = self.running.remove(i);
+                        let _ = s.updates.send(Err(GenerationError::TooLarge {
+                            reason: format!(
+                                "the sequence reached {} positions and the K/V cache cannot hold more ({e}); raise --kv-cache-memory or lower max_tokens",
+                                s.tokens.len()
+                            ),
+                        }));
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits waiting sequences in order while the budget lasts and the blocks for their whole
+    /// prompt are free (so admitting never forces a preemption).
+    fn admit_waiting(&mut self, budget: &mut usize, plan: &mut Vec<(usize, usize)>) {
+        while *budget > 0 && self.running.len() < self.limits.max_running {
+            let Some(s) = self.waiting.front() else { break };
+            let mut table = self.pool.lookup_prefix(&s.tokens);
+            let cached = table.len();
+            let needed = table.blocks_needed(s.tokens.len());
+            if needed > self.pool.available() {
+                if self.running.is_empty() && plan.is_empty() {
+                    // Cannot happen for prompts within the context limit; refuse rather than stall.
+                    if let Some(s) = self.waiting.pop_front() {
+                        self.left_queue += usize::from(!s.started);
+                        let _ = s.updates.send(Err(GenerationError::TooLarge {
+                            reason: format!(
+                                "{} positions need {needed} K/V blocks and the cache has {}; raise --kv-cache-memory",
+                                s.tokens.len(),
+                                self.pool.num_blocks()
+                            ),
+                        }));
+                    }
+                    continue;
+                }
+                break;
+            }
+            let n = (s.tokens.len() - cached).min(*budget);
+            if table.grow(cached + n).is_err() {
+                break;
+            }
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            if s.preemptions == 0 {
+                self.stats.prefix_cached_tokens.fetch_add(cached as u64, Relaxed);
+            }
+            self.left_queue += usize::from(!s.started);
+            s.started = true;
+            s.computed = cached;
+            s.table = Some(table);
+            self.running.push(s);
+            plan.push((self.running.len() - 1, n));
+            *budget -= n;
+        }
+    }
+
+    /// Runs the forward of `plan`, then samples and sends updates.
+    fn run(&mut self, plan: &[(usize, usize)]) -> Result<(), BackendError> {
+        let mut chunks = Vec::with_capacity(plan.len());
+        for &(i, n) in plan {
+            let s = &self.running[i];
+            let end = s.computed + n;
+            chunks.push(SeqChunk {
+                tokens: &s.tokens[s.computed..end],
+                start: s.computed,
+                blocks: s.table.as_ref().map_or(&[][..], |t| t.ids()),
+                logits: if end == s.tokens.len() { LogitsWanted::Last } else { LogitsWanted::None },
+            });
+        }
+        self.logits.clear();
+        self.decoder.forward(&chunks, &mut self.logits)?;
+        let wanted: Vec<bool> = chunks.iter().map(|c| c.logits == LogitsWanted::Last).collect();
+        drop(chunks);
+        let vocab = self.decoder.shape().vocab;
+        let rows = wanted.iter().filter(|&&w| w).count();
+        if self.logits.len() != rows * vocab {
+            return Err(BackendError::Execution {
+                message: format!(
+                    "decoder returned {} logits for {rows} rows of {vocab}; the decoder implementation is inconsistent",
+                    self.logits.len()
+                ),
+                instance_usable: false,
+                nrt_status: None,
+            });
+        }
+        let now = Instant::now();
+        let mut row = 0;
+        for (&(i, n), wants) in plan.iter().zip(wanted) {
+            let s = &mut self.running[i];
+            s.computed += n;
+            if let Some(t) = s.table.as_mut() {
+                t.register_full_blocks(&s.tokens, s.computed);
+            }
+            if !wants {
+                continue;
+            }
+            let logits = &self.logits[row * vocab..(row + 1) * vocab];
+            row += 1;
+            let position = s.tokens.len();
+            let sampled = sampler::sample(logits, &s.params, s.seed, position, &mut self.scratch);
+            let top = s.params.logprobs.map(|k| {
+                let (top, rank) = sampler::top_logprobs(logits, sampled.token, k, &mut self.scratch);
+                PositionLogprobs { chosen: RankedLogprob { token: sampled.token, logprob: sampled.logprob, rank }, top }
+            });
+            let accepted = s.accept(sampled, top, &self.rules, self.text.as_ref(), now);
+            self.stats.generated_tokens.fetch_add(1, Relaxed);
+            if let Some(t) = accepted.first_token_s {
+                self.stats.time_to_first_token.observe(t);
+            }
+            if let Some(t) = accepted.inter_token_s {
+                self.stats.inter_token_latency.observe(t);
+            }
+            match accepted.finished {
+                Some(FinishReason::Stop) => self.stats.finished_stop.fetch_add(1, Relaxed),
+                Some(FinishReason::Length) => self.stats.finished_length.fetch_add(1, Relaxed),
+                None => 0,
+            };
+        }
+        Ok(())
+    }
+
+    /// Adds this engine's change of running/waiting/blocks-used to the shared gauges.
+    fn publish(&mut self) {
+        let now = [
+            self.running.len() as u64,
+            self.waiting.len() as u64,
+            (self.pool.num_blocks() - self.pool.available()) as u64,
+        ];
+        let gauges: [&AtomicU64; 3] = [&self.stats.running, &self.stats.waiting, &self.stats.kv_blocks_used];
+        for ((g, &new), old) in gauges.iter().zip(&now).zip(self.published.iter_mut()) {
+            if new >= *old {
+                g.fetch_add(new - *old, Relaxed);
+            } else {
+                g.fetch_sub(*old - new, Relaxed);
+            }
+            *old = new;
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.fail_all(GenerationError::Unavailable { reason: "the model instance stopped".into() });
+        self.stats.kv_blocks_total.fetch_sub(self.decoder.num_blocks() as u64, Relaxed);
+        self.running.clear();
+        self.waiting.clear();
+        self.publish();
+    }
+}
