@@ -61,8 +61,16 @@ pub struct ServeArgs {
     #[arg(long, env = "NEURON_WORKER_METRICS_ADDR", default_value = "127.0.0.1:8002")]
     pub metrics_addr: SocketAddr,
     /// Model repository folder (Triton layout). Without it the built-in models are served.
-    #[arg(long, env = "NEURON_WORKER_MODEL_REPOSITORY")]
+    #[arg(long, env = "NEURON_WORKER_MODEL_REPOSITORY", conflicts_with = "model")]
     pub model_repository: Option<PathBuf>,
+    /// Serve a decoder checkpoint (an HF Llama/Mistral/Qwen2 folder) without a repository layout,
+    /// as `[NAME=]PATH` (NAME defaults to the folder name); repeatable. Replaces the built-in models.
+    #[arg(long = "model", value_name = "[NAME=]PATH", value_parser = parse_model_arg)]
+    pub model: Vec<(String, PathBuf)>,
+    /// K/V cache memory per instance of each generative model (e.g. 512MiB, 2G); a model's
+    /// `kv_cache_memory` parameter overrides it. Decides how many tokens can be in flight.
+    #[arg(long, env = "NEURON_WORKER_KV_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_memory_arg)]
+    pub kv_cache_memory: u64,
     /// Backend: auto, cpu or neuron.
     #[arg(long, env = "NEURON_WORKER_BACKEND", value_enum, default_value = "auto")]
     pub backend: BackendArg,
@@ -101,6 +109,31 @@ pub struct ServeArgs {
     /// slot is taken, and every live session is written there on drain (off by default).
     #[arg(long, env = "NEURON_WORKER_SESSION_STORE")]
     pub session_store: Option<PathBuf>,
+}
+
+/// Parses `--model [NAME=]PATH`.
+fn parse_model_arg(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = match text.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !n.contains('/') => (n.to_string(), PathBuf::from(p)),
+        _ => {
+            let path = PathBuf::from(text);
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_string)
+                .ok_or_else(|| format!("'{text}': cannot name the model after this path; use NAME=PATH"))?;
+            (name, path)
+        }
+    };
+    if !path.exists() {
+        return Err(format!("'{}' does not exist", path.display()));
+    }
+    Ok((name, path))
+}
+
+/// Parses a memory size flag.
+fn parse_memory_arg(text: &str) -> Result<u64, String> {
+    crate::config::generative::parse_memory(text)
 }
 
 /// `inspect` flags.

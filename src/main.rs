@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use neuron_worker::backend::neuron::{self, Probe};
 use neuron_worker::cli::{BackendArg, Cli, Command, LogFormat, ServeArgs};
+use neuron_worker::config::generative::GenerativeSpec;
 use neuron_worker::repository::{BackendSelection, Repository};
 use neuron_worker::server::{self, ServeOptions};
 
@@ -54,7 +55,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let (backend, why) = select_backend(args.backend)?;
     tracing::info!(backend = %why, "backend selected");
     let repo = Arc::new(
-        Repository::new(args.model_repository.clone(), backend, args.model_control_mode).with_session_store(store),
+        Repository::new(args.model_repository.clone(), backend, args.model_control_mode)
+            .with_session_store(store)
+            .with_generative_defaults(GenerativeSpec { kv_cache_memory: args.kv_cache_memory, ..Default::default() })
+            .with_direct_models(args.model.clone()),
     );
     repo.load_all().await.map_err(|e| e.to_string())?;
     let opts = ServeOptions {

@@ -341,3 +341,31 @@ async fn drain_finishes_an_accepted_request_and_refuses_new_connections() {
     assert!(out.contains("\"OUTPUT0\""), "{out}");
     w.server.wait().await.expect("drained cleanly");
 }
+
+#[tokio::test]
+async fn generate_extension_maps_keys_to_inputs_and_streams_events() {
+    let w = start().await;
+    let a = w.http();
+    let x = tagged_rows(4, 1);
+    let r = http::post_json(a, "/v2/models/linear/generate", &json!({ "id": "g", "INPUT0": x })).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["id"], "g");
+    let grpc = grpc_output(&w, fp32_request("linear", "INPUT0", vec![1, 64], &x)).await;
+    assert_eq!(floats(&j["OUTPUT0"]), bytes_f32(&grpc[0]));
+    // Streamed: the same object as one SSE event.
+    let r = http::post_json(a, "/v2/models/linear/generate_stream", &json!({ "INPUT0": x })).await;
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")));
+    let events = http::sse_events(&r.body);
+    assert_eq!(events.len(), 1);
+    assert_eq!(floats(&events[0]["OUTPUT0"]), bytes_f32(&grpc[0]));
+    // A one-element output is a scalar; request parameters pass through.
+    let body =
+        json!({ "INPUT": [3], "parameters": { "sequence_id": 5, "sequence_start": true, "sequence_end": true } });
+    assert_eq!(http::post_json(a, "/v2/models/accumulate/generate", &body).await.json()["OUTPUT"], 3);
+    // Keys that are not inputs are refused with the model's inputs.
+    let r = http::post_json(a, "/v2/models/linear/generate_stream", &json!({ "text_input": "hi" })).await;
+    assert_eq!(r.status, 400);
+    assert!(error_of(&r).contains("has no input 'text_input'"), "{}", r.text());
+}

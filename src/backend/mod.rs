@@ -7,10 +7,12 @@
 pub mod cpu;
 pub mod error;
 pub mod generative;
+mod kind;
 pub mod neuron;
 pub mod stateful;
 
 pub use error::BackendError;
+pub use kind::BackendKind;
 pub use stateful::{SlotStep, StatefulInstance};
 
 use bytes::Bytes;

@@ -1,6 +1,7 @@
 //! The built-in models served when no `--model-repository` is given: `linear` and `mlp`
 //! (weights embedded as closed forms / a documented seeded generator, see `backend::cpu::builtin`),
-//! and the stateful `accumulate` and `gru` (see `backend::cpu::stateful::kernels`).
+//! the stateful `accumulate` and `gru` (see `backend::cpu::stateful::kernels`), and the generative
+//! `tiny_decoder` (see `repository::generative`).
 
 /// Configurations of the built-in models, in Triton's text format.
 pub const BUILTIN_CONFIGS: &[(&str, &str)] = &[
@@ -28,4 +29,5 @@ dynamic_batching { }
     ),
     ("accumulate", crate::backend::cpu::stateful::kernels::ACCUMULATE_CONFIG),
     ("gru", crate::backend::cpu::stateful::kernels::GRU_CONFIG),
+    (super::generative::TINY_DECODER, super::generative::TINY_DECODER_CONFIG),
 ];

@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::backend::BackendKind;
 use crate::backend::ModelInstance;
 use crate::backend::cpu::{BertModel, CpuInstance, CpuModel, builtin};
-use crate::config::{ModelSpec, parse_model_config};
+use crate::config::{IoSpec, ModelSpec, parse_model_config};
 use crate::proto::inference::{ModelConfig, model_version_policy::PolicyChoice};
-use crate::repository::BackendSelection;
+use crate::repository::{BackendSelection, LoadError};
 
 /// A model's configuration and the version folders to load.
 #[derive(Debug)]
@@ -17,23 +18,44 @@ pub(crate) struct ModelSource {
     pub(crate) spec: Arc<ModelSpec>,
     /// (version, folder); the folder is `None` for built-in models.
     pub(crate) versions: Vec<(i64, Option<PathBuf>)>,
+    /// A generative (decoder) model: its versions hold decoder checkpoints.
+    pub(crate) decoder: bool,
 }
 
 /// Instances, backend name, and the batch buckets the backend fixed (if any).
-pub(crate) type Created = (Vec<Box<dyn ModelInstance>>, &'static str, Option<Vec<usize>>);
+pub(crate) type Created = (Vec<Box<dyn ModelInstance>>, BackendKind, Option<Vec<usize>>);
 
 /// Reads a built-in model's configuration.
-pub(crate) fn builtin_source(name: &str, text: &str) -> Result<ModelSource, String> {
-    let config = parse_model_config(text, &format!("<built-in {name}>")).map_err(|e| e.to_string())?;
-    let spec = ModelSpec::from_config(&config, &format!("<built-in {name}>")).map_err(|e| e.to_string())?;
-    Ok(ModelSource { config, spec: Arc::new(spec), versions: vec![(1, None)] })
+pub(crate) fn builtin_source(name: &str, text: &str) -> Result<ModelSource, LoadError> {
+    let mut config = parse_model_config(text, &format!("<built-in {name}>"))?;
+    let decoder = name == super::generative::TINY_DECODER;
+    if decoder {
+        crate::config::generative::complete_config(&mut config);
+    }
+    let spec = ModelSpec::from_config(&config, &format!("<built-in {name}>"))?;
+    Ok(ModelSource { config, spec: Arc::new(spec), versions: vec![(1, None)], decoder })
+}
+
+/// A decoder checkpoint served without a repository layout (`serve --model [NAME=]PATH`): a
+/// completed configuration, one version (1) read from `path`.
+pub(crate) fn direct_source(name: &str, path: &Path) -> Result<ModelSource, LoadError> {
+    if super::generative::detect(path).is_none() {
+        return Err(LoadError::Decoder {
+            path: path.to_path_buf(),
+            reason: "not a decoder checkpoint this worker serves (an HF folder with config.json of a llama, mistral or qwen2 model, safetensors and tokenizer.json)".into(),
+        });
+    }
+    let mut config = ModelConfig { name: name.to_string(), backend: "cpu".into(), ..Default::default() };
+    crate::config::generative::complete_config(&mut config);
+    let spec = ModelSpec::from_config(&config, &format!("<model {name}>"))?;
+    Ok(ModelSource { config, spec: Arc::new(spec), versions: vec![(1, Some(path.to_path_buf()))], decoder: true })
 }
 
 /// Reads `<dir>/config.pbtxt` (or completes a configuration from an HF BERT checkpoint) and picks
 /// the versions to serve.
-pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, String> {
+pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, LoadError> {
     let mut all_versions: Vec<(i64, PathBuf)> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: cannot read the model folder: {e}", dir.display()))?
+        .map_err(|e| LoadError::Io { path: dir.to_path_buf(), what: "the model folder".into(), reason: e.to_string() })?
         .filter_map(Result::ok)
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i64>().ok()).map(|v| (v, e.path())))
@@ -42,12 +64,19 @@ pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, String>
     all_versions.sort();
     let cfg_path = dir.join("config.pbtxt");
     let file = cfg_path.display().to_string();
+    let decoder = all_versions.last().is_some_and(|(_, d)| super::generative::detect(d).is_some());
     let mut config = if cfg_path.exists() {
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{file}: cannot read: {e}"))?;
-        parse_model_config(&text, &file).map_err(|e| e.to_string())?
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| LoadError::Io {
+            path: cfg_path.clone(),
+            what: "the model configuration".into(),
+            reason: e.to_string(),
+        })?;
+        parse_model_config(&text, &file)?
+    } else if decoder {
+        ModelConfig { name: name.to_string(), backend: "cpu".into(), ..Default::default() }
     } else {
         let Some((_, latest)) = all_versions.last() else {
-            return Err(format!("{}: no config.pbtxt and no numeric version folder", dir.display()));
+            return Err(LoadError::NoConfig { dir: dir.to_path_buf() });
         };
         complete_bert_config(name, latest)?
     };
@@ -55,15 +84,18 @@ pub(crate) fn read_source(name: &str, dir: &Path) -> Result<ModelSource, String>
         config.name = name.to_string();
     }
     if config.name != name {
-        return Err(format!("{file}: field `name`: '{}' does not match the folder name '{name}'", config.name));
+        return Err(LoadError::NameMismatch { file, found: config.name, folder: name.to_string() });
     }
-    let spec = ModelSpec::from_config(&config, &file).map_err(|e| e.to_string())?;
-    let versions =
-        select_versions(&config, &all_versions).map_err(|e| format!("{file}: field `version_policy`: {e}"))?;
+    if decoder {
+        crate::config::generative::complete_config(&mut config);
+    }
+    let spec = ModelSpec::from_config(&config, &file)?;
+    let versions = select_versions(&config, &all_versions).map_err(|reason| LoadError::Versions { file, reason })?;
     Ok(ModelSource {
         config,
         spec: Arc::new(spec),
         versions: versions.into_iter().map(|(v, p)| (v, Some(p))).collect(),
+        decoder,
     })
 }
 
@@ -97,10 +129,9 @@ fn select_versions(config: &ModelConfig, all: &[(i64, PathBuf)]) -> Result<Vec<(
 /// Triton-style auto-complete for a bare HF BERT folder: `input_ids`, `attention_mask` (and
 /// `token_type_ids` when the checkpoint has type embeddings) INT64 `[-1, -1]`; outputs
 /// `last_hidden_state` FP32 `[-1, -1, hidden]` and `sentence_embedding` FP32 `[-1, hidden]`.
-fn complete_bert_config(name: &str, version_dir: &Path) -> Result<ModelConfig, String> {
-    let model = BertModel::load(version_dir).map_err(|e| {
-        format!("{}: no config.pbtxt, and the folder is not a loadable HF BERT checkpoint: {e}", version_dir.display())
-    })?;
+fn complete_bert_config(name: &str, version_dir: &Path) -> Result<ModelConfig, LoadError> {
+    let model = BertModel::load(version_dir)
+        .map_err(|source| LoadError::NotACheckpoint { dir: version_dir.to_path_buf(), source })?;
     let info = model.info();
     let mut inputs = String::from(
         r#"{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] },
@@ -122,7 +153,7 @@ dynamic_batching {{ }}
 "#,
         h = info.hidden_size
     );
-    parse_model_config(&text, "<completed config>").map_err(|e| e.to_string())
+    Ok(parse_model_config(&text, "<completed config>")?)
 }
 
 /// Creates the instances of one model version on the selected backend.
@@ -132,32 +163,24 @@ pub(crate) fn create_instances(
     config: &ModelConfig,
     version_dir: Option<&Path>,
     backend: &BackendSelection,
-) -> Result<Created, String> {
+) -> Result<Created, LoadError> {
     if let BackendSelection::Neuron { .. } = backend
         && let Some(dir) = version_dir
         && has_neff(dir)
     {
         let (instances, buckets) =
             crate::repository::neuron_loader::create_neuron_instances(spec, config, dir, backend)?;
-        return Ok((instances, "neuron", Some(buckets)));
+        return Ok((instances, BackendKind::Neuron, Some(buckets)));
     }
     let model = match version_dir {
         None => CpuModel::Dense(
-            builtin::builtin(&spec.name).ok_or_else(|| format!("no built-in model named '{}'", spec.name))?,
+            builtin::builtin(&spec.name).ok_or_else(|| LoadError::NoBuiltin { name: spec.name.clone() })?,
         ),
         Some(dir) if dir.join("config.json").exists() && dir.join("model.safetensors").exists() => {
-            CpuModel::Bert(BertModel::load(dir).map_err(|e| e.to_string())?)
+            CpuModel::Bert(BertModel::load(dir)?)
         }
         Some(dir) => {
-            return Err(format!(
-                "{}: no CPU reference found (expected an HF folder with config.json and model.safetensors){}",
-                dir.display(),
-                if has_neff(dir) {
-                    "; it holds NEFF files, which need --backend neuron (or auto with libnrt)"
-                } else {
-                    ""
-                }
-            ));
+            return Err(LoadError::NoCpuModel { dir: dir.to_path_buf(), holds_neff: has_neff(dir) });
         }
     };
     let model = Arc::new(model);
@@ -166,13 +189,16 @@ pub(crate) fn create_instances(
     let threads = (cores / count).max(1);
     let inputs: Vec<String> = spec.inputs.iter().map(|i| i.name.clone()).collect();
     let outputs: Vec<String> = spec.outputs.iter().map(|o| o.name.clone()).collect();
+    let dtypes = |list: &[IoSpec]| list.iter().map(|t| (t.name.clone(), t.dtype)).collect::<Vec<_>>();
+    let (input_dtypes, output_dtypes) = (dtypes(&spec.inputs), dtypes(&spec.outputs));
     let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(count);
     for i in 0..count {
-        let inst =
-            CpuInstance::new(model.clone(), inputs.clone(), outputs.clone(), threads, i).map_err(|e| e.to_string())?;
+        let inst = CpuInstance::new(model.clone(), inputs.clone(), outputs.clone(), threads, i)
+            .and_then(|inst| inst.with_config_dtypes(&input_dtypes, &output_dtypes))
+            .map_err(|source| LoadError::Backend { core: Some(i), source })?;
         instances.push(Box::new(inst));
     }
-    Ok((instances, "cpu", None))
+    Ok((instances, BackendKind::Cpu, None))
 }
 
 /// True when `dir` holds at least one `.neff` file.
@@ -180,4 +206,41 @@ pub(crate) fn has_neff(dir: &Path) -> bool {
     std::fs::read_dir(dir)
         .map(|rd| rd.filter_map(Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "neff")))
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_errors_name_what_is_wrong() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let empty = root.path().join("empty");
+        std::fs::create_dir_all(&empty).expect("mkdir");
+        assert!(matches!(read_source("empty", &empty), Err(LoadError::NoConfig { dir }) if dir == empty));
+
+        let named = root.path().join("named");
+        std::fs::create_dir_all(named.join("1")).expect("mkdir");
+        let config = r#"name: "other" input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+            output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]"#;
+        std::fs::write(named.join("config.pbtxt"), config).expect("write");
+        match read_source("named", &named) {
+            Err(LoadError::NameMismatch { found, folder, .. }) => {
+                assert_eq!((found.as_str(), folder.as_str()), ("other", "named"))
+            }
+            other => panic!("expected NameMismatch, got {other:?}"),
+        }
+
+        std::fs::write(named.join("config.pbtxt"), "name: \"named\" max_batch_size: -3").expect("write");
+        assert!(matches!(read_source("named", &named), Err(LoadError::Config(_))));
+
+        let cpu = create_instances(
+            &ModelSpec::from_config(&parse_model_config(&config.replace("other", "x"), "c").expect("parses"), "c")
+                .expect("spec"),
+            &ModelConfig::default(),
+            Some(&named.join("1")),
+            &BackendSelection::Cpu,
+        );
+        assert!(matches!(cpu, Err(LoadError::NoCpuModel { holds_neff: false, .. })));
+    }
 }

@@ -3,16 +3,20 @@
 
 mod builtin;
 mod error;
+pub mod generative;
 mod loader;
 mod neuron_loader;
+mod state;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 pub use builtin::BUILTIN_CONFIGS;
-pub use error::RepositoryError;
+pub use error::{LoadError, RepositoryError};
+pub use state::ModelState;
 
+use crate::backend::BackendKind;
 use crate::batching::{Batcher, SequenceSetup};
 use crate::config::ModelSpec;
 use crate::proto::inference::ModelConfig;
@@ -50,8 +54,8 @@ pub struct LoadedModel {
     pub spec: Arc<ModelSpec>,
     /// Its batching (dynamic or sequence policy): every request goes there.
     pub batching: Batcher,
-    /// `cpu` or `neuron`.
-    pub backend: &'static str,
+    /// The backend it runs on.
+    pub backend: BackendKind,
 }
 
 /// A model's state in the repository index.
@@ -59,8 +63,8 @@ pub struct LoadedModel {
 pub struct ModelEntry {
     /// Loaded versions, by number.
     pub versions: BTreeMap<i64, Arc<LoadedModel>>,
-    /// `READY`, `UNAVAILABLE`, `UNLOADING`...
-    pub state: &'static str,
+    /// Ready, unavailable or unloading.
+    pub state: ModelState,
     /// Why it is not ready, if it is not.
     pub reason: String,
 }
@@ -73,12 +77,36 @@ pub struct Repository {
     control: ModelControlMode,
     models: RwLock<BTreeMap<String, ModelEntry>>,
     session_store: Option<Arc<SessionStore>>,
+    /// Worker-wide generative settings (`--kv-cache-memory`), under each model's parameters.
+    generative_defaults: crate::config::generative::GenerativeSpec,
+    /// Decoder checkpoints served without a repository layout (`--model NAME=PATH`).
+    direct: Vec<(String, PathBuf)>,
 }
 
 impl Repository {
     /// A repository over `root` (or the built-in models when `None`). Nothing is loaded yet.
     pub fn new(root: Option<PathBuf>, backend: BackendSelection, control: ModelControlMode) -> Repository {
-        Repository { root, backend, control, models: RwLock::new(BTreeMap::new()), session_store: None }
+        Repository {
+            root,
+            backend,
+            control,
+            models: RwLock::new(BTreeMap::new()),
+            session_store: None,
+            generative_defaults: Default::default(),
+            direct: Vec::new(),
+        }
+    }
+
+    /// Worker-wide settings of generative models (each model's `parameters` override them).
+    pub fn with_generative_defaults(mut self, spec: crate::config::generative::GenerativeSpec) -> Repository {
+        self.generative_defaults = spec;
+        self
+    }
+
+    /// Serves these decoder checkpoints (name, HF folder) instead of the built-in models.
+    pub fn with_direct_models(mut self, models: Vec<(String, PathBuf)>) -> Repository {
+        self.direct = models;
+        self
     }
 
     /// Uses `store` for spilled and drained sessions of sequence models (set before loading).
@@ -101,6 +129,11 @@ impl Repository {
     /// recorded as UNAVAILABLE with its reason and logged; the others are served.
     pub async fn load_all(&self) -> Result<(), RepositoryError> {
         match &self.root {
+            None if !self.direct.is_empty() => {
+                for (name, _) in self.direct.clone() {
+                    let _ = self.load(&name).await;
+                }
+            }
             None => {
                 for (name, _) in BUILTIN_CONFIGS {
                     let _ = self.load(name).await;
@@ -109,7 +142,11 @@ impl Repository {
             Some(root) => {
                 let rd = std::fs::read_dir(root).map_err(|e| RepositoryError::Load {
                     model: String::new(),
-                    reason: format!("{}: cannot read the model repository: {e}", root.display()),
+                    source: LoadError::Io {
+                        path: root.clone(),
+                        what: "the model repository".into(),
+                        reason: e.to_string(),
+                    },
                 })?;
                 let mut names: Vec<String> = rd
                     .filter_map(Result::ok)
@@ -138,7 +175,12 @@ impl Repository {
     /// Loads (or reloads) one model by name. On failure the model is recorded as UNAVAILABLE.
     pub async fn load(&self, name: &str) -> Result<(), RepositoryError> {
         let dir = self.model_dir(name)?;
+        let direct = self.direct.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone());
         let source = match &dir {
+            None if !self.direct.is_empty() => match &direct {
+                Some(path) => loader::direct_source(name, path),
+                None => return Err(RepositoryError::NotFound { model: name.into(), version: String::new() }),
+            },
             None => match BUILTIN_CONFIGS.iter().find(|(n, _)| *n == name) {
                 Some((_, text)) => loader::builtin_source(name, text),
                 None => return Err(RepositoryError::NotFound { model: name.into(), version: String::new() }),
@@ -150,13 +192,15 @@ impl Repository {
         };
         let backend = self.backend.clone();
         let store = self.session_store.clone();
+        let gen_defaults = self.generative_defaults.clone();
         let loaded = async move {
             let source = source?;
+            if source.decoder {
+                return generative::load_versions(source, &gen_defaults).await;
+            }
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
-            let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())
-                .map_err(|e| e.to_string())?
-                .map(Arc::new);
+            let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())?.map(Arc::new);
             for (version, vdir) in source.versions {
                 if let Some(seq) = &seq {
                     let mut spec = (*source.spec).clone();
@@ -173,7 +217,7 @@ impl Repository {
                                 neuron_loader::create_neuron_sequence_instances(&spec2, &config, &seq2, &d, &be)
                             })
                             .await
-                            .map_err(|e| format!("loader task failed: {e}"))??;
+                            .map_err(|e| LoadError::Task { reason: e.to_string() })??;
                             let setup = SequenceSetup {
                                 spec: spec.clone(),
                                 seq: seq.clone(),
@@ -181,12 +225,14 @@ impl Repository {
                                 store: store.clone(),
                                 slots,
                             };
-                            (Batcher::start_sequence(setup, instances).map_err(|e| e.to_string())?, "neuron")
+                            let batching = Batcher::start_sequence(setup, instances)
+                                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+                            (batching, BackendKind::Neuron)
                         }
                         None => {
                             let started =
                                 crate::batching::sequence::start_cpu(spec.clone(), seq.clone(), version, store.clone());
-                            (started?, "cpu")
+                            (started.map_err(|reason| LoadError::Batching { reason })?, BackendKind::Cpu)
                         }
                     };
                     let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
@@ -198,7 +244,7 @@ impl Repository {
                 let (instances, kind, buckets) =
                     tokio::task::spawn_blocking(move || loader::create_instances(&spec, &config, vdir.as_deref(), &be))
                         .await
-                        .map_err(|e| format!("loader task failed: {e}"))??;
+                        .map_err(|e| LoadError::Task { reason: e.to_string() })??;
                 let mut spec = (*source.spec).clone();
                 if let Some(b) = buckets
                     && spec.buckets.batch.is_empty()
@@ -211,18 +257,19 @@ impl Repository {
                 let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
                 versions.insert(version, Arc::new(model));
             }
-            Ok::<_, String>(versions)
+            Ok::<_, LoadError>(versions)
         }
         .await;
         let (old, result) = match loaded {
             Ok(versions) => {
-                tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend).unwrap_or("-"), "model ready");
+                tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend.as_str()).unwrap_or("-"), "model ready");
                 // Swap under one write lock, so concurrent loads never lose a running entry.
-                (self.set(name, ModelEntry { versions, state: "READY", reason: String::new() }), Ok(()))
+                (self.set(name, ModelEntry { versions, state: ModelState::Ready, reason: String::new() }), Ok(()))
             }
-            Err(reason) => {
+            Err(source) => {
+                let reason = source.to_string();
                 tracing::error!(model = name, %reason, "model failed to load");
-                let mut models = self.models.write().map_err(|_| RepositoryError::Load {
+                let mut models = self.models.write().map_err(|_| RepositoryError::NotReady {
                     model: name.into(),
                     reason: "repository lock poisoned".into(),
                 })?;
@@ -230,12 +277,11 @@ impl Repository {
                 match models.get_mut(name) {
                     Some(entry) if !entry.versions.is_empty() => entry.reason = format!("reload failed: {reason}"),
                     _ => {
-                        let failed =
-                            ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: reason.clone() };
+                        let failed = ModelEntry { versions: BTreeMap::new(), state: ModelState::Unavailable, reason };
                         models.insert(name.to_string(), failed);
                     }
                 }
-                (None, Err(RepositoryError::Load { model: name.into(), reason }))
+                (None, Err(RepositoryError::Load { model: name.into(), source }))
             }
         };
         if let Some(old) = old {
@@ -250,11 +296,15 @@ impl Repository {
         if self.models.read().map(|m| !m.contains_key(name)).unwrap_or(true) {
             return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
         }
-        let unloading = ModelEntry { versions: BTreeMap::new(), state: "UNLOADING", reason: "unloading".into() };
+        let unloading =
+            ModelEntry { versions: BTreeMap::new(), state: ModelState::Unloading, reason: "unloading".into() };
         if let Some(current) = self.set(name, unloading) {
             drain_versions(&current).await;
         }
-        self.set(name, ModelEntry { versions: BTreeMap::new(), state: "UNAVAILABLE", reason: "unloaded".into() });
+        self.set(
+            name,
+            ModelEntry { versions: BTreeMap::new(), state: ModelState::Unavailable, reason: "unloaded".into() },
+        );
         Ok(())
     }
 

@@ -13,29 +13,23 @@
 
 use std::path::Path;
 
-use crate::backend::ModelInstance;
-use crate::backend::StatefulInstance;
 use crate::backend::neuron::sequence::NeuronSequenceInstance;
 use crate::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
-use crate::config::SequenceSpec;
-use crate::config::{IoSpec, ModelSpec};
+use crate::backend::{BackendError, ModelInstance, StatefulInstance};
+use crate::config::{IoSpec, ModelSpec, SequenceSpec};
 use crate::proto::inference::ModelConfig;
-use crate::repository::BackendSelection;
+use crate::repository::{BackendSelection, LoadError};
 
 /// The instances (one per core) and the batch buckets they were compiled for.
 pub(crate) type NeuronInstances = (Vec<Box<dyn ModelInstance>>, Vec<usize>);
 
-fn tensor_config(model: &str, io: &IoSpec) -> Result<TensorConfig, String> {
+fn tensor_config(model: &str, io: &IoSpec) -> Result<TensorConfig, LoadError> {
     let dims = io
         .dims
         .iter()
         .map(|d| {
-            usize::try_from(*d).map_err(|_| {
-                format!(
-                    "model '{model}': tensor '{}' has a variable dimension; NEFFs have fixed shapes (declare buckets)",
-                    io.name
-                )
-            })
+            usize::try_from(*d)
+                .map_err(|_| LoadError::VariableDimension { model: model.to_string(), tensor: io.name.clone() })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TensorConfig { name: io.name.clone(), dtype: io.dtype, dims })
@@ -47,9 +41,9 @@ pub(crate) fn create_neuron_instances(
     config: &ModelConfig,
     dir: &Path,
     backend: &BackendSelection,
-) -> Result<NeuronInstances, String> {
+) -> Result<NeuronInstances, LoadError> {
     let BackendSelection::Neuron { cores } = backend else {
-        return Err("the Neuron backend is not selected".into());
+        return Err(LoadError::NeuronNotSelected);
     };
     let pattern = config.parameters.get("neuron_neff_pattern").map(|p| p.string_value.clone()).unwrap_or_else(|| {
         if spec.buckets.batch.is_empty() { "model.neff".into() } else { "model_b{batch}.neff".into() }
@@ -57,13 +51,19 @@ pub(crate) fn create_neuron_instances(
     let mut files = Vec::new();
     if spec.buckets.batch.is_empty() {
         let path = dir.join(pattern.replace("{batch}", ""));
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: cannot read NEFF: {e}", path.display()))?;
+        let bytes = std::fs::read(&path).map_err(|e| LoadError::Io {
+            path: path.clone(),
+            what: format!("the NEFF (parameter neuron_neff_pattern = \"{pattern}\")"),
+            reason: e.to_string(),
+        })?;
         files.push((0usize, bytes));
     } else {
         for b in &spec.buckets.batch {
             let path = dir.join(pattern.replace("{batch}", &b.to_string()));
-            let bytes = std::fs::read(&path).map_err(|e| {
-                format!("{}: cannot read the NEFF for batch bucket {b}: {e} (parameter neuron_neff_pattern = \"{pattern}\")", path.display())
+            let bytes = std::fs::read(&path).map_err(|e| LoadError::Io {
+                path: path.clone(),
+                what: format!("the NEFF for batch bucket {b} (parameter neuron_neff_pattern = \"{pattern}\")"),
+                reason: e.to_string(),
             })?;
             files.push((*b, bytes));
         }
@@ -74,7 +74,7 @@ pub(crate) fn create_neuron_instances(
         inputs: spec.inputs.iter().map(|i| tensor_config(&spec.name, i)).collect::<Result<_, _>>()?,
         outputs: spec.outputs.iter().map(|o| tensor_config(&spec.name, o)).collect::<Result<_, _>>()?,
     };
-    let runtime = Runtime::get_or_init().map_err(|e| e.to_string())?;
+    let runtime = Runtime::get_or_init().map_err(BackendError::from)?;
     let count = spec.instance_count.unwrap_or(*cores).min(*cores).max(1);
     let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(count);
     let mut buckets = Vec::new();
@@ -85,7 +85,7 @@ pub(crate) fn create_neuron_instances(
             let neffs: Vec<(usize, &[u8])> = files.iter().map(|(b, bytes)| (*b, bytes.as_slice())).collect();
             NeuronInstance::new(runtime.clone(), core as u32, cfg.clone(), &neffs)
         };
-        let inst = inst.map_err(|e| format!("core {core}: {e}"))?;
+        let inst = inst.map_err(|e| LoadError::Backend { core: Some(core), source: e.into() })?;
         buckets = inst.bucket_sizes();
         instances.push(Box::new(inst));
     }
@@ -100,9 +100,9 @@ pub(crate) fn create_neuron_sequence_instances(
     seq: &SequenceSpec,
     dir: &Path,
     backend: &BackendSelection,
-) -> Result<(Vec<Box<dyn StatefulInstance>>, usize), String> {
+) -> Result<(Vec<Box<dyn StatefulInstance>>, usize), LoadError> {
     let BackendSelection::Neuron { cores } = backend else {
-        return Err("the Neuron backend is not selected".into());
+        return Err(LoadError::NeuronNotSelected);
     };
     let count = spec.instance_count.unwrap_or(*cores).min(*cores).max(1);
     let slots = seq.slots_per_instance(spec.max_batch_size, count);
@@ -112,18 +112,16 @@ pub(crate) fn create_neuron_sequence_instances(
         .map(|p| p.string_value.clone())
         .unwrap_or_else(|| "model.neff".into());
     let path = dir.join(pattern.replace("{batch}", &slots.to_string()));
-    let bytes = std::fs::read(&path).map_err(|e| {
-        format!(
-            "{}: cannot read the NEFF of stateful model '{}' ({slots} rows, one per slot): {e}",
-            path.display(),
-            spec.name
-        )
+    let bytes = std::fs::read(&path).map_err(|e| LoadError::Io {
+        path: path.clone(),
+        what: format!("the NEFF of stateful model '{}' ({slots} rows, one per slot)", spec.name),
+        reason: e.to_string(),
     })?;
-    let runtime = Runtime::get_or_init().map_err(|e| e.to_string())?;
+    let runtime = Runtime::get_or_init().map_err(BackendError::from)?;
     let mut instances: Vec<Box<dyn StatefulInstance>> = Vec::with_capacity(count);
     for core in 0..count {
         let inst = NeuronSequenceInstance::load(&runtime, core as u32, spec, seq, slots, &bytes)
-            .map_err(|e| format!("core {core}: {e}"))?;
+            .map_err(|e| LoadError::Backend { core: Some(core), source: BackendError::Load(e) })?;
         instances.push(Box::new(inst));
     }
     Ok((instances, slots))

@@ -4,9 +4,12 @@
 mod decode;
 mod error;
 pub mod generate;
+mod generate_stream;
 pub mod http;
 mod inference;
+mod metric_families;
 pub mod metrics;
+mod metrics_generative;
 pub mod sessions;
 mod sessions_page;
 mod stats;

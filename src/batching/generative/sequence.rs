@@ -47,6 +47,8 @@ pub struct Sequence {
     pub text: TextStream,
     /// Set once the sequence has ended (or its client went away).
     pub done: bool,
+    /// Has been admitted to the running set at least once (it has left the model's queue).
+    pub started: bool,
 }
 
 /// What accepting one token did, for the statistics.
@@ -58,6 +60,8 @@ pub struct Accepted {
     pub inter_token_s: Option<f64>,
     /// Why the sequence ended, when it ended with this token.
     pub finished: Option<FinishReason>,
+    /// The client had gone away (the update could not be sent): the sequence ends.
+    pub client_gone: bool,
 }
 
 impl Sequence {
@@ -78,6 +82,7 @@ impl Sequence {
             preemptions: 0,
             text: TextStream::new(prompt_len),
             done: false,
+            started: false,
         }
     }
 
@@ -142,9 +147,10 @@ impl Sequence {
             top_logprobs: top.into_iter().collect(),
             finished,
         };
-        if self.updates.send(Ok(update)).is_err() || finished.is_some() {
+        let client_gone = self.updates.send(Ok(update)).is_err();
+        if client_gone || finished.is_some() {
             self.done = true;
         }
-        Accepted { first_token_s, inter_token_s, finished: reason }
+        Accepted { first_token_s, inter_token_s, finished: reason, client_gone }
     }
 }

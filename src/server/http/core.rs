@@ -11,6 +11,9 @@ use crate::proto::inference::*;
 use crate::repository::Repository;
 use crate::server::InferenceService;
 
+/// The responses of one request.
+pub type ResponseStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<ModelInferResponse, HttpError>> + Send>>;
+
 /// A handle on the core: the KServe v2 service and the repository it serves.
 #[derive(Debug, Clone)]
 pub struct Core {
@@ -24,6 +27,13 @@ impl Core {
     /// One inference, through the same path as gRPC ModelInfer.
     pub async fn infer(&self, req: ModelInferRequest) -> Result<ModelInferResponse, HttpError> {
         Ok(self.service.model_infer(Request::new(req)).await?.into_inner())
+    }
+
+    /// The responses to one request, in order: one for most models; a decoupled (streaming) model
+    /// may send several.
+    pub fn infer_stream(&self, req: ModelInferRequest) -> ResponseStream {
+        let core = self.clone();
+        Box::pin(futures::stream::once(async move { core.infer(req).await }))
     }
 
     /// Server liveness.

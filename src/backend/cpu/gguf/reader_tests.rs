@@ -37,7 +37,7 @@ fn tiny() -> Vec<u8> {
     b.extend_from_slice(&4u64.to_le_bytes());
     b.extend_from_slice(&0u32.to_le_bytes());
     b.extend_from_slice(&96u64.to_le_bytes());
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     for row in 0..2u8 {

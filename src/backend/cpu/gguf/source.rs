@@ -139,7 +139,7 @@ impl GgufSource {
     }
 
     /// The tensor with HF name `hf_name`, or `None` when the file does not hold it.
-    pub fn tensor(&self, hf_name: &str) -> Result<Option<GgufTensor>, GgufError> {
+    pub fn gguf_tensor(&self, hf_name: &str) -> Result<Option<GgufTensor>, GgufError> {
         let Some(g) = gguf_name(hf_name) else { return Ok(None) };
         let Some(info) = self.file.tensor_info(&g) else { return Ok(None) };
         let t = self.read(info)?;
@@ -212,7 +212,7 @@ impl GgufSource {
 /// HF row order of a converter-permuted Q/K weight with `heads` heads of `rows / heads` rows:
 /// HF row `h·hd + s·hd/2 + i` is GGUF row `h·hd + 2i + s`.
 fn unpermute_order(rows: usize, heads: usize) -> Option<Vec<usize>> {
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return None;
     }
     let hd = rows / heads;

@@ -1,0 +1,253 @@
+//! Generative models in the repository: recognising a decoder checkpoint (an HF Llama-family folder),
+//! completing its configuration, building its decoder instances and tokenizer, and the built-in
+//! `tiny_decoder` (seeded random weights, byte-level tokenizer).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::backend::cpu::llama::{LlamaConfig, LlamaModel, LoadError, Weight, WeightSource, load_hf_decoder};
+use crate::backend::generative::DecoderInstance;
+use crate::batching::generative::detok::TokenText;
+use crate::batching::generative::handle::GenerativeSetup;
+use crate::batching::generative::params::SamplingParams;
+use crate::batching::generative::step::StepLimits;
+use crate::batching::generative::tokens::{ByteTokenizer, ChatMessage, PromptTokenizer};
+use crate::config::generative::GenerativeSpec;
+use crate::tokenize::{ChatTemplate, Tokenizer};
+
+/// Name of the built-in generative model.
+pub const TINY_DECODER: &str = "tiny_decoder";
+
+/// Configuration of the built-in generative model.
+pub const TINY_DECODER_CONFIG: &str = r#"
+name: "tiny_decoder"
+backend: "builtin"
+parameters { key: "max_num_seqs" value: { string_value: "32" } }
+parameters { key: "kv_cache_memory" value: { string_value: "16MiB" } }
+"#;
+
+/// Hyper-parameters of the built-in generative model (a Llama of 2 layers, hidden 64, GQA 4/2
+/// heads, vocabulary = the byte tokenizer's 258 ids, context 2048).
+const TINY_DECODER_HF_CONFIG: &str = r#"{
+  "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+  "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+  "max_position_embeddings": 2048, "tie_word_embeddings": true, "vocab_size": 258,
+  "bos_token_id": 256, "eos_token_id": 257
+}"#;
+
+/// A decoder checkpoint found in a version folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecoderSource {
+    /// An HF folder (`config.json` of a Llama-family decoder, safetensors, `tokenizer.json`).
+    HfFolder(PathBuf),
+}
+
+/// Whether `path` holds a decoder checkpoint this worker serves.
+pub fn detect(path: &Path) -> Option<DecoderSource> {
+    let config = std::fs::read_to_string(path.join("config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&config).ok()?;
+    let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or_default();
+    let causal = json
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with("ForCausalLM"))));
+    let llama_family = matches!(model_type, "llama" | "mistral" | "qwen2");
+    (llama_family && (causal || path.join("tokenizer.json").is_file())).then(|| DecoderSource::HfFolder(path.into()))
+}
+
+/// An HF tokenizer with its chat template, seen as the generative front needs it.
+struct HfTokenizer {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    eos: Vec<u32>,
+}
+
+impl TokenText for HfTokenizer {
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode_skip_special(ids).unwrap_or_default()
+    }
+}
+
+impl PromptTokenizer for HfTokenizer {
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
+        self.tokenizer.encode(text, add_special).map_err(|e| e.to_string())
+    }
+
+    fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
+        let Some(t) = &self.template else {
+            return Err("the model has no chat template; send text_input instead of messages".into());
+        };
+        let messages: Vec<crate::tokenize::ChatMessage> =
+            messages.iter().map(|m| crate::tokenize::ChatMessage::new(m.role.clone(), m.content.clone())).collect();
+        t.render(&messages).map_err(|e| e.to_string())
+    }
+
+    fn eos_ids(&self) -> Vec<u32> {
+        self.eos.clone()
+    }
+}
+
+/// What the generative policy is started with.
+pub struct LoadedDecoder {
+    /// One decoder per instance.
+    pub decoders: Vec<Box<dyn DecoderInstance>>,
+    /// Tokenizer and chat template.
+    pub tokenizer: Arc<dyn PromptTokenizer>,
+    /// Step limits, stop tokens, sampling defaults.
+    pub setup: GenerativeSetup,
+}
+
+fn setup(spec: &GenerativeSpec, eos: Vec<u32>, defaults: SamplingParams) -> GenerativeSetup {
+    GenerativeSetup {
+        limits: StepLimits { max_batched_tokens: spec.max_batched_tokens, max_running: spec.max_running },
+        eos,
+        defaults,
+    }
+}
+
+fn capped(mut config: LlamaConfig, spec: &GenerativeSpec) -> LlamaConfig {
+    if let Some(cap) = spec.max_model_len {
+        config.max_position_embeddings = config.max_position_embeddings.min(cap);
+    }
+    config
+}
+
+fn build(
+    config: &LlamaConfig,
+    weights: &dyn WeightSource,
+    spec: &GenerativeSpec,
+    instances: usize,
+) -> Result<Vec<Box<dyn DecoderInstance>>, String> {
+    let blocks = spec.num_blocks(config.num_hidden_layers, config.num_key_value_heads, config.head_dim);
+    (0..instances.max(1))
+        .map(|_| {
+            LlamaModel::new(config.clone(), weights, blocks, spec.block_size)
+                .map(|m| Box::new(m) as Box<dyn DecoderInstance>)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
+/// Loads a decoder checkpoint: `instances` decoders (each with its own K/V pool sized by `spec`),
+/// the tokenizer, and the sampling defaults of its generation config.
+pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, String> {
+    let DecoderSource::HfFolder(dir) = source;
+    let files = load_hf_decoder(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let config = capped(files.config.clone(), spec);
+    let decoders = build(&config, &files.weights, spec, instances)?;
+    let g = &files.generation;
+    let mut defaults = SamplingParams::default();
+    if let Some(t) = g.temperature {
+        defaults.temperature = t;
+    }
+    if g.do_sample == Some(false) {
+        defaults.temperature = 0.0;
+    }
+    defaults.top_p = g.top_p.unwrap_or(defaults.top_p);
+    defaults.top_k = g.top_k.unwrap_or(defaults.top_k);
+    defaults.min_p = g.min_p.unwrap_or(defaults.min_p);
+    defaults.max_tokens = g.max_new_tokens.unwrap_or(defaults.max_tokens);
+    let eos = g.eos_token_ids.clone();
+    let tokenizer =
+        Arc::new(HfTokenizer { tokenizer: files.tokenizer, template: files.chat_template, eos: eos.clone() });
+    Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, eos, defaults) })
+}
+
+/// Seeded random weights for the built-in decoder (SplitMix64 → uniform in ±0.5·scale; norms 1).
+struct SeededWeights {
+    tensors: HashMap<String, Weight>,
+}
+
+impl SeededWeights {
+    fn new(c: &LlamaConfig, seed: u64) -> SeededWeights {
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut tensors = HashMap::new();
+        let mut matrix = |name: String, n: usize, k: usize, next: &mut dyn FnMut() -> f32| {
+            let scale = 2.0 / (k as f32).sqrt();
+            let data = (0..n * k).map(|_| next() * scale).collect();
+            tensors.insert(name, Weight::Dense { data, shape: vec![n, k] });
+        };
+        let (h, kv) = (c.hidden_size, c.num_key_value_heads * c.head_dim);
+        matrix("model.embed_tokens.weight".into(), c.vocab_size, h, &mut next);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            matrix(format!("{p}.self_attn.q_proj.weight"), c.num_attention_heads * c.head_dim, h, &mut next);
+            matrix(format!("{p}.self_attn.k_proj.weight"), kv, h, &mut next);
+            matrix(format!("{p}.self_attn.v_proj.weight"), kv, h, &mut next);
+            matrix(format!("{p}.self_attn.o_proj.weight"), h, c.num_attention_heads * c.head_dim, &mut next);
+            matrix(format!("{p}.mlp.gate_proj.weight"), c.intermediate_size, h, &mut next);
+            matrix(format!("{p}.mlp.up_proj.weight"), c.intermediate_size, h, &mut next);
+            matrix(format!("{p}.mlp.down_proj.weight"), h, c.intermediate_size, &mut next);
+        }
+        let ones = |n: usize| Weight::Dense { data: vec![1.0; n], shape: vec![n] };
+        for l in 0..c.num_hidden_layers {
+            tensors.insert(format!("model.layers.{l}.input_layernorm.weight"), ones(h));
+            tensors.insert(format!("model.layers.{l}.post_attention_layernorm.weight"), ones(h));
+        }
+        tensors.insert("model.norm.weight".into(), ones(h));
+        SeededWeights { tensors }
+    }
+}
+
+impl WeightSource for SeededWeights {
+    fn tensor(&self, hf_name: &str) -> Result<Option<Weight>, LoadError> {
+        Ok(self.tensors.get(hf_name).cloned())
+    }
+}
+
+/// The built-in generative model: a 2-layer Llama with seeded random weights (seed 13) and the
+/// byte-level tokenizer. It produces text-shaped noise; it exists to try streaming, sampling and
+/// sessions with no download.
+pub fn tiny_decoder(spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, String> {
+    let config = capped(LlamaConfig::from_json(TINY_DECODER_HF_CONFIG).map_err(|e| e.to_string())?, spec);
+    let weights = SeededWeights::new(&config, 13);
+    let decoders = build(&config, &weights, spec, instances)?;
+    let defaults = SamplingParams { max_tokens: 16, ..SamplingParams::default() };
+    let tokenizer = Arc::new(ByteTokenizer);
+    Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, vec![ByteTokenizer::EOS], defaults) })
+}
+
+/// Loads every version of a generative model and starts its generative policy.
+pub(crate) async fn load_versions(
+    source: super::loader::ModelSource,
+    defaults: &GenerativeSpec,
+) -> Result<std::collections::BTreeMap<i64, Arc<super::LoadedModel>>, super::LoadError> {
+    use super::LoadError;
+    let file = format!("model '{}' config", source.config.name);
+    let gspec = GenerativeSpec::from_config(&source.config, &file, defaults)?;
+    let mut versions = std::collections::BTreeMap::new();
+    for (version, vdir) in source.versions {
+        let mut spec = (*source.spec).clone();
+        spec.generative = Some(Arc::new(gspec.clone()));
+        let spec = Arc::new(spec);
+        let instances = spec.instance_count.unwrap_or(1);
+        let g = gspec.clone();
+        let loaded = tokio::task::spawn_blocking(move || match vdir {
+            None => tiny_decoder(&g, instances)
+                .map_err(|reason| LoadError::Decoder { path: "<built-in tiny_decoder>".into(), reason }),
+            Some(d) => match detect(&d) {
+                Some(src) => load(&src, &g, instances).map_err(|reason| LoadError::Decoder { path: d, reason }),
+                None => {
+                    Err(LoadError::Decoder { path: d, reason: "the version folder holds no decoder checkpoint".into() })
+                }
+            },
+        })
+        .await
+        .map_err(|e| LoadError::Task { reason: e.to_string() })??;
+        let batching =
+            crate::batching::Batcher::start_generative(spec.clone(), loaded.setup, loaded.decoders, loaded.tokenizer)
+                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+        let backend = crate::backend::BackendKind::Cpu;
+        let model = super::LoadedModel { version, config: source.config.clone(), spec, batching, backend };
+        versions.insert(version, Arc::new(model));
+    }
+    Ok(versions)
+}
