@@ -26,6 +26,7 @@ async fn start_worker() -> Result<RunningServer, String> {
     repo.load_all().await.map_err(|e| e.to_string())?;
     let opts = ServeOptions {
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_addr: None,
         metrics_addr: None,
         max_message_size: 64 * 1024 * 1024,
         max_concurrent_streams: 1024,

@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = "NEURON_WORKER_GRPC_ADDR", default_value = "127.0.0.1:8001")]
     pub grpc_addr: SocketAddr,
+    /// HTTP listen address: KServe v2 REST (Triton's HTTP API) and the OpenAI-compatible `/v1`.
+    #[arg(long, env = "NEURON_WORKER_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
     /// Prometheus metrics (/metrics) and capacity (/capacity) listen address.
     #[arg(long, env = "NEURON_WORKER_METRICS_ADDR", default_value = "127.0.0.1:8002")]
     pub metrics_addr: SocketAddr,
@@ -72,7 +75,7 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "NEURON_WORKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Largest gRPC message accepted or sent, in bytes.
+    /// Largest gRPC message, or HTTP request body, accepted or sent, in bytes.
     #[arg(long, env = "NEURON_WORKER_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
     pub max_message_size: usize,
     /// Threads for gRPC I/O and request handling (the async runtime). Default: half the cores (at

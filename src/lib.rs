@@ -12,3 +12,4 @@ pub mod repository;
 pub mod server;
 pub mod sessions;
 pub mod tensor;
+pub mod tokenize;

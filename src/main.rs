@@ -59,6 +59,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     repo.load_all().await.map_err(|e| e.to_string())?;
     let opts = ServeOptions {
         grpc_addr: args.grpc_addr,
+        http_addr: Some(args.http_addr),
         metrics_addr: Some(args.metrics_addr),
         max_message_size: args.max_message_size,
         max_concurrent_streams: args.max_concurrent_streams,
@@ -70,7 +71,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         server_version: format!("{} (backend: {why})", env!("CARGO_PKG_VERSION")),
     };
     let running = server::start(opts, repo.clone()).await.map_err(|e| e.to_string())?;
-    tracing::info!(grpc = %running.grpc_addr, metrics = ?running.metrics_addr, models = ?repo.entries().iter().map(|(n, e)| format!("{n}:{}", e.state)).collect::<Vec<_>>(), "serving");
+    tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, metrics = ?running.metrics_addr, models = ?repo.entries().iter().map(|(n, e)| format!("{n}:{}", e.state)).collect::<Vec<_>>(), "serving");
     let stop = running.shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;

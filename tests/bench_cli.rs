@@ -16,6 +16,7 @@ async fn start_worker() -> Result<RunningServer, Box<dyn std::error::Error>> {
     repo.load_all().await?;
     let opts = ServeOptions {
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_addr: None,
         metrics_addr: None,
         max_message_size: 64 * 1024 * 1024,
         max_concurrent_streams: 1024,

@@ -1,18 +1,17 @@
 //! Stateful sessions on the Neuron path: the worker binary with `--backend neuron` over the
 //! project's stand-in libnrt, serving `accumulate` and `gru` as stand-in NEFFs (one row per
-//! sequence slot, state kept in device tensors). Outputs must match the CPU worker and the GRU
-//! reference; sessions move between a Neuron worker and a CPU worker; and a stand-in knob that
-//! refuses host reads of state tensors shows the state is never read back between steps.
+//! sequence slot, state kept in device tensors). Sessions move between a Neuron worker and a CPU
+//! worker; a stand-in knob that refuses host reads of state tensors shows the state is never read
+//! back between steps. (The tests both backends must pass alike are in `sequence_parity.rs`.)
 
 mod common;
 
 use std::ffi::OsStr;
-use std::sync::Arc;
 
+use common::backends::{Backend, start_on};
 use common::sequences::*;
 use common::*;
 use neuron_worker::backend::cpu::stateful::kernels::{GRU_HIDDEN, GruCell};
-use neuron_worker::proto::inference::ModelMetadataRequest;
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ImportSessionRequest};
@@ -20,31 +19,12 @@ use neuron_worker::sessions::SequenceId;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// Starts `neuron-worker serve --backend neuron` over a repository holding the stand-in
-/// `accumulate` and `gru`, with 2 visible cores (the built-ins ask for 2 instances), and connects.
+/// Starts `neuron-worker serve --backend neuron` over the stand-in `accumulate` and `gru`.
 async fn start_neuron_worker(
     env: &[(&str, &str)],
     args: &[&str],
 ) -> (SpawnedWorker, GrpcInferenceServiceClient<Channel>) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    for model in ["accumulate", "gru"] {
-        neuron_worker::neff::testing::write_standin_sequence_model(dir.path(), model, "").expect("write NEFF");
-    }
-    let lib = standin();
-    let mut all_args: Vec<&OsStr> =
-        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
-    all_args.extend(args.iter().map(OsStr::new));
-    let mut all_env: Vec<(&str, &OsStr)> =
-        vec![("NEURON_WORKER_LIBNRT", lib.as_os_str()), ("NRT_STANDIN_VISIBLE_CORES", "2".as_ref())];
-    all_env.extend(env.iter().map(|(k, v)| (*k, OsStr::new(v))));
-    let (mut w, c) = spawn_worker(&all_args, &all_env).await;
-    w.dir = Some(dir);
-    (w, c)
-}
-
-async fn platform(c: &mut GrpcInferenceServiceClient<Channel>, model: &str) -> String {
-    let md = c.model_metadata(ModelMetadataRequest { name: model.into(), version: String::new() }).await;
-    md.expect("metadata").into_inner().platform
+    start_on(Backend::Neuron, env, args).await
 }
 
 /// The accumulate script of client `c`: (value, start) per step; every third client restarts
@@ -76,57 +56,6 @@ async fn run_acc_clients(url: String, clients: u64) -> Vec<Vec<i32>> {
         all.push(t.await.expect("client task"));
     }
     all
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn neuron_accumulate_interleaved_sequences_match_the_cpu_worker() {
-    let (neuron, mut n) = start_neuron_worker(&[], &[]).await;
-    assert_eq!(platform(&mut n, "accumulate").await, "neuron", "served by the Neuron path");
-    let cpu = start().await;
-    let clients = 12;
-    let on_neuron = run_acc_clients(neuron.grpc.clone(), clients).await;
-    let on_cpu = run_acc_clients(format!("http://{}", cpu.server.grpc_addr), clients).await;
-    assert_eq!(on_neuron, on_cpu);
-    for (client, outs) in on_neuron.iter().enumerate() {
-        let mut sum = 0;
-        for ((v, start), got) in acc_script(client as u64).into_iter().zip(outs) {
-            sum = if start { v } else { sum + v };
-            assert_eq!(*got, sum, "client {client}");
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn neuron_gru_sequences_match_the_cpu_reference_and_start_resets_the_slot() {
-    let (neuron, mut n) = start_neuron_worker(&[], &[]).await;
-    assert_eq!(platform(&mut n, "gru").await, "neuron");
-    let cell = Arc::new(GruCell::seeded());
-    let mut tasks = Vec::new();
-    for client in 0..8u64 {
-        let url = neuron.grpc.clone();
-        let cell = cell.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut c = GrpcInferenceServiceClient::connect(url).await.expect("client connects");
-            let id =
-                if client % 2 == 0 { SequenceId::Uint(client + 1) } else { SequenceId::Str(format!("user-{client}")) };
-            let mut h = vec![0f32; GRU_HIDDEN];
-            for step in 0..6 {
-                // Client 0 restarts at step 3: its state goes back to zeros.
-                let start = step == 0 || (client == 0 && step == 3);
-                if start {
-                    h = vec![0f32; GRU_HIDDEN];
-                }
-                let t = 1 + (client as usize + step) % 3;
-                let x = gru_steps(client, step, t);
-                let want = cell.reference(&x, &mut h);
-                let got = gru(&mut c, &id, &x, start, step == 5).await.expect("gru step");
-                assert_close(&got, &want, &format!("sequence {id} step {step}"));
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("client task");
-    }
 }
 
 async fn export(
@@ -183,24 +112,6 @@ async fn neuron_sessions_move_to_and_from_a_cpu_worker() {
     ns.import_session(ImportSessionRequest { blob }).await.expect("import on Neuron");
     assert_eq!(acc(&mut n, &id, 1, false, false).await.expect("continue"), 24);
     assert_eq!(acc(&mut n, &id, -30, false, true).await.expect("end"), -6);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn neuron_sessions_spill_to_the_store_and_restore_into_device_rows() {
-    let store = tempfile::tempdir().expect("temp dir");
-    let store_arg = store.path().to_string_lossy().into_owned();
-    let (_neuron, mut n) = start_neuron_worker(&[], &["--session-store", &store_arg]).await;
-    // 16 slots (8 per core × 2 cores); 24 sequences spill and restore each round.
-    let count = 24u64;
-    let mut sums = vec![0i32; count as usize];
-    for round in 0..3 {
-        for s in 0..count {
-            let v = (s as i32) * 10 + round;
-            sums[s as usize] += v;
-            let got = acc(&mut n, &SequenceId::Uint(900 + s), v, round == 0, false).await.expect("step");
-            assert_eq!(got, sums[s as usize], "sequence {} round {round}", 900 + s);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

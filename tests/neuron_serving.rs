@@ -155,6 +155,7 @@ async fn neuron_all_cores_lost_makes_the_model_unavailable() {
 fn neuron_backend_without_libnrt_exits_with_the_loader_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_neuron-worker"))
         .args(["serve", "--backend", "neuron", "--grpc-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
         .env("NEURON_WORKER_LIBNRT", "/nonexistent/libnrt.so.1")
         .output()
         .expect("runs");

@@ -12,38 +12,9 @@ use neuron_worker::proto::inference::{InferBatchStatistics, ModelStatisticsReque
 use neuron_worker::repository::ModelControlMode;
 use neuron_worker::sessions::SequenceId;
 
-/// `accumulate` in a repository folder: 1 CPU instance, batches of up to `max_batch` sequences,
-/// 8 live sequences, partly filled batches wait up to `delay_us`.
-fn accumulate_repo(max_batch: usize, delay_us: u64) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join("accumulate");
-    std::fs::create_dir_all(model.join("1")).expect("model folder");
-    let config = format!(
-        r#"
-name: "accumulate"
-backend: "builtin"
-max_batch_size: {max_batch}
-input [ {{ name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
-output [ {{ name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-sequence_batching {{
-  max_sequence_idle_microseconds: 30000000
-  oldest {{ max_candidate_sequences: 8 max_queue_delay_microseconds: {delay_us} preferred_batch_size: [ {max_batch} ] }}
-  control_input [
-    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
-    {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] }} ] }}
-  ]
-  state [ {{ input_name: "ACC_IN" output_name: "ACC_OUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
-}}
-"#
-    );
-    std::fs::write(model.join("config.pbtxt"), config).expect("config");
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_n_sequences_charges_each_request_the_batch_time() {
-    let repo = accumulate_repo(4, 2_000_000);
+    let repo = accumulate_repo(4, 2_000_000, 30_000_000);
     let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, options()).await;
     // Four sequences start at once: the batch waits (up to 2 s) until it holds all four.
     let mut calls = Vec::new();
@@ -100,7 +71,7 @@ async fn capacity_until(addr: &str, what: &str, ok: impl Fn(&serde_json::Value) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_sequence_requests_show_in_capacity_and_metrics() {
     // Batches of 2, and a partly filled batch waits up to 1.5 s for a second sequence.
-    let repo = accumulate_repo(2, 1_500_000);
+    let repo = accumulate_repo(2, 1_500_000, 30_000_000);
     let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, options()).await;
     let addr = w.server.metrics_addr.expect("metrics endpoint").to_string();
     // One execution first, so the queue-wait estimate has an execution time to work from.

@@ -1,6 +1,7 @@
-//! Stateful sessions over gRPC with the built-in `accumulate` and `gru`: interleaved sequences,
-//! unknown/ended/expired ids, restart on START, slot exhaustion, spill and restore through the
-//! session store, drain and restart on the same store, and export/import between two workers.
+//! Stateful sessions over gRPC with the built-in `accumulate` and `gru` on the CPU:
+//! unknown/ended/expired ids, restart on START, slot exhaustion, drain and restart on the same
+//! store, and export/import between two workers. (Interleaved sequences and spill/restore run on
+//! both backends in `sequence_parity.rs`.)
 
 mod common;
 
@@ -56,76 +57,6 @@ fn metric(text: &str, name: &str, model: &str) -> u64 {
 
 async fn metrics(w: &TestWorker) -> String {
     neuron_worker::server::metrics::render(&w.repo).expect("metrics render")
-}
-
-/// Waits (bounded) until the session metric reaches `want`: the sequence actor updates its
-/// counters when it learns a batch finished, which may be just after the client got its reply.
-async fn wait_metric(w: &TestWorker, name: &str, model: &str, want: u64) -> u64 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = metric(&metrics(w).await, name, model);
-        if got == want || std::time::Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn accumulate_interleaved_sequences_from_many_clients_match_their_own_sums() {
-    let w = worker(None).await;
-    let mut tasks = Vec::new();
-    for client in 0..12u64 {
-        let mut c = w.client().await;
-        tasks.push(tokio::spawn(async move {
-            let id = SequenceId::Uint(1000 + client);
-            let mut sum = 0i32;
-            for step in 0..20 {
-                let v = (client as i32 + 1) * 3 - step;
-                sum += v;
-                let got = acc(&mut c, &id, v, step == 0, step == 19).await.expect("step ok");
-                assert_eq!(got, sum, "sequence {id}, step {step}");
-                if step % 3 == 0 {
-                    tokio::task::yield_now().await;
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("client task");
-    }
-    assert_eq!(wait_metric(&w, "sessions_ended", "accumulate", 12).await, 12);
-    assert_eq!(wait_metric(&w, "sessions_live", "accumulate", 0).await, 0);
-    let m = metrics(&w).await;
-    assert_eq!(metric(&m, "sessions_capacity", "accumulate"), ACC_SLOTS as u64);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gru_interleaved_sequences_with_several_steps_per_request_match_the_reference() {
-    let w = worker(None).await;
-    let cell = Arc::new(GruCell::seeded());
-    let mut tasks = Vec::new();
-    for client in 0..10u64 {
-        let mut c = w.client().await;
-        let cell = cell.clone();
-        tasks.push(tokio::spawn(async move {
-            let id =
-                if client % 2 == 0 { SequenceId::Uint(client + 1) } else { SequenceId::Str(format!("user-{client}")) };
-            let mut h = vec![0f32; GRU_HIDDEN];
-            for step in 0..6 {
-                let t = 1 + (client as usize + step) % 3;
-                let x = gru_steps(client, step, t);
-                let want = cell.reference(&x, &mut h);
-                let got = gru(&mut c, &id, &x, step == 0, step == 5).await.expect("gru step");
-                assert_close(&got, &want, &format!("sequence {id} step {step}"));
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("client task");
-    }
-    let stats = metrics(&w).await;
-    assert_eq!(metric(&stats, "inference_request_success", "gru"), 60);
 }
 
 #[tokio::test]
@@ -205,33 +136,6 @@ async fn slots_run_out_without_a_store() {
     // Ending one frees a slot.
     acc(&mut c, &SequenceId::Uint(100), 1, false, true).await.expect("end");
     assert_eq!(acc(&mut c, &SequenceId::Uint(999), 7, true, false).await.expect("start now fits"), 7);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn more_sessions_than_slots_spill_and_restore_through_the_store() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let w = worker(Some(dir.path())).await;
-    let mut c = w.client().await;
-    let n = 40u64;
-    let mut sums = vec![0i32; n as usize];
-    for round in 0..4 {
-        for s in 0..n {
-            let v = (s as i32) * 10 + round;
-            sums[s as usize] += v;
-            let got = acc(&mut c, &SequenceId::Uint(500 + s), v, round == 0, false).await.expect("step");
-            assert_eq!(got, sums[s as usize], "sequence {} round {round}", 500 + s);
-        }
-    }
-    let m = metrics(&w).await;
-    assert!(metric(&m, "sessions_spilled", "accumulate") >= (n - ACC_SLOTS as u64), "{m}");
-    assert!(metric(&m, "sessions_restored", "accumulate") >= 3 * (n - ACC_SLOTS as u64), "{m}");
-    assert_eq!(metric(&m, "sessions_live", "accumulate"), ACC_SLOTS as u64);
-    assert_eq!(metric(&m, "sessions_spilled_current", "accumulate"), n - ACC_SLOTS as u64);
-    let mut sc = sessions_client(&w).await;
-    let list = sc.list_sessions(ListSessionsRequest { model: "accumulate".into() }).await.expect("list").into_inner();
-    assert_eq!(list.sessions.len(), n as usize);
-    assert_eq!(list.sessions.iter().filter(|s| s.location == "SPILLED").count(), (n as usize) - ACC_SLOTS);
-    assert!(list.sessions.iter().all(|s| s.steps == 4));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

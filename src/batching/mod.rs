@@ -58,6 +58,8 @@ enum Policy {
     Dynamic(DynamicQueue),
     /// Sequence batching over stateful instances.
     Sequence(SequenceSessions),
+    /// Iteration-level batching of generative (decoder) instances.
+    Generative(Arc<generative::handle::GenerativeModel>),
 }
 
 /// A cheap, cloneable handle to one model version's batching, whatever its policy.
@@ -94,6 +96,26 @@ impl Batcher {
         Ok(Batcher { admission, policy })
     }
 
+    /// Starts a generative model version: one step-loop thread per decoder instance.
+    pub fn start_generative(
+        spec: Arc<ModelSpec>,
+        setup: generative::handle::GenerativeSetup,
+        decoders: Vec<Box<dyn crate::backend::generative::DecoderInstance>>,
+        tokenizer: Arc<dyn generative::tokens::PromptTokenizer>,
+    ) -> Result<Batcher, BatchingError> {
+        let admission = Arc::new(Admission::new(spec, decoders.len()));
+        let model = generative::handle::GenerativeModel::start(admission.clone(), setup, decoders, tokenizer)?;
+        Ok(Batcher { admission, policy: Policy::Generative(Arc::new(model)) })
+    }
+
+    /// The generative handle, for generative models (their requests go there, not to `submit`).
+    pub fn generative(&self) -> Option<&Arc<generative::handle::GenerativeModel>> {
+        match &self.policy {
+            Policy::Generative(g) => Some(g),
+            _ => None,
+        }
+    }
+
     /// Queues a validated request. Fails at once when the request does not fit the policy, the
     /// model is not ready or its queue is full; otherwise the result arrives on `request.reply`.
     pub fn submit(&self, request: InferRequest) -> Result<(), BatchingError> {
@@ -103,11 +125,25 @@ impl Batcher {
                 adm.admit(request.arrived)?;
                 q.send(adm, request)
             }
+            Policy::Generative(_) => Err(BatchingError::InvalidRequest {
+                model: adm.spec.name.clone(),
+                reason: "a generative model takes generation requests (text_input, input_ids or messages)".into(),
+            }),
             Policy::Sequence(s) => {
                 s.check(&request)?;
                 adm.admit(request.arrived)?;
                 s.send(request)
             }
+        }
+    }
+
+    /// The worker started draining and will call [`Batcher::drain`] once its accepted requests
+    /// are answered: a sequence model stops expiring sessions and saves each to the store as soon
+    /// as it is idle, so none is lost if the drain is cut short. Requests are still admitted.
+    pub async fn begin_drain(&self) {
+        match &self.policy {
+            Policy::Dynamic(_) | Policy::Generative(_) => {}
+            Policy::Sequence(s) => s.begin_drain().await,
         }
     }
 
@@ -117,6 +153,10 @@ impl Batcher {
         match &self.policy {
             Policy::Dynamic(q) => q.drain(&self.admission).await,
             Policy::Sequence(s) => s.drain().await,
+            Policy::Generative(g) => {
+                let g = g.clone();
+                let _ = tokio::task::spawn_blocking(move || g.drain()).await;
+            }
         }
     }
 
@@ -170,7 +210,7 @@ impl Batcher {
     pub async fn list_sessions(&self) -> Vec<SessionInfo> {
         match &self.policy {
             Policy::Sequence(s) => s.list().await,
-            Policy::Dynamic(_) => Vec::new(),
+            Policy::Dynamic(_) | Policy::Generative(_) => Vec::new(),
         }
     }
 
@@ -178,7 +218,7 @@ impl Batcher {
     pub async fn export_session(&self, id: SequenceId) -> Result<SessionBlob, BatchingError> {
         match &self.policy {
             Policy::Sequence(s) => s.export(id).await,
-            Policy::Dynamic(_) => Err(self.no_sessions()),
+            Policy::Dynamic(_) | Policy::Generative(_) => Err(self.no_sessions()),
         }
     }
 
@@ -186,7 +226,7 @@ impl Batcher {
     pub async fn import_session(&self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
         match &self.policy {
             Policy::Sequence(s) => s.import(blob).await,
-            Policy::Dynamic(_) => Err(self.no_sessions()),
+            Policy::Dynamic(_) | Policy::Generative(_) => Err(self.no_sessions()),
         }
     }
 
@@ -194,7 +234,7 @@ impl Batcher {
     pub fn session_counters(&self) -> Option<&SessionCounters> {
         match &self.policy {
             Policy::Sequence(s) => Some(s.counters()),
-            Policy::Dynamic(_) => None,
+            Policy::Dynamic(_) | Policy::Generative(_) => None,
         }
     }
 
@@ -202,7 +242,7 @@ impl Batcher {
     pub fn session_capacity(&self) -> Option<usize> {
         match &self.policy {
             Policy::Sequence(s) => Some(s.capacity()),
-            Policy::Dynamic(_) => None,
+            Policy::Dynamic(_) | Policy::Generative(_) => None,
         }
     }
 
@@ -210,7 +250,7 @@ impl Batcher {
     pub fn sequence_spec(&self) -> Option<&Arc<SequenceSpec>> {
         match &self.policy {
             Policy::Sequence(s) => Some(s.sequence_spec()),
-            Policy::Dynamic(_) => None,
+            Policy::Dynamic(_) | Policy::Generative(_) => None,
         }
     }
 }

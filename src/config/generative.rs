@@ -2,10 +2,73 @@
 //! `parameters` over the worker's defaults (`--kv-cache-memory`).
 
 use super::ConfigError;
-use crate::proto::inference::ModelConfig;
+use crate::proto::inference::{ModelConfig, ModelInput, ModelOutput, ModelTransactionPolicy};
+use crate::tensor::DataType;
 
 /// K/V cache memory per instance when neither the model nor `--kv-cache-memory` says otherwise.
 pub const DEFAULT_KV_CACHE_MEMORY: u64 = 512 << 20;
+
+/// Inputs of a generative model: (name, datatype, dims) in configuration order. All optional;
+/// exactly one of `text_input`, `input_ids`, `messages` must be sent.
+pub const GENERATIVE_INPUTS: &[(&str, DataType, i64)] = &[
+    ("text_input", DataType::Bytes, 1),
+    ("input_ids", DataType::Int32, -1),
+    ("messages", DataType::Bytes, 1),
+    ("stream", DataType::Bool, 1),
+    ("sampling_parameters", DataType::Bytes, 1),
+    ("exclude_input_in_output", DataType::Bool, 1),
+    ("return_finish_reason", DataType::Bool, 1),
+    ("return_cumulative_logprob", DataType::Bool, 1),
+    ("return_logprobs", DataType::Bool, 1),
+    ("return_num_input_tokens", DataType::Bool, 1),
+    ("return_num_output_tokens", DataType::Bool, 1),
+    ("return_output_ids", DataType::Bool, 1),
+    ("return_output_logprobs", DataType::Bool, 1),
+];
+
+/// Outputs of a generative model: (name, datatype, dims) in configuration order.
+pub const GENERATIVE_OUTPUTS: &[(&str, DataType, i64)] = &[
+    ("text_output", DataType::Bytes, -1),
+    ("finish_reason", DataType::Bytes, -1),
+    ("cumulative_logprob", DataType::Fp32, -1),
+    ("logprobs", DataType::Bytes, -1),
+    ("num_input_tokens", DataType::Uint32, -1),
+    ("num_output_tokens", DataType::Uint32, -1),
+    ("output_ids", DataType::Int32, -1),
+    ("output_logprobs", DataType::Fp32, -1),
+];
+
+/// Completes the configuration of a generative model: the tensors of Triton's vLLM-backend
+/// conventions (when the configuration lists none), no batch dimension (`max_batch_size: 0`; the
+/// policy batches sequences itself), and `model_transaction_policy { decoupled: true }` (a request
+/// may get many responses).
+pub fn complete_config(config: &mut ModelConfig) {
+    if config.input.is_empty() {
+        config.input = GENERATIVE_INPUTS
+            .iter()
+            .map(|&(name, dtype, dim)| ModelInput {
+                name: name.into(),
+                data_type: dtype.config_code(),
+                dims: vec![dim],
+                optional: true,
+                ..Default::default()
+            })
+            .collect();
+    }
+    if config.output.is_empty() {
+        config.output = GENERATIVE_OUTPUTS
+            .iter()
+            .map(|&(name, dtype, dim)| ModelOutput {
+                name: name.into(),
+                data_type: dtype.config_code(),
+                dims: vec![dim],
+                ..Default::default()
+            })
+            .collect();
+    }
+    config.max_batch_size = 0;
+    config.model_transaction_policy = Some(ModelTransactionPolicy { decoupled: true });
+}
 
 /// How a generative model is batched and how much K/V memory it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -123,6 +123,9 @@ pub struct ModelSpec {
     /// Sequence batching settings (`sequence_batching`), filled in by the repository, which knows
     /// the model folder its initial states are read from; `None` for stateless models.
     pub sequence: Option<std::sync::Arc<super::SequenceSpec>>,
+    /// Generative settings, filled in by the repository for decoder models (served by the
+    /// generative policy).
+    pub generative: Option<std::sync::Arc<super::generative::GenerativeSpec>>,
 }
 
 impl ModelSpec {
@@ -257,6 +260,7 @@ impl ModelSpec {
             buckets,
             instance_count,
             sequence: None,
+            generative: None,
         })
     }
 }

@@ -304,6 +304,15 @@ impl Repository {
         self.models.read().map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
     }
 
+    /// Tells every model the worker started draining (see [`Batcher::begin_drain`]).
+    pub async fn begin_drain_all(&self) {
+        for (_, entry) in self.entries() {
+            for v in entry.versions.values() {
+                v.batching.begin_drain().await;
+            }
+        }
+    }
+
     /// Drains every model (used at shutdown).
     pub async fn drain_all(&self) {
         for (_, entry) in self.entries() {

@@ -12,41 +12,12 @@ use super::error::ServerError;
 use crate::batching::generative::params::SamplingParams;
 use crate::batching::generative::request::{Finished, GenerationUpdate};
 use crate::batching::generative::tokens::ChatMessage;
+use crate::config::generative::GENERATIVE_INPUTS;
 use crate::proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
     model_infer_response::InferOutputTensor,
 };
 use crate::tensor::DataType;
-
-/// Inputs of a generative model: (name, datatype, dims) in configuration order. All optional;
-/// exactly one of `text_input`, `input_ids`, `messages` must be sent.
-pub const GENERATIVE_INPUTS: &[(&str, DataType, i64)] = &[
-    ("text_input", DataType::Bytes, 1),
-    ("input_ids", DataType::Int32, -1),
-    ("messages", DataType::Bytes, 1),
-    ("stream", DataType::Bool, 1),
-    ("sampling_parameters", DataType::Bytes, 1),
-    ("exclude_input_in_output", DataType::Bool, 1),
-    ("return_finish_reason", DataType::Bool, 1),
-    ("return_cumulative_logprob", DataType::Bool, 1),
-    ("return_logprobs", DataType::Bool, 1),
-    ("return_num_input_tokens", DataType::Bool, 1),
-    ("return_num_output_tokens", DataType::Bool, 1),
-    ("return_output_ids", DataType::Bool, 1),
-    ("return_output_logprobs", DataType::Bool, 1),
-];
-
-/// Outputs of a generative model: (name, datatype, dims) in configuration order.
-pub const GENERATIVE_OUTPUTS: &[(&str, DataType, i64)] = &[
-    ("text_output", DataType::Bytes, -1),
-    ("finish_reason", DataType::Bytes, -1),
-    ("cumulative_logprob", DataType::Fp32, -1),
-    ("logprobs", DataType::Bytes, -1),
-    ("num_input_tokens", DataType::Uint32, -1),
-    ("num_output_tokens", DataType::Uint32, -1),
-    ("output_ids", DataType::Int32, -1),
-    ("output_logprobs", DataType::Fp32, -1),
-];
 
 /// The prompt, in the form the client sent it.
 #[derive(Debug, Clone, PartialEq)]

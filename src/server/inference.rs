@@ -42,6 +42,9 @@ impl InferenceService {
     pub async fn infer(repo: &Repository, mut req: ModelInferRequest) -> Result<ModelInferResponse, ServerError> {
         let arrived = Instant::now();
         let model = repo.get(&req.model_name, &req.model_version)?;
+        if let Some(g) = model.batching.generative() {
+            return super::generate_stream::generate_unary(&model, g, req).await;
+        }
         let decoded = decode_request(&mut req, &model.spec)?;
         let (tx, rx) = oneshot::channel();
         model.batching.submit(InferRequest {
@@ -165,6 +168,19 @@ impl GrpcInferenceService for InferenceService {
                 let (done_tx, done_rx) = oneshot::channel();
                 let wait = if ordered { previous.replace(done_rx) } else { None };
                 let (repo, tx) = (repo.clone(), tx.clone());
+                // Generative models answer with one response per update (decoupled).
+                if let Ok(model) = repo.get(&req.model_name, &req.model_version)
+                    && let Some(g) = model.batching.generative().cloned()
+                {
+                    in_flight.spawn(async move {
+                        tokio::select! {
+                            _ = super::generate_stream::generate_stream(&model, &g, req, &tx) => {}
+                            _ = tx.closed() => {}
+                        }
+                        let _ = done_tx.send(());
+                    });
+                    continue;
+                }
                 in_flight.spawn(async move {
                     let id = req.id.clone();
                     let work = async {

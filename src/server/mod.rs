@@ -4,6 +4,8 @@
 mod decode;
 mod error;
 pub mod generate;
+mod generate_stream;
+pub mod http;
 mod inference;
 mod metric_families;
 pub mod metrics;
@@ -33,6 +35,8 @@ use crate::repository::Repository;
 pub struct ServeOptions {
     /// gRPC listen address.
     pub grpc_addr: SocketAddr,
+    /// HTTP (KServe v2 REST, OpenAI-compatible) listen address (`None` = no HTTP front).
+    pub http_addr: Option<SocketAddr>,
     /// Metrics listen address (`None` = no metrics endpoint).
     pub metrics_addr: Option<SocketAddr>,
     /// Largest message accepted or sent, bytes.
@@ -58,7 +62,7 @@ pub struct ServeOptions {
 pub enum ServeError {
     /// A listen address could not be bound.
     #[error(
-        "cannot listen on {addr}: {source}; is another process using the port? pick another with --grpc-addr / --metrics-addr"
+        "cannot listen on {addr}: {source}; is another process using the port? pick another with --grpc-addr / --http-addr / --metrics-addr"
     )]
     Bind {
         /// The address.
@@ -100,6 +104,8 @@ fn auth_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request
 pub struct RunningServer {
     /// The gRPC address actually bound (useful with port 0).
     pub grpc_addr: SocketAddr,
+    /// The HTTP address actually bound.
+    pub http_addr: Option<SocketAddr>,
     /// The metrics address actually bound.
     pub metrics_addr: Option<SocketAddr>,
     /// Cancel to start a graceful drain.
@@ -156,15 +162,19 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
 
     let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
     let check = auth_check(token);
-    let inference = GrpcInferenceServiceServer::new(InferenceService::new(
-        repo.clone(),
-        opts.server_version.clone(),
-        shutdown.clone(),
-    ))
-    .max_decoding_message_size(opts.max_message_size)
-    .max_encoding_message_size(opts.max_message_size)
-    .accept_compressed(CompressionEncoding::Gzip)
-    .accept_compressed(CompressionEncoding::Deflate);
+    let core = InferenceService::new(repo.clone(), opts.server_version.clone(), shutdown.clone());
+    let (http_addr, http_task) = match opts.http_addr {
+        Some(addr) => {
+            let (bound, task) = http::start(addr, &opts, repo.clone(), core.clone(), shutdown.clone()).await?;
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
+    let inference = GrpcInferenceServiceServer::new(core)
+        .max_decoding_message_size(opts.max_message_size)
+        .max_encoding_message_size(opts.max_message_size)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate);
     let sessions = sessions::proto::sessions_server::SessionsServer::new(sessions::SessionsService::new(repo.clone()))
         .max_decoding_message_size(opts.max_message_size)
         .max_encoding_message_size(opts.max_message_size);
@@ -215,6 +225,9 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
             r = &mut serve => {
                 let _ = health_task.await;
                 r?;
+                if let Some(t) = http_task {
+                    let _ = t.await;
+                }
                 repo.drain_all().await;
                 return Ok(());
             }
@@ -222,7 +235,12 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         }
         let _ = health_task.await;
         match tokio::time::timeout(exit_timeout, async {
+            // Sessions are saved as they go idle from now on, not only once the RPCs are done.
+            repo.begin_drain_all().await;
             let r = serve.await;
+            if let Some(t) = http_task {
+                let _ = t.await;
+            }
             repo.drain_all().await;
             r
         })
@@ -232,5 +250,5 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
             Err(_) => Err(ServeError::ExitTimeout(exit_timeout)),
         }
     });
-    Ok(RunningServer { grpc_addr, metrics_addr, shutdown, task })
+    Ok(RunningServer { grpc_addr, http_addr, metrics_addr, shutdown, task })
 }

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod backends;
 pub mod bert_fixture;
+pub mod http;
 pub mod sequences;
 
 use std::path::PathBuf;
@@ -26,6 +28,7 @@ pub struct TestWorker {
 pub fn options() -> ServeOptions {
     ServeOptions {
         grpc_addr: "127.0.0.1:0".parse().expect("static address"),
+        http_addr: Some("127.0.0.1:0".parse().expect("static address")),
         metrics_addr: Some("127.0.0.1:0".parse().expect("static address")),
         max_message_size: 64 << 20,
         max_concurrent_streams: 1024,
@@ -109,6 +112,8 @@ pub struct SpawnedWorker {
     pub grpc: String,
     /// `127.0.0.1:PORT` of its metrics endpoint.
     pub metrics: String,
+    /// `127.0.0.1:PORT` of its HTTP front.
+    pub http: String,
     /// A folder (e.g. its model repository) kept as long as the worker.
     pub dir: Option<tempfile::TempDir>,
 }
@@ -141,10 +146,11 @@ pub async fn spawn_worker(
     use neuron_worker::proto::inference::ServerReadyRequest;
     use std::time::Instant;
     for _attempt in 0..3 {
-        let (g, m) = (free_port(), free_port());
+        let (g, m, h) = (free_port(), free_port(), free_port());
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_neuron-worker"));
         cmd.arg("serve")
             .args(["--grpc-addr", &format!("127.0.0.1:{g}"), "--metrics-addr", &format!("127.0.0.1:{m}")])
+            .args(["--http-addr", &format!("127.0.0.1:{h}")])
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit());
@@ -164,7 +170,8 @@ pub async fn spawn_worker(
             if let Ok(mut c) = GrpcInferenceServiceClient::connect(grpc.clone()).await
                 && c.server_ready(ServerReadyRequest {}).await.map(|r| r.into_inner().ready).unwrap_or(false)
             {
-                return (SpawnedWorker { child, grpc, metrics: format!("127.0.0.1:{m}"), dir: None }, c);
+                let (metrics, http) = (format!("127.0.0.1:{m}"), format!("127.0.0.1:{h}"));
+                return (SpawnedWorker { child, grpc, metrics, http, dir: None }, c);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -190,4 +197,11 @@ pub async fn http_get(addr: &str, path: &str) -> String {
 pub async fn capacity(addr: &str) -> serde_json::Value {
     let out = http_get(addr, "/capacity").await;
     serde_json::from_str(out.split("\r\n\r\n").nth(1).unwrap_or_default()).expect("capacity is JSON")
+}
+
+impl TestWorker {
+    /// The bound address of the HTTP front.
+    pub fn http(&self) -> std::net::SocketAddr {
+        self.server.http_addr.expect("the test worker serves HTTP")
+    }
 }

@@ -83,3 +83,32 @@ pub fn assert_close(got: &[f32], want: &[f32], what: &str) {
         assert!((g - w).abs() < 1e-4, "{what}: element {i}: {g} vs {w}");
     }
 }
+
+/// `accumulate` in a repository folder: 1 CPU instance, batches of up to `max_batch` sequences,
+/// 8 live sequences, partly filled batches wait up to `delay_us`, idle sequences expire after `idle_us`.
+pub fn accumulate_repo(max_batch: usize, delay_us: u64, idle_us: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("accumulate");
+    std::fs::create_dir_all(model.join("1")).expect("model folder");
+    let config = format!(
+        r#"
+name: "accumulate"
+backend: "builtin"
+max_batch_size: {max_batch}
+input [ {{ name: "INPUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+output [ {{ name: "OUTPUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+sequence_batching {{
+  max_sequence_idle_microseconds: {idle_us}
+  oldest {{ max_candidate_sequences: 8 max_queue_delay_microseconds: {delay_us} preferred_batch_size: [ {max_batch} ] }}
+  control_input [
+    {{ name: "START" control [ {{ kind: CONTROL_SEQUENCE_START int32_false_true: [ 0, 1 ] }} ] }},
+    {{ name: "READY" control [ {{ kind: CONTROL_SEQUENCE_READY int32_false_true: [ 0, 1 ] }} ] }}
+  ]
+  state [ {{ input_name: "ACC_IN" output_name: "ACC_OUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+}}
+"#
+    );
+    std::fs::write(model.join("config.pbtxt"), config).expect("config");
+    dir
+}

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Real-client interop suite: starts the worker, runs tests/interop/test_tritonclient.py with the
-# unmodified Triton Python client, drives it with perf_analyzer (unary and streaming), then stops it
-# with SIGTERM and checks it exits 0.
+# Real-client interop suite: starts the worker, runs tests/interop/test_tritonclient.py (gRPC) and
+# test_tritonclient_http.py (HTTP, JSON and binary data) with the unmodified Triton Python clients,
+# drives it with perf_analyzer (gRPC unary and streaming, HTTP, sequences), then stops it with SIGTERM
+# and checks it exits 0.
 #
 # Usage: tests/interop/run.sh [WORKER_BINARY]          (default: target/debug/neuron-worker)
 # Environment:
 #   INTEROP_GRPC_ADDR     gRPC address for the worker     (default 127.0.0.1:18001)
 #   INTEROP_METRICS_ADDR  metrics address for the worker  (default 127.0.0.1:18002)
+#   INTEROP_HTTP_ADDR     HTTP address for the worker     (default 127.0.0.1:18000)
 #   VENV                  client virtualenv               (default ${XDG_CACHE_HOME:-$HOME/.cache}/triton-clients)
 #   INTEROP_BACKEND       --backend for the worker        (default cpu: the expected values are the CPU reference's)
 #   PYTEST_ARGS           extra pytest arguments (e.g. "-k streaming -v")
 # Exits non-zero when any step fails. The last line is "interop: N passed, M failed", counting the
-# pytest tests plus four checks: perf_analyzer unary, streaming and sequences, exit 0 on SIGTERM.
+# pytest tests plus five checks: perf_analyzer unary, streaming, HTTP and sequences, exit 0 on SIGTERM.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -19,15 +21,16 @@ cd "$ROOT"
 WORKER=${1:-target/debug/neuron-worker}
 GRPC_ADDR=${INTEROP_GRPC_ADDR:-127.0.0.1:18001}
 METRICS_ADDR=${INTEROP_METRICS_ADDR:-127.0.0.1:18002}
+HTTP_ADDR=${INTEROP_HTTP_ADDR:-127.0.0.1:18000}
 VENV=${VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/triton-clients}
 BACKEND=${INTEROP_BACKEND:-cpu}
 export PYTHONDONTWRITEBYTECODE=1
 
 die() { echo "interop: $*" >&2; exit 1; }
 [ -x "$WORKER" ] || die "worker binary '$WORKER' not found or not executable (build it with 'cargo build')"
-case "$GRPC_ADDR $METRICS_ADDR" in
-  127.0.0.1:*\ 127.0.0.1:*) ;;
-  *) die "INTEROP_GRPC_ADDR / INTEROP_METRICS_ADDR must be 127.0.0.1:PORT" ;;
+case "$GRPC_ADDR $METRICS_ADDR $HTTP_ADDR" in
+  127.0.0.1:*\ 127.0.0.1:*\ 127.0.0.1:*) ;;
+  *) die "INTEROP_GRPC_ADDR / INTEROP_METRICS_ADDR / INTEROP_HTTP_ADDR must be 127.0.0.1:PORT" ;;
 esac
 
 # --- clients ---------------------------------------------------------------------------------------
@@ -35,6 +38,7 @@ if [ ! -f "$VENV/env.sh" ] || ! "$VENV/bin/python" -c 'import tritonclient.grpc,
   echo "interop: installing the Triton clients into $VENV"
   bash "$ROOT/../shared/tools/triton-clients.sh" "$VENV"
 fi
+"$VENV/bin/python" -c 'import tritonclient.http' 2>/dev/null || "$VENV/bin/pip" install -q 'tritonclient[http]==2.51.0'
 "$VENV/bin/python" -c 'import pytest' 2>/dev/null || "$VENV/bin/pip" install -q pytest
 # shellcheck disable=SC1091
 . "$VENV/env.sh"
@@ -57,7 +61,7 @@ trap 'exit 130' INT TERM
 show_log() { echo "---- worker log ($LOG) ----" >&2; tail -n 80 "$LOG" >&2 || true; echo "---- end of worker log ----" >&2; }
 
 # Refuse to test whatever else may be listening on the ports.
-"$VENV/bin/python" - "$GRPC_ADDR" "$METRICS_ADDR" <<'PY' || die "a port is already in use; pick others with INTEROP_GRPC_ADDR / INTEROP_METRICS_ADDR"
+"$VENV/bin/python" - "$GRPC_ADDR" "$METRICS_ADDR" "$HTTP_ADDR" <<'PY' || die "a port is already in use; pick others with INTEROP_GRPC_ADDR / INTEROP_METRICS_ADDR / INTEROP_HTTP_ADDR"
 import socket, sys
 for addr in sys.argv[1:]:
     host, port = addr.rsplit(":", 1)
@@ -72,8 +76,8 @@ for addr in sys.argv[1:]:
         s.close()
 PY
 
-echo "interop: starting $WORKER on grpc=$GRPC_ADDR metrics=$METRICS_ADDR"
-"$WORKER" serve --grpc-addr "$GRPC_ADDR" --metrics-addr "$METRICS_ADDR" --backend "$BACKEND" >"$LOG" 2>&1 &
+echo "interop: starting $WORKER on grpc=$GRPC_ADDR http=$HTTP_ADDR metrics=$METRICS_ADDR"
+"$WORKER" serve --grpc-addr "$GRPC_ADDR" --http-addr "$HTTP_ADDR" --metrics-addr "$METRICS_ADDR" --backend "$BACKEND" >"$LOG" 2>&1 &
 WORKER_PID=$!
 
 # Readiness: ServerReady over gRPC, bounded to 30 s; give up at once if the worker exits.
@@ -105,16 +109,17 @@ fi
 echo "interop: worker ready (pid $WORKER_PID)"
 
 FAILED_STEPS=()   # what failed besides pytest tests, for the log
-CHECKS_PASSED=0   # perf_analyzer unary, streaming and sequences, SIGTERM
+CHECKS_PASSED=0   # perf_analyzer unary, streaming, HTTP and sequences, SIGTERM
 CHECKS_FAILED=0
 
 # --- pytest ----------------------------------------------------------------------------------------
 JUNIT="$WORK/junit.xml"
 set +e
 # shellcheck disable=SC2086
-NEURON_WORKER_URL="$GRPC_ADDR" NEURON_WORKER_METRICS_URL="http://$METRICS_ADDR" \
+NEURON_WORKER_URL="$GRPC_ADDR" NEURON_WORKER_HTTP_URL="$HTTP_ADDR" NEURON_WORKER_METRICS_URL="http://$METRICS_ADDR" \
   timeout 120 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfE --junitxml="$JUNIT" \
-  "$ROOT/tests/interop/test_tritonclient.py" "$ROOT/tests/interop/test_sequences.py" ${PYTEST_ARGS:-}
+  "$ROOT/tests/interop/test_tritonclient.py" "$ROOT/tests/interop/test_tritonclient_http.py" \
+  "$ROOT/tests/interop/test_sequences.py" ${PYTEST_ARGS:-}
 PYTEST_RC=$?
 set -e
 SUMMARY=$("$VENV/bin/python" - "$JUNIT" <<'PY'
@@ -139,12 +144,12 @@ fi
 
 # --- perf_analyzer -------------------------------------------------------------------------------
 perf() {
-  local label=$1; shift
+  local label=$1 url=$2; shift 2
   local out="$WORK/perf-$label.txt" rc=0
   echo "interop: perf_analyzer ($label)"
   # This checks that perf_analyzer works against the worker, not how fast it is: a loose stability
   # bound (the default 10% fails now and then on a busy 2-core machine) and at most 8 windows per level.
-  timeout 90 perf_analyzer -i grpc -u "$GRPC_ADDR" -m linear --shape INPUT0:64 --concurrency-range 1:4:3 \
+  timeout 90 perf_analyzer -u "$url" -m linear --shape INPUT0:64 --concurrency-range 1:4:3 \
     --measurement-interval 1000 -b 1 --stability-percentage 50 --max-trials 8 "$@" >"$out" 2>&1 || rc=$?
   grep -E '^Concurrency: [0-9]+, throughput: [0-9.]+ infer/sec' "$out" || true
   if [ "$rc" -ne 0 ]; then
@@ -164,8 +169,9 @@ perf() {
   fi
   CHECKS_PASSED=$((CHECKS_PASSED + 1))
 }
-perf unary
-perf streaming --streaming
+perf unary "$GRPC_ADDR" -i grpc
+perf streaming "$GRPC_ADDR" -i grpc --streaming
+perf http "$HTTP_ADDR" -i http
 
 # Sequences: perf_analyzer drives the stateful `accumulate` model with START/END flags.
 echo "interop: perf_analyzer (sequences)"

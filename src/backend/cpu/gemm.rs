@@ -1,36 +1,29 @@
 //! f32 matrix multiplication for the CPU backend, dispatched to the best instruction set at run time.
 //!
-//! Built on the `gemm` crate: it packs panels for the cache hierarchy, picks its micro-kernel
-//! (AVX-512F, AVX2+FMA, SSE or scalar) from the CPU it runs on — no `target-cpu` flags — and splits
-//! big products over the rayon pool. Products below [`PARALLEL_MIN_FLOPS`] run on the calling
-//! thread: handing a tiny product to the pool costs more than it saves.
+//! Built on the `gemm` crate's generic driver (`gemm-common`), which packs panels for the cache
+//! hierarchy and splits big products over the rayon pool, with `gemm-f32`'s micro-kernels for the
+//! instruction set [`super::isa::isa`] picked at run time (AVX-512F, AVX2+FMA or scalar) — no
+//! `target-cpu` flags. Calling the driver ourselves rather than `gemm::gemm` is what lets
+//! `NEURON_WORKER_ISA=avx2` run the AVX2 kernels on an AVX-512 machine: the `gemm` crate only has a
+//! compile-time switch (its `x86-v4` feature). Products below [`PARALLEL_MIN_FLOPS`] or
+//! [`PARALLEL_MIN_ROWS`] run on the calling thread (see [`parallelism_for`]).
 
-use gemm::Parallelism;
+use gemm_common::Parallelism;
+
+use super::isa::{Isa, isa};
 
 /// Products with fewer multiply-adds than this (m·k·n) run single-threaded.
 pub const PARALLEL_MIN_FLOPS: usize = 64 * 64 * 64;
 
-/// The instruction set the GEMM micro-kernels use on this machine: `"avx512f"`, `"avx2+fma"`,
-/// `"sse"` / `"neon"`, or `"scalar"`.
+/// Products with fewer rows than this run single-threaded whatever their size: at small M the
+/// product streams the weights once and is bound by memory, and waking (then spinning) rayon
+/// workers on a machine shared with the request path costs more than the second core saves.
+pub const PARALLEL_MIN_ROWS: usize = 64;
+
+/// The instruction set the GEMM micro-kernels use in this process (see [`super::isa`]):
+/// `"avx512f"`, `"avx2+fma"` or `"scalar"`.
 pub fn isa_name() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return "avx512f";
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return "avx2+fma";
-        }
-        "sse"
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        "neon"
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        "scalar"
-    }
+    isa().name()
 }
 
 /// Single-precision FLOP per cycle per core of the detected instruction set (two FMA pipes:
@@ -40,7 +33,6 @@ pub fn flops_per_cycle() -> usize {
     match isa_name() {
         "avx512f" => 64,
         "avx2+fma" => 32,
-        "sse" | "neon" => 16,
         _ => 2,
     }
 }
@@ -127,33 +119,96 @@ pub fn gemm_strided(
         }
         return;
     }
-    let parallelism =
-        if threads > 1 && m * k * n >= PARALLEL_MIN_FLOPS { Parallelism::Rayon(threads) } else { Parallelism::None };
+    let parallelism = parallelism_for(m, k, n, threads);
     // SAFETY: the asserts above prove every element the product reads ((m-1)·rs + (k-1)·cs for
     // `a`, likewise for `b`) and writes ((m-1)·c_rs + n-1) lies inside its slice; `c` is borrowed
-    // mutably so it cannot alias `a` or `b`. gemm computes dst := alpha·dst + beta·lhs·rhs.
+    // mutably so it cannot alias `a` or `b`. The driver computes dst := alpha·dst + beta·lhs·rhs.
     unsafe {
-        gemm::gemm(
+        let (a_cs, a_rs, b_cs, b_rs) = (a.cs as isize, a.rs as isize, b.cs as isize, b.rs as isize);
+        driver(
+            isa(),
             m,
             n,
             k,
             c.as_mut_ptr(),
-            1,
             c_rs as isize,
             accumulate,
             a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
+            a_cs,
+            a_rs,
             b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            1.0,
+            b_cs,
+            b_rs,
             scale,
-            false,
-            false,
-            false,
             parallelism,
         );
+    }
+}
+
+/// How a product of this shape is threaded: on the calling thread below [`PARALLEL_MIN_FLOPS`]
+/// multiply-adds or [`PARALLEL_MIN_ROWS`] rows, else over `threads` rayon workers.
+pub fn parallelism_for(m: usize, k: usize, n: usize, threads: usize) -> Parallelism {
+    if threads > 1 && m >= PARALLEL_MIN_ROWS && m * k * n >= PARALLEL_MIN_FLOPS {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Runs gemm's generic driver with the micro-kernels of `isa` (dst column stride 1).
+///
+/// # Safety
+/// The pointers and strides must describe valid `m×k`, `k×n` and `m×n` matrices, `dst` not
+/// aliasing the others, and `isa` must be supported by this CPU ([`isa()`] guarantees it).
+#[allow(clippy::too_many_arguments)]
+unsafe fn driver(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    read_dst: bool,
+    lhs: *const f32,
+    lhs_cs: isize,
+    lhs_rs: isize,
+    rhs: *const f32,
+    rhs_cs: isize,
+    rhs_rs: isize,
+    scale: f32,
+    parallelism: Parallelism,
+) {
+    macro_rules! run {
+        ($simd:ty, $lanes:expr, $($ukr:ident)::+) => {{
+            use $($ukr)::+ as ukr;
+            let Some(simd) = <$simd as gemm_common::simd::MixedSimd<f32, f32, f32, f32>>::try_new() else {
+                unreachable!("gemm: {} kernels on a CPU without them", isa.name())
+            };
+            // SAFETY: forwarded from this function's contract.
+            unsafe {
+                gemm_common::gemm::gemm_basic_generic::<
+                    _,
+                    f32,
+                    { $lanes },
+                    { ukr::MR_DIV_N * $lanes },
+                    { ukr::NR },
+                    { ukr::MR_DIV_N },
+                    { ukr::H_M },
+                    { ukr::H_N },
+                >(
+                    simd, m, n, k, dst, 1, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs,
+                    1.0, scale, false, false, false, |a, b, c| a * b + c, &ukr::UKR, &ukr::H_UKR, false,
+                    parallelism,
+                )
+            }
+        }};
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => run!(gemm_common::simd::V4, 16, gemm_f32::microkernel::avx512f::f32),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => run!(gemm_common::simd::V3, 8, gemm_f32::microkernel::fma::f32),
+        _ => run!(gemm_common::simd::Scalar, 1, gemm_f32::microkernel::scalar::f32),
     }
 }
 
@@ -191,8 +246,42 @@ mod tests {
     }
 
     #[test]
+    fn every_supported_isa_matches_naive() {
+        let (m, k, n) = (37, 70, 29);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want = naive(&a, &b, m, k, n);
+        for level in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|l| *l <= super::super::isa::detected()) {
+            let mut c = vec![1.0f32; m * n];
+            // SAFETY: row-major m×k, k×n and m×n slices of exactly those sizes; `level` is supported.
+            unsafe {
+                driver(
+                    level,
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    n as isize,
+                    false,
+                    a.as_ptr(),
+                    1,
+                    k as isize,
+                    b.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    Parallelism::None,
+                );
+            }
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4, "{}: {x} vs {y}", level.name());
+            }
+        }
+    }
+
+    #[test]
     fn isa_is_reported() {
-        assert!(["avx512f", "avx2+fma", "sse", "neon", "scalar"].contains(&isa_name()));
+        assert!(["avx512f", "avx2+fma", "scalar"].contains(&isa_name()));
         assert!(flops_per_cycle() >= 2);
     }
 }

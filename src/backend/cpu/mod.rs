@@ -2,7 +2,7 @@
 //!
 //! It runs on every machine (CI included) and is the reference the Neuron path is checked
 //! against. GEMMs go through the `gemm` crate, which picks AVX-512 / AVX2+FMA / SSE kernels at run
-//! time; see [`gemm::isa_name`].
+//! time; see [`isa`] (`NEURON_WORKER_ISA` lowers the choice to measure the AVX2 path).
 
 pub mod attention;
 pub mod bert;
@@ -12,6 +12,10 @@ pub mod dtypes;
 pub mod gemm;
 pub mod gguf;
 pub mod instance;
+pub mod isa;
+pub mod linear;
+pub mod linear_kernels;
+pub mod llama;
 pub mod ops;
 pub mod pooling;
 pub mod quant;

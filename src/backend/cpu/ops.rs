@@ -8,8 +8,8 @@ use rayon::prelude::*;
 /// Elements per parallel chunk for element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
-/// Compiles an `#[inline(always)]` body for AVX-512 and for AVX2+FMA and picks one at run time
-/// (else the baseline build): `dispatch!(body(arg: Type, ...))`.
+/// Compiles an `#[inline(always)]` body for AVX-512 and for AVX2+FMA and picks one at run time by
+/// [`super::isa::isa`] (else the baseline build): `dispatch!(body(arg: Type, ...))`.
 macro_rules! dispatch {
     ($body:ident($($arg:ident: $ty:ty),*)) => {{
         #[cfg(target_arch = "x86_64")]
@@ -18,16 +18,12 @@ macro_rules! dispatch {
             fn wide($($arg: $ty),*) { $body($($arg),*) }
             #[target_feature(enable = "avx2,fma")]
             fn avx2($($arg: $ty),*) { $body($($arg),*) }
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-            {
-                // SAFETY: the features `wide` is compiled for were detected on this CPU.
-                return unsafe { wide($($arg),*) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            match $crate::backend::cpu::isa::isa() {
+                // SAFETY: `isa()` only reports levels whose features were detected on this CPU.
+                $crate::backend::cpu::isa::Isa::Avx512 => return unsafe { wide($($arg),*) },
                 // SAFETY: as above, for `avx2`.
-                return unsafe { avx2($($arg),*) };
+                $crate::backend::cpu::isa::Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                $crate::backend::cpu::isa::Isa::Scalar => {}
             }
         }
         $body($($arg),*)

@@ -1,50 +1,30 @@
 //! The generative policy's handle: one step-loop thread per decoder instance, a bounded queue, and
 //! the dispatch of each request to the least loaded instance.
 
-use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::detok::TokenText;
+use super::params::SamplingParams;
 use super::request::{GenerateRequest, GenerationError};
 use super::stats::GenerativeStats;
 use super::step::{Engine, StepLimits};
+use super::tokens::PromptTokenizer;
 use crate::backend::generative::DecoderInstance;
+use crate::batching::BatchingError;
+use crate::batching::admission::Admission;
 
 /// How a generative model version is served.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerativeSetup {
-    /// Model name (errors, thread names).
-    pub model: String,
     /// Per-step limits.
     pub limits: StepLimits,
-    /// Most requests waiting (not yet running) across instances; more → queue full.
-    pub max_queue_size: usize,
     /// End-of-sequence token ids.
     pub eos: Vec<u32>,
-}
-
-/// Why a request was not accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SubmitError {
-    /// The queue bound was reached.
-    #[error("model '{model}': queue full ({max_queue_size} requests waiting); retry after a short backoff")]
-    QueueFull {
-        /// Model name.
-        model: String,
-        /// The bound.
-        max_queue_size: usize,
-    },
-    /// No instance is serving (drained, or every instance failed).
-    #[error("model '{model}' is not available: {reason}")]
-    Unavailable {
-        /// Model name.
-        model: String,
-        /// Why.
-        reason: String,
-    },
+    /// Sampling defaults of the model (its generation config over vLLM's defaults).
+    pub defaults: SamplingParams,
 }
 
 /// One instance's end of the handle.
@@ -58,14 +38,13 @@ struct InstanceLink {
     alive: Arc<AtomicBool>,
 }
 
-/// The handle of one generative model version (cheap to share behind an `Arc`).
-#[derive(Debug)]
+/// The handle of one generative model version (shared behind an `Arc`).
 pub struct GenerativeModel {
     setup: GenerativeSetup,
+    admission: Arc<Admission>,
+    tokenizer: Arc<dyn PromptTokenizer>,
     links: Mutex<Vec<InstanceLink>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Requests sent to a thread and not yet taken into its engine.
-    in_channel: Arc<AtomicUsize>,
     stats: Arc<GenerativeStats>,
     context_limit: usize,
     vocab: usize,
@@ -73,14 +52,16 @@ pub struct GenerativeModel {
 }
 
 impl GenerativeModel {
-    /// Starts one step-loop thread per decoder.
-    pub fn start(
+    /// Starts one step-loop thread per decoder; requests are admitted through `admission`.
+    pub(crate) fn start(
+        admission: Arc<Admission>,
         setup: GenerativeSetup,
         decoders: Vec<Box<dyn DecoderInstance>>,
-        text: Arc<dyn TokenText>,
-    ) -> Result<GenerativeModel, GenerationError> {
+        tokenizer: Arc<dyn PromptTokenizer>,
+    ) -> Result<GenerativeModel, BatchingError> {
+        let model = admission.spec.name.clone();
         let stats = Arc::new(GenerativeStats::default());
-        let in_channel = Arc::new(AtomicUsize::new(0));
+        let in_service = Arc::new(AtomicUsize::new(decoders.len()));
         let mut links = Vec::new();
         let mut threads = Vec::new();
         let mut context_limit = usize::MAX;
@@ -98,30 +79,33 @@ impl GenerativeModel {
                 rx,
                 load: load.clone(),
                 alive: alive.clone(),
-                in_channel: in_channel.clone(),
-                model: setup.model.clone(),
+                admission: admission.clone(),
+                in_service: in_service.clone(),
             };
-            let engine_parts = (decoder, text.clone(), setup.eos.clone(), setup.limits, stats.clone());
+            let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
+            let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
             let handle = std::thread::Builder::new()
-                .name(format!("gen-{}-{i}", setup.model))
+                .name(format!("gen-{model}-{i}"))
                 .spawn(move || {
                     let (decoder, text, eos, limits, stats) = engine_parts;
                     step_loop(Engine::new(decoder, text, eos, limits, stats), ctx)
                 })
-                .map_err(|e| GenerationError::Unavailable {
+                .map_err(|e| BatchingError::Unavailable {
+                    model: model.clone(),
                     reason: format!("cannot start an instance thread: {e}"),
                 })?;
             links.push(InstanceLink { sender: tx, load, alive });
             threads.push(handle);
         }
         if links.is_empty() {
-            return Err(GenerationError::Unavailable { reason: "no decoder instance was created".into() });
+            return Err(BatchingError::Unavailable { model, reason: "no decoder instance was created".into() });
         }
         Ok(GenerativeModel {
             setup,
+            admission,
+            tokenizer,
             links: Mutex::new(links),
             threads: Mutex::new(threads),
-            in_channel,
             stats,
             context_limit,
             vocab,
@@ -131,7 +115,17 @@ impl GenerativeModel {
 
     /// Model name.
     pub fn name(&self) -> &str {
-        &self.setup.model
+        &self.admission.spec.name
+    }
+
+    /// The model's tokenizer and chat template.
+    pub fn tokenizer(&self) -> &Arc<dyn PromptTokenizer> {
+        &self.tokenizer
+    }
+
+    /// The model's sampling defaults.
+    pub fn defaults(&self) -> &SamplingParams {
+        &self.setup.defaults
     }
 
     /// Most positions (prompt plus generated tokens) a sequence can hold.
@@ -149,62 +143,37 @@ impl GenerativeModel {
         &self.label
     }
 
-    /// The model's statistics.
+    /// The model's generation statistics.
     pub fn stats(&self) -> &Arc<GenerativeStats> {
         &self.stats
     }
 
-    /// The queue bound.
-    pub fn max_queue_size(&self) -> usize {
-        self.setup.max_queue_size
-    }
-
-    /// Requests waiting for admission (sent and not yet running).
-    pub fn queue_depth(&self) -> usize {
-        self.in_channel.load(Acquire) + self.stats.waiting.load(Relaxed) as usize
-    }
-
-    /// Instances in service.
-    pub fn instances_in_service(&self) -> usize {
-        self.links.lock().map(|l| l.iter().filter(|l| l.alive.load(Acquire)).count()).unwrap_or(0)
-    }
-
-    /// Whether requests are accepted.
-    pub fn is_ready(&self) -> bool {
-        self.instances_in_service() > 0
-    }
-
-    /// Queues a request on the least loaded instance.
-    pub fn submit(&self, req: GenerateRequest) -> Result<(), SubmitError> {
-        let unavailable =
-            |reason: &str| SubmitError::Unavailable { model: self.setup.model.clone(), reason: reason.to_string() };
-        if self.queue_depth() >= self.setup.max_queue_size {
-            return Err(SubmitError::QueueFull {
-                model: self.setup.model.clone(),
-                max_queue_size: self.setup.max_queue_size,
-            });
-        }
-        let links = self.links.lock().map_err(|_| unavailable("the model's handle is poisoned"))?;
-        let Some(link) = links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)) else {
-            return Err(unavailable(if links.is_empty() {
-                "the model is draining"
-            } else {
-                "every instance failed; reload the model or restart the worker"
-            }));
+    /// Queues a request on the least loaded instance (admitted through the model's admission
+    /// state: refused when the model is not ready or its queue is full).
+    pub fn submit(&self, req: GenerateRequest) -> Result<(), BatchingError> {
+        self.admission.admit(req.arrived)?;
+        let refuse = |reason: &str| {
+            self.admission.dequeued(1);
+            BatchingError::Unavailable { model: self.name().to_string(), reason: reason.to_string() }
         };
-        self.in_channel.fetch_add(1, AcqRel);
+        let Ok(links) = self.links.lock() else {
+            return Err(refuse("the model's handle is poisoned; reload the model"));
+        };
+        let Some(link) = links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)) else {
+            return Err(refuse("the model is draining"));
+        };
         link.load.fetch_add(1, AcqRel);
         if link.sender.send(req).is_err() {
-            self.in_channel.fetch_sub(1, AcqRel);
             link.load.fetch_sub(1, AcqRel);
-            return Err(unavailable("the instance stopped"));
+            return Err(refuse("the instance stopped"));
         }
         Ok(())
     }
 
     /// Stops accepting requests; running and queued sequences finish, then the threads end.
-    /// Returns when they have.
+    /// Blocks until they have.
     pub fn drain(&self) {
+        self.admission.close("the model is draining");
         if let Ok(mut links) = self.links.lock() {
             links.clear();
         }
@@ -212,6 +181,16 @@ impl GenerativeModel {
         for t in threads {
             let _ = t.join();
         }
+    }
+}
+
+impl std::fmt::Debug for GenerativeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerativeModel")
+            .field("model", &self.name())
+            .field("instances", &self.label)
+            .field("context_limit", &self.context_limit)
+            .finish_non_exhaustive()
     }
 }
 
@@ -223,12 +202,21 @@ impl Drop for GenerativeModel {
     }
 }
 
+/// The tokenizer seen as a decoder only (what the step loop needs).
+struct TextOf(Arc<dyn PromptTokenizer>);
+
+impl super::detok::TokenText for TextOf {
+    fn decode(&self, ids: &[u32]) -> String {
+        self.0.decode(ids)
+    }
+}
+
 struct ThreadContext {
     rx: mpsc::Receiver<GenerateRequest>,
     load: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
-    in_channel: Arc<AtomicUsize>,
-    model: String,
+    admission: Arc<Admission>,
+    in_service: Arc<AtomicUsize>,
 }
 
 /// The instance thread: take requests, step while there is work, block when idle, end when the
@@ -241,31 +229,26 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                 return;
             }
             match ctx.rx.recv() {
-                Ok(req) => {
-                    ctx.in_channel.fetch_sub(1, AcqRel);
-                    engine.add(req);
-                }
+                Ok(req) => engine.add(req),
                 Err(_) => return,
             }
         }
         while open {
             match ctx.rx.try_recv() {
-                Ok(req) => {
-                    ctx.in_channel.fetch_sub(1, AcqRel);
-                    engine.add(req);
-                }
+                Ok(req) => engine.add(req),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
+        ctx.admission.dequeued(engine.take_left_queue());
         let (waiting, running) = engine.load();
         ctx.load.store(waiting + running, Release);
         let fatal = match result {
             Ok(Ok(_)) => None,
             Ok(Err(e)) => match &e {
                 crate::backend::BackendError::Execution { instance_usable: true, .. } => {
-                    tracing::warn!(model = %ctx.model, instance = %engine.label(), error = %e, "generation step failed");
+                    tracing::warn!(model = %ctx.admission.spec.name, instance = %engine.label(), error = %e, "generation step failed");
                     None
                 }
                 _ => Some(e.to_string()),
@@ -273,18 +256,21 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
             Err(_) => Some("the instance panicked".to_string()),
         };
         if let Some(reason) = fatal {
-            tracing::error!(model = %ctx.model, instance = %engine.label(), %reason, "generative instance leaves service");
+            tracing::error!(model = %ctx.admission.spec.name, instance = %engine.label(), %reason, "generative instance leaves service");
             ctx.alive.store(false, Release);
+            let left = ctx.in_service.fetch_sub(1, AcqRel).saturating_sub(1);
+            ctx.admission.set_in_service(left);
             engine.fail_all(GenerationError::Unavailable {
                 reason: format!("instance {} failed: {reason}", engine.label()),
             });
             // Answer what is still queued to this instance, then stop.
             while let Ok(req) = ctx.rx.try_recv() {
-                ctx.in_channel.fetch_sub(1, AcqRel);
+                ctx.admission.dequeued(1);
                 let _ = req.updates.send(Err(GenerationError::Unavailable {
                     reason: format!("instance {} failed: {reason}", engine.label()),
                 }));
             }
+            ctx.admission.dequeued(engine.take_left_queue());
             return;
         }
     }

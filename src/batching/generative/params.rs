@@ -88,7 +88,12 @@ impl SamplingParams {
         let mut p = defaults.clone();
         for (key, value) in map {
             match key.as_str() {
-                "max_tokens" => p.max_tokens = uint(key, value)? as usize,
+                "max_tokens" => {
+                    p.max_tokens = uint(key, value)? as usize;
+                    if p.max_tokens == 0 {
+                        return Err(bad(key, "must be at least 1"));
+                    }
+                }
                 "temperature" => p.temperature = float(key, value, 0.0, f32::MAX)?,
                 "top_p" => {
                     p.top_p = float(key, value, 0.0, 1.0)?;
@@ -251,6 +256,7 @@ mod tests {
         for (json, key) in [
             (r#"{"max_tokens": -1}"#, "max_tokens"),
             (r#"{"max_tokens": 1.5}"#, "max_tokens"),
+            (r#"{"max_tokens": 0}"#, "max_tokens"),
             (r#"{"temperature": "hot"}"#, "temperature"),
             (r#"{"top_p": 0}"#, "top_p"),
             (r#"{"top_p": 1.5}"#, "top_p"),

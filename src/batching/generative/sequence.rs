@@ -47,6 +47,8 @@ pub struct Sequence {
     pub text: TextStream,
     /// Set once the sequence has ended (or its client went away).
     pub done: bool,
+    /// Has been admitted to the running set at least once (it has left the model's queue).
+    pub started: bool,
 }
 
 /// What accepting one token did, for the statistics.
@@ -78,6 +80,7 @@ impl Sequence {
             preemptions: 0,
             text: TextStream::new(prompt_len),
             done: false,
+            started: false,
         }
     }
 

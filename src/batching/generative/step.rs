@@ -63,6 +63,9 @@ pub struct Engine {
     published: [u64; 3],
     logits: Vec<f32>,
     scratch: Vec<u32>,
+    /// Requests that left the queue (first admission, refusal, cancellation) since the last
+    /// [`Engine::take_left_queue`].
+    left_queue: usize,
 }
 
 impl Engine {
@@ -93,6 +96,7 @@ impl Engine {
             published: [0; 3],
             logits: Vec::new(),
             scratch: Vec::new(),
+            left_queue: 0,
         }
     }
 
@@ -114,6 +118,12 @@ impl Engine {
     /// Sequences waiting and running.
     pub fn load(&self) -> (usize, usize) {
         (self.waiting.len(), self.running.len())
+    }
+
+    /// Requests that left the queue since the last call: admitted to the running set for the first
+    /// time, refused, or cancelled while waiting (the model's queue depth counts down by this).
+    pub fn take_left_queue(&mut self) -> usize {
+        std::mem::take(&mut self.left_queue)
     }
 
     /// Nothing to do until a request arrives.
@@ -141,6 +151,7 @@ impl Engine {
         };
         if let Some(reason) = refuse {
             let _ = req.updates.send(Err(GenerationError::TooLarge { reason }));
+            self.left_queue += 1;
             return;
         }
         self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Relaxed);
@@ -151,6 +162,7 @@ impl Engine {
     /// Ends every sequence with `error` (the instance is leaving service).
     pub fn fail_all(&mut self, error: GenerationError) {
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            self.left_queue += usize::from(!s.started);
             let _ = s.updates.send(Err(error.clone()));
         }
         self.publish();
@@ -191,7 +203,13 @@ impl Engine {
     fn drop_cancelled(&mut self) {
         let before = self.running.len() + self.waiting.len();
         self.running.retain(|s| !s.cancelled());
-        self.waiting.retain(|s| !s.cancelled());
+        let mut left = 0;
+        self.waiting.retain(|s| {
+            let keep = !s.cancelled();
+            left += usize::from(!keep && !s.started);
+            keep
+        });
+        self.left_queue += left;
         let gone = before - self.running.len() - self.waiting.len();
         self.stats.cancelled.fetch_add(gone as u64, Relaxed);
     }
@@ -273,6 +291,7 @@ impl Engine {
                 if self.running.is_empty() && plan.is_empty() {
                     // Cannot happen for prompts within the context limit; refuse rather than stall.
                     if let Some(s) = self.waiting.pop_front() {
+                        self.left_queue += usize::from(!s.started);
                         let _ = s.updates.send(Err(GenerationError::TooLarge {
                             reason: format!(
                                 "{} positions need {needed} K/V blocks and the cache has {}; raise --kv-cache-memory",
@@ -293,6 +312,8 @@ impl Engine {
             if s.preemptions == 0 {
                 self.stats.prefix_cached_tokens.fetch_add(cached as u64, Relaxed);
             }
+            self.left_queue += usize::from(!s.started);
+            s.started = true;
             s.computed = cached;
             s.table = Some(table);
             self.running.push(s);

@@ -336,25 +336,31 @@ fn stop_strings_and_limits_end_sequences() {
 
 #[test]
 fn the_handle_serves_requests_on_instance_threads_and_bounds_its_queue() {
-    use super::handle::{GenerativeModel, GenerativeSetup, SubmitError};
-    let setup =
-        GenerativeSetup { model: "fake".into(), limits: StepLimits::default(), max_queue_size: 2, eos: vec![EOS] };
+    use super::handle::GenerativeSetup;
+    use super::tokens::ByteTokenizer;
+    use crate::batching::{Batcher, BatchingError};
+    use crate::config::ModelSpec;
+    use crate::config::generative::complete_config;
+    use crate::proto::inference::ModelConfig;
+
+    let mut cfg = ModelConfig { name: "fake".into(), ..Default::default() };
+    complete_config(&mut cfg);
+    let mut spec = ModelSpec::from_config(&cfg, "test").unwrap();
+    spec.dynamic.max_queue_size = 2;
+    let setup = GenerativeSetup { limits: StepLimits::default(), eos: vec![EOS], defaults: SamplingParams::default() };
     let decoders: Vec<Box<dyn DecoderInstance>> =
         vec![Box::new(FakeDecoder::new(64, 4, 4096)), Box::new(FakeDecoder::new(64, 4, 4096))];
-    let model = GenerativeModel::start(setup, decoders, Arc::new(Bytes)).unwrap();
-    assert_eq!(model.instances_in_service(), 2);
+    let batcher = Batcher::start_generative(Arc::new(spec), setup, decoders, Arc::new(ByteTokenizer)).unwrap();
+    let model = batcher.generative().unwrap().clone();
+    assert_eq!(batcher.instances_in_service(), 2);
     assert_eq!(model.context_limit(), 256);
     let params = sampled(8);
     let mut rxs = Vec::new();
-    let mut refused = 0;
     for k in 0..6u32 {
         let (req, rx) = request(prompt(5, k), params.clone(), u64::from(k));
         match model.submit(req) {
             Ok(()) => rxs.push((k, rx)),
-            Err(SubmitError::QueueFull { max_queue_size, .. }) => {
-                assert_eq!(max_queue_size, 2);
-                refused += 1;
-            }
+            Err(BatchingError::QueueFull { max_queue_size, .. }) => assert_eq!(max_queue_size, 2),
             Err(e) => panic!("{e}"),
         }
     }
@@ -374,9 +380,9 @@ fn the_handle_serves_requests_on_instance_threads_and_bounds_its_queue() {
         }
         assert_eq!(tokens, direct(&prompt(5, k), &params, u64::from(k)).0);
     }
-    let _ = refused;
     model.drain();
-    assert_eq!(model.instances_in_service(), 0);
+    assert!(!batcher.is_ready());
+    assert_eq!(batcher.queue_depth(), 0);
     let (req, _rx) = request(prompt(5, 0), params, 0);
-    assert!(matches!(model.submit(req), Err(SubmitError::Unavailable { .. })));
+    assert!(matches!(model.submit(req), Err(BatchingError::Unavailable { .. })));
 }

@@ -14,8 +14,9 @@ pub struct ChatMessage {
 
 /// Text ↔ tokens for one generative model, plus its chat template.
 pub trait PromptTokenizer: TokenText {
-    /// Tokenizes a prompt as the model expects it (with its beginning-of-sequence token, if any).
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
+    /// Tokenizes a prompt; `add_special` adds the model's beginning-of-sequence token (if it uses
+    /// one). Text rendered by the chat template already holds its special tokens.
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String>;
 
     /// Renders chat messages with the model's chat template (generation prompt appended).
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String>;
@@ -47,8 +48,9 @@ impl TokenText for ByteTokenizer {
 }
 
 impl PromptTokenizer for ByteTokenizer {
-    fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        Ok(std::iter::once(Self::BOS).chain(text.bytes().map(u32::from)).collect())
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
+        let bos = add_special.then_some(Self::BOS);
+        Ok(bos.into_iter().chain(text.bytes().map(u32::from)).collect())
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, String> {
@@ -72,7 +74,8 @@ mod tests {
     #[test]
     fn bytes_round_trip_and_specials_are_skipped() {
         let t = ByteTokenizer;
-        let ids = t.encode("héllo").unwrap();
+        assert_eq!(t.encode("a", false).unwrap(), vec![97]);
+        let ids = t.encode("héllo", true).unwrap();
         assert_eq!(ids[0], ByteTokenizer::BOS);
         assert_eq!(ids.len(), 7);
         assert_eq!(t.decode(&ids), "héllo");

@@ -84,6 +84,7 @@ pub(crate) enum Command {
     List(oneshot::Sender<Vec<SessionInfo>>),
     Export { id: SequenceId, reply: oneshot::Sender<Result<SessionBlob, BatchingError>> },
     Import { blob: SessionBlob, reply: oneshot::Sender<Result<SessionInfo, BatchingError>> },
+    BeginDrain(oneshot::Sender<()>),
     Drain(oneshot::Sender<()>),
 }
 
@@ -228,6 +229,12 @@ impl SequenceSessions {
     /// Continues a session exported by a worker serving the same model version.
     pub(crate) async fn import(&self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
         self.ask(|reply| Command::Import { blob, reply }).await?
+    }
+
+    /// The worker started draining: stop expiring sequences and save sessions to the store as
+    /// they are idle (see `actor/drain.rs`); requests are still admitted until [`Self::drain`].
+    pub(crate) async fn begin_drain(&self) {
+        let _ = self.ask(Command::BeginDrain).await;
     }
 
     /// Stops admitting, finishes every queued request, writes every live session to the store

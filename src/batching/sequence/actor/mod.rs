@@ -20,6 +20,8 @@ use crate::config::ControlKind;
 use crate::sessions::{SequenceId, SessionBlob, SessionInfo, SessionStore, StoreError};
 use crate::tensor::{DataType, Tensor};
 
+mod controls;
+mod drain;
 mod moves;
 
 /// Ids of closed sequences remembered, so a late request learns why its sequence is gone.
@@ -61,6 +63,8 @@ struct Actor {
     closed: HashMap<SequenceId, ClosedReason>,
     closed_order: VecDeque<SequenceId>,
     drain: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// The worker or the model is draining: sequences no longer expire and sessions are saved.
+    draining: bool,
 }
 
 pub(super) fn spawn(
@@ -104,6 +108,7 @@ pub(super) fn spawn(
         closed: HashMap::new(),
         closed_order: VecDeque::new(),
         drain: Vec::new(),
+        draining: false,
         shared,
     };
     std::thread::Builder::new()
@@ -139,7 +144,7 @@ impl Actor {
                 self.handle(c);
             }
             let now = Instant::now();
-            if self.drain.is_empty() {
+            if !self.draining {
                 self.expire(now);
             }
             wake = self.dispatch(now);
@@ -166,7 +171,14 @@ impl Actor {
             Command::Import { blob, reply } => {
                 let _ = reply.send(self.import(blob));
             }
-            Command::Drain(done) => self.drain.push(done),
+            Command::BeginDrain(done) => {
+                self.begin_drain();
+                let _ = done.send(());
+            }
+            Command::Drain(done) => {
+                self.begin_drain();
+                self.drain.push(done);
+            }
         }
     }
 
@@ -363,6 +375,7 @@ impl Actor {
 
     fn close(&mut self, id: &SequenceId, reason: ClosedReason) {
         let Some(l) = self.live.remove(id) else { return };
+        self.forget_saved(id);
         self.free_slot(l.instance, l.slot);
         for r in l.queue {
             let e = BatchingError::NotLive { model: self.model(), id: id.clone(), why: reason.as_str().into() };
@@ -407,29 +420,11 @@ impl Actor {
     }
 
     fn next_expiry(&self) -> Option<Instant> {
-        if !self.drain.is_empty() {
+        if self.draining {
             return None;
         }
         let max_idle = self.shared.seq.max_idle;
         self.live.values().filter(|l| !l.in_flight && l.queue.is_empty()).map(|l| l.last_active + max_idle).min()
-    }
-
-    fn controls(&self, req: &SequenceRequest) -> Vec<NamedTensor> {
-        let shape = if self.shared.adm.spec.batches() { vec![1, 1] } else { vec![1] };
-        self.shared
-            .seq
-            .controls
-            .iter()
-            .map(|c| {
-                let data = match c.kind {
-                    ControlKind::Start => c.false_true[usize::from(req.start)].clone(),
-                    ControlKind::End => c.false_true[usize::from(req.end)].clone(),
-                    ControlKind::Ready => c.false_true[1].clone(),
-                    ControlKind::CorrId => corrid_bytes(&req.id, c.dtype),
-                };
-                NamedTensor { name: c.name.clone(), tensor: Tensor { dtype: c.dtype, shape: shape.clone(), data } }
-            })
-            .collect()
     }
 
     /// Sends a batch to every idle instance that has work; returns when to wake for a delay.
@@ -547,6 +542,7 @@ impl Actor {
         if let Some(b) = self.busy.get_mut(instance) {
             *b = false;
         }
+        let stepped: Vec<SequenceId> = outcomes.iter().map(|(id, _)| id.clone()).collect();
         for (id, outcome) in outcomes {
             let Some(l) = self.live.get_mut(&id) else { continue };
             l.in_flight = false;
@@ -567,25 +563,6 @@ impl Actor {
         if !usable {
             self.take_out(instance);
         }
-    }
-}
-
-fn corrid_bytes(id: &SequenceId, dtype: DataType) -> Vec<u8> {
-    let n = match id {
-        SequenceId::Uint(v) => *v,
-        SequenceId::Str(_) => 0,
-    };
-    match dtype {
-        DataType::Uint64 | DataType::Int64 => n.to_le_bytes().to_vec(),
-        DataType::Uint32 | DataType::Int32 => (n as u32).to_le_bytes().to_vec(),
-        _ => {
-            let s = match id {
-                SequenceId::Uint(v) => v.to_string(),
-                SequenceId::Str(s) => s.clone(),
-            };
-            let mut b = (s.len() as u32).to_le_bytes().to_vec();
-            b.extend_from_slice(s.as_bytes());
-            b
-        }
+        self.save_while_draining(stepped);
     }
 }

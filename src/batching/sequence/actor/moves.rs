@@ -1,5 +1,5 @@
 //! Moving sessions out of and into the actor's session table: reading a slot's state, spilling to
-//! the store, listing, export, import, and writing every live session to the store at drain.
+//! the store, listing, export and import.
 
 use super::*;
 
@@ -145,42 +145,5 @@ impl Actor {
         );
         self.shared.counters.live.store(self.live.len() as u64, Ordering::Relaxed);
         Ok(info)
-    }
-
-    pub(super) fn finish_drain(&mut self) {
-        if let Some(store) = self.store.clone() {
-            let ids: Vec<SequenceId> = self.live.keys().cloned().collect();
-            let mut blobs = Vec::with_capacity(ids.len());
-            for id in ids {
-                match self.copy_state(&id) {
-                    Ok((state, steps)) => {
-                        blobs.push(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state })
-                    }
-                    Err(e) => {
-                        tracing::warn!(model = %self.model(), id = %id, error = %e, "cannot save a session at drain")
-                    }
-                }
-            }
-            let n = blobs.len();
-            match store.put_all(&blobs) {
-                Ok(()) => {
-                    if n > 0 {
-                        tracing::info!(model = %self.model(), sessions = n, path = %store.path().display(), "live sessions written to the session store");
-                    }
-                    self.shared.counters.spilled.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::error!(model = %self.model(), sessions = n, error = %e, "cannot write live sessions to the session store; they are lost")
-                }
-            }
-        } else if !self.live.is_empty() {
-            tracing::info!(model = %self.model(), sessions = self.live.len(), "live sessions dropped at drain (no --session-store)");
-        }
-        self.live.clear();
-        self.shared.counters.live.store(0, Ordering::Relaxed);
-        self.instances.iter_mut().for_each(|i| *i = None);
-        for d in self.drain.drain(..) {
-            let _ = d.send(());
-        }
     }
 }

@@ -1,0 +1,158 @@
+//! One decoder layer's weights (pre-norm attention with fused q/k/v, pre-norm SwiGLU MLP with fused
+//! gate/up) and the row-wise operations between the matrix products.
+
+use sha2::{Digest, Sha256};
+
+use super::LoadError;
+use super::config::LlamaConfig;
+use super::weights::{Weight, WeightSource};
+use crate::backend::cpu::linear::Linear;
+
+/// Reads weights by HF name, checks their shapes and hashes them (model identity).
+pub struct WeightReader<'a> {
+    source: &'a dyn WeightSource,
+    digest: Sha256,
+}
+
+impl<'a> WeightReader<'a> {
+    /// A reader over `source`.
+    pub fn new(source: &'a dyn WeightSource) -> Self {
+        WeightReader { source, digest: Sha256::new() }
+    }
+
+    /// SHA-256 over every tensor read (name, shape, f32 values), in reading order.
+    pub fn finish(self) -> [u8; 32] {
+        self.digest.finalize().into()
+    }
+
+    fn hash(&mut self, name: &str, weight: &Weight) {
+        self.digest.update(name.as_bytes());
+        match weight {
+            Weight::Dense { data, shape } => {
+                for d in shape {
+                    self.digest.update((*d as u64).to_le_bytes());
+                }
+                for x in data {
+                    self.digest.update(x.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// The tensor `name` if the source has it, checked against `shape`.
+    pub fn optional(&mut self, name: &str, shape: &[usize]) -> Result<Option<Weight>, LoadError> {
+        let Some(weight) = self.source.tensor(name)? else {
+            return Ok(None);
+        };
+        if weight.shape() != shape {
+            return Err(LoadError::Shape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: weight.shape().to_vec(),
+            });
+        }
+        self.hash(name, &weight);
+        Ok(Some(weight))
+    }
+
+    /// The tensor `name`, which must exist with `shape`.
+    pub fn required(&mut self, name: &str, shape: &[usize]) -> Result<Weight, LoadError> {
+        self.optional(name, shape)?.ok_or_else(|| LoadError::MissingTensor { name: name.to_string() })
+    }
+
+    /// A vector (norm weight) of `len` values.
+    pub fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
+        match self.required(name, &[len])? {
+            Weight::Dense { data, .. } => Ok(data),
+        }
+    }
+
+    /// A `[n, k]` matrix as a linear layer, with `{prefix}.bias` when the source has it.
+    pub fn linear(&mut self, prefix: &str, n: usize, k: usize) -> Result<Linear, LoadError> {
+        let name = format!("{prefix}.weight");
+        let weight = self.required(&name, &[n, k])?;
+        let linear = linear_from(&name, weight, n, k)?;
+        match self.optional(&format!("{prefix}.bias"), &[n])? {
+            Some(Weight::Dense { data, .. }) => linear.with_bias(data).map_err(|e| shape_error(&name, e)),
+            None => Ok(linear),
+        }
+    }
+}
+
+fn shape_error(name: &str, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Config { field: name.to_string(), reason: e.to_string() }
+}
+
+/// A linear layer from a `[n, k]` weight.
+pub fn linear_from(name: &str, weight: Weight, n: usize, k: usize) -> Result<Linear, LoadError> {
+    match weight {
+        Weight::Dense { data, .. } => Linear::dense(data, n, k).map_err(|e| shape_error(name, e)),
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// RMSNorm weight before attention.
+    pub attn_norm: Vec<f32>,
+    /// q, k and v projections stacked: outputs `[q_dim | kv_dim | kv_dim]`.
+    pub qkv: Linear,
+    /// Attention output projection.
+    pub o: Linear,
+    /// RMSNorm weight before the MLP.
+    pub mlp_norm: Vec<f32>,
+    /// gate and up projections stacked: outputs `[intermediate | intermediate]`.
+    pub gate_up: Linear,
+    /// Down projection.
+    pub down: Linear,
+}
+
+impl DecoderLayer {
+    /// Reads layer `i` (`model.layers.{i}.*`).
+    pub fn load(reader: &mut WeightReader<'_>, config: &LlamaConfig, i: usize) -> Result<Self, LoadError> {
+        let h = config.hidden_size;
+        let inter = config.intermediate_size;
+        let p = format!("model.layers.{i}");
+        let q = reader.linear(&format!("{p}.self_attn.q_proj"), config.q_dim(), h)?;
+        let k = reader.linear(&format!("{p}.self_attn.k_proj"), config.kv_dim(), h)?;
+        let v = reader.linear(&format!("{p}.self_attn.v_proj"), config.kv_dim(), h)?;
+        let o = reader.linear(&format!("{p}.self_attn.o_proj"), h, config.q_dim())?;
+        let gate = reader.linear(&format!("{p}.mlp.gate_proj"), inter, h)?;
+        let up = reader.linear(&format!("{p}.mlp.up_proj"), inter, h)?;
+        let down = reader.linear(&format!("{p}.mlp.down_proj"), h, inter)?;
+        Ok(DecoderLayer {
+            attn_norm: reader.vector(&format!("{p}.input_layernorm.weight"), h)?,
+            qkv: Linear::stack(vec![q, k, v]).map_err(|e| shape_error(&p, e))?,
+            o,
+            mlp_norm: reader.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            gate_up: Linear::stack(vec![gate, up]).map_err(|e| shape_error(&p, e))?,
+            down,
+        })
+    }
+}
+
+/// RMSNorm of each row of `x` into `out`, as transformers computes it in f32:
+/// `w * (x * rsqrt(mean(x²) + eps))`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mut sum = 0f32;
+        for v in xr {
+            sum += v * v;
+        }
+        let inv = 1.0 / (sum / d as f32 + eps).sqrt();
+        for ((o, v), w) in or.iter_mut().zip(xr).zip(weight) {
+            *o = w * (v * inv);
+        }
+    }
+}
+
+/// SwiGLU: `out[i] = silu(gate[i]) * up[i]` for each row of `gate_up` (`[gate | up]`, `2 * d` wide).
+pub fn swiglu(gate_up: &[f32], d: usize, out: &mut [f32]) {
+    for (gu, or) in gate_up.chunks_exact(2 * d).zip(out.chunks_exact_mut(d)) {
+        let (g, u) = gu.split_at(d);
+        for ((o, g), u) in or.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
