@@ -56,3 +56,40 @@ async fn datatypes_the_cpu_bert_cannot_use_are_refused_at_load() {
     assert_eq!(state, "UNAVAILABLE");
     assert!(reason.contains("sentence_embedding") && reason.contains("TYPE_INT32"), "{reason}");
 }
+
+#[tokio::test]
+async fn size_like_values_past_their_bounds_are_refused_and_a_refused_reload_keeps_serving() {
+    let repo = tempfile::tempdir().expect("tmp");
+    bert_model(repo.path(), "bert", "TYPE_INT64", "TYPE_FP32", "dynamic_batching { }");
+    bert_model(repo.path(), "unbatched", "TYPE_INT64", "TYPE_FP32", "");
+    std::fs::write(
+        repo.path().join("unbatched/config.pbtxt"),
+        std::fs::read_to_string(repo.path().join("unbatched/config.pbtxt"))
+            .expect("read")
+            .replace("max_batch_size: 8", "max_batch_size: 0")
+            .replace("dims: [ -1 ] }", "dims: [ 1, -1 ] }")
+            .replace("dims: [ -1, 32 ]", "dims: [ 1, -1, 32 ]")
+            .replace("dims: [ 32 ]", "dims: [ 1, 32 ]"),
+    )
+    .expect("write");
+    let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::Explicit, options()).await;
+    let idx = index(&w).await;
+    assert_eq!(entry(&idx, "bert").0, "READY");
+    let (state, reason) = entry(&idx, "unbatched");
+    assert_eq!(state, "UNAVAILABLE");
+    assert!(reason.contains("max_batch_size"), "{reason}");
+
+    // Today's code allocates one queue per priority level: 1e10 levels aborted the whole worker.
+    let config = repo.path().join("bert/config.pbtxt");
+    let text = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, text.replace("dynamic_batching { }", "dynamic_batching { priority_levels: 10000000000 }"))
+        .expect("write");
+    let mut c = w.client().await;
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest { model_name: "bert".into(), ..Default::default() })
+        .await
+        .expect_err("refused");
+    assert!(e.message().contains("priority_levels") && e.message().contains("at most 1000"), "{}", e.message());
+    let idx = index(&w).await;
+    assert_eq!(entry(&idx, "bert").0, "READY", "the serving version stays");
+}

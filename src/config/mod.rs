@@ -2,6 +2,7 @@
 //! [`ModelSpec`] the scheduler and server work from.
 
 pub mod generative;
+pub mod limits;
 mod pbtxt;
 pub mod sequence;
 mod spec;

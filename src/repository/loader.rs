@@ -177,6 +177,15 @@ pub(crate) fn create_instances(
             builtin::builtin(&spec.name).ok_or_else(|| LoadError::NoBuiltin { name: spec.name.clone() })?,
         ),
         Some(dir) if dir.join("config.json").exists() && dir.join("model.safetensors").exists() => {
+            if !spec.batches() {
+                return Err(LoadError::Config(crate::config::ConfigError::Field {
+                    file: format!("model '{}' config", spec.name),
+                    field: "max_batch_size".into(),
+                    reason: "0 leaves the rows of a BERT request unbounded (about 10 MB each at 512 tokens); \
+                             set max_batch_size ≥ 1 to bound them"
+                        .into(),
+                }));
+            }
             CpuModel::Bert(BertModel::load(dir)?)
         }
         Some(dir) => {
