@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::backend::BackendKind;
 use crate::backend::ModelInstance;
 use crate::backend::cpu::{BertModel, CpuInstance, CpuModel, builtin};
-use crate::config::{ModelSpec, parse_model_config};
+use crate::config::{IoSpec, ModelSpec, parse_model_config};
 use crate::proto::inference::{ModelConfig, model_version_policy::PolicyChoice};
 use crate::repository::{BackendSelection, LoadError};
 
@@ -189,9 +189,12 @@ pub(crate) fn create_instances(
     let threads = (cores / count).max(1);
     let inputs: Vec<String> = spec.inputs.iter().map(|i| i.name.clone()).collect();
     let outputs: Vec<String> = spec.outputs.iter().map(|o| o.name.clone()).collect();
+    let dtypes = |list: &[IoSpec]| list.iter().map(|t| (t.name.clone(), t.dtype)).collect::<Vec<_>>();
+    let (input_dtypes, output_dtypes) = (dtypes(&spec.inputs), dtypes(&spec.outputs));
     let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(count);
     for i in 0..count {
         let inst = CpuInstance::new(model.clone(), inputs.clone(), outputs.clone(), threads, i)
+            .and_then(|inst| inst.with_config_dtypes(&input_dtypes, &output_dtypes))
             .map_err(|source| LoadError::Backend { core: Some(i), source })?;
         instances.push(Box::new(inst));
     }

@@ -7,6 +7,7 @@ pub mod generate;
 mod generate_stream;
 pub mod http;
 mod inference;
+mod metric_families;
 pub mod metrics;
 mod metrics_generative;
 pub mod sessions;

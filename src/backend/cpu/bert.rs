@@ -86,7 +86,6 @@ pub struct BertScratch {
     ctx: Vec<f32>,
     tmp: Vec<f32>,
     inter: Vec<f32>,
-    heads: Vec<f32>,
     keep: Vec<bool>,
 }
 
@@ -342,7 +341,7 @@ impl BertModel {
             matmul_bt(&s.x, &layer.qkv_w, &mut s.qkv, t, h, 3 * h, threads);
             bias_activation(&mut s.qkv, &layer.qkv_b, Activation::None, threads);
             s.ctx.resize(t * h, 0.0);
-            self_attention(&s.qkv, &s.keep, shape, &mut s.ctx, &mut s.heads, threads);
+            self_attention(&s.qkv, &s.keep, shape, &mut s.ctx, threads);
 
             s.tmp.resize(t * h, 0.0);
             matmul_bt(&s.ctx, &layer.out_w, &mut s.tmp, t, h, h, threads);

@@ -37,6 +37,8 @@ pub struct CpuInstance {
     threads: usize,
     index: usize,
     scratch: BertScratch,
+    /// The configured output datatypes (outputs are computed in `f32`); empty = leave as computed.
+    output_dtypes: Vec<DataType>,
 }
 
 fn invalid(name: &str, reason: String) -> BackendError {
@@ -88,7 +90,21 @@ impl CpuInstance {
             threads: threads.max(1),
             index,
             scratch: BertScratch::default(),
+            output_dtypes: Vec::new(),
         })
+    }
+
+    /// Checks the configuration's datatypes (`(name, datatype)` in configuration order) against
+    /// what the model takes and gives, refusing at load what it cannot run, and makes every
+    /// batch's outputs come out in the configured datatypes.
+    pub fn with_config_dtypes(
+        mut self,
+        inputs: &[(String, DataType)],
+        outputs: &[(String, DataType)],
+    ) -> Result<CpuInstance, BackendError> {
+        super::dtypes::check_config_dtypes(&self.model, inputs, outputs)?;
+        self.output_dtypes = outputs.iter().map(|(_, d)| *d).collect();
+        Ok(self)
     }
 
     fn run_dense(&self, stack: &DenseStack, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
@@ -161,10 +177,12 @@ impl CpuInstance {
 impl ModelInstance for CpuInstance {
     fn execute(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
         let model = Arc::clone(&self.model);
-        match &*model {
+        let mut outputs = match &*model {
             CpuModel::Dense(stack) => self.run_dense(stack, inputs),
             CpuModel::Bert(bert) => self.run_bert(bert, inputs),
-        }
+        }?;
+        super::dtypes::conform_outputs(&mut outputs, &self.output_dtypes)?;
+        Ok(outputs)
     }
 
     fn label(&self) -> String {

@@ -8,6 +8,7 @@
 use std::sync::OnceLock;
 
 use super::linear_kernels::{KernelIsa, kernel_isa, matmul_cols};
+use super::quant::QMatrix;
 
 /// Products with fewer multiply-adds than this (m·n·k) run on the calling thread.
 pub const PARALLEL_MIN_MACS: usize = 1 << 19;
@@ -29,6 +30,8 @@ pub fn linear_threads() -> usize {
 enum LinearWeights {
     /// Row-major `[n, k]` f32.
     Dense(Vec<f32>),
+    /// A quantized `[n, k]` matrix (its own batch-invariant integer kernels and thread pool).
+    Quant(QMatrix),
 }
 
 /// A linear layer with `n` outputs over `k` inputs.
@@ -80,6 +83,19 @@ impl Linear {
         Ok(Linear { n, k, weights: LinearWeights::Dense(data), bias: None })
     }
 
+    /// A layer over a quantized `[n, k]` matrix, kept quantized.
+    pub fn quant(q: QMatrix) -> Self {
+        Linear { n: q.n(), k: q.k(), weights: LinearWeights::Quant(q), bias: None }
+    }
+
+    /// The quantized matrix, when the layer holds one.
+    pub fn quant_weights(&self) -> Option<&QMatrix> {
+        match &self.weights {
+            LinearWeights::Quant(q) => Some(q),
+            LinearWeights::Dense(_) => None,
+        }
+    }
+
     /// Adds a bias of `n` values.
     pub fn with_bias(mut self, bias: Vec<f32>) -> Result<Self, LinearError> {
         if bias.len() != self.n {
@@ -96,20 +112,32 @@ impl Linear {
         let k = parts.first().map_or(0, |p| p.k);
         let n: usize = parts.iter().map(|p| p.n).sum();
         let any_bias = parts.iter().any(|p| p.bias.is_some());
-        let mut data = Vec::with_capacity(n * k);
+        let quants: Vec<QMatrix> = parts.iter().filter_map(|p| p.quant_weights().cloned()).collect();
         let mut bias = Vec::with_capacity(if any_bias { n } else { 0 });
+        if any_bias {
+            for p in &parts {
+                match &p.bias {
+                    Some(b) => bias.extend_from_slice(b),
+                    None => bias.extend(std::iter::repeat_n(0.0, p.n)),
+                }
+            }
+        }
+        // All quantized in one format: concatenate the rows, still quantized.
+        if quants.len() == parts.len()
+            && let Some(q) = QMatrix::stack(&quants)
+        {
+            let stacked = Linear::quant(q);
+            return if any_bias { stacked.with_bias(bias) } else { Ok(stacked) };
+        }
+        let mut data = Vec::with_capacity(n * k);
         for p in parts {
             if p.k != k {
                 return Err(LinearError::InputMismatch { a: k, b: p.k });
             }
             match p.weights {
                 LinearWeights::Dense(w) => data.extend_from_slice(&w),
-            }
-            if any_bias {
-                match p.bias {
-                    Some(b) => bias.extend_from_slice(&b),
-                    None => bias.extend(std::iter::repeat_n(0.0, p.n)),
-                }
+                // Mixed formats: this part is expanded to f32.
+                LinearWeights::Quant(q) => data.extend_from_slice(&q.dequantize()),
             }
         }
         let stacked = Linear::dense(data, n, k)?;
@@ -126,10 +154,12 @@ impl Linear {
         self.k
     }
 
-    /// The dense weights, row-major `[n, k]`.
+    /// The dense weights, row-major `[n, k]` (empty for a quantized layer: see
+    /// [`Linear::quant_weights`]).
     pub fn dense_weights(&self) -> &[f32] {
         match &self.weights {
             LinearWeights::Dense(w) => w,
+            LinearWeights::Quant(_) => &[],
         }
     }
 
@@ -153,8 +183,15 @@ impl Linear {
         if m == 0 || n == 0 {
             return;
         }
-        let LinearWeights::Dense(w) = &self.weights;
         let out = &mut out[..m * n];
+        let w = match &self.weights {
+            LinearWeights::Dense(w) => w,
+            LinearWeights::Quant(q) => {
+                q.forward(&x[..m * k], m, out);
+                self.add_bias(out);
+                return;
+            }
+        };
         // Column split: whole 16-column groups per thread, at least 64 columns each.
         let t = if m * n * k < PARALLEL_MIN_MACS { 1 } else { threads.clamp(1, (n / 64).max(1)) };
         if t == 1 {
@@ -184,8 +221,12 @@ impl Linear {
                 }
             });
         }
+        self.add_bias(out);
+    }
+
+    fn add_bias(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
-            for row in out.chunks_mut(n) {
+            for row in out.chunks_mut(self.n) {
                 for (o, b) in row.iter_mut().zip(b) {
                     *o += b;
                 }

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod bert;
 pub mod builtin;
 pub mod dense;
+pub mod dtypes;
 pub mod gemm;
 pub mod gguf;
 pub mod instance;

@@ -28,6 +28,8 @@ use std::path::PathBuf;
 pub use error::{NeuronError, Operation};
 pub use instance::{NeuronInstance, NeuronModelConfig, TensorConfig};
 pub use model::{ExpectedTensor, NeffTensorInfo, NeuronModel, TensorUsage, check_tensors};
+/// The documented name of a Neuron runtime status code (`5` → `NRT_TIMEOUT`), for logs and metrics.
+pub use neuron_sys::status_name as nrt_status_name;
 pub use runtime::Runtime;
 pub use stateful::{StateTensorConfig, StatefulNeff, StatefulNeffConfig};
 pub use tensor::{DeviceTensor, TensorSet};

@@ -156,12 +156,8 @@ impl Worker {
             })
             .collect();
         let t = Instant::now();
-        let mut out = guarded_execute(self.instance.as_mut(), &spec.name, &inputs)?;
+        let out = guarded_execute(self.instance.as_mut(), &spec.name, &inputs)?;
         let infer = t.elapsed();
-        conform_dtypes(&spec, &mut out).map_err(|message| BatchingError::Backend {
-            model: self.model(),
-            source: BackendError::Execution { message, instance_usable: true, nrt_status: None },
-        })?;
         Ok((vec![out], Timings { input: Duration::ZERO, infer, split: Duration::ZERO, executions: vec![(1, infer)] }))
     }
 
@@ -287,11 +283,7 @@ impl Worker {
             start += rows;
         }
         let t_split = Instant::now();
-        let mut merged = merge_chunks(chunks, layout.total_rows);
-        conform_dtypes(&spec, &mut merged).map_err(|message| BatchingError::Backend {
-            model: self.model(),
-            source: BackendError::Execution { message, instance_usable: true, nrt_status: None },
-        })?;
+        let merged = merge_chunks(chunks, layout.total_rows);
         let per_request = split_outputs(&spec, merged, &layout).map_err(|reason| BatchingError::Backend {
             model: self.model(),
             source: BackendError::Execution { message: reason, instance_usable: true, nrt_status: None },
@@ -318,26 +310,6 @@ struct Timings {
     infer: Duration,
     split: Duration,
     executions: Vec<(usize, Duration)>,
-}
-
-/// Converts outputs the backend computed in another float type (the CPU backend computes in f32) to
-/// the datatype the model configuration declares (FP16, BF16, FP64).
-fn conform_dtypes(spec: &crate::config::ModelSpec, outputs: &mut [NamedTensor]) -> Result<(), String> {
-    for out in outputs.iter_mut() {
-        let Some(want) = spec.outputs.iter().find(|o| o.name == out.name).map(|o| o.dtype) else { continue };
-        if out.tensor.dtype == want {
-            continue;
-        }
-        let converted = out.tensor.view().to_f32().and_then(|v| crate::tensor::encode_f32(&v, want));
-        let Some(data) = converted else {
-            return Err(format!(
-                "output '{}' was computed as {} but the configuration declares {want}; declare {} in config.pbtxt",
-                out.name, out.tensor.dtype, out.tensor.dtype
-            ));
-        };
-        out.tensor = Tensor { dtype: want, shape: std::mem::take(&mut out.tensor.shape), data };
-    }
-    Ok(())
 }
 
 /// Joins the real rows of each chunk's outputs (dropping padded rows) into one output per name.

@@ -5,7 +5,7 @@
 
 mod auth;
 mod body;
-mod core;
+pub(crate) mod core;
 mod error;
 mod generate;
 mod infer;
@@ -14,7 +14,7 @@ pub mod metrics;
 mod openai;
 mod params;
 mod proto_json;
-mod tensor_json;
+pub(crate) mod tensor_json;
 mod tls;
 
 use std::net::SocketAddr;
@@ -41,7 +41,12 @@ pub struct App {
     core: Core,
     /// Largest request body, bytes (after decompression).
     body_limit: usize,
+    /// Stored `/v1/responses`.
+    responses: Arc<openai::response_store::ResponseStore>,
 }
+
+/// Most responses `/v1/responses` keeps (oldest dropped first).
+const STORED_RESPONSES: usize = 10_000;
 
 /// The routes.
 fn router(app: App, token: Option<Arc<str>>) -> Router {
@@ -56,7 +61,12 @@ fn router(app: App, token: Option<Arc<str>>) -> Router {
         .route("/v2/repository/models/{model}/load", post(kserve::load))
         .route("/v2/repository/models/{model}/unload", post(kserve::unload))
         .route("/v1/models", get(openai::models::list))
-        .route("/v1/models/{model}", get(openai::models::get));
+        .route("/v1/models/{model}", get(openai::models::get))
+        .route("/v1/embeddings", post(openai::embeddings::embeddings))
+        .route("/v1/chat/completions", post(openai::completions::chat))
+        .route("/v1/completions", post(openai::completions::text))
+        .route("/v1/responses", post(openai::responses::create))
+        .route("/v1/responses/{id}", get(openai::responses::get).delete(openai::responses::delete));
     for base in [m, mv] {
         r = r
             .route(base, get(kserve::model_metadata))
@@ -89,7 +99,8 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
     let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
-    let app = App { core: Core { service, repo }, body_limit: opts.max_message_size };
+    let responses = Arc::new(openai::response_store::ResponseStore::new(STORED_RESPONSES));
+    let app = App { core: Core { service, repo }, body_limit: opts.max_message_size, responses };
     let router = router(app, token);
     let exit_timeout = opts.exit_timeout;
     let task = tokio::spawn(serve(listener, router, tls, stop, exit_timeout));

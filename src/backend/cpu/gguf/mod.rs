@@ -2,11 +2,13 @@
 //! quantized ([`GgufSource`]), the HF-style configuration, tokenizer and chat template their
 //! metadata describes.
 
+mod load;
 mod names;
 mod reader;
 mod source;
 mod tokenizer;
 
+pub use load::{GgufDecoderFiles, load_gguf_decoder};
 pub use names::{gguf_name, hf_name};
 pub use reader::{GgufFile, GgufValue, TensorInfo};
 pub use source::{GgufSource, GgufTensor};

@@ -139,7 +139,7 @@ impl GgufSource {
     }
 
     /// The tensor with HF name `hf_name`, or `None` when the file does not hold it.
-    pub fn tensor(&self, hf_name: &str) -> Result<Option<GgufTensor>, GgufError> {
+    pub fn gguf_tensor(&self, hf_name: &str) -> Result<Option<GgufTensor>, GgufError> {
         let Some(g) = gguf_name(hf_name) else { return Ok(None) };
         let Some(info) = self.file.tensor_info(&g) else { return Ok(None) };
         let t = self.read(info)?;

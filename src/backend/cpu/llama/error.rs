@@ -63,6 +63,14 @@ pub enum LoadError {
         /// What is wrong and what is supported.
         reason: String,
     },
+    /// A GGUF file could not be read or does not describe a model this loader runs.
+    #[error("{path}: {message}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (from the GGUF reader).
+        message: String,
+    },
     /// The tokenizer or the chat template of the folder could not be loaded.
     #[error("{message}")]
     Tokenizer {

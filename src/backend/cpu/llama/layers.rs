@@ -36,6 +36,13 @@ impl<'a> WeightReader<'a> {
                     self.digest.update(x.to_le_bytes());
                 }
             }
+            Weight::Quant(q) => {
+                for d in q.shape() {
+                    self.digest.update((*d as u64).to_le_bytes());
+                }
+                self.digest.update(q.format().ggml_type().to_le_bytes());
+                self.digest.update(q.gguf_bytes());
+            }
         }
     }
 
@@ -64,6 +71,7 @@ impl<'a> WeightReader<'a> {
     pub fn vector(&mut self, name: &str, len: usize) -> Result<Vec<f32>, LoadError> {
         match self.required(name, &[len])? {
             Weight::Dense { data, .. } => Ok(data),
+            Weight::Quant(q) => Ok(q.dequantize()),
         }
     }
 
@@ -74,6 +82,7 @@ impl<'a> WeightReader<'a> {
         let linear = linear_from(&name, weight, n, k)?;
         match self.optional(&format!("{prefix}.bias"), &[n])? {
             Some(Weight::Dense { data, .. }) => linear.with_bias(data).map_err(|e| shape_error(&name, e)),
+            Some(Weight::Quant(q)) => linear.with_bias(q.dequantize()).map_err(|e| shape_error(&name, e)),
             None => Ok(linear),
         }
     }
@@ -87,6 +96,7 @@ fn shape_error(name: &str, e: impl std::fmt::Display) -> LoadError {
 pub fn linear_from(name: &str, weight: Weight, n: usize, k: usize) -> Result<Linear, LoadError> {
     match weight {
         Weight::Dense { data, .. } => Linear::dense(data, n, k).map_err(|e| shape_error(name, e)),
+        Weight::Quant(q) => Ok(Linear::quant(q)),
     }
 }
 

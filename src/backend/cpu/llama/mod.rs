@@ -9,6 +9,7 @@ pub mod hf_folder;
 mod kv_pool;
 mod layers;
 pub mod model;
+pub mod random;
 pub mod rope;
 pub mod weights;
 
@@ -17,4 +18,5 @@ pub use error::LoadError;
 pub use hf_folder::{GenerationDefaults, HfDecoderFiles, load_hf_decoder};
 pub use kv_pool::KvPool;
 pub use model::LlamaModel;
+pub use random::RandomWeights;
 pub use weights::{SafetensorsSource, Weight, WeightSource};

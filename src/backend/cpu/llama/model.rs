@@ -56,7 +56,7 @@ fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 pub struct LlamaModel {
     config: LlamaConfig,
     shape: DecoderShape,
-    embed: Vec<f32>,
+    embed: Embedding,
     layers: Vec<DecoderLayer>,
     norm: Vec<f32>,
     lm_head: Linear,
@@ -65,6 +65,13 @@ pub struct LlamaModel {
     digest: [u8; 32],
     threads: usize,
     scratch: Scratch,
+}
+
+/// The token embedding: f32 rows, or a quantized matrix whose rows are expanded on lookup (a GGUF's
+/// `token_embd`, which a tied head then multiplies by quantized).
+enum Embedding {
+    Dense(Vec<f32>),
+    Quant(crate::backend::cpu::quant::QMatrix),
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -85,9 +92,7 @@ impl LlamaModel {
         let h = config.hidden_size;
         let vocab = config.vocab_size;
         let mut reader = WeightReader::new(weights);
-        let embed = match reader.required("model.embed_tokens.weight", &[vocab, h])? {
-            Weight::Dense { data, .. } => data,
-        };
+        let embed_weight = reader.required("model.embed_tokens.weight", &[vocab, h])?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&mut reader, &config, i))
             .collect::<Result<Vec<_>, _>>()?;
@@ -96,12 +101,11 @@ impl LlamaModel {
         let lm_head = match head {
             Some(w) => linear_from("lm_head.weight", w, vocab, h)?,
             // Tied (or a checkpoint that omits the head): the output projection is the embedding.
-            None => linear_from(
-                "model.embed_tokens.weight",
-                Weight::Dense { data: embed.clone(), shape: vec![vocab, h] },
-                vocab,
-                h,
-            )?,
+            None => linear_from("model.embed_tokens.weight", embed_weight.clone(), vocab, h)?,
+        };
+        let embed = match embed_weight {
+            Weight::Dense { data, .. } => Embedding::Dense(data),
+            Weight::Quant(q) => Embedding::Quant(q),
         };
         let pool =
             KvPool::new(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, block_size, num_blocks)?;
@@ -193,7 +197,10 @@ impl LlamaModel {
         let x = grow(&mut s.x, t * hidden);
         for (row, tok) in x.chunks_exact_mut(hidden).zip(chunks.iter().flat_map(|c| c.tokens)) {
             let tok = *tok as usize;
-            row.copy_from_slice(&self.embed[tok * hidden..(tok + 1) * hidden]);
+            match &self.embed {
+                Embedding::Dense(e) => row.copy_from_slice(&e[tok * hidden..(tok + 1) * hidden]),
+                Embedding::Quant(q) => q.dequantize_row(tok, row),
+            }
         }
         let shape = AttentionShape {
             heads: cfg.num_attention_heads,

@@ -18,6 +18,8 @@ pub enum Weight {
         /// The tensor's shape (a matrix is `[out_features, in_features]`, as HF stores it).
         shape: Vec<usize>,
     },
+    /// A `[n, k]` matrix kept in a quantized block format (GGUF).
+    Quant(crate::backend::cpu::quant::QMatrix),
 }
 
 impl Weight {
@@ -25,6 +27,7 @@ impl Weight {
     pub fn shape(&self) -> &[usize] {
         match self {
             Weight::Dense { shape, .. } => shape,
+            Weight::Quant(q) => q.shape(),
         }
     }
 }

@@ -12,7 +12,7 @@ use super::isa::{QuantIsa, quant_isa, rows_with};
 use super::pool::{PoolJob, QuantPool};
 
 /// The stored weight, split by field so the kernels load scales of 8 blocks at once.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub(crate) struct QData {
     pub format: QFormat,
     pub n: usize,
@@ -27,6 +27,8 @@ pub(crate) struct QData {
     pub d: Vec<u16>,
     /// Q4_1 minimums `[n][nb]`, f16 bits (empty otherwise).
     pub mins: Vec<u16>,
+    /// `[n, k]`.
+    pub shape: [usize; 2],
 }
 
 /// Activations as the kernels see them: quantized (block formats) or f32 (F16).
@@ -37,7 +39,7 @@ pub(crate) struct XRef<'a> {
 }
 
 /// A quantized `[n, k]` weight (`out = x · Wᵀ`). Cheap to clone (shared storage).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QMatrix {
     data: Arc<QData>,
 }
@@ -74,6 +76,7 @@ impl QMatrix {
             qs: Vec::with_capacity(n * nb * qs_bytes),
             d: Vec::new(),
             mins: Vec::new(),
+            shape: [n, k],
         };
         if format == QFormat::F16 {
             data.qs.extend_from_slice(bytes);
@@ -125,6 +128,7 @@ impl QMatrix {
             qs: Vec::with_capacity(rows.len() * row_qs),
             d: Vec::new(),
             mins: Vec::new(),
+            shape: [rows.len(), d.k],
         };
         for &r in rows {
             out.qs.extend_from_slice(&d.qs[r * row_qs..(r + 1) * row_qs]);
@@ -142,6 +146,38 @@ impl QMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let one = self.select_rows(&[r]);
         out.copy_from_slice(&one.dequantize());
+    }
+
+    /// Matrices over the same `k` in the same format, rows concatenated (fused q/k/v or gate/up);
+    /// `None` when formats or widths differ.
+    pub fn stack(parts: &[QMatrix]) -> Option<QMatrix> {
+        let first = &parts.first()?.data;
+        if parts.iter().any(|p| p.data.format != first.format || p.data.k != first.k) {
+            return None;
+        }
+        let n = parts.iter().map(|p| p.data.n).sum();
+        let mut out = QData {
+            format: first.format,
+            n,
+            k: first.k,
+            nb: first.nb,
+            qs_bytes: first.qs_bytes,
+            qs: Vec::new(),
+            d: Vec::new(),
+            mins: Vec::new(),
+            shape: [n, first.k],
+        };
+        for p in parts {
+            out.qs.extend_from_slice(&p.data.qs);
+            out.d.extend_from_slice(&p.data.d);
+            out.mins.extend_from_slice(&p.data.mins);
+        }
+        Some(QMatrix { data: Arc::new(out) })
+    }
+
+    /// `[n, k]`.
+    pub fn shape(&self) -> &[usize] {
+        &self.data.shape
     }
 
     /// Output features (rows of the weight).

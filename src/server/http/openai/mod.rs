@@ -2,7 +2,12 @@
 //! models, embeddings (encoder models), chat and text completions and responses (generative
 //! models), with OpenAI's error shape.
 
+pub mod completions;
+pub mod embeddings;
+pub mod generation;
 pub mod models;
+pub mod response_store;
+pub mod responses;
 
 use axum::response::{IntoResponse, Response};
 

