@@ -209,8 +209,10 @@ async fn unsupported_rpcs_answer_unimplemented_and_repository_control_is_guarded
     assert!(e.message().contains("--model-control-mode explicit"));
     let idx = c.repository_index(RepositoryIndexRequest::default()).await.expect("index").into_inner();
     let names: Vec<(String, String)> = idx.models.iter().map(|m| (m.name.clone(), m.state.clone())).collect();
-    let want: Vec<(String, String)> =
-        ["accumulate", "gru", "linear", "mlp"].iter().map(|m| (m.to_string(), "READY".to_string())).collect();
+    let want: Vec<(String, String)> = ["accumulate", "gru", "linear", "mlp", "tiny_decoder"]
+        .iter()
+        .map(|m| (m.to_string(), "READY".to_string()))
+        .collect();
     assert_eq!(names, want);
 }
 

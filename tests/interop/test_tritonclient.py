@@ -35,7 +35,7 @@ LINEAR_IN, LINEAR_OUT, LINEAR_MAX_BATCH = 64, 16, 64
 
 
 # The models a worker serves with no --model-repository, sorted by name.
-BUILTIN_MODELS = ["accumulate", "gru", "linear", "mlp"]
+BUILTIN_MODELS = ["accumulate", "gru", "linear", "mlp", "tiny_decoder"]
 
 def linear_reference(x: np.ndarray) -> np.ndarray:
     """y = x·W + b for the built-in `linear` model, in float64."""
