@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use tonic::Request;
 
 use super::error::HttpError;
@@ -31,9 +32,31 @@ impl Core {
 
     /// The responses to one request, in order: one for most models; a decoupled (streaming) model
     /// may send several.
+    /// Generative models go through the same streaming path as gRPC ModelStreamInfer.
     pub fn infer_stream(&self, req: ModelInferRequest) -> ResponseStream {
-        let core = self.clone();
-        Box::pin(futures::stream::once(async move { core.infer(req).await }))
+        let generative = self.repo.get(&req.model_name, &req.model_version).ok().and_then(|m| {
+            let g = m.batching.generative().cloned()?;
+            Some((m, g))
+        });
+        let Some((model, g)) = generative else {
+            let core = self.clone();
+            return Box::pin(futures::stream::once(async move { core.infer(req).await }));
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // Dropping the stream (client gone) closes the channel and ends the generation.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = crate::server::generate_stream::generate_stream(&model, &g, req, &tx) => {}
+                _ = tx.closed() => {}
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| match m {
+            Ok(ModelStreamInferResponse { error_message, .. }) if !error_message.is_empty() => {
+                Err(HttpError::bad_request(error_message))
+            }
+            Ok(m) => Ok(m.infer_response.unwrap_or_default()),
+            Err(status) => Err(HttpError::from(status)),
+        }))
     }
 
     /// Server liveness.

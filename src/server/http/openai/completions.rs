@@ -112,7 +112,9 @@ fn parse(kind: Kind, req: &Map<String, Value>) -> Result<Generation, HttpError> 
                     Prompt::Ids(a.iter().filter_map(Value::as_i64).collect())
                 }
                 _ => {
-                    return Err(HttpError::bad_request("'prompt' must be a string or a list of token ids (one prompt)"));
+                    return Err(HttpError::bad_request(
+                        "'prompt' must be a string or a list of token ids (one prompt)",
+                    ));
                 }
             };
             let logprobs = field(req, "logprobs").and_then(Value::as_u64);
