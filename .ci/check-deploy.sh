@@ -87,7 +87,7 @@ need = [
     ("aws-neuronx-runtime-lib" in text, "installs aws-neuronx-runtime-lib"),
     (re.search(r"(?m)^USER\s+(?!0\b|root\b)\S+", text) is not None, "non-root USER"),
     (re.search(r"(?m)^VOLUME\s+.*/models", text) is not None, "VOLUME /models"),
-    (re.search(r"(?m)^EXPOSE\s+8001\s+8002\s*$", text) is not None, "EXPOSE 8001 8002"),
+    (re.search(r"(?m)^EXPOSE\s+8000\s+8001\s+8002\s*$", text) is not None, "EXPOSE 8000 8001 8002"),
     (re.search(r"(?m)^STOPSIGNAL\s+SIGTERM\s*$", text) is not None, "STOPSIGNAL SIGTERM"),
     (re.search(r"(?m)^ENTRYPOINT\s+\[", text) is not None, "exec-form ENTRYPOINT"),
 ]

@@ -222,9 +222,15 @@ fn deploy_ports_match_the_default_addresses() {
     let grpc_default = help_default(&help, "--grpc-addr").expect("serve --help shows no default for --grpc-addr");
     let metrics_default =
         help_default(&help, "--metrics-addr").expect("serve --help shows no default for --metrics-addr");
+    let http_default = help_default(&help, "--http-addr").expect("serve --help shows no default for --http-addr");
     let grpc_port = port_of(&grpc_default).expect("default --grpc-addr has no port");
     let metrics_port = port_of(&metrics_default).expect("default --metrics-addr has no port");
-    assert_eq!((grpc_port, metrics_port), (8001, 8002), "the deploy files are written for ports 8001 and 8002");
+    let http_port = port_of(&http_default).expect("default --http-addr has no port");
+    assert_eq!(
+        (grpc_port, metrics_port, http_port),
+        (8001, 8002, 8000),
+        "the deploy files are written for ports 8001, 8002 and 8000"
+    );
 
     let mut seen_grpc = 0;
     for (name, text) in sources() {
@@ -232,6 +238,7 @@ fn deploy_ports_match_the_default_addresses() {
             let want = match flag.as_str() {
                 "--grpc-addr" => grpc_port,
                 "--metrics-addr" => metrics_port,
+                "--http-addr" => http_port,
                 _ => continue,
             };
             let value = value.unwrap_or_else(|| panic!("{name}: {flag} has no value"));
@@ -255,13 +262,13 @@ fn deploy_ports_match_the_default_addresses() {
 
     let k8s = deploy_dir().join("k8s");
     let service = std::fs::read_to_string(k8s.join("service.yaml")).expect("deploy/k8s/service.yaml");
-    for p in [grpc_port, metrics_port] {
+    for p in [grpc_port, metrics_port, http_port] {
         assert!(service.contains(&format!("port: {p}")), "service.yaml does not publish port {p}");
     }
     let dockerfile = std::fs::read_to_string(deploy_dir().join("Dockerfile")).expect("deploy/Dockerfile");
     assert!(
-        dockerfile.lines().any(|l| l.trim() == format!("EXPOSE {grpc_port} {metrics_port}")),
-        "Dockerfile does not EXPOSE {grpc_port} {metrics_port}"
+        dockerfile.lines().any(|l| l.trim() == format!("EXPOSE {http_port} {grpc_port} {metrics_port}")),
+        "Dockerfile does not EXPOSE {http_port} {grpc_port} {metrics_port}"
     );
 }
 
