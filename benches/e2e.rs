@@ -4,6 +4,7 @@
 //! - `round_trip/{linear,mlp}`: one request at a time, batch 1 (latency of a lone request).
 //! - `in_flight_16/{linear,mlp}`: 16 requests kept in flight; the time shown is per request, so
 //!   1 / time is the throughput.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::net::SocketAddr;
 use std::sync::Arc;

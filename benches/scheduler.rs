@@ -9,6 +9,7 @@
 //!   single-row submitters. Ideal = cores × bucket rows ÷ device time; the ratio is achieved rows/s
 //!   ÷ ideal. libnrt is one per process and the stand-in reads its knobs at `nrt_init`, so this part
 //!   runs in a child process (this executable, re-executed with the knobs in its environment).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::process::{Command, ExitCode};
 use std::sync::Arc;

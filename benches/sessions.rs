@@ -7,6 +7,7 @@
 //! - `spill_restore/*`: round-robin steps over 16 `accumulate` sessions (fit the 16 slots) and over
 //!   17 sessions (every step spills the least recently used session to the redb store and restores
 //!   the requested one); the difference per step is the cost of one spill + restore.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

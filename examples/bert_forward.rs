@@ -9,6 +9,7 @@
 //! Flags: `--batch N` (32), `--seq N` (128), `--reps N` (3), `--threads N` (all cores), `--pad N`
 //! (masked tokens at the end of every sequence, 0). Prints the ISA, the time per forward and the
 //! sequences per second.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::time::Instant;
 

@@ -1,5 +1,6 @@
 //! `neuron-worker bench` against an in-process worker: the JSON, CSV and SVG it writes, and the
 //! messages it gives for a wrong model or an address where nothing listens.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::net::SocketAddr;
 use std::process::{Command, Output};

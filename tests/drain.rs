@@ -1,5 +1,6 @@
 //! Graceful drain: SIGTERM under concurrent load. Every request sent before the signal succeeds,
 //! health turns NOT_SERVING, and the worker exits 0.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

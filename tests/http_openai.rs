@@ -1,6 +1,7 @@
 //! The OpenAI-compatible `/v1` routes over 127.0.0.1: models, embeddings of a BERT fixture equal to
 //! the gRPC `sentence_embedding` (floats and base64), and OpenAI's error shape. Chat, completions and
 //! responses need a generative model; their request/response mapping is unit-tested in the crate.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! End-to-end tests of the HTTP front (KServe v2 REST with Triton's binary tensor data extension)
 //! over 127.0.0.1: answers equal the gRPC front's for the same request, binary data in and out,
 //! the error statuses, auth, TLS, the body limit and drain.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The CPU Llama-family decoder against HF transformers (fixtures from
 //! tests/fixtures/llama/make_fixtures.py): logits at every position within 1e-4, 48 greedy tokens
 //! identical, and bit-identical results whatever shares the step or however the prefill is chunked.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,5 @@
 //! NEFF reader tests: the real compiler fixture, damaged files, and writer → reader round trips.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::PathBuf;
 

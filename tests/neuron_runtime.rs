@@ -5,6 +5,7 @@
 //! in a child process: the parent test re-runs this binary with `--ignored --exact <child>` and the
 //! scenario's environment, and checks the child passed. A child run directly (without the marker
 //! variable) does nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::PathBuf;
 use std::process::Command;

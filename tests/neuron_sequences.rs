@@ -3,6 +3,7 @@
 //! sequence slot, state kept in device tensors). Sessions move between a Neuron worker and a CPU
 //! worker; a stand-in knob that refuses host reads of state tensors shows the state is never read
 //! back between steps. (The tests both backends must pass alike are in `sequence_parity.rs`.)
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

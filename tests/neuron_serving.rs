@@ -2,6 +2,7 @@
 //! libnrt, serving the built-in models compiled as stand-in NEFFs (one per bucket). The same request
 //! bodies run against the CPU backend, and outputs must agree. Fault injection through the stand-in's
 //! knobs checks that a failed batch fails only its requests and a fatal status takes a core out.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Model repository over gRPC: a bare HF BERT folder served with a completed config, version
 //! policies, a broken model reported without affecting the others, and explicit load/unload.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Scheduler semantics with a programmable test backend: batching under load, delay, preferred
 //! sizes, priorities, queue bound, timeouts, cancellation, bucket padding/splitting, sequence
 //! padding, and fault isolation.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};

@@ -1,4 +1,5 @@
 //! Bearer-token auth on every RPC except health, and TLS / mutual TLS with rustls.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! A sequence model measured like every other model: its statistics follow the per-request rule
 //! of the dynamic path (a batch of n charges each of its n requests the batch's time), and while
 //! its requests wait, `/capacity` and `/metrics` show them queued.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! over the stand-in libnrt): interleaved `accumulate` sequences from many clients with restarts,
 //! interleaved `gru` sequences with several time steps per request against the reference, and
 //! more sequences than slots spilling to and restoring from the session store.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 #[macro_use]
 mod common;

@@ -2,6 +2,7 @@
 //! unknown/ended/expired ids, restart on START, slot exhaustion, drain and restart on the same
 //! store, and export/import between two workers. (Interleaved sequences and spill/restore run on
 //! both backends in `sequence_parity.rs`.)
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

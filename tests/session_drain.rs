@@ -1,6 +1,7 @@
 //! Draining never loses an idle session: from the moment the worker starts draining, idle
 //! sequences stop expiring and are saved to the store, so neither work still in flight for longer
 //! than `max_sequence_idle_microseconds` nor an exit deadline that cuts the drain short loses them.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Tokenizer and chat template against transformers (tests/fixtures/llama/tokenizer_expected.json, made by
 //! make_fixtures.py): the same ids, the same decoded text, the same rendered chats; and an HF decoder
 //! folder loads whole.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::{Path, PathBuf};
 

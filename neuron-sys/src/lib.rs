@@ -13,7 +13,9 @@
     dead_code,
     missing_docs,
     unsafe_op_in_unsafe_fn,
-    clippy::all
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used
 )]
 pub mod bindings {
     #[cfg(neuron_sys_generated)]
@@ -30,7 +32,9 @@ pub mod bindings {
     dead_code,
     missing_docs,
     unsafe_op_in_unsafe_fn,
-    clippy::all
+    clippy::all,
+    clippy::unwrap_used,
+    clippy::expect_used
 )]
 pub mod bindings_optional {
     use crate::bindings::*;
