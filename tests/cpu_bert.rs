@@ -1,5 +1,6 @@
 //! BERT encoder on a small generated checkpoint, against a plain-loop f64 reference written here.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// test and benchmark code may panic on setup failures
 // The references are plain index loops on purpose: they should read like the math.
 #![allow(clippy::needless_range_loop)]
 

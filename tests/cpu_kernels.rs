@@ -1,5 +1,6 @@
 //! CPU kernels, built-in models and `CpuInstance` against naive references written here.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+// test and benchmark code may panic on setup failures
 // The references are plain index loops on purpose: they should read like the math.
 #![allow(clippy::needless_range_loop)]
 
