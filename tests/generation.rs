@@ -219,3 +219,56 @@ async fn a_cancelled_stream_frees_its_sequence() {
     assert!(text.contains("neuron_worker_time_to_first_token_seconds_count{model=\"tiny_decoder\""));
     let _ = InferParameter::default();
 }
+
+/// A request carrying token ids (`input_ids`) with greedy sampling, returning the generated ids.
+fn ids_request(model: &str, ids: &[i32], max_tokens: usize) -> ModelInferRequest {
+    let input = |name: &str, dtype: &str, shape: Vec<i64>| InferInputTensor {
+        name: name.into(),
+        datatype: dtype.into(),
+        shape,
+        ..Default::default()
+    };
+    let params = format!(r#"{{"max_tokens": {max_tokens}, "temperature": 0, "ignore_eos": true}}"#);
+    let inputs = vec![
+        input("input_ids", "INT32", vec![ids.len() as i64]),
+        input("sampling_parameters", "BYTES", vec![1]),
+        input("return_output_ids", "BOOL", vec![1]),
+    ];
+    let raw = vec![ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>(), bytes_el(&params), vec![1]];
+    let raw = raw.into_iter().map(bytes::Bytes::from).collect();
+    ModelInferRequest { model_name: model.into(), inputs, raw_input_contents: raw, ..Default::default() }
+}
+
+/// A `.gguf` file in a version folder is served: the F32 GGUF of the `llama-gqa` weights generates
+/// transformers' greedy tokens (from the fixture's expected.json, computed on the safetensors copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_file_in_a_version_folder_is_served_and_generates_the_reference_tokens() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama");
+    let repo = tempfile::tempdir().expect("temp dir");
+    let v = repo.path().join("gguf_gqa/1");
+    std::fs::create_dir_all(&v).expect("mkdir");
+    std::os::unix::fs::symlink(fixtures.join("gguf-llama-gqa/f32.gguf"), v.join("model.gguf")).expect("symlink");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("llama-gqa/expected.json")).expect("expected"))
+            .expect("json");
+    let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+    let mut c = w.client().await;
+    let cfg = c
+        .model_config(ModelConfigRequest { name: "gguf_gqa".into(), version: String::new() })
+        .await
+        .expect("config")
+        .into_inner()
+        .config
+        .expect("config body");
+    assert!(cfg.model_transaction_policy.is_some_and(|p| p.decoupled), "served as a decoupled generative model");
+    let prompts = expected["prompts"].as_array().expect("prompts");
+    assert!(!prompts.is_empty());
+    for (k, p) in prompts.iter().enumerate() {
+        let ids: Vec<i32> = p["ids"].as_array().expect("ids").iter().map(|x| x.as_i64().expect("id") as i32).collect();
+        let want: Vec<i32> =
+            p["greedy"].as_array().expect("greedy").iter().map(|x| x.as_i64().expect("id") as i32).collect();
+        let r = c.model_infer(ids_request("gguf_gqa", &ids, want.len())).await.expect("infer").into_inner();
+        let (_, got, _, _) = outputs(&r);
+        assert_eq!(got, want, "prompt {k}: greedy tokens of the GGUF model vs transformers");
+    }
+}

@@ -1,4 +1,5 @@
-//! Generative models in the repository: recognising a decoder checkpoint (an HF Llama-family folder),
+//! Generative models in the repository: recognising a decoder checkpoint (an HF Llama-family folder
+//! or a `.gguf` file),
 //! completing its configuration, building its decoder instances and tokenizer, and the built-in
 //! `tiny_decoder` (seeded random weights, byte-level tokenizer).
 
@@ -41,10 +42,31 @@ const TINY_DECODER_HF_CONFIG: &str = r#"{
 pub enum DecoderSource {
     /// An HF folder (`config.json` of a Llama-family decoder, safetensors, `tokenizer.json`).
     HfFolder(PathBuf),
+    /// One `.gguf` file (weights, tokenizer and chat template in its metadata).
+    Gguf(PathBuf),
 }
 
-/// Whether `path` holds a decoder checkpoint this worker serves.
+fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Whether `path` holds a decoder checkpoint this worker serves: an HF folder, a `.gguf` file, or a
+/// folder holding exactly one `.gguf` file.
 pub fn detect(path: &Path) -> Option<DecoderSource> {
+    if is_gguf(path) {
+        return Some(DecoderSource::Gguf(path.into()));
+    }
+    detect_hf(path).or_else(|| {
+        let ggufs: Vec<PathBuf> =
+            std::fs::read_dir(path).ok()?.filter_map(Result::ok).map(|e| e.path()).filter(|p| is_gguf(p)).collect();
+        match ggufs.as_slice() {
+            [one] => Some(DecoderSource::Gguf(one.clone())),
+            _ => None,
+        }
+    })
+}
+
+fn detect_hf(path: &Path) -> Option<DecoderSource> {
     let config = std::fs::read_to_string(path.join("config.json")).ok()?;
     let json: serde_json::Value = serde_json::from_str(&config).ok()?;
     let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or_default();
@@ -132,7 +154,10 @@ fn build(
 /// Loads a decoder checkpoint: `instances` decoders (each with its own K/V pool sized by `spec`),
 /// the tokenizer, and the sampling defaults of its generation config.
 pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, String> {
-    let DecoderSource::HfFolder(dir) = source;
+    let dir = match source {
+        DecoderSource::HfFolder(dir) => dir,
+        DecoderSource::Gguf(file) => return load_gguf(file, spec, instances),
+    };
     let files = load_hf_decoder(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let config = capped(files.config.clone(), spec);
     let decoders = build(&config, &files.weights, spec, instances)?;
@@ -152,6 +177,29 @@ pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> 
     let tokenizer =
         Arc::new(HfTokenizer { tokenizer: files.tokenizer, template: files.chat_template, eos: eos.clone() });
     Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, eos, defaults) })
+}
+
+/// Loads a `.gguf` decoder: quantized matrices stay quantized; the tokenizer is rebuilt from the
+/// file's `tokenizer.ggml.*` metadata and the chat template read from `tokenizer.chat_template`.
+fn load_gguf(file: &Path, spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, String> {
+    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", file.display());
+    let files = crate::backend::cpu::gguf::load_gguf_decoder(file).map_err(|e| at(&e))?;
+    let json = files.tokenizer_json.as_deref().ok_or_else(|| {
+        at(&"its tokenizer type is not supported (only GPT-2 byte-level BPE, tokenizer.ggml.model = gpt2, is read)")
+    })?;
+    let inner: tokenizers::Tokenizer = json.parse().map_err(|e| at(&format!("tokenizer: {e}")))?;
+    let template = match &files.chat_template {
+        Some(src) => Some(
+            ChatTemplate::new(src, files.bos_token.as_deref().unwrap_or(""), files.eos_token.as_deref().unwrap_or(""))
+                .map_err(|e| at(&format!("chat template: {e}")))?,
+        ),
+        None => None,
+    };
+    let config = capped(files.config.clone(), spec);
+    let decoders = build(&config, &files.weights, spec, instances)?;
+    let eos = files.config.eos_token_ids.clone();
+    let tokenizer = Arc::new(HfTokenizer { tokenizer: Tokenizer::from_tokenizers(inner), template, eos: eos.clone() });
+    Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, eos, SamplingParams::default()) })
 }
 
 /// Seeded random weights for the built-in decoder (SplitMix64 → uniform in ±0.5·scale; norms 1).

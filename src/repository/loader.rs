@@ -42,7 +42,7 @@ pub(crate) fn direct_source(name: &str, path: &Path) -> Result<ModelSource, Load
     if super::generative::detect(path).is_none() {
         return Err(LoadError::Decoder {
             path: path.to_path_buf(),
-            reason: "not a decoder checkpoint this worker serves (an HF folder with config.json of a llama, mistral or qwen2 model, safetensors and tokenizer.json)".into(),
+            reason: "not a decoder checkpoint this worker serves (an HF folder with config.json of a llama, mistral or qwen2 model, safetensors and tokenizer.json; or a .gguf file)".into(),
         });
     }
     let mut config = ModelConfig { name: name.to_string(), backend: "cpu".into(), ..Default::default() };
