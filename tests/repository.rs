@@ -257,3 +257,45 @@ output [ { name: "last_hidden_state" data_type: TYPE_FP32 dims: [ -1, 32 ] }, { 
         assert!((h - f).abs() < 2e-3, "{h} vs {f}");
     }
 }
+
+/// Health follows the repository as it changes, not on a timer: right after an unload the model's
+/// health is NOT_SERVING, and right after a load it is SERVING again (checked within 100 ms, where a
+/// 500 ms poll would still report the old status).
+#[tokio::test]
+async fn health_follows_unload_and_load_at_once() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let repo = tempfile::tempdir().expect("tmp");
+    bert_folder(&repo.path().join("bert/1"));
+    let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::Explicit, options()).await;
+    let mut c = w.client().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", w.server.grpc_addr))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    let mut status_within = async |want: i32| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
+        loop {
+            let st = health
+                .check(HealthCheckRequest { service: "bert".into() })
+                .await
+                .map(|r| r.into_inner().status)
+                .unwrap_or(-1);
+            if st == want || std::time::Instant::now() > deadline {
+                return st;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    assert_eq!(status_within(1).await, 1, "SERVING after start");
+    c.repository_model_unload(RepositoryModelUnloadRequest { model_name: "bert".into(), ..Default::default() })
+        .await
+        .expect("unload");
+    assert_eq!(status_within(2).await, 2, "NOT_SERVING within 100 ms of the unload");
+    c.repository_model_load(RepositoryModelLoadRequest { model_name: "bert".into(), ..Default::default() })
+        .await
+        .expect("load");
+    assert_eq!(status_within(1).await, 1, "SERVING within 100 ms of the load");
+}

@@ -30,6 +30,8 @@ pub(crate) struct Admission {
     pub(crate) in_service: AtomicUsize,
     /// Why requests are refused while not ready.
     pub(crate) unavailable_reason: Mutex<String>,
+    /// Readiness as a watch value, so health follows it without polling.
+    pub(crate) readiness: tokio::sync::watch::Sender<bool>,
 }
 
 impl Admission {
@@ -42,6 +44,7 @@ impl Admission {
             ready: AtomicBool::new(instances > 0),
             in_service: AtomicUsize::new(instances),
             unavailable_reason: Mutex::new("no instance could be created".into()),
+            readiness: tokio::sync::watch::Sender::new(instances > 0),
         }
     }
 
@@ -84,6 +87,7 @@ impl Admission {
             *r = reason.to_string();
         }
         self.ready.store(false, Ordering::Release);
+        self.readiness.send_replace(false);
     }
 
     /// Records that `left` instances remain in service. With none left the model is closed

@@ -170,6 +170,11 @@ impl Batcher {
         &self.admission.stats
     }
 
+    /// A receiver that sees every change of [`Batcher::is_ready`] (health follows it).
+    pub fn readiness(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.admission.readiness.subscribe()
+    }
+
     /// Whether at least one instance is in service and the model accepts requests.
     pub fn is_ready(&self) -> bool {
         self.admission.is_ready()

@@ -76,6 +76,8 @@ pub struct Repository {
     backend: BackendSelection,
     control: ModelControlMode,
     models: RwLock<BTreeMap<String, ModelEntry>>,
+    /// Bumped on every change of `models`, so health follows loads and unloads without polling.
+    changes: tokio::sync::watch::Sender<u64>,
     session_store: Option<Arc<SessionStore>>,
     /// Worker-wide generative settings (`--kv-cache-memory`), under each model's parameters.
     generative_defaults: crate::config::generative::GenerativeSpec,
@@ -91,6 +93,7 @@ impl Repository {
             backend,
             control,
             models: RwLock::new(BTreeMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
             session_store: None,
             generative_defaults: Default::default(),
             direct: Vec::new(),
@@ -281,6 +284,8 @@ impl Repository {
                         models.insert(name.to_string(), failed);
                     }
                 }
+                drop(models);
+                self.changes.send_modify(|n| *n += 1);
                 (None, Err(RepositoryError::Load { model: name.into(), source }))
             }
         };
@@ -310,7 +315,14 @@ impl Repository {
 
     /// Puts `entry` in place and returns the one it replaced.
     fn set(&self, name: &str, entry: ModelEntry) -> Option<ModelEntry> {
-        self.models.write().ok().and_then(|mut m| m.insert(name.to_string(), entry))
+        let old = self.models.write().ok().and_then(|mut m| m.insert(name.to_string(), entry));
+        self.changes.send_modify(|n| *n += 1);
+        old
+    }
+
+    /// A receiver that sees every load, unload and failed load (health follows it).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The model version a request names (`version` empty = the highest loaded version).

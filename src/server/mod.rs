@@ -187,27 +187,41 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1, check.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1alpha, check));
 
-    // Health: "" and one entry per model, kept in step with model readiness.
+    // Health: "" and one entry per model, kept in step with model readiness: recomputed whenever the
+    // repository changes or a model's readiness does (watch channels, no polling).
     let health_task = {
         let (repo, reporter, stop) = (repo.clone(), health_reporter.clone(), shutdown.clone());
         tokio::spawn(async move {
             loop {
+                // Subscribe before reading, so a change made while the statuses are written is seen.
+                let mut repo_changes = repo.changes();
+                let entries = repo.entries();
+                let mut readiness: Vec<_> =
+                    entries.iter().flat_map(|(_, e)| e.versions.values().map(|v| v.batching.readiness())).collect();
                 let draining = stop.is_cancelled();
                 let mut any = false;
-                for (name, entry) in repo.entries() {
+                for (name, entry) in &entries {
                     let ready = !draining && entry.versions.values().any(|v| v.batching.is_ready());
                     any |= ready;
                     let st = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-                    reporter.set_service_status(&name, st).await;
+                    reporter.set_service_status(name, st).await;
                 }
                 let overall = if any && !draining { ServingStatus::Serving } else { ServingStatus::NotServing };
                 reporter.set_service_status("", overall).await;
                 if draining {
                     break;
                 }
+                let model_changed = async {
+                    if readiness.is_empty() {
+                        return std::future::pending().await;
+                    }
+                    let waits = readiness.iter_mut().map(|r| Box::pin(r.changed()));
+                    let _ = futures::future::select_all(waits).await;
+                };
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = repo_changes.changed() => {}
+                    _ = model_changed => {}
                 }
             }
         })
