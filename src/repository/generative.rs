@@ -29,11 +29,12 @@ parameters { key: "kv_cache_memory" value: { string_value: "16MiB" } }
 "#;
 
 /// Hyper-parameters of the built-in generative model (a Llama of 2 layers, hidden 64, GQA 4/2
-/// heads, vocabulary = the byte tokenizer's 258 ids, context 2048).
+/// heads, vocabulary = the byte tokenizer's 258 ids, context 32768 — long enough that an unbounded
+/// request keeps running while a client or test watches it).
 const TINY_DECODER_HF_CONFIG: &str = r#"{
   "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
   "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-  "max_position_embeddings": 2048, "tie_word_embeddings": true, "vocab_size": 258,
+  "max_position_embeddings": 32768, "tie_word_embeddings": true, "vocab_size": 258,
   "bos_token_id": 256, "eos_token_id": 257
 }"#;
 
