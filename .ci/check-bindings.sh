@@ -12,8 +12,9 @@ files=(neuron-sys/src/bindings.rs neuron-sys/src/bindings_optional.rs)
 
 have_libclang() {
     [[ -n "${LIBCLANG_PATH:-}" ]] && return 0
-    ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' && return 0
-    compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null
+    # libclang itself (libclang.so, libclang-14.so.1...), not libclang-cpp, which bindgen cannot use.
+    ldconfig -p 2>/dev/null | grep -Eq 'libclang(-[0-9][.0-9]*)?\.so' && return 0
+    compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' >/dev/null
 }
 if ! have_libclang; then
     echo "check-bindings: libclang not found; installing libclang-dev"
