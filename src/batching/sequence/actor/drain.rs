@@ -42,20 +42,25 @@ impl Actor {
         }
     }
 
-    /// Writes the sessions `ids` to the store in one transaction; returns how many were written.
-    fn save(&mut self, ids: Vec<SequenceId>) -> usize {
-        let Some(store) = self.store.clone() else { return 0 };
+    /// The blobs of the sessions `ids` whose state can be read; the others are logged (`when`: the
+    /// moment of the drain, for the log line) and left out.
+    fn blobs(&mut self, ids: Vec<SequenceId>, when: &str) -> Vec<SessionBlob> {
         let mut blobs = Vec::with_capacity(ids.len());
         for id in ids {
             match self.copy_state(&id) {
                 Ok((state, steps)) => {
                     blobs.push(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state })
                 }
-                Err(e) => {
-                    tracing::warn!(model = %self.model(), id = %id, error = %e, "cannot save a session while draining")
-                }
+                Err(e) => tracing::warn!(model = %self.model(), id = %id, error = %e, "cannot save a session {when}"),
             }
         }
+        blobs
+    }
+
+    /// Writes the sessions `ids` to the store in one transaction; returns how many were written.
+    fn save(&mut self, ids: Vec<SequenceId>) -> usize {
+        let Some(store) = self.store.clone() else { return 0 };
+        let blobs = self.blobs(ids, "while draining");
         match store.put_all(&blobs) {
             Ok(()) => blobs.len(),
             Err(e) => {
@@ -68,17 +73,7 @@ impl Actor {
     pub(super) fn finish_drain(&mut self) {
         if let Some(store) = self.store.clone() {
             let ids: Vec<SequenceId> = self.live.keys().cloned().collect();
-            let mut blobs = Vec::with_capacity(ids.len());
-            for id in ids {
-                match self.copy_state(&id) {
-                    Ok((state, steps)) => {
-                        blobs.push(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state })
-                    }
-                    Err(e) => {
-                        tracing::warn!(model = %self.model(), id = %id, error = %e, "cannot save a session at drain")
-                    }
-                }
-            }
+            let blobs = self.blobs(ids, "at drain");
             let n = blobs.len();
             match store.put_all(&blobs) {
                 Ok(()) => {
