@@ -12,6 +12,7 @@ use crate::backend::generative::DecoderInstance;
 use crate::batching::generative::detok::TokenText;
 use crate::batching::generative::handle::GenerativeSetup;
 use crate::batching::generative::params::SamplingParams;
+use crate::batching::generative::session::SessionLimits;
 use crate::batching::generative::step::StepLimits;
 use crate::batching::generative::tokens::{ByteTokenizer, ChatMessage, PromptTokenizer};
 use crate::config::generative::GenerativeSpec;
@@ -131,6 +132,10 @@ fn setup(spec: &GenerativeSpec, eos: Vec<u32>, defaults: SamplingParams) -> Gene
         limits: StepLimits { max_batched_tokens: spec.max_batched_tokens, max_running: spec.max_running },
         eos,
         defaults,
+        sessions: SessionLimits {
+            max_sessions: spec.max_sessions,
+            max_session_tokens: spec.max_session_tokens.unwrap_or(usize::MAX),
+        },
     }
 }
 
