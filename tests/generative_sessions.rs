@@ -292,3 +292,88 @@ async fn many_sessions_over_a_small_pool_never_stall_and_stay_exact() {
     }
     assert_eq!(metric(&metrics, "sessions_open").await, SESSIONS as f64);
 }
+
+mod moves {
+    use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
+    use neuron_worker::server::sessions::proto::{
+        self as sp, ExportSessionRequest, ImportSessionRequest, ListSessionsRequest,
+    };
+
+    use super::*;
+
+    async fn sessions_client(w: &common::TestWorker) -> SessionsClient<tonic::transport::Channel> {
+        SessionsClient::connect(format!("http://{}", w.server.grpc_addr)).await.expect("sessions client")
+    }
+
+    fn export_req(id: u64) -> ExportSessionRequest {
+        ExportSessionRequest {
+            model: "gqa".into(),
+            version: String::new(),
+            sequence_id: Some(sp::SequenceId { id: Some(sp::sequence_id::Id::Uint64Id(id)) }),
+        }
+    }
+
+    /// A session exported from worker A and imported into worker B continues there exactly as it
+    /// would have on A (tokens and logprobs, seeded sampling); a damaged blob and a blob from other
+    /// weights are refused and nothing is opened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exported_session_continues_bit_exactly_on_another_worker() {
+        let repo = fixture_repository("");
+        let a = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+        let b = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+        let (mut ca, mut cb) = (a.client().await, b.client().await);
+        let seeded = r#"{"max_tokens": 7, "temperature": 0.8, "seed": 3, "ignore_eos": true}"#;
+        // Two turns on A (40 tokens: full blocks and a partial one travel).
+        for (turn, n) in [(0u64, 20usize), (1, 13)] {
+            generate(&mut ca, with_session(ids_request(&message(70 + turn, n, VOCAB), seeded), 77, turn == 0, false))
+                .await
+                .unwrap();
+        }
+        // The reference: the same third turn on a session that never moved (a copy on A).
+        let blob = sessions_client(&a).await.export_session(export_req(77)).await.expect("export").into_inner().blob;
+        let mut sa = sessions_client(&a).await;
+        sa.import_session(ImportSessionRequest { blob: blob.clone() }).await.expect("re-import on A");
+        let third = message(72, 9, VOCAB);
+        let unmoved = generate(&mut ca, with_session(ids_request(&third, seeded), 77, false, false)).await.unwrap();
+        // Damaged: one flipped byte in the middle is refused, nothing opened on B.
+        let mut bad = blob.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x20;
+        let mut sb = sessions_client(&b).await;
+        let e = sb.import_session(ImportSessionRequest { blob: bad }).await.expect_err("a damaged blob is refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let listed = sb.list_sessions(ListSessionsRequest::default()).await.expect("list").into_inner();
+        assert!(listed.sessions.is_empty(), "nothing was opened: {listed:?}");
+        // Moved to B: the same third turn gives the same tokens and logprobs.
+        let info = sb.import_session(ImportSessionRequest { blob }).await.expect("import on B").into_inner();
+        assert_eq!(info.session.map(|s| s.steps), Some(2), "two turns travelled");
+        let mb = b.server.metrics_addr.expect("metrics").to_string();
+        let moved = generate(&mut cb, with_session(ids_request(&third, seeded), 77, false, false)).await.unwrap();
+        assert_eq!(moved, unmoved, "the moved session continues bit-exactly");
+        // Its K/V travelled: all 47 history tokens but the last generated one were not recomputed.
+        assert_eq!(metric(&mb, "prefix_cache_hit_tokens_total").await, 46.0);
+        let listed = sb.list_sessions(ListSessionsRequest::default()).await.expect("list").into_inner();
+        assert_eq!(listed.sessions.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_from_other_weights_is_refused() {
+        // The built-in tiny_decoder and the fixture share nothing: rename a tiny_decoder blob.
+        let w = common::start().await;
+        let mut c = w.client().await;
+        let mut r = with_session(ids_request(&[5, 6, 7], r#"{"max_tokens": 2}"#), 9, true, false);
+        r.model_name = "tiny_decoder".into();
+        generate(&mut c, r).await.unwrap();
+        let mut s = sessions_client(&w).await;
+        let req = ExportSessionRequest { model: "tiny_decoder".into(), ..export_req(9) };
+        let blob = s.export_session(req).await.expect("export").into_inner().blob;
+        let mut decoded = neuron_worker::sessions::SessionBlob::decode(&blob).expect("decodes");
+        decoded.model = "gqa".into();
+        let repo = fixture_repository("");
+        let other = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+        let mut so = sessions_client(&other).await;
+        let e = so.import_session(ImportSessionRequest { blob: decoded.encode() }).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("different weights"), "{e}");
+    }
+}

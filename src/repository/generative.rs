@@ -132,6 +132,7 @@ fn setup(spec: &GenerativeSpec, eos: Vec<u32>, defaults: SamplingParams) -> Gene
         limits: StepLimits { max_batched_tokens: spec.max_batched_tokens, max_running: spec.max_running },
         eos,
         defaults,
+        version: 1,
         sessions: SessionLimits {
             max_sessions: spec.max_sessions,
             max_session_tokens: spec.max_session_tokens.unwrap_or(usize::MAX),
@@ -304,8 +305,9 @@ pub(crate) async fn load_versions(
         })
         .await
         .map_err(|e| LoadError::Task { reason: e.to_string() })??;
+        let setup = GenerativeSetup { version, ..loaded.setup };
         let batching =
-            crate::batching::Batcher::start_generative(spec.clone(), loaded.setup, loaded.decoders, loaded.tokenizer)
+            crate::batching::Batcher::start_generative(spec.clone(), setup, loaded.decoders, loaded.tokenizer)
                 .map_err(|source| LoadError::Batching { source })?;
         let backend = crate::backend::BackendKind::Cpu;
         let model = super::LoadedModel { version, config: source.config.clone(), spec, batching, backend };

@@ -12,6 +12,7 @@ pub mod request;
 pub mod sampler;
 pub mod sequence;
 pub mod session;
+pub mod session_moves;
 pub mod stats;
 pub mod step;
 #[cfg(test)]

@@ -352,6 +352,7 @@ fn the_handle_serves_requests_on_instance_threads_and_bounds_its_queue() {
         eos: vec![EOS],
         defaults: SamplingParams::default(),
         sessions: Default::default(),
+        version: 1,
     };
     let decoders: Vec<Box<dyn DecoderInstance>> =
         vec![Box::new(FakeDecoder::new(64, 4, 4096)), Box::new(FakeDecoder::new(64, 4, 4096))];
