@@ -178,8 +178,7 @@ impl SessionStore {
             let txn = db.begin_write()?;
             let raw = {
                 let mut t = txn.open_table(SESSIONS)?;
-                let v = t.remove(k.as_str())?.map(|v| v.value().to_vec());
-                v
+                t.remove(k.as_str())?.map(|v| v.value().to_vec())
             };
             txn.commit()?;
             Ok(raw)
