@@ -204,7 +204,20 @@ impl Batcher {
 
     /// Whether the model keeps sessions (list, export, import apply).
     pub fn keeps_sessions(&self) -> bool {
-        matches!(self.policy, Policy::Sequence(_))
+        matches!(self.policy, Policy::Sequence(_) | Policy::Generative(_))
+    }
+
+    fn move_error(&self, e: generative::session_moves::MoveError) -> BatchingError {
+        use generative::session_moves::MoveError;
+        let model = self.admission.spec.name.clone();
+        match e {
+            MoveError::NotFound { id } => BatchingError::NotFound { model, id },
+            MoveError::Busy { id } => BatchingError::Busy { model, id },
+            MoveError::BadBlob { reason } => BatchingError::BadBlob { reason },
+            MoveError::Refused { reason } | MoveError::Backend { reason } => {
+                BatchingError::InvalidRequest { model, reason }
+            }
+        }
     }
 
     fn no_sessions(&self) -> BatchingError {
@@ -232,7 +245,8 @@ impl Batcher {
     pub async fn list_sessions(&self) -> Vec<SessionInfo> {
         match &self.policy {
             Policy::Sequence(s) => s.list().await,
-            Policy::Dynamic(_) | Policy::Generative(_) => Vec::new(),
+            Policy::Generative(g) => g.list_sessions().await,
+            Policy::Dynamic(_) => Vec::new(),
         }
     }
 
@@ -240,7 +254,8 @@ impl Batcher {
     pub async fn export_session(&self, id: SequenceId) -> Result<SessionBlob, BatchingError> {
         match &self.policy {
             Policy::Sequence(s) => s.export(id).await,
-            Policy::Dynamic(_) | Policy::Generative(_) => Err(self.no_sessions()),
+            Policy::Generative(g) => g.export_session(id).await.map_err(|e| self.move_error(e)),
+            Policy::Dynamic(_) => Err(self.no_sessions()),
         }
     }
 
@@ -248,7 +263,8 @@ impl Batcher {
     pub async fn import_session(&self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
         match &self.policy {
             Policy::Sequence(s) => s.import(blob).await,
-            Policy::Dynamic(_) | Policy::Generative(_) => Err(self.no_sessions()),
+            Policy::Generative(g) => g.import_session(blob).await.map_err(|e| self.move_error(e)),
+            Policy::Dynamic(_) => Err(self.no_sessions()),
         }
     }
 

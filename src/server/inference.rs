@@ -137,7 +137,12 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let resp = Self::infer(&self.repo, r.into_inner()).await?;
+        let session = session_header(r.metadata())?;
+        let mut req = r.into_inner();
+        if let Some(id) = &session {
+            super::session_turn::apply_session_header(&mut req, id);
+        }
+        let resp = Self::infer(&self.repo, req).await?;
         Ok(Response::new(resp))
     }
 
@@ -147,6 +152,8 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        // An `x-session-id` on the stream names the session of every generation request on it.
+        let session = session_header(r.metadata())?;
         let mut incoming = r.into_inner();
         let (tx, rx) = mpsc::channel::<Result<ModelStreamInferResponse, Status>>(64);
         let (repo, draining) = (self.repo.clone(), self.draining.clone());
@@ -160,7 +167,10 @@ impl GrpcInferenceService for InferenceService {
                     _ = draining.cancelled() => None,
                     _ = tx.closed() => None,
                 };
-                let Some(Ok(req)) = msg else { break };
+                let Some(Ok(mut req)) = msg else { break };
+                if let Some(id) = &session {
+                    super::session_turn::apply_session_header(&mut req, id);
+                }
                 let ordered = repo
                     .get(&req.model_name, &req.model_version)
                     .map(|m| m.spec.dynamic.preserve_ordering)
@@ -368,4 +378,12 @@ impl InferenceService {
         }
         Ok(())
     }
+}
+
+/// The `x-session-id` metadata of a call, if any (refused when it is not valid UTF-8).
+fn session_header(meta: &tonic::metadata::MetadataMap) -> Result<Option<String>, Status> {
+    let Some(v) = meta.get(super::session_turn::SESSION_HEADER) else { return Ok(None) };
+    v.to_str()
+        .map(|s| Some(s.to_string()))
+        .map_err(|_| Status::invalid_argument("the x-session-id header must be visible ASCII"))
 }
