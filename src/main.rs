@@ -56,7 +56,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     tracing::info!(backend = %why, "backend selected");
     let repo = Arc::new(
         Repository::new(args.model_repository.clone(), backend, args.model_control_mode)
-            .with_session_store(store)
+            .with_session_store(store.clone())
             .with_generative_defaults(GenerativeSpec { kv_cache_memory: args.kv_cache_memory, ..Default::default() })
             .with_direct_models(args.model.clone()),
     );
@@ -83,6 +83,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         stop.cancel();
     });
     running.wait().await.map_err(|e| e.to_string())?;
+    // Sessions the store could not take at drain are lost: say so in the exit status, so an
+    // orchestrator (and its operator) sees it.
+    if let Some(store) = &store
+        && store.lost() > 0
+    {
+        return Err(format!(
+            "{} sessions could not be written to the session store at {} and are lost (see the log)",
+            store.lost(),
+            store.path().display()
+        ));
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }

@@ -224,6 +224,23 @@ impl Batcher {
         BatchingError::NoSessions { model: self.admission.spec.name.clone() }
     }
 
+    /// This version replaces a running one of the same version (a reload): until
+    /// [`Batcher::take_handover`], requests continuing a session it does not know wait, since the
+    /// version being replaced may still hold it. Call before requests can reach this version.
+    pub fn await_handover(&self) {
+        if let Policy::Sequence(s) = &self.policy {
+            s.await_handover();
+        }
+    }
+
+    /// The replaced version has drained (its sessions are in the store): take them over in one
+    /// step, so they are listed, exportable and continued here, and release the waiting requests.
+    pub async fn take_handover(&self) {
+        if let Policy::Sequence(s) = &self.policy {
+            s.take_handover().await;
+        }
+    }
+
     /// Every session of this model version (empty for models without sessions).
     pub async fn list_sessions(&self) -> Vec<SessionInfo> {
         match &self.policy {

@@ -263,9 +263,15 @@ impl Repository {
         .await;
         let (old, result) = match loaded {
             Ok(versions) => {
+                // Versions that replace a running one take its sessions over once it has drained.
+                let handover = self.replacing(name, &versions);
+                for v in &handover {
+                    v.batching.await_handover();
+                }
                 tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend.as_str()).unwrap_or("-"), "model ready");
                 // Swap under one write lock, so concurrent loads never lose a running entry.
-                (self.set(name, ModelEntry { versions, state: ModelState::Ready, reason: String::new() }), Ok(()))
+                let old = self.set(name, ModelEntry { versions, state: ModelState::Ready, reason: String::new() });
+                (old.map(|o| (o, handover)), Ok(()))
             }
             Err(source) => {
                 let reason = source.to_string();
@@ -287,10 +293,23 @@ impl Repository {
                 (None, Err(RepositoryError::Load { model: name.into(), source }))
             }
         };
-        if let Some(old) = old {
+        if let Some((old, handover)) = old {
             drain_versions(&old).await;
+            for v in handover {
+                v.batching.take_handover().await;
+            }
         }
         result
+    }
+
+    /// The loaded versions of `name` that replace a version now serving (same version number).
+    fn replacing(&self, name: &str, versions: &BTreeMap<i64, Arc<LoadedModel>>) -> Vec<Arc<LoadedModel>> {
+        let models = match self.models.read() {
+            Ok(m) => m,
+            Err(_) => return Vec::new(),
+        };
+        let Some(current) = models.get(name) else { return Vec::new() };
+        versions.iter().filter(|(v, _)| current.versions.contains_key(v)).map(|(_, m)| m.clone()).collect()
     }
 
     /// Unloads a model: it stops accepting requests, finishes what it accepted, then is removed.

@@ -65,8 +65,14 @@ impl From<ServerError> for Status {
                 BatchingError::Busy { .. } => Status::failed_precondition(msg),
                 BatchingError::NotFound { .. } => Status::not_found(msg),
                 BatchingError::AlreadyExists { .. } => Status::already_exists(msg),
-                BatchingError::Store(StoreError::Corrupt { .. }) => Status::data_loss(msg),
-                BatchingError::Store(StoreError::Io { .. } | StoreError::NotConfigured) => Status::internal(msg),
+                BatchingError::Store(StoreError::Corrupt { .. } | StoreError::Damaged { .. }) => Status::data_loss(msg),
+                // A store that cannot be written now (disk full) may work again: retry later.
+                BatchingError::Store(StoreError::Io { .. }) => Status::with_error_details(
+                    Code::Unavailable,
+                    msg,
+                    ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+                ),
+                BatchingError::Store(StoreError::NotConfigured) => Status::internal(msg),
                 BatchingError::Backend { source, .. } => match source {
                     BackendError::InvalidInput { .. } => Status::invalid_argument(msg),
                     BackendError::Unavailable(_) => Status::unavailable(msg),

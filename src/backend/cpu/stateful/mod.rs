@@ -53,6 +53,7 @@ impl StatefulInstance for CpuSequenceInstance {
             })?;
             taken.push(if s.start { self.initial.clone() } else { std::mem::take(st) });
         }
+        let before = taken.clone();
         let mut ksteps: Vec<KernelStep<'_>> = steps
             .iter()
             .zip(taken.iter_mut())
@@ -60,8 +61,9 @@ impl StatefulInstance for CpuSequenceInstance {
             .collect();
         let result = self.kernel.run(&mut ksteps);
         drop(ksteps);
-        // The state is written back even when the kernel failed part-way, so a slot is never
-        // left empty; a failed step leaves its sequence's state as the kernel left it.
+        // A failed batch leaves every slot as it was before it (a START's slot reset), so a
+        // retried request applies its step once; the state is small, the copy is cheap.
+        let taken = if result.is_ok() { taken } else { before };
         for (s, state) in steps.iter().zip(taken) {
             if let Some(slot) = self.states.get_mut(s.slot) {
                 *slot = state;
