@@ -76,6 +76,9 @@ async fn the_bearer_scheme_is_case_insensitive() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// What is wrong, cert, key, client CA, and the files the error must name.
+type Case<'a> = (&'a str, PathBuf, PathBuf, Option<PathBuf>, Vec<&'a PathBuf>);
+
 #[tokio::test]
 async fn tls_mistakes_name_the_file_and_the_cause() {
     let key = rcgen::KeyPair::generate().expect("key");
@@ -91,7 +94,7 @@ async fn tls_mistakes_name_the_file_and_the_cause() {
     let (good_cert, good_key) = (write("cert.pem", cert.pem()), write("key.pem", key.serialize_pem()));
     let garbage = write("garbage.pem", "not a PEM file\n".into());
     let other = write("other.key", other_key.serialize_pem());
-    let cases: Vec<(&str, PathBuf, PathBuf, Option<PathBuf>, Vec<&PathBuf>)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("garbage certificate", garbage.clone(), good_key.clone(), None, vec![&garbage]),
         ("garbage key", good_cert.clone(), garbage.clone(), None, vec![&garbage]),
         ("swapped files", good_key.clone(), good_cert.clone(), None, vec![&good_key]),

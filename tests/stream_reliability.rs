@@ -175,7 +175,7 @@ async fn bad_messages_get_in_band_errors_and_the_stream_stays_open() {
         .await
         .expect("stats")
         .into_inner();
-    let s = st.model_stats[0].inference_stats.clone().expect("inference stats");
+    let s = st.model_stats[0].inference_stats.expect("inference stats");
     assert_eq!(s.success.expect("success").count, 2);
     assert_eq!(s.fail.expect("fail").count, 1);
 }

@@ -235,13 +235,11 @@ impl Repository {
                                 slots,
                             };
                             let batching = Batcher::start_sequence(setup, instances)
-                                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+                                .map_err(|source| LoadError::Batching { source })?;
                             (batching, BackendKind::Neuron)
                         }
                         None => {
-                            let started =
-                                crate::batching::sequence::start_cpu(spec.clone(), seq.clone(), version, store.clone());
-                            (started.map_err(|reason| LoadError::Batching { reason })?, BackendKind::Cpu)
+                            (start_cpu_sequence(spec.clone(), seq.clone(), version, store.clone())?, BackendKind::Cpu)
                         }
                     };
                     let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
@@ -384,4 +382,20 @@ async fn drain_versions(entry: &ModelEntry) {
     for v in entry.versions.values() {
         v.batching.drain().await;
     }
+}
+
+/// Starts a sequence model version on the CPU over its built-in stateful kernel, with the
+/// configured instance count and the slots per instance its strategy gives.
+pub fn start_cpu_sequence(
+    spec: Arc<ModelSpec>,
+    seq: Arc<crate::config::sequence::SequenceSpec>,
+    version: i64,
+    store: Option<Arc<crate::sessions::SessionStore>>,
+) -> Result<Batcher, LoadError> {
+    let count = spec.instance_count.unwrap_or(1).max(1);
+    let slots = seq.slots_per_instance(spec.max_batch_size, count);
+    let instances = crate::backend::cpu::stateful::create_cpu_instances(&spec, &seq, slots, count)
+        .ok_or_else(|| LoadError::NoStatefulKernel { model: spec.name.clone() })?;
+    let setup = crate::batching::sequence::SequenceSetup { spec, seq, version, store, slots };
+    Batcher::start_sequence(setup, instances).map_err(|source| LoadError::Batching { source })
 }

@@ -33,7 +33,7 @@ pub struct DecodedRequest {
     pub sequence: SequenceControl,
 }
 
-fn sequence_param(params: &mut SequenceControl, name: &str, p: &InferParameter) -> Result<(), ServerError> {
+pub(crate) fn sequence_param(params: &mut SequenceControl, name: &str, p: &InferParameter) -> Result<(), ServerError> {
     match (name, &p.parameter_choice) {
         ("sequence_id", Some(ParameterChoice::StringParam(s))) => {
             params.id = (!s.is_empty()).then(|| SequenceId::Str(s.clone()));
@@ -91,6 +91,9 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
             // Sent by perf_analyzer and tritonclient's streaming API on every request; a model that is
             // not decoupled sends exactly one (final) response per request, so there is nothing to do.
             "triton_enable_empty_final_response" => {}
+            // The `x-session-id` header names a generative model's conversation; other models
+            // ignore it (a gateway may send it with every request).
+            super::session_turn::SESSION_HEADER => {}
             "sequence_id" | "sequence_start" | "sequence_end" if stateful => sequence_param(&mut sequence, k, v)?,
             "sequence_id" | "sequence_start" | "sequence_end" => {
                 return Err(bad(format!(

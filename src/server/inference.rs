@@ -146,7 +146,12 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let resp = Self::infer(&self.repo, r.into_inner()).await?;
+        let session = session_header(r.metadata())?;
+        let mut req = r.into_inner();
+        if let Some(id) = &session {
+            super::session_turn::apply_session_header(&mut req, id);
+        }
+        let resp = Self::infer(&self.repo, req).await?;
         let resp = super::stream_infer::bound_response(&self.repo, resp, self.max_message_size)?;
         Ok(Response::new(resp))
     }
@@ -158,9 +163,11 @@ impl GrpcInferenceService for InferenceService {
         r: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         // The server routes this RPC through `stream_route` (bad messages answered in-band); this
-        // is the same loop for a caller that uses the generated service directly.
+        // is the same loop for a caller that uses the generated service directly. An
+        // `x-session-id` on the stream names the session of every generation request on it.
+        let session = session_header(r.metadata())?;
         let incoming = r.into_inner().map(|m| m.map(|r| StreamMessage::Request(Box::new(r))));
-        Ok(Response::new(self.serve_stream(Box::pin(incoming))))
+        Ok(Response::new(self.serve_stream(Box::pin(incoming), session)))
     }
 
     async fn model_config(&self, r: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
@@ -313,4 +320,12 @@ impl InferenceService {
         }
         Ok(())
     }
+}
+
+/// The `x-session-id` metadata of a call, if any (refused when it is not valid UTF-8).
+pub(super) fn session_header(meta: &tonic::metadata::MetadataMap) -> Result<Option<String>, Status> {
+    let Some(v) = meta.get(super::session_turn::SESSION_HEADER) else { return Ok(None) };
+    v.to_str()
+        .map(|s| Some(s.to_string()))
+        .map_err(|_| Status::invalid_argument("the x-session-id header must be visible ASCII"))
 }

@@ -11,6 +11,7 @@ mod inference;
 mod metric_families;
 pub mod metrics;
 mod metrics_generative;
+pub mod session_turn;
 pub mod sessions;
 mod sessions_page;
 mod stats;

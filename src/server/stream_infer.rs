@@ -53,8 +53,9 @@ pub(crate) fn bound_response(
 }
 
 impl InferenceService {
-    /// Serves one `ModelStreamInfer` stream (see the module doc).
-    pub(crate) fn serve_stream<S>(&self, mut incoming: S) -> ResponseStream
+    /// Serves one `ModelStreamInfer` stream (see the module doc); `session` (the stream's
+    /// `x-session-id`) names the session of every generation request on it.
+    pub(crate) fn serve_stream<S>(&self, mut incoming: S, session: Option<String>) -> ResponseStream
     where
         S: Stream<Item = Result<StreamMessage, Status>> + Send + Unpin + 'static,
     {
@@ -86,7 +87,7 @@ impl InferenceService {
                     _ = draining.cancelled() => None,
                     _ = tx.closed() => None,
                 };
-                let req = match msg {
+                let mut req = match msg {
                     Some(Ok(StreamMessage::Request(r))) => *r,
                     Some(Ok(StreamMessage::Refused(why))) => {
                         tracing::warn!(reason = %why, "stream: request message refused in-band; the stream stays open");
@@ -108,6 +109,9 @@ impl InferenceService {
                     }
                     None => break,
                 };
+                if let Some(id) = &session {
+                    super::session_turn::apply_session_header(&mut req, id);
+                }
                 let ordered = repo
                     .get(&req.model_name, &req.model_version)
                     .map(|m| m.spec.dynamic.preserve_ordering)

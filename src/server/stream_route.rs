@@ -98,7 +98,10 @@ impl tonic::server::StreamingService<StreamMessage> for StreamHandler {
 
     fn call(&mut self, request: tonic::Request<Streaming<StreamMessage>>) -> Self::Future {
         let core = self.0.clone();
-        Box::pin(async move { Ok(tonic::Response::new(core.serve_stream(request.into_inner()))) })
+        Box::pin(async move {
+            let session = super::inference::session_header(request.metadata())?;
+            Ok(tonic::Response::new(core.serve_stream(request.into_inner(), session)))
+        })
     }
 }
 

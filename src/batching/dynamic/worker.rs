@@ -138,7 +138,7 @@ impl Worker {
             }
             return Some(e);
         }
-        let Some(first) = requests.first() else { return None };
+        let first = requests.first()?;
         let result = if self.shared.spec.batches() { self.run_batched(&requests) } else { self.run_single(first) };
         let index = self.index;
         match result {

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use super::params::SamplingParams;
 use super::request::{GenerateRequest, GenerationError};
+use super::session::{Affinity, SessionLimits};
 use super::stats::GenerativeStats;
 use super::step::{Engine, StepLimits};
 use super::tokens::PromptTokenizer;
@@ -25,6 +26,8 @@ pub struct GenerativeSetup {
     pub eos: Vec<u32>,
     /// Sampling defaults of the model (its generation config over vLLM's defaults).
     pub defaults: SamplingParams,
+    /// Bounds on conversation sessions.
+    pub sessions: SessionLimits,
 }
 
 /// One instance's end of the handle.
@@ -49,6 +52,8 @@ pub struct GenerativeModel {
     context_limit: usize,
     vocab: usize,
     label: Vec<String>,
+    /// The instance holding each open session.
+    affinity: Affinity,
 }
 
 impl GenerativeModel {
@@ -67,6 +72,7 @@ impl GenerativeModel {
         let mut context_limit = usize::MAX;
         let mut vocab = 0;
         let mut label = Vec::new();
+        let affinity = Affinity::default();
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
@@ -84,11 +90,14 @@ impl GenerativeModel {
             };
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
+            let sessions = (setup.sessions, affinity.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("gen-{model}-{i}"))
                 .spawn(move || {
                     let (decoder, text, eos, limits, stats) = engine_parts;
-                    step_loop(Engine::new(decoder, text, eos, limits, stats), ctx)
+                    let engine =
+                        Engine::new(decoder, text, eos, limits, stats).with_sessions(sessions.0, sessions.1, i);
+                    step_loop(engine, ctx)
                 })
                 .map_err(|e| BatchingError::Unavailable {
                     model: model.clone(),
@@ -110,6 +119,7 @@ impl GenerativeModel {
             context_limit,
             vocab,
             label,
+            affinity,
         })
     }
 
@@ -159,7 +169,20 @@ impl GenerativeModel {
         let Ok(links) = self.links.lock() else {
             return Err(refuse("the model's handle is poisoned; reload the model"));
         };
-        let Some(link) = links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)) else {
+        // A session's turns (a restart too) go to the instance holding it.
+        let pinned = req.session.as_ref().and_then(|t| self.affinity.lock().ok()?.get(&t.id).copied());
+        let link = match pinned {
+            Some(i) => match links.get(i) {
+                Some(l) if l.alive.load(Acquire) => Some(l),
+                _ => {
+                    return Err(refuse(
+                        "the instance holding this session left service; the session is lost: start it again",
+                    ));
+                }
+            },
+            None => links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)),
+        };
+        let Some(link) = link else {
             return Err(refuse("the model is draining"));
         };
         link.load.fetch_add(1, AcqRel);

@@ -11,6 +11,7 @@ pub mod params;
 pub mod request;
 pub mod sampler;
 pub mod sequence;
+pub mod session;
 pub mod stats;
 pub mod step;
 #[cfg(test)]

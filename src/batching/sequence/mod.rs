@@ -139,21 +139,6 @@ pub struct SequenceSetup {
     pub slots: usize,
 }
 
-/// Starts a sequence model version on the CPU over its built-in stateful kernel, with the
-/// configured instance count and the slots per instance its strategy gives.
-pub fn start_cpu(
-    spec: Arc<ModelSpec>,
-    seq: Arc<SequenceSpec>,
-    version: i64,
-    store: Option<Arc<SessionStore>>,
-) -> Result<super::Batcher, String> {
-    let count = spec.instance_count.unwrap_or(1).max(1);
-    let slots = seq.slots_per_instance(spec.max_batch_size, count);
-    let instances = crate::backend::cpu::stateful::create_cpu_instances(&spec, &seq, slots, count)?;
-    let setup = SequenceSetup { spec, seq, version, store, slots };
-    super::Batcher::start_sequence(setup, instances).map_err(|e| e.to_string())
-}
-
 /// The handle's end of a sequence model's actor.
 #[derive(Clone, Debug)]
 pub(crate) struct SequenceSessions {

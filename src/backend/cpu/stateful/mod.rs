@@ -86,23 +86,22 @@ impl StatefulInstance for CpuSequenceInstance {
     }
 }
 
-/// Creates CPU instances for a built-in stateful model: `count` instances of `slots` slots each.
+/// Creates CPU instances for a built-in stateful model: `count` instances of `slots` slots each;
+/// `None` when the CPU backend has no stateful kernel for `spec`'s model (built-ins: accumulate, gru).
 pub fn create_cpu_instances(
     spec: &ModelSpec,
     seq: &SequenceSpec,
     slots: usize,
     count: usize,
-) -> Result<Vec<Box<dyn StatefulInstance>>, String> {
-    let kernel = builtin_kernel(&spec.name).ok_or_else(|| {
-        format!(
-            "model '{}': the CPU backend has no stateful kernel for it (built-in stateful models: accumulate, gru)",
-            spec.name
-        )
-    })?;
+) -> Option<Vec<Box<dyn StatefulInstance>>> {
+    let kernel = builtin_kernel(&spec.name)?;
     let initial = seq.states.iter().map(|s| s.initial.clone()).collect::<Vec<_>>();
-    Ok((0..count)
-        .map(|i| {
-            Box::new(CpuSequenceInstance::new(kernel.clone(), initial.clone(), slots, i)) as Box<dyn StatefulInstance>
-        })
-        .collect())
+    Some(
+        (0..count)
+            .map(|i| {
+                Box::new(CpuSequenceInstance::new(kernel.clone(), initial.clone(), slots, i))
+                    as Box<dyn StatefulInstance>
+            })
+            .collect(),
+    )
 }
