@@ -44,7 +44,7 @@ pub use request::{InferReply, InferRequest, ReplySender, RequestInput, SequenceC
 pub use sequence::SequenceSetup;
 pub use stats::{FailureReason, ModelStats};
 
-use crate::backend::{ModelInstance, StatefulInstance};
+use crate::backend::{InputCheck, ModelInstance, StatefulInstance};
 use crate::config::{ModelSpec, SequenceSpec};
 use crate::sessions::{SequenceId, SessionBlob, SessionCounters, SessionInfo};
 use admission::Admission;
@@ -67,6 +67,8 @@ enum Policy {
 pub struct Batcher {
     admission: Arc<Admission>,
     policy: Policy,
+    /// The backend's check of a request's values, run before it is queued.
+    check: Option<Arc<dyn InputCheck>>,
 }
 
 impl Batcher {
@@ -74,8 +76,9 @@ impl Batcher {
     /// and one thread per instance.
     pub fn start_dynamic(spec: Arc<ModelSpec>, instances: Vec<Box<dyn ModelInstance>>) -> Batcher {
         let admission = Arc::new(Admission::new(spec, instances.len()));
+        let check = instances.first().and_then(|i| i.input_check());
         let policy = Policy::Dynamic(DynamicQueue::start(admission.clone(), instances));
-        Batcher { admission, policy }
+        Batcher { admission, policy, check }
     }
 
     /// Starts a sequence-batching model version: its session actor thread and one thread per
@@ -93,7 +96,7 @@ impl Batcher {
         }
         let admission = Arc::new(Admission::new(setup.spec.clone(), instances.len()));
         let policy = Policy::Sequence(SequenceSessions::start(admission.clone(), setup, instances)?);
-        Ok(Batcher { admission, policy })
+        Ok(Batcher { admission, policy, check: None })
     }
 
     /// Starts a generative model version: one step-loop thread per decoder instance.
@@ -105,7 +108,7 @@ impl Batcher {
     ) -> Result<Batcher, BatchingError> {
         let admission = Arc::new(Admission::new(spec, decoders.len()));
         let model = generative::handle::GenerativeModel::start(admission.clone(), setup, decoders, tokenizer)?;
-        Ok(Batcher { admission, policy: Policy::Generative(Arc::new(model)) })
+        Ok(Batcher { admission, policy: Policy::Generative(Arc::new(model)), check: None })
     }
 
     /// The generative handle, for generative models (their requests go there, not to `submit`).
@@ -122,6 +125,7 @@ impl Batcher {
         let adm = &self.admission;
         match &self.policy {
             Policy::Dynamic(q) => {
+                self.check_values(&request)?;
                 adm.admit(request.arrived)?;
                 q.send(adm, request)
             }
@@ -135,6 +139,16 @@ impl Batcher {
                 s.send(request)
             }
         }
+    }
+
+    /// Refuses a request whose values the backend cannot run (an id outside the vocabulary, a
+    /// sequence longer than the model's positions...) before it can join, and fail, a batch.
+    fn check_values(&self, request: &InferRequest) -> Result<(), BatchingError> {
+        let Some(check) = &self.check else { return Ok(()) };
+        check.check(&self.admission.spec.inputs, &request.inputs).map_err(|e| {
+            self.admission.stats.record_failure(FailureReason::InvalidRequest, request.arrived.elapsed());
+            BatchingError::InvalidRequest { model: self.admission.spec.name.clone(), reason: e.to_string() }
+        })
     }
 
     /// The worker started draining and will call [`Batcher::drain`] once its accepted requests

@@ -6,6 +6,7 @@ mod error;
 pub mod generative;
 mod loader;
 mod neuron_loader;
+mod serial;
 mod state;
 
 use std::collections::BTreeMap;
@@ -83,6 +84,8 @@ pub struct Repository {
     generative_defaults: crate::config::generative::GenerativeSpec,
     /// Decoder checkpoints served without a repository layout (`--model NAME=PATH`).
     direct: Vec<(String, PathBuf)>,
+    /// Loads and unloads of one model run one at a time, in order.
+    turns: serial::ModelTurns,
 }
 
 impl Repository {
@@ -97,6 +100,7 @@ impl Repository {
             session_store: None,
             generative_defaults: Default::default(),
             direct: Vec::new(),
+            turns: Default::default(),
         }
     }
 
@@ -176,8 +180,10 @@ impl Repository {
     }
 
     /// Loads (or reloads) one model by name. On failure the model is recorded as UNAVAILABLE.
+    /// Loads and unloads of one model run one at a time, in the order they were asked for.
     pub async fn load(&self, name: &str) -> Result<(), RepositoryError> {
         let dir = self.model_dir(name)?;
+        let _turn = self.turns.wait(name).await;
         let direct = self.direct.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone());
         let source = match &dir {
             None if !self.direct.is_empty() => match &direct {
@@ -315,6 +321,7 @@ impl Repository {
     /// Unloads a model: it stops accepting requests, finishes what it accepted, then is removed.
     pub async fn unload(&self, name: &str) -> Result<(), RepositoryError> {
         self.model_dir(name)?;
+        let _turn = self.turns.wait(name).await;
         if self.models.read().map(|m| !m.contains_key(name)).unwrap_or(true) {
             return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
         }

@@ -185,19 +185,8 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
     }
     check_variable_dims_agree(spec, &inputs)?;
     check_seq_buckets(spec, &inputs)?;
-    let outputs = if req.outputs.is_empty() {
-        (0..spec.outputs.len()).collect()
-    } else {
-        req.outputs
-            .iter()
-            .map(|o| {
-                spec.outputs
-                    .iter()
-                    .position(|s| s.name == o.name)
-                    .ok_or_else(|| bad(format!("model '{model}' has no output '{}'", o.name)))
-            })
-            .collect::<Result<Vec<_>, _>>()?
-    };
+    let outputs =
+        if req.outputs.is_empty() { (0..spec.outputs.len()).collect() } else { requested_outputs(req, spec)? };
     Ok(DecodedRequest { inputs, rows, priority, timeout, outputs, sequence })
 }
 
@@ -387,6 +376,31 @@ fn check_seq_buckets(spec: &ModelSpec, inputs: &[RequestInput]) -> Result<(), Se
         }
     }
     Ok(())
+}
+
+/// The outputs a request names, in its order: each at most once, without output parameters
+/// (`classification` and the like are not offered, and are refused rather than ignored).
+fn requested_outputs(req: &ModelInferRequest, spec: &ModelSpec) -> Result<Vec<usize>, ServerError> {
+    let model = &spec.name;
+    let mut outputs = Vec::with_capacity(req.outputs.len());
+    for o in &req.outputs {
+        if let Some(k) = o.parameters.keys().next() {
+            return Err(bad(format!(
+                "model '{model}': output '{}': parameter '{k}' is not supported (outputs come back whole); leave it out",
+                o.name
+            )));
+        }
+        let idx = spec
+            .outputs
+            .iter()
+            .position(|s| s.name == o.name)
+            .ok_or_else(|| bad(format!("model '{model}' has no output '{}'", o.name)))?;
+        if outputs.contains(&idx) {
+            return Err(bad(format!("model '{model}': output '{}' is requested more than once", o.name)));
+        }
+        outputs.push(idx);
+    }
+    Ok(outputs)
 }
 
 /// Builds the protocol response for one request's reply (outputs in `raw_output_contents`).

@@ -25,6 +25,18 @@ pub enum ServerError {
     /// A protocol feature this worker does not offer.
     #[error("{0}")]
     Unimplemented(String),
+    /// A response larger than the transport may send (`--max-message-size`).
+    #[error(
+        "model '{model}': the response is {bytes} bytes, over the {limit}-byte limit (--max-message-size); ask for fewer rows or outputs, or raise the limit"
+    )]
+    ResponseTooLarge {
+        /// Model name.
+        model: String,
+        /// Encoded response size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The worker is shutting down.
     #[error("the worker is shutting down and accepts no new requests; send them to another worker")]
     Draining,
@@ -37,6 +49,7 @@ impl From<ServerError> for Status {
             ServerError::InvalidRequest(_) => Status::invalid_argument(msg),
             ServerError::Unimplemented(_) => Status::unimplemented(msg),
             ServerError::Draining => Status::unavailable(msg),
+            ServerError::ResponseTooLarge { .. } => Status::resource_exhausted(msg),
             ServerError::Repository(r) => match r {
                 RepositoryError::NotFound { .. } => Status::not_found(msg),
                 RepositoryError::NotReady { .. } => Status::unavailable(msg),
