@@ -24,11 +24,12 @@ import subprocess
 import sys
 import time
 
-import llama_cpp
 
 
 class LlamaCpp:
     def __init__(self, path, threads, prompt_len, decode_len):
+        import llama_cpp
+
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_len + decode_len + 8, n_threads=threads,
                                    n_threads_batch=threads, n_batch=prompt_len, n_ubatch=prompt_len,
                                    verbose=False)
@@ -65,18 +66,32 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--llamacpp-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.llamacpp_child:
+        # One llama.cpp repetition in its own process, so that a crash of the library is reported
+        # instead of ending the comparison.
+        print(json.dumps(LlamaCpp(a.model, a.threads, a.prompt, a.decode).run()))
+        return 0
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     env = dict(os.environ, NEURON_WORKER_QUANT_THREADS=str(a.threads), NEURON_WORKER_LINEAR_THREADS=str(a.threads))
     subprocess.run(["cargo", "build", "--release", "--example", "gguf_generation_bench"], cwd=root, check=True)
     exe = os.path.join(root, "target", "release", "examples", "gguf_generation_bench")
     load_before = os.getloadavg()
-    cpp = LlamaCpp(a.model, a.threads, a.prompt, a.decode)
-    ours, theirs = [], []
+    ours, theirs, failures = [], [], []
+    child = [sys.executable, os.path.abspath(__file__), a.model, "--threads", str(a.threads), "--prompt", str(a.prompt),
+             "--decode", str(a.decode), "--llamacpp-child"]
     for _ in range(a.reps):
         ours.append(json.loads(subprocess.run([exe, a.model, str(a.prompt), str(a.decode), str(a.streams)], env=env,
                                               check=True, capture_output=True, text=True).stdout))
-        theirs.append(cpp.run())
+        r = subprocess.run(child, capture_output=True, text=True)
+        if r.returncode == 0:
+            theirs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        else:
+            failures.append(f"exit status {r.returncode} ({r.stderr.strip()[-200:]})")
+    if not theirs:
+        print(f"llama.cpp failed on every repetition: {failures[0]}; figures of ours only", file=sys.stderr)
+        theirs = [(float("nan"),) * 3]
     load_after = os.getloadavg()
     med = lambda xs: statistics.median(xs)
     o = {k: med([r[k] for r in ours]) for k in ["prompt_tok_s", "decode_tok_s", "decode_step_p50_s",

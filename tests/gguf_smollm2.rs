@@ -15,6 +15,10 @@ use serde_json::Value;
 const BLOCK: usize = 16;
 /// Greedy tokens that must equal the reference, on at least 4 of the 5 prompts.
 const AGREE: usize = 24;
+/// A reference step whose top-1 leads the top-2 by less than this is a near-tie: our products
+/// quantize activations to 8 bits per 32-element block (as llama.cpp does), transformers runs f32
+/// activations on the dequantized weights, and the logits differ by about this much.
+const NEAR_TIE: f64 = 0.25;
 
 fn model_path() -> PathBuf {
     std::env::var_os("SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
@@ -58,6 +62,7 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
     let tokenizer = tokenizers::Tokenizer::from_bytes(files.tokenizer_json.clone().unwrap().as_bytes()).unwrap();
     let mut model = LlamaModel::new(files.config, &files.weights, 64, BLOCK).unwrap();
     let mut agreeing = 0;
+    let mut beyond_near_tie = Vec::new();
     for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&p["ids"]);
         let want = ids(&p["greedy"]);
@@ -101,6 +106,10 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
         if same >= AGREE {
             agreeing += 1;
         }
+        if same < want.len() && margin.is_some_and(|m| m >= NEAR_TIE) {
+            beyond_near_tie.push(pi);
+        }
     }
+    assert!(beyond_near_tie.is_empty(), "prompts {beyond_near_tie:?} diverge where the reference is not a near-tie");
     assert!(agreeing >= 4, "only {agreeing} of 5 prompts agree for {AGREE} tokens");
 }
