@@ -1,7 +1,7 @@
 //! Forward time of a SmolLM2-135M-shaped Llama decoder with seeded random F32 weights (hidden 576, 30
 //! layers, 9 heads / 3 KV heads, MLP 1536, vocabulary 49152): one-token decode at position 512, a decode
 //! step of 8 sequences, and a 512-token prefill. `cargo bench --bench llama_forward`
-//! (`NEURON_WORKER_KERNEL_ISA=avx2` measures the AVX2 kernels on an AVX-512 machine).
+//! (`NEURON_WORKER_ISA=avx2` measures the AVX2 kernels on an AVX-512 machine).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::time::Duration;

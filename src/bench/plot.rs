@@ -1,4 +1,5 @@
-//! An SVG chart of a run: throughput and p99 latency against concurrency, one panel each.
+//! An SVG chart of a run: stacked panels against concurrency (throughput and p99 latency for
+//! request/response models; tokens/s, TTFT and inter-token latency for generation).
 
 use std::path::Path;
 
@@ -8,26 +9,26 @@ use super::error::BenchError;
 use super::report::{Report, write_file};
 
 const SIZE: (u32, u32) = (800, 640);
+const COLOURS: [RGBColor; 3] = [BLUE, RED, GREEN];
 
 /// The x range on a log scale, padded so that a single point still has room.
-fn x_range(report: &Report) -> (f64, f64) {
-    let xs = report.points.iter().map(|p| f64::from(p.concurrency.max(1)));
-    let lo = xs.clone().fold(f64::INFINITY, f64::min);
-    let hi = xs.fold(1.0f64, f64::max);
+fn x_range(points: &[(f64, f64)]) -> (f64, f64) {
+    let lo = points.iter().map(|p| p.0.max(1.0)).fold(f64::INFINITY, f64::min);
+    let hi = points.iter().map(|p| p.0.max(1.0)).fold(1.0f64, f64::max);
     let lo = if lo.is_finite() { lo } else { 1.0 };
     (lo / 1.5, hi * 1.5)
 }
 
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
-    report: &Report,
+    x_desc: &str,
     title: &str,
     y_desc: &str,
     colour: RGBColor,
-    y: impl Fn(&super::report::Point) -> f64,
+    pts: &[(f64, f64)],
 ) -> Result<(), String> {
-    let (x_lo, x_hi) = x_range(report);
-    let y_hi = report.points.iter().map(&y).fold(0.0f64, f64::max).max(1e-3) * 1.15;
+    let (x_lo, x_hi) = x_range(pts);
+    let y_hi = pts.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.15;
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -37,31 +38,45 @@ fn panel<DB: DrawingBackend>(
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
-        .x_desc("concurrency (requests in flight)")
+        .x_desc(x_desc)
         .y_desc(y_desc)
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()
         .map_err(|e| e.to_string())?;
-    let pts: Vec<(f64, f64)> = report.points.iter().map(|p| (f64::from(p.concurrency.max(1)), y(p))).collect();
-    chart.draw_series(LineSeries::new(pts.clone(), colour.stroke_width(2))).map_err(|e| e.to_string())?;
-    chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 4, colour.filled()))).map_err(|e| e.to_string())?;
+    chart.draw_series(LineSeries::new(pts.to_vec(), colour.stroke_width(2))).map_err(|e| e.to_string())?;
+    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, colour.filled()))).map_err(|e| e.to_string())?;
     Ok(())
 }
 
-/// Renders the chart as SVG text.
-pub fn render_svg(report: &Report) -> Result<String, String> {
+/// Renders stacked panels, each `(title, y axis, points (x = concurrency, y))`, as SVG text.
+pub fn render_panels(title: &str, x_desc: &str, panels: &[(&str, &str, Vec<(f64, f64)>)]) -> Result<String, String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        let height = SIZE.1 / 2 * panels.len().max(1) as u32;
+        let root = SVGBackend::with_string(&mut svg, (SIZE.0, height)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let title = format!("{} (batch {}, {:.0} s per point)", report.model, report.batch_size, report.duration_s);
-        let root = root.titled(&title, ("sans-serif", 24)).map_err(|e| e.to_string())?;
-        let (top, bottom) = root.split_vertically(SIZE.1 / 2 - 20);
-        panel(&top, report, "throughput", "inferences/s", BLUE, |p| p.throughput)?;
-        panel(&bottom, report, "p99 latency", "p99 (ms)", RED, |p| p.p99_us as f64 / 1000.0)?;
+        let root = root.titled(title, ("sans-serif", 24)).map_err(|e| e.to_string())?;
+        let areas = root.split_evenly((panels.len().max(1), 1));
+        for (i, ((name, y_desc, pts), area)) in panels.iter().zip(&areas).enumerate() {
+            panel(area, x_desc, name, y_desc, COLOURS[i % COLOURS.len()], pts)?;
+        }
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
+}
+
+/// Renders the chart of a request/response run (throughput, then p99 latency) as SVG text.
+pub fn render_svg(report: &Report) -> Result<String, String> {
+    let title = format!("{} (batch {}, {:.0} s per point)", report.model, report.batch_size, report.duration_s);
+    let x = |p: &super::report::Point| f64::from(p.concurrency.max(1));
+    render_panels(
+        &title,
+        "concurrency (requests in flight)",
+        &[
+            ("throughput", "inferences/s", report.points.iter().map(|p| (x(p), p.throughput)).collect()),
+            ("p99 latency", "p99 (ms)", report.points.iter().map(|p| (x(p), p.p99_us as f64 / 1000.0)).collect()),
+        ],
+    )
 }
 
 /// Writes the chart to `path`.

@@ -7,7 +7,6 @@
 //! AVX2+FMA, or a scalar fallback (results differ between instruction sets, never within one).
 
 use std::ops::Range;
-use std::sync::OnceLock;
 
 /// The micro-kernel family this machine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,33 +30,13 @@ impl KernelIsa {
     }
 }
 
-/// The best kernel family of this CPU (detected once).
+/// The kernel family this process runs: the level of [`crate::backend::cpu::isa::isa`] (detected
+/// once, lowered by `NEURON_WORKER_ISA`).
 pub fn kernel_isa() -> KernelIsa {
-    static ISA: OnceLock<KernelIsa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        if let Ok(forced) = std::env::var("NEURON_WORKER_KERNEL_ISA") {
-            match forced.as_str() {
-                "scalar" => return KernelIsa::Scalar,
-                "avx2" if detect_avx2() => return KernelIsa::Avx2Fma,
-                _ => {}
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return KernelIsa::Avx512;
-        }
-        if detect_avx2() { KernelIsa::Avx2Fma } else { KernelIsa::Scalar }
-    })
-}
-
-fn detect_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    match super::isa::isa() {
+        super::isa::Isa::Avx512 => KernelIsa::Avx512,
+        super::isa::Isa::Avx2 => KernelIsa::Avx2Fma,
+        super::isa::Isa::Scalar => KernelIsa::Scalar,
     }
 }
 
@@ -311,7 +290,11 @@ mod tests {
     fn every_isa_matches_f64_and_is_batch_invariant() {
         let isas: Vec<KernelIsa> = [KernelIsa::Scalar, KernelIsa::Avx2Fma, KernelIsa::Avx512]
             .into_iter()
-            .filter(|&i| i == KernelIsa::Scalar || i == KernelIsa::Avx2Fma && detect_avx2() || i == kernel_isa())
+            .filter(|&i| match i {
+                KernelIsa::Scalar => true,
+                KernelIsa::Avx2Fma => crate::backend::cpu::isa::detected() >= crate::backend::cpu::isa::Isa::Avx2,
+                KernelIsa::Avx512 => crate::backend::cpu::isa::detected() >= crate::backend::cpu::isa::Isa::Avx512,
+            })
             .collect();
         for &(m, k, n) in &[(1, 64, 7), (5, 83, 13), (9, 576, 40), (4, 16, 4)] {
             let x = data(m * k, 1);

@@ -1,7 +1,8 @@
 //! Which quantized kernel runs on this CPU, chosen once at run time.
 //!
-//! `NEURON_WORKER_QUANT_ISA=scalar|avx2|avx512` caps the choice (to measure the AVX2 path on an
-//! AVX-512 machine, or to compare with the reference); it never selects an ISA the CPU lacks.
+//! `NEURON_WORKER_ISA=scalar|avx2|avx512` (the one variable of [`crate::backend::cpu::isa`]) caps
+//! the choice (to measure the AVX2 path on an AVX-512 machine, or to compare with the reference); it
+//! never selects an ISA the CPU lacks.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -52,18 +53,17 @@ impl QuantIsa {
     }
 }
 
-/// The ISA the quantized kernels use in this process (detected, capped by
-/// `NEURON_WORKER_QUANT_ISA`).
+/// The ISA the quantized kernels use in this process (detected, capped by `NEURON_WORKER_ISA`
+/// through [`crate::backend::cpu::isa::isa`]).
 pub fn quant_isa() -> QuantIsa {
     static ISA: OnceLock<QuantIsa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let best = QuantIsa::detect();
-        let cap = match std::env::var("NEURON_WORKER_QUANT_ISA").as_deref() {
-            Ok("scalar") => QuantIsa::Scalar,
-            Ok("avx2") => QuantIsa::Avx2,
-            _ => QuantIsa::Avx512Vnni,
+        let cap = match crate::backend::cpu::isa::isa() {
+            crate::backend::cpu::isa::Isa::Scalar => QuantIsa::Scalar,
+            crate::backend::cpu::isa::Isa::Avx2 => QuantIsa::Avx2,
+            crate::backend::cpu::isa::Isa::Avx512 => QuantIsa::Avx512Vnni,
         };
-        best.min(cap)
+        QuantIsa::detect().min(cap)
     })
 }
 
