@@ -183,13 +183,11 @@ async fn drained_sessions_continue_on_a_worker_started_on_the_same_store() {
         &want,
         "gru after restart",
     );
+    // The corrupt entry was removed (and counted on the store) when the store opened: never loaded.
     let e = acc(&mut c, &SequenceId::Uint(42), 1, false, false).await.expect_err("corrupt entry not loaded");
-    assert_eq!(e.code(), Code::DataLoss);
-    assert!(e.message().contains("stored session 42 is corrupt and was discarded"), "{}", e.message());
-    let e = acc(&mut c, &SequenceId::Uint(42), 1, false, false).await.expect_err("and it is gone");
+    assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("never started"), "{}", e.message());
     let m = metrics(&w).await;
-    assert_eq!(metric(&m, "sessions_corrupt", "accumulate"), 2, "reported at start-up and when asked for");
     assert_eq!(metric(&m, "sessions_restored", "accumulate"), 5);
 }
 
