@@ -24,15 +24,16 @@ pub(crate) fn presented(header: Option<&str>) -> Presented<'_> {
     }
 }
 
-/// Why a request is refused, or `None` when it carries `expected`.
-pub(crate) fn refusal(header: Option<&str>, expected: &str) -> Option<String> {
+/// Why a request is refused, or `None` when it carries `expected`; `name` is how the front spells
+/// the header (`authorization` metadata for gRPC, `Authorization` for HTTP).
+pub(crate) fn refusal(header: Option<&str>, expected: &str, name: &str) -> Option<String> {
     match presented(header) {
         Presented::Token(t) if constant_time_eq::constant_time_eq(t.as_bytes(), expected.as_bytes()) => None,
         Presented::Token(_) => Some("invalid bearer token".into()),
         Presented::OtherScheme(s) => {
             Some(format!("authorization scheme '{s}' is not accepted; send 'authorization: Bearer <token>'"))
         }
-        Presented::Missing => Some("missing 'authorization: Bearer <token>'; this worker requires a token".into()),
+        Presented::Missing => Some(format!("missing '{name}: Bearer <token>'; this worker requires a token")),
     }
 }
 
@@ -43,11 +44,11 @@ mod tests {
     #[test]
     fn the_scheme_is_case_insensitive_and_other_schemes_are_named() {
         for h in ["Bearer t0k", "bearer t0k", "BEARER   t0k", " Bearer t0k "] {
-            assert_eq!(refusal(Some(h), "t0k"), None, "{h}");
+            assert_eq!(refusal(Some(h), "t0k", "authorization"), None, "{h}");
         }
-        assert_eq!(refusal(Some("Bearer nope"), "t0k").as_deref(), Some("invalid bearer token"));
-        assert!(refusal(Some("Basic dXNlcg=="), "t0k").is_some_and(|m| m.contains("scheme 'Basic'")));
-        assert!(refusal(None, "t0k").is_some_and(|m| m.starts_with("missing")));
-        assert_eq!(refusal(Some("Bearer"), "t0k").as_deref(), Some("invalid bearer token"));
+        assert_eq!(refusal(Some("Bearer nope"), "t0k", "authorization").as_deref(), Some("invalid bearer token"));
+        assert!(refusal(Some("Basic dXNlcg=="), "t0k", "authorization").is_some_and(|m| m.contains("scheme 'Basic'")));
+        assert!(refusal(None, "t0k", "authorization").is_some_and(|m| m.starts_with("missing")));
+        assert_eq!(refusal(Some("Bearer"), "t0k", "authorization").as_deref(), Some("invalid bearer token"));
     }
 }

@@ -100,7 +100,7 @@ fn auth_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request
     move |req: Request<()>| {
         let Some(expected) = &token else { return Ok(req) };
         let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match bearer::refusal(header, expected) {
+        match bearer::refusal(header, expected, "authorization") {
             None => Ok(req),
             Some(why) => Err(Status::unauthenticated(why)),
         }

@@ -17,7 +17,7 @@ pub async fn check(State(token): State<Option<Arc<str>>>, req: Request, next: Ne
         return next.run(req).await;
     }
     let got = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let Some(why) = crate::server::bearer::refusal(got, &expected) else { return next.run(req).await };
+    let Some(why) = crate::server::bearer::refusal(got, &expected, "Authorization") else { return next.run(req).await };
     let err = HttpError::new(StatusCode::UNAUTHORIZED, why);
     if req.uri().path().starts_with("/v1/") { err.into_openai() } else { err.into_response() }
 }
