@@ -48,8 +48,11 @@ fn panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Renders stacked panels, each `(title, y axis, points (x = concurrency, y))`, as SVG text.
-pub fn render_panels(title: &str, x_desc: &str, panels: &[(&str, &str, Vec<(f64, f64)>)]) -> Result<String, String> {
+/// One panel of a chart: its title, its y axis and its points (x = concurrency, y).
+pub type Panel<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// Renders stacked panels as SVG text.
+pub fn render_panels(title: &str, x_desc: &str, panels: &[Panel<'_>]) -> Result<String, String> {
     let mut svg = String::new();
     {
         let height = SIZE.1 / 2 * panels.len().max(1) as u32;
