@@ -19,10 +19,10 @@ use neuron_worker::backend::cpu::stateful::kernels::{
 };
 use neuron_worker::backend::{BackendError, BatchInput, ModelInstance, NamedTensor};
 use neuron_worker::batching::SequenceControl;
-use neuron_worker::batching::sequence::start_cpu;
 use neuron_worker::batching::{Batcher, InferRequest, RequestInput};
 use neuron_worker::config::SequenceSpec;
 use neuron_worker::config::{ModelSpec, parse_model_config};
+use neuron_worker::repository::start_cpu_sequence as start_cpu;
 use neuron_worker::sessions::{SequenceId, SessionStore};
 use neuron_worker::tensor::{DataType, Tensor};
 use tokio::runtime::Runtime;

@@ -14,7 +14,9 @@ use neuron_worker::server::{self, ServeOptions};
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only on a terminal: a log written to a file or a pipe stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -43,6 +45,13 @@ fn select_backend(arg: BackendArg) -> Result<(BackendSelection, String), String>
 }
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
+    // Listening from the start, so a signal during start-up is handled too.
+    let mut signal = tokio::spawn(signal_received());
+    // An empty value would turn authentication off without a word; an empty variable may never
+    // reach the token argument, so it is looked at here.
+    if args.auth_token.is_none() && std::env::var_os("NEURON_WORKER_AUTH_TOKEN").is_some_and(|v| v.is_empty()) {
+        return Err(server::ServeError::EmptyToken.to_string());
+    }
     let store = match &args.session_store {
         Some(dir) => {
             let store =
@@ -56,11 +65,19 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     tracing::info!(backend = %why, "backend selected");
     let repo = Arc::new(
         Repository::new(args.model_repository.clone(), backend, args.model_control_mode)
-            .with_session_store(store)
+            .with_session_store(store.clone())
             .with_generative_defaults(GenerativeSpec { kv_cache_memory: args.kv_cache_memory, ..Default::default() })
             .with_direct_models(args.model.clone()),
     );
-    repo.load_all().await.map_err(|e| e.to_string())?;
+    // A signal while the models load stops the worker cleanly (exit 0) instead of killing it.
+    tokio::select! {
+        r = repo.load_all() => r.map_err(|e| e.to_string())?,
+        _ = &mut signal => {
+            tracing::info!("signal received while loading models; stopping before serving");
+            repo.drain_all().await;
+            return Ok(());
+        }
+    }
     let opts = ServeOptions {
         grpc_addr: args.grpc_addr,
         http_addr: Some(args.http_addr),
@@ -78,34 +95,59 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, metrics = ?running.metrics_addr, models = ?repo.entries().iter().map(|(n, e)| format!("{n}:{}", e.state)).collect::<Vec<_>>(), "serving");
     let stop = running.shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        let _ = signal.await;
         tracing::info!("signal received; draining");
         stop.cancel();
     });
     running.wait().await.map_err(|e| e.to_string())?;
+    // Sessions the store could not take at drain are lost: say so in the exit status, so an
+    // orchestrator (and its operator) sees it.
+    if let Some(store) = &store
+        && store.lost() > 0
+    {
+        return Err(format!(
+            "{} sessions could not be written to the session store at {} and are lost (see the log)",
+            store.lost(),
+            store.path().display()
+        ));
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled.
+fn signal_received() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
+    let handlers = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (signal(SignalKind::terminate()).ok(), signal(SignalKind::interrupt()).ok())
+    };
+    async move {
+        #[cfg(unix)]
+        {
+            let (term, int) = handlers;
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
                 }
+            };
+            if term.is_none() && int.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
             }
-            Err(_) => {
-                let _ = ctrl_c.await;
+            tokio::select! {
+                _ = wait(term) => {}
+                _ = wait(int) => {}
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

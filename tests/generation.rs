@@ -202,7 +202,12 @@ async fn a_cancelled_stream_frees_its_sequence() {
             )
         })
     };
-    assert_eq!(running(&common::capacity(&metrics).await).map(|r| r.0), Some(1));
+    // The gauges are published at the end of the step that sent the first delta: wait for them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running(&common::capacity(&metrics).await).map(|r| r.0) != Some(1) {
+        assert!(Instant::now() < deadline, "the sequence never showed as running");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     drop(stream);
     drop(tx);
     let deadline = Instant::now() + Duration::from_secs(20);

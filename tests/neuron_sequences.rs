@@ -16,7 +16,7 @@ use neuron_worker::backend::cpu::stateful::kernels::{GRU_HIDDEN, GruCell};
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ImportSessionRequest};
-use neuron_worker::sessions::SequenceId;
+use neuron_worker::sessions::{SequenceId, SessionBlob};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -209,4 +209,34 @@ async fn neuron_sequence_model_without_instances_is_not_ready_and_unavailable() 
         .expect("ready rpc")
         .into_inner();
     assert!(ready.ready);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_whose_outputs_cannot_be_read_leaves_the_state_where_it_was() {
+    // The stand-in refuses host reads of the output tensors: every execution succeeds and every
+    // request fails reading its outputs. A client retries a failed step, so the step must not
+    // have moved the state (it used to: START 100 then four failed +1 left 104).
+    let (neuron, mut n) = start_neuron_worker(&[("NRT_STANDIN_DENY_READ_PREFIX", "OUTPUT")], &[]).await;
+    let mut ns = SessionsClient::connect(neuron.grpc.clone()).await.expect("sessions client");
+    let id = SequenceId::Uint(9);
+    let e = acc(&mut n, &id, 100, true, false).await.expect_err("outputs cannot be read");
+    assert!(e.message().contains("NRT_INVALID"), "{}", e.message());
+    for _ in 0..4 {
+        acc(&mut n, &id, 1, false, false).await.expect_err("outputs cannot be read");
+    }
+    let blob = export(&mut ns, "accumulate", sp::sequence_id::Id::Uint64Id(9)).await.expect("export");
+    let blob = SessionBlob::decode(&blob).expect("blob decodes");
+    assert_eq!(blob.steps, 0);
+    assert_eq!(blob.state[0].data, 0i32.to_le_bytes(), "the failed START reset the slot; no failed step moved it");
+
+    // gru: three time steps per request, three executions per batch, the first ones succeeding.
+    let id = SequenceId::Uint(10);
+    gru(&mut n, &id, &gru_steps(10, 0, 3), true, false).await.expect_err("outputs cannot be read");
+    for step in 1..3 {
+        gru(&mut n, &id, &gru_steps(10, step, 3), false, false).await.expect_err("outputs cannot be read");
+    }
+    let blob = export(&mut ns, "gru", sp::sequence_id::Id::Uint64Id(10)).await.expect("export");
+    let blob = SessionBlob::decode(&blob).expect("blob decodes");
+    assert_eq!(blob.steps, 0);
+    assert!(blob.state[0].data.iter().all(|b| *b == 0), "the hidden state is still the initial zeros");
 }

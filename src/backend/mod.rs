@@ -7,11 +7,13 @@
 pub mod cpu;
 pub mod error;
 pub mod generative;
+mod input_check;
 mod kind;
 pub mod neuron;
 pub mod stateful;
 
 pub use error::BackendError;
+pub use input_check::InputCheck;
 pub use kind::BackendKind;
 pub use stateful::{SlotStep, StatefulInstance};
 
@@ -55,4 +57,10 @@ pub trait ModelInstance: Send {
 
     /// A short label for logs and metrics, e.g. `cpu:0` or `nc:3`.
     fn label(&self) -> String;
+
+    /// The model's check of one request's values, run before the request joins a batch (`None`:
+    /// nothing to check beyond names, datatypes and shapes).
+    fn input_check(&self) -> Option<std::sync::Arc<dyn InputCheck>> {
+        None
+    }
 }

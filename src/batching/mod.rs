@@ -44,7 +44,7 @@ pub use request::{InferReply, InferRequest, ReplySender, RequestInput, SequenceC
 pub use sequence::SequenceSetup;
 pub use stats::{FailureReason, ModelStats};
 
-use crate::backend::{ModelInstance, StatefulInstance};
+use crate::backend::{InputCheck, ModelInstance, StatefulInstance};
 use crate::config::{ModelSpec, SequenceSpec};
 use crate::sessions::{SequenceId, SessionBlob, SessionCounters, SessionInfo};
 use admission::Admission;
@@ -67,6 +67,8 @@ enum Policy {
 pub struct Batcher {
     admission: Arc<Admission>,
     policy: Policy,
+    /// The backend's check of a request's values, run before it is queued.
+    check: Option<Arc<dyn InputCheck>>,
 }
 
 impl Batcher {
@@ -74,8 +76,9 @@ impl Batcher {
     /// and one thread per instance.
     pub fn start_dynamic(spec: Arc<ModelSpec>, instances: Vec<Box<dyn ModelInstance>>) -> Batcher {
         let admission = Arc::new(Admission::new(spec, instances.len()));
+        let check = instances.first().and_then(|i| i.input_check());
         let policy = Policy::Dynamic(DynamicQueue::start(admission.clone(), instances));
-        Batcher { admission, policy }
+        Batcher { admission, policy, check }
     }
 
     /// Starts a sequence-batching model version: its session actor thread and one thread per
@@ -93,7 +96,7 @@ impl Batcher {
         }
         let admission = Arc::new(Admission::new(setup.spec.clone(), instances.len()));
         let policy = Policy::Sequence(SequenceSessions::start(admission.clone(), setup, instances)?);
-        Ok(Batcher { admission, policy })
+        Ok(Batcher { admission, policy, check: None })
     }
 
     /// Starts a generative model version: one step-loop thread per decoder instance.
@@ -105,7 +108,7 @@ impl Batcher {
     ) -> Result<Batcher, BatchingError> {
         let admission = Arc::new(Admission::new(spec, decoders.len()));
         let model = generative::handle::GenerativeModel::start(admission.clone(), setup, decoders, tokenizer)?;
-        Ok(Batcher { admission, policy: Policy::Generative(Arc::new(model)) })
+        Ok(Batcher { admission, policy: Policy::Generative(Arc::new(model)), check: None })
     }
 
     /// The generative handle, for generative models (their requests go there, not to `submit`).
@@ -122,6 +125,7 @@ impl Batcher {
         let adm = &self.admission;
         match &self.policy {
             Policy::Dynamic(q) => {
+                self.check_values(&request)?;
                 adm.admit(request.arrived)?;
                 q.send(adm, request)
             }
@@ -135,6 +139,16 @@ impl Batcher {
                 s.send(request)
             }
         }
+    }
+
+    /// Refuses a request whose values the backend cannot run (an id outside the vocabulary, a
+    /// sequence longer than the model's positions...) before it can join, and fail, a batch.
+    fn check_values(&self, request: &InferRequest) -> Result<(), BatchingError> {
+        let Some(check) = &self.check else { return Ok(()) };
+        check.check(&self.admission.spec.inputs, &request.inputs).map_err(|e| {
+            self.admission.stats.record_failure(FailureReason::InvalidRequest, request.arrived.elapsed());
+            BatchingError::InvalidRequest { model: self.admission.spec.name.clone(), reason: e.to_string() }
+        })
     }
 
     /// The worker started draining and will call [`Batcher::drain`] once its accepted requests
@@ -204,18 +218,49 @@ impl Batcher {
 
     /// Whether the model keeps sessions (list, export, import apply).
     pub fn keeps_sessions(&self) -> bool {
-        matches!(self.policy, Policy::Sequence(_))
+        matches!(self.policy, Policy::Sequence(_) | Policy::Generative(_))
+    }
+
+    fn move_error(&self, e: generative::session_moves::MoveError) -> BatchingError {
+        use generative::session_moves::MoveError;
+        let model = self.admission.spec.name.clone();
+        match e {
+            MoveError::NotFound { id } => BatchingError::NotFound { model, id },
+            MoveError::Busy { id } => BatchingError::Busy { model, id },
+            MoveError::BadBlob { reason } => BatchingError::BadBlob { reason },
+            MoveError::Refused { reason } | MoveError::Backend { reason } => {
+                BatchingError::InvalidRequest { model, reason }
+            }
+        }
     }
 
     fn no_sessions(&self) -> BatchingError {
         BatchingError::NoSessions { model: self.admission.spec.name.clone() }
     }
 
+    /// This version replaces a running one of the same version (a reload): until
+    /// [`Batcher::take_handover`], requests continuing a session it does not know wait, since the
+    /// version being replaced may still hold it. Call before requests can reach this version.
+    pub fn await_handover(&self) {
+        if let Policy::Sequence(s) = &self.policy {
+            s.await_handover();
+        }
+    }
+
+    /// The replaced version has drained (its sessions are in the store): take them over in one
+    /// step, so they are listed, exportable and continued here, and release the waiting requests.
+    pub async fn take_handover(&self) {
+        if let Policy::Sequence(s) = &self.policy {
+            s.take_handover().await;
+        }
+    }
+
     /// Every session of this model version (empty for models without sessions).
     pub async fn list_sessions(&self) -> Vec<SessionInfo> {
         match &self.policy {
             Policy::Sequence(s) => s.list().await,
-            Policy::Dynamic(_) | Policy::Generative(_) => Vec::new(),
+            Policy::Generative(g) => g.list_sessions().await,
+            Policy::Dynamic(_) => Vec::new(),
         }
     }
 
@@ -223,7 +268,8 @@ impl Batcher {
     pub async fn export_session(&self, id: SequenceId) -> Result<SessionBlob, BatchingError> {
         match &self.policy {
             Policy::Sequence(s) => s.export(id).await,
-            Policy::Dynamic(_) | Policy::Generative(_) => Err(self.no_sessions()),
+            Policy::Generative(g) => g.export_session(id).await.map_err(|e| self.move_error(e)),
+            Policy::Dynamic(_) => Err(self.no_sessions()),
         }
     }
 
@@ -231,7 +277,8 @@ impl Batcher {
     pub async fn import_session(&self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
         match &self.policy {
             Policy::Sequence(s) => s.import(blob).await,
-            Policy::Dynamic(_) | Policy::Generative(_) => Err(self.no_sessions()),
+            Policy::Generative(g) => g.import_session(blob).await.map_err(|e| self.move_error(e)),
+            Policy::Dynamic(_) => Err(self.no_sessions()),
         }
     }
 

@@ -65,16 +65,23 @@ pub enum FailureReason {
     Backend,
     /// No instance was in service.
     Unavailable,
+    /// The request's values were refused (by the model's check before batching, or by the backend
+    /// when the request ran alone): the client's error, not the instance's.
+    InvalidRequest,
+    /// The response was larger than the server may send; it was refused in its place.
+    ResponseTooLarge,
 }
 
 impl FailureReason {
     /// Every reason, for metrics.
-    pub const ALL: [FailureReason; 5] = [
+    pub const ALL: [FailureReason; 7] = [
         FailureReason::QueueFull,
         FailureReason::Timeout,
         FailureReason::Cancelled,
         FailureReason::Backend,
         FailureReason::Unavailable,
+        FailureReason::InvalidRequest,
+        FailureReason::ResponseTooLarge,
     ];
 
     /// Label value.
@@ -85,6 +92,8 @@ impl FailureReason {
             FailureReason::Cancelled => "cancelled",
             FailureReason::Backend => "backend",
             FailureReason::Unavailable => "unavailable",
+            FailureReason::InvalidRequest => "invalid_request",
+            FailureReason::ResponseTooLarge => "response_too_large",
         }
     }
 }
@@ -121,7 +130,7 @@ pub struct ModelStats {
     pub execution_count: AtomicU64,
     /// Milliseconds since the epoch of the last inference.
     pub last_inference_ms: AtomicU64,
-    failures: [AtomicU64; 5],
+    failures: [AtomicU64; 7],
     batch: Mutex<BTreeMap<usize, BatchSizeStats>>,
     /// Smoothed backend time per execution, ns (for the queue-wait estimate).
     pub recent_exec_ns: AtomicU64,
@@ -141,6 +150,13 @@ impl ModelStats {
         let idx = FailureReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
         self.failures[idx].fetch_add(1, Relaxed);
         self.fail.add(1, in_worker);
+    }
+
+    /// Re-counts a request already recorded as a success whose response was refused because it
+    /// was too large to send: one success fewer, one failure more.
+    pub fn record_response_refused(&self) {
+        let _ = self.success.count.fetch_update(Relaxed, Relaxed, |c| c.checked_sub(1));
+        self.record_failure(FailureReason::ResponseTooLarge, Duration::ZERO);
     }
 
     /// Failed requests by reason.

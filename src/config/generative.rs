@@ -83,6 +83,10 @@ pub struct GenerativeSpec {
     pub block_size: usize,
     /// Cap on the context (prompt plus generated tokens): `max_model_len`; `None` = the model's.
     pub max_model_len: Option<usize>,
+    /// Most open conversation sessions per instance: `max_sessions`.
+    pub max_sessions: usize,
+    /// Most tokens one session may hold: `max_session_tokens`; `None` = the context limit.
+    pub max_session_tokens: Option<usize>,
 }
 
 impl Default for GenerativeSpec {
@@ -93,6 +97,8 @@ impl Default for GenerativeSpec {
             kv_cache_memory: DEFAULT_KV_CACHE_MEMORY,
             block_size: crate::backend::generative::DEFAULT_BLOCK_SIZE,
             max_model_len: None,
+            max_sessions: 1024,
+            max_session_tokens: None,
         }
     }
 }
@@ -142,6 +148,8 @@ impl GenerativeSpec {
                 "max_num_seqs" => s.max_running = positive(key, v)?,
                 "kv_block_size" => s.block_size = positive(key, v)?,
                 "max_model_len" => s.max_model_len = Some(positive(key, v)?),
+                "max_sessions" => s.max_sessions = positive(key, v)?,
+                "max_session_tokens" => s.max_session_tokens = Some(positive(key, v)?),
                 "kv_cache_memory" => s.kv_cache_memory = parse_memory(v).map_err(|r| err(key, r))?,
                 _ => {}
             }

@@ -127,7 +127,16 @@ pub enum LoadError {
         /// The backend's error.
         source: BackendError,
     },
-    /// A decoder checkpoint (generative model) could not be loaded.
+    /// A decoder checkpoint's files (config, weights) could not be read or do not describe a
+    /// decoder the worker can run.
+    #[error("{}: cannot serve this decoder checkpoint: {source}", path.display())]
+    DecoderCheckpoint {
+        /// The folder or file.
+        path: PathBuf,
+        /// What the decoder loader said.
+        source: crate::backend::cpu::llama::LoadError,
+    },
+    /// A decoder checkpoint (generative model) could not be loaded: its tokenizer or chat template.
     #[error("{}: cannot serve this decoder checkpoint: {reason}", path.display())]
     Decoder {
         /// The folder or file.
@@ -136,10 +145,19 @@ pub enum LoadError {
         reason: String,
     },
     /// The batching layer could not start the model's instances.
-    #[error("{reason}")]
+    #[error("cannot start the model's instances: {source}")]
     Batching {
         /// What the batching layer said.
-        reason: String,
+        source: crate::batching::BatchingError,
+    },
+    /// A stateful model has no CPU kernel (and no NEFF on a Neuron worker).
+    #[error(
+        "model '{model}': the CPU backend has no stateful kernel for it (built-in stateful models: accumulate, \
+         gru); serve it from a NEFF with --backend neuron"
+    )]
+    NoStatefulKernel {
+        /// The model.
+        model: String,
     },
     /// The loading task died (a panic in a loader).
     #[error("loader task failed: {reason}")]

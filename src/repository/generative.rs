@@ -7,15 +7,21 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::cpu::llama::{LlamaConfig, LlamaModel, LoadError, Weight, WeightSource, load_hf_decoder};
+use crate::backend::cpu::llama::{LlamaConfig, LlamaModel, Weight, WeightSource, load_hf_decoder};
 use crate::backend::generative::DecoderInstance;
 use crate::batching::generative::detok::TokenText;
 use crate::batching::generative::handle::GenerativeSetup;
 use crate::batching::generative::params::SamplingParams;
+use crate::batching::generative::session::SessionLimits;
 use crate::batching::generative::step::StepLimits;
 use crate::batching::generative::tokens::{ByteTokenizer, ChatMessage, PromptTokenizer};
 use crate::config::generative::GenerativeSpec;
 use crate::tokenize::{ChatTemplate, Tokenizer};
+
+use super::LoadError;
+
+/// Where the built-in decoder's errors point (it has no folder).
+const BUILTIN_PATH: &str = "<built-in tiny_decoder>";
 
 /// Name of the built-in generative model.
 pub const TINY_DECODER: &str = "tiny_decoder";
@@ -126,6 +132,11 @@ fn setup(spec: &GenerativeSpec, eos: Vec<u32>, defaults: SamplingParams) -> Gene
         limits: StepLimits { max_batched_tokens: spec.max_batched_tokens, max_running: spec.max_running },
         eos,
         defaults,
+        version: 1,
+        sessions: SessionLimits {
+            max_sessions: spec.max_sessions,
+            max_session_tokens: spec.max_session_tokens.unwrap_or(usize::MAX),
+        },
     }
 }
 
@@ -137,31 +148,32 @@ fn capped(mut config: LlamaConfig, spec: &GenerativeSpec) -> LlamaConfig {
 }
 
 fn build(
+    path: &Path,
     config: &LlamaConfig,
     weights: &dyn WeightSource,
     spec: &GenerativeSpec,
     instances: usize,
-) -> Result<Vec<Box<dyn DecoderInstance>>, String> {
+) -> Result<Vec<Box<dyn DecoderInstance>>, LoadError> {
     let blocks = spec.num_blocks(config.num_hidden_layers, config.num_key_value_heads, config.head_dim);
     (0..instances.max(1))
         .map(|_| {
             LlamaModel::new(config.clone(), weights, blocks, spec.block_size)
                 .map(|m| Box::new(m) as Box<dyn DecoderInstance>)
-                .map_err(|e| e.to_string())
+                .map_err(|source| LoadError::DecoderCheckpoint { path: path.to_path_buf(), source })
         })
         .collect()
 }
 
 /// Loads a decoder checkpoint: `instances` decoders (each with its own K/V pool sized by `spec`),
 /// the tokenizer, and the sampling defaults of its generation config.
-pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, String> {
+pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, LoadError> {
     let dir = match source {
         DecoderSource::HfFolder(dir) => dir,
         DecoderSource::Gguf(file) => return load_gguf(file, spec, instances),
     };
-    let files = load_hf_decoder(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let files = load_hf_decoder(dir).map_err(|source| LoadError::DecoderCheckpoint { path: dir.clone(), source })?;
     let config = capped(files.config.clone(), spec);
-    let decoders = build(&config, &files.weights, spec, instances)?;
+    let decoders = build(dir, &config, &files.weights, spec, instances)?;
     let g = &files.generation;
     let mut defaults = SamplingParams::default();
     if let Some(t) = g.temperature {
@@ -182,9 +194,10 @@ pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> 
 
 /// Loads a `.gguf` decoder: quantized matrices stay quantized; the tokenizer is rebuilt from the
 /// file's `tokenizer.ggml.*` metadata and the chat template read from `tokenizer.chat_template`.
-fn load_gguf(file: &Path, spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, String> {
-    let at = |e: &dyn std::fmt::Display| format!("{}: {e}", file.display());
-    let files = crate::backend::cpu::gguf::load_gguf_decoder(file).map_err(|e| at(&e))?;
+fn load_gguf(file: &Path, spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, LoadError> {
+    let at = |e: &dyn std::fmt::Display| LoadError::Decoder { path: file.to_path_buf(), reason: e.to_string() };
+    let files = crate::backend::cpu::gguf::load_gguf_decoder(file)
+        .map_err(|source| LoadError::DecoderCheckpoint { path: file.to_path_buf(), source })?;
     let json = files.tokenizer_json.as_deref().ok_or_else(|| {
         at(&"its tokenizer type is not supported (only GPT-2 byte-level BPE, tokenizer.ggml.model = gpt2, is read)")
     })?;
@@ -197,7 +210,7 @@ fn load_gguf(file: &Path, spec: &GenerativeSpec, instances: usize) -> Result<Loa
         None => None,
     };
     let config = capped(files.config.clone(), spec);
-    let decoders = build(&config, &files.weights, spec, instances)?;
+    let decoders = build(file, &config, &files.weights, spec, instances)?;
     let eos = files.config.eos_token_ids.clone();
     let tokenizer = Arc::new(HfTokenizer { tokenizer: Tokenizer::from_tokenizers(inner), template, eos: eos.clone() });
     Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, eos, SamplingParams::default()) })
@@ -247,7 +260,7 @@ impl SeededWeights {
 }
 
 impl WeightSource for SeededWeights {
-    fn tensor(&self, hf_name: &str) -> Result<Option<Weight>, LoadError> {
+    fn tensor(&self, hf_name: &str) -> Result<Option<Weight>, crate::backend::cpu::llama::LoadError> {
         Ok(self.tensors.get(hf_name).cloned())
     }
 }
@@ -255,10 +268,13 @@ impl WeightSource for SeededWeights {
 /// The built-in generative model: a 2-layer Llama with seeded random weights (seed 13) and the
 /// byte-level tokenizer. It produces text-shaped noise; it exists to try streaming, sampling and
 /// sessions with no download.
-pub fn tiny_decoder(spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, String> {
-    let config = capped(LlamaConfig::from_json(TINY_DECODER_HF_CONFIG).map_err(|e| e.to_string())?, spec);
+pub fn tiny_decoder(spec: &GenerativeSpec, instances: usize) -> Result<LoadedDecoder, LoadError> {
+    let path = Path::new(BUILTIN_PATH);
+    let config = LlamaConfig::from_json(TINY_DECODER_HF_CONFIG)
+        .map_err(|source| LoadError::DecoderCheckpoint { path: path.to_path_buf(), source })?;
+    let config = capped(config, spec);
     let weights = SeededWeights::new(&config, 13);
-    let decoders = build(&config, &weights, spec, instances)?;
+    let decoders = build(path, &config, &weights, spec, instances)?;
     let defaults = SamplingParams { max_tokens: 16, ..SamplingParams::default() };
     let tokenizer = Arc::new(ByteTokenizer);
     Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, vec![ByteTokenizer::EOS], defaults) })
@@ -268,8 +284,7 @@ pub fn tiny_decoder(spec: &GenerativeSpec, instances: usize) -> Result<LoadedDec
 pub(crate) async fn load_versions(
     source: super::loader::ModelSource,
     defaults: &GenerativeSpec,
-) -> Result<std::collections::BTreeMap<i64, Arc<super::LoadedModel>>, super::LoadError> {
-    use super::LoadError;
+) -> Result<std::collections::BTreeMap<i64, Arc<super::LoadedModel>>, LoadError> {
     let file = format!("model '{}' config", source.config.name);
     let gspec = GenerativeSpec::from_config(&source.config, &file, defaults)?;
     let mut versions = std::collections::BTreeMap::new();
@@ -280,10 +295,9 @@ pub(crate) async fn load_versions(
         let instances = spec.instance_count.unwrap_or(1);
         let g = gspec.clone();
         let loaded = tokio::task::spawn_blocking(move || match vdir {
-            None => tiny_decoder(&g, instances)
-                .map_err(|reason| LoadError::Decoder { path: "<built-in tiny_decoder>".into(), reason }),
+            None => tiny_decoder(&g, instances),
             Some(d) => match detect(&d) {
-                Some(src) => load(&src, &g, instances).map_err(|reason| LoadError::Decoder { path: d, reason }),
+                Some(src) => load(&src, &g, instances),
                 None => {
                     Err(LoadError::Decoder { path: d, reason: "the version folder holds no decoder checkpoint".into() })
                 }
@@ -291,9 +305,10 @@ pub(crate) async fn load_versions(
         })
         .await
         .map_err(|e| LoadError::Task { reason: e.to_string() })??;
+        let setup = GenerativeSetup { version, ..loaded.setup };
         let batching =
-            crate::batching::Batcher::start_generative(spec.clone(), loaded.setup, loaded.decoders, loaded.tokenizer)
-                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+            crate::batching::Batcher::start_generative(spec.clone(), setup, loaded.decoders, loaded.tokenizer)
+                .map_err(|source| LoadError::Batching { source })?;
         let backend = crate::backend::BackendKind::Cpu;
         let model = super::LoadedModel { version, config: source.config.clone(), spec, batching, backend };
         versions.insert(version, Arc::new(model));

@@ -6,6 +6,7 @@ mod error;
 pub mod generative;
 mod loader;
 mod neuron_loader;
+mod serial;
 mod state;
 
 use std::collections::BTreeMap;
@@ -83,6 +84,8 @@ pub struct Repository {
     generative_defaults: crate::config::generative::GenerativeSpec,
     /// Decoder checkpoints served without a repository layout (`--model NAME=PATH`).
     direct: Vec<(String, PathBuf)>,
+    /// Loads and unloads of one model run one at a time, in order.
+    turns: serial::ModelTurns,
 }
 
 impl Repository {
@@ -97,6 +100,7 @@ impl Repository {
             session_store: None,
             generative_defaults: Default::default(),
             direct: Vec::new(),
+            turns: Default::default(),
         }
     }
 
@@ -176,8 +180,10 @@ impl Repository {
     }
 
     /// Loads (or reloads) one model by name. On failure the model is recorded as UNAVAILABLE.
+    /// Loads and unloads of one model run one at a time, in the order they were asked for.
     pub async fn load(&self, name: &str) -> Result<(), RepositoryError> {
         let dir = self.model_dir(name)?;
+        let _turn = self.turns.wait(name).await;
         let direct = self.direct.iter().find(|(n, _)| n == name).map(|(_, p)| p.clone());
         let source = match &dir {
             None if !self.direct.is_empty() => match &direct {
@@ -229,13 +235,11 @@ impl Repository {
                                 slots,
                             };
                             let batching = Batcher::start_sequence(setup, instances)
-                                .map_err(|e| LoadError::Batching { reason: e.to_string() })?;
+                                .map_err(|source| LoadError::Batching { source })?;
                             (batching, BackendKind::Neuron)
                         }
                         None => {
-                            let started =
-                                crate::batching::sequence::start_cpu(spec.clone(), seq.clone(), version, store.clone());
-                            (started.map_err(|reason| LoadError::Batching { reason })?, BackendKind::Cpu)
+                            (start_cpu_sequence(spec.clone(), seq.clone(), version, store.clone())?, BackendKind::Cpu)
                         }
                     };
                     let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
@@ -265,9 +269,15 @@ impl Repository {
         .await;
         let (old, result) = match loaded {
             Ok(versions) => {
+                // Versions that replace a running one take its sessions over once it has drained.
+                let handover = self.replacing(name, &versions);
+                for v in &handover {
+                    v.batching.await_handover();
+                }
                 tracing::info!(model = name, versions = ?versions.keys().collect::<Vec<_>>(), backend = versions.values().next().map(|v| v.backend.as_str()).unwrap_or("-"), "model ready");
                 // Swap under one write lock, so concurrent loads never lose a running entry.
-                (self.set(name, ModelEntry { versions, state: ModelState::Ready, reason: String::new() }), Ok(()))
+                let old = self.set(name, ModelEntry { versions, state: ModelState::Ready, reason: String::new() });
+                (old.map(|o| (o, handover)), Ok(()))
             }
             Err(source) => {
                 let reason = source.to_string();
@@ -289,15 +299,29 @@ impl Repository {
                 (None, Err(RepositoryError::Load { model: name.into(), source }))
             }
         };
-        if let Some(old) = old {
+        if let Some((old, handover)) = old {
             drain_versions(&old).await;
+            for v in handover {
+                v.batching.take_handover().await;
+            }
         }
         result
+    }
+
+    /// The loaded versions of `name` that replace a version now serving (same version number).
+    fn replacing(&self, name: &str, versions: &BTreeMap<i64, Arc<LoadedModel>>) -> Vec<Arc<LoadedModel>> {
+        let models = match self.models.read() {
+            Ok(m) => m,
+            Err(_) => return Vec::new(),
+        };
+        let Some(current) = models.get(name) else { return Vec::new() };
+        versions.iter().filter(|(v, _)| current.versions.contains_key(v)).map(|(_, m)| m.clone()).collect()
     }
 
     /// Unloads a model: it stops accepting requests, finishes what it accepted, then is removed.
     pub async fn unload(&self, name: &str) -> Result<(), RepositoryError> {
         self.model_dir(name)?;
+        let _turn = self.turns.wait(name).await;
         if self.models.read().map(|m| !m.contains_key(name)).unwrap_or(true) {
             return Err(RepositoryError::NotFound { model: name.into(), version: String::new() });
         }
@@ -377,4 +401,20 @@ async fn drain_versions(entry: &ModelEntry) {
     for v in entry.versions.values() {
         v.batching.drain().await;
     }
+}
+
+/// Starts a sequence model version on the CPU over its built-in stateful kernel, with the
+/// configured instance count and the slots per instance its strategy gives.
+pub fn start_cpu_sequence(
+    spec: Arc<ModelSpec>,
+    seq: Arc<crate::config::sequence::SequenceSpec>,
+    version: i64,
+    store: Option<Arc<crate::sessions::SessionStore>>,
+) -> Result<Batcher, LoadError> {
+    let count = spec.instance_count.unwrap_or(1).max(1);
+    let slots = seq.slots_per_instance(spec.max_batch_size, count);
+    let instances = crate::backend::cpu::stateful::create_cpu_instances(&spec, &seq, slots, count)
+        .ok_or_else(|| LoadError::NoStatefulKernel { model: spec.name.clone() })?;
+    let setup = crate::batching::sequence::SequenceSetup { spec, seq, version, store, slots };
+    Batcher::start_sequence(setup, instances).map_err(|source| LoadError::Batching { source })
 }

@@ -33,7 +33,7 @@ pub struct DecodedRequest {
     pub sequence: SequenceControl,
 }
 
-fn sequence_param(params: &mut SequenceControl, name: &str, p: &InferParameter) -> Result<(), ServerError> {
+pub(crate) fn sequence_param(params: &mut SequenceControl, name: &str, p: &InferParameter) -> Result<(), ServerError> {
     match (name, &p.parameter_choice) {
         ("sequence_id", Some(ParameterChoice::StringParam(s))) => {
             params.id = (!s.is_empty()).then(|| SequenceId::Str(s.clone()));
@@ -91,6 +91,9 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
             // Sent by perf_analyzer and tritonclient's streaming API on every request; a model that is
             // not decoupled sends exactly one (final) response per request, so there is nothing to do.
             "triton_enable_empty_final_response" => {}
+            // The `x-session-id` header names a generative model's conversation; other models
+            // ignore it (a gateway may send it with every request).
+            super::session_turn::SESSION_HEADER => {}
             "sequence_id" | "sequence_start" | "sequence_end" if stateful => sequence_param(&mut sequence, k, v)?,
             "sequence_id" | "sequence_start" | "sequence_end" => {
                 return Err(bad(format!(
@@ -182,19 +185,8 @@ pub fn decode_request(req: &mut ModelInferRequest, spec: &ModelSpec) -> Result<D
     }
     check_variable_dims_agree(spec, &inputs)?;
     check_seq_buckets(spec, &inputs)?;
-    let outputs = if req.outputs.is_empty() {
-        (0..spec.outputs.len()).collect()
-    } else {
-        req.outputs
-            .iter()
-            .map(|o| {
-                spec.outputs
-                    .iter()
-                    .position(|s| s.name == o.name)
-                    .ok_or_else(|| bad(format!("model '{model}' has no output '{}'", o.name)))
-            })
-            .collect::<Result<Vec<_>, _>>()?
-    };
+    let outputs =
+        if req.outputs.is_empty() { (0..spec.outputs.len()).collect() } else { requested_outputs(req, spec)? };
     Ok(DecodedRequest { inputs, rows, priority, timeout, outputs, sequence })
 }
 
@@ -384,6 +376,31 @@ fn check_seq_buckets(spec: &ModelSpec, inputs: &[RequestInput]) -> Result<(), Se
         }
     }
     Ok(())
+}
+
+/// The outputs a request names, in its order: each at most once, without output parameters
+/// (`classification` and the like are not offered, and are refused rather than ignored).
+fn requested_outputs(req: &ModelInferRequest, spec: &ModelSpec) -> Result<Vec<usize>, ServerError> {
+    let model = &spec.name;
+    let mut outputs = Vec::with_capacity(req.outputs.len());
+    for o in &req.outputs {
+        if let Some(k) = o.parameters.keys().next() {
+            return Err(bad(format!(
+                "model '{model}': output '{}': parameter '{k}' is not supported (outputs come back whole); leave it out",
+                o.name
+            )));
+        }
+        let idx = spec
+            .outputs
+            .iter()
+            .position(|s| s.name == o.name)
+            .ok_or_else(|| bad(format!("model '{model}' has no output '{}'", o.name)))?;
+        if outputs.contains(&idx) {
+            return Err(bad(format!("model '{model}': output '{}' is requested more than once", o.name)));
+        }
+        outputs.push(idx);
+    }
+    Ok(outputs)
 }
 
 /// Builds the protocol response for one request's reply (outputs in `raw_output_contents`).

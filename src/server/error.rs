@@ -25,6 +25,18 @@ pub enum ServerError {
     /// A protocol feature this worker does not offer.
     #[error("{0}")]
     Unimplemented(String),
+    /// A response larger than the transport may send (`--max-message-size`).
+    #[error(
+        "model '{model}': the response is {bytes} bytes, over the {limit}-byte limit (--max-message-size); ask for fewer rows or outputs, or raise the limit"
+    )]
+    ResponseTooLarge {
+        /// Model name.
+        model: String,
+        /// Encoded response size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The worker is shutting down.
     #[error("the worker is shutting down and accepts no new requests; send them to another worker")]
     Draining,
@@ -37,6 +49,7 @@ impl From<ServerError> for Status {
             ServerError::InvalidRequest(_) => Status::invalid_argument(msg),
             ServerError::Unimplemented(_) => Status::unimplemented(msg),
             ServerError::Draining => Status::unavailable(msg),
+            ServerError::ResponseTooLarge { .. } => Status::resource_exhausted(msg),
             ServerError::Repository(r) => match r {
                 RepositoryError::NotFound { .. } => Status::not_found(msg),
                 RepositoryError::NotReady { .. } => Status::unavailable(msg),
@@ -65,8 +78,14 @@ impl From<ServerError> for Status {
                 BatchingError::Busy { .. } => Status::failed_precondition(msg),
                 BatchingError::NotFound { .. } => Status::not_found(msg),
                 BatchingError::AlreadyExists { .. } => Status::already_exists(msg),
-                BatchingError::Store(StoreError::Corrupt { .. }) => Status::data_loss(msg),
-                BatchingError::Store(StoreError::Io { .. } | StoreError::NotConfigured) => Status::internal(msg),
+                BatchingError::Store(StoreError::Corrupt { .. } | StoreError::Damaged { .. }) => Status::data_loss(msg),
+                // A store that cannot be written now (disk full) may work again: retry later.
+                BatchingError::Store(StoreError::Io { .. }) => Status::with_error_details(
+                    Code::Unavailable,
+                    msg,
+                    ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+                ),
+                BatchingError::Store(StoreError::NotConfigured) => Status::internal(msg),
                 BatchingError::Backend { source, .. } => match source {
                     BackendError::InvalidInput { .. } => Status::invalid_argument(msg),
                     BackendError::Unavailable(_) => Status::unavailable(msg),

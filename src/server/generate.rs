@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::decode::{check_bytes, typed_contents};
 use super::error::ServerError;
 use crate::batching::generative::params::SamplingParams;
-use crate::batching::generative::request::{Finished, GenerationUpdate};
+use crate::batching::generative::request::{Finished, GenerationUpdate, SessionTurn};
 use crate::batching::generative::tokens::ChatMessage;
 use crate::config::generative::GENERATIVE_INPUTS;
 use crate::proto::inference::{
@@ -64,6 +64,8 @@ pub struct GenerateCall {
     pub wanted: Wanted,
     /// `triton_enable_empty_final_response`: end a stream with an empty response marked final.
     pub empty_final_response: bool,
+    /// The session this request is a turn of (`sequence_id`, or the `x-session-id` header).
+    pub session: Option<SessionTurn>,
 }
 
 fn bad(msg: String) -> ServerError {
@@ -175,6 +177,7 @@ pub fn decode_generate(req: &mut ModelInferRequest, defaults: &SamplingParams) -
             "triton_enable_empty_final_response" => {
                 empty_final_response = matches!(v.parameter_choice, Some(ParameterChoice::BoolParam(true)))
             }
+            k if super::session_turn::is_session_param(k) => {}
             // The vLLM backend reads sampling parameters from request parameters when the
             // `sampling_parameters` input is absent.
             _ => {
@@ -207,7 +210,11 @@ pub fn decode_generate(req: &mut ModelInferRequest, defaults: &SamplingParams) -
         output_ids: flag("return_output_ids"),
         output_logprobs: flag("return_output_logprobs"),
     };
-    Ok(GenerateCall { prompt, stream, include_prompt, params, wanted, empty_final_response })
+    let session = super::session_turn::session_turn(&req.parameters)?;
+    if session.is_none() && params.truncate_to.is_some() {
+        return Err(bad("sampling parameter 'truncate_to' applies to session turns only (send a sequence_id)".into()));
+    }
+    Ok(GenerateCall { prompt, stream, include_prompt, params, wanted, empty_final_response, session })
 }
 
 /// Turns a generation's updates into responses (one per update when streaming, or the sum of
@@ -429,6 +436,7 @@ mod tests {
                 prompt_tokens: 1,
                 output_tokens: 3,
                 cumulative_logprob: -1.0,
+                cached_tokens: 0,
             }),
             ..Default::default()
         });

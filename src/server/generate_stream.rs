@@ -32,6 +32,8 @@ fn to_server(model: &str, e: GenerationError) -> ServerError {
         GenerationError::TooLarge { reason } => BatchingError::TooLarge { model, reason },
         GenerationError::Backend(source) => BatchingError::Backend { model, source },
         GenerationError::Unavailable { reason } => BatchingError::Unavailable { model, reason },
+        GenerationError::Session { reason } => BatchingError::InvalidRequest { model, reason },
+        GenerationError::SessionsFull { reason } => BatchingError::SlotsExhausted { model, capacity: 0, hint: reason },
     })
 }
 
@@ -46,7 +48,11 @@ fn start(
     let invalid =
         |what: &str, e: String| ServerError::InvalidRequest(format!("model '{}': {what}: {e}", model.spec.name));
     let (prompt, prompt_text) = match &call.prompt {
-        Prompt::Text(t) => (tok.encode(t, true).map_err(|e| invalid("cannot tokenize text_input", e))?, t.clone()),
+        Prompt::Text(t) => (
+            tok.encode(t, call.session.as_ref().is_none_or(|s| s.start))
+                .map_err(|e| invalid("cannot tokenize text_input", e))?,
+            t.clone(),
+        ),
         Prompt::Ids(ids) => (ids.clone(), tok.decode(ids)),
         Prompt::Messages(m) => {
             let text = tok.render_chat(m).map_err(|e| invalid("cannot render messages with the chat template", e))?;
@@ -56,7 +62,8 @@ fn start(
     let (tx, updates) = mpsc::unbounded_channel();
     let seed = call.params.seed.unwrap_or_else(rand::random);
     let prompt_tokens = prompt.len();
-    generative.submit(GenerateRequest { prompt, params: call.params.clone(), seed, updates: tx, arrived })?;
+    let session = call.session.clone();
+    generative.submit(GenerateRequest { prompt, params: call.params.clone(), seed, updates: tx, arrived, session })?;
     Ok(Started { call, updates, prompt_text, prompt_tokens, generative: generative.clone() })
 }
 

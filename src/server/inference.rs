@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::Stream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::decode::{decode_request, encode_response};
 use super::error::ServerError;
 use super::stats::model_statistics;
+use super::stream_route::StreamMessage;
 use crate::batching::{BatchingError, InferRequest};
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use crate::proto::inference::*;
@@ -21,9 +21,11 @@ use crate::repository::{ModelControlMode, Repository};
 /// The inference service: stateless apart from the shared repository.
 #[derive(Debug, Clone)]
 pub struct InferenceService {
-    repo: Arc<Repository>,
+    pub(super) repo: Arc<Repository>,
     server_version: String,
-    draining: tokio_util::sync::CancellationToken,
+    pub(super) draining: tokio_util::sync::CancellationToken,
+    /// Largest response sent, bytes (`--max-message-size`): a larger one is refused in its place.
+    pub(super) max_message_size: usize,
 }
 
 impl InferenceService {
@@ -34,7 +36,14 @@ impl InferenceService {
         server_version: String,
         draining: tokio_util::sync::CancellationToken,
     ) -> InferenceService {
-        InferenceService { repo, server_version, draining }
+        InferenceService { repo, server_version, draining, max_message_size: usize::MAX }
+    }
+
+    /// Refuses responses larger than `bytes` with an error in their place (the transport would
+    /// otherwise fail the call, or a whole stream), counting the request as failed.
+    pub fn with_max_message_size(mut self, bytes: usize) -> InferenceService {
+        self.max_message_size = bytes;
+        self
     }
 
     /// Runs one inference request end to end, for every model whatever its batching policy
@@ -137,7 +146,13 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, r: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let resp = Self::infer(&self.repo, r.into_inner()).await?;
+        let session = session_header(r.metadata())?;
+        let mut req = r.into_inner();
+        if let Some(id) = &session {
+            super::session_turn::apply_session_header(&mut req, id);
+        }
+        let resp = Self::infer(&self.repo, req).await?;
+        let resp = super::stream_infer::bound_response(&self.repo, resp, self.max_message_size)?;
         Ok(Response::new(resp))
     }
 
@@ -147,75 +162,12 @@ impl GrpcInferenceService for InferenceService {
         &self,
         r: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let mut incoming = r.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<ModelStreamInferResponse, Status>>(64);
-        let (repo, draining) = (self.repo.clone(), self.draining.clone());
-        tokio::spawn(async move {
-            let in_flight = tokio_util::task::TaskTracker::new();
-            // Responses of models with `preserve_ordering` wait for the previous such response.
-            let mut previous: Option<oneshot::Receiver<()>> = None;
-            loop {
-                let msg = tokio::select! {
-                    m = incoming.next() => m,
-                    _ = draining.cancelled() => None,
-                    _ = tx.closed() => None,
-                };
-                let Some(Ok(req)) = msg else { break };
-                let ordered = repo
-                    .get(&req.model_name, &req.model_version)
-                    .map(|m| m.spec.dynamic.preserve_ordering)
-                    .unwrap_or(false);
-                let (done_tx, done_rx) = oneshot::channel();
-                let wait = if ordered { previous.replace(done_rx) } else { None };
-                let (repo, tx) = (repo.clone(), tx.clone());
-                // Generative models answer with one response per update (decoupled).
-                if let Ok(model) = repo.get(&req.model_name, &req.model_version)
-                    && let Some(g) = model.batching.generative().cloned()
-                {
-                    in_flight.spawn(async move {
-                        tokio::select! {
-                            _ = super::generate_stream::generate_stream(&model, &g, req, &tx) => {}
-                            _ = tx.closed() => {}
-                        }
-                        let _ = done_tx.send(());
-                    });
-                    continue;
-                }
-                in_flight.spawn(async move {
-                    let id = req.id.clone();
-                    let work = async {
-                        let result = Self::infer(&repo, req).await;
-                        if let Some(w) = wait {
-                            let _ = w.await;
-                        }
-                        let msg = match result {
-                            Ok(resp) => {
-                                ModelStreamInferResponse { error_message: String::new(), infer_response: Some(resp) }
-                            }
-                            Err(e) => ModelStreamInferResponse {
-                                error_message: e.to_string(),
-                                infer_response: Some(ModelInferResponse { id, ..Default::default() }),
-                            },
-                        };
-                        let _ = tx.send(Ok(msg)).await;
-                    };
-                    // A client that closes the stream cancels what it sent: dropping the request's
-                    // future drops its reply channel, and the scheduler skips it.
-                    tokio::select! {
-                        _ = work => {}
-                        _ = tx.closed() => {}
-                    }
-                    let _ = done_tx.send(());
-                });
-            }
-            // Every accepted request is answered; then a draining worker ends the stream.
-            in_flight.close();
-            in_flight.wait().await;
-            if draining.is_cancelled() {
-                let _ = tx.send(Err(ServerError::Draining.into())).await;
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The server routes this RPC through `stream_route` (bad messages answered in-band); this
+        // is the same loop for a caller that uses the generated service directly. An
+        // `x-session-id` on the stream names the session of every generation request on it.
+        let session = session_header(r.metadata())?;
+        let incoming = r.into_inner().map(|m| m.map(|r| StreamMessage::Request(Box::new(r))));
+        Ok(Response::new(self.serve_stream(Box::pin(incoming), session)))
     }
 
     async fn model_config(&self, r: Request<ModelConfigRequest>) -> Result<Response<ModelConfigResponse>, Status> {
@@ -368,4 +320,12 @@ impl InferenceService {
         }
         Ok(())
     }
+}
+
+/// The `x-session-id` metadata of a call, if any (refused when it is not valid UTF-8).
+pub(super) fn session_header(meta: &tonic::metadata::MetadataMap) -> Result<Option<String>, Status> {
+    let Some(v) = meta.get(super::session_turn::SESSION_HEADER) else { return Ok(None) };
+    v.to_str()
+        .map(|s| Some(s.to_string()))
+        .map_err(|_| Status::invalid_argument("the x-session-id header must be visible ASCII"))
 }

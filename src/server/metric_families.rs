@@ -47,6 +47,8 @@ pub(crate) struct MetricFamilies {
     sess_expired: IntCounterVec,
     sess_ended: IntCounterVec,
     sess_corrupt: IntCounterVec,
+    sess_store_failures: IntCounterVec,
+    sess_lost: IntCounterVec,
 }
 
 impl MetricFamilies {
@@ -97,6 +99,13 @@ impl MetricFamilies {
         let sess_ended = counter("sessions_ended", "Sequences ended by their END request", mv)?;
         let sess_corrupt =
             counter("sessions_corrupt", "Session store entries found corrupt or foreign and skipped", mv)?;
+        let sess_store_failures = counter(
+            "sessions_store_failures",
+            "Session moves that failed: the store could not be read or written",
+            mv,
+        )?;
+        let sess_lost =
+            counter("sessions_lost", "Sessions lost: not saved at drain, or gone with a damaged store file", mv)?;
         let registry = Registry::new();
         registry.register(Box::new(success.clone()))?;
         registry.register(Box::new(failure.clone()))?;
@@ -125,6 +134,8 @@ impl MetricFamilies {
         registry.register(Box::new(sess_expired.clone()))?;
         registry.register(Box::new(sess_ended.clone()))?;
         registry.register(Box::new(sess_corrupt.clone()))?;
+        registry.register(Box::new(sess_store_failures.clone()))?;
+        registry.register(Box::new(sess_lost.clone()))?;
         Ok(MetricFamilies {
             registry,
             success,
@@ -154,6 +165,8 @@ impl MetricFamilies {
             sess_expired,
             sess_ended,
             sess_corrupt,
+            sess_store_failures,
+            sess_lost,
         })
     }
 
@@ -186,6 +199,8 @@ impl MetricFamilies {
         self.sess_expired.reset();
         self.sess_ended.reset();
         self.sess_corrupt.reset();
+        self.sess_store_failures.reset();
+        self.sess_lost.reset();
     }
 
     /// Fills every family from `repo` and renders them in the Prometheus text format.
@@ -220,6 +235,8 @@ impl MetricFamilies {
             sess_expired,
             sess_ended,
             sess_corrupt,
+            sess_store_failures,
+            sess_lost,
         } = self;
         for (name, entry) in repo.entries() {
             if entry.versions.is_empty() {
@@ -269,6 +286,8 @@ impl MetricFamilies {
                     sess_expired.with_label_values(&l).inc_by(c.expired.load(Relaxed));
                     sess_ended.with_label_values(&l).inc_by(c.ended.load(Relaxed));
                     sess_corrupt.with_label_values(&l).inc_by(c.corrupt.load(Relaxed));
+                    sess_store_failures.with_label_values(&l).inc_by(c.store_failures.load(Relaxed));
+                    sess_lost.with_label_values(&l).inc_by(c.lost.load(Relaxed));
                 }
             }
         }

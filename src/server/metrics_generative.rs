@@ -47,7 +47,7 @@ pub fn render(repo: &Repository) -> String {
         return out;
     }
     type Read = fn(&GenerativeStats) -> f64;
-    let simple: [(&str, &str, &str, Read); 10] = [
+    let simple: [(&str, &str, &str, Read); 14] = [
         ("num_requests_running", "gauge", "Sequences in the running set (holding K/V blocks)", |s| {
             s.running.load(Relaxed) as f64
         }),
@@ -61,9 +61,22 @@ pub fn render(repo: &Repository) -> String {
             s.prompt_tokens.load(Relaxed) as f64
         }),
         ("generation_tokens_total", "counter", "Tokens generated", |s| s.generated_tokens.load(Relaxed) as f64),
-        ("prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose K/V came from the prefix cache", |s| {
-            s.prefix_cached_tokens.load(Relaxed) as f64
+        ("sessions_open", "gauge", "Open conversation sessions (token history kept on the worker)", |s| {
+            s.sessions_open.load(Relaxed) as f64
         }),
+        ("sessions_resident", "gauge", "Open sessions whose K/V blocks are resident in the pool", |s| {
+            s.sessions_resident.load(Relaxed) as f64
+        }),
+        ("session_turns_total", "counter", "Session turns started", |s| s.session_turns.load(Relaxed) as f64),
+        ("session_kv_released_total", "counter", "Idle sessions that gave their K/V blocks back to make room", |s| {
+            s.session_kv_released.load(Relaxed) as f64
+        }),
+        (
+            "prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens whose K/V came from a kept session or the prefix cache",
+            |s| s.prefix_cached_tokens.load(Relaxed) as f64,
+        ),
         ("num_preemptions_total", "counter", "Running sequences preempted (blocks freed, recomputed later)", |s| {
             s.preemptions.load(Relaxed) as f64
         }),
@@ -101,5 +114,7 @@ pub fn capacity(stats: &GenerativeStats) -> serde_json::Value {
         "num_requests_waiting": stats.waiting.load(Relaxed),
         "kv_cache_usage_perc": stats.kv_cache_usage(),
         "kv_cache_blocks": stats.kv_blocks_total.load(Relaxed),
+        "sessions_open": stats.sessions_open.load(Relaxed),
+        "sessions_resident": stats.sessions_resident.load(Relaxed),
     })
 }

@@ -1,6 +1,7 @@
 //! The gRPC server: Triton's inference service, `grpc.health.v1`, server reflection, bearer-token
 //! auth, TLS, message limits, the metrics endpoint, and graceful drain.
 
+mod bearer;
 mod decode;
 mod error;
 pub mod generate;
@@ -10,9 +11,12 @@ mod inference;
 mod metric_families;
 pub mod metrics;
 mod metrics_generative;
+pub mod session_turn;
 pub mod sessions;
 mod sessions_page;
 mod stats;
+mod stream_infer;
+mod stream_route;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +31,7 @@ use tonic_health::ServingStatus;
 
 pub use error::ServerError;
 pub use inference::InferenceService;
+pub use stream_infer::{STREAM_MAX_IN_FLIGHT, STREAM_UNSENT_RESPONSES};
 
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -72,6 +77,11 @@ pub enum ServeError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `--auth-token` (or its variable) set to an empty value, which would accept anyone.
+    #[error(
+        "--auth-token / NEURON_WORKER_AUTH_TOKEN is empty, which would turn authentication off; set a token, or leave both unset to run without one"
+    )]
+    EmptyToken,
     /// TLS files missing or unreadable.
     #[error("TLS: {0}")]
     Tls(String),
@@ -89,14 +99,10 @@ pub enum ServeError {
 fn auth_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
         let Some(expected) = &token else { return Ok(req) };
-        let got =
-            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        match got {
-            Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated(
-                "missing 'authorization: Bearer <token>' metadata; this worker requires a token",
-            )),
+        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match bearer::refusal(header, expected) {
+            None => Ok(req),
+            Some(why) => Err(Status::unauthenticated(why)),
         }
     }
 }
@@ -129,12 +135,17 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         .map_err(|source| ServeError::Bind { addr: opts.grpc_addr, source })?;
     let grpc_addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: opts.grpc_addr, source })?;
     let shutdown = CancellationToken::new();
+    // The metrics endpoint outlives the drain, so the final counters can be scraped: it stops when
+    // the server task ends.
+    let metrics_stop = CancellationToken::new();
     let mut metrics_addr = None;
     if let Some(addr) = opts.metrics_addr {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
         metrics_addr = l.local_addr().ok();
-        tokio::spawn(metrics::serve_metrics(l, repo.clone(), shutdown.clone()));
+        tokio::spawn(metrics::serve_metrics(l, repo.clone(), metrics_stop.clone()));
     }
+    // Cancels the endpoint when dropped: at the end of the server task, or here on a start-up error.
+    let metrics_guard = metrics_stop.drop_guard();
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -150,6 +161,8 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
 
     let mut builder = Server::builder().max_concurrent_streams(opts.max_concurrent_streams).tcp_nodelay(true);
     if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
+        // The transport only says "transport error"; this names the file and the cause.
+        http::tls::acceptor(cert, key, opts.tls_client_ca.as_deref())?;
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())));
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
         if let Some(ca) = &opts.tls_client_ca {
@@ -162,9 +175,13 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         ));
     }
 
-    let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
+    if opts.auth_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(ServeError::EmptyToken);
+    }
+    let token: Option<Arc<str>> = opts.auth_token.as_deref().map(Arc::from);
     let check = auth_check(token);
-    let core = InferenceService::new(repo.clone(), opts.server_version.clone(), shutdown.clone());
+    let core = InferenceService::new(repo.clone(), opts.server_version.clone(), shutdown.clone())
+        .with_max_message_size(opts.max_message_size);
     let (http_addr, http_task) = match opts.http_addr {
         Some(addr) => {
             let (bound, task) = http::start(addr, &opts, repo.clone(), core.clone(), shutdown.clone()).await?;
@@ -172,11 +189,12 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         }
         None => (None, None),
     };
-    let inference = GrpcInferenceServiceServer::new(core)
+    let generated = GrpcInferenceServiceServer::new(core.clone())
         .max_decoding_message_size(opts.max_message_size)
         .max_encoding_message_size(opts.max_message_size)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate);
+    let inference = stream_route::InferenceRoutes::new(core, generated, opts.max_message_size);
     let sessions = sessions::proto::sessions_server::SessionsServer::new(sessions::SessionsService::new(repo.clone()))
         .max_decoding_message_size(opts.max_message_size)
         .max_encoding_message_size(opts.max_message_size);
@@ -231,6 +249,7 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
     let exit_timeout = opts.exit_timeout;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(async move {
+        let _metrics_until_exit = metrics_guard;
         let drained = stop.clone();
         let serve = router.serve_with_incoming_shutdown(incoming, async move {
             drained.cancelled().await;

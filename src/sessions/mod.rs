@@ -5,12 +5,20 @@
 
 pub mod blob;
 pub mod store;
+#[cfg(test)]
+mod store_damage_tests;
+mod store_db;
+#[cfg(any(test, feature = "testing"))]
+mod store_fault;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use blob::SessionBlob;
 pub use store::{SessionStore, StoreError, StoredSession};
+pub use store_db::StoreHealth;
+#[cfg(any(test, feature = "testing"))]
+pub use store_fault::WriteFault;
 
 /// The longest string sequence id accepted, in bytes. Ids live in memory (ended ones are
 /// remembered for a while), in the store and in messages, so longer ones are refused.
@@ -92,6 +100,10 @@ pub struct SessionCounters {
     pub ended: AtomicU64,
     /// Store entries found corrupt or foreign and skipped, total.
     pub corrupt: AtomicU64,
+    /// Session moves that failed because the store could not be read or written, total.
+    pub store_failures: AtomicU64,
+    /// Sessions lost: not saved at drain, or gone with a damaged store file, total.
+    pub lost: AtomicU64,
 }
 
 #[cfg(test)]

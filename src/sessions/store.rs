@@ -3,22 +3,25 @@
 //! [`SessionBlob`]. Entries that do not decode, or whose content does not match their key, are
 //! reported and skipped, never loaded.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::ReadableDatabase;
 
 use super::SequenceId;
 use super::blob::SessionBlob;
+use super::store_db::{GuardedDb, Opener, SESSIONS, StoreHealth};
 
-const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 /// The database file inside the store folder.
 pub const STORE_FILE: &str = "sessions.redb";
 
 /// Why the session store could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be opened, read or written (disk full, permissions, damaged file).
-    #[error("session store: {path}: {operation}: {reason}")]
+    /// The database could not be opened, read or written (disk full, permissions). Nothing moved:
+    /// sessions stay where they were, and the store is re-opened on its next operation.
+    #[error(
+        "session store: {path}: {operation}: {reason}; sessions stay where they were, retry once the disk has room"
+    )]
     Io {
         /// The store's folder or database file.
         path: String,
@@ -26,6 +29,18 @@ pub enum StoreError {
         operation: &'static str,
         /// The storage library's message.
         reason: String,
+    },
+    /// The database file is damaged: it was moved aside and replaced by an empty store.
+    #[error("session store: {path}: {operation}: the file is damaged ({reason}): {outcome}")]
+    Damaged {
+        /// The database file.
+        path: String,
+        /// What was being done.
+        operation: &'static str,
+        /// What the storage library reported.
+        reason: String,
+        /// Where the file went, and what replaced it.
+        outcome: String,
     },
     /// A stored session that is corrupt or foreign; it was removed.
     #[error("stored session {id} is corrupt and was discarded: {reason}")]
@@ -40,15 +55,16 @@ pub enum StoreError {
     NotConfigured,
 }
 
-/// An opened session store, shared by every model of the worker.
+/// An opened session store, shared by every model of the worker: a typed key (model, version,
+/// sequence id) → a [`SessionBlob`]. Every operation is one transaction; a failed write changes
+/// nothing; the store survives I/O errors (re-opened) and a damaged file (moved aside).
 pub struct SessionStore {
-    db: Database,
-    path: PathBuf,
+    db: GuardedDb,
 }
 
 impl std::fmt::Debug for SessionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionStore").field("path", &self.path).finish()
+        f.debug_struct("SessionStore").field("path", &self.db.path()).finish()
     }
 }
 
@@ -72,55 +88,101 @@ fn prefix(model: &str, version: i64) -> String {
     format!("{model}\u{1f}{version}\u{1f}")
 }
 
+/// Whether a raw entry is a valid session blob stored under its own key.
+pub(super) fn valid_entry(k: &str, v: &[u8]) -> bool {
+    SessionBlob::decode(v).is_ok_and(|b| key(&b.model, b.version, &b.id) == k)
+}
+
+/// What `list` saw under one key.
+enum Listed {
+    Ok(StoredSession),
+    Skipped(String),
+}
+
 impl SessionStore {
-    /// Opens (or creates) the store in folder `dir`.
+    /// Opens (or creates) the store in folder `dir`. A damaged database file is moved aside
+    /// (logged, with its new name) and an empty store is started instead.
     pub fn open(dir: &Path) -> Result<SessionStore, StoreError> {
-        let err = |what: &'static str, e: &dyn std::fmt::Display| StoreError::Io {
+        SessionStore::open_with(dir, Opener::File)
+    }
+
+    fn open_with(dir: &Path, opener: Opener) -> Result<SessionStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
             path: dir.display().to_string(),
-            operation: what,
+            operation: "create the folder",
             reason: e.to_string(),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| err("cannot create the folder", &e))?;
-        let path = dir.join(STORE_FILE);
-        let db = Database::create(&path).map_err(|e| err("cannot open the session database", &e))?;
-        let txn = db.begin_write().map_err(|e| err("cannot write", &e))?;
-        txn.open_table(SESSIONS).map_err(|e| err("cannot open the sessions table", &e))?;
-        txn.commit().map_err(|e| err("cannot commit", &e))?;
-        Ok(SessionStore { db, path })
+        })?;
+        let db = GuardedDb::open(dir.join(STORE_FILE), opener)?;
+        match db.verify(valid_entry) {
+            // A damaged table was moved aside and replaced by what could be read: keep going.
+            Ok(()) | Err(StoreError::Damaged { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(SessionStore { db })
+    }
+
+    /// Opens the store in `dir` behind a backend whose writes fail while the returned switch is
+    /// on, as a full disk's would (tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub fn open_with_write_fault(dir: &Path) -> Result<(SessionStore, super::WriteFault), StoreError> {
+        let fault = super::WriteFault::default();
+        Ok((SessionStore::open_with(dir, Opener::Faulty(fault.clone()))?, fault))
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.db.path()
     }
 
-    fn fail(&self, what: &'static str, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Io { path: self.path.display().to_string(), operation: what, reason: e.to_string() }
+    /// What happened to the store: I/O failures, re-opens, damaged files, dropped and lost sessions.
+    pub fn health(&self) -> &StoreHealth {
+        &self.db.health
     }
 
-    /// Writes sessions in one durable transaction (replacing entries with the same key).
+    /// Records `n` sessions that could not be saved and are lost (the worker exits non-zero).
+    pub fn record_lost(&self, n: u64) {
+        self.db.health.lost.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sessions recorded as lost since start-up.
+    pub fn lost(&self) -> u64 {
+        self.db.health.lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes each time a damaged file is moved aside: what was listed before is gone.
+    pub fn epoch(&self) -> u64 {
+        self.db.health.epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes sessions in one durable transaction (replacing entries with the same key). On
+    /// error nothing is written.
     pub fn put_all(&self, blobs: &[SessionBlob]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
-        {
-            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
-            for b in blobs {
-                t.insert(key(&b.model, b.version, &b.id).as_str(), b.encode().as_slice())
-                    .map_err(|e| self.fail("insert", e))?;
+        self.db.run("write sessions", |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut t = txn.open_table(SESSIONS)?;
+                for b in blobs {
+                    t.insert(key(&b.model, b.version, &b.id).as_str(), b.encode().as_slice())?;
+                }
             }
-        }
-        txn.commit().map_err(|e| self.fail("commit", e))
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// Removes a session and returns it, verified. A corrupt or foreign entry is removed and
-    /// reported as an error; `Ok(None)` when there is no entry.
+    /// reported as an error; `Ok(None)` when there is no entry. On an I/O error the entry stays.
     pub fn take(&self, model: &str, version: i64, id: &SequenceId) -> Result<Option<SessionBlob>, StoreError> {
         let k = key(model, version, id);
-        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
-        let raw = {
-            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
-            t.remove(k.as_str()).map_err(|e| self.fail("remove", e))?.map(|v| v.value().to_vec())
-        };
-        txn.commit().map_err(|e| self.fail("commit", e))?;
+        let raw = self.db.run("take a session", |db| {
+            let txn = db.begin_write()?;
+            let raw = {
+                let mut t = txn.open_table(SESSIONS)?;
+                t.remove(k.as_str())?.map(|v| v.value().to_vec())
+            };
+            txn.commit()?;
+            Ok(raw)
+        })?;
         let Some(raw) = raw else { return Ok(None) };
         let blob = SessionBlob::decode(&raw).map_err(|reason| StoreError::Corrupt { id: id.clone(), reason })?;
         if blob.model != model || blob.version != version || &blob.id != id {
@@ -134,118 +196,86 @@ impl SessionStore {
 
     /// Whether the store has an entry (valid or not) for the session.
     pub fn contains(&self, model: &str, version: i64, id: &SequenceId) -> Result<bool, StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail("begin read", e))?;
-        let t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
-        Ok(t.get(key(model, version, id).as_str()).map_err(|e| self.fail("read", e))?.is_some())
+        let k = key(model, version, id);
+        self.db.run("look a session up", |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(SESSIONS)?;
+            Ok(t.get(k.as_str())?.is_some())
+        })
     }
 
     /// Deletes a session's entry if there is one.
     pub fn remove(&self, model: &str, version: i64, id: &SequenceId) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
-        {
-            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
-            t.remove(key(model, version, id).as_str()).map_err(|e| self.fail("remove", e))?;
-        }
-        txn.commit().map_err(|e| self.fail("commit", e))
+        self.remove_all(model, version, std::slice::from_ref(id))
+    }
+
+    /// Deletes the entries of sessions `ids` in one transaction.
+    pub fn remove_all(&self, model: &str, version: i64, ids: &[SequenceId]) -> Result<(), StoreError> {
+        self.db.run("remove sessions", |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut t = txn.open_table(SESSIONS)?;
+                for id in ids {
+                    t.remove(key(model, version, id).as_str())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     /// The sessions stored for a model version, and a description of every entry under that
     /// model version that was skipped (corrupt, or its content does not match its key).
     pub fn list(&self, model: &str, version: i64) -> Result<(Vec<StoredSession>, Vec<String>), StoreError> {
-        let txn = self.db.begin_read().map_err(|e| self.fail("begin read", e))?;
-        let t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
         let p = prefix(model, version);
-        let (mut ok, mut skipped) = (Vec::new(), Vec::new());
-        for entry in t.range(p.as_str()..).map_err(|e| self.fail("read", e))? {
-            let (k, v) = entry.map_err(|e| self.fail("read", e))?;
-            let k = k.value().to_string();
-            if !k.starts_with(&p) {
-                break;
-            }
-            match SessionBlob::decode(v.value()) {
-                Ok(b) if b.model == model && b.version == version && key(model, version, &b.id) == k => {
-                    ok.push(StoredSession { id: b.id, steps: b.steps })
+        let listed = self.db.run("list sessions", |db| {
+            let txn = db.begin_read()?;
+            let t = txn.open_table(SESSIONS)?;
+            let mut out = Vec::new();
+            for entry in t.range(p.as_str()..)? {
+                let (k, v) = entry?;
+                let k = k.value().to_string();
+                if !k.starts_with(&p) {
+                    break;
                 }
-                Ok(b) => skipped.push(format!(
-                    "entry '{}' holds model '{}' version {} sequence {}",
-                    k.replace('\u{1f}', "/"),
-                    b.model,
-                    b.version,
-                    b.id
-                )),
-                Err(reason) => skipped.push(format!("entry '{}': {reason}", k.replace('\u{1f}', "/"))),
+                out.push(match SessionBlob::decode(v.value()) {
+                    Ok(b) if b.model == model && b.version == version && key(model, version, &b.id) == k => {
+                        Listed::Ok(StoredSession { id: b.id, steps: b.steps })
+                    }
+                    Ok(b) => Listed::Skipped(format!(
+                        "entry '{}' holds model '{}' version {} sequence {}",
+                        k.replace('\u{1f}', "/"),
+                        b.model,
+                        b.version,
+                        b.id
+                    )),
+                    Err(reason) => Listed::Skipped(format!("entry '{}': {reason}", k.replace('\u{1f}', "/"))),
+                });
+            }
+            Ok(out)
+        })?;
+        let (mut ok, mut skipped) = (Vec::new(), Vec::new());
+        for l in listed {
+            match l {
+                Listed::Ok(s) => ok.push(s),
+                Listed::Skipped(s) => skipped.push(s),
             }
         }
         Ok((ok, skipped))
     }
 
-    /// An in-memory store whose writes fail (as a disk error would) while the returned switch is
-    /// on: tests use it to check that nothing is lost when the store cannot be written.
-    #[cfg(test)]
-    pub(crate) fn in_memory_with_write_fault() -> (SessionStore, std::sync::Arc<std::sync::atomic::AtomicBool>) {
-        let fault = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let backend = fault_backend::Faulty { inner: redb::backends::InMemoryBackend::new(), fail: fault.clone() };
-        let db = redb::Builder::new().create_with_backend(backend).unwrap_or_else(|e| panic!("in-memory store: {e}"));
-        let txn = db.begin_write().unwrap_or_else(|e| panic!("{e}"));
-        txn.open_table(SESSIONS).unwrap_or_else(|e| panic!("{e}"));
-        txn.commit().unwrap_or_else(|e| panic!("{e}"));
-        (SessionStore { db, path: PathBuf::from("<in-memory test store>") }, fault)
-    }
-
     /// Overwrites an entry's raw value (tests use it to simulate corruption).
     pub fn put_raw(&self, model: &str, version: i64, id: &SequenceId, value: &[u8]) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(|e| self.fail("begin write", e))?;
-        {
-            let mut t = txn.open_table(SESSIONS).map_err(|e| self.fail("open table", e))?;
-            t.insert(key(model, version, id).as_str(), value).map_err(|e| self.fail("insert", e))?;
-        }
-        txn.commit().map_err(|e| self.fail("commit", e))
-    }
-}
-
-#[cfg(test)]
-mod fault_backend {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use redb::StorageBackend;
-    use redb::backends::InMemoryBackend;
-
-    /// redb storage in memory whose writes and syncs fail while `fail` is set.
-    #[derive(Debug)]
-    pub(super) struct Faulty {
-        pub(super) inner: InMemoryBackend,
-        pub(super) fail: Arc<AtomicBool>,
-    }
-
-    impl Faulty {
-        fn check(&self) -> Result<(), std::io::Error> {
-            if self.fail.load(Ordering::Acquire) {
-                return Err(std::io::Error::other("injected write failure"));
+        let k = key(model, version, id);
+        self.db.run("write an entry", |db| {
+            let txn = db.begin_write()?;
+            {
+                let mut t = txn.open_table(SESSIONS)?;
+                t.insert(k.as_str(), value)?;
             }
+            txn.commit()?;
             Ok(())
-        }
-    }
-
-    impl StorageBackend for Faulty {
-        fn len(&self) -> Result<u64, std::io::Error> {
-            self.inner.len()
-        }
-        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-            self.inner.read(offset, out)
-        }
-        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-            self.check()?;
-            self.inner.set_len(len)
-        }
-        fn sync_data(&self) -> Result<(), std::io::Error> {
-            self.check()?;
-            self.inner.sync_data()
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-            self.check()?;
-            self.inner.write(offset, data)
-        }
+        })
     }
 }
 

@@ -119,7 +119,7 @@ set +e
 NEURON_WORKER_URL="$GRPC_ADDR" NEURON_WORKER_HTTP_URL="$HTTP_ADDR" NEURON_WORKER_METRICS_URL="http://$METRICS_ADDR" \
   timeout 120 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfE --junitxml="$JUNIT" \
   "$ROOT/tests/interop/test_tritonclient.py" "$ROOT/tests/interop/test_tritonclient_http.py" \
-  "$ROOT/tests/interop/test_sequences.py" ${PYTEST_ARGS:-}
+  "$ROOT/tests/interop/test_sequences.py" "$ROOT/tests/interop/test_generative_sessions.py" ${PYTEST_ARGS:-}
 PYTEST_RC=$?
 set -e
 SUMMARY=$("$VENV/bin/python" - "$JUNIT" <<'PY'

@@ -188,4 +188,11 @@ impl ModelInstance for CpuInstance {
     fn label(&self) -> String {
         format!("cpu:{}", self.index)
     }
+
+    fn input_check(&self) -> Option<Arc<dyn crate::backend::InputCheck>> {
+        match &*self.model {
+            CpuModel::Dense(_) => None,
+            CpuModel::Bert(bert) => Some(Arc::new(super::bert_check::BertInputCheck::new(&bert.info()))),
+        }
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod attention;
 pub mod bert;
+pub mod bert_check;
 pub mod builtin;
 pub mod dense;
 pub mod dtypes;
@@ -23,6 +24,7 @@ pub mod stateful;
 pub mod weights;
 
 pub use bert::{BertConfig, BertInfo, BertModel, BertOutput, BertScratch};
+pub use bert_check::BertInputCheck;
 pub use builtin::{BUILTIN_NAMES, builtin, linear_weights, mlp_weights};
 pub use dense::{Activation, DenseLayer, DenseStack};
 pub use gemm::{default_threads, isa_name, matmul, matmul_bt};

@@ -232,46 +232,15 @@ impl StatefulInstance for NeuronSequenceInstance {
             }
         }
         let mut outs: Vec<Vec<Vec<u8>>> = steps.iter().map(|_| vec![Vec::new(); self.outputs.len()]).collect();
-        let max_t = lens.iter().copied().max().unwrap_or(0);
-        for t in 0..max_t {
-            for (k, io) in self.inputs.iter().enumerate() {
-                let mut buf = vec![0u8; rows * io.row_bytes];
-                for s in steps.iter().zip(&lens).filter(|(_, len)| t < **len).map(|(s, _)| s) {
-                    let from = if io.stepped { t * io.row_bytes } else { 0 };
-                    let src = s.inputs.get(k).and_then(|x| x.data.get(from..from + io.row_bytes));
-                    if let (Some(src), Some(dst)) =
-                        (src, buf.get_mut(s.slot * io.row_bytes..(s.slot + 1) * io.row_bytes))
-                    {
-                        dst.copy_from_slice(src);
-                    }
-                }
-                self.neff.write_input(k, &buf)?;
-            }
-            for (c, spec) in self.controls.iter().enumerate() {
-                let size = spec.dtype.size().unwrap_or(0);
-                let mut buf = spec.false_true[0].repeat(rows);
-                buf.resize(rows * size, 0);
-                for (s, len) in steps.iter().zip(&lens).filter(|(_, len)| t < **len) {
-                    let value = self.control_value(c, s, t, *len);
-                    if let (Some(dst), true) = (buf.get_mut(s.slot * size..(s.slot + 1) * size), value.len() == size) {
-                        dst.copy_from_slice(&value);
-                    }
-                }
-                self.neff.write_input(self.inputs.len() + c, &buf)?;
-            }
-            self.neff.execute()?;
-            for (o, io) in self.outputs.iter().enumerate() {
-                let data = self.neff.read_output(o)?;
-                for ((s, len), out) in steps.iter().zip(&lens).zip(outs.iter_mut()).filter(|((_, len), _)| t < **len) {
-                    let row = data.get(s.slot * io.row_bytes..(s.slot + 1) * io.row_bytes).unwrap_or_default();
-                    if io.stepped {
-                        out[o].extend_from_slice(row);
-                    } else if t + 1 == *len {
-                        out[o] = row.to_vec();
-                    }
-                }
-            }
+        // A batch that fails after an execution advanced the state (an output that cannot be
+        // read, a later time step that fails) leaves every slot's state as it was before the
+        // batch (a START's slot stays reset), so a retried request does not apply its step twice.
+        self.neff.checkpoint();
+        if let Err(e) = self.run_steps(steps, &lens, &mut outs) {
+            self.neff.roll_back();
+            return Err(e);
         }
+        self.neff.commit();
         Ok(outs
             .into_iter()
             .zip(&lens)
@@ -314,6 +283,59 @@ impl StatefulInstance for NeuronSequenceInstance {
 
     fn label(&self) -> String {
         format!("nc:{}", self.neff.core())
+    }
+}
+
+impl NeuronSequenceInstance {
+    /// Runs the executions of one batch (one per time step), collecting each step's outputs.
+    fn run_steps(
+        &mut self,
+        steps: &[SlotStep<'_>],
+        lens: &[usize],
+        outs: &mut [Vec<Vec<u8>>],
+    ) -> Result<(), BackendError> {
+        let rows = self.neff.rows();
+        let max_t = lens.iter().copied().max().unwrap_or(0);
+        for t in 0..max_t {
+            for (k, io) in self.inputs.iter().enumerate() {
+                let mut buf = vec![0u8; rows * io.row_bytes];
+                for s in steps.iter().zip(lens).filter(|(_, len)| t < **len).map(|(s, _)| s) {
+                    let from = if io.stepped { t * io.row_bytes } else { 0 };
+                    let src = s.inputs.get(k).and_then(|x| x.data.get(from..from + io.row_bytes));
+                    if let (Some(src), Some(dst)) =
+                        (src, buf.get_mut(s.slot * io.row_bytes..(s.slot + 1) * io.row_bytes))
+                    {
+                        dst.copy_from_slice(src);
+                    }
+                }
+                self.neff.write_input(k, &buf)?;
+            }
+            for (c, spec) in self.controls.iter().enumerate() {
+                let size = spec.dtype.size().unwrap_or(0);
+                let mut buf = spec.false_true[0].repeat(rows);
+                buf.resize(rows * size, 0);
+                for (s, len) in steps.iter().zip(lens).filter(|(_, len)| t < **len) {
+                    let value = self.control_value(c, s, t, *len);
+                    if let (Some(dst), true) = (buf.get_mut(s.slot * size..(s.slot + 1) * size), value.len() == size) {
+                        dst.copy_from_slice(&value);
+                    }
+                }
+                self.neff.write_input(self.inputs.len() + c, &buf)?;
+            }
+            self.neff.execute()?;
+            for (o, io) in self.outputs.iter().enumerate() {
+                let data = self.neff.read_output(o)?;
+                for ((s, len), out) in steps.iter().zip(lens).zip(outs.iter_mut()).filter(|((_, len), _)| t < **len) {
+                    let row = data.get(s.slot * io.row_bytes..(s.slot + 1) * io.row_bytes).unwrap_or_default();
+                    if io.stepped {
+                        out[o].extend_from_slice(row);
+                    } else if t + 1 == *len {
+                        out[o] = row.to_vec();
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -3,12 +3,15 @@
 //!
 //! The NEFF is compiled for one row per sequence slot: it takes the model's per-step inputs, the
 //! control inputs and each state input (`[rows, state dims]`), and writes the outputs and each
-//! state output. Each state has two device tensors used ping-pong: two input/output tensor-set
-//! pairs are built once, the state output of one execution being the state input of the next,
-//! so the state never travels to the host between steps. The NEFF must write every row of every
-//! state output: the new state for rows that took a step, the unchanged state input for the
-//! others (gated on the READY control). A single row is read or written at its byte offset to
-//! reset it (START), spill, export or import it.
+//! state output. Each state has three device tensors used in rotation: an input/output
+//! tensor-set pair is built once for every (from, to) pair of them, the state output of one
+//! execution being the state input of the next, so the state never travels to the host between
+//! steps. The third tensor lets a batch of several executions (time steps) leave the tensor it
+//! started from untouched: a batch that fails part-way goes back to it ([`StatefulNeff::roll_back`]),
+//! so a failed step never moves the state. The NEFF must write every row of every state output:
+//! the new state for rows that took a step, the unchanged state input for the others (gated on
+//! the READY control). A single row is read or written at its byte offset to reset it (START),
+//! spill, export or import it.
 
 use std::sync::Arc;
 
@@ -51,23 +54,29 @@ fn row_bytes(dtype: DataType, dims: &[usize]) -> usize {
     dims.iter().fold(dtype.size().unwrap_or(0), |acc, d| acc.saturating_mul(*d))
 }
 
+/// Device tensors per state: the current state, and two to rotate through within a batch.
+const STATE_BUFFERS: usize = 3;
+
 /// A stateful NEFF loaded on one core, its tensors allocated once, its state on the device.
 pub struct StatefulNeff {
     // Field order is drop order: the sets reference the tensors below, so they go first, and
     // the tensors go before the model.
-    /// `sets[p]` = (input set, output set) of an execution whose state input is `states[_][p]`.
-    sets: Vec<(TensorSet, TensorSet)>,
+    /// `sets[from * 3 + to]` = (input set, output set) of an execution whose state input is
+    /// `states[_][from]` and state output `states[_][to]` (`None` where `from == to`).
+    sets: Vec<Option<(TensorSet, TensorSet)>>,
     inputs: Vec<DeviceTensor>,
     outputs: Vec<DeviceTensor>,
     /// NEFF outputs the configuration does not declare: written by every execution, never read
     /// (one tensor each, bound in both output sets).
     extra_outputs: Vec<DeviceTensor>,
-    /// Two device tensors per state, `[rows, dims]` each.
-    states: Vec<[DeviceTensor; 2]>,
+    /// Three device tensors per state, `[rows, dims]` each.
+    states: Vec<[DeviceTensor; STATE_BUFFERS]>,
     model: NeuronModel,
     config: StatefulNeffConfig,
-    /// Which of the two tensors of each state holds the current state (the next state input).
+    /// Which tensor of each state holds the current state (the next state input).
     current: usize,
+    /// The tensor a batch started from, kept untouched until [`StatefulNeff::commit`].
+    checkpoint: Option<usize>,
 }
 
 impl std::fmt::Debug for StatefulNeff {
@@ -84,8 +93,8 @@ impl std::fmt::Debug for StatefulNeff {
 impl StatefulNeff {
     /// Loads `neff` on NeuronCore `core`, checks its tensors against `config` (every tensor
     /// `[rows, dims]`), allocates every tensor once (two per state, zeroed; one per NEFF output
-    /// the configuration leaves out, which an execution must still be given) and builds the two
-    /// tensor-set pairs.
+    /// the configuration leaves out, which an execution must still be given) and builds the
+    /// tensor-set pairs, one per (from, to) pair of state tensors.
     pub fn load(
         runtime: &Arc<Runtime>,
         core: u32,
@@ -122,13 +131,16 @@ impl StatefulNeff {
         let mut states = Vec::with_capacity(config.states.len());
         for (s, t) in config.states.iter().zip(&want_in[config.inputs.len()..]) {
             // The stand-in's NRT_STANDIN_DENY_READ_PREFIX knob matches these `state:` names.
-            let mut pair =
-                [alloc(&format!("state:{}:0", s.input), size(t))?, alloc(&format!("state:{}:1", s.input), size(t))?];
+            let mut buffers = [
+                alloc(&format!("state:{}:0", s.input), size(t))?,
+                alloc(&format!("state:{}:1", s.input), size(t))?,
+                alloc(&format!("state:{}:2", s.input), size(t))?,
+            ];
             let zeros = vec![0u8; size(t)];
-            for tensor in &mut pair {
+            for tensor in &mut buffers {
                 tensor.write(&zeros)?;
             }
-            states.push(pair);
+            states.push(buffers);
         }
         let extra_outputs = model
             .tensors()
@@ -136,9 +148,23 @@ impl StatefulNeff {
             .filter(|t| t.usage == TensorUsage::Output && !want_out.iter().any(|w| w.name == t.name))
             .map(|t| alloc(&t.name, t.size))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut neff =
-            StatefulNeff { sets: Vec::new(), inputs, outputs, extra_outputs, states, model, config, current: 0 };
-        for parity in 0..2 {
+        let mut neff = StatefulNeff {
+            sets: Vec::new(),
+            inputs,
+            outputs,
+            extra_outputs,
+            states,
+            model,
+            config,
+            current: 0,
+            checkpoint: None,
+        };
+        for pair in 0..STATE_BUFFERS * STATE_BUFFERS {
+            let (from, to) = (pair / STATE_BUFFERS, pair % STATE_BUFFERS);
+            if from == to {
+                neff.sets.push(None);
+                continue;
+            }
             let mut ins = TensorSet::new(runtime, &name, core)?;
             let mut outs = TensorSet::new(runtime, &name, core)?;
             // Every tensor pushed below is owned by `neff`, which also owns the sets; `sets` is the
@@ -156,13 +182,13 @@ impl StatefulNeff {
                 // SAFETY: `t` outlives the set (owned by `neff`, dropped after `sets`).
                 unsafe { outs.push_borrowed(t.name(), t)? };
             }
-            for (pair, s) in neff.states.iter().zip(&neff.config.states) {
-                // SAFETY: both state tensors outlive the sets (owned by `neff`, dropped after `sets`).
-                unsafe { ins.push_borrowed(&s.input, &pair[parity])? };
+            for (buffers, s) in neff.states.iter().zip(&neff.config.states) {
+                // SAFETY: the state tensors outlive the sets (owned by `neff`, dropped after `sets`).
+                unsafe { ins.push_borrowed(&s.input, &buffers[from])? };
                 // SAFETY: as above.
-                unsafe { outs.push_borrowed(&s.output, &pair[1 - parity])? };
+                unsafe { outs.push_borrowed(&s.output, &buffers[to])? };
             }
-            neff.sets.push((ins, outs));
+            neff.sets.push(Some((ins, outs)));
         }
         Ok(neff)
     }
@@ -190,14 +216,40 @@ impl StatefulNeff {
     }
 
     /// Runs one execution. On success the state outputs become the current state (the next
-    /// execution's state inputs); on failure the current state is unchanged.
+    /// execution's state inputs); on failure the current state is unchanged. It never writes the
+    /// tensor of the checkpoint, if one is set.
     pub fn execute(&mut self) -> Result<(), NeuronError> {
         let model = self.config.name.clone();
-        let (ins, outs) =
-            self.sets.get_mut(self.current).ok_or_else(|| missing(Operation::Execute, &model, self.current))?;
+        let (from, checkpoint) = (self.current, self.checkpoint);
+        let to =
+            (0..STATE_BUFFERS).find(|b| *b != from && Some(*b) != checkpoint).unwrap_or((from + 1) % STATE_BUFFERS);
+        let (ins, outs) = self
+            .sets
+            .get_mut(from * STATE_BUFFERS + to)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| missing(Operation::Execute, &model, from * STATE_BUFFERS + to))?;
         self.model.execute(ins, outs)?;
-        self.current = 1 - self.current;
+        self.current = to;
         Ok(())
+    }
+
+    /// Marks the current state as the one to go back to: until [`StatefulNeff::commit`] or
+    /// [`StatefulNeff::roll_back`], executions leave it untouched.
+    pub fn checkpoint(&mut self) {
+        self.checkpoint = Some(self.current);
+    }
+
+    /// Keeps the state the executions since the checkpoint produced.
+    pub fn commit(&mut self) {
+        self.checkpoint = None;
+    }
+
+    /// Goes back to the state of the checkpoint (every row as it was then, including rows written
+    /// since, e.g. a START's reset written before the first execution stays).
+    pub fn roll_back(&mut self) {
+        if let Some(c) = self.checkpoint.take() {
+            self.current = c;
+        }
     }
 
     /// Copies output `index` (configuration order) for all rows from the device.

@@ -17,6 +17,9 @@ use crate::batching::admission::Admission;
 use crate::batching::stats::FailureReason;
 use crate::batching::{BatchingError, InferRequest};
 
+/// How often a non-empty queue is checked for requests whose client left.
+const PURGE_INTERVAL: Duration = Duration::from_millis(100);
+
 enum Event {
     Command(Command),
     Closed,
@@ -228,7 +231,8 @@ impl Actor {
             let preferred: &[usize] = if spec.dynamic_batching { &policy.preferred_batch_sizes } else { &[] };
             let (requests, _rows) = self.queue.take_batch(self.max_rows, preferred);
             self.shared.queued.fetch_sub(requests.len(), Ordering::AcqRel);
-            let batch = Batch { requests: requests.into_iter().map(|q| q.req).collect() };
+            let deadlines = requests.iter().map(|q| q.deadline).collect();
+            let batch = Batch { requests: requests.into_iter().map(|q| q.req).collect(), deadlines };
             match self.instances.get(inst).and_then(Option::as_ref) {
                 Some(sender) => match sender.send(batch) {
                     Ok(()) => {
@@ -240,11 +244,10 @@ impl Actor {
                 None => self.fail_batch(batch, "instance out of service"),
             }
         }
-        let deadline = self.queue.next_deadline();
-        match (wake, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // Clients that leave send nothing: look again soon, so a cancelled request leaves the
+        // queue depth (and `/capacity`) while the instances are busy.
+        let purge = (!self.queue.is_empty()).then(|| now + PURGE_INTERVAL);
+        [wake, self.queue.next_deadline(), purge].into_iter().flatten().min()
     }
 
     fn fail_batch(&mut self, batch: Batch, why: &str) {

@@ -9,6 +9,7 @@
 //! actor, then replies.
 
 mod actor;
+mod groups;
 mod queue;
 mod worker;
 

@@ -20,7 +20,11 @@ use crate::tensor::{Tensor, TensorView};
 /// A batch handed from the actor to an instance.
 #[derive(Debug)]
 pub(crate) struct Batch {
+    /// The requests, in queue order.
     pub(crate) requests: Vec<InferRequest>,
+    /// Each request's queue deadline (by position; missing = none): checked again when the batch
+    /// starts, since a batch handed ahead to a busy instance may wait there.
+    pub(crate) deadlines: Vec<Option<Instant>>,
 }
 
 /// The actor's end of an instance's batch channel.
@@ -77,38 +81,66 @@ impl Worker {
         self.shared.spec.name.clone()
     }
 
-    /// Tells the actor this instance can take another batch (or is out of service).
-    fn signal_done(&self, usable: bool) {
-        let _ = self.done.send(Command::Done { instance: self.index, usable });
-    }
-
     /// Runs one batch and signals the actor (before the replies, so the next batch is on its way while
-    /// they go out); returns whether the instance is still usable.
+    /// they go out); returns whether the instance is still usable. Requests whose client left or
+    /// whose deadline passed while the batch waited (it may have been handed ahead to this busy
+    /// instance) are skipped; a batch whose sequence lengths differ too much runs as several
+    /// executions ([`super::groups`]); a batch that fails without taking the instance down is run
+    /// again one request at a time, so the failure reaches only the request that caused it.
     fn process(&mut self, batch: Batch) -> bool {
         let stats = self.shared.stats.clone();
-        let mut requests = batch.requests;
-        requests.retain(|r| {
-            let closed = r.reply.is_closed();
-            if closed {
-                stats.record_failure(FailureReason::Cancelled, r.arrived.elapsed());
-            }
-            !closed
-        });
-        if requests.is_empty() {
-            self.signal_done(true);
-            return true;
-        }
         let start = Instant::now();
-        let result =
-            if self.shared.spec.batches() { self.run_batched(&requests) } else { self.run_single(&requests[0]) };
-        let index = self.index;
-        let done_tx = self.done.clone();
-        let done = move |usable: bool| {
-            move || {
-                let _ = done_tx.send(Command::Done { instance: index, usable });
+        let mut replies = Replies::with_capacity(batch.requests.len());
+        let mut requests = Vec::with_capacity(batch.requests.len());
+        let deadlines = batch.deadlines.into_iter().chain(std::iter::repeat(None));
+        for (r, deadline) in batch.requests.into_iter().zip(deadlines) {
+            if r.reply.is_closed() {
+                stats.record_failure(FailureReason::Cancelled, r.arrived.elapsed());
+            } else if let Some(d) = deadline.filter(|d| *d <= start) {
+                let waited = r.arrived.elapsed();
+                stats.record_failure(FailureReason::Timeout, waited);
+                let timeout_us = d.saturating_duration_since(r.arrived).as_micros() as u64;
+                let e =
+                    BatchingError::Timeout { model: self.model(), waited_us: waited.as_micros() as u64, timeout_us };
+                replies.push(r.reply, Err(e));
+            } else {
+                requests.push(r);
             }
-        };
-        let mut replies = Replies::with_capacity(requests.len());
+        }
+        let mut fatal = None;
+        for group in super::groups::by_padding(&self.shared.spec, requests) {
+            fatal = self.run_isolating(group, start, fatal, &mut replies);
+        }
+        let usable = fatal.is_none();
+        let (index, done_tx) = (self.index, self.done.clone());
+        replies.deliver_after(move || {
+            let _ = done_tx.send(Command::Done { instance: index, usable });
+        });
+        usable
+    }
+
+    /// Executes `requests` as one batch and holds each its reply; a batch of several that fails
+    /// with an error that leaves the instance usable is run again one request at a time. Returns
+    /// the fatal error that took the instance out of service, if one did (`fatal` on entry: an
+    /// earlier one, and the requests are answered with it without running).
+    fn run_isolating(
+        &mut self,
+        requests: Vec<InferRequest>,
+        start: Instant,
+        fatal: Option<BatchingError>,
+        replies: &mut Replies<InferReply>,
+    ) -> Option<BatchingError> {
+        let stats = self.shared.stats.clone();
+        if let Some(e) = fatal {
+            for req in requests {
+                stats.record_failure(FailureReason::Backend, req.arrived.elapsed());
+                replies.push(req.reply, Err(e.clone()));
+            }
+            return Some(e);
+        }
+        let first = requests.first()?;
+        let result = if self.shared.spec.batches() { self.run_batched(&requests) } else { self.run_single(first) };
+        let index = self.index;
         match result {
             Ok((outputs, timings)) => {
                 // Triton's per-request semantics: every request of the batch spent the batch's time.
@@ -122,23 +154,41 @@ impl Worker {
                     stats.record_success(start.saturating_duration_since(req.arrived), req.arrived.elapsed());
                     replies.push(req.reply, Ok(InferReply { outputs: outs }));
                 }
-                replies.deliver_after(done(true));
-                true
+                None
+            }
+            Err(e) if !e.is_fatal() && requests.len() > 1 => {
+                tracing::warn!(model = %self.shared.spec.name, instance = %self.instance.label(), requests = requests.len(), error = %e,
+                    "batch failed; running its requests one at a time so the failure reaches only the request that caused it");
+                let mut fatal = None;
+                for req in requests {
+                    fatal = self.run_isolating(vec![req], start, fatal, replies);
+                }
+                fatal
             }
             Err(e) => {
-                let usable = !e.is_fatal();
-                if let BatchingError::Backend { source, .. } = &e {
-                    protocol::record_batch_error(&stats, index, source);
-                } else if let Some(s) = stats.instances.get(index) {
-                    s.errors.fetch_add(1, Relaxed);
+                // A request the backend refused is the client's error, not the instance's.
+                let client = matches!(
+                    e,
+                    BatchingError::TooLarge { .. }
+                        | BatchingError::Backend { source: BackendError::InvalidInput { .. }, .. }
+                );
+                let reason = if client { FailureReason::InvalidRequest } else { FailureReason::Backend };
+                if client {
+                    tracing::debug!(model = %self.shared.spec.name, error = %e, "request refused by the backend");
+                } else {
+                    if let BatchingError::Backend { source, .. } = &e {
+                        protocol::record_batch_error(&stats, index, source);
+                    } else if let Some(s) = stats.instances.get(index) {
+                        s.errors.fetch_add(1, Relaxed);
+                    }
+                    tracing::warn!(model = %self.shared.spec.name, instance = %self.instance.label(), error = %e, "batch failed");
                 }
-                tracing::warn!(model = %self.shared.spec.name, instance = %self.instance.label(), error = %e, "batch failed");
+                let fatal = e.is_fatal().then(|| e.clone());
                 for req in requests {
-                    stats.record_failure(FailureReason::Backend, req.arrived.elapsed());
+                    stats.record_failure(reason, req.arrived.elapsed());
                     replies.push(req.reply, Err(e.clone()));
                 }
-                replies.deliver_after(done(usable));
-                usable
+                fatal
             }
         }
     }

@@ -9,12 +9,15 @@ use std::thread::JoinHandle;
 
 use super::params::SamplingParams;
 use super::request::{GenerateRequest, GenerationError};
+use super::session::{Affinity, SessionLimits};
+use super::session_moves::{MoveError, SessionCommand};
 use super::stats::GenerativeStats;
 use super::step::{Engine, StepLimits};
 use super::tokens::PromptTokenizer;
 use crate::backend::generative::DecoderInstance;
 use crate::batching::BatchingError;
 use crate::batching::admission::Admission;
+use crate::sessions::{SequenceId, SessionBlob, SessionInfo};
 
 /// How a generative model version is served.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,13 +28,26 @@ pub struct GenerativeSetup {
     pub eos: Vec<u32>,
     /// Sampling defaults of the model (its generation config over vLLM's defaults).
     pub defaults: SamplingParams,
+    /// Bounds on conversation sessions.
+    pub sessions: SessionLimits,
+    /// The model version (written into exported sessions).
+    pub version: i64,
+}
+
+/// What a step-loop thread is sent.
+#[derive(Debug)]
+enum Command {
+    /// A generation request (a session turn or a stateless request).
+    Generate(GenerateRequest),
+    /// A session operation (list, export, import).
+    Session(SessionCommand),
 }
 
 /// One instance's end of the handle.
 #[derive(Debug)]
 struct InstanceLink {
     /// Requests to the step loop.
-    sender: mpsc::Sender<GenerateRequest>,
+    sender: mpsc::Sender<Command>,
     /// Sequences queued to or held by the instance.
     load: Arc<AtomicUsize>,
     /// False once the instance failed fatally.
@@ -49,6 +65,8 @@ pub struct GenerativeModel {
     context_limit: usize,
     vocab: usize,
     label: Vec<String>,
+    /// The instance holding each open session.
+    affinity: Affinity,
 }
 
 impl GenerativeModel {
@@ -67,6 +85,7 @@ impl GenerativeModel {
         let mut context_limit = usize::MAX;
         let mut vocab = 0;
         let mut label = Vec::new();
+        let affinity = Affinity::default();
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
@@ -84,11 +103,14 @@ impl GenerativeModel {
             };
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
+            let sessions = (setup.sessions, affinity.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("gen-{model}-{i}"))
                 .spawn(move || {
                     let (decoder, text, eos, limits, stats) = engine_parts;
-                    step_loop(Engine::new(decoder, text, eos, limits, stats), ctx)
+                    let engine =
+                        Engine::new(decoder, text, eos, limits, stats).with_sessions(sessions.0, sessions.1, i);
+                    step_loop(engine, ctx)
                 })
                 .map_err(|e| BatchingError::Unavailable {
                     model: model.clone(),
@@ -110,6 +132,7 @@ impl GenerativeModel {
             context_limit,
             vocab,
             label,
+            affinity,
         })
     }
 
@@ -159,15 +182,98 @@ impl GenerativeModel {
         let Ok(links) = self.links.lock() else {
             return Err(refuse("the model's handle is poisoned; reload the model"));
         };
-        let Some(link) = links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)) else {
+        // A session's turns (a restart too) go to the instance holding it.
+        let pinned = req.session.as_ref().and_then(|t| self.affinity.lock().ok()?.get(&t.id).copied());
+        let link = match pinned {
+            Some(i) => match links.get(i) {
+                Some(l) if l.alive.load(Acquire) => Some(l),
+                _ => {
+                    return Err(refuse(
+                        "the instance holding this session left service; the session is lost: start it again",
+                    ));
+                }
+            },
+            None => links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)),
+        };
+        let Some(link) = link else {
             return Err(refuse("the model is draining"));
         };
         link.load.fetch_add(1, AcqRel);
-        if link.sender.send(req).is_err() {
+        if link.sender.send(Command::Generate(req)).is_err() {
             link.load.fetch_sub(1, AcqRel);
             return Err(refuse("the instance stopped"));
         }
         Ok(())
+    }
+
+    fn model_id(&self) -> (String, i64) {
+        (self.name().to_string(), self.setup.version)
+    }
+
+    /// Sends `cmd` to instance `i`'s thread; false when it is gone.
+    fn send_session(&self, i: usize, cmd: SessionCommand) -> bool {
+        let Ok(links) = self.links.lock() else { return false };
+        links.get(i).is_some_and(|l| l.alive.load(Acquire) && l.sender.send(Command::Session(cmd)).is_ok())
+    }
+
+    fn instances(&self) -> usize {
+        self.links.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    /// The open sessions of every instance.
+    pub async fn list_sessions(&self) -> Vec<SessionInfo> {
+        let mut all = Vec::new();
+        for i in 0..self.instances() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if self.send_session(i, SessionCommand::List { model: self.model_id(), reply: tx })
+                && let Ok(list) = rx.await
+            {
+                all.extend(list);
+            }
+        }
+        all
+    }
+
+    /// Takes an idle session out of this worker as a blob.
+    pub async fn export_session(&self, id: SequenceId) -> Result<SessionBlob, MoveError> {
+        let instance = self.affinity.lock().ok().and_then(|a| a.get(&id).copied());
+        let Some(i) = instance else { return Err(MoveError::NotFound { id }) };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.send_session(i, SessionCommand::Export { id: id.clone(), model: self.model_id(), reply: tx }) {
+            return Err(MoveError::NotFound { id });
+        }
+        rx.await.unwrap_or(Err(MoveError::NotFound { id }))
+    }
+
+    /// Opens a session from a blob exported by a worker serving the same weights, on the least
+    /// loaded instance.
+    pub async fn import_session(&self, blob: SessionBlob) -> Result<SessionInfo, MoveError> {
+        let (id, steps) = (blob.id.clone(), blob.steps);
+        if self.affinity.lock().is_ok_and(|a| a.contains_key(&id)) {
+            return Err(MoveError::Refused { reason: format!("session {id} is already open on this worker") });
+        }
+        let pick = {
+            let links = self
+                .links
+                .lock()
+                .map_err(|_| MoveError::Refused { reason: "the model's handle is poisoned".into() })?;
+            links
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.alive.load(Acquire))
+                .min_by_key(|(_, l)| l.load.load(Acquire))
+                .map(|(i, _)| i)
+        };
+        let Some(i) = pick else {
+            return Err(MoveError::Refused { reason: "no instance of the model is in service".into() });
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.send_session(i, SessionCommand::Import { blob, reply: tx }) {
+            return Err(MoveError::Refused { reason: "the instance stopped".into() });
+        }
+        rx.await.unwrap_or(Err(MoveError::Refused { reason: "the instance stopped".into() }))?;
+        let (model, version) = self.model_id();
+        Ok(SessionInfo { model, version, id, steps, live: true, idle: std::time::Duration::ZERO })
     }
 
     /// Stops accepting requests; running and queued sequences finish, then the threads end.
@@ -212,11 +318,18 @@ impl super::detok::TokenText for TextOf {
 }
 
 struct ThreadContext {
-    rx: mpsc::Receiver<GenerateRequest>,
+    rx: mpsc::Receiver<Command>,
     load: Arc<AtomicUsize>,
     alive: Arc<AtomicBool>,
     admission: Arc<Admission>,
     in_service: Arc<AtomicUsize>,
+}
+
+fn take(engine: &mut Engine, cmd: Command) {
+    match cmd {
+        Command::Generate(req) => engine.add(req),
+        Command::Session(cmd) => super::session_moves::run(engine, cmd),
+    }
 }
 
 /// The instance thread: take requests, step while there is work, block when idle, end when the
@@ -229,13 +342,16 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                 return;
             }
             match ctx.rx.recv() {
-                Ok(req) => engine.add(req),
+                Ok(cmd) => take(&mut engine, cmd),
                 Err(_) => return,
+            }
+            if engine.is_idle() {
+                continue;
             }
         }
         while open {
             match ctx.rx.try_recv() {
-                Ok(req) => engine.add(req),
+                Ok(cmd) => take(&mut engine, cmd),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
@@ -264,11 +380,13 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                 reason: format!("instance {} failed: {reason}", engine.label()),
             });
             // Answer what is still queued to this instance, then stop.
-            while let Ok(req) = ctx.rx.try_recv() {
-                ctx.admission.dequeued(1);
-                let _ = req.updates.send(Err(GenerationError::Unavailable {
-                    reason: format!("instance {} failed: {reason}", engine.label()),
-                }));
+            while let Ok(cmd) = ctx.rx.try_recv() {
+                if let Command::Generate(req) = cmd {
+                    ctx.admission.dequeued(1);
+                    let _ = req.updates.send(Err(GenerationError::Unavailable {
+                        reason: format!("instance {} failed: {reason}", engine.label()),
+                    }));
+                }
             }
             ctx.admission.dequeued(engine.take_left_queue());
             return;

@@ -11,6 +11,8 @@ pub mod params;
 pub mod request;
 pub mod sampler;
 pub mod sequence;
+pub mod session;
+pub mod session_moves;
 pub mod stats;
 pub mod step;
 #[cfg(test)]

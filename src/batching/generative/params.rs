@@ -52,6 +52,9 @@ pub struct SamplingParams {
     /// Number of most likely alternatives reported per token in `logprobs` (vLLM's `logprobs`);
     /// `None`: the `logprobs` output is `null`.
     pub logprobs: Option<usize>,
+    /// Session turns only: rewind the session to its first N tokens before appending this turn's
+    /// input (edit, regenerate, branch). `None`: append to the whole history.
+    pub truncate_to: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -66,6 +69,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            truncate_to: None,
         }
     }
 }
@@ -107,7 +111,7 @@ impl SamplingParams {
                 "stop" => p.stop = stop(key, value)?,
                 "ignore_eos" => p.ignore_eos = boolean(key, value)?,
                 "logprobs" => p.logprobs = if value.is_null() { None } else { Some(uint(key, value)? as usize) },
-                // `truncate_to` (continue a session from an older point) belongs here once sessions land.
+                "truncate_to" => p.truncate_to = if value.is_null() { None } else { Some(uint(key, value)? as usize) },
                 _ => return Err(ParamsError::UnknownKey { key: key.clone() }),
             }
         }

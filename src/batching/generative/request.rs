@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use super::params::SamplingParams;
 use super::sampler::RankedLogprob;
 use crate::backend::BackendError;
+use crate::sessions::SequenceId;
 
 /// One generation request, validated and tokenized.
 #[derive(Debug)]
@@ -23,6 +24,23 @@ pub struct GenerateRequest {
     pub updates: UpdateSender,
     /// When the request reached the worker (time to first token is measured from here).
     pub arrived: Instant,
+    /// The conversation session this request is a turn of (`None`: a stateless request).
+    pub session: Option<SessionTurn>,
+}
+
+/// A request's place in a conversation session: its prompt is appended to the session's tokens and
+/// only the new tokens are prefilled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTurn {
+    /// The session id (Triton's `sequence_id`, or the `x-session-id` header).
+    pub id: SequenceId,
+    /// `sequence_start`: begin the session (a session already open under this id is replaced).
+    pub start: bool,
+    /// `sequence_end`: the session ends after this turn (its K/V and tokens are released).
+    pub end: bool,
+    /// The id came from a front that cannot send START (the `x-session-id` header, OpenAI): an
+    /// unknown id starts a session instead of being refused.
+    pub implicit_start: bool,
 }
 
 /// The update channel of one request. Unbounded: the step loop never waits on a client, and a
@@ -62,6 +80,8 @@ pub struct Finished {
     pub output_tokens: usize,
     /// Sum of the generated tokens' log-probabilities.
     pub cumulative_logprob: f64,
+    /// Prompt tokens whose K/V was reused (the kept session, or the prefix cache) instead of computed.
+    pub cached_tokens: usize,
 }
 
 /// The most likely tokens at one generated position (vLLM's `logprobs` entry for that position).
@@ -102,6 +122,19 @@ pub enum GenerationError {
     /// The decoder failed the step this sequence was in.
     #[error("{0}")]
     Backend(#[from] BackendError),
+    /// A session turn that cannot run: unknown, ended or restarted session, `truncate_to` beyond the
+    /// history, a session at its token limit.
+    #[error("{reason}")]
+    Session {
+        /// What is wrong with the turn and what to do.
+        reason: String,
+    },
+    /// The worker holds as many sessions as it may: a new one is refused until one ends.
+    #[error("{reason}")]
+    SessionsFull {
+        /// The limit and what to do.
+        reason: String,
+    },
     /// The model stopped serving (drain, unload, instance lost) before the sequence finished.
     #[error("{reason}")]
     Unavailable {

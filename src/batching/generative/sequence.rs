@@ -6,7 +6,9 @@ use std::time::Instant;
 use super::detok::{TextStream, TokenText};
 use super::kv_blocks::BlockTable;
 use super::params::SamplingParams;
-use super::request::{FinishReason, Finished, GenerateRequest, GenerationUpdate, PositionLogprobs, UpdateSender};
+use super::request::{
+    FinishReason, Finished, GenerateRequest, GenerationUpdate, PositionLogprobs, SessionTurn, UpdateSender,
+};
 use super::sampler::Sampled;
 
 /// What the step loop needs to know to finish sequences.
@@ -49,6 +51,10 @@ pub struct Sequence {
     pub done: bool,
     /// Has been admitted to the running set at least once (it has left the model's queue).
     pub started: bool,
+    /// The session this sequence is a turn of (its tokens and blocks go back to it at the end).
+    pub session: Option<SessionTurn>,
+    /// Prompt positions whose K/V were reused at first admission (kept session or prefix cache).
+    pub reused: usize,
 }
 
 /// What accepting one token did, for the statistics.
@@ -66,13 +72,20 @@ pub struct Accepted {
 
 impl Sequence {
     /// A waiting sequence for `req`.
-    pub fn new(req: GenerateRequest) -> Sequence {
-        let prompt_len = req.prompt.len();
+    pub fn new(mut req: GenerateRequest) -> Sequence {
+        let prompt = std::mem::take(&mut req.prompt);
+        Sequence::for_turn(req, prompt, None, 0)
+    }
+
+    /// A waiting sequence over `tokens` (a session's history plus `req`'s prompt), whose first
+    /// `computed` positions already have K/V in `table`.
+    pub fn for_turn(req: GenerateRequest, tokens: Vec<u32>, table: Option<BlockTable>, computed: usize) -> Sequence {
+        let prompt_len = tokens.len();
         Sequence {
-            tokens: req.prompt,
+            tokens,
             prompt_len,
-            computed: 0,
-            table: None,
+            computed,
+            table,
             params: req.params,
             seed: req.seed,
             updates: req.updates,
@@ -83,6 +96,8 @@ impl Sequence {
             text: TextStream::new(prompt_len),
             done: false,
             started: false,
+            session: req.session,
+            reused: 0,
         }
     }
 
@@ -139,6 +154,7 @@ impl Sequence {
             prompt_tokens: self.prompt_len,
             output_tokens: self.generated(),
             cumulative_logprob: self.cumulative_logprob,
+            cached_tokens: self.reused,
         });
         let update = GenerationUpdate {
             text,

@@ -67,6 +67,15 @@ pub struct GenerativeStats {
     pub finished_length: AtomicU64,
     /// Requests whose client went away before they finished.
     pub cancelled: AtomicU64,
+    /// Open conversation sessions, all instances (gauge).
+    pub sessions_open: AtomicU64,
+    /// Open sessions whose K/V blocks are resident in the pool (gauge); the others keep their
+    /// tokens and recompute what the prefix cache no longer holds on their next turn.
+    pub sessions_resident: AtomicU64,
+    /// Session turns started.
+    pub session_turns: AtomicU64,
+    /// Times an idle session released its K/V blocks to make room (least recently used first).
+    pub session_kv_released: AtomicU64,
     /// Time from arrival to the first generated token.
     pub time_to_first_token: LatencyHistogram,
     /// Time between two generated tokens of a sequence.

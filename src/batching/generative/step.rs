@@ -19,6 +19,7 @@ use super::kv_blocks::BlockPool;
 use super::request::{FinishReason, GenerateRequest, GenerationError, PositionLogprobs};
 use super::sampler::{self, RankedLogprob};
 use super::sequence::{Sequence, StopRules};
+use super::session::{Affinity, SessionLimits, Sessions};
 use super::stats::GenerativeStats;
 use crate::backend::BackendError;
 use crate::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
@@ -59,8 +60,10 @@ pub struct Engine {
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     stats: Arc<GenerativeStats>,
+    /// Conversation sessions kept on this instance.
+    sessions: Sessions,
     /// Gauge values this engine last added to the shared statistics.
-    published: [u64; 3],
+    published: [u64; 5],
     logits: Vec<f32>,
     scratch: Vec<u32>,
     /// Requests that left the queue (first admission, refusal, cancellation) since the last
@@ -92,12 +95,34 @@ impl Engine {
             pool,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            sessions: Sessions::new(SessionLimits::default(), Affinity::default(), 0, stats.clone()),
             stats,
-            published: [0; 3],
+            published: [0; 5],
             logits: Vec::new(),
             scratch: Vec::new(),
             left_queue: 0,
         }
+    }
+
+    /// Keeps conversation sessions under `limits` as instance `instance` of a model whose handle
+    /// routes turns through `affinity`.
+    pub fn with_sessions(mut self, limits: SessionLimits, affinity: Affinity, instance: usize) -> Engine {
+        let limits = SessionLimits {
+            max_session_tokens: limits.max_session_tokens.min(self.rules.context_limit.saturating_sub(1)),
+            ..limits
+        };
+        self.sessions = Sessions::new(limits, affinity, instance, self.stats.clone());
+        self
+    }
+
+    /// The sessions kept on this instance.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// The sessions kept on this instance, and the decoder holding their K/V (export, import).
+    pub fn sessions_mut(&mut self) -> (&mut Sessions, &mut dyn DecoderInstance, &BlockPool) {
+        (&mut self.sessions, self.decoder.as_mut(), &self.pool)
     }
 
     /// Most positions a sequence can hold here (context limit, or the whole K/V pool if smaller).
@@ -134,29 +159,55 @@ impl Engine {
     /// Queues a request. A prompt that can never fit (empty, or longer than the context limit) is
     /// answered with an error at once.
     pub fn add(&mut self, req: GenerateRequest) {
+        let new_tokens = req.prompt.len();
+        let mut seq = match self.sessions.begin(req) {
+            Ok(Some(seq)) => seq,
+            Ok(None) => return self.publish(),
+            Err((updates, error)) => {
+                let _ = updates.send(Err(error));
+                self.left_queue += 1;
+                return self.publish();
+            }
+        };
         let limit = self.rules.context_limit;
-        let refuse = if req.prompt.is_empty() {
+        let what = if seq.session.is_some() { "the session's tokens plus this turn's input" } else { "the prompt" };
+        let vocab = self.decoder.shape().vocab as u32;
+        let refuse = if seq.tokens.is_empty() {
             Some("the prompt is empty: send at least one token".to_string())
-        } else if req.prompt.len() >= limit {
+        } else if seq.tokens.len() >= limit {
             Some(format!(
-                "the prompt has {} tokens; this model holds at most {limit} positions (prompt plus generated tokens); shorten the prompt",
-                req.prompt.len()
+                "{what} come to {} tokens; this model holds at most {limit} positions (prompt plus generated tokens); shorten it",
+                seq.tokens.len()
             ))
         } else {
-            let vocab = self.decoder.shape().vocab as u32;
-            req.prompt
+            seq.tokens[seq.tokens.len() - new_tokens..]
                 .iter()
                 .find(|&&t| t >= vocab)
                 .map(|t| format!("token id {t} is outside the vocabulary (0..{vocab})"))
         };
         if let Some(reason) = refuse {
-            let _ = req.updates.send(Err(GenerationError::TooLarge { reason }));
+            let _ = seq.updates.send(Err(GenerationError::TooLarge { reason }));
             self.left_queue += 1;
+            seq.started = true;
+            self.retire(seq, false);
+            return self.publish();
+        }
+        self.stats.prompt_tokens.fetch_add(seq.tokens.len() as u64, Relaxed);
+        self.waiting.push_back(seq);
+        self.publish();
+    }
+
+    /// A sequence leaves the engine: a session turn gives its tokens and blocks back to its session
+    /// (`keep`: what it generated is kept; otherwise the session is left as it was before the turn),
+    /// and the session's next queued turn, if any, is added.
+    fn retire(&mut self, mut seq: Sequence, keep: bool) {
+        if seq.session.is_none() {
             return;
         }
-        self.stats.prompt_tokens.fetch_add(req.prompt.len() as u64, Relaxed);
-        self.waiting.push_back(Sequence::new(req));
-        self.publish();
+        let next = if keep { self.sessions.finish(&mut seq) } else { self.sessions.abort(&mut seq) };
+        if let Some(next) = next {
+            self.add(next);
+        }
     }
 
     /// Ends every sequence with `error` (the instance is leaving service).
@@ -165,6 +216,9 @@ impl Engine {
             self.left_queue += usize::from(!s.started);
             let _ = s.updates.send(Err(error.clone()));
         }
+        let pending: usize = self.sessions.iter().map(|(_, s)| s.pending.len()).sum();
+        self.left_queue += pending;
+        self.sessions.fail_all(&error);
         self.publish();
     }
 
@@ -188,6 +242,7 @@ impl Engine {
             for &i in failed.iter().rev() {
                 let s = self.running.remove(i);
                 let _ = s.updates.send(Err(GenerationError::Backend(e.clone())));
+                self.retire(s, true);
             }
             self.publish();
             return Err(e.clone());
@@ -195,23 +250,32 @@ impl Engine {
         report.tokens = plan.iter().map(|&(_, n)| n).sum();
         report.sequences = plan.len();
         self.stats.steps.fetch_add(1, Relaxed);
-        self.running.retain(|s| !s.done);
+        let (done, running): (Vec<Sequence>, Vec<Sequence>) =
+            std::mem::take(&mut self.running).into_iter().partition(|s| s.done);
+        self.running = running;
+        for s in done {
+            self.retire(s, true);
+        }
         self.publish();
         Ok(report)
     }
 
     fn drop_cancelled(&mut self) {
-        let before = self.running.len() + self.waiting.len();
-        self.running.retain(|s| !s.cancelled());
-        let mut left = 0;
-        self.waiting.retain(|s| {
-            let keep = !s.cancelled();
-            left += usize::from(!keep && !s.started);
-            keep
-        });
-        self.left_queue += left;
-        let gone = before - self.running.len() - self.waiting.len();
-        self.stats.cancelled.fetch_add(gone as u64, Relaxed);
+        let (gone, running): (Vec<Sequence>, Vec<Sequence>) =
+            std::mem::take(&mut self.running).into_iter().partition(|s| s.cancelled());
+        self.running = running;
+        let (gone_waiting, waiting): (Vec<Sequence>, Vec<Sequence>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|s| s.cancelled());
+        self.waiting = waiting.into();
+        self.stats.cancelled.fetch_add((gone.len() + gone_waiting.len()) as u64, Relaxed);
+        for s in gone {
+            self.retire(s, true);
+        }
+        for s in gone_waiting {
+            self.left_queue += usize::from(!s.started);
+            let keep = s.started;
+            self.retire(s, keep);
+        }
     }
 
     /// Gives running sequences their tokens for this step, preempting the newest when blocks run out.
@@ -244,6 +308,9 @@ impl Engine {
                         i += 1;
                         break;
                     }
+                    Err(e) if self.sessions.release_idle(e.needed, &self.pool) > 0 => {
+                        // Idle sessions gave blocks back; try again.
+                    }
                     Err(_) if self.running.len() > i + 1 => {
                         // Preempt the most recently admitted sequence (the last one).
                         if let Some(mut victim) = self.running.pop() {
@@ -271,6 +338,7 @@ impl Engine {
                                 s.tokens.len()
                             ),
                         }));
+                        self.retire(s, true);
                         break;
                     }
                 }
@@ -283,34 +351,61 @@ impl Engine {
     /// prompt are free (so admitting never forces a preemption).
     fn admit_waiting(&mut self, budget: &mut usize, plan: &mut Vec<(usize, usize)>) {
         while *budget > 0 && self.running.len() < self.limits.max_running {
-            let Some(s) = self.waiting.front() else { break };
-            let mut table = self.pool.lookup_prefix(&s.tokens);
-            let cached = table.len();
-            let needed = table.blocks_needed(s.tokens.len());
+            let Some(s) = self.waiting.front_mut() else { break };
+            // A session turn brings its kept blocks; anything else looks for cached prefix blocks.
+            let (mut table, cached) = match s.table.take() {
+                Some(t) => (t, s.computed),
+                None => {
+                    let t = self.pool.lookup_prefix(&s.tokens);
+                    let len = t.len();
+                    (t, len)
+                }
+            };
+            let positions = s.tokens.len();
+            let needed = table.blocks_needed(positions);
+            if needed > self.pool.available() {
+                self.sessions.release_idle(needed, &self.pool);
+            }
+            if needed > self.pool.available() && self.running.is_empty() && plan.is_empty() {
+                // Blocks held by turns still waiting behind this one go back (they recompute).
+                for w in self.waiting.iter_mut().skip(1) {
+                    w.table = None;
+                    w.computed = 0;
+                }
+            }
             if needed > self.pool.available() {
                 if self.running.is_empty() && plan.is_empty() {
                     // Cannot happen for prompts within the context limit; refuse rather than stall.
-                    if let Some(s) = self.waiting.pop_front() {
+                    drop(table);
+                    if let Some(mut s) = self.waiting.pop_front() {
                         self.left_queue += usize::from(!s.started);
                         let _ = s.updates.send(Err(GenerationError::TooLarge {
                             reason: format!(
-                                "{} positions need {needed} K/V blocks and the cache has {}; raise --kv-cache-memory",
-                                s.tokens.len(),
+                                "{positions} positions need {needed} K/V blocks and the cache has {}; raise --kv-cache-memory",
                                 self.pool.num_blocks()
                             ),
                         }));
+                        s.started = true;
+                        self.retire(s, false);
                     }
                     continue;
                 }
+                if let Some(s) = self.waiting.front_mut() {
+                    s.table = Some(table);
+                }
                 break;
             }
-            let n = (s.tokens.len() - cached).min(*budget);
+            let n = (positions - cached).min(*budget);
             if table.grow(cached + n).is_err() {
+                if let Some(s) = self.waiting.front_mut() {
+                    s.table = Some(table);
+                }
                 break;
             }
             let Some(mut s) = self.waiting.pop_front() else { break };
-            if s.preemptions == 0 {
+            if s.preemptions == 0 && !s.started {
                 self.stats.prefix_cached_tokens.fetch_add(cached as u64, Relaxed);
+                s.reused = cached;
             }
             self.left_queue += usize::from(!s.started);
             s.started = true;
@@ -396,8 +491,12 @@ impl Engine {
             self.running.len() as u64,
             self.waiting.len() as u64,
             (self.pool.num_blocks() - self.pool.available()) as u64,
+            self.sessions.len() as u64,
+            self.sessions.resident() as u64,
         ];
-        let gauges: [&AtomicU64; 3] = [&self.stats.running, &self.stats.waiting, &self.stats.kv_blocks_used];
+        let st = &self.stats;
+        let gauges: [&AtomicU64; 5] =
+            [&st.running, &st.waiting, &st.kv_blocks_used, &st.sessions_open, &st.sessions_resident];
         for ((g, &new), old) in gauges.iter().zip(&now).zip(self.published.iter_mut()) {
             if new >= *old {
                 g.fetch_add(new - *old, Relaxed);

@@ -150,7 +150,7 @@ fn engine(blocks: usize, block_size: usize, limits: StepLimits) -> (Engine, Arc<
 
 fn request(prompt: Vec<u32>, params: SamplingParams, seed: u64) -> (GenerateRequest, UpdateReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let req = GenerateRequest { prompt, params, seed, updates: tx, arrived: Instant::now() };
+    let req = GenerateRequest { prompt, params, seed, updates: tx, arrived: Instant::now(), session: None };
     (req, rx)
 }
 
@@ -347,7 +347,13 @@ fn the_handle_serves_requests_on_instance_threads_and_bounds_its_queue() {
     complete_config(&mut cfg);
     let mut spec = ModelSpec::from_config(&cfg, "test").unwrap();
     spec.dynamic.max_queue_size = 2;
-    let setup = GenerativeSetup { limits: StepLimits::default(), eos: vec![EOS], defaults: SamplingParams::default() };
+    let setup = GenerativeSetup {
+        limits: StepLimits::default(),
+        eos: vec![EOS],
+        defaults: SamplingParams::default(),
+        sessions: Default::default(),
+        version: 1,
+    };
     let decoders: Vec<Box<dyn DecoderInstance>> =
         vec![Box::new(FakeDecoder::new(64, 4, 4096)), Box::new(FakeDecoder::new(64, 4, 4096))];
     let batcher = Batcher::start_generative(Arc::new(spec), setup, decoders, Arc::new(ByteTokenizer)).unwrap();

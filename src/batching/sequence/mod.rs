@@ -14,6 +14,10 @@
 mod actor;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_busy;
+#[cfg(test)]
+mod tests_store;
 mod worker;
 
 use std::sync::Arc;
@@ -43,6 +47,8 @@ pub enum ClosedReason {
     RestoreFailed,
     /// Its instance failed and was taken out of service.
     InstanceFailed,
+    /// It was spilled, and the store file holding it was found damaged and moved aside.
+    StoreDamaged,
 }
 
 impl ClosedReason {
@@ -60,6 +66,9 @@ impl ClosedReason {
             }
             ClosedReason::InstanceFailed => {
                 "was lost: its instance failed and was taken out of service; start it again with sequence_start"
+            }
+            ClosedReason::StoreDamaged => {
+                "was lost: the session store file holding it was damaged and moved aside; start it again with sequence_start"
             }
         }
     }
@@ -80,11 +89,30 @@ pub(crate) enum StepOutcome {
 #[derive(Debug)]
 pub(crate) enum Command {
     Submit(SequenceRequest),
-    Done { instance: usize, outcomes: Vec<(SequenceId, StepOutcome)>, usable: bool },
+    Done {
+        instance: usize,
+        outcomes: Vec<(SequenceId, StepOutcome)>,
+        usable: bool,
+    },
     List(oneshot::Sender<Vec<SessionInfo>>),
-    Export { id: SequenceId, reply: oneshot::Sender<Result<SessionBlob, BatchingError>> },
-    Import { blob: SessionBlob, reply: oneshot::Sender<Result<SessionInfo, BatchingError>> },
+    Export {
+        id: SequenceId,
+        reply: oneshot::Sender<Result<SessionBlob, BatchingError>>,
+    },
+    Import {
+        blob: SessionBlob,
+        reply: oneshot::Sender<Result<SessionInfo, BatchingError>>,
+    },
+    /// A session's state, read behind its instance's work for a spill or an export.
+    StateRead {
+        id: SequenceId,
+        state: Result<Vec<crate::tensor::Tensor>, crate::backend::BackendError>,
+    },
     BeginDrain(oneshot::Sender<()>),
+    /// A reload: the replaced version may still hold sessions; wait for [`Command::Handover`].
+    AwaitHandover,
+    /// The replaced version drained into the store: take its sessions over.
+    Handover(oneshot::Sender<()>),
     Drain(oneshot::Sender<()>),
 }
 
@@ -137,21 +165,6 @@ pub struct SequenceSetup {
     pub store: Option<Arc<SessionStore>>,
     /// Slots per instance.
     pub slots: usize,
-}
-
-/// Starts a sequence model version on the CPU over its built-in stateful kernel, with the
-/// configured instance count and the slots per instance its strategy gives.
-pub fn start_cpu(
-    spec: Arc<ModelSpec>,
-    seq: Arc<SequenceSpec>,
-    version: i64,
-    store: Option<Arc<SessionStore>>,
-) -> Result<super::Batcher, String> {
-    let count = spec.instance_count.unwrap_or(1).max(1);
-    let slots = seq.slots_per_instance(spec.max_batch_size, count);
-    let instances = crate::backend::cpu::stateful::create_cpu_instances(&spec, &seq, slots, count)?;
-    let setup = SequenceSetup { spec, seq, version, store, slots };
-    super::Batcher::start_sequence(setup, instances).map_err(|e| e.to_string())
 }
 
 /// The handle's end of a sequence model's actor.
@@ -237,6 +250,16 @@ impl SequenceSessions {
     /// Continues a session exported by a worker serving the same model version.
     pub(crate) async fn import(&self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
         self.ask(|reply| Command::Import { blob, reply }).await?
+    }
+
+    /// See [`super::Batcher::await_handover`].
+    pub(crate) fn await_handover(&self) {
+        let _ = self.tx.send(Command::AwaitHandover);
+    }
+
+    /// See [`super::Batcher::take_handover`].
+    pub(crate) async fn take_handover(&self) {
+        let _ = self.ask(Command::Handover).await;
     }
 
     /// The worker started draining: stop expiring sequences and save sessions to the store as

@@ -59,15 +59,15 @@ impl StatefulInstance for Flaky {
     }
 }
 
-struct Rig {
-    handle: Batcher,
+pub(super) struct Rig {
+    pub(super) handle: Batcher,
     /// Per instance: execution mode and state-write failure switch.
     exec: Vec<Arc<AtomicU8>>,
     fail_write: Vec<Arc<AtomicBool>>,
 }
 
 /// `accumulate` with `count` instances of `slots` slots each.
-fn rig(count: usize, slots: usize, store: Option<Arc<SessionStore>>) -> Rig {
+pub(super) fn rig(count: usize, slots: usize, store: Option<Arc<SessionStore>>) -> Rig {
     let cfg = parse_model_config(ACCUMULATE_CONFIG, "t").unwrap_or_else(|e| panic!("{e}"));
     let spec = Arc::new(ModelSpec::from_config(&cfg, "t").unwrap_or_else(|e| panic!("{e}")));
     let seq = SequenceSpec::from_config(&cfg, "t", None).ok().flatten().unwrap_or_else(|| panic!("no sequence spec"));
@@ -90,7 +90,7 @@ fn rig(count: usize, slots: usize, store: Option<Arc<SessionStore>>) -> Rig {
     Rig { handle, exec, fail_write }
 }
 
-async fn step(h: &Batcher, id: u64, v: i32, start: bool, end: bool) -> Result<i32, BatchingError> {
+pub(super) async fn step(h: &Batcher, id: u64, v: i32, start: bool, end: bool) -> Result<i32, BatchingError> {
     let (tx, rx) = oneshot::channel();
     h.submit(InferRequest {
         inputs: vec![RequestInput { shape: vec![1, 1], data: bytes::Bytes::from(v.to_le_bytes().to_vec()) }],
@@ -116,23 +116,30 @@ fn acc_blob(id: u64, sum: i32, steps: u64) -> SessionBlob {
     }
 }
 
-async fn steps_of(h: &Batcher, id: u64) -> Option<u64> {
+/// A session store in a temporary folder whose writes fail while the switch is on.
+pub(super) fn fault_store() -> (Arc<SessionStore>, crate::sessions::WriteFault, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (store, fault) = SessionStore::open_with_write_fault(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    (Arc::new(store), fault, dir)
+}
+
+pub(super) async fn steps_of(h: &Batcher, id: u64) -> Option<u64> {
     h.list_sessions().await.into_iter().find(|s| s.id == SequenceId::Uint(id)).map(|s| s.steps)
 }
 
 #[tokio::test]
 async fn a_failed_spill_keeps_the_pending_restore_of_the_session() {
-    let (store, fault) = SessionStore::in_memory_with_write_fault();
-    let r = rig(1, 1, Some(Arc::new(store)));
+    let (store, fault, _dir) = fault_store();
+    let r = rig(1, 1, Some(store));
     // Sequence 1 leaves 50 in the only slot.
     assert_eq!(step(&r.handle, 1, 50, true, true).await.ok(), Some(50));
     // Session 2 (sum 100) is imported into that slot; its state waits to be written there.
     r.handle.import_session(acc_blob(2, 100, 3)).await.unwrap_or_else(|e| panic!("import: {e}"));
     // Starting sequence 3 must spill session 2, but the store cannot be written.
-    fault.store(true, Ordering::Release);
+    fault.set(true);
     let e = step(&r.handle, 3, 1, true, false).await.expect_err("spill fails");
-    assert!(matches!(e, BatchingError::Store(_)), "{e}");
-    fault.store(false, Ordering::Release);
+    assert!(matches!(e, BatchingError::SlotsExhausted { .. }), "{e}");
+    fault.set(false);
     // Session 2 continues from its own state, not from the slot's previous occupant.
     assert_eq!(step(&r.handle, 2, 1, false, false).await.ok(), Some(101));
     assert_eq!(steps_of(&r.handle, 2).await, Some(4));
@@ -249,7 +256,7 @@ async fn import_refuses_unreachable_ids_and_step_counts_do_not_wrap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spilled_sessions_report_how_long_they_are_idle() {
-    let store = Arc::new(SessionStore::in_memory_with_write_fault().0);
+    let (store, _fault, _dir) = fault_store();
     let r = rig(1, 1, Some(store));
     assert_eq!(step(&r.handle, 1, 5, true, false).await.ok(), Some(5));
     let t = Instant::now();

@@ -36,6 +36,9 @@ pub(crate) enum Job {
     Execute(Vec<StepJob>, Instant),
     /// Read a slot's state.
     Read { slot: usize, reply: std::sync::mpsc::Sender<Result<Vec<Tensor>, BackendError>> },
+    /// Read a slot's state and send it to the actor as [`Command::StateRead`] (queued behind
+    /// the batch this instance is executing, so the actor does not wait for it).
+    ReadFor { slot: usize, id: SequenceId },
 }
 
 /// Starts the thread owning `instance`; it reports each finished batch to the actor.
@@ -56,6 +59,10 @@ pub(crate) fn spawn(
             match job {
                 Job::Read { slot, reply } => {
                     let _ = reply.send(protocol::guarded(&label, || instance.read_state(slot)));
+                }
+                Job::ReadFor { slot, id } => {
+                    let state = protocol::guarded(&label, || instance.read_state(slot));
+                    let _ = done.send(Command::StateRead { id, state });
                 }
                 Job::Execute(steps, dispatched) => {
                     let batch = Batch { model: &model, label: &label, stats: &stats, index };

@@ -16,15 +16,8 @@ pub async fn check(State(token): State<Option<Arc<str>>>, req: Request, next: Ne
     if req.uri().path().starts_with("/v2/health/") {
         return next.run(req).await;
     }
-    let got =
-        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let err = match got {
-        Some(t) if constant_time_eq::constant_time_eq(t.as_bytes(), expected.as_bytes()) => return next.run(req).await,
-        Some(_) => HttpError::new(StatusCode::UNAUTHORIZED, "invalid bearer token"),
-        None => HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing 'Authorization: Bearer <token>' header; this worker requires a token",
-        ),
-    };
+    let got = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let Some(why) = crate::server::bearer::refusal(got, &expected) else { return next.run(req).await };
+    let err = HttpError::new(StatusCode::UNAUTHORIZED, why);
     if req.uri().path().starts_with("/v1/") { err.into_openai() } else { err.into_response() }
 }

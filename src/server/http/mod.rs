@@ -15,7 +15,7 @@ mod openai;
 mod params;
 mod proto_json;
 pub(crate) mod tensor_json;
-mod tls;
+pub(crate) mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

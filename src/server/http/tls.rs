@@ -43,8 +43,15 @@ pub fn acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Tls
         }
         None => builder.with_no_client_auth(),
     };
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err(key, e))?;
-    let mut config = builder.with_single_cert(certs(cert)?, key).map_err(|e| err(cert, e))?;
+    let chain = certs(cert)?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| err(key, format!("no usable PEM private key: {e}")))?;
+    let mut config = builder.with_single_cert(chain, key_der).map_err(|e| {
+        ServeError::Tls(format!(
+            "certificate {} with key {}: {e}; the key must be the certificate's own private key",
+            cert.display(),
+            key.display()
+        ))
+    })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -53,6 +53,7 @@ impl StatefulInstance for CpuSequenceInstance {
             })?;
             taken.push(if s.start { self.initial.clone() } else { std::mem::take(st) });
         }
+        let before = taken.clone();
         let mut ksteps: Vec<KernelStep<'_>> = steps
             .iter()
             .zip(taken.iter_mut())
@@ -60,8 +61,9 @@ impl StatefulInstance for CpuSequenceInstance {
             .collect();
         let result = self.kernel.run(&mut ksteps);
         drop(ksteps);
-        // The state is written back even when the kernel failed part-way, so a slot is never
-        // left empty; a failed step leaves its sequence's state as the kernel left it.
+        // A failed batch leaves every slot as it was before it (a START's slot reset), so a
+        // retried request applies its step once; the state is small, the copy is cheap.
+        let taken = if result.is_ok() { taken } else { before };
         for (s, state) in steps.iter().zip(taken) {
             if let Some(slot) = self.states.get_mut(s.slot) {
                 *slot = state;
@@ -86,23 +88,22 @@ impl StatefulInstance for CpuSequenceInstance {
     }
 }
 
-/// Creates CPU instances for a built-in stateful model: `count` instances of `slots` slots each.
+/// Creates CPU instances for a built-in stateful model: `count` instances of `slots` slots each;
+/// `None` when the CPU backend has no stateful kernel for `spec`'s model (built-ins: accumulate, gru).
 pub fn create_cpu_instances(
     spec: &ModelSpec,
     seq: &SequenceSpec,
     slots: usize,
     count: usize,
-) -> Result<Vec<Box<dyn StatefulInstance>>, String> {
-    let kernel = builtin_kernel(&spec.name).ok_or_else(|| {
-        format!(
-            "model '{}': the CPU backend has no stateful kernel for it (built-in stateful models: accumulate, gru)",
-            spec.name
-        )
-    })?;
+) -> Option<Vec<Box<dyn StatefulInstance>>> {
+    let kernel = builtin_kernel(&spec.name)?;
     let initial = seq.states.iter().map(|s| s.initial.clone()).collect::<Vec<_>>();
-    Ok((0..count)
-        .map(|i| {
-            Box::new(CpuSequenceInstance::new(kernel.clone(), initial.clone(), slots, i)) as Box<dyn StatefulInstance>
-        })
-        .collect())
+    Some(
+        (0..count)
+            .map(|i| {
+                Box::new(CpuSequenceInstance::new(kernel.clone(), initial.clone(), slots, i))
+                    as Box<dyn StatefulInstance>
+            })
+            .collect(),
+    )
 }

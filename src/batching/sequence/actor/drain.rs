@@ -16,21 +16,32 @@ impl Actor {
         }
         self.draining = true;
         // A session that has not run a step yet (its START is queued) has no state of its own.
-        let idle: Vec<SequenceId> =
-            self.live.iter().filter(|(_, l)| !l.in_flight && l.steps > 0).map(|(id, _)| id.clone()).collect();
+        // Sessions on a busy instance are saved when its batch ends (reading them now would wait).
+        let idle: Vec<SequenceId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| !l.in_flight && !l.moving && l.steps > 0 && !self.busy[l.instance])
+            .map(|(id, _)| id.clone())
+            .collect();
         let n = self.save(idle);
         if n > 0 {
             tracing::info!(model = %self.model(), sessions = n, "draining: idle sessions saved to the session store");
         }
     }
 
-    /// While draining, saves the sessions of a finished batch (those still live and idle).
-    pub(super) fn save_while_draining(&mut self, ids: Vec<SequenceId>) {
+    /// While draining, saves the sessions of an instance whose batch just finished (those idle
+    /// whose last step the store does not hold yet).
+    pub(super) fn save_while_draining(&mut self, instance: usize) {
         if !self.draining {
             return;
         }
-        let idle =
-            ids.into_iter().filter(|id| self.live.get(id).is_some_and(|l| !l.in_flight && l.steps > 0)).collect();
+        let idle = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.instance == instance && !l.in_flight && !l.moving && l.steps > 0)
+            .filter(|(_, l)| l.saved != Some(l.steps))
+            .map(|(id, _)| id.clone())
+            .collect();
         self.save(idle);
     }
 
@@ -62,29 +73,58 @@ impl Actor {
         let Some(store) = self.store.clone() else { return 0 };
         let blobs = self.blobs(ids, "while draining");
         match store.put_all(&blobs) {
-            Ok(()) => blobs.len(),
+            Ok(()) => {
+                self.mark_saved(&blobs);
+                blobs.len()
+            }
             Err(e) => {
-                tracing::error!(model = %self.model(), sessions = blobs.len(), error = %e, "cannot save sessions to the session store while draining");
+                self.shared.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(model = %self.model(), sessions = blobs.len(), error = %e, "cannot save sessions to the session store while draining; tried again at the end of the drain");
                 0
             }
         }
     }
 
+    fn mark_saved(&mut self, blobs: &[SessionBlob]) {
+        for b in blobs {
+            if let Some(l) = self.live.get_mut(&b.id) {
+                l.saved = Some(b.steps);
+            }
+        }
+    }
+
+    /// Writes every live session the store does not hold at its last step (twice if the first
+    /// write fails: the store re-opens after an I/O error); those that cannot be written are
+    /// counted as lost, on the model and on the store (the worker then exits non-zero).
     pub(super) fn finish_drain(&mut self) {
         if let Some(store) = self.store.clone() {
-            let ids: Vec<SequenceId> = self.live.keys().cloned().collect();
+            let ids: Vec<SequenceId> =
+                self.live.iter().filter(|(_, l)| l.saved != Some(l.steps)).map(|(id, _)| id.clone()).collect();
+            let unreadable = ids.len();
             let blobs = self.blobs(ids, "at drain");
+            let unreadable = (unreadable - blobs.len()) as u64;
             let n = blobs.len();
-            match store.put_all(&blobs) {
+            let written = store.put_all(&blobs).or_else(|e| {
+                tracing::warn!(model = %self.model(), sessions = n, error = %e, "cannot write live sessions to the session store; trying once more");
+                store.put_all(&blobs)
+            });
+            let lost = match written {
                 Ok(()) => {
                     if n > 0 {
                         tracing::info!(model = %self.model(), sessions = n, path = %store.path().display(), "live sessions written to the session store");
                     }
                     self.shared.counters.spilled.fetch_add(n as u64, Ordering::Relaxed);
+                    unreadable
                 }
                 Err(e) => {
-                    tracing::error!(model = %self.model(), sessions = n, error = %e, "cannot write live sessions to the session store; they are lost")
+                    self.shared.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(model = %self.model(), sessions = n, error = %e, "cannot write live sessions to the session store; they are lost");
+                    unreadable + n as u64
                 }
+            };
+            if lost > 0 {
+                self.shared.counters.lost.fetch_add(lost, Ordering::Relaxed);
+                store.record_lost(lost);
             }
         } else if !self.live.is_empty() {
             tracing::info!(model = %self.model(), sessions = self.live.len(), "live sessions dropped at drain (no --session-store)");

@@ -22,7 +22,13 @@ use crate::tensor::{DataType, Tensor};
 
 mod controls;
 mod drain;
+mod handover;
 mod moves;
+mod pending;
+mod slots;
+
+use pending::{Move, Parked};
+use slots::Alloc;
 
 /// Ids of closed sequences remembered, so a late request learns why its sequence is gone.
 const REMEMBER_CLOSED: usize = 65_536;
@@ -50,6 +56,10 @@ struct Live {
     start_after: bool,
     /// State to write into the slot before its next step (restored or imported sessions).
     restore: Option<Vec<Tensor>>,
+    /// While draining: the step count at which the store last received this session.
+    saved: Option<u64>,
+    /// Its state is being read behind its instance's work, for a spill or an export.
+    moving: bool,
 }
 
 struct Actor {
@@ -66,6 +76,41 @@ struct Actor {
     drain: Vec<tokio::sync::oneshot::Sender<()>>,
     /// The worker or the model is draining: sequences no longer expire and sessions are saved.
     draining: bool,
+    /// The store's epoch when `spilled` was listed (a damaged file moved aside changes it).
+    store_epoch: u64,
+    /// Moves waiting for the state of a session whose instance is busy.
+    moving: HashMap<SequenceId, Move>,
+    /// Requests waiting for a slot that a spill in flight frees.
+    parked: VecDeque<Parked>,
+    /// Spills waiting for their session's state.
+    spills_in_flight: usize,
+    /// A reload is under way: the replaced version may still hold sessions this one does not know.
+    awaiting_handover: bool,
+}
+
+/// The sessions the store holds for this model version. A store that cannot be read is logged
+/// and the model serves without them (they stay in the store); skipped entries are counted.
+fn stored_sessions(shared: &Shared, store: &SessionStore) -> HashMap<SequenceId, (u64, Instant)> {
+    let model = &shared.adm.spec.name;
+    let (found, skipped) = match store.list(model, shared.version) {
+        Ok(l) => l,
+        Err(e) => {
+            shared.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(model = %model, error = %e, "cannot list the sessions in the session store; the model serves without them");
+            return HashMap::new();
+        }
+    };
+    for s in skipped {
+        tracing::warn!(model = %model, problem = %s, "session store entry skipped");
+        shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+    }
+    let now = Instant::now();
+    let spilled: HashMap<SequenceId, (u64, Instant)> = found.into_iter().map(|s| (s.id, (s.steps, now))).collect();
+    shared.counters.spilled_now.store(spilled.len() as u64, Ordering::Relaxed);
+    if !spilled.is_empty() {
+        tracing::info!(model = %model, sessions = spilled.len(), "sessions found in the session store; they continue on their next request");
+    }
+    spilled
 }
 
 pub(super) fn spawn(
@@ -85,19 +130,10 @@ pub(super) fn spawn(
         senders.push(Some(s));
     }
     let mut spilled = HashMap::new();
+    let mut store_epoch = 0;
     if let Some(store) = &setup.store {
-        let (found, skipped) = store.list(&model, setup.version)?;
-        for s in skipped {
-            tracing::warn!(model = %model, problem = %s, "session store entry skipped");
-            shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
-        }
-        for s in found {
-            spilled.insert(s.id, (s.steps, Instant::now()));
-        }
-        shared.counters.spilled_now.store(spilled.len() as u64, Ordering::Relaxed);
-        if !spilled.is_empty() {
-            tracing::info!(model = %model, sessions = spilled.len(), "sessions found in the session store; they continue on their next request");
-        }
+        store_epoch = store.epoch();
+        spilled = stored_sessions(&shared, store);
     }
     let actor = Actor {
         store: setup.store,
@@ -110,11 +146,25 @@ pub(super) fn spawn(
         closed_order: VecDeque::new(),
         drain: Vec::new(),
         draining: false,
+        store_epoch,
+        moving: HashMap::new(),
+        parked: VecDeque::new(),
+        spills_in_flight: 0,
+        awaiting_handover: false,
         shared,
     };
     std::thread::Builder::new()
         .name(format!("{model}-sequences"))
-        .spawn(move || actor.run(rx))
+        .spawn(move || {
+            let adm = actor.shared.adm.clone();
+            // The session table's only owner: if it dies, the model cannot serve, so it must not
+            // say it is ready (the panic itself is logged by the panic hook).
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || actor.run(rx))).is_err() {
+                tracing::error!(model = %adm.spec.name, "the sequence batcher failed; the model is not ready until it is reloaded");
+                adm.close("the model's sequence batcher failed; reload the model (RepositoryModelLoad) or restart the worker");
+                adm.set_in_service(0);
+            }
+        })
         .map_err(|e| BatchingError::Unavailable { model, reason: format!("cannot start the sequence batcher: {e}") })?;
     Ok(tx)
 }
@@ -152,7 +202,12 @@ impl Actor {
             if let Some(e) = self.next_expiry() {
                 wake = Some(wake.map_or(e, |w| w.min(e)));
             }
-            if !self.drain.is_empty() && self.live.values().all(|l| !l.in_flight && l.queue.is_empty()) {
+            if !self.drain.is_empty()
+                && self.moving.is_empty()
+                && !self.awaiting_handover
+                && self.parked.is_empty()
+                && self.live.values().all(|l| !l.in_flight && l.queue.is_empty())
+            {
                 self.finish_drain();
                 break;
             }
@@ -160,17 +215,20 @@ impl Actor {
     }
 
     fn handle(&mut self, cmd: Command) {
+        self.check_store_epoch();
         match cmd {
             Command::Submit(req) => self.submit(req),
             Command::Done { instance, outcomes, usable } => self.done(instance, outcomes, usable),
             Command::List(reply) => {
                 let _ = reply.send(self.list());
             }
-            Command::Export { id, reply } => {
-                let _ = reply.send(self.export(id));
-            }
-            Command::Import { blob, reply } => {
-                let _ = reply.send(self.import(blob));
+            Command::Export { id, reply } => self.export(id, reply),
+            Command::Import { blob, reply } => self.import(blob, reply),
+            Command::StateRead { id, state } => self.state_read(id, state),
+            Command::AwaitHandover => self.await_handover(),
+            Command::Handover(done) => {
+                self.take_handover();
+                let _ = done.send(());
             }
             Command::BeginDrain(done) => {
                 self.begin_drain();
@@ -219,9 +277,15 @@ impl Actor {
             l.queue.push_back(req);
             return;
         }
-        // An id absent from the index may still be in the store (written by the previous
-        // instance of this model at a reload, after this one listed the store).
-        let spilled = self.spilled.contains_key(&req.id) || (!req.start && self.in_store(&req.id));
+        // A request behind a parked one of its sequence waits with it, in order.
+        if self.is_parked(&req.id) {
+            return self.park(Parked::Submit(req));
+        }
+        let spilled = self.spilled.contains_key(&req.id);
+        // During a reload the replaced version may still hold it: wait for the handover.
+        if !req.start && !spilled && self.awaiting_handover {
+            return self.park(Parked::Submit(req));
+        }
         if !req.start && !spilled {
             let why = self.closed.get(&req.id).map_or(
                 "was never started on this worker: its first request must set sequence_start (or import the session)",
@@ -231,7 +295,8 @@ impl Actor {
             return self.reject(req, e);
         }
         let (inst, slot) = match self.allocate() {
-            Ok(s) => s,
+            Ok(Alloc::Slot(i, s)) => (i, s),
+            Ok(Alloc::Pending) => return self.park(Parked::Submit(req)),
             Err(e) => return self.reject(req, e),
         };
         let mut live = Live {
@@ -245,14 +310,29 @@ impl Actor {
             end_after: false,
             start_after: false,
             restore: None,
+            saved: None,
+            moving: false,
         };
         if spilled {
-            self.spilled.remove(&req.id);
-            self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
             let taken = match &self.store {
                 Some(store) => store.take(&self.shared.adm.spec.name, self.shared.version, &req.id),
                 None => Ok(None),
             };
+            if let Err(e @ StoreError::Io { .. }) = &taken {
+                // The entry is still in the store: the session stays spilled, the client retries.
+                self.free_slot(inst, slot);
+                self.shared.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+                let e = BatchingError::Unavailable {
+                    model: self.model(),
+                    reason: format!(
+                        "sequence {} is in the session store, which cannot be written now ({e}); it is kept there: retry later",
+                        req.id
+                    ),
+                };
+                return self.reject(req, e);
+            }
+            let since = self.spilled.remove(&req.id);
+            self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
             let restored = taken.map_err(BatchingError::from).and_then(|b| match b {
                 Some(b) => self.check_state(&b.state).map(|()| Some(b)),
                 None => Ok(None),
@@ -266,16 +346,23 @@ impl Actor {
                 }
                 (Ok(None), false) => {
                     self.free_slot(inst, slot);
+                    if since.is_some() {
+                        self.shared.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    }
                     let e = BatchingError::NotLive {
                         model: self.model(),
                         id: req.id.clone(),
-                        why: "was spilled, but its entry is gone from the session store".into(),
+                        why: "was spilled, but its entry is gone from the session store (the store file was damaged and replaced, or removed); start it again with sequence_start".into(),
                     };
                     return self.reject(req, e);
                 }
                 (Err(e), false) => {
                     self.free_slot(inst, slot);
-                    if matches!(e, BatchingError::Store(StoreError::Corrupt { .. }) | BatchingError::BadBlob { .. }) {
+                    if matches!(
+                        e,
+                        BatchingError::Store(StoreError::Corrupt { .. } | StoreError::Damaged { .. })
+                            | BatchingError::BadBlob { .. }
+                    ) {
                         self.shared.counters.corrupt.fetch_add(1, Ordering::Relaxed);
                     }
                     tracing::warn!(model = %self.model(), id = %req.id, error = %e, "cannot restore a spilled session");
@@ -289,14 +376,6 @@ impl Actor {
             self.live.insert(id, live);
         }
         self.shared.counters.live.store(self.live.len() as u64, Ordering::Relaxed);
-    }
-
-    fn in_store(&self, id: &SequenceId) -> bool {
-        let Some(store) = &self.store else { return false };
-        store.contains(&self.shared.adm.spec.name, self.shared.version, id).unwrap_or_else(|e| {
-            tracing::warn!(model = %self.model(), error = %e, "session store lookup failed");
-            false
-        })
     }
 
     fn check_corrid(&self, id: &SequenceId) -> Result<(), BatchingError> {
@@ -330,104 +409,6 @@ impl Actor {
         })
     }
 
-    fn free_slot(&mut self, instance: usize, slot: usize) {
-        if let Some(f) = self.free.get_mut(instance) {
-            f.push(slot);
-        }
-    }
-
-    /// A free slot on the instance with the most free slots; with a store, spills the least
-    /// recently used idle session when none is free.
-    fn allocate(&mut self) -> Result<(usize, usize), BatchingError> {
-        for attempt in 0..2 {
-            let best = (0..self.instances.len())
-                .filter(|i| self.instances[*i].is_some())
-                .max_by_key(|i| (self.free[*i].len(), std::cmp::Reverse(*i)))
-                .filter(|i| !self.free[*i].is_empty());
-            if let Some(i) = best
-                && let Some(slot) = self.free[i].pop()
-            {
-                return Ok((i, slot));
-            }
-            if attempt == 1 || self.store.is_none() {
-                break;
-            }
-            let lru = self
-                .live
-                .iter()
-                .filter(|(_, l)| !l.in_flight && l.queue.is_empty())
-                .min_by_key(|(_, l)| l.last_active)
-                .map(|(id, _)| id.clone());
-            let Some(id) = lru else {
-                return Err(BatchingError::SlotsExhausted {
-                    model: self.model(),
-                    capacity: self.shared.capacity(),
-                    hint: "; every one has a request queued or running, so none can be spilled: retry shortly".into(),
-                });
-            };
-            self.spill(&id)?;
-        }
-        Err(BatchingError::SlotsExhausted {
-            model: self.model(),
-            capacity: self.shared.capacity(),
-            hint: "; retry after sequences end or expire (max_sequence_idle_microseconds), or start the worker with --session-store to spill idle sessions".into(),
-        })
-    }
-
-    fn close(&mut self, id: &SequenceId, reason: ClosedReason) {
-        let Some(l) = self.live.remove(id) else { return };
-        self.forget_saved(id);
-        self.free_slot(l.instance, l.slot);
-        for r in l.queue {
-            let e = BatchingError::NotLive { model: self.model(), id: id.clone(), why: reason.as_str().into() };
-            self.reject(r, e);
-        }
-        self.remember_closed(id, reason);
-        let c = &self.shared.counters;
-        match reason {
-            ClosedReason::Ended => c.ended.fetch_add(1, Ordering::Relaxed),
-            ClosedReason::Expired => c.expired.fetch_add(1, Ordering::Relaxed),
-            ClosedReason::Exported | ClosedReason::RestoreFailed | ClosedReason::InstanceFailed => 0,
-        };
-        c.live.store(self.live.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Records why a sequence is gone, so its late requests learn it.
-    fn remember_closed(&mut self, id: &SequenceId, reason: ClosedReason) {
-        if self.closed.insert(id.clone(), reason).is_none() {
-            self.closed_order.push_back(id.clone());
-        }
-        while self.closed_order.len() > REMEMBER_CLOSED {
-            if let Some(old) = self.closed_order.pop_front() {
-                self.closed.remove(&old);
-            }
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let max_idle = self.shared.seq.max_idle;
-        let idle: Vec<SequenceId> = self
-            .live
-            .iter()
-            .filter(|(_, l)| {
-                !l.in_flight && l.queue.is_empty() && now.saturating_duration_since(l.last_active) >= max_idle
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in idle {
-            tracing::debug!(model = %self.model(), id = %id, "sequence expired");
-            self.close(&id, ClosedReason::Expired);
-        }
-    }
-
-    fn next_expiry(&self) -> Option<Instant> {
-        if self.draining {
-            return None;
-        }
-        let max_idle = self.shared.seq.max_idle;
-        self.live.values().filter(|l| !l.in_flight && l.queue.is_empty()).map(|l| l.last_active + max_idle).min()
-    }
-
     /// Sends a batch to every idle instance that has work; returns when to wake for a delay.
     fn dispatch(&mut self, now: Instant) -> Option<Instant> {
         let (delay, preferred) = self.shared.seq.batch_policy();
@@ -441,7 +422,7 @@ impl Actor {
             let mut ready: Vec<(Instant, SequenceId)> = self
                 .live
                 .iter()
-                .filter(|(_, l)| l.instance == inst && !l.in_flight)
+                .filter(|(_, l)| l.instance == inst && !l.in_flight && !l.moving)
                 .filter_map(|(id, l)| l.queue.front().map(|r| (r.arrived, id.clone())))
                 .collect();
             if ready.is_empty() {
@@ -526,6 +507,7 @@ impl Actor {
                 self.free_slot(l.instance, l.slot);
             }
             self.remember_closed(&id, ClosedReason::InstanceFailed);
+            self.abandon_move(&id);
         }
         if let Some(s) = self.shared.adm.stats.instances.get(inst) {
             s.in_service.store(0, Ordering::Relaxed);
@@ -543,7 +525,6 @@ impl Actor {
         if let Some(b) = self.busy.get_mut(instance) {
             *b = false;
         }
-        let stepped: Vec<SequenceId> = outcomes.iter().map(|(id, _)| id.clone()).collect();
         for (id, outcome) in outcomes {
             let Some(l) = self.live.get_mut(&id) else { continue };
             l.in_flight = false;
@@ -563,7 +544,9 @@ impl Actor {
         }
         if !usable {
             self.take_out(instance);
+            // A spill of a session lost with the instance frees nothing: parked requests look again.
+            self.retry_parked();
         }
-        self.save_while_draining(stepped);
+        self.save_while_draining(instance);
     }
 }

@@ -1,6 +1,9 @@
 //! Moving sessions out of and into the actor's session table: reading a slot's state, spilling to
 //! the store, listing, export and import.
 
+use tokio::sync::oneshot;
+
+use super::pending::{Move, Parked};
 use super::*;
 
 impl Actor {
@@ -31,13 +34,23 @@ impl Actor {
         }
     }
 
+    /// Spills an idle session whose state can be read now (its instance is idle).
     pub(super) fn spill(&mut self, id: &SequenceId) -> Result<(), BatchingError> {
+        if self.store.is_none() {
+            return Err(BatchingError::Store(StoreError::NotConfigured));
+        }
+        let (state, _) = self.copy_state(id)?;
+        self.spill_state(id, state)
+    }
+
+    /// Writes a live session's state to the store, then frees its slot. The session stays live,
+    /// its state untouched, unless the store has it.
+    pub(super) fn spill_state(&mut self, id: &SequenceId, state: Vec<Tensor>) -> Result<(), BatchingError> {
         let Some(store) = self.store.clone() else {
             return Err(BatchingError::Store(StoreError::NotConfigured));
         };
-        let (state, steps) = self.copy_state(id)?;
+        let steps = self.live.get(id).map_or(0, |l| l.steps);
         let blob = SessionBlob { model: self.model(), version: self.shared.version, id: id.clone(), steps, state };
-        // The session stays live, its state untouched, unless the store has it.
         store.put_all(std::slice::from_ref(&blob))?;
         let mut last_active = Instant::now();
         if let Some(l) = self.live.remove(id) {
@@ -79,21 +92,40 @@ impl Actor {
         out
     }
 
-    pub(super) fn export(&mut self, id: SequenceId) -> Result<SessionBlob, BatchingError> {
+    /// Exports a session. A live session whose instance is executing is read behind that work
+    /// and the reply sent when its state arrives; the actor does not wait.
+    pub(super) fn export(&mut self, id: SequenceId, reply: oneshot::Sender<Result<SessionBlob, BatchingError>>) {
+        if self.live.get(&id).is_some_and(|l| !l.in_flight && !l.moving && l.queue.is_empty())
+            && self.state_behind_work(&id)
+        {
+            if let Err((Move::Export(reply), e)) = self.start_move(&id, Move::Export(reply)) {
+                let _ = reply.send(Err(e));
+            }
+            return;
+        }
+        let _ = reply.send(self.export_now(id));
+    }
+
+    fn export_now(&mut self, id: SequenceId) -> Result<SessionBlob, BatchingError> {
         if let Some(l) = self.live.get(&id) {
-            if l.in_flight || !l.queue.is_empty() {
+            if l.in_flight || l.moving || !l.queue.is_empty() {
                 return Err(BatchingError::Busy { model: self.model(), id });
             }
             let (state, steps) = self.copy_state(&id)?;
             self.close(&id, ClosedReason::Exported);
             return Ok(SessionBlob { model: self.model(), version: self.shared.version, id, steps, state });
         }
-        if self.spilled.remove(&id).is_some() {
-            self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
+        if self.spilled.contains_key(&id) {
             let store = self.store.clone().ok_or(BatchingError::Store(StoreError::NotConfigured))?;
-            let blob = store
-                .take(&self.shared.adm.spec.name, self.shared.version, &id)?
-                .ok_or_else(|| BatchingError::NotFound { model: self.model(), id: id.clone() })?;
+            let taken = store.take(&self.shared.adm.spec.name, self.shared.version, &id);
+            if matches!(taken, Err(StoreError::Io { .. })) {
+                // The entry is still there: the session stays spilled.
+                self.shared.counters.store_failures.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.spilled.remove(&id);
+                self.shared.counters.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
+            }
+            let blob = taken?.ok_or_else(|| BatchingError::NotFound { model: self.model(), id: id.clone() })?;
             if self.closed.insert(id.clone(), ClosedReason::Exported).is_none() {
                 self.closed_order.push_back(id);
             }
@@ -102,7 +134,25 @@ impl Actor {
         Err(BatchingError::NotFound { model: self.model(), id })
     }
 
-    pub(super) fn import(&mut self, blob: SessionBlob) -> Result<SessionInfo, BatchingError> {
+    /// Imports a session into a free slot (parked while a spill frees one); replies when done.
+    pub(super) fn import(&mut self, blob: SessionBlob, reply: oneshot::Sender<Result<SessionInfo, BatchingError>>) {
+        match self.check_import(&blob) {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(()) => match self.allocate() {
+                Ok(Alloc::Slot(instance, slot)) => {
+                    let _ = reply.send(Ok(self.insert_imported(blob, instance, slot)));
+                }
+                Ok(Alloc::Pending) => self.park(Parked::Import(blob, reply)),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+        }
+    }
+
+    fn check_import(&self, blob: &SessionBlob) -> Result<(), BatchingError> {
         if self.instances.iter().all(Option::is_none) {
             // Not "retry shortly": no slot will free up until the model is reloaded.
             return Err(BatchingError::Unavailable { model: self.model(), reason: NO_INSTANCE.into() });
@@ -123,10 +173,13 @@ impl Actor {
         }
         self.check_state(&blob.state)?;
         self.check_corrid(&blob.id)?;
-        if self.live.contains_key(&blob.id) || self.spilled.contains_key(&blob.id) {
-            return Err(BatchingError::AlreadyExists { model: self.model(), id: blob.id });
+        if self.live.contains_key(&blob.id) || self.spilled.contains_key(&blob.id) || self.is_parked(&blob.id) {
+            return Err(BatchingError::AlreadyExists { model: self.model(), id: blob.id.clone() });
         }
-        let (instance, slot) = self.allocate()?;
+        Ok(())
+    }
+
+    fn insert_imported(&mut self, blob: SessionBlob, instance: usize, slot: usize) -> SessionInfo {
         let now = Instant::now();
         self.closed.remove(&blob.id);
         let info = SessionInfo {
@@ -150,9 +203,42 @@ impl Actor {
                 end_after: false,
                 start_after: false,
                 restore: Some(blob.state),
+                saved: None,
+                moving: false,
             },
         );
         self.shared.counters.live.store(self.live.len() as u64, Ordering::Relaxed);
-        Ok(info)
+        info
+    }
+}
+
+impl Actor {
+    /// After the store moved a damaged file aside (keeping what could still be read), the
+    /// sessions this model had spilled that are no longer there are lost: dropped from the index,
+    /// counted, and remembered so their next request learns why.
+    pub(super) fn check_store_epoch(&mut self) {
+        let Some(store) = self.store.clone() else { return };
+        let epoch = store.epoch();
+        if epoch == self.store_epoch {
+            return;
+        }
+        self.store_epoch = epoch;
+        let kept: std::collections::HashSet<SequenceId> =
+            match store.list(&self.shared.adm.spec.name, self.shared.version) {
+                Ok((found, _)) => found.into_iter().map(|s| s.id).collect(),
+                Err(_) => Default::default(),
+            };
+        let gone: Vec<SequenceId> = self.spilled.keys().filter(|id| !kept.contains(*id)).cloned().collect();
+        if gone.is_empty() {
+            return;
+        }
+        tracing::error!(model = %self.model(), sessions = gone.len(), "the session store file was damaged and replaced: spilled sessions it no longer holds are lost");
+        for id in &gone {
+            self.spilled.remove(id);
+            self.remember_closed(id, ClosedReason::StoreDamaged);
+        }
+        let c = &self.shared.counters;
+        c.lost.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        c.spilled_now.store(self.spilled.len() as u64, Ordering::Relaxed);
     }
 }

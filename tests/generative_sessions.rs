@@ -1,0 +1,379 @@
+//! Conversation sessions on a generative model over real gRPC on 127.0.0.1 (the HF fixture
+//! `llama-gqa`): turn N of a kept session gives exactly the tokens and logprobs of a stateless
+//! request carrying the whole token history, greedy and seeded; only the new tokens are computed;
+//! `truncate_to` rewinds; unknown, ended and conflicting ids are refused; many sessions over a
+//! small K/V pool never stall and stay exact.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
+use neuron_worker::proto::inference::{
+    InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
+};
+use neuron_worker::repository::ModelControlMode;
+use tokio_stream::StreamExt;
+
+type Client = GrpcInferenceServiceClient<tonic::transport::Channel>;
+
+fn bytes_el(s: &str) -> Vec<u8> {
+    let mut v = (s.len() as u32).to_le_bytes().to_vec();
+    v.extend_from_slice(s.as_bytes());
+    v
+}
+
+/// A streamed generation request over token ids, returning ids and logprobs.
+fn ids_request(ids: &[u32], params: &str) -> ModelInferRequest {
+    let input = |name: &str, dtype: &str, shape: Vec<i64>| InferInputTensor {
+        name: name.into(),
+        datatype: dtype.into(),
+        shape,
+        ..Default::default()
+    };
+    let inputs = vec![
+        input("input_ids", "INT32", vec![ids.len() as i64]),
+        input("sampling_parameters", "BYTES", vec![1]),
+        input("stream", "BOOL", vec![1]),
+        input("exclude_input_in_output", "BOOL", vec![1]),
+        input("return_output_ids", "BOOL", vec![1]),
+        input("return_output_logprobs", "BOOL", vec![1]),
+    ];
+    let raw = vec![
+        ids.iter().flat_map(|i| (*i as i32).to_le_bytes()).collect::<Vec<u8>>(),
+        bytes_el(params),
+        vec![1],
+        vec![1],
+        vec![1],
+        vec![1],
+    ];
+    let raw = raw.into_iter().map(bytes::Bytes::from).collect();
+    ModelInferRequest { model_name: "gqa".into(), inputs, raw_input_contents: raw, ..Default::default() }
+}
+
+fn with_session(mut r: ModelInferRequest, id: u64, start: bool, end: bool) -> ModelInferRequest {
+    let p = |c| InferParameter { parameter_choice: Some(c) };
+    r.parameters.insert("sequence_id".into(), p(ParameterChoice::Uint64Param(id)));
+    r.parameters.insert("sequence_start".into(), p(ParameterChoice::BoolParam(start)));
+    r.parameters.insert("sequence_end".into(), p(ParameterChoice::BoolParam(end)));
+    r
+}
+
+fn is_final(r: &ModelInferResponse) -> bool {
+    matches!(
+        r.parameters.get("triton_final_response").and_then(|p| p.parameter_choice.clone()),
+        Some(ParameterChoice::BoolParam(true))
+    )
+}
+
+/// Runs one request on its own stream: (ids, logprobs), or the in-band error message.
+async fn generate(c: &mut Client, req: ModelInferRequest) -> Result<(Vec<u32>, Vec<f32>), String> {
+    let mut stream = c.model_stream_infer(tokio_stream::iter(vec![req])).await.expect("stream opens").into_inner();
+    let (mut ids, mut lps) = (Vec::new(), Vec::new());
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), stream.next())
+            .await
+            .expect("a response within 120 s")
+            .expect("stream open")
+            .expect("no stream error");
+        if !msg.error_message.is_empty() {
+            return Err(msg.error_message);
+        }
+        let r = msg.infer_response.expect("response");
+        let get = |name: &str| {
+            r.outputs.iter().position(|o| o.name == name).map(|i| r.raw_output_contents[i].clone()).unwrap_or_default()
+        };
+        ids.extend(get("output_ids").chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32));
+        lps.extend(get("output_logprobs").chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        if is_final(&r) {
+            return Ok((ids, lps));
+        }
+    }
+}
+
+fn fixture_repository(extra: &str) -> tempfile::TempDir {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama-gqa");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let v = dir.path().join("gqa/1");
+    std::fs::create_dir_all(&v).expect("mkdir");
+    for e in std::fs::read_dir(fixture).expect("fixture") {
+        let e = e.expect("entry");
+        std::os::unix::fs::symlink(e.path(), v.join(e.file_name())).expect("symlink");
+    }
+    if !extra.is_empty() {
+        std::fs::write(dir.path().join("gqa/config.pbtxt"), format!("name: \"gqa\"\nbackend: \"cpu\"\n{extra}"))
+            .expect("config");
+    }
+    dir
+}
+
+/// Deterministic "user messages": `n` token ids from a small LCG over the fixture's vocabulary.
+fn message(turn: u64, n: usize, vocab: u32) -> Vec<u32> {
+    let mut x = turn.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) as u32) % vocab
+        })
+        .collect()
+}
+
+async fn metric(addr: &str, name: &str) -> f64 {
+    let text = common::http_get(addr, "/metrics").await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("neuron_worker_{name}{{model=\"gqa\"")))
+        .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
+}
+
+const VOCAB: u32 = 200;
+
+async fn four_turns(c: &mut Client, metrics: &str, id: u64, params: &str) {
+    let mut history: Vec<u32> = Vec::new();
+    for turn in 0..4u64 {
+        let msg = message(id * 10 + turn, 5 + 3 * turn as usize, VOCAB);
+        let hits_before = metric(metrics, "prefix_cache_hit_tokens_total").await;
+        let kept = generate(c, with_session(ids_request(&msg, params), id, turn == 0, false)).await.expect("kept turn");
+        let hits = metric(metrics, "prefix_cache_hit_tokens_total").await - hits_before;
+        history.extend(&msg);
+        // The stateless request over the same tokens: the whole history re-sent.
+        let stateless = generate(c, ids_request(&history, params)).await.expect("stateless request");
+        assert_eq!(kept.0, stateless.0, "session {id} turn {turn}: tokens");
+        assert_eq!(kept.1, stateless.1, "session {id} turn {turn}: logprobs bit-identical");
+        assert_eq!(kept.0.len(), 6);
+        if turn > 0 {
+            // Everything but the last generated token of the previous turn (never run through the
+            // model) came from the kept session.
+            let reused = (history.len() - msg.len() - 1) as f64;
+            assert!(hits >= reused, "session {id} turn {turn}: {hits} tokens reused, expected at least {reused}");
+        }
+        history.extend(&kept.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_session_turns_equal_stateless_requests_over_the_whole_history() {
+    let repo = fixture_repository("");
+    let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+    let metrics = w.server.metrics_addr.expect("metrics").to_string();
+    let mut c = w.client().await;
+    four_turns(&mut c, &metrics, 11, r#"{"max_tokens": 6, "temperature": 0, "ignore_eos": true}"#).await;
+    four_turns(&mut c, &metrics, 12, r#"{"max_tokens": 6, "temperature": 1.0, "seed": 7, "ignore_eos": true}"#).await;
+    assert_eq!(metric(&metrics, "sessions_open").await, 2.0);
+    assert_eq!(metric(&metrics, "session_turns_total").await, 8.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_to_rewinds_and_bad_turns_are_refused() {
+    let repo = fixture_repository("");
+    let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+    let mut c = w.client().await;
+    let greedy = r#"{"max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
+    let first = message(1, 9, VOCAB);
+    let t1 = generate(&mut c, with_session(ids_request(&first, greedy), 5, true, false)).await.unwrap();
+    let second = message(2, 4, VOCAB);
+    generate(&mut c, with_session(ids_request(&second, greedy), 5, false, false)).await.unwrap();
+    // Rewind to the end of turn 1 and send something else: equal to the stateless history.
+    let other = message(3, 6, VOCAB);
+    let keep = first.len() + t1.0.len();
+    let rewind = format!(r#"{{"max_tokens": 4, "temperature": 0, "ignore_eos": true, "truncate_to": {keep}}}"#);
+    let branched = generate(&mut c, with_session(ids_request(&other, &rewind), 5, false, false)).await.unwrap();
+    let mut history = first.clone();
+    history.extend(&t1.0);
+    history.extend(&other);
+    let stateless = generate(&mut c, ids_request(&history, greedy)).await.unwrap();
+    assert_eq!(branched, stateless, "truncate_to then append equals the stateless history");
+    // truncate_to beyond the history, an unknown id, and the END of a session.
+    let beyond = r#"{"max_tokens": 2, "truncate_to": 100000}"#;
+    let e = generate(&mut c, with_session(ids_request(&other, beyond), 5, false, false)).await.unwrap_err();
+    assert!(e.contains("beyond"), "{e}");
+    let e = generate(&mut c, with_session(ids_request(&other, greedy), 999, false, false)).await.unwrap_err();
+    assert!(e.contains("not open") && e.contains("sequence_start"), "{e}");
+    generate(&mut c, with_session(ids_request(&other, greedy), 5, false, true)).await.unwrap();
+    let e = generate(&mut c, with_session(ids_request(&other, greedy), 5, false, false)).await.unwrap_err();
+    assert!(e.contains("not open"), "an ended session is refused: {e}");
+    // truncate_to without a session is refused.
+    let e = generate(&mut c, ids_request(&other, r#"{"truncate_to": 1}"#)).await.unwrap_err();
+    assert!(e.contains("session"), "{e}");
+    // A header id and a differing sequence_id.
+    let mut r = with_session(ids_request(&other, greedy), 6, true, false);
+    r.parameters.insert(
+        "x-session-id".into(),
+        InferParameter { parameter_choice: Some(ParameterChoice::StringParam("abc".into())) },
+    );
+    let e = generate(&mut c, r).await.unwrap_err();
+    assert!(e.contains("different sessions"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_header_starts_a_session_on_first_use() {
+    let repo = fixture_repository("");
+    let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+    let mut c = w.client().await;
+    let greedy = r#"{"max_tokens": 5, "temperature": 0, "ignore_eos": true}"#;
+    let header = |mut r: tonic::Request<_>| {
+        r.metadata_mut().insert("x-session-id", "agent-7".parse().expect("ascii"));
+        r
+    };
+    let m1 = message(40, 7, VOCAB);
+    let m2 = message(41, 3, VOCAB);
+    let mut turns = Vec::new();
+    for m in [&m1, &m2] {
+        let req = header(tonic::Request::new(tokio_stream::iter(vec![ids_request(m, greedy)])));
+        let mut s = c.model_stream_infer(req).await.expect("stream").into_inner();
+        let mut ids = Vec::new();
+        while let Some(msg) = s.next().await {
+            let msg = msg.expect("ok");
+            assert!(msg.error_message.is_empty(), "{}", msg.error_message);
+            let r = msg.infer_response.expect("response");
+            let i = r.outputs.iter().position(|o| o.name == "output_ids").expect("ids");
+            ids.extend(
+                r.raw_output_contents[i].chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32),
+            );
+            if is_final(&r) {
+                break;
+            }
+        }
+        turns.push(ids);
+    }
+    let mut history = m1.clone();
+    history.extend(&turns[0]);
+    history.extend(&m2);
+    let stateless = generate(&mut c, ids_request(&history, greedy)).await.unwrap();
+    assert_eq!(turns[1], stateless.0, "turn 2 under the header continues turn 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sessions_over_a_small_pool_never_stall_and_stay_exact() {
+    // 16-token blocks; a pool that holds about 8 sessions of ~60 tokens.
+    let repo = fixture_repository(r#"parameters { key: "kv_cache_memory" value: { string_value: "384KiB" } }"#);
+    let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+    let metrics = w.server.metrics_addr.expect("metrics").to_string();
+    let mut c = w.client().await;
+    let blocks = common::capacity(&metrics).await["models"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["model"] == "gqa"))
+        .map(|m| m["generative"]["kv_cache_blocks"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+    assert!((24..=40).contains(&blocks), "the pool has {blocks} blocks; adjust kv_cache_memory");
+    let greedy = r#"{"max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
+    const SESSIONS: u64 = 24;
+    let mut histories: Vec<Vec<u32>> = vec![Vec::new(); SESSIONS as usize];
+    for turn in 0..3u64 {
+        // All sessions' turns at once: the pool cannot hold them all; idle ones give blocks back.
+        let mut tasks = Vec::new();
+        for id in 0..SESSIONS {
+            let msg = message(100 + id * 7 + turn, 15, VOCAB);
+            histories[id as usize].extend(&msg);
+            let mut c = c.clone();
+            let req = with_session(ids_request(&msg, greedy), 1000 + id, turn == 0, false);
+            tasks.push(tokio::spawn(async move { generate(&mut c, req).await }));
+        }
+        for (id, t) in tasks.into_iter().enumerate() {
+            let (ids, _) = tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("every turn answered within 120 s")
+                .expect("task")
+                .unwrap_or_else(|e| panic!("session {id} turn {turn}: {e}"));
+            histories[id].extend(ids);
+        }
+    }
+    assert!(metric(&metrics, "session_kv_released_total").await > 0.0, "idle sessions had to give blocks back");
+    // Exact after release and recompute: a few sessions against the stateless history.
+    for id in [0usize, 7, 23] {
+        let h = &histories[id];
+        let (last_turn_len, prefix) = (4, &h[..h.len() - 4]);
+        let stateless = generate(&mut c, ids_request(prefix, greedy)).await.unwrap();
+        assert_eq!(stateless.0, h[h.len() - last_turn_len..], "session {id}: last turn equals the stateless run");
+    }
+    assert_eq!(metric(&metrics, "sessions_open").await, SESSIONS as f64);
+}
+
+mod moves {
+    use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
+    use neuron_worker::server::sessions::proto::{
+        self as sp, ExportSessionRequest, ImportSessionRequest, ListSessionsRequest,
+    };
+
+    use super::*;
+
+    async fn sessions_client(w: &common::TestWorker) -> SessionsClient<tonic::transport::Channel> {
+        SessionsClient::connect(format!("http://{}", w.server.grpc_addr)).await.expect("sessions client")
+    }
+
+    fn export_req(id: u64) -> ExportSessionRequest {
+        ExportSessionRequest {
+            model: "gqa".into(),
+            version: String::new(),
+            sequence_id: Some(sp::SequenceId { id: Some(sp::sequence_id::Id::Uint64Id(id)) }),
+        }
+    }
+
+    /// A session exported from worker A and imported into worker B continues there exactly as it
+    /// would have on A (tokens and logprobs, seeded sampling); a damaged blob and a blob from other
+    /// weights are refused and nothing is opened.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_exported_session_continues_bit_exactly_on_another_worker() {
+        let repo = fixture_repository("");
+        let a = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+        let b = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+        let (mut ca, mut cb) = (a.client().await, b.client().await);
+        let seeded = r#"{"max_tokens": 7, "temperature": 0.8, "seed": 3, "ignore_eos": true}"#;
+        // Two turns on A (40 tokens: full blocks and a partial one travel).
+        for (turn, n) in [(0u64, 20usize), (1, 13)] {
+            generate(&mut ca, with_session(ids_request(&message(70 + turn, n, VOCAB), seeded), 77, turn == 0, false))
+                .await
+                .unwrap();
+        }
+        // The reference: the same third turn on a session that never moved (a copy on A).
+        let blob = sessions_client(&a).await.export_session(export_req(77)).await.expect("export").into_inner().blob;
+        let mut sa = sessions_client(&a).await;
+        sa.import_session(ImportSessionRequest { blob: blob.clone() }).await.expect("re-import on A");
+        let third = message(72, 9, VOCAB);
+        let unmoved = generate(&mut ca, with_session(ids_request(&third, seeded), 77, false, false)).await.unwrap();
+        // Damaged: one flipped byte in the middle is refused, nothing opened on B.
+        let mut bad = blob.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x20;
+        let mut sb = sessions_client(&b).await;
+        let e = sb.import_session(ImportSessionRequest { blob: bad }).await.expect_err("a damaged blob is refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let listed = sb.list_sessions(ListSessionsRequest::default()).await.expect("list").into_inner();
+        assert!(listed.sessions.is_empty(), "nothing was opened: {listed:?}");
+        // Moved to B: the same third turn gives the same tokens and logprobs.
+        let info = sb.import_session(ImportSessionRequest { blob }).await.expect("import on B").into_inner();
+        assert_eq!(info.session.map(|s| s.steps), Some(2), "two turns travelled");
+        let mb = b.server.metrics_addr.expect("metrics").to_string();
+        let moved = generate(&mut cb, with_session(ids_request(&third, seeded), 77, false, false)).await.unwrap();
+        assert_eq!(moved, unmoved, "the moved session continues bit-exactly");
+        // Its K/V travelled: all 47 history tokens but the last generated one were not recomputed.
+        assert_eq!(metric(&mb, "prefix_cache_hit_tokens_total").await, 46.0);
+        let listed = sb.list_sessions(ListSessionsRequest::default()).await.expect("list").into_inner();
+        assert_eq!(listed.sessions.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_from_other_weights_is_refused() {
+        // The built-in tiny_decoder and the fixture share nothing: rename a tiny_decoder blob.
+        let w = common::start().await;
+        let mut c = w.client().await;
+        let mut r = with_session(ids_request(&[5, 6, 7], r#"{"max_tokens": 2}"#), 9, true, false);
+        r.model_name = "tiny_decoder".into();
+        generate(&mut c, r).await.unwrap();
+        let mut s = sessions_client(&w).await;
+        let req = ExportSessionRequest { model: "tiny_decoder".into(), ..export_req(9) };
+        let blob = s.export_session(req).await.expect("export").into_inner().blob;
+        let mut decoded = neuron_worker::sessions::SessionBlob::decode(&blob).expect("decodes");
+        decoded.model = "gqa".into();
+        let repo = fixture_repository("");
+        let other = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+        let mut so = sessions_client(&other).await;
+        let e = so.import_session(ImportSessionRequest { blob: decoded.encode() }).await.expect_err("refused");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("different weights"), "{e}");
+    }
+}
