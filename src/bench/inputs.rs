@@ -324,6 +324,7 @@ mod tests {
             version: String::new(),
             max_batch_size: 64,
             inputs: vec![InputMeta { name: "INPUT0".into(), datatype: "FP32".into(), dims: vec![4] }],
+            decoupled: false,
         }
     }
 

@@ -48,7 +48,7 @@ fn panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// One panel of a plot: its title, its y axis, and its points (x = concurrency, y).
+/// One panel of a chart: its title, its y axis and its points (x = concurrency, y).
 pub type Panel<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
 
 /// Renders stacked panels as SVG text.
