@@ -118,8 +118,8 @@ pub fn run(engine: &mut Engine, cmd: SessionCommand) {
 }
 
 fn export(engine: &mut Engine, id: SequenceId, model: (String, i64)) -> Result<SessionBlob, MoveError> {
-    let block_size = engine.pool().block_size();
-    let (sessions, decoder, _) = engine.sessions_mut();
+    let (sessions, decoder, pool) = engine.sessions_mut();
+    let block_size = pool.block_size();
     let session = sessions.take_idle(&id).map_err(|busy| match busy {
         true => MoveError::Busy { id: id.clone() },
         false => MoveError::NotFound { id: id.clone() },
@@ -196,9 +196,8 @@ fn parts(blob: &SessionBlob, digest: [u8; 32], block_size: usize, block_bytes: u
 }
 
 fn import(engine: &mut Engine, blob: SessionBlob) -> Result<(), MoveError> {
-    let block_size = engine.pool().block_size();
-    let pool = engine.pool().clone();
-    let (sessions, decoder, _) = engine.sessions_mut();
+    let (sessions, decoder, pool) = engine.sessions_mut();
+    let block_size = pool.block_size();
     let shape = decoder.shape().clone();
     let block_bytes = shape.layers * 2 * shape.kv_heads * shape.head_dim * block_size * 4;
     let p = parts(&blob, decoder.weights_digest(), block_size, block_bytes)
@@ -212,7 +211,7 @@ fn import(engine: &mut Engine, blob: SessionBlob) -> Result<(), MoveError> {
         let mut table = pool.table();
         let needed = table.blocks_needed(computed);
         if pool.available() < needed {
-            sessions.release_idle(needed, &pool);
+            sessions.release_idle(needed, pool);
         }
         if table.grow(computed).is_ok() {
             decoder.write_blocks(table.ids(), kv).map_err(|e| MoveError::Backend { reason: e.to_string() })?;
