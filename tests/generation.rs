@@ -7,23 +7,17 @@
 
 mod common;
 
+use common::generative::{bytes_el, gqa_repository, is_final};
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
-use neuron_worker::proto::inference::{
-    InferParameter, ModelConfigRequest, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
-};
+use neuron_worker::proto::inference::{InferParameter, ModelConfigRequest, ModelInferRequest, ModelInferResponse};
 use neuron_worker::repository::ModelControlMode;
 use tokio_stream::StreamExt;
 
 const MODEL: &str = "tiny_decoder";
-
-fn bytes_el(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u32).to_le_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
 
 fn request(model: &str, prompt: &str, stream: bool, params: &str) -> ModelInferRequest {
     let input = |name: &str, dtype: &str| InferInputTensor {
@@ -55,13 +49,6 @@ fn outputs(r: &ModelInferResponse) -> (String, Vec<i32>, Vec<f32>, String) {
     let ids = get("output_ids").chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let lps = get("output_logprobs").chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     (text(get("text_output")), ids, lps, text(get("finish_reason")))
-}
-
-fn is_final(r: &ModelInferResponse) -> bool {
-    matches!(
-        r.parameters.get("triton_final_response").and_then(|p| p.parameter_choice.clone()),
-        Some(ParameterChoice::BoolParam(true))
-    )
 }
 
 async fn stream_all(
@@ -136,25 +123,9 @@ async fn streamed_deltas_concatenate_to_the_unary_text_and_seeds_reproduce() {
     assert!(bad.message().contains("best_of"), "{}", bad.message());
 }
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama-gqa")
-}
-
-/// A repository with the `llama-gqa` fixture as model `gqa` version 1 (symlinked files).
-fn fixture_repository() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let v = dir.path().join("gqa/1");
-    std::fs::create_dir_all(&v).expect("mkdir");
-    for e in std::fs::read_dir(fixture()).expect("fixture") {
-        let e = e.expect("entry");
-        std::os::unix::fs::symlink(e.path(), v.join(e.file_name())).expect("symlink");
-    }
-    dir
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alone_and_in_a_batch_of_eight_the_tokens_and_logprobs_are_identical() {
-    let repo = fixture_repository();
+    let repo = gqa_repository("");
     let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
     let mut c = w.client().await;
     let prompts = [

@@ -7,24 +7,17 @@
 
 mod common;
 
-use std::path::PathBuf;
+use common::generative::{bytes_el, gqa_repository, is_final};
+
 use std::time::Duration;
 
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
-use neuron_worker::proto::inference::{
-    InferParameter, ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice,
-};
+use neuron_worker::proto::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use neuron_worker::repository::ModelControlMode;
 use tokio_stream::StreamExt;
 
 type Client = GrpcInferenceServiceClient<tonic::transport::Channel>;
-
-fn bytes_el(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u32).to_le_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
 
 /// A streamed generation request over token ids, returning ids and logprobs.
 fn ids_request(ids: &[u32], params: &str) -> ModelInferRequest {
@@ -62,13 +55,6 @@ fn with_session(mut r: ModelInferRequest, id: u64, start: bool, end: bool) -> Mo
     r
 }
 
-fn is_final(r: &ModelInferResponse) -> bool {
-    matches!(
-        r.parameters.get("triton_final_response").and_then(|p| p.parameter_choice.clone()),
-        Some(ParameterChoice::BoolParam(true))
-    )
-}
-
 /// Runs one request on its own stream: (ids, logprobs), or the in-band error message.
 async fn generate(c: &mut Client, req: ModelInferRequest) -> Result<(Vec<u32>, Vec<f32>), String> {
     let mut stream = c.model_stream_infer(tokio_stream::iter(vec![req])).await.expect("stream opens").into_inner();
@@ -92,22 +78,6 @@ async fn generate(c: &mut Client, req: ModelInferRequest) -> Result<(Vec<u32>, V
             return Ok((ids, lps));
         }
     }
-}
-
-fn fixture_repository(extra: &str) -> tempfile::TempDir {
-    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama-gqa");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let v = dir.path().join("gqa/1");
-    std::fs::create_dir_all(&v).expect("mkdir");
-    for e in std::fs::read_dir(fixture).expect("fixture") {
-        let e = e.expect("entry");
-        std::os::unix::fs::symlink(e.path(), v.join(e.file_name())).expect("symlink");
-    }
-    if !extra.is_empty() {
-        std::fs::write(dir.path().join("gqa/config.pbtxt"), format!("name: \"gqa\"\nbackend: \"cpu\"\n{extra}"))
-            .expect("config");
-    }
-    dir
 }
 
 /// Deterministic "user messages": `n` token ids from a small LCG over the fixture's vocabulary.
@@ -157,7 +127,7 @@ async fn four_turns(c: &mut Client, metrics: &str, id: u64, params: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_session_turns_equal_stateless_requests_over_the_whole_history() {
-    let repo = fixture_repository("");
+    let repo = gqa_repository("");
     let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
     let metrics = w.server.metrics_addr.expect("metrics").to_string();
     let mut c = w.client().await;
@@ -169,7 +139,7 @@ async fn kept_session_turns_equal_stateless_requests_over_the_whole_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn truncate_to_rewinds_and_bad_turns_are_refused() {
-    let repo = fixture_repository("");
+    let repo = gqa_repository("");
     let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
     let mut c = w.client().await;
     let greedy = r#"{"max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
@@ -211,7 +181,7 @@ async fn truncate_to_rewinds_and_bad_turns_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_session_header_starts_a_session_on_first_use() {
-    let repo = fixture_repository("");
+    let repo = gqa_repository("");
     let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
     let mut c = w.client().await;
     let greedy = r#"{"max_tokens": 5, "temperature": 0, "ignore_eos": true}"#;
@@ -250,7 +220,7 @@ async fn the_session_header_starts_a_session_on_first_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_sessions_over_a_small_pool_never_stall_and_stay_exact() {
     // 16-token blocks; a pool that holds about 8 sessions of ~60 tokens.
-    let repo = fixture_repository(r#"parameters { key: "kv_cache_memory" value: { string_value: "384KiB" } }"#);
+    let repo = gqa_repository(r#"parameters { key: "kv_cache_memory" value: { string_value: "384KiB" } }"#);
     let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
     let metrics = w.server.metrics_addr.expect("metrics").to_string();
     let mut c = w.client().await;
@@ -318,7 +288,7 @@ mod moves {
     /// weights are refused and nothing is opened.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_exported_session_continues_bit_exactly_on_another_worker() {
-        let repo = fixture_repository("");
+        let repo = gqa_repository("");
         let a = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
         let b = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
         let (mut ca, mut cb) = (a.client().await, b.client().await);
@@ -369,7 +339,7 @@ mod moves {
         let blob = s.export_session(req).await.expect("export").into_inner().blob;
         let mut decoded = neuron_worker::sessions::SessionBlob::decode(&blob).expect("decodes");
         decoded.model = "gqa".into();
-        let repo = fixture_repository("");
+        let repo = gqa_repository("");
         let other = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
         let mut so = sessions_client(&other).await;
         let e = so.import_session(ImportSessionRequest { blob: decoded.encode() }).await.expect_err("refused");
