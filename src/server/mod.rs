@@ -14,6 +14,7 @@ mod metrics_generative;
 pub mod session_turn;
 pub mod sessions;
 mod sessions_page;
+mod sessions_stream;
 mod stats;
 mod stream_infer;
 mod stream_route;
@@ -195,9 +196,11 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate);
     let inference = stream_route::InferenceRoutes::new(core, generated, opts.max_message_size);
-    let sessions = sessions::proto::sessions_server::SessionsServer::new(sessions::SessionsService::new(repo.clone()))
-        .max_decoding_message_size(opts.max_message_size)
-        .max_encoding_message_size(opts.max_message_size);
+    let sessions = sessions::proto::sessions_server::SessionsServer::new(
+        sessions::SessionsService::new(repo.clone()).with_message_limit(opts.max_message_size),
+    )
+    .max_decoding_message_size(opts.max_message_size)
+    .max_encoding_message_size(opts.max_message_size);
     let router = builder
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(inference, check.clone()))
