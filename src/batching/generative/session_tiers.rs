@@ -47,6 +47,15 @@ pub enum SaveReason {
 }
 
 impl Engine {
+    /// Moves every idle session with resident blocks down a tier (to the store when there is one,
+    /// else to its tokens); returns how many moved. (The pool does this by itself when it runs
+    /// short; benchmarks and operators' tools call it to measure or to make room ahead.)
+    pub fn release_idle_sessions(&mut self) -> usize {
+        let n = self.make_room(usize::MAX);
+        self.publish_gauges();
+        n
+    }
+
     /// Releases idle sessions' blocks, least recently used first, until `needed` blocks are
     /// available or no idle session holds any; each goes to the store first when there is one.
     /// Returns how many sessions released.
