@@ -211,3 +211,38 @@ async fn a_session_larger_than_a_message_moves_in_checked_chunks() {
     let stateless = generate(&mut cb, ids_request(&history, greedy)).await.unwrap();
     assert_eq!(moved, stateless, "the moved session continues exactly");
 }
+
+/// A session idle for `session_store_after_idle_seconds` is written to the store by itself (so a
+/// crash would not lose it); its next turn finds its K/V still in the prefix cache, drops the
+/// stored copy, and equals the stateless request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_idle_session_is_written_to_the_store() {
+    let repo =
+        gqa_repository(r#"parameters { key: "session_store_after_idle_seconds" value: { string_value: "0.2" } }"#);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SessionStore::open(dir.path()).expect("store opens"));
+    let w = worker(repo.path(), store.clone()).await;
+    let metrics = w.server.metrics_addr.expect("metrics").to_string();
+    let mut c = w.client().await;
+    let greedy = r#"{"max_tokens": 5, "temperature": 0, "ignore_eos": true}"#;
+    let mut history = Vec::new();
+    for turn in 0..2u64 {
+        let msg = message(950 + turn, 23, VOCAB);
+        let (ids, _) = generate(&mut c, with_session(ids_request(&msg, greedy), 95, turn == 0, false)).await.unwrap();
+        history.extend(&msg);
+        history.extend(ids);
+    }
+    let t = std::time::Instant::now();
+    while metric(&metrics, "sessions_stored").await != 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the idle session was never written to the store");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored(&store), vec![(SequenceId::Uint(95), 2)], "the store holds it at its last turn");
+    let msg = message(952, 4, VOCAB);
+    let kept = generate(&mut c, with_session(ids_request(&msg, greedy), 95, false, false)).await.unwrap();
+    history.extend(&msg);
+    let stateless = generate(&mut c, ids_request(&history, greedy)).await.unwrap();
+    assert_eq!(kept, stateless);
+    assert_eq!(metric(&metrics, "session_restored_total").await, 0.0, "the prefix cache still held its K/V");
+    assert!(stored(&store).is_empty() || stored(&store) == vec![(SequenceId::Uint(95), 3)], "no stale copy");
+}

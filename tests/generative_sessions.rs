@@ -275,9 +275,9 @@ async fn sessions_with_a_shared_prefix_hold_its_blocks_once() {
     let system = message(7000, 48, VOCAB);
     let used_blocks = || async {
         let cap = common::capacity(&metrics).await;
-        let g = cap["models"].as_array().and_then(|m| m.iter().find(|m| m["model"] == "gqa")).expect("gqa")
-            ["generative"]
-            .clone();
+        let g =
+            cap["models"].as_array().and_then(|m| m.iter().find(|m| m["model"] == "gqa")).expect("gqa")["generative"]
+                .clone();
         (g["kv_cache_usage_perc"].as_f64().expect("usage") * g["kv_cache_blocks"].as_f64().expect("blocks")).round()
             as u64
     };
@@ -285,7 +285,8 @@ async fn sessions_with_a_shared_prefix_hold_its_blocks_once() {
     for id in 0..4u64 {
         let mut first = system.clone();
         first.extend(message(7100 + id, 10, VOCAB));
-        let (ids, _) = generate(&mut c, with_session(ids_request(&first, greedy), 700 + id, true, false)).await.unwrap();
+        let (ids, _) =
+            generate(&mut c, with_session(ids_request(&first, greedy), 700 + id, true, false)).await.unwrap();
         first.extend(ids);
         histories.push(first);
     }
@@ -295,7 +296,8 @@ async fn sessions_with_a_shared_prefix_hold_its_blocks_once() {
     // A second turn each, equal to the stateless request over its own history.
     for (id, h) in histories.iter_mut().enumerate() {
         let msg = message(7200 + id as u64, 6, VOCAB);
-        let kept = generate(&mut c, with_session(ids_request(&msg, greedy), 700 + id as u64, false, false)).await.unwrap();
+        let kept =
+            generate(&mut c, with_session(ids_request(&msg, greedy), 700 + id as u64, false, false)).await.unwrap();
         h.extend(&msg);
         let stateless = generate(&mut c, ids_request(h, greedy)).await.unwrap();
         assert_eq!(kept, stateless, "session {id}: a shared prefix changes nothing in the outputs");
