@@ -109,10 +109,11 @@ pub struct ServeArgs {
     /// CA certificate (PEM) client certificates must chain to (mutual TLS).
     #[arg(long, env = "NEURON_WORKER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Folder of the session store for stateful models: idle sessions are spilled there when every
-    /// slot is taken, and every live session is written there on drain (off by default).
+    /// The session store: a local folder (redb), or `redis://host:port/db` (Redis or Valkey, shared
+    /// by a fleet). Idle sessions are spilled there when slots or K/V blocks run out, and every live
+    /// session is written there on drain (off by default).
     #[arg(long, env = "NEURON_WORKER_SESSION_STORE")]
-    pub session_store: Option<PathBuf>,
+    pub session_store: Option<String>,
 }
 
 /// Parses `--model [NAME=]PATH`.

@@ -53,9 +53,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         return Err(server::ServeError::EmptyToken.to_string());
     }
     let store = match &args.session_store {
-        Some(dir) => {
-            let store =
-                neuron_worker::sessions::SessionStore::open(dir).map_err(|e| format!("--session-store: {e}"))?;
+        Some(spec) => {
+            let location = neuron_worker::sessions::parse_location(spec)?;
+            let store = neuron_worker::sessions::SessionStore::open_location(&location)
+                .map_err(|e| format!("--session-store: {e}"))?;
             tracing::info!(path = %store.path().display(), "session store opened");
             Some(Arc::new(store))
         }

@@ -7,6 +7,7 @@ pub mod bert_fixture;
 pub mod gen_sessions;
 pub mod generative;
 pub mod http;
+pub mod redis;
 pub mod sequences;
 
 use std::path::PathBuf;
