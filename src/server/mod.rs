@@ -2,6 +2,7 @@
 //! auth, TLS, message limits, the metrics endpoint, and graceful drain.
 
 mod bearer;
+pub mod chat_turn;
 mod decode;
 mod error;
 pub mod generate;
