@@ -170,8 +170,8 @@ async fn responses_chain_reuses_the_session_and_forks_from_older_responses() {
     // GET returns the stored object; DELETE of a conversation's newest response ends its session.
     let got = http::get(addr, &format!("/v1/responses/{}", r4["id"].as_str().unwrap())).await;
     assert_eq!(got.json()["id"], r4["id"]);
-    let del = http::send(addr, "DELETE", &format!("/v1/responses/{}", r4["id"].as_str().unwrap()), &[], Vec::new())
-        .await;
+    let del =
+        http::send(addr, "DELETE", &format!("/v1/responses/{}", r4["id"].as_str().unwrap()), &[], Vec::new()).await;
     assert_eq!(del.json()["deleted"], true);
     assert_eq!(generative.list_sessions().await.len(), 1, "the branch's session remains");
     assert_eq!(http::get(addr, &format!("/v1/responses/{}", r4["id"].as_str().unwrap())).await.status, 404);

@@ -70,7 +70,9 @@ mod tests {
 
     impl crate::batching::generative::detok::TokenText for ChatMl {
         fn decode(&self, ids: &[u32]) -> String {
-            ids.iter().map(|&t| if t == 1000 { "<|im_end|>".to_string() } else { char::from(t as u8).to_string() }).collect()
+            ids.iter()
+                .map(|&t| if t == 1000 { "<|im_end|>".to_string() } else { char::from(t as u8).to_string() })
+                .collect()
         }
     }
 
@@ -126,11 +128,9 @@ mod tests {
         session.extend(answer.bytes().map(u32::from));
         session.push(1000);
         session.extend(after_eos);
-        let whole = opening(
-            &t,
-            &[user("q"), ChatMessage { role: "assistant".into(), content: answer.into() }, user("hi")],
-        )
-        .unwrap();
+        let whole =
+            opening(&t, &[user("q"), ChatMessage { role: "assistant".into(), content: answer.into() }, user("hi")])
+                .unwrap();
         assert_eq!(session, whole);
     }
 }

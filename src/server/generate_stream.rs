@@ -61,18 +61,22 @@ async fn start(
     let tok = generative.tokenizer();
     let invalid = |e: String| ServerError::InvalidRequest(format!("model '{}': {e}", model.spec.name));
     let (prompt, prompt_text) = match &call.prompt {
-        Prompt::Text(t) => (
-            tok.encode(t, !continues).map_err(|e| invalid(format!("cannot tokenize text_input: {e}")))?,
-            t.clone(),
-        ),
+        Prompt::Text(t) => {
+            (tok.encode(t, !continues).map_err(|e| invalid(format!("cannot tokenize text_input: {e}")))?, t.clone())
+        }
         Prompt::Ids(ids) => (ids.clone(), tok.decode(ids)),
         Prompt::Messages(m) if continues => (
             super::chat_turn::continuation(tok.as_ref(), m, None).map_err(invalid)?,
             super::chat_turn::continuation_text(tok.as_ref(), m).map_err(invalid)?,
         ),
         Prompt::Messages(m) => {
-            let text = tok.render_chat(m).map_err(|e| invalid(format!("cannot render messages with the chat template: {e}")))?;
-            (tok.encode(&text, false).map_err(|e| invalid(format!("cannot tokenize the rendered messages: {e}")))?, text)
+            let text = tok
+                .render_chat(m)
+                .map_err(|e| invalid(format!("cannot render messages with the chat template: {e}")))?;
+            (
+                tok.encode(&text, false).map_err(|e| invalid(format!("cannot tokenize the rendered messages: {e}")))?,
+                text,
+            )
         }
     };
     let (tx, updates) = mpsc::unbounded_channel();
