@@ -66,7 +66,7 @@ async fn silent_and_preface_only_connections_are_closed_when_idle() {
         assert!(took.is_some(), "{what}: the connection is still open 10 s after an 800 ms idle timeout");
     }
     assert!(metric(&w, "neuron_worker_connections_idle_closed_total", "grpc").await >= grpc_before + 2);
-    assert!(metric(&w, "neuron_worker_connections_idle_closed_total", "http").await >= http_before + 1);
+    assert!(metric(&w, "neuron_worker_connections_idle_closed_total", "http").await > http_before);
     // A real client still gets answers (a new connection, and requests on it are traffic).
     let mut c = w.client().await;
     let ready = c.server_ready(neuron_worker::proto::inference::ServerReadyRequest {}).await.unwrap();

@@ -64,6 +64,7 @@ pub fn continuation(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batching::generative::detok::TokenText;
     use crate::batching::generative::tokens::ByteTokenizer;
 
     struct ChatMl;
