@@ -135,12 +135,6 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
             sampling.insert(k.into(), v.clone());
         }
     }
-    let loaded = app.core.repo.get(&model, "").map_err(ServerError::from)?;
-    let Some(generative) = loaded.batching.generative().cloned() else {
-        return Err(HttpError::bad_request(format!("model '{model}' is not a generative model")).into());
-    };
-    let tok = generative.tokenizer().clone();
-    let invalid = |e: String| HttpError::bad_request(format!("model '{model}': {e}"));
     if let Some(id) = &previous {
         let prev = app.responses.get(id).ok_or_else(|| not_found(id))?;
         if prev.model != model {
@@ -151,6 +145,12 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
             .into());
         }
     }
+    let loaded = app.core.repo.get(&model, "").map_err(ServerError::from)?;
+    let Some(generative) = loaded.batching.generative().cloned() else {
+        return Err(HttpError::bad_request(format!("model '{model}' is not a generative model")).into());
+    };
+    let tok = generative.tokenizer().clone();
+    let invalid = |e: String| HttpError::bad_request(format!("model '{model}': {e}"));
     let turn = match &previous {
         None => {
             let prompt = chat_turn::opening(tok.as_ref(), &new_messages).map_err(invalid)?;
