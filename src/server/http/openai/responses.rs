@@ -53,14 +53,47 @@ fn not_found(id: &str) -> HttpError {
     ))
 }
 
-/// Ends sessions no stored response continues any more.
+/// Ends sessions no stored response continues any more (a session whose cancelled turn is still
+/// winding down is retried for up to 2 s).
 async fn end_sessions(app: &App, orphans: Vec<Orphan>) {
+    use crate::batching::generative::session_moves::MoveError;
     for o in orphans {
         let Some(g) = app.core.repo.get(&o.model, "").ok().and_then(|m| m.batching.generative().cloned()) else {
             continue;
         };
-        if let Err(e) = g.export_session(SequenceId::Str(o.session.clone())).await {
-            tracing::debug!(session = %o.session, error = %e, "could not end a responses session");
+        for _ in 0..40 {
+            match g.export_session(SequenceId::Str(o.session.clone())).await {
+                Err(MoveError::Busy { .. }) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                Err(MoveError::NotFound { .. }) | Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(session = %o.session, error = %e, "could not end a responses session");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A turn's session until its response is stored: if the request fails or its client goes away
+/// (the handler is dropped), no stored response continues the session, so it is ended.
+struct Unstored {
+    app: App,
+    orphan: Option<Orphan>,
+}
+
+impl Unstored {
+    fn stored(mut self) {
+        self.orphan = None;
+    }
+}
+
+impl Drop for Unstored {
+    fn drop(&mut self) {
+        let Some(o) = self.orphan.take() else { return };
+        self.app.responses.drop_session(&o.session);
+        let app = self.app.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { end_sessions(&app, vec![o]).await });
         }
     }
 }
@@ -164,17 +197,12 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
             } else {
                 (app.responses.get(id).ok_or_else(|| not_found(id))?, false)
             };
+            let claimed = is_head.then(|| Orphan { model: model.clone(), session: prev.session.clone() });
+            let guard = Unstored { app: app.clone(), orphan: claimed };
             let cont = chat_turn::continuation(tok.as_ref(), &new_messages, prev.tokens.last().copied());
-            let cont = match cont {
-                Ok(c) => c,
-                Err(e) => {
-                    if is_head {
-                        app.responses.drop_session(&prev.session);
-                        end_sessions(&app, vec![Orphan { model: model.clone(), session: prev.session }]).await;
-                    }
-                    return Err(invalid(e).into());
-                }
-            };
+            let cont = cont.map_err(invalid)?;
+            // From here the turn's own guard (below) owns the session.
+            guard.stored();
             if is_head {
                 let session = prev.session.clone();
                 Turn { session: Some(session), start: false, history: prev.tokens, prompt: cont }
@@ -186,17 +214,10 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
             }
         }
     };
-    let o = match run(&app, &model, &turn, sampling).await {
-        Ok(o) => o,
-        Err(e) => {
-            // The session may hold part of the failed turn: no stored response continues it.
-            if let Some(session) = turn.session.clone() {
-                app.responses.drop_session(&session);
-                end_sessions(&app, vec![Orphan { model: model.clone(), session }]).await;
-            }
-            return Err(e.into());
-        }
-    };
+    // The session may hold part of a failed or abandoned turn: no stored response continues it then.
+    let orphan = turn.session.clone().map(|session| Orphan { model: model.clone(), session });
+    let unstored = Unstored { app: app.clone(), orphan };
+    let o = run(&app, &model, &turn, sampling).await?;
     let output_ids: Vec<u32> = o.output_ids.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
     let input_tokens = (turn.history.len() + turn.prompt.len()) as u64;
     let id = new_id("resp_");
@@ -241,6 +262,7 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
         body["output_token_ids"] = json!(output_ids);
     }
     tokens.extend_from_slice(&output_ids);
+    unstored.stored();
     if let Some(session) = turn.session {
         let orphans = app.responses.put(id, StoredResponse { model, session, tokens, body: body.clone() });
         end_sessions(&app, orphans).await;
