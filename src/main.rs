@@ -94,6 +94,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             max_connections: args.max_connections.unwrap_or_else(server::connections::default_max_connections),
             idle_timeout: (args.connection_idle_timeout > 0).then(|| Duration::from_secs(args.connection_idle_timeout)),
         },
+        worker_id: args.worker_id.clone().unwrap_or_else(server::worker_id::default_worker_id),
     };
     let running = server::start(opts, repo.clone()).await.map_err(|e| e.to_string())?;
     tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, metrics = ?running.metrics_addr, models = ?repo.entries().iter().map(|(n, e)| format!("{n}:{}", e.state)).collect::<Vec<_>>(), "serving");

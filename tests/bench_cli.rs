@@ -28,6 +28,7 @@ async fn start_worker() -> Result<RunningServer, Box<dyn std::error::Error>> {
         exit_timeout: Duration::from_secs(5),
         server_version: "test".into(),
         connections: Default::default(),
+        worker_id: "test-worker".into(),
     };
     Ok(server::start(opts, repo).await?)
 }

@@ -15,6 +15,7 @@ use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ListSessionsRequest};
 use neuron_worker::sessions::{SequenceId, SessionBlob, SessionStore};
+use tokio_stream::StreamExt;
 
 async fn worker(repo_dir: &std::path::Path, store: Arc<SessionStore>) -> common::TestWorker {
     let repo = Repository::new(Some(repo_dir.to_path_buf()), BackendSelection::Cpu, ModelControlMode::None)
@@ -150,4 +151,98 @@ async fn sessions_of_a_drained_worker_continue_exactly_after_a_restart() {
     b.server.shutdown.cancel();
     b.server.wait().await.expect("drains cleanly");
     assert!(stored(&store).is_empty(), "an ended session is not written at drain");
+}
+
+/// A session larger than a message: the unary export refuses and keeps it; the streamed export
+/// moves it in checked chunks to another worker, where it continues exactly; a damaged chunk is
+/// refused and nothing is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_larger_than_a_message_moves_in_checked_chunks() {
+    use neuron_worker::server::sessions::proto::SessionChunk;
+    let repo = gqa_repository("");
+    let opts = || neuron_worker::server::ServeOptions { max_message_size: 32 << 10, ..common::options() };
+    let a = common::start_with(Some(repo.path().into()), ModelControlMode::None, opts()).await;
+    let b = common::start_with(Some(repo.path().into()), ModelControlMode::None, opts()).await;
+    let greedy = r#"{"max_tokens": 8, "temperature": 0, "ignore_eos": true}"#;
+    let mut ca = a.client().await;
+    let mut history = Vec::new();
+    for turn in 0..3u64 {
+        let msg = message(800 + turn, 40, VOCAB);
+        let (ids, _) = generate(&mut ca, with_session(ids_request(&msg, greedy), 81, turn == 0, false)).await.unwrap();
+        history.extend(&msg);
+        history.extend(ids);
+    }
+    let req = || ExportSessionRequest {
+        model: "gqa".into(),
+        version: String::new(),
+        sequence_id: Some(sp::SequenceId { id: Some(sp::sequence_id::Id::Uint64Id(81)) }),
+    };
+    let mut sa = sessions_client(&a).await;
+    let e = sa.export_session(req()).await.expect_err("over the message limit");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("ExportSessionStream"), "{e}");
+    let chunks: Vec<SessionChunk> = sa
+        .export_session_stream(req())
+        .await
+        .expect("streamed export")
+        .into_inner()
+        .map(|c| c.expect("chunk"))
+        .collect()
+        .await;
+    assert!(chunks.len() >= 5, "{} chunks: the ~100 KB blob travels in pieces of 16 KiB", chunks.len());
+    assert_eq!(chunks[0].session.as_ref().map(|s| s.steps), Some(3));
+    let listed = sa.list_sessions(ListSessionsRequest::default()).await.expect("list").into_inner();
+    assert!(listed.sessions.is_empty(), "exported: the session left worker A");
+    // A damaged chunk: refused, nothing opened on B.
+    let mut sb = sessions_client(&b).await;
+    let mut bad = chunks.clone();
+    bad[2].data[7] ^= 0x10;
+    let e = sb.import_session_stream(tokio_stream::iter(bad)).await.expect_err("damaged");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("CRC-32"), "{e}");
+    assert!(sb.list_sessions(ListSessionsRequest::default()).await.expect("list").into_inner().sessions.is_empty());
+    // Intact: imported, and the next turn equals the stateless request over the whole history.
+    let info = sb.import_session_stream(tokio_stream::iter(chunks)).await.expect("import").into_inner();
+    assert_eq!(info.session.map(|s| s.steps), Some(3));
+    let mut cb = b.client().await;
+    let next = message(900, 5, VOCAB);
+    let moved = generate(&mut cb, with_session(ids_request(&next, greedy), 81, false, false)).await.unwrap();
+    history.extend(&next);
+    let stateless = generate(&mut cb, ids_request(&history, greedy)).await.unwrap();
+    assert_eq!(moved, stateless, "the moved session continues exactly");
+}
+
+/// A session idle for `session_store_after_idle_seconds` is written to the store by itself (so a
+/// crash would not lose it); its next turn finds its K/V still in the prefix cache, drops the
+/// stored copy, and equals the stateless request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_idle_session_is_written_to_the_store() {
+    let repo =
+        gqa_repository(r#"parameters { key: "session_store_after_idle_seconds" value: { string_value: "0.2" } }"#);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(SessionStore::open(dir.path()).expect("store opens"));
+    let w = worker(repo.path(), store.clone()).await;
+    let metrics = w.server.metrics_addr.expect("metrics").to_string();
+    let mut c = w.client().await;
+    let greedy = r#"{"max_tokens": 5, "temperature": 0, "ignore_eos": true}"#;
+    let mut history = Vec::new();
+    for turn in 0..2u64 {
+        let msg = message(950 + turn, 23, VOCAB);
+        let (ids, _) = generate(&mut c, with_session(ids_request(&msg, greedy), 95, turn == 0, false)).await.unwrap();
+        history.extend(&msg);
+        history.extend(ids);
+    }
+    let t = std::time::Instant::now();
+    while metric(&metrics, "sessions_stored").await != 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the idle session was never written to the store");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stored(&store), vec![(SequenceId::Uint(95), 2)], "the store holds it at its last turn");
+    let msg = message(952, 4, VOCAB);
+    let kept = generate(&mut c, with_session(ids_request(&msg, greedy), 95, false, false)).await.unwrap();
+    history.extend(&msg);
+    let stateless = generate(&mut c, ids_request(&history, greedy)).await.unwrap();
+    assert_eq!(kept, stateless);
+    assert_eq!(metric(&metrics, "session_restored_total").await, 0.0, "the prefix cache still held its K/V");
+    assert!(stored(&store).is_empty() || stored(&store) == vec![(SequenceId::Uint(95), 3)], "no stale copy");
 }

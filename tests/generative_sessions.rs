@@ -261,3 +261,46 @@ mod moves {
         assert!(e.message().contains("different weights"), "{e}");
     }
 }
+
+/// Sessions that start with the same system prompt share its K/V blocks: the pool counts them
+/// once, and every session's turns still equal stateless requests over its own history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_a_shared_prefix_hold_its_blocks_once() {
+    let repo = gqa_repository("");
+    let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+    let metrics = w.server.metrics_addr.expect("metrics").to_string();
+    let mut c = w.client().await;
+    let greedy = r#"{"max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
+    // 48 tokens = 3 full blocks of 16, then 10 own tokens and 4 generated: 62 positions, 4 blocks.
+    let system = message(7000, 48, VOCAB);
+    let used_blocks = || async {
+        let cap = common::capacity(&metrics).await;
+        let g =
+            cap["models"].as_array().and_then(|m| m.iter().find(|m| m["model"] == "gqa")).expect("gqa")["generative"]
+                .clone();
+        (g["kv_cache_usage_perc"].as_f64().expect("usage") * g["kv_cache_blocks"].as_f64().expect("blocks")).round()
+            as u64
+    };
+    let mut histories = Vec::new();
+    for id in 0..4u64 {
+        let mut first = system.clone();
+        first.extend(message(7100 + id, 10, VOCAB));
+        let (ids, _) =
+            generate(&mut c, with_session(ids_request(&first, greedy), 700 + id, true, false)).await.unwrap();
+        first.extend(ids);
+        histories.push(first);
+    }
+    // Each session holds 4 blocks, 3 of them the shared prefix: 3 + 4 x 1 blocks in use, not 16.
+    assert_eq!(used_blocks().await, 7, "the shared prefix's blocks are counted once");
+    assert!(metric(&metrics, "prefix_cache_hit_tokens_total").await >= 3.0 * 48.0);
+    // A second turn each, equal to the stateless request over its own history.
+    for (id, h) in histories.iter_mut().enumerate() {
+        let msg = message(7200 + id as u64, 6, VOCAB);
+        let kept =
+            generate(&mut c, with_session(ids_request(&msg, greedy), 700 + id as u64, false, false)).await.unwrap();
+        h.extend(&msg);
+        let stateless = generate(&mut c, ids_request(h, greedy)).await.unwrap();
+        assert_eq!(kept, stateless, "session {id}: a shared prefix changes nothing in the outputs");
+        h.extend(kept.0);
+    }
+}

@@ -136,6 +136,7 @@ fn setup(spec: &GenerativeSpec, eos: Vec<u32>, defaults: SamplingParams) -> Gene
         sessions: SessionLimits {
             max_sessions: spec.max_sessions,
             max_session_tokens: spec.max_session_tokens.unwrap_or(usize::MAX),
+            store_after_idle: spec.store_after_idle,
         },
     }
 }

@@ -385,18 +385,43 @@ fn take(engine: &mut Engine, cmd: Command) {
     }
 }
 
-/// The instance thread: take requests, step while there is work, block when idle, end when the
-/// handle is gone and the work is done.
+/// How often a step loop looks for sessions idle long enough to go to the store.
+fn idle_check_every(engine: &Engine) -> Option<std::time::Duration> {
+    let age = engine.sessions().limits().store_after_idle?;
+    engine.durable()?;
+    Some((age / 4).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_secs(1)))
+}
+
+/// The instance thread: take requests, step while there is work, block when idle (waking up to
+/// write long-idle sessions to the store), end when the handle is gone and the work is done.
 fn step_loop(mut engine: Engine, ctx: ThreadContext) {
     let mut open = true;
+    let check_every = idle_check_every(&engine);
+    let mut last_check = std::time::Instant::now();
     loop {
+        if let Some(every) = check_every
+            && last_check.elapsed() >= every
+        {
+            last_check = std::time::Instant::now();
+            engine.store_long_idle();
+        }
         if engine.is_idle() {
             if !open {
                 return engine.save_sessions_for(SaveReason::Drain);
             }
-            match ctx.rx.recv() {
-                Ok(cmd) => take(&mut engine, cmd),
-                Err(_) => return engine.save_sessions_for(SaveReason::Drain),
+            let received = match check_every {
+                Some(every) if engine.has_idle_to_store() => match ctx.rx.recv_timeout(every) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return engine.save_sessions_for(SaveReason::Drain),
+                },
+                _ => match ctx.rx.recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(_) => return engine.save_sessions_for(SaveReason::Drain),
+                },
+            };
+            if let Some(cmd) = received {
+                take(&mut engine, cmd);
             }
             if engine.is_idle() {
                 continue;

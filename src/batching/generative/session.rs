@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::kv_blocks::BlockTable;
 use super::request::{GenerateRequest, GenerationError, SessionTurn, UpdateSender};
@@ -27,11 +27,14 @@ pub struct SessionLimits {
     /// Most tokens a session may hold (history plus the new turn's input); a turn beyond it is
     /// refused with a message saying to END the session or rewind it with `truncate_to`.
     pub max_session_tokens: usize,
+    /// With a session store: a session idle this long is written there (its blocks released to
+    /// the prefix cache), so it survives a crash; `None` = only when the pool needs its blocks.
+    pub store_after_idle: Option<Duration>,
 }
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        Self { max_sessions: 1024, max_session_tokens: usize::MAX }
+        Self { max_sessions: 1024, max_session_tokens: usize::MAX, store_after_idle: None }
     }
 }
 
@@ -289,6 +292,23 @@ impl Sessions {
         s.last_used = now;
         s.idle_since = Some(Instant::now());
         s.pending.pop_front()
+    }
+
+    /// The bounds these sessions live under.
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
+    /// Idle sessions with resident blocks that have been idle for at least `age`, longest first.
+    pub fn idle_resident_for(&self, age: Duration) -> Vec<SequenceId> {
+        let mut idle: Vec<(Instant, SequenceId)> = self
+            .map
+            .iter()
+            .filter(|(_, s)| !s.busy && s.table.is_some())
+            .filter_map(|(id, s)| s.idle_since.filter(|t| t.elapsed() >= age).map(|t| (t, id.clone())))
+            .collect();
+        idle.sort_unstable();
+        idle.into_iter().map(|(_, id)| id).collect()
     }
 
     /// Idle sessions whose K/V blocks are resident, least recently used first (the order in which

@@ -47,13 +47,51 @@ pub enum SaveReason {
 }
 
 impl Engine {
+    /// Moves every idle session with resident blocks down a tier (to the store when there is one,
+    /// else to its tokens); returns how many moved. (The pool does this by itself when it runs
+    /// short; benchmarks and operators' tools call it to measure or to make room ahead.)
+    pub fn release_idle_sessions(&mut self) -> usize {
+        let n = self.make_room(usize::MAX);
+        self.publish_gauges();
+        n
+    }
+
     /// Releases idle sessions' blocks, least recently used first, until `needed` blocks are
     /// available or no idle session holds any; each goes to the store first when there is one.
     /// Returns how many sessions released.
     pub(super) fn make_room(&mut self, needed: usize) -> usize {
+        let candidates = self.sessions.idle_resident();
+        self.release_sessions(candidates, needed)
+    }
+
+    /// With a store and `store_after_idle` set: writes the sessions idle that long to the store
+    /// (their blocks go to the prefix cache). Returns how many moved.
+    pub fn store_long_idle(&mut self) -> usize {
+        let Some(age) = self.sessions.limits().store_after_idle else { return 0 };
+        if self.durable.is_none() {
+            return 0;
+        }
+        let candidates = self.sessions.idle_resident_for(age);
+        if candidates.is_empty() {
+            return 0;
+        }
+        let n = self.release_sessions(candidates, usize::MAX);
+        self.publish_gauges();
+        n
+    }
+
+    /// True when some idle session may be moved by [`Engine::store_long_idle`] later.
+    pub fn has_idle_to_store(&self) -> bool {
+        self.durable.is_some()
+            && self.sessions.limits().store_after_idle.is_some()
+            && self.sessions.iter().any(|(_, s)| !s.busy && s.table.is_some())
+    }
+
+    /// Releases `candidates` in order until `needed` blocks are available.
+    fn release_sessions(&mut self, candidates: Vec<SequenceId>, needed: usize) -> usize {
         let block_size = self.pool.block_size();
         let mut released: Vec<(SequenceId, Option<SessionBlob>)> = Vec::new();
-        for id in self.sessions.idle_resident() {
+        for id in candidates {
             if self.pool.available() >= needed {
                 break;
             }
@@ -118,6 +156,15 @@ impl Engine {
         if known.is_none() && self.sessions.is_full() {
             return; // the turn is refused (sessions full); the store keeps the session
         }
+        if known == Some(true) && self.prefix_cache_covers(&turn.id) {
+            // The prefix cache still holds its K/V: only the stale store copy goes.
+            if let Err(e) = d.store.remove(&d.model, d.version, &turn.id) {
+                self.stats.session_store_failures.fetch_add(1, Relaxed);
+                tracing::warn!(model = %d.model, id = %turn.id, error = %e, "cannot delete the stored copy of a continued session");
+            }
+            self.mark_not_stored(&turn.id);
+            return;
+        }
         let blob = match d.store.take(&d.model, d.version, &turn.id) {
             Ok(Some(b)) => b,
             Ok(None) => {
@@ -137,6 +184,14 @@ impl Engine {
             tracing::warn!(model = %d.model, id = %turn.id, %reason, "a stored session cannot continue here");
             self.mark_not_stored(&turn.id);
         }
+    }
+
+    /// Whether the prefix cache holds the K/V of all of session `id`'s tokens but its last
+    /// partial block (the most a stored copy could add).
+    fn prefix_cache_covers(&self, id: &SequenceId) -> bool {
+        let Some(s) = self.sessions.get(id) else { return false };
+        let cached = self.pool.lookup_prefix(&s.tokens).len();
+        cached + self.pool.block_size() > s.tokens.len()
     }
 
     fn mark_not_stored(&mut self, id: &SequenceId) {

@@ -236,6 +236,11 @@ impl Engine {
         }
     }
 
+    /// Publishes the gauges after a change made outside a step.
+    pub(super) fn publish_gauges(&mut self) {
+        self.publish();
+    }
+
     /// Saves the sessions to the store (when there is one) as `reason` requires.
     pub fn save_sessions_for(&mut self, reason: super::session_tiers::SaveReason) {
         self.save_sessions(reason);
