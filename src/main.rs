@@ -91,6 +91,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tls_client_ca: args.tls_client_ca.clone(),
         exit_timeout: Duration::from_secs(args.exit_timeout),
         server_version: format!("{} (backend: {why})", env!("CARGO_PKG_VERSION")),
+        connections: server::connections::ConnectionLimits {
+            max_connections: args.max_connections.unwrap_or_else(server::connections::default_max_connections),
+            idle_timeout: (args.connection_idle_timeout > 0).then(|| Duration::from_secs(args.connection_idle_timeout)),
+        },
         worker_id: args.worker_id.clone().unwrap_or_else(server::worker_id::default_worker_id),
     };
     let running = server::start(opts, repo.clone()).await.map_err(|e| e.to_string())?;

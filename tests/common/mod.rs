@@ -41,6 +41,7 @@ pub fn options() -> ServeOptions {
         tls_client_ca: None,
         exit_timeout: Duration::from_secs(10),
         server_version: "test".into(),
+        connections: Default::default(),
         worker_id: "test-worker".into(),
     }
 }
