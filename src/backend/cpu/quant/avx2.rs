@@ -19,6 +19,9 @@ macro_rules! quant_kernels {
         use super::format::{FQ4_0, FQ4_1, FQ8_0, QFormat, QK};
         use super::qmatrix::{QData, XRef};
 
+        /// How many weight rows ahead a one-activation-row product prefetches.
+        const PREFETCH_ROWS: usize = 8;
+
         /// The fixed 8-lane horizontal sum (same order as `scalar::hsum8`).
         #[inline(always)]
         fn hsum(v: __m256) -> f32 {
@@ -131,6 +134,13 @@ macro_rules! quant_kernels {
                     for r in 0..R {
                         let at = ((r0 + r) * nb + b) * qsb;
                         wv[r] = $load_w::<F>(&w.qs[at..at + qsb]);
+                        if PREFETCH_ROWS > 0 && C == 1 {
+                            // One activation row: the product streams the weight once, so ask for
+                            // the rows a few tiles ahead (a hint: never faults, never changes a
+                            // result; past the end it is simply wasted).
+                            let ahead = w.qs.as_ptr().wrapping_add(at + PREFETCH_ROWS * nb * qsb);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                        }
                     }
                     for c in 0..C {
                         let xb = &xq[c][b * QK..b * QK + QK];
