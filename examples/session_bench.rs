@@ -1,8 +1,10 @@
 //! Conversation sessions, measured on one step loop (no network): time to first token of a turn
 //! that appends 16 tokens to a kept session of H tokens, against a stateless request re-sending the
 //! whole conversation (H + 16 tokens) — cold (nothing cached, the full re-prefill) and warm (the
-//! prefix cache still holds the conversation's full blocks); then the session's export and import
-//! (read its K/V out into a blob, write it back) per 1k tokens of context, and their MB/s.
+//! prefix cache still holds the conversation's full blocks); the session's spill to the session
+//! store (redb, in a temporary folder) and the turn that restores it (prefix cache emptied first);
+//! then the session's export and import (read its K/V out into a blob, write it back) per 1k tokens
+//! of context, and their MB/s.
 //!
 //! `cargo run --release --example session_bench -- [MODEL.gguf|HF_FOLDER|builtin] [H ...]`
 //! (default: the built-in tiny_decoder; H = 1024 2048). Prints lines `sessions: ...`.
@@ -16,11 +18,12 @@ use neuron_worker::batching::generative::params::SamplingParams;
 use neuron_worker::batching::generative::request::{GenerateRequest, SessionTurn, UpdateReceiver};
 use neuron_worker::batching::generative::session::{Affinity, SessionLimits};
 use neuron_worker::batching::generative::session_moves::{self, SessionCommand};
+use neuron_worker::batching::generative::session_tiers::Durable;
 use neuron_worker::batching::generative::stats::GenerativeStats;
 use neuron_worker::batching::generative::step::Engine;
 use neuron_worker::config::generative::GenerativeSpec;
 use neuron_worker::repository::generative::{DecoderSource, LoadedDecoder, detect, load, tiny_decoder};
-use neuron_worker::sessions::SequenceId;
+use neuron_worker::sessions::{SequenceId, SessionStore};
 
 fn load_model(arg: Option<&str>, spec: &GenerativeSpec) -> LoadedDecoder {
     match arg {
@@ -33,7 +36,7 @@ fn load_model(arg: Option<&str>, spec: &GenerativeSpec) -> LoadedDecoder {
     }
 }
 
-fn engine(model: &mut LoadedDecoder) -> Engine {
+fn engine(model: &mut LoadedDecoder, store: Option<Arc<SessionStore>>) -> Engine {
     struct Text(Arc<dyn neuron_worker::batching::generative::tokens::PromptTokenizer>);
     impl neuron_worker::batching::generative::detok::TokenText for Text {
         fn decode(&self, ids: &[u32]) -> String {
@@ -42,11 +45,9 @@ fn engine(model: &mut LoadedDecoder) -> Engine {
     }
     let decoder = model.decoders.pop().expect("one decoder");
     let text = Arc::new(Text(model.tokenizer.clone()));
-    Engine::new(decoder, text, Vec::new(), model.setup.limits, Arc::new(GenerativeStats::default())).with_sessions(
-        SessionLimits::default(),
-        Affinity::default(),
-        0,
-    )
+    Engine::new(decoder, text, Vec::new(), model.setup.limits, Arc::new(GenerativeStats::default()))
+        .with_sessions(SessionLimits::default(), Affinity::default(), 0)
+        .with_durable(store.map(|store| Durable { store, model: "m".into(), version: 1 }))
 }
 
 fn request(prompt: Vec<u32>, max_tokens: usize, session: Option<SessionTurn>) -> (GenerateRequest, UpdateReceiver) {
@@ -104,12 +105,15 @@ fn main() {
     let reps = 3;
     for &h in &histories {
         let (mut kept_t, mut cold_t, mut warm_t, mut export_t, mut import_t) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut spill_t, mut restored_t) = (vec![], vec![]);
         let mut blob_bytes = 0;
         for rep in 0..reps {
             let mut model = load_model(model_arg.as_deref(), &spec);
             let vocab = model.decoders[0].shape().vocab;
-            let mut cold = engine(&mut load_model(model_arg.as_deref(), &spec));
-            let mut e = engine(&mut model);
+            let mut cold = engine(&mut load_model(model_arg.as_deref(), &spec), None);
+            let dir = tempfile::tempdir().expect("temp dir");
+            let store = Arc::new(SessionStore::open(dir.path()).expect("store opens"));
+            let mut e = engine(&mut model, Some(store));
             let id = 1 + rep as u64;
             // Turn 1 builds the history (H tokens, one generated); turn 2 appends 16 tokens.
             let history = tokens(h - 1, vocab, id);
@@ -121,6 +125,15 @@ fn main() {
             whole.truncate(h + 16);
             cold_t.push(run(&mut cold, request(whole.clone(), 1, None)));
             warm_t.push(run(&mut e, request(whole, 1, None)));
+            // Spill to the store, empty the prefix cache, then a turn that restores it.
+            let t = Instant::now();
+            assert_eq!(e.release_idle_sessions(), 1, "the session went to the store");
+            spill_t.push(t.elapsed());
+            {
+                let mut all = e.pool().table();
+                let _ = all.grow(e.pool().num_blocks() * e.pool().block_size());
+            }
+            restored_t.push(run(&mut e, request(tokens(16, vocab, 200 + id), 1, turn(id, false))));
             // Export (K/V read into a blob) and import (written back into the pool).
             let (tx, rx) = tokio::sync::oneshot::channel();
             let t = Instant::now();
@@ -147,6 +160,16 @@ fn main() {
             ms(cold),
             ms(cold) / ms(kept).max(1e-9),
             ms(warm)
+        );
+        let (spill, restored) = (median(spill_t), median(restored_t));
+        println!(
+            "sessions: spill of a {h}-token session to the store {:.2} ms ({:.2} ms per 1k tokens); turn after restore \
+             from the store (+16 new) {:.2} ms vs {:.2} ms resident: restore ~{:.2} ms per 1k tokens",
+            ms(spill),
+            ms(spill) * 1000.0 / h as f64,
+            ms(restored),
+            ms(kept),
+            (ms(restored) - ms(kept)).max(0.0) * 1000.0 / (h + 17) as f64
         );
         let (ex, im) = (median(export_t), median(import_t));
         let per_k = 1000.0 / (h + 16) as f64;

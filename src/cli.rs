@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "NEURON_WORKER_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// This worker's id, sent as the `x-worker-id` header on every response (a gateway pins a
+    /// conversation session to the worker holding it). Default: the host name (a pod's name).
+    #[arg(long, env = "NEURON_WORKER_ID")]
+    pub worker_id: Option<String>,
     /// Largest gRPC message, or HTTP request body, accepted or sent, in bytes.
     #[arg(long, env = "NEURON_WORKER_MAX_MESSAGE_SIZE", default_value_t = 64 * 1024 * 1024)]
     pub max_message_size: usize,

@@ -90,6 +90,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tls_client_ca: args.tls_client_ca.clone(),
         exit_timeout: Duration::from_secs(args.exit_timeout),
         server_version: format!("{} (backend: {why})", env!("CARGO_PKG_VERSION")),
+        worker_id: args.worker_id.clone().unwrap_or_else(server::worker_id::default_worker_id),
     };
     let running = server::start(opts, repo.clone()).await.map_err(|e| e.to_string())?;
     tracing::info!(grpc = %running.grpc_addr, http = ?running.http_addr, metrics = ?running.metrics_addr, models = ?repo.entries().iter().map(|(n, e)| format!("{n}:{}", e.state)).collect::<Vec<_>>(), "serving");

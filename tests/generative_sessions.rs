@@ -7,100 +7,14 @@
 
 mod common;
 
-use common::generative::{bytes_el, gqa_repository, is_final};
+use common::gen_sessions::*;
+use common::generative::{gqa_repository, is_final};
 
 use std::time::Duration;
 
-use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
-use neuron_worker::proto::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
+use neuron_worker::proto::inference::{InferParameter, infer_parameter::ParameterChoice};
 use neuron_worker::repository::ModelControlMode;
 use tokio_stream::StreamExt;
-
-type Client = GrpcInferenceServiceClient<tonic::transport::Channel>;
-
-/// A streamed generation request over token ids, returning ids and logprobs.
-fn ids_request(ids: &[u32], params: &str) -> ModelInferRequest {
-    let input = |name: &str, dtype: &str, shape: Vec<i64>| InferInputTensor {
-        name: name.into(),
-        datatype: dtype.into(),
-        shape,
-        ..Default::default()
-    };
-    let inputs = vec![
-        input("input_ids", "INT32", vec![ids.len() as i64]),
-        input("sampling_parameters", "BYTES", vec![1]),
-        input("stream", "BOOL", vec![1]),
-        input("exclude_input_in_output", "BOOL", vec![1]),
-        input("return_output_ids", "BOOL", vec![1]),
-        input("return_output_logprobs", "BOOL", vec![1]),
-    ];
-    let raw = vec![
-        ids.iter().flat_map(|i| (*i as i32).to_le_bytes()).collect::<Vec<u8>>(),
-        bytes_el(params),
-        vec![1],
-        vec![1],
-        vec![1],
-        vec![1],
-    ];
-    let raw = raw.into_iter().map(bytes::Bytes::from).collect();
-    ModelInferRequest { model_name: "gqa".into(), inputs, raw_input_contents: raw, ..Default::default() }
-}
-
-fn with_session(mut r: ModelInferRequest, id: u64, start: bool, end: bool) -> ModelInferRequest {
-    let p = |c| InferParameter { parameter_choice: Some(c) };
-    r.parameters.insert("sequence_id".into(), p(ParameterChoice::Uint64Param(id)));
-    r.parameters.insert("sequence_start".into(), p(ParameterChoice::BoolParam(start)));
-    r.parameters.insert("sequence_end".into(), p(ParameterChoice::BoolParam(end)));
-    r
-}
-
-/// Runs one request on its own stream: (ids, logprobs), or the in-band error message.
-async fn generate(c: &mut Client, req: ModelInferRequest) -> Result<(Vec<u32>, Vec<f32>), String> {
-    let mut stream = c.model_stream_infer(tokio_stream::iter(vec![req])).await.expect("stream opens").into_inner();
-    let (mut ids, mut lps) = (Vec::new(), Vec::new());
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(120), stream.next())
-            .await
-            .expect("a response within 120 s")
-            .expect("stream open")
-            .expect("no stream error");
-        if !msg.error_message.is_empty() {
-            return Err(msg.error_message);
-        }
-        let r = msg.infer_response.expect("response");
-        let get = |name: &str| {
-            r.outputs.iter().position(|o| o.name == name).map(|i| r.raw_output_contents[i].clone()).unwrap_or_default()
-        };
-        ids.extend(get("output_ids").chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32));
-        lps.extend(get("output_logprobs").chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
-        if is_final(&r) {
-            return Ok((ids, lps));
-        }
-    }
-}
-
-/// Deterministic "user messages": `n` token ids from a small LCG over the fixture's vocabulary.
-fn message(turn: u64, n: usize, vocab: u32) -> Vec<u32> {
-    let mut x = turn.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((x >> 33) as u32) % vocab
-        })
-        .collect()
-}
-
-async fn metric(addr: &str, name: &str) -> f64 {
-    let text = common::http_get(addr, "/metrics").await;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("neuron_worker_{name}{{model=\"gqa\"")))
-        .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"));
-    line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
-}
-
-const VOCAB: u32 = 200;
 
 async fn four_turns(c: &mut Client, metrics: &str, id: u64, params: &str) {
     let mut history: Vec<u32> = Vec::new();
@@ -345,5 +259,48 @@ mod moves {
         let e = so.import_session(ImportSessionRequest { blob: decoded.encode() }).await.expect_err("refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         assert!(e.message().contains("different weights"), "{e}");
+    }
+}
+
+/// Sessions that start with the same system prompt share its K/V blocks: the pool counts them
+/// once, and every session's turns still equal stateless requests over its own history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_with_a_shared_prefix_hold_its_blocks_once() {
+    let repo = gqa_repository("");
+    let w = common::start_with(Some(repo.path().into()), ModelControlMode::None, common::options()).await;
+    let metrics = w.server.metrics_addr.expect("metrics").to_string();
+    let mut c = w.client().await;
+    let greedy = r#"{"max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
+    // 48 tokens = 3 full blocks of 16, then 10 own tokens and 4 generated: 62 positions, 4 blocks.
+    let system = message(7000, 48, VOCAB);
+    let used_blocks = || async {
+        let cap = common::capacity(&metrics).await;
+        let g =
+            cap["models"].as_array().and_then(|m| m.iter().find(|m| m["model"] == "gqa")).expect("gqa")["generative"]
+                .clone();
+        (g["kv_cache_usage_perc"].as_f64().expect("usage") * g["kv_cache_blocks"].as_f64().expect("blocks")).round()
+            as u64
+    };
+    let mut histories = Vec::new();
+    for id in 0..4u64 {
+        let mut first = system.clone();
+        first.extend(message(7100 + id, 10, VOCAB));
+        let (ids, _) =
+            generate(&mut c, with_session(ids_request(&first, greedy), 700 + id, true, false)).await.unwrap();
+        first.extend(ids);
+        histories.push(first);
+    }
+    // Each session holds 4 blocks, 3 of them the shared prefix: 3 + 4 x 1 blocks in use, not 16.
+    assert_eq!(used_blocks().await, 7, "the shared prefix's blocks are counted once");
+    assert!(metric(&metrics, "prefix_cache_hit_tokens_total").await >= 3.0 * 48.0);
+    // A second turn each, equal to the stateless request over its own history.
+    for (id, h) in histories.iter_mut().enumerate() {
+        let msg = message(7200 + id as u64, 6, VOCAB);
+        let kept =
+            generate(&mut c, with_session(ids_request(&msg, greedy), 700 + id as u64, false, false)).await.unwrap();
+        h.extend(&msg);
+        let stateless = generate(&mut c, ids_request(h, greedy)).await.unwrap();
+        assert_eq!(kept, stateless, "session {id}: a shared prefix changes nothing in the outputs");
+        h.extend(kept.0);
     }
 }

@@ -99,15 +99,17 @@ impl Batcher {
         Ok(Batcher { admission, policy, check: None })
     }
 
-    /// Starts a generative model version: one step-loop thread per decoder instance.
+    /// Starts a generative model version: one step-loop thread per decoder instance; its idle
+    /// sessions spill to `store`, and are written there at drain.
     pub fn start_generative(
         spec: Arc<ModelSpec>,
         setup: generative::handle::GenerativeSetup,
         decoders: Vec<Box<dyn crate::backend::generative::DecoderInstance>>,
         tokenizer: Arc<dyn generative::tokens::PromptTokenizer>,
+        store: Option<Arc<crate::sessions::SessionStore>>,
     ) -> Result<Batcher, BatchingError> {
         let admission = Arc::new(Admission::new(spec, decoders.len()));
-        let model = generative::handle::GenerativeModel::start(admission.clone(), setup, decoders, tokenizer)?;
+        let model = generative::handle::GenerativeModel::start(admission.clone(), setup, decoders, tokenizer, store)?;
         Ok(Batcher { admission, policy: Policy::Generative(Arc::new(model)), check: None })
     }
 

@@ -87,6 +87,10 @@ pub struct GenerativeSpec {
     pub max_sessions: usize,
     /// Most tokens one session may hold: `max_session_tokens`; `None` = the context limit.
     pub max_session_tokens: Option<usize>,
+    /// With `--session-store`: seconds after which an idle session is written to the store (and
+    /// survives a crash): `session_store_after_idle_seconds` (default 60; 0 = only when the pool
+    /// needs its blocks, and at drain).
+    pub store_after_idle: Option<std::time::Duration>,
 }
 
 impl Default for GenerativeSpec {
@@ -99,6 +103,7 @@ impl Default for GenerativeSpec {
             max_model_len: None,
             max_sessions: 1024,
             max_session_tokens: None,
+            store_after_idle: Some(std::time::Duration::from_secs(60)),
         }
     }
 }
@@ -150,6 +155,11 @@ impl GenerativeSpec {
                 "max_model_len" => s.max_model_len = Some(positive(key, v)?),
                 "max_sessions" => s.max_sessions = positive(key, v)?,
                 "max_session_tokens" => s.max_session_tokens = Some(positive(key, v)?),
+                "session_store_after_idle_seconds" => {
+                    let secs = v.trim().parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0 && *x < 1e9);
+                    let secs = secs.ok_or_else(|| err(key, format!("'{v}' is not a number of seconds >= 0")))?;
+                    s.store_after_idle = (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs));
+                }
                 "kv_cache_memory" => s.kv_cache_memory = parse_memory(v).map_err(|r| err(key, r))?,
                 _ => {}
             }

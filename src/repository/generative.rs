@@ -136,6 +136,7 @@ fn setup(spec: &GenerativeSpec, eos: Vec<u32>, defaults: SamplingParams) -> Gene
         sessions: SessionLimits {
             max_sessions: spec.max_sessions,
             max_session_tokens: spec.max_session_tokens.unwrap_or(usize::MAX),
+            store_after_idle: spec.store_after_idle,
         },
     }
 }
@@ -284,6 +285,7 @@ pub fn tiny_decoder(spec: &GenerativeSpec, instances: usize) -> Result<LoadedDec
 pub(crate) async fn load_versions(
     source: super::loader::ModelSource,
     defaults: &GenerativeSpec,
+    store: Option<Arc<crate::sessions::SessionStore>>,
 ) -> Result<std::collections::BTreeMap<i64, Arc<super::LoadedModel>>, LoadError> {
     let file = format!("model '{}' config", source.config.name);
     let gspec = GenerativeSpec::from_config(&source.config, &file, defaults)?;
@@ -306,9 +308,14 @@ pub(crate) async fn load_versions(
         .await
         .map_err(|e| LoadError::Task { reason: e.to_string() })??;
         let setup = GenerativeSetup { version, ..loaded.setup };
-        let batching =
-            crate::batching::Batcher::start_generative(spec.clone(), setup, loaded.decoders, loaded.tokenizer)
-                .map_err(|source| LoadError::Batching { source })?;
+        let batching = crate::batching::Batcher::start_generative(
+            spec.clone(),
+            setup,
+            loaded.decoders,
+            loaded.tokenizer,
+            store.clone(),
+        )
+        .map_err(|source| LoadError::Batching { source })?;
         let backend = crate::backend::BackendKind::Cpu;
         let model = super::LoadedModel { version, config: source.config.clone(), spec, batching, backend };
         versions.insert(version, Arc::new(model));

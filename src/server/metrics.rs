@@ -29,7 +29,7 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
 
 /// The capacity summary: per model version, readiness, instances in service, queue depth and bound,
 /// and the estimated queue wait.
-pub fn capacity(repo: &Repository) -> serde_json::Value {
+pub fn capacity(repo: &Repository, worker_id: &str) -> serde_json::Value {
     let mut models = Vec::new();
     for (name, entry) in repo.entries() {
         for (v, m) in &entry.versions {
@@ -54,15 +54,18 @@ pub fn capacity(repo: &Repository) -> serde_json::Value {
                 .push(serde_json::json!({"model": name, "ready": false, "state": entry.state, "reason": entry.reason}));
         }
     }
-    serde_json::json!({ "models": models })
+    serde_json::json!({ "worker_id": worker_id, "models": models })
 }
 
-fn respond(repo: &Repository, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn respond(repo: &Repository, worker_id: &str, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let build = |code: StatusCode, ctype: &str, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = code;
         if let Ok(v) = ctype.parse() {
             r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        if let Ok(v) = super::worker_id::header_value(worker_id) {
+            r.headers_mut().insert(super::worker_id::HEADER, v);
         }
         r
     };
@@ -71,13 +74,19 @@ fn respond(repo: &Repository, req: &Request<hyper::body::Incoming>) -> Response<
             Ok(text) => build(StatusCode::OK, "text/plain; version=0.0.4", text),
             Err(e) => build(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("cannot render metrics: {e}\n")),
         },
-        "/capacity" => build(StatusCode::OK, "application/json", capacity(repo).to_string()),
+        "/capacity" => build(StatusCode::OK, "application/json", capacity(repo, worker_id).to_string()),
         _ => build(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /capacity\n".into()),
     }
 }
 
 /// Serves `/metrics` and `/capacity` on `listener` until `stop` is cancelled.
-pub async fn serve_metrics(listener: tokio::net::TcpListener, repo: Arc<Repository>, stop: CancellationToken) {
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    repo: Arc<Repository>,
+    stop: CancellationToken,
+    worker_id: String,
+) {
+    let worker_id: Arc<str> = Arc::from(worker_id);
     loop {
         let (stream, _peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -89,10 +98,10 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, repo: Arc<Reposito
                 }
             },
         };
-        let repo = repo.clone();
+        let (repo, worker_id) = (repo.clone(), worker_id.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let resp = respond(&repo, &req);
+                let resp = respond(&repo, &worker_id, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);

@@ -47,7 +47,7 @@ pub fn render(repo: &Repository) -> String {
         return out;
     }
     type Read = fn(&GenerativeStats) -> f64;
-    let simple: [(&str, &str, &str, Read); 14] = [
+    let simple: [(&str, &str, &str, Read); 22] = [
         ("num_requests_running", "gauge", "Sequences in the running set (holding K/V blocks)", |s| {
             s.running.load(Relaxed) as f64
         }),
@@ -66,6 +66,39 @@ pub fn render(repo: &Repository) -> String {
         }),
         ("sessions_resident", "gauge", "Open sessions whose K/V blocks are resident in the pool", |s| {
             s.sessions_resident.load(Relaxed) as f64
+        }),
+        ("sessions_stored", "gauge", "Open sessions whose state is in the session store (blocks released)", |s| {
+            s.sessions_stored.load(Relaxed) as f64
+        }),
+        ("session_kv_resident_bytes", "gauge", "K/V bytes of open sessions resident in the pool", |s| {
+            s.session_kv_bytes_resident.load(Relaxed) as f64
+        }),
+        ("session_kv_stored_bytes", "gauge", "K/V bytes of open sessions held by the session store", |s| {
+            s.session_kv_bytes_stored.load(Relaxed) as f64
+        }),
+        (
+            "session_spilled_total",
+            "counter",
+            "Sessions written to the session store (released, drained, failed over)",
+            |s| s.session_spilled.load(Relaxed) as f64,
+        ),
+        (
+            "session_restored_total",
+            "counter",
+            "Sessions whose state came back from the session store for a turn",
+            |s| s.session_restored.load(Relaxed) as f64,
+        ),
+        (
+            "session_dropped_to_tokens_total",
+            "counter",
+            "Idle sessions that released their K/V keeping only their tokens (recomputed on their next turn)",
+            |s| s.session_dropped_to_tokens.load(Relaxed) as f64,
+        ),
+        ("session_store_failures_total", "counter", "Session store reads or writes that failed", |s| {
+            s.session_store_failures.load(Relaxed) as f64
+        }),
+        ("sessions_lost_total", "counter", "Sessions that could not be saved when their instance stopped", |s| {
+            s.sessions_lost.load(Relaxed) as f64
         }),
         ("session_turns_total", "counter", "Session turns started", |s| s.session_turns.load(Relaxed) as f64),
         ("session_kv_released_total", "counter", "Idle sessions that gave their K/V blocks back to make room", |s| {
@@ -116,5 +149,8 @@ pub fn capacity(stats: &GenerativeStats) -> serde_json::Value {
         "kv_cache_blocks": stats.kv_blocks_total.load(Relaxed),
         "sessions_open": stats.sessions_open.load(Relaxed),
         "sessions_resident": stats.sessions_resident.load(Relaxed),
+        "sessions_stored": stats.sessions_stored.load(Relaxed),
+        "session_kv_resident_bytes": stats.session_kv_bytes_resident.load(Relaxed),
+        "session_kv_stored_bytes": stats.session_kv_bytes_stored.load(Relaxed),
     })
 }

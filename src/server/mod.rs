@@ -14,9 +14,11 @@ mod metrics_generative;
 pub mod session_turn;
 pub mod sessions;
 mod sessions_page;
+mod sessions_stream;
 mod stats;
 mod stream_infer;
 mod stream_route;
+pub mod worker_id;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -62,6 +64,8 @@ pub struct ServeOptions {
     pub exit_timeout: Duration,
     /// Version string for ServerMetadata (says which backend runs).
     pub server_version: String,
+    /// This worker's id, sent as `x-worker-id` on every response (gateways pin sessions on it).
+    pub worker_id: String,
 }
 
 /// Why the server could not start or stop cleanly.
@@ -85,6 +89,9 @@ pub enum ServeError {
     /// TLS files missing or unreadable.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The worker id cannot be sent as a header.
+    #[error("{0}")]
+    WorkerId(String),
     /// The transport failed.
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -142,7 +149,7 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
     if let Some(addr) = opts.metrics_addr {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
         metrics_addr = l.local_addr().ok();
-        tokio::spawn(metrics::serve_metrics(l, repo.clone(), metrics_stop.clone()));
+        tokio::spawn(metrics::serve_metrics(l, repo.clone(), metrics_stop.clone(), opts.worker_id.clone()));
     }
     // Cancels the endpoint when dropped: at the end of the server task, or here on a start-up error.
     let metrics_guard = metrics_stop.drop_guard();
@@ -159,6 +166,7 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+    let worker = worker_id::header_value(&opts.worker_id).map_err(ServeError::WorkerId)?;
     let mut builder = Server::builder().max_concurrent_streams(opts.max_concurrent_streams).tcp_nodelay(true);
     if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
         // The transport only says "transport error"; this names the file and the cause.
@@ -195,10 +203,13 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate);
     let inference = stream_route::InferenceRoutes::new(core, generated, opts.max_message_size);
-    let sessions = sessions::proto::sessions_server::SessionsServer::new(sessions::SessionsService::new(repo.clone()))
-        .max_decoding_message_size(opts.max_message_size)
-        .max_encoding_message_size(opts.max_message_size);
+    let sessions = sessions::proto::sessions_server::SessionsServer::new(
+        sessions::SessionsService::new(repo.clone()).with_message_limit(opts.max_message_size),
+    )
+    .max_decoding_message_size(opts.max_message_size)
+    .max_encoding_message_size(opts.max_message_size);
     let router = builder
+        .layer(worker_id::layer(worker.clone()))
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(inference, check.clone()))
         .add_service(tonic::service::interceptor::InterceptedService::new(sessions, check.clone()))

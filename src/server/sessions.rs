@@ -20,19 +20,28 @@ pub mod proto {
 use proto::sessions_server::Sessions;
 use proto::{
     ExportSessionRequest, ExportSessionResponse, ImportSessionRequest, ImportSessionResponse, ListSessionsRequest,
-    ListSessionsResponse, sequence_id,
+    ListSessionsResponse, SessionChunk, sequence_id,
 };
 
 /// The Sessions service over the repository's sequence models.
 #[derive(Debug, Clone)]
 pub struct SessionsService {
     repo: Arc<Repository>,
+    chunk_bytes: usize,
+    max_message: usize,
 }
 
 impl SessionsService {
     /// A service over `repo`.
     pub fn new(repo: Arc<Repository>) -> SessionsService {
-        SessionsService { repo }
+        SessionsService { repo, chunk_bytes: super::sessions_stream::CHUNK_BYTES, max_message: usize::MAX }
+    }
+
+    /// Streams exports in chunks that fit messages of `max_message_size` bytes.
+    pub fn with_message_limit(mut self, max_message_size: usize) -> SessionsService {
+        self.chunk_bytes = super::sessions_stream::chunk_bytes(max_message_size);
+        self.max_message = max_message_size;
+        self
     }
 
     fn handle(&self, model: &str, version: &str) -> Result<Batcher, ServerError> {
@@ -78,6 +87,24 @@ fn info_to_proto(s: &SessionInfo) -> proto::SessionInfo {
     }
 }
 
+impl SessionsService {
+    /// Takes a session out of its model: the model's handle, the blob and its description.
+    async fn export(&self, r: ExportSessionRequest) -> Result<(Batcher, SessionBlob, proto::SessionInfo), Status> {
+        let id = id_from_proto(r.sequence_id)?;
+        let handle = self.handle(&r.model, &r.version)?;
+        let blob = handle.export_session(id).await.map_err(ServerError::from)?;
+        let info = SessionInfo {
+            model: blob.model.clone(),
+            version: blob.version,
+            id: blob.id.clone(),
+            steps: blob.steps,
+            live: false,
+            idle: Default::default(),
+        };
+        Ok((handle, blob, info_to_proto(&info)))
+    }
+}
+
 #[tonic::async_trait]
 impl Sessions for SessionsService {
     async fn list_sessions(&self, r: Request<ListSessionsRequest>) -> Result<Response<ListSessionsResponse>, Status> {
@@ -102,19 +129,41 @@ impl Sessions for SessionsService {
         &self,
         r: Request<ExportSessionRequest>,
     ) -> Result<Response<ExportSessionResponse>, Status> {
-        let r = r.into_inner();
-        let id = id_from_proto(r.sequence_id)?;
-        let handle = self.handle(&r.model, &r.version)?;
-        let blob = handle.export_session(id).await.map_err(ServerError::from)?;
-        let info = SessionInfo {
-            model: blob.model.clone(),
-            version: blob.version,
-            id: blob.id.clone(),
-            steps: blob.steps,
-            live: false,
-            idle: Default::default(),
-        };
-        Ok(Response::new(ExportSessionResponse { blob: blob.encode(), session: Some(info_to_proto(&info)) }))
+        let (handle, blob, info) = self.export(r.into_inner()).await?;
+        let encoded = blob.encode();
+        // The reply must fit a message: otherwise the session stays here, and the caller is told
+        // to stream it.
+        if encoded.len().saturating_add(4096) > self.max_message {
+            let size = encoded.len();
+            handle.import_session(blob).await.map_err(ServerError::from)?;
+            return Err(Status::resource_exhausted(format!(
+                "the session's blob is {size} bytes, over this server's message limit of {} bytes; it stays on \
+                 this worker: use ExportSessionStream (or raise --max-message-size)",
+                self.max_message
+            )));
+        }
+        Ok(Response::new(ExportSessionResponse { blob: encoded, session: Some(info) }))
+    }
+
+    type ExportSessionStreamStream = tokio_stream::wrappers::ReceiverStream<Result<SessionChunk, Status>>;
+
+    async fn export_session_stream(
+        &self,
+        r: Request<ExportSessionRequest>,
+    ) -> Result<Response<Self::ExportSessionStreamStream>, Status> {
+        let (handle, blob, info) = self.export(r.into_inner()).await?;
+        let rx = super::sessions_stream::send_export(handle, blob, info, self.chunk_bytes);
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn import_session_stream(
+        &self,
+        r: Request<tonic::Streaming<SessionChunk>>,
+    ) -> Result<Response<ImportSessionResponse>, Status> {
+        let blob = super::sessions_stream::receive(r.into_inner()).await?;
+        let handle = self.handle(&blob.model, &blob.version.to_string())?;
+        let info = handle.import_session(blob).await.map_err(ServerError::from)?;
+        Ok(Response::new(ImportSessionResponse { session: Some(info_to_proto(&info)) }))
     }
 
     async fn import_session(

@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod bert_fixture;
+pub mod gen_sessions;
 pub mod generative;
 pub mod http;
 pub mod sequences;
@@ -39,6 +40,7 @@ pub fn options() -> ServeOptions {
         tls_client_ca: None,
         exit_timeout: Duration::from_secs(10),
         server_version: "test".into(),
+        worker_id: "test-worker".into(),
     }
 }
 

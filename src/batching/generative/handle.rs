@@ -11,13 +11,14 @@ use super::params::SamplingParams;
 use super::request::{GenerateRequest, GenerationError};
 use super::session::{Affinity, SessionLimits};
 use super::session_moves::{MoveError, SessionCommand};
+use super::session_tiers::{Durable, SaveReason};
 use super::stats::GenerativeStats;
 use super::step::{Engine, StepLimits};
 use super::tokens::PromptTokenizer;
 use crate::backend::generative::DecoderInstance;
 use crate::batching::BatchingError;
 use crate::batching::admission::Admission;
-use crate::sessions::{SequenceId, SessionBlob, SessionInfo};
+use crate::sessions::{SequenceId, SessionBlob, SessionInfo, SessionStore};
 
 /// How a generative model version is served.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +68,8 @@ pub struct GenerativeModel {
     label: Vec<String>,
     /// The instance holding each open session.
     affinity: Affinity,
+    /// The session store, when the worker has one.
+    durable: Option<Durable>,
 }
 
 impl GenerativeModel {
@@ -76,6 +79,7 @@ impl GenerativeModel {
         setup: GenerativeSetup,
         decoders: Vec<Box<dyn DecoderInstance>>,
         tokenizer: Arc<dyn PromptTokenizer>,
+        store: Option<Arc<SessionStore>>,
     ) -> Result<GenerativeModel, BatchingError> {
         let model = admission.spec.name.clone();
         let stats = Arc::new(GenerativeStats::default());
@@ -86,6 +90,7 @@ impl GenerativeModel {
         let mut vocab = 0;
         let mut label = Vec::new();
         let affinity = Affinity::default();
+        let durable = store.map(|store| Durable { store, model: model.clone(), version: setup.version });
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
@@ -103,13 +108,14 @@ impl GenerativeModel {
             };
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
-            let sessions = (setup.sessions, affinity.clone());
+            let sessions = (setup.sessions, affinity.clone(), durable.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("gen-{model}-{i}"))
                 .spawn(move || {
                     let (decoder, text, eos, limits, stats) = engine_parts;
-                    let engine =
-                        Engine::new(decoder, text, eos, limits, stats).with_sessions(sessions.0, sessions.1, i);
+                    let engine = Engine::new(decoder, text, eos, limits, stats)
+                        .with_sessions(sessions.0, sessions.1, i)
+                        .with_durable(sessions.2);
                     step_loop(engine, ctx)
                 })
                 .map_err(|e| BatchingError::Unavailable {
@@ -133,6 +139,7 @@ impl GenerativeModel {
             vocab,
             label,
             affinity,
+            durable,
         })
     }
 
@@ -182,18 +189,33 @@ impl GenerativeModel {
         let Ok(links) = self.links.lock() else {
             return Err(refuse("the model's handle is poisoned; reload the model"));
         };
-        // A session's turns (a restart too) go to the instance holding it.
-        let pinned = req.session.as_ref().and_then(|t| self.affinity.lock().ok()?.get(&t.id).copied());
-        let link = match pinned {
-            Some(i) => match links.get(i) {
-                Some(l) if l.alive.load(Acquire) => Some(l),
-                _ => {
-                    return Err(refuse(
-                        "the instance holding this session left service; the session is lost: start it again",
-                    ));
+        let least_loaded = || {
+            links.iter().enumerate().filter(|(_, l)| l.alive.load(Acquire)).min_by_key(|(_, l)| l.load.load(Acquire))
+        };
+        // A session's turns (a restart too) go to the instance holding it; a session not held by
+        // any (new, or in the store) is pinned to the least loaded one now, so that its turns
+        // queue behind each other there.
+        let link = match &req.session {
+            None => least_loaded().map(|(_, l)| l),
+            Some(turn) => {
+                let Ok(mut affinity) = self.affinity.lock() else {
+                    return Err(refuse("the model's session routing is poisoned; reload the model"));
+                };
+                match affinity.get(&turn.id).copied() {
+                    Some(i) => match links.get(i) {
+                        Some(l) if l.alive.load(Acquire) => Some(l),
+                        _ => {
+                            return Err(refuse(
+                                "the instance holding this session is leaving service; retry in a moment (with a session store the session continues on another instance; without one it is lost: start it again)",
+                            ));
+                        }
+                    },
+                    None => least_loaded().map(|(i, l)| {
+                        affinity.insert(turn.id.clone(), i);
+                        l
+                    }),
                 }
-            },
-            None => links.iter().filter(|l| l.alive.load(Acquire)).min_by_key(|l| l.load.load(Acquire)),
+            }
         };
         let Some(link) = link else {
             return Err(refuse("the model is draining"));
@@ -231,18 +253,49 @@ impl GenerativeModel {
                 all.extend(list);
             }
         }
+        // Sessions in the store that no instance holds (left by a drained or failed instance, or
+        // by a previous run of the worker).
+        if let Some(d) = &self.durable {
+            let d = d.clone();
+            let listed = tokio::task::spawn_blocking(move || d.store.list(&d.model, d.version)).await;
+            if let Ok(Ok((found, _))) = listed {
+                let known: std::collections::HashSet<SequenceId> = all.iter().map(|s| s.id.clone()).collect();
+                let (model, version) = self.model_id();
+                all.extend(found.into_iter().filter(|s| !known.contains(&s.id)).map(|s| SessionInfo {
+                    model: model.clone(),
+                    version,
+                    id: s.id,
+                    steps: s.steps,
+                    live: false,
+                    idle: std::time::Duration::ZERO,
+                }));
+            }
+        }
         all
     }
 
     /// Takes an idle session out of this worker as a blob.
     pub async fn export_session(&self, id: SequenceId) -> Result<SessionBlob, MoveError> {
         let instance = self.affinity.lock().ok().and_then(|a| a.get(&id).copied());
-        let Some(i) = instance else { return Err(MoveError::NotFound { id }) };
+        let Some(i) = instance else { return self.export_stored(id).await };
         let (tx, rx) = tokio::sync::oneshot::channel();
         if !self.send_session(i, SessionCommand::Export { id: id.clone(), model: self.model_id(), reply: tx }) {
             return Err(MoveError::NotFound { id });
         }
         rx.await.unwrap_or(Err(MoveError::NotFound { id }))
+    }
+
+    /// Takes a session no instance holds out of the store, as a blob.
+    async fn export_stored(&self, id: SequenceId) -> Result<SessionBlob, MoveError> {
+        let Some(d) = self.durable.clone() else { return Err(MoveError::NotFound { id }) };
+        let key = id.clone();
+        let taken = tokio::task::spawn_blocking(move || d.store.take(&d.model, d.version, &key)).await;
+        match taken {
+            Ok(Ok(Some(blob))) => Ok(blob),
+            Ok(Ok(None)) => Err(MoveError::NotFound { id }),
+            Ok(Err(e)) => Err(MoveError::Backend { reason: format!("cannot read the session store: {e}") }),
+            Err(e) => Err(MoveError::Backend { reason: e.to_string() }),
+        }
     }
 
     /// Opens a session from a blob exported by a worker serving the same weights, on the least
@@ -332,18 +385,43 @@ fn take(engine: &mut Engine, cmd: Command) {
     }
 }
 
-/// The instance thread: take requests, step while there is work, block when idle, end when the
-/// handle is gone and the work is done.
+/// How often a step loop looks for sessions idle long enough to go to the store.
+fn idle_check_every(engine: &Engine) -> Option<std::time::Duration> {
+    let age = engine.sessions().limits().store_after_idle?;
+    engine.durable()?;
+    Some((age / 4).clamp(std::time::Duration::from_millis(10), std::time::Duration::from_secs(1)))
+}
+
+/// The instance thread: take requests, step while there is work, block when idle (waking up to
+/// write long-idle sessions to the store), end when the handle is gone and the work is done.
 fn step_loop(mut engine: Engine, ctx: ThreadContext) {
     let mut open = true;
+    let check_every = idle_check_every(&engine);
+    let mut last_check = std::time::Instant::now();
     loop {
+        if let Some(every) = check_every
+            && last_check.elapsed() >= every
+        {
+            last_check = std::time::Instant::now();
+            engine.store_long_idle();
+        }
         if engine.is_idle() {
             if !open {
-                return;
+                return engine.save_sessions_for(SaveReason::Drain);
             }
-            match ctx.rx.recv() {
-                Ok(cmd) => take(&mut engine, cmd),
-                Err(_) => return,
+            let received = match check_every {
+                Some(every) if engine.has_idle_to_store() => match ctx.rx.recv_timeout(every) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return engine.save_sessions_for(SaveReason::Drain),
+                },
+                _ => match ctx.rx.recv() {
+                    Ok(cmd) => Some(cmd),
+                    Err(_) => return engine.save_sessions_for(SaveReason::Drain),
+                },
+            };
+            if let Some(cmd) = received {
+                take(&mut engine, cmd);
             }
             if engine.is_idle() {
                 continue;
@@ -376,6 +454,7 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
             ctx.alive.store(false, Release);
             let left = ctx.in_service.fetch_sub(1, AcqRel).saturating_sub(1);
             ctx.admission.set_in_service(left);
+            engine.save_sessions_for(SaveReason::InstanceFailed);
             engine.fail_all(GenerationError::Unavailable {
                 reason: format!("instance {} failed: {reason}", engine.label()),
             });

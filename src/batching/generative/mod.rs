@@ -13,6 +13,7 @@ pub mod sampler;
 pub mod sequence;
 pub mod session;
 pub mod session_moves;
+pub mod session_tiers;
 pub mod stats;
 pub mod step;
 #[cfg(test)]

@@ -11,8 +11,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::kv_blocks::{BlockPool, BlockTable};
+use super::kv_blocks::BlockTable;
 use super::request::{GenerateRequest, GenerationError, SessionTurn, UpdateSender};
 use super::sequence::Sequence;
 use super::stats::GenerativeStats;
@@ -26,11 +27,14 @@ pub struct SessionLimits {
     /// Most tokens a session may hold (history plus the new turn's input); a turn beyond it is
     /// refused with a message saying to END the session or rewind it with `truncate_to`.
     pub max_session_tokens: usize,
+    /// With a session store: a session idle this long is written there (its blocks released to
+    /// the prefix cache), so it survives a crash; `None` = only when the pool needs its blocks.
+    pub store_after_idle: Option<Duration>,
 }
 
 impl Default for SessionLimits {
     fn default() -> Self {
-        Self { max_sessions: 1024, max_session_tokens: usize::MAX }
+        Self { max_sessions: 1024, max_session_tokens: usize::MAX, store_after_idle: None }
     }
 }
 
@@ -55,6 +59,11 @@ pub struct KeptSession {
     pub busy: bool,
     /// Turns that arrived while one was running; they run in order.
     pub pending: VecDeque<GenerateRequest>,
+    /// The session store holds this session as it is now (written when its blocks were released):
+    /// the K/V bytes written (0 when only its tokens are). Its next turn restores from there.
+    pub stored: Option<u64>,
+    /// When the session last became idle (listings report the idle time).
+    pub idle_since: Option<Instant>,
 }
 
 /// A turn that cannot run, and where to say so.
@@ -92,9 +101,47 @@ impl Sessions {
         self.map.values().filter(|s| s.table.is_some()).count()
     }
 
+    /// Open sessions whose state the session store holds (their blocks were released).
+    pub fn stored(&self) -> usize {
+        self.map.values().filter(|s| s.stored.is_some()).count()
+    }
+
+    /// Positions with resident K/V, and K/V bytes held by the store, over all open sessions.
+    pub fn kv_footprint(&self) -> (u64, u64) {
+        self.map.values().fold((0, 0), |(r, st), s| {
+            (r + if s.table.is_some() { s.computed as u64 } else { 0 }, st + s.stored.unwrap_or(0))
+        })
+    }
+
     /// The open sessions (for listing).
     pub fn iter(&self) -> impl Iterator<Item = (&SequenceId, &KeptSession)> {
         self.map.iter()
+    }
+
+    /// The open session `id`.
+    pub fn get(&self, id: &SequenceId) -> Option<&KeptSession> {
+        self.map.get(id)
+    }
+
+    /// The open session `id`, to change it.
+    pub fn get_mut(&mut self, id: &SequenceId) -> Option<&mut KeptSession> {
+        self.map.get_mut(id)
+    }
+
+    /// True when no more session can be opened on this instance.
+    pub fn is_full(&self) -> bool {
+        self.map.len() >= self.limits.max_sessions
+    }
+
+    /// Forgets the routing of `id` to this instance when no session `id` is open here (a turn for
+    /// an unknown id was refused: the handle pinned it here on arrival).
+    pub fn unpin_if_absent(&mut self, id: &SequenceId) {
+        if !self.map.contains_key(id)
+            && let Ok(mut a) = self.affinity.lock()
+            && a.get(id) == Some(&self.instance)
+        {
+            a.remove(id);
+        }
     }
 
     fn tick(&mut self) -> u64 {
@@ -193,6 +240,8 @@ impl Sessions {
         s.computed = 0;
         s.busy = true;
         s.last_used = now;
+        s.stored = None;
+        s.idle_since = None;
         let reuse = if table.is_some() { reuse } else { 0 };
         self.stats.session_turns.fetch_add(1, Relaxed);
         Ok(Some(Sequence::for_turn(req, tokens, table, reuse)))
@@ -219,6 +268,7 @@ impl Sessions {
         s.busy = false;
         s.turns += 1;
         s.last_used = now;
+        s.idle_since = Some(Instant::now());
         s.pending.pop_front()
     }
 
@@ -240,12 +290,30 @@ impl Sessions {
         }
         s.busy = false;
         s.last_used = now;
+        s.idle_since = Some(Instant::now());
         s.pending.pop_front()
     }
 
-    /// Releases idle sessions' blocks, least recently used first, until `needed` blocks are
-    /// available in `pool` or no idle session holds any. Returns how many sessions released.
-    pub fn release_idle(&mut self, needed: usize, pool: &BlockPool) -> usize {
+    /// The bounds these sessions live under.
+    pub fn limits(&self) -> &SessionLimits {
+        &self.limits
+    }
+
+    /// Idle sessions with resident blocks that have been idle for at least `age`, longest first.
+    pub fn idle_resident_for(&self, age: Duration) -> Vec<SequenceId> {
+        let mut idle: Vec<(Instant, SequenceId)> = self
+            .map
+            .iter()
+            .filter(|(_, s)| !s.busy && s.table.is_some())
+            .filter_map(|(id, s)| s.idle_since.filter(|t| t.elapsed() >= age).map(|t| (t, id.clone())))
+            .collect();
+        idle.sort_unstable();
+        idle.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Idle sessions whose K/V blocks are resident, least recently used first (the order in which
+    /// they give their blocks back when the pool runs short).
+    pub fn idle_resident(&self) -> Vec<SequenceId> {
         let mut idle: Vec<(u64, SequenceId)> = self
             .map
             .iter()
@@ -253,19 +321,7 @@ impl Sessions {
             .map(|(id, s)| (s.last_used, id.clone()))
             .collect();
         idle.sort_unstable();
-        let mut released = 0;
-        for (_, id) in idle {
-            if pool.available() >= needed {
-                break;
-            }
-            if let Some(s) = self.map.get_mut(&id) {
-                s.table = None;
-                s.computed = 0;
-                released += 1;
-            }
-        }
-        self.stats.session_kv_released.fetch_add(released as u64, Relaxed);
-        released
+        idle.into_iter().map(|(_, id)| id).collect()
     }
 
     /// The instance leaves service: every session is lost; queued turns are answered with `error`.
@@ -305,6 +361,7 @@ impl Sessions {
             });
         }
         session.last_used = self.tick();
+        session.idle_since.get_or_insert_with(Instant::now);
         if let Ok(mut a) = self.affinity.lock() {
             a.insert(id.clone(), self.instance);
         }

@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::kv_blocks::BlockPool;
 use super::session::KeptSession;
 use super::step::Engine;
+use crate::backend::generative::DecoderInstance;
 use crate::sessions::{SequenceId, SessionBlob, SessionInfo};
 use crate::tensor::{DataType, Tensor};
 
@@ -102,8 +104,8 @@ pub fn run(engine: &mut Engine, cmd: SessionCommand) {
                     version: model.1,
                     id: id.clone(),
                     steps: s.turns,
-                    live: s.table.is_some(),
-                    idle: Duration::ZERO,
+                    live: s.stored.is_none(),
+                    idle: s.idle_since.map_or(Duration::ZERO, |t| t.elapsed()),
                 })
                 .collect();
             let _ = reply.send(list);
@@ -118,15 +120,37 @@ pub fn run(engine: &mut Engine, cmd: SessionCommand) {
 }
 
 fn export(engine: &mut Engine, id: SequenceId, model: (String, i64)) -> Result<SessionBlob, MoveError> {
+    let durable = engine.durable().cloned();
     let (sessions, decoder, pool) = engine.sessions_mut();
     let block_size = pool.block_size();
     let session = sessions.take_idle(&id).map_err(|busy| match busy {
         true => MoveError::Busy { id: id.clone() },
         false => MoveError::NotFound { id: id.clone() },
     })?;
+    // A session whose blocks were released to the store travels as the store holds it.
+    if session.stored.is_some()
+        && let Some(d) = durable
+        && let Ok(Some(blob)) = d.store.take(&d.model, d.version, &id)
+        && blob.steps == session.turns
+    {
+        return Ok(SessionBlob { model: model.0, version: model.1, ..blob });
+    }
+    Ok(blob_of(decoder, block_size, id, &session, model, true))
+}
+
+/// The blob of `session` (`with_kv`: its resident K/V travel with it; otherwise, or when the
+/// decoder cannot read them, its tokens only, and the next turn recomputes).
+pub(super) fn blob_of(
+    decoder: &mut dyn DecoderInstance,
+    block_size: usize,
+    id: SequenceId,
+    session: &KeptSession,
+    model: (String, i64),
+    with_kv: bool,
+) -> SessionBlob {
     let (computed, kv) = match &session.table {
-        Some(t) if session.computed > 0 => {
-            let blocks = &t.ids()[..session.computed.div_ceil(block_size)];
+        Some(t) if with_kv && session.computed > 0 => {
+            let blocks = &t.ids()[..session.computed.div_ceil(block_size).min(t.ids().len())];
             match decoder.read_blocks(blocks) {
                 Ok(kv) => (session.computed, kv),
                 Err(_) => (0, Vec::new()), // tokens only: the next turn recomputes
@@ -138,7 +162,7 @@ fn export(engine: &mut Engine, id: SequenceId, model: (String, i64)) -> Result<S
     let tokens: Vec<u8> = session.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
     let meta: Vec<u8> = [computed as u64, block_size as u64].iter().flat_map(|v| v.to_le_bytes()).collect();
     let kv_len = kv.len();
-    Ok(SessionBlob {
+    SessionBlob {
         model: model.0,
         version: model.1,
         id,
@@ -149,14 +173,54 @@ fn export(engine: &mut Engine, id: SequenceId, model: (String, i64)) -> Result<S
             tensor(DataType::Uint8, vec![kv_len], kv),
             tensor(DataType::Uint8, vec![32], digest.to_vec()),
         ],
-    })
+    }
 }
 
 /// The parts of a generative session blob, checked against this decoder.
-struct Parts<'a> {
-    tokens: Vec<u32>,
-    computed: usize,
-    kv: &'a [u8],
+pub(super) struct Parts<'a> {
+    /// The token history.
+    pub tokens: Vec<u32>,
+    /// Positions whose K/V travel in `kv`.
+    pub computed: usize,
+    /// The K/V bytes.
+    pub kv: &'a [u8],
+}
+
+/// Checks `blob` against `decoder` (weights digest, layout, vocabulary) and splits it.
+pub(super) fn check_blob<'a>(
+    decoder: &dyn DecoderInstance,
+    block_size: usize,
+    blob: &'a SessionBlob,
+) -> Result<Parts<'a>, String> {
+    let shape = decoder.shape();
+    let block_bytes = shape.layers * 2 * shape.kv_heads * shape.head_dim * block_size * 4;
+    let p = parts(blob, decoder.weights_digest(), block_size, block_bytes)?;
+    if p.tokens.iter().any(|&t| t as usize >= shape.vocab) {
+        return Err("the blob's tokens are outside this model's vocabulary".into());
+    }
+    Ok(p)
+}
+
+/// A kept session from checked blob parts; its K/V are written into fresh blocks when the pool
+/// has room for them (make room first), otherwise it keeps its tokens only (still exact).
+pub(super) fn load_parts(
+    decoder: &mut dyn DecoderInstance,
+    pool: &BlockPool,
+    p: Parts<'_>,
+    turns: u64,
+) -> Result<KeptSession, MoveError> {
+    let (computed, kv) = (p.computed, p.kv);
+    let mut session = KeptSession { tokens: p.tokens, turns, ..KeptSession::default() };
+    if computed > 0 {
+        let mut table = pool.table();
+        if table.grow(computed).is_ok() {
+            decoder.write_blocks(table.ids(), kv).map_err(|e| MoveError::Backend { reason: e.to_string() })?;
+            table.register_full_blocks(&session.tokens, computed);
+            session.table = Some(table);
+            session.computed = computed;
+        }
+    }
+    Ok(session)
 }
 
 fn parts(blob: &SessionBlob, digest: [u8; 32], block_size: usize, block_bytes: usize) -> Result<Parts<'_>, String> {
@@ -196,30 +260,18 @@ fn parts(blob: &SessionBlob, digest: [u8; 32], block_size: usize, block_bytes: u
 }
 
 fn import(engine: &mut Engine, blob: SessionBlob) -> Result<(), MoveError> {
+    let block_size = engine.pool().block_size();
+    let (sessions, decoder, _) = engine.sessions_mut();
+    if sessions.get(&blob.id).is_some() {
+        return Err(MoveError::Refused { reason: format!("session {} is already open on this worker", blob.id) });
+    }
+    let p = check_blob(decoder, block_size, &blob).map_err(|reason| MoveError::BadBlob { reason })?;
+    let needed = p.computed.div_ceil(block_size);
+    if engine.pool().available() < needed {
+        engine.make_room(needed);
+    }
     let (sessions, decoder, pool) = engine.sessions_mut();
-    let block_size = pool.block_size();
-    let shape = decoder.shape().clone();
-    let block_bytes = shape.layers * 2 * shape.kv_heads * shape.head_dim * block_size * 4;
-    let p = parts(&blob, decoder.weights_digest(), block_size, block_bytes)
-        .map_err(|reason| MoveError::BadBlob { reason })?;
-    if p.tokens.iter().any(|&t| t as usize >= shape.vocab) {
-        return Err(MoveError::BadBlob { reason: "the blob's tokens are outside this model's vocabulary".into() });
-    }
-    let (computed, kv) = (p.computed, p.kv);
-    let mut session = KeptSession { tokens: p.tokens, turns: blob.steps, ..KeptSession::default() };
-    if computed > 0 {
-        let mut table = pool.table();
-        let needed = table.blocks_needed(computed);
-        if pool.available() < needed {
-            sessions.release_idle(needed, pool);
-        }
-        if table.grow(computed).is_ok() {
-            decoder.write_blocks(table.ids(), kv).map_err(|e| MoveError::Backend { reason: e.to_string() })?;
-            table.register_full_blocks(&session.tokens, computed);
-            session.table = Some(table);
-            session.computed = computed;
-        }
-    }
+    let session = load_parts(decoder, pool, p, blob.steps)?;
     let id = blob.id.clone();
     sessions.insert(id, session).map_err(|e| MoveError::Refused { reason: e.to_string() })
 }

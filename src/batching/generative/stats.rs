@@ -76,6 +76,24 @@ pub struct GenerativeStats {
     pub session_turns: AtomicU64,
     /// Times an idle session released its K/V blocks to make room (least recently used first).
     pub session_kv_released: AtomicU64,
+    /// Open sessions whose state is in the session store, their blocks released (gauge).
+    pub sessions_stored: AtomicU64,
+    /// K/V bytes of open sessions resident in the pool (gauge).
+    pub session_kv_bytes_resident: AtomicU64,
+    /// K/V bytes of open sessions held by the session store (gauge).
+    pub session_kv_bytes_stored: AtomicU64,
+    /// Idle sessions written to the session store (blocks released, at drain, or when their
+    /// instance failed).
+    pub session_spilled: AtomicU64,
+    /// Sessions whose state came back from the session store for a turn.
+    pub session_restored: AtomicU64,
+    /// Idle sessions that released their blocks keeping only their tokens (no store, or it
+    /// failed): their next turn recomputes what the prefix cache no longer holds.
+    pub session_dropped_to_tokens: AtomicU64,
+    /// Writes or reads of the session store that failed.
+    pub session_store_failures: AtomicU64,
+    /// Sessions that could not be saved when their instance stopped (lost).
+    pub sessions_lost: AtomicU64,
     /// Time from arrival to the first generated token.
     pub time_to_first_token: LatencyHistogram,
     /// Time between two generated tokens of a sequence.

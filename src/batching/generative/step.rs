@@ -20,6 +20,7 @@ use super::request::{FinishReason, GenerateRequest, GenerationError, PositionLog
 use super::sampler::{self, RankedLogprob};
 use super::sequence::{Sequence, StopRules};
 use super::session::{Affinity, SessionLimits, Sessions};
+use super::session_tiers::Durable;
 use super::stats::GenerativeStats;
 use crate::backend::BackendError;
 use crate::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
@@ -52,20 +53,24 @@ pub struct StepReport {
 
 /// The engine of one instance thread: the decoder, its block pool, the waiting and running sets.
 pub struct Engine {
-    decoder: Box<dyn DecoderInstance>,
+    pub(super) decoder: Box<dyn DecoderInstance>,
     text: Arc<dyn TokenText>,
     rules: StopRules,
     limits: StepLimits,
-    pool: BlockPool,
+    pub(super) pool: BlockPool,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
-    stats: Arc<GenerativeStats>,
+    pub(super) stats: Arc<GenerativeStats>,
     /// Conversation sessions kept on this instance.
-    sessions: Sessions,
+    pub(super) sessions: Sessions,
+    /// Where idle sessions go when the pool needs their blocks, and at drain.
+    pub(super) durable: Option<Durable>,
     /// Gauge values this engine last added to the shared statistics.
-    published: [u64; 5],
+    published: [u64; 8],
     logits: Vec<f32>,
     scratch: Vec<u32>,
+    /// K/V bytes one position takes (all layers, K and V).
+    kv_bytes_per_position: u64,
     /// Requests that left the queue (first admission, refusal, cancellation) since the last
     /// [`Engine::take_left_queue`].
     left_queue: usize,
@@ -96,10 +101,12 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             sessions: Sessions::new(SessionLimits::default(), Affinity::default(), 0, stats.clone()),
+            durable: None,
             stats,
-            published: [0; 5],
+            published: [0; 8],
             logits: Vec::new(),
             scratch: Vec::new(),
+            kv_bytes_per_position: (shape.layers * 2 * shape.kv_heads * shape.head_dim * 4) as u64,
             left_queue: 0,
         }
     }
@@ -113,6 +120,18 @@ impl Engine {
         };
         self.sessions = Sessions::new(limits, affinity, instance, self.stats.clone());
         self
+    }
+
+    /// Writes idle sessions to `durable`'s store when the pool needs their blocks, and every
+    /// session at drain (see [`super::session_tiers`]).
+    pub fn with_durable(mut self, durable: Option<Durable>) -> Engine {
+        self.durable = durable;
+        self
+    }
+
+    /// Where this engine's sessions are saved, if anywhere.
+    pub fn durable(&self) -> Option<&Durable> {
+        self.durable.as_ref()
     }
 
     /// The sessions kept on this instance.
@@ -160,10 +179,17 @@ impl Engine {
     /// answered with an error at once.
     pub fn add(&mut self, req: GenerateRequest) {
         let new_tokens = req.prompt.len();
+        let turn_id = req.session.as_ref().map(|t| t.id.clone());
+        if let Some(turn) = &req.session {
+            self.bring_back(turn);
+        }
         let mut seq = match self.sessions.begin(req) {
             Ok(Some(seq)) => seq,
             Ok(None) => return self.publish(),
             Err((updates, error)) => {
+                if let Some(id) = &turn_id {
+                    self.sessions.unpin_if_absent(id);
+                }
                 let _ = updates.send(Err(error));
                 self.left_queue += 1;
                 return self.publish();
@@ -208,6 +234,17 @@ impl Engine {
         if let Some(next) = next {
             self.add(next);
         }
+    }
+
+    /// Publishes the gauges after a change made outside a step.
+    pub(super) fn publish_gauges(&mut self) {
+        self.publish();
+    }
+
+    /// Saves the sessions to the store (when there is one) as `reason` requires.
+    pub fn save_sessions_for(&mut self, reason: super::session_tiers::SaveReason) {
+        self.save_sessions(reason);
+        self.publish();
     }
 
     /// Ends every sequence with `error` (the instance is leaving service).
@@ -308,7 +345,7 @@ impl Engine {
                         i += 1;
                         break;
                     }
-                    Err(e) if self.sessions.release_idle(e.needed, &self.pool) > 0 => {
+                    Err(e) if self.make_room(e.needed) > 0 => {
                         // Idle sessions gave blocks back; try again.
                     }
                     Err(_) if self.running.len() > i + 1 => {
@@ -364,7 +401,7 @@ impl Engine {
             let positions = s.tokens.len();
             let needed = table.blocks_needed(positions);
             if needed > self.pool.available() {
-                self.sessions.release_idle(needed, &self.pool);
+                self.make_room(needed);
             }
             if needed > self.pool.available() && self.running.is_empty() && plan.is_empty() {
                 // Blocks held by turns still waiting behind this one go back (they recompute).
@@ -487,16 +524,28 @@ impl Engine {
 
     /// Adds this engine's change of running/waiting/blocks-used to the shared gauges.
     fn publish(&mut self) {
+        let (resident, stored) = self.sessions.kv_footprint();
         let now = [
             self.running.len() as u64,
             self.waiting.len() as u64,
             (self.pool.num_blocks() - self.pool.available()) as u64,
             self.sessions.len() as u64,
             self.sessions.resident() as u64,
+            self.sessions.stored() as u64,
+            resident * self.kv_bytes_per_position,
+            stored,
         ];
         let st = &self.stats;
-        let gauges: [&AtomicU64; 5] =
-            [&st.running, &st.waiting, &st.kv_blocks_used, &st.sessions_open, &st.sessions_resident];
+        let gauges: [&AtomicU64; 8] = [
+            &st.running,
+            &st.waiting,
+            &st.kv_blocks_used,
+            &st.sessions_open,
+            &st.sessions_resident,
+            &st.sessions_stored,
+            &st.session_kv_bytes_resident,
+            &st.session_kv_bytes_stored,
+        ];
         for ((g, &new), old) in gauges.iter().zip(&now).zip(self.published.iter_mut()) {
             if new >= *old {
                 g.fetch_add(new - *old, Relaxed);

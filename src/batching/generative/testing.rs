@@ -356,7 +356,7 @@ fn the_handle_serves_requests_on_instance_threads_and_bounds_its_queue() {
     };
     let decoders: Vec<Box<dyn DecoderInstance>> =
         vec![Box::new(FakeDecoder::new(64, 4, 4096)), Box::new(FakeDecoder::new(64, 4, 4096))];
-    let batcher = Batcher::start_generative(Arc::new(spec), setup, decoders, Arc::new(ByteTokenizer)).unwrap();
+    let batcher = Batcher::start_generative(Arc::new(spec), setup, decoders, Arc::new(ByteTokenizer), None).unwrap();
     let model = batcher.generative().unwrap().clone();
     assert_eq!(batcher.instances_in_service(), 2);
     assert_eq!(model.context_limit(), 256);

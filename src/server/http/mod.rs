@@ -101,7 +101,8 @@ pub async fn start(
     let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
     let responses = Arc::new(openai::response_store::ResponseStore::new(STORED_RESPONSES));
     let app = App { core: Core { service, repo }, body_limit: opts.max_message_size, responses };
-    let router = router(app, token);
+    let worker = super::worker_id::header_value(&opts.worker_id).map_err(ServeError::WorkerId)?;
+    let router = router(app, token).layer(super::worker_id::layer(worker));
     let exit_timeout = opts.exit_timeout;
     let task = tokio::spawn(serve(listener, router, tls, stop, exit_timeout));
     Ok((bound, task))

@@ -1,0 +1,98 @@
+//! Helpers for generative session tests: streamed requests over token ids with session
+//! parameters, deterministic "user messages", and reading one metric of model `gqa`.
+
+use std::time::Duration;
+
+use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
+use neuron_worker::proto::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
+use tokio_stream::StreamExt;
+
+use super::generative::{bytes_el, is_final};
+
+/// Vocabulary of the `llama-gqa` fixture.
+pub const VOCAB: u32 = 200;
+
+/// A gRPC inference client.
+pub type Client = GrpcInferenceServiceClient<tonic::transport::Channel>;
+
+/// A streamed generation request over token ids, returning ids and logprobs.
+pub fn ids_request(ids: &[u32], params: &str) -> ModelInferRequest {
+    let input = |name: &str, dtype: &str, shape: Vec<i64>| InferInputTensor {
+        name: name.into(),
+        datatype: dtype.into(),
+        shape,
+        ..Default::default()
+    };
+    let inputs = vec![
+        input("input_ids", "INT32", vec![ids.len() as i64]),
+        input("sampling_parameters", "BYTES", vec![1]),
+        input("stream", "BOOL", vec![1]),
+        input("exclude_input_in_output", "BOOL", vec![1]),
+        input("return_output_ids", "BOOL", vec![1]),
+        input("return_output_logprobs", "BOOL", vec![1]),
+    ];
+    let raw = vec![
+        ids.iter().flat_map(|i| (*i as i32).to_le_bytes()).collect::<Vec<u8>>(),
+        bytes_el(params),
+        vec![1],
+        vec![1],
+        vec![1],
+        vec![1],
+    ];
+    let raw = raw.into_iter().map(bytes::Bytes::from).collect();
+    ModelInferRequest { model_name: "gqa".into(), inputs, raw_input_contents: raw, ..Default::default() }
+}
+
+pub fn with_session(mut r: ModelInferRequest, id: u64, start: bool, end: bool) -> ModelInferRequest {
+    let p = |c| InferParameter { parameter_choice: Some(c) };
+    r.parameters.insert("sequence_id".into(), p(ParameterChoice::Uint64Param(id)));
+    r.parameters.insert("sequence_start".into(), p(ParameterChoice::BoolParam(start)));
+    r.parameters.insert("sequence_end".into(), p(ParameterChoice::BoolParam(end)));
+    r
+}
+
+/// Runs one request on its own stream: (ids, logprobs), or the in-band error message.
+pub async fn generate(c: &mut Client, req: ModelInferRequest) -> Result<(Vec<u32>, Vec<f32>), String> {
+    let mut stream = c.model_stream_infer(tokio_stream::iter(vec![req])).await.expect("stream opens").into_inner();
+    let (mut ids, mut lps) = (Vec::new(), Vec::new());
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(120), stream.next())
+            .await
+            .expect("a response within 120 s")
+            .expect("stream open")
+            .expect("no stream error");
+        if !msg.error_message.is_empty() {
+            return Err(msg.error_message);
+        }
+        let r = msg.infer_response.expect("response");
+        let get = |name: &str| {
+            r.outputs.iter().position(|o| o.name == name).map(|i| r.raw_output_contents[i].clone()).unwrap_or_default()
+        };
+        ids.extend(get("output_ids").chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32));
+        lps.extend(get("output_logprobs").chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        if is_final(&r) {
+            return Ok((ids, lps));
+        }
+    }
+}
+
+/// Deterministic "user messages": `n` token ids from a small LCG over the fixture's vocabulary.
+pub fn message(turn: u64, n: usize, vocab: u32) -> Vec<u32> {
+    let mut x = turn.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) as u32) % vocab
+        })
+        .collect()
+}
+
+pub async fn metric(addr: &str, name: &str) -> f64 {
+    let text = super::http_get(addr, "/metrics").await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("neuron_worker_{name}{{model=\"gqa\"")))
+        .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
+}
