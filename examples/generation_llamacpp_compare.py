@@ -10,6 +10,8 @@
 server; NEURON_WORKER_ISA=avx2 in the environment caps our kernels at AVX2), then alternates, --reps
 times: one run of ours, one of llama.cpp (n_threads = n_threads_batch = --threads): a --prompt-token
 prompt processed in one batch (n_batch = n_ubatch = prompt) and --decode greedy decode tokens.
+llama.cpp runs without its extra buffer types (repacking/AMX crash in llama_decode on some
+AVX-512 machines with the reference build) and with OMP_WAIT_POLICY=passive unless set.
 Ours also decodes --streams sequences together (one token each per step). Medians over the
 repetitions are printed as `generation: <figure> ours X, llama.cpp Y, ratio Z` lines, with the
 load average before and after (other work on the machine slows both sides) and the decode roofline
