@@ -37,6 +37,7 @@ async fn start_worker() -> Result<RunningServer, String> {
         tls_client_ca: None,
         exit_timeout: Duration::from_secs(5),
         server_version: "bench".into(),
+        connections: Default::default(),
         worker_id: "test-worker".into(),
     };
     server::start(opts, repo).await.map_err(|e| e.to_string())

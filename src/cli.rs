@@ -97,6 +97,15 @@ pub struct ServeArgs {
     /// Most concurrent gRPC streams per connection.
     #[arg(long, env = "NEURON_WORKER_MAX_CONCURRENT_STREAMS", default_value_t = 1024)]
     pub max_concurrent_streams: u32,
+    /// Most open connections per front (gRPC, HTTP); one more is closed on arrival, with a log line
+    /// and `neuron_worker_connections_refused_total`. Default: a quarter of the open-file limit
+    /// (`ulimit -n`), between 16 and 16384.
+    #[arg(long, env = "NEURON_WORKER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Close a connection that moved no byte for this many seconds with no request running on it
+    /// (0: never). Live HTTP/2 clients answer the keep-alive pings sent at half this interval.
+    #[arg(long, env = "NEURON_WORKER_CONNECTION_IDLE_TIMEOUT", default_value_t = 120)]
+    pub connection_idle_timeout: u64,
     /// Bearer token required on every RPC except health (`authorization: Bearer <token>`).
     #[arg(long, env = "NEURON_WORKER_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
@@ -109,10 +118,11 @@ pub struct ServeArgs {
     /// CA certificate (PEM) client certificates must chain to (mutual TLS).
     #[arg(long, env = "NEURON_WORKER_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
-    /// Folder of the session store for stateful models: idle sessions are spilled there when every
-    /// slot is taken, and every live session is written there on drain (off by default).
+    /// The session store: a local folder (redb), or `redis://host:port/db` (Redis or Valkey, shared
+    /// by a fleet). Idle sessions are spilled there when slots or K/V blocks run out, and every live
+    /// session is written there on drain (off by default).
     #[arg(long, env = "NEURON_WORKER_SESSION_STORE")]
-    pub session_store: Option<PathBuf>,
+    pub session_store: Option<String>,
 }
 
 /// Parses `--model [NAME=]PATH`.

@@ -53,9 +53,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         return Err(server::ServeError::EmptyToken.to_string());
     }
     let store = match &args.session_store {
-        Some(dir) => {
-            let store =
-                neuron_worker::sessions::SessionStore::open(dir).map_err(|e| format!("--session-store: {e}"))?;
+        Some(spec) => {
+            let location = neuron_worker::sessions::parse_location(spec)?;
+            let store = neuron_worker::sessions::SessionStore::open_location(&location)
+                .map_err(|e| format!("--session-store: {e}"))?;
             tracing::info!(path = %store.path().display(), "session store opened");
             Some(Arc::new(store))
         }
@@ -90,6 +91,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tls_client_ca: args.tls_client_ca.clone(),
         exit_timeout: Duration::from_secs(args.exit_timeout),
         server_version: format!("{} (backend: {why})", env!("CARGO_PKG_VERSION")),
+        connections: server::connections::ConnectionLimits {
+            max_connections: args.max_connections.unwrap_or_else(server::connections::default_max_connections),
+            idle_timeout: (args.connection_idle_timeout > 0).then(|| Duration::from_secs(args.connection_idle_timeout)),
+        },
         worker_id: args.worker_id.clone().unwrap_or_else(server::worker_id::default_worker_id),
     };
     let running = server::start(opts, repo.clone()).await.map_err(|e| e.to_string())?;

@@ -27,6 +27,7 @@ async fn start_worker() -> Result<RunningServer, Box<dyn std::error::Error>> {
         tls_client_ca: None,
         exit_timeout: Duration::from_secs(5),
         server_version: "test".into(),
+        connections: Default::default(),
         worker_id: "test-worker".into(),
     };
     Ok(server::start(opts, repo).await?)

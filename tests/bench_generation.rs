@@ -32,6 +32,7 @@ async fn bench_measures_streamed_generation() -> TestResult {
         tls_client_ca: None,
         exit_timeout: Duration::from_secs(5),
         server_version: "test".into(),
+        connections: Default::default(),
         worker_id: "test-worker".into(),
     };
     let worker = server::start(opts, repo).await?;

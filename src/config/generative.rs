@@ -24,6 +24,7 @@ pub const GENERATIVE_INPUTS: &[(&str, DataType, i64)] = &[
     ("return_num_output_tokens", DataType::Bool, 1),
     ("return_output_ids", DataType::Bool, 1),
     ("return_output_logprobs", DataType::Bool, 1),
+    ("return_num_cached_tokens", DataType::Bool, 1),
 ];
 
 /// Outputs of a generative model: (name, datatype, dims) in configuration order.
@@ -36,6 +37,7 @@ pub const GENERATIVE_OUTPUTS: &[(&str, DataType, i64)] = &[
     ("num_output_tokens", DataType::Uint32, -1),
     ("output_ids", DataType::Int32, -1),
     ("output_logprobs", DataType::Fp32, -1),
+    ("num_cached_tokens", DataType::Uint32, -1),
 ];
 
 /// Completes the configuration of a generative model: the tensors of Triton's vLLM-backend

@@ -47,6 +47,9 @@ pub struct Wanted {
     pub output_ids: bool,
     /// `output_logprobs`.
     pub output_logprobs: bool,
+    /// `num_cached_tokens` (ours): prompt tokens whose K/V was reused (a kept session, the prefix
+    /// cache); 0 until the last response.
+    pub num_cached_tokens: bool,
 }
 
 /// A decoded generative request.
@@ -209,6 +212,7 @@ pub fn decode_generate(req: &mut ModelInferRequest, defaults: &SamplingParams) -
         num_output_tokens: flag("return_num_output_tokens"),
         output_ids: flag("return_output_ids"),
         output_logprobs: flag("return_output_logprobs"),
+        num_cached_tokens: flag("return_num_cached_tokens"),
     };
     let session = super::session_turn::session_turn(&req.parameters)?;
     if session.is_none() && params.truncate_to.is_some() {
@@ -310,7 +314,9 @@ impl ResponseEncoder {
             add("logprobs", DataType::Bytes, 1, bytes_tensor(&[json.as_bytes()]));
         }
         if w.num_input_tokens {
-            add("num_input_tokens", DataType::Uint32, 1, le(&[prompt_tokens as u32], u32::to_le_bytes));
+            // The last response counts every token the turn's prompt held (a session's history too).
+            let n = u.finished.map_or(prompt_tokens, |f| f.prompt_tokens);
+            add("num_input_tokens", DataType::Uint32, 1, le(&[n as u32], u32::to_le_bytes));
         }
         if w.num_output_tokens {
             add("num_output_tokens", DataType::Uint32, 1, le(&[u.tokens.len() as u32], u32::to_le_bytes));
@@ -321,6 +327,10 @@ impl ResponseEncoder {
         }
         if w.output_logprobs {
             add("output_logprobs", DataType::Fp32, u.logprobs.len(), le(&u.logprobs, f32::to_le_bytes));
+        }
+        if w.num_cached_tokens {
+            let n = u.finished.map_or(0, |f| f.cached_tokens) as u32;
+            add("num_cached_tokens", DataType::Uint32, 1, le(&[n], u32::to_le_bytes));
         }
         ModelInferResponse { outputs, raw_output_contents: raw, ..Default::default() }
     }

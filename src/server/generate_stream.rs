@@ -37,26 +37,46 @@ fn to_server(model: &str, e: GenerationError) -> ServerError {
     })
 }
 
-fn start(
+/// Whether `turn` continues a session already open (its prompt then renders as a continuation
+/// and gets no beginning-of-sequence token). A header id opens its session implicitly, so whether
+/// it is open is asked of the model (two first turns racing on one new id both render as openings).
+async fn continues(generative: &GenerativeModel, call: &GenerateCall) -> bool {
+    match &call.session {
+        None => false,
+        Some(_) if call.params.truncate_to == Some(0) => false,
+        Some(t) if t.start => false,
+        Some(t) if !t.implicit_start => true,
+        Some(t) => generative.list_sessions().await.iter().any(|s| s.id == t.id),
+    }
+}
+
+async fn start(
     model: &LoadedModel,
     generative: &Arc<GenerativeModel>,
     req: &mut ModelInferRequest,
     arrived: Instant,
 ) -> Result<Started, ServerError> {
     let call = decode_generate(req, generative.defaults())?;
+    let continues = continues(generative, &call).await;
     let tok = generative.tokenizer();
-    let invalid =
-        |what: &str, e: String| ServerError::InvalidRequest(format!("model '{}': {what}: {e}", model.spec.name));
+    let invalid = |e: String| ServerError::InvalidRequest(format!("model '{}': {e}", model.spec.name));
     let (prompt, prompt_text) = match &call.prompt {
-        Prompt::Text(t) => (
-            tok.encode(t, call.session.as_ref().is_none_or(|s| s.start))
-                .map_err(|e| invalid("cannot tokenize text_input", e))?,
-            t.clone(),
-        ),
+        Prompt::Text(t) => {
+            (tok.encode(t, !continues).map_err(|e| invalid(format!("cannot tokenize text_input: {e}")))?, t.clone())
+        }
         Prompt::Ids(ids) => (ids.clone(), tok.decode(ids)),
+        Prompt::Messages(m) if continues => (
+            super::chat_turn::continuation(tok.as_ref(), m, None).map_err(invalid)?,
+            super::chat_turn::continuation_text(tok.as_ref(), m).map_err(invalid)?,
+        ),
         Prompt::Messages(m) => {
-            let text = tok.render_chat(m).map_err(|e| invalid("cannot render messages with the chat template", e))?;
-            (tok.encode(&text, false).map_err(|e| invalid("cannot tokenize the rendered messages", e))?, text)
+            let text = tok
+                .render_chat(m)
+                .map_err(|e| invalid(format!("cannot render messages with the chat template: {e}")))?;
+            (
+                tok.encode(&text, false).map_err(|e| invalid(format!("cannot tokenize the rendered messages: {e}")))?,
+                text,
+            )
         }
     };
     let (tx, updates) = mpsc::unbounded_channel();
@@ -109,7 +129,7 @@ pub async fn generate_unary(
 ) -> Result<ModelInferResponse, ServerError> {
     let arrived = Instant::now();
     let id = std::mem::take(&mut req.id);
-    let started = start(model, generative, &mut req, arrived)?;
+    let started = start(model, generative, &mut req, arrived).await?;
     complete(model, started, &id).await
 }
 
@@ -130,7 +150,7 @@ pub async fn generate_stream(
         error_message: String::new(),
         infer_response: Some(resp),
     };
-    let mut s = match start(model, generative, &mut req, arrived) {
+    let mut s = match start(model, generative, &mut req, arrived).await {
         Ok(s) => s,
         Err(e) => {
             let _ = tx.send(Ok(error(e))).await;

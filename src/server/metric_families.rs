@@ -293,6 +293,7 @@ impl MetricFamilies {
         }
         let mut families: Vec<_> = registry.gather().into_iter().filter(|f| !f.get_metric().is_empty()).collect();
         families.extend(super::http::metrics::families());
+        families.extend(super::connections::families());
         let mut buf = Vec::new();
         TextEncoder::new().encode(&families, &mut buf)?;
         String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))

@@ -2,6 +2,8 @@
 //! auth, TLS, message limits, the metrics endpoint, and graceful drain.
 
 mod bearer;
+pub mod chat_turn;
+pub mod connections;
 mod decode;
 mod error;
 pub mod generate;
@@ -39,6 +41,9 @@ use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::repository::Repository;
 
+/// How long a client may take to answer an HTTP/2 keep-alive ping before its connection is closed.
+pub(crate) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Everything `serve` needs besides the repository.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -64,6 +69,8 @@ pub struct ServeOptions {
     pub exit_timeout: Duration,
     /// Version string for ServerMetadata (says which backend runs).
     pub server_version: String,
+    /// Open-connection limit and idle timeout, per front.
+    pub connections: connections::ConnectionLimits,
     /// This worker's id, sent as `x-worker-id` on every response (gateways pin sessions on it).
     pub worker_id: String,
 }
@@ -167,7 +174,11 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let worker = worker_id::header_value(&opts.worker_id).map_err(ServeError::WorkerId)?;
-    let mut builder = Server::builder().max_concurrent_streams(opts.max_concurrent_streams).tcp_nodelay(true);
+    let mut builder = Server::builder()
+        .max_concurrent_streams(opts.max_concurrent_streams)
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(opts.connections.keepalive_interval())
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
         // The transport only says "transport error"; this names the file and the cause.
         http::tls::acceptor(cert, key, opts.tls_client_ca.as_deref())?;
@@ -258,7 +269,7 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
 
     let stop = shutdown.clone();
     let exit_timeout = opts.exit_timeout;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = connections::incoming(listener, connections::Gate::new("grpc", opts.connections));
     let task = tokio::spawn(async move {
         let _metrics_until_exit = metrics_guard;
         let drained = stop.clone();

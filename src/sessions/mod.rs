@@ -10,12 +10,13 @@ mod store_damage_tests;
 mod store_db;
 #[cfg(any(test, feature = "testing"))]
 mod store_fault;
+mod store_redis;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use blob::SessionBlob;
-pub use store::{SessionStore, StoreError, StoredSession};
+pub use store::{SessionStore, StoreError, StoreLocation, StoredSession, parse_location};
 pub use store_db::StoreHealth;
 #[cfg(any(test, feature = "testing"))]
 pub use store_fault::WriteFault;

@@ -1,4 +1,5 @@
-//! The session store (`--session-store DIR`): an embedded, crash-safe redb database holding
+//! The session store (`--session-store DIR` or `--session-store redis://host:port/db`): an
+//! embedded, crash-safe redb database, or a Redis/Valkey database shared by a fleet, holding
 //! spilled sessions, one entry per (model, version, sequence id) whose value is the checksummed
 //! [`SessionBlob`]. Entries that do not decode, or whose content does not match their key, are
 //! reported and skipped, never loaded.
@@ -59,13 +60,59 @@ pub enum StoreError {
 /// sequence id) → a [`SessionBlob`]. Every operation is one transaction; a failed write changes
 /// nothing; the store survives I/O errors (re-opened) and a damaged file (moved aside).
 pub struct SessionStore {
-    db: GuardedDb,
+    backend: Backend,
+    /// The database file, or the Redis URL without its password.
+    location: std::path::PathBuf,
+}
+
+/// Where the sessions are kept.
+enum Backend {
+    /// A redb file in a local folder.
+    Local(GuardedDb),
+    /// A Redis or Valkey database.
+    Redis(Box<super::store_redis::RedisStore>),
 }
 
 impl std::fmt::Debug for SessionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionStore").field("path", &self.db.path()).finish()
+        f.debug_struct("SessionStore").field("location", &self.location).finish()
     }
+}
+
+/// A parsed `--session-store` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A local folder (redb).
+    Local(std::path::PathBuf),
+    /// A Redis or Valkey URL.
+    Redis(String),
+}
+
+/// What `--session-store` names: a local folder, or a Redis URL. Anything else that looks like a
+/// URL is refused (a `redis:/...` typo must not silently become a local folder named `redis:`).
+pub fn parse_location(spec: &str) -> Result<StoreLocation, String> {
+    let t = spec.trim();
+    if t.is_empty() {
+        return Err("--session-store is empty: give a folder or redis://host:port/db".into());
+    }
+    if let Some((scheme, rest)) = t.split_once(':') {
+        let scheme_like =
+            !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        let lower = scheme.to_ascii_lowercase();
+        if scheme_like && (rest.starts_with("//") || lower.starts_with("redis") || lower == "valkey") {
+            return match lower.as_str() {
+                "redis" if rest.starts_with("//") => Ok(StoreLocation::Redis(t.to_string())),
+                "rediss" => Err("--session-store: TLS to Redis (rediss://) is not supported yet; use redis:// on a \
+                                 private network, or a local folder"
+                    .into()),
+                _ => Err(format!(
+                    "--session-store: '{t}' is not a supported store; give a local folder or redis://host:port/db \
+                     (Redis or Valkey)"
+                )),
+            };
+        }
+    }
+    Ok(StoreLocation::Local(std::path::PathBuf::from(t)))
 }
 
 /// A session found in the store.
@@ -93,6 +140,53 @@ pub(super) fn valid_entry(k: &str, v: &[u8]) -> bool {
     SessionBlob::decode(v).is_ok_and(|b| key(&b.model, b.version, &b.id) == k)
 }
 
+/// Decodes and checks a taken entry against its key.
+fn verify_taken(
+    raw: Option<Vec<u8>>,
+    model: &str,
+    version: i64,
+    id: &SequenceId,
+) -> Result<Option<SessionBlob>, StoreError> {
+    let Some(raw) = raw else { return Ok(None) };
+    let blob = SessionBlob::decode(&raw).map_err(|reason| StoreError::Corrupt { id: id.clone(), reason })?;
+    if blob.model != model || blob.version != version || &blob.id != id {
+        return Err(StoreError::Corrupt {
+            id: id.clone(),
+            reason: format!("the entry holds model '{}' version {} sequence {}", blob.model, blob.version, blob.id),
+        });
+    }
+    Ok(Some(blob))
+}
+
+/// What one listed entry is.
+fn classify(model: &str, version: i64, k: &str, v: &[u8]) -> Listed {
+    match SessionBlob::decode(v) {
+        Ok(b) if b.model == model && b.version == version && key(model, version, &b.id) == k => {
+            Listed::Ok(StoredSession { id: b.id, steps: b.steps })
+        }
+        Ok(b) => Listed::Skipped(format!(
+            "entry '{}' holds model '{}' version {} sequence {}",
+            k.replace('\u{1f}', "/"),
+            b.model,
+            b.version,
+            b.id
+        )),
+        Err(reason) => Listed::Skipped(format!("entry '{}': {reason}", k.replace('\u{1f}', "/"))),
+    }
+}
+
+/// The valid sessions, and descriptions of the skipped entries.
+fn split(listed: Vec<Listed>) -> (Vec<StoredSession>, Vec<String>) {
+    let (mut ok, mut skipped) = (Vec::new(), Vec::new());
+    for l in listed {
+        match l {
+            Listed::Ok(s) => ok.push(s),
+            Listed::Skipped(s) => skipped.push(s),
+        }
+    }
+    (ok, skipped)
+}
+
 /// What `list` saw under one key.
 enum Listed {
     Ok(StoredSession),
@@ -104,6 +198,24 @@ impl SessionStore {
     /// (logged, with its new name) and an empty store is started instead.
     pub fn open(dir: &Path) -> Result<SessionStore, StoreError> {
         SessionStore::open_with(dir, Opener::File)
+    }
+
+    /// Opens the store `--session-store` names: a local folder, or a Redis/Valkey database
+    /// (connected and checked now).
+    pub fn open_location(location: &StoreLocation) -> Result<SessionStore, StoreError> {
+        match location {
+            StoreLocation::Local(dir) => SessionStore::open(dir),
+            StoreLocation::Redis(url) => {
+                let r = super::store_redis::RedisStore::open(url)?;
+                let location = std::path::PathBuf::from(r.shown());
+                Ok(SessionStore { backend: Backend::Redis(Box::new(r)), location })
+            }
+        }
+    }
+
+    /// True when the store is shared through Redis/Valkey.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Redis(_))
     }
 
     fn open_with(dir: &Path, opener: Opener) -> Result<SessionStore, StoreError> {
@@ -118,7 +230,8 @@ impl SessionStore {
             Ok(()) | Err(StoreError::Damaged { .. }) => {}
             Err(e) => return Err(e),
         }
-        Ok(SessionStore { db })
+        let location = db.path().to_path_buf();
+        Ok(SessionStore { backend: Backend::Local(db), location })
     }
 
     /// Opens the store in `dir` behind a backend whose writes fail while the returned switch is
@@ -129,35 +242,46 @@ impl SessionStore {
         Ok((SessionStore::open_with(dir, Opener::Faulty(fault.clone()))?, fault))
     }
 
-    /// The database file.
+    /// The database file (local store), or the URL without its password (Redis).
     pub fn path(&self) -> &Path {
-        self.db.path()
+        &self.location
     }
 
     /// What happened to the store: I/O failures, re-opens, damaged files, dropped and lost sessions.
     pub fn health(&self) -> &StoreHealth {
-        &self.db.health
+        match &self.backend {
+            Backend::Local(db) => &db.health,
+            Backend::Redis(r) => &r.health,
+        }
     }
 
     /// Records `n` sessions that could not be saved and are lost (the worker exits non-zero).
     pub fn record_lost(&self, n: u64) {
-        self.db.health.lost.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.health().lost.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sessions recorded as lost since start-up.
     pub fn lost(&self) -> u64 {
-        self.db.health.lost.load(std::sync::atomic::Ordering::Relaxed)
+        self.health().lost.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Changes each time a damaged file is moved aside: what was listed before is gone.
     pub fn epoch(&self) -> u64 {
-        self.db.health.epoch.load(std::sync::atomic::Ordering::Relaxed)
+        self.health().epoch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Writes sessions in one durable transaction (replacing entries with the same key). On
     /// error nothing is written.
     pub fn put_all(&self, blobs: &[SessionBlob]) -> Result<(), StoreError> {
-        self.db.run("write sessions", |db| {
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Redis(r) => {
+                let entries: Vec<(String, Vec<u8>)> =
+                    blobs.iter().map(|b| (key(&b.model, b.version, &b.id), b.encode())).collect();
+                return r.put_all(&entries);
+            }
+        };
+        db.run("write sessions", |db| {
             let txn = db.begin_write()?;
             {
                 let mut t = txn.open_table(SESSIONS)?;
@@ -174,7 +298,11 @@ impl SessionStore {
     /// reported as an error; `Ok(None)` when there is no entry. On an I/O error the entry stays.
     pub fn take(&self, model: &str, version: i64, id: &SequenceId) -> Result<Option<SessionBlob>, StoreError> {
         let k = key(model, version, id);
-        let raw = self.db.run("take a session", |db| {
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Redis(r) => return verify_taken(r.take(&k)?, model, version, id),
+        };
+        let raw = db.run("take a session", |db| {
             let txn = db.begin_write()?;
             let raw = {
                 let mut t = txn.open_table(SESSIONS)?;
@@ -183,21 +311,17 @@ impl SessionStore {
             txn.commit()?;
             Ok(raw)
         })?;
-        let Some(raw) = raw else { return Ok(None) };
-        let blob = SessionBlob::decode(&raw).map_err(|reason| StoreError::Corrupt { id: id.clone(), reason })?;
-        if blob.model != model || blob.version != version || &blob.id != id {
-            return Err(StoreError::Corrupt {
-                id: id.clone(),
-                reason: format!("the entry holds model '{}' version {} sequence {}", blob.model, blob.version, blob.id),
-            });
-        }
-        Ok(Some(blob))
+        verify_taken(raw, model, version, id)
     }
 
     /// Whether the store has an entry (valid or not) for the session.
     pub fn contains(&self, model: &str, version: i64, id: &SequenceId) -> Result<bool, StoreError> {
         let k = key(model, version, id);
-        self.db.run("look a session up", |db| {
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Redis(r) => return r.contains(&k),
+        };
+        db.run("look a session up", |db| {
             let txn = db.begin_read()?;
             let t = txn.open_table(SESSIONS)?;
             Ok(t.get(k.as_str())?.is_some())
@@ -211,7 +335,14 @@ impl SessionStore {
 
     /// Deletes the entries of sessions `ids` in one transaction.
     pub fn remove_all(&self, model: &str, version: i64, ids: &[SequenceId]) -> Result<(), StoreError> {
-        self.db.run("remove sessions", |db| {
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Redis(r) => {
+                let keys: Vec<String> = ids.iter().map(|id| key(model, version, id)).collect();
+                return r.remove_all(&keys);
+            }
+        };
+        db.run("remove sessions", |db| {
             let txn = db.begin_write()?;
             {
                 let mut t = txn.open_table(SESSIONS)?;
@@ -228,7 +359,14 @@ impl SessionStore {
     /// model version that was skipped (corrupt, or its content does not match its key).
     pub fn list(&self, model: &str, version: i64) -> Result<(Vec<StoredSession>, Vec<String>), StoreError> {
         let p = prefix(model, version);
-        let listed = self.db.run("list sessions", |db| {
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Redis(r) => {
+                let listed = r.list(&p)?.into_iter().map(|(k, v)| classify(model, version, &k, &v)).collect();
+                return Ok(split(listed));
+            }
+        };
+        let listed = db.run("list sessions", |db| {
             let txn = db.begin_read()?;
             let t = txn.open_table(SESSIONS)?;
             let mut out = Vec::new();
@@ -238,36 +376,21 @@ impl SessionStore {
                 if !k.starts_with(&p) {
                     break;
                 }
-                out.push(match SessionBlob::decode(v.value()) {
-                    Ok(b) if b.model == model && b.version == version && key(model, version, &b.id) == k => {
-                        Listed::Ok(StoredSession { id: b.id, steps: b.steps })
-                    }
-                    Ok(b) => Listed::Skipped(format!(
-                        "entry '{}' holds model '{}' version {} sequence {}",
-                        k.replace('\u{1f}', "/"),
-                        b.model,
-                        b.version,
-                        b.id
-                    )),
-                    Err(reason) => Listed::Skipped(format!("entry '{}': {reason}", k.replace('\u{1f}', "/"))),
-                });
+                out.push(classify(model, version, &k, v.value()));
             }
             Ok(out)
         })?;
-        let (mut ok, mut skipped) = (Vec::new(), Vec::new());
-        for l in listed {
-            match l {
-                Listed::Ok(s) => ok.push(s),
-                Listed::Skipped(s) => skipped.push(s),
-            }
-        }
-        Ok((ok, skipped))
+        Ok(split(listed))
     }
 
     /// Overwrites an entry's raw value (tests use it to simulate corruption).
     pub fn put_raw(&self, model: &str, version: i64, id: &SequenceId, value: &[u8]) -> Result<(), StoreError> {
         let k = key(model, version, id);
-        self.db.run("write an entry", |db| {
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Redis(r) => return r.put_all(&[(k, value.to_vec())]),
+        };
+        db.run("write an entry", |db| {
             let txn = db.begin_write()?;
             {
                 let mut t = txn.open_table(SESSIONS)?;
@@ -306,5 +429,21 @@ mod tests {
         assert!(matches!(store.take("m", 1, &SequenceId::Uint(3)), Err(StoreError::Corrupt { .. })));
         assert!(matches!(store.take("m", 1, &SequenceId::Uint(4)), Err(StoreError::Corrupt { .. })));
         assert_eq!(store.list("m", 2).map(|l| l.0.len()).ok(), Some(0));
+    }
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::*;
+
+    #[test]
+    fn store_locations_are_folders_or_redis_urls_and_nothing_else() {
+        assert_eq!(parse_location("/var/lib/nw"), Ok(StoreLocation::Local("/var/lib/nw".into())));
+        assert_eq!(parse_location("sessions"), Ok(StoreLocation::Local("sessions".into())));
+        assert_eq!(parse_location("redis://h:6379/2"), Ok(StoreLocation::Redis("redis://h:6379/2".into())));
+        for bad in ["redis:/h:6379", "redis:h", "ftp://h/x", "rediss://h", "valkey://h", "s3://bucket", ""] {
+            assert!(parse_location(bad).is_err(), "{bad} must be refused");
+        }
+        assert!(parse_location("ftp://h").unwrap_err().contains("redis://host:port/db"));
     }
 }

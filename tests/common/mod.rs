@@ -7,6 +7,7 @@ pub mod bert_fixture;
 pub mod gen_sessions;
 pub mod generative;
 pub mod http;
+pub mod redis;
 pub mod sequences;
 
 use std::path::PathBuf;
@@ -40,6 +41,7 @@ pub fn options() -> ServeOptions {
         tls_client_ca: None,
         exit_timeout: Duration::from_secs(10),
         server_version: "test".into(),
+        connections: Default::default(),
         worker_id: "test-worker".into(),
     }
 }

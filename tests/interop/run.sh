@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Real-client interop suite: starts the worker, runs tests/interop/test_tritonclient.py (gRPC) and
 # test_tritonclient_http.py (HTTP, JSON and binary data) with the unmodified Triton Python clients,
+# test_openai.py with the official openai client,
 # drives it with perf_analyzer (gRPC unary and streaming, HTTP, sequences), then stops it with SIGTERM
 # and checks it exits 0.
 #
@@ -40,6 +41,7 @@ if [ ! -f "$VENV/env.sh" ] || ! "$VENV/bin/python" -c 'import tritonclient.grpc,
 fi
 "$VENV/bin/python" -c 'import tritonclient.http' 2>/dev/null || "$VENV/bin/pip" install -q 'tritonclient[http]==2.51.0'
 "$VENV/bin/python" -c 'import pytest' 2>/dev/null || "$VENV/bin/pip" install -q pytest
+"$VENV/bin/python" -c 'import openai' 2>/dev/null || "$VENV/bin/pip" install -q 'openai>=1.66'
 # shellcheck disable=SC1091
 . "$VENV/env.sh"
 command -v perf_analyzer >/dev/null || die "perf_analyzer is missing from $VENV"
@@ -119,7 +121,8 @@ set +e
 NEURON_WORKER_URL="$GRPC_ADDR" NEURON_WORKER_HTTP_URL="$HTTP_ADDR" NEURON_WORKER_METRICS_URL="http://$METRICS_ADDR" \
   timeout 120 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfE --junitxml="$JUNIT" \
   "$ROOT/tests/interop/test_tritonclient.py" "$ROOT/tests/interop/test_tritonclient_http.py" \
-  "$ROOT/tests/interop/test_sequences.py" "$ROOT/tests/interop/test_generative_sessions.py" ${PYTEST_ARGS:-}
+  "$ROOT/tests/interop/test_sequences.py" "$ROOT/tests/interop/test_generative_sessions.py" \
+  "$ROOT/tests/interop/test_openai.py" ${PYTEST_ARGS:-}
 PYTEST_RC=$?
 set -e
 SUMMARY=$("$VENV/bin/python" - "$JUNIT" <<'PY'

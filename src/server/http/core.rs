@@ -15,6 +15,15 @@ use crate::server::InferenceService;
 /// The responses of one request.
 pub type ResponseStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<ModelInferResponse, HttpError>> + Send>>;
 
+/// Copies an `x-session-id` header into `req`, as the gRPC front copies the metadata: the turn is
+/// then read by the one decode path (`session_turn`), for either front.
+pub fn apply_session_header(headers: &axum::http::HeaderMap, req: &mut ModelInferRequest) -> Result<(), HttpError> {
+    let Some(v) = headers.get(crate::server::session_turn::SESSION_HEADER) else { return Ok(()) };
+    let id = v.to_str().map_err(|_| HttpError::bad_request("the x-session-id header must be visible ASCII"))?;
+    crate::server::session_turn::apply_session_header(req, id);
+    Ok(())
+}
+
 /// A handle on the core: the KServe v2 service and the repository it serves.
 #[derive(Debug, Clone)]
 pub struct Core {

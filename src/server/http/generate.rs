@@ -91,7 +91,10 @@ pub fn to_core(
         None => None,
     };
     for (k, v) in parameters {
-        if has(&k) && !body.contains_key(&k) {
+        if crate::server::session_turn::is_session_param(&k) {
+            // sequence_id / sequence_start / sequence_end are request parameters for any model.
+            request_params.insert(k, v);
+        } else if has(&k) && !body.contains_key(&k) {
             body.insert(k, v);
         } else if has(SAMPLING_INPUT) {
             sampling.get_or_insert_with(Map::new).insert(k, v);
@@ -153,7 +156,9 @@ async fn prepare(
     let loaded = app.core.repo.get(model, version).map_err(ServerError::from)?;
     let bytes = body::read(headers, raw, app.body_limit).await?;
     let json: Map<String, Value> = body::json(&bytes)?;
-    to_core(&loaded.spec, version, json, stream)
+    let mut req = to_core(&loaded.spec, version, json, stream)?;
+    super::core::apply_session_header(headers, &mut req)?;
+    Ok(req)
 }
 
 /// `POST .../generate`: one JSON object (the last response of the model, for streaming models).

@@ -6,6 +6,7 @@
 mod auth;
 mod body;
 pub(crate) mod core;
+mod counted;
 mod error;
 mod generate;
 mod infer;
@@ -25,7 +26,6 @@ use axum::Router;
 use axum::routing::{get, post};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio_util::sync::CancellationToken;
 
 pub use error::HttpError;
@@ -104,7 +104,8 @@ pub async fn start(
     let worker = super::worker_id::header_value(&opts.worker_id).map_err(ServeError::WorkerId)?;
     let router = router(app, token).layer(super::worker_id::layer(worker));
     let exit_timeout = opts.exit_timeout;
-    let task = tokio::spawn(serve(listener, router, tls, stop, exit_timeout));
+    let gate = crate::server::connections::Gate::new("http", opts.connections);
+    let task = tokio::spawn(serve(listener, router, tls, gate, stop, exit_timeout));
     Ok((bound, task))
 }
 
@@ -112,11 +113,17 @@ async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    gate: crate::server::connections::Gate,
     stop: CancellationToken,
     exit_timeout: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(gate.limits().keepalive_interval())
+        .keep_alive_timeout(crate::server::KEEPALIVE_TIMEOUT);
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -129,7 +136,8 @@ async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(router.clone());
+        let Some(stream) = gate.admit(stream, Some(peer)) else { continue };
+        let svc = counted::service(router.clone(), stream.in_flight());
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
             let result = match tls {

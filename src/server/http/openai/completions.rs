@@ -186,7 +186,8 @@ async fn complete(app: App, headers: HeaderMap, raw: Body, kind: Kind) -> Result
         .to_string();
     let g = parse(kind, &req)?;
     let loaded = app.core.repo.get(&model, "").map_err(ServerError::from)?;
-    let core_req = generation::to_core(&loaded.spec, &g)?;
+    let mut core_req = generation::to_core(&loaded.spec, &g)?;
+    crate::server::http::core::apply_session_header(&headers, &mut core_req)?;
     let id = new_id(if kind == Kind::Chat { "chatcmpl-" } else { "cmpl-" });
     let created = now();
     let mut responses = app.core.infer_stream(core_req);
@@ -197,6 +198,10 @@ async fn complete(app: App, headers: HeaderMap, raw: Body, kind: Kind) -> Result
         }
         let mut body = envelope(kind, &id, &model, created, false);
         body["choices"] = json!([choice(kind, &o, false)]);
+        if field(&req, "return_token_ids").and_then(Value::as_bool) == Some(true) {
+            // vLLM's extension: the generated token ids (exactness checks compare ids, not text).
+            body["choices"][0]["token_ids"] = json!(o.output_ids);
+        }
         body["usage"] = o.usage();
         return Ok(Json(body).into_response());
     }

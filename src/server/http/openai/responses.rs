@@ -1,6 +1,12 @@
 //! `POST /v1/responses` (non-streamed), `GET` and `DELETE /v1/responses/{id}`: OpenAI's Responses API
-//! over a generative model. `previous_response_id` continues a stored conversation (the stored
-//! messages are sent again, then the new input); `store: false` keeps nothing.
+//! over a generative model, backed by generative sessions. A stored response (`store: true`, the
+//! default) keeps its conversation as a session on the worker; a follow-up naming it by
+//! `previous_response_id` sends only its new input, rendered as a chat continuation (see
+//! `server::chat_turn`), and prefills only those tokens (`usage.input_tokens_details.cached_tokens`
+//! says how many were reused). Following up an older response forks: a new session starts from
+//! that response's exact tokens (its full K/V blocks are shared through the prefix cache), and the
+//! newer branch keeps its session. `store: false` runs a stateless request over the same tokens.
+//! Deleting the newest response of a conversation ends its session.
 
 use axum::Json;
 use axum::body::Body;
@@ -12,9 +18,14 @@ use serde_json::{Map, Value, json};
 use super::OpenAiError;
 use super::completions::{messages, new_id, now};
 use super::generation::{self, Generation, Outcome, Prompt};
-use super::response_store::StoredResponse;
+use super::response_store::{Orphan, StoredResponse};
+use crate::batching::generative::tokens::ChatMessage;
+use crate::proto::inference::InferParameter;
+use crate::proto::inference::infer_parameter::ParameterChoice;
 use crate::server::ServerError;
+use crate::server::chat_turn;
 use crate::server::http::{App, HttpError, body};
+use crate::sessions::SequenceId;
 
 fn input_messages(input: &Value) -> Result<Vec<Value>, HttpError> {
     match input {
@@ -42,6 +53,87 @@ fn not_found(id: &str) -> HttpError {
     ))
 }
 
+/// Ends sessions no stored response continues any more (a session whose cancelled turn is still
+/// winding down is retried for up to 2 s).
+async fn end_sessions(app: &App, orphans: Vec<Orphan>) {
+    use crate::batching::generative::session_moves::MoveError;
+    for o in orphans {
+        let Some(g) = app.core.repo.get(&o.model, "").ok().and_then(|m| m.batching.generative().cloned()) else {
+            continue;
+        };
+        for _ in 0..40 {
+            match g.export_session(SequenceId::Str(o.session.clone())).await {
+                Err(MoveError::Busy { .. }) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                Err(MoveError::NotFound { .. }) | Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(session = %o.session, error = %e, "could not end a responses session");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A turn's session until its response is stored: if the request fails or its client goes away
+/// (the handler is dropped), no stored response continues the session, so it is ended.
+struct Unstored {
+    app: App,
+    orphan: Option<Orphan>,
+}
+
+impl Unstored {
+    fn stored(mut self) {
+        self.orphan = None;
+    }
+}
+
+impl Drop for Unstored {
+    fn drop(&mut self) {
+        let Some(o) = self.orphan.take() else { return };
+        self.app.responses.drop_session(&o.session);
+        let app = self.app.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { end_sessions(&app, vec![o]).await });
+        }
+    }
+}
+
+/// How a request's tokens reach the model.
+struct Turn {
+    /// Session to run the turn in (`None`: stateless).
+    session: Option<String>,
+    /// Open the session with this turn.
+    start: bool,
+    /// The session's tokens before the turn (what it reuses).
+    history: Vec<u32>,
+    /// The turn's new tokens.
+    prompt: Vec<u32>,
+}
+
+fn session_params(turn: &Turn) -> std::collections::HashMap<String, InferParameter> {
+    let p = |c| InferParameter { parameter_choice: Some(c) };
+    let mut m = std::collections::HashMap::new();
+    if let Some(id) = &turn.session {
+        m.insert("sequence_id".to_string(), p(ParameterChoice::StringParam(id.clone())));
+        m.insert("sequence_start".to_string(), p(ParameterChoice::BoolParam(turn.start)));
+    }
+    m
+}
+
+async fn run(app: &App, model: &str, turn: &Turn, sampling: Map<String, Value>) -> Result<Outcome, HttpError> {
+    let loaded = app.core.repo.get(model, "").map_err(ServerError::from)?;
+    let ids = turn.prompt.iter().map(|&t| i64::from(t)).collect();
+    let g = Generation { prompt: Prompt::Ids(ids), stream: false, sampling, logprobs: None };
+    let mut req = generation::to_core(&loaded.spec, &g)?;
+    req.parameters = session_params(turn);
+    let mut responses = app.core.infer_stream(req);
+    let mut o = Outcome::default();
+    while let Some(r) = responses.next().await {
+        o.push(generation::read(&r?));
+    }
+    Ok(o)
+}
+
 /// `POST /v1/responses`.
 pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Result<Json<Value>, OpenAiError> {
     let bytes = body::read(&headers, raw, app.body_limit).await?;
@@ -57,24 +149,15 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
     }
     let store = get("store").and_then(Value::as_bool).unwrap_or(true);
     let previous = get("previous_response_id").and_then(Value::as_str).map(str::to_string);
-    let mut history = match &previous {
-        Some(id) => {
-            let prev = app.responses.get(id).ok_or_else(|| not_found(id))?;
-            if prev.model != model {
-                return Err(HttpError::bad_request(format!(
-                    "response '{id}' was made by model '{}', not '{model}'",
-                    prev.model
-                ))
-                .into());
-            }
-            prev.messages
-        }
-        None => Vec::new(),
-    };
-    history.extend(input_messages(get("input").unwrap_or(&Value::Null))?);
-    let mut prompt = history.clone();
+    let mut new_messages: Vec<ChatMessage> = input_messages(get("input").unwrap_or(&Value::Null))?
+        .into_iter()
+        .map(|m| ChatMessage {
+            role: m["role"].as_str().unwrap_or("user").to_string(),
+            content: m["content"].as_str().unwrap_or("").to_string(),
+        })
+        .collect();
     if let Some(instructions) = get("instructions").and_then(Value::as_str) {
-        prompt.insert(0, json!({ "role": "system", "content": instructions }));
+        new_messages.insert(0, ChatMessage { role: "system".into(), content: instructions.into() });
     }
     let mut sampling = Map::new();
     if let Some(v) = get("max_output_tokens") {
@@ -85,16 +168,61 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
             sampling.insert(k.into(), v.clone());
         }
     }
-    let loaded = app.core.repo.get(&model, "").map_err(ServerError::from)?;
-    let g = Generation { prompt: Prompt::Messages(prompt), stream: false, sampling, logprobs: None };
-    let mut responses = app.core.infer_stream(generation::to_core(&loaded.spec, &g)?);
-    let mut o = Outcome::default();
-    while let Some(r) = responses.next().await {
-        o.push(generation::read(&r?));
+    if let Some(id) = &previous {
+        let prev = app.responses.get(id).ok_or_else(|| not_found(id))?;
+        if prev.model != model {
+            return Err(HttpError::bad_request(format!(
+                "response '{id}' was made by model '{}', not '{model}'",
+                prev.model
+            ))
+            .into());
+        }
     }
+    let loaded = app.core.repo.get(&model, "").map_err(ServerError::from)?;
+    let Some(generative) = loaded.batching.generative().cloned() else {
+        return Err(HttpError::bad_request(format!("model '{model}' is not a generative model")).into());
+    };
+    let tok = generative.tokenizer().clone();
+    let invalid = |e: String| HttpError::bad_request(format!("model '{model}': {e}"));
+    let turn = match &previous {
+        None => {
+            let prompt = chat_turn::opening(tok.as_ref(), &new_messages).map_err(invalid)?;
+            let session = store.then(|| new_id("resp_session_"));
+            Turn { session, start: true, history: Vec::new(), prompt }
+        }
+        Some(id) => {
+            // Claimed only when storing: a stateless follow-up leaves the session alone.
+            let (prev, is_head) = if store {
+                app.responses.claim(id).ok_or_else(|| not_found(id))?
+            } else {
+                (app.responses.get(id).ok_or_else(|| not_found(id))?, false)
+            };
+            let claimed = is_head.then(|| Orphan { model: model.clone(), session: prev.session.clone() });
+            let guard = Unstored { app: app.clone(), orphan: claimed };
+            let cont = chat_turn::continuation(tok.as_ref(), &new_messages, prev.tokens.last().copied());
+            let cont = cont.map_err(invalid)?;
+            // From here the turn's own guard (below) owns the session.
+            guard.stored();
+            if is_head {
+                let session = prev.session.clone();
+                Turn { session: Some(session), start: false, history: prev.tokens, prompt: cont }
+            } else {
+                let mut prompt = prev.tokens;
+                prompt.extend(cont);
+                let session = store.then(|| new_id("resp_session_"));
+                Turn { session, start: true, history: Vec::new(), prompt }
+            }
+        }
+    };
+    // The session may hold part of a failed or abandoned turn: no stored response continues it then.
+    let orphan = turn.session.clone().map(|session| Orphan { model: model.clone(), session });
+    let unstored = Unstored { app: app.clone(), orphan };
+    let o = run(&app, &model, &turn, sampling).await?;
+    let output_ids: Vec<u32> = o.output_ids.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
+    let input_tokens = (turn.history.len() + turn.prompt.len()) as u64;
     let id = new_id("resp_");
     let incomplete = o.finish_reason.as_deref() == Some("length");
-    let body = json!({
+    let mut body = json!({
         "id": id,
         "object": "response",
         "created_at": now(),
@@ -120,16 +248,24 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
         "metadata": get("metadata").cloned().unwrap_or(json!({})),
         "text": { "format": { "type": "text" } },
         "usage": {
-            "input_tokens": o.prompt_tokens,
+            "input_tokens": input_tokens,
             "input_tokens_details": { "cached_tokens": o.cached_tokens },
             "output_tokens": o.completion_tokens,
             "output_tokens_details": { "reasoning_tokens": 0 },
-            "total_tokens": o.prompt_tokens + o.completion_tokens
+            "total_tokens": input_tokens + o.completion_tokens
         }
     });
-    if store {
-        history.push(json!({ "role": "assistant", "content": o.text }));
-        app.responses.put(id, StoredResponse { model, messages: history, body: body.clone() });
+    let mut tokens = turn.history;
+    tokens.extend_from_slice(&turn.prompt);
+    if get("return_token_ids").and_then(Value::as_bool) == Some(true) {
+        body["prompt_token_ids"] = json!(tokens);
+        body["output_token_ids"] = json!(output_ids);
+    }
+    tokens.extend_from_slice(&output_ids);
+    unstored.stored();
+    if let Some(session) = turn.session {
+        let orphans = app.responses.put(id, StoredResponse { model, session, tokens, body: body.clone() });
+        end_sessions(&app, orphans).await;
     }
     Ok(Json(body))
 }
@@ -141,8 +277,7 @@ pub async fn get(State(app): State<App>, Path(id): Path<String>) -> Result<Json<
 
 /// `DELETE /v1/responses/{id}`.
 pub async fn delete(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, OpenAiError> {
-    if !app.responses.delete(&id) {
-        return Err(not_found(&id).into());
-    }
+    let orphan = app.responses.delete(&id).ok_or_else(|| not_found(&id))?;
+    end_sessions(&app, orphan.into_iter().collect()).await;
     Ok(Json(json!({ "id": id, "object": "response.deleted", "deleted": true })))
 }
