@@ -10,6 +10,8 @@
 server; NEURON_WORKER_ISA=avx2 in the environment caps our kernels at AVX2), then alternates, --reps
 times: one run of ours, one of llama.cpp (n_threads = n_threads_batch = --threads): a --prompt-token
 prompt processed in one batch (n_batch = n_ubatch = prompt) and --decode greedy decode tokens.
+llama.cpp runs without its extra buffer types (repacking/AMX crash in llama_decode on some
+AVX-512 machines with the reference build) and with OMP_WAIT_POLICY=passive unless set.
 Ours also decodes --streams sequences together (one token each per step). Medians over the
 repetitions are printed as `generation: <figure> ours X, llama.cpp Y, ratio Z` lines, with the
 load average before and after (other work on the machine slows both sides) and the decode roofline
@@ -29,7 +31,21 @@ import time
 class LlamaCpp:
     def __init__(self, path, threads, prompt_len, decode_len):
         import llama_cpp
+        import numpy as np
 
+        # llama.cpp's extra buffer types (weight repacking, AMX) crash inside llama_decode on some
+        # AVX-512 machines with this build; the plain CPU buffers run the same kernels otherwise.
+        default_params = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        llama_cpp.llama_model_default_params = params
+        llama_cpp.llama.llama_cpp.llama_model_default_params = params
+        self.np = np
+        self.llama_cpp = llama_cpp
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=prompt_len + decode_len + 8, n_threads=threads,
                                    n_threads_batch=threads, n_batch=prompt_len, n_ubatch=prompt_len,
                                    verbose=False)
@@ -38,6 +54,12 @@ class LlamaCpp:
         self.decode_len = decode_len
         self.run()  # warm-up
 
+    def argmax_last(self):
+        """Greedy token from the last evaluated position's logits (`scores` is only filled with
+        logits_all)."""
+        ptr = self.llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return int(self.np.ctypeslib.as_array(ptr, shape=(self.vocab,)).argmax())
+
     def run(self):
         """(prompt tok/s, decode tok/s, median decode step s) of one repetition."""
         llm = self.llm
@@ -45,14 +67,14 @@ class LlamaCpp:
         t = time.perf_counter()
         llm.eval(self.prompt)
         prefill = time.perf_counter() - t
-        tok = int(llm.scores[llm.n_tokens - 1].argmax())
+        tok = self.argmax_last()
         steps = []
         t = time.perf_counter()
         for _ in range(self.decode_len):
             s = time.perf_counter()
             llm.eval([tok])
             steps.append(time.perf_counter() - s)
-            tok = int(llm.scores[llm.n_tokens - 1].argmax())
+            tok = self.argmax_last()
         decode = time.perf_counter() - t
         return len(self.prompt) / prefill, self.decode_len / decode, statistics.median(steps)
 
@@ -84,7 +106,9 @@ def main():
     for _ in range(a.reps):
         ours.append(json.loads(subprocess.run([exe, a.model, str(a.prompt), str(a.decode), str(a.streams)], env=env,
                                               check=True, capture_output=True, text=True).stdout))
-        r = subprocess.run(child, capture_output=True, text=True)
+        # OpenMP workers that spin (the default) collapse when other work shares the cores.
+        r = subprocess.run(child, capture_output=True, text=True,
+                           env=dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive")))
         if r.returncode == 0:
             theirs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         else:

@@ -3,9 +3,13 @@
 //! The scores, the softmax and the weighted sum of one query visit positions `0..=pos` in increasing
 //! order with fixed-order dot products, so the result depends only on the query and the stored K/V:
 //! not on the other rows of the step nor on how the sequence's prefill was chunked.
+//!
+//! One portable body is compiled three times (baseline, AVX2+FMA, AVX-512) and picked at run time
+//! ([`crate::backend::cpu::isa::isa`]): the arithmetic is plain IEEE operations in a fixed order (no
+//! fused multiply-add is formed), so every version gives the same bits; the wider ones are faster.
 
 use super::kv_pool::KvPool;
-use crate::backend::cpu::linear_kernels::dot;
+use crate::backend::cpu::isa::{Isa, isa};
 
 /// Shape of the attention: heads, grouping and scale.
 #[derive(Debug, Clone, Copy)]
@@ -20,10 +24,83 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
+/// 8-lane dot product, lanes summed as `((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7))`, then the tail.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut lanes = [0f32; 8];
+    let full = n / 8 * 8;
+    for (ca, cb) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
+        for l in 0..8 {
+            lanes[l] += ca[l] * cb[l];
+        }
+    }
+    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+    for i in full..n {
+        s += a[i] * b[i];
+    }
+    s
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Attention output (`heads * head_dim`) of the query row `q` at absolute position `pos`, reading K/V of
 /// positions `0..=pos` through the block table `blocks`. `scores` is scratch (grown as needed).
 pub fn attend(
+    pool: &KvPool,
+    layer: usize,
+    shape: AttentionShape,
+    q: &[f32],
+    pos: usize,
+    blocks: &[u32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    match isa() {
+        // SAFETY: `isa()` never reports a level the CPU lacks.
+        Isa::Avx512 => return unsafe { attend_avx512(pool, layer, shape, q, pos, blocks, scores, out) },
+        // SAFETY: as above.
+        Isa::Avx2 => return unsafe { attend_avx2(pool, layer, shape, q, pos, blocks, scores, out) },
+        Isa::Scalar => {}
+    }
+    attend_body(pool, layer, shape, q, pos, blocks, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+fn attend_avx2(
+    pool: &KvPool,
+    layer: usize,
+    shape: AttentionShape,
+    q: &[f32],
+    pos: usize,
+    blocks: &[u32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_body(pool, layer, shape, q, pos, blocks, scores, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+fn attend_avx512(
+    pool: &KvPool,
+    layer: usize,
+    shape: AttentionShape,
+    q: &[f32],
+    pos: usize,
+    blocks: &[u32],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_body(pool, layer, shape, q, pos, blocks, scores, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_body(
     pool: &KvPool,
     layer: usize,
     shape: AttentionShape,

@@ -19,6 +19,9 @@ macro_rules! quant_kernels {
         use super::format::{FQ4_0, FQ4_1, FQ8_0, QFormat, QK};
         use super::qmatrix::{QData, XRef};
 
+        /// How many weight rows ahead a one-activation-row product prefetches.
+        const PREFETCH_ROWS: usize = 8;
+
         /// The fixed 8-lane horizontal sum (same order as `scalar::hsum8`).
         #[inline(always)]
         fn hsum(v: __m256) -> f32 {
@@ -47,21 +50,29 @@ macro_rules! quant_kernels {
             unsafe { _mm256_loadu_ps(a.as_ptr()) }
         }
 
-        /// Q4_1's minimum term for one output.
-        #[target_feature(enable = $feat)]
-        fn mins(w: &QData, r: usize, xs: &[f32]) -> f32 {
-            let nb = w.nb;
-            let ms = &w.mins[r * nb..(r + 1) * nb];
-            let mut macc = _mm256_setzero_ps();
-            let mut g = 0;
-            while g < nb {
-                let gl = (nb - g).min(8);
-                let m8 = load8(&pad8(&ms[g..g + gl], |b| f16::from_bits(b).to_f32()));
-                let s8 = load8(&pad8(&xs[g..g + gl], |v| v));
-                macc = _mm256_fmadd_ps(m8, s8, macc);
-                g += 8;
+        /// 8 f16 values (bits) from `src` as f32 with F16C, zero-padded past `src.len()` (≤ 8).
+        #[inline(always)]
+        fn cvt8(src: &[u16]) -> __m256 {
+            let mut a = [0u16; 8];
+            let src = if src.len() >= 8 {
+                &src[..8]
+            } else {
+                a[..src.len()].copy_from_slice(src);
+                &a[..]
+            };
+            // SAFETY: `src` holds 8 u16 (16 bytes); F16C is enabled in every caller.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().cast())) }
+        }
+
+        /// 8 f32 from `src`, zero-padded past `src.len()` (≤ 8).
+        #[inline(always)]
+        fn ld8(src: &[f32]) -> __m256 {
+            if src.len() >= 8 {
+                // SAFETY: `src` holds at least 8 f32; AVX is enabled in every caller.
+                unsafe { _mm256_loadu_ps(src.as_ptr()) }
+            } else {
+                load8(&pad8(src, |v| v))
             }
-            hsum(macc)
         }
 
         #[target_feature(enable = $feat)]
@@ -77,27 +88,60 @@ macro_rules! quant_kernels {
             let nb = w.nb;
             let qsb = w.qs_bytes;
             let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let xq: [&[i8]; C] = std::array::from_fn(|c| x.q.row_qs(c0 + c));
-            let xd: [&[f32]; C] = std::array::from_fn(|c| x.q.row_d(c0 + c));
-            let xc: [&[i32]; C] = std::array::from_fn(|c| x.q.row_corr(c0 + c));
+            // Q4_1's minimum term, 8 lanes per output (block b in lane b % 8, as the reference).
+            let mut macc = [[_mm256_setzero_ps(); C]; R];
+            // No closures here: a closure would not inherit the target features, and its
+            // intrinsics would turn into calls.
+            let mut xq: [&[i8]; C] = [&[]; C];
+            let mut xd: [&[f32]; C] = [&[]; C];
+            let mut xs: [&[f32]; C] = [&[]; C];
+            let mut xc: [&[i32]; C] = [&[]; C];
+            for c in 0..C {
+                xq[c] = x.q.row_qs(c0 + c);
+                xd[c] = x.q.row_d(c0 + c);
+                if F == FQ4_1 {
+                    xs[c] = x.q.row_s(c0 + c);
+                }
+                xc[c] = x.q.row_corr(c0 + c);
+            }
             let mut dd = [[[0.0f32; 8]; C]; R];
             let mut g = 0;
             while g < nb {
                 let gl = (nb - g).min(8);
+                let mut xd8 = [_mm256_setzero_ps(); C];
+                let mut xs8 = [_mm256_setzero_ps(); C];
+                for c in 0..C {
+                    xd8[c] = ld8(&xd[c][g..g + gl]);
+                    if F == FQ4_1 {
+                        xs8[c] = ld8(&xs[c][g..g + gl]);
+                    }
+                }
                 for r in 0..R {
-                    let dw = pad8(&w.d[(r0 + r) * nb + g..(r0 + r) * nb + g + gl], |b| f16::from_bits(b).to_f32());
+                    let at = (r0 + r) * nb + g;
+                    let dw = cvt8(&w.d[at..at + gl]);
+                    let mw = if F == FQ4_1 { cvt8(&w.mins[at..at + gl]) } else { _mm256_setzero_ps() };
                     for c in 0..C {
-                        for i in 0..gl {
-                            dd[r][c][i] = dw[i] * xd[c][g + i];
+                        // SAFETY: `dd[r][c]` holds 8 f32.
+                        unsafe { _mm256_storeu_ps(dd[r][c].as_mut_ptr(), _mm256_mul_ps(dw, xd8[c])) };
+                        if F == FQ4_1 {
+                            macc[r][c] = _mm256_fmadd_ps(mw, xs8[c], macc[r][c]);
                         }
                     }
                 }
                 for i in 0..gl {
                     let b = g + i;
-                    let wv: [(__m256i, __m256i); R] = std::array::from_fn(|r| {
+                    let mut wv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
+                    for r in 0..R {
                         let at = ((r0 + r) * nb + b) * qsb;
-                        $load_w::<F>(&w.qs[at..at + qsb])
-                    });
+                        wv[r] = $load_w::<F>(&w.qs[at..at + qsb]);
+                        if PREFETCH_ROWS > 0 && C == 1 {
+                            // One activation row: the product streams the weight once, so ask for
+                            // the rows a few tiles ahead (a hint: never faults, never changes a
+                            // result; past the end it is simply wasted).
+                            let ahead = w.qs.as_ptr().wrapping_add(at + PREFETCH_ROWS * nb * qsb);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+                        }
+                    }
                     for c in 0..C {
                         let xb = &xq[c][b * QK..b * QK + QK];
                         // SAFETY: `xb` holds 32 bytes.
@@ -116,7 +160,7 @@ macro_rules! quant_kernels {
                 for c in 0..C {
                     let mut v = hsum(acc[r][c]);
                     if F == FQ4_1 {
-                        v += mins(w, r0 + r, x.q.row_s(c0 + c));
+                        v += hsum(macc[r][c]);
                     }
                     out[(c0 + c) * len + r0 + r - rstart] = v;
                 }
