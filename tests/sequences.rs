@@ -268,7 +268,10 @@ async fn sessions_service_is_reflected_and_authenticated() {
     let file =
         fds.file.iter().find(|f| f.package() == "neuronworker.v1").expect("sessions.proto registered for reflection");
     let methods: Vec<&str> = file.service[0].method.iter().map(|m| m.name()).collect();
-    assert_eq!(methods, vec!["ListSessions", "ExportSession", "ImportSession"]);
+    assert_eq!(
+        methods,
+        vec!["ListSessions", "ExportSession", "ImportSession", "ExportSessionStream", "ImportSessionStream"]
+    );
 
     let mut opts = options();
     opts.auth_token = Some("s3cret".into());

@@ -109,6 +109,9 @@ impl GenerativeModel {
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
             let sessions = (setup.sessions, affinity.clone(), durable.clone());
+            // The thread says when its engine exists (its K/V pool counted in the gauges), so a
+            // scheduler reading /capacity right after the load sees the whole pool.
+            let (built_tx, built_rx) = mpsc::sync_channel::<()>(1);
             let handle = std::thread::Builder::new()
                 .name(format!("gen-{model}-{i}"))
                 .spawn(move || {
@@ -116,12 +119,14 @@ impl GenerativeModel {
                     let engine = Engine::new(decoder, text, eos, limits, stats)
                         .with_sessions(sessions.0, sessions.1, i)
                         .with_durable(sessions.2);
+                    let _ = built_tx.send(());
                     step_loop(engine, ctx)
                 })
                 .map_err(|e| BatchingError::Unavailable {
                     model: model.clone(),
                     reason: format!("cannot start an instance thread: {e}"),
                 })?;
+            let _ = built_rx.recv();
             links.push(InstanceLink { sender: tx, load, alive });
             threads.push(handle);
         }
