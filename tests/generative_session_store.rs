@@ -11,20 +11,11 @@ use std::time::Duration;
 
 use common::gen_sessions::*;
 use common::generative::gqa_repository;
-use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
+use neuron_worker::repository::ModelControlMode;
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::server::sessions::proto::{self as sp, ExportSessionRequest, ListSessionsRequest};
 use neuron_worker::sessions::{SequenceId, SessionBlob, SessionStore};
 use tokio_stream::StreamExt;
-
-async fn worker(repo_dir: &std::path::Path, store: Arc<SessionStore>) -> common::TestWorker {
-    let repo = Repository::new(Some(repo_dir.to_path_buf()), BackendSelection::Cpu, ModelControlMode::None)
-        .with_session_store(Some(store));
-    let repo = Arc::new(repo);
-    repo.load_all().await.expect("repository loads");
-    let server = neuron_worker::server::start(common::options(), repo.clone()).await.expect("server starts");
-    common::TestWorker { server, repo }
-}
 
 async fn sessions_client(w: &common::TestWorker) -> SessionsClient<tonic::transport::Channel> {
     SessionsClient::connect(format!("http://{}", w.server.grpc_addr)).await.expect("sessions client")
@@ -45,30 +36,12 @@ async fn idle_sessions_spill_to_the_store_and_come_back_exactly() {
     let repo = gqa_repository(r#"parameters { key: "kv_cache_memory" value: { string_value: "384KiB" } }"#);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SessionStore::open(dir.path()).expect("store opens"));
-    let w = worker(repo.path(), store.clone()).await;
+    let w = common::start_with_store(repo.path(), store.clone()).await;
     let metrics = w.server.metrics_addr.expect("metrics").to_string();
     let mut c = w.client().await;
     let greedy = r#"{"max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
     const SESSIONS: u64 = 64;
-    let mut histories: Vec<Vec<u32>> = vec![Vec::new(); SESSIONS as usize];
-    for turn in 0..3u64 {
-        let mut tasks = Vec::new();
-        for id in 0..SESSIONS {
-            let msg = message(300 + id * 7 + turn, 20, VOCAB);
-            histories[id as usize].extend(&msg);
-            let mut c = c.clone();
-            let req = with_session(ids_request(&msg, greedy), 2000 + id, turn == 0, false);
-            tasks.push(tokio::spawn(async move { generate(&mut c, req).await }));
-        }
-        for (id, t) in tasks.into_iter().enumerate() {
-            let (ids, _) = tokio::time::timeout(Duration::from_secs(120), t)
-                .await
-                .expect("every turn answered within 120 s")
-                .expect("task")
-                .unwrap_or_else(|e| panic!("session {id} turn {turn}: {e}"));
-            histories[id].extend(ids);
-        }
-    }
+    let histories = concurrent_turns(&c, SESSIONS, 3, 2000, 20, 300, greedy).await;
     let spilled = metric(&metrics, "session_spilled_total").await;
     let restored = metric(&metrics, "session_restored_total").await;
     assert!(spilled > 0.0, "idle sessions went to the store");
@@ -98,7 +71,7 @@ async fn sessions_of_a_drained_worker_continue_exactly_after_a_restart() {
     let mut history: Vec<u32> = Vec::new();
     {
         let store = Arc::new(SessionStore::open(dir.path()).expect("store opens"));
-        let a = worker(repo.path(), store.clone()).await;
+        let a = common::start_with_store(repo.path(), store.clone()).await;
         let mut c = a.client().await;
         for (turn, n) in [(0u64, 21usize), (1, 9)] {
             let msg = message(500 + turn, n, VOCAB);
@@ -116,7 +89,7 @@ async fn sessions_of_a_drained_worker_continue_exactly_after_a_restart() {
         store.put_all(&[blob]).expect("put back");
     }
     let store = Arc::new(SessionStore::open(dir.path()).expect("store re-opens"));
-    let b = worker(repo.path(), store.clone()).await;
+    let b = common::start_with_store(repo.path(), store.clone()).await;
     let metrics = b.server.metrics_addr.expect("metrics").to_string();
     let mut s = sessions_client(&b).await;
     let listed = s.list_sessions(ListSessionsRequest::default()).await.expect("list").into_inner();
@@ -221,7 +194,7 @@ async fn a_long_idle_session_is_written_to_the_store() {
         gqa_repository(r#"parameters { key: "session_store_after_idle_seconds" value: { string_value: "0.2" } }"#);
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(SessionStore::open(dir.path()).expect("store opens"));
-    let w = worker(repo.path(), store.clone()).await;
+    let w = common::start_with_store(repo.path(), store.clone()).await;
     let metrics = w.server.metrics_addr.expect("metrics").to_string();
     let mut c = w.client().await;
     let greedy = r#"{"max_tokens": 5, "temperature": 0, "ignore_eos": true}"#;

@@ -10,8 +10,6 @@ mod common;
 use common::gen_sessions::*;
 use common::generative::{gqa_repository, is_final};
 
-use std::time::Duration;
-
 use neuron_worker::proto::inference::{InferParameter, infer_parameter::ParameterChoice};
 use neuron_worker::repository::ModelControlMode;
 use tokio_stream::StreamExt;
@@ -146,26 +144,8 @@ async fn many_sessions_over_a_small_pool_never_stall_and_stay_exact() {
     assert!((24..=40).contains(&blocks), "the pool has {blocks} blocks; adjust kv_cache_memory");
     let greedy = r#"{"max_tokens": 4, "temperature": 0, "ignore_eos": true}"#;
     const SESSIONS: u64 = 24;
-    let mut histories: Vec<Vec<u32>> = vec![Vec::new(); SESSIONS as usize];
-    for turn in 0..3u64 {
-        // All sessions' turns at once: the pool cannot hold them all; idle ones give blocks back.
-        let mut tasks = Vec::new();
-        for id in 0..SESSIONS {
-            let msg = message(100 + id * 7 + turn, 15, VOCAB);
-            histories[id as usize].extend(&msg);
-            let mut c = c.clone();
-            let req = with_session(ids_request(&msg, greedy), 1000 + id, turn == 0, false);
-            tasks.push(tokio::spawn(async move { generate(&mut c, req).await }));
-        }
-        for (id, t) in tasks.into_iter().enumerate() {
-            let (ids, _) = tokio::time::timeout(Duration::from_secs(120), t)
-                .await
-                .expect("every turn answered within 120 s")
-                .expect("task")
-                .unwrap_or_else(|e| panic!("session {id} turn {turn}: {e}"));
-            histories[id].extend(ids);
-        }
-    }
+    // All sessions' turns of a round at once: the pool cannot hold them all; idle ones give blocks back.
+    let histories = concurrent_turns(&c, SESSIONS, 3, 1000, 15, 100, greedy).await;
     assert!(metric(&metrics, "session_kv_released_total").await > 0.0, "idle sessions had to give blocks back");
     // Exact after release and recompute: a few sessions against the stateless history.
     for id in [0usize, 7, 23] {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use common::gen_sessions::*;
 use common::generative::gqa_repository;
-use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
 use neuron_worker::server::sessions::proto::ListSessionsRequest;
 use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
 use neuron_worker::sessions::{SequenceId, SessionBlob, SessionStore, StoreLocation};
@@ -58,21 +57,12 @@ fn the_redis_store_writes_takes_once_lists_and_skips_bad_entries() {
     assert!(store.health().io_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
 
-async fn worker(repo_dir: &std::path::Path, store: Arc<SessionStore>) -> common::TestWorker {
-    let repo = Repository::new(Some(repo_dir.to_path_buf()), BackendSelection::Cpu, ModelControlMode::None)
-        .with_session_store(Some(store));
-    let repo = Arc::new(repo);
-    repo.load_all().await.expect("repository loads");
-    let server = neuron_worker::server::start(common::options(), repo.clone()).await.expect("server starts");
-    common::TestWorker { server, repo }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_drained_by_one_worker_continues_exactly_on_another() {
     let Some(server) = common::redis::start() else { return };
     let repo = gqa_repository("");
-    let a = worker(repo.path(), open(&server.url)).await;
-    let b = worker(repo.path(), open(&server.url)).await;
+    let a = common::start_with_store(repo.path(), open(&server.url)).await;
+    let b = common::start_with_store(repo.path(), open(&server.url)).await;
     let seeded = r#"{"max_tokens": 6, "temperature": 0.8, "seed": 21, "ignore_eos": true}"#;
     let mut ca = a.client().await;
     let mut history = Vec::new();

@@ -96,3 +96,37 @@ pub async fn metric(addr: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"));
     line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
 }
+
+/// Runs `turns` turns of `sessions` sessions (ids `first_id..`), every session's turn of a round
+/// sent at once, each turn a `msg_len`-token message (salted by `salt`), greedy `params`; every
+/// turn must be answered within 120 s. Returns each session's token history.
+pub async fn concurrent_turns(
+    c: &Client,
+    sessions: u64,
+    turns: u64,
+    first_id: u64,
+    msg_len: usize,
+    salt: u64,
+    params: &'static str,
+) -> Vec<Vec<u32>> {
+    let mut histories: Vec<Vec<u32>> = vec![Vec::new(); sessions as usize];
+    for turn in 0..turns {
+        let mut tasks = Vec::new();
+        for id in 0..sessions {
+            let msg = message(salt + id * 7 + turn, msg_len, VOCAB);
+            histories[id as usize].extend(&msg);
+            let mut c = c.clone();
+            let req = with_session(ids_request(&msg, params), first_id + id, turn == 0, false);
+            tasks.push(tokio::spawn(async move { generate(&mut c, req).await }));
+        }
+        for (id, t) in tasks.into_iter().enumerate() {
+            let (ids, _) = tokio::time::timeout(Duration::from_secs(120), t)
+                .await
+                .expect("every turn answered within 120 s")
+                .expect("task")
+                .unwrap_or_else(|e| panic!("session {id} turn {turn}: {e}"));
+            histories[id].extend(ids);
+        }
+    }
+    histories
+}

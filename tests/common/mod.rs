@@ -210,3 +210,13 @@ impl TestWorker {
         self.server.http_addr.expect("the test worker serves HTTP")
     }
 }
+
+/// Starts a worker over the repository folder `root` with the session store `store`.
+pub async fn start_with_store(root: &std::path::Path, store: Arc<neuron_worker::sessions::SessionStore>) -> TestWorker {
+    let repo = Repository::new(Some(root.to_path_buf()), BackendSelection::Cpu, ModelControlMode::None)
+        .with_session_store(Some(store));
+    let repo = Arc::new(repo);
+    repo.load_all().await.expect("repository loads");
+    let server = neuron_worker::server::start(options(), repo.clone()).await.expect("server starts");
+    TestWorker { server, repo }
+}
