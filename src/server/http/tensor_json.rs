@@ -111,3 +111,54 @@ mod tests {
         assert!(e.message.contains("element 1"), "{}", e.message);
     }
 }
+
+/// Property tests: whatever JSON a client sends as `data`, for any datatype, is converted or
+/// refused with an error (never a panic), and any raw bytes render; valid integer and string data
+/// round-trip.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| proptest::collection::vec(inner, 0..8).prop_map(Value::Array))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_json_data_is_converted_or_refused(v in json(), t in 0usize..DataType::ALL.len()) {
+            let dt = DataType::ALL[t];
+            if let Ok(raw) = json_to_raw("x", dt, &v) {
+                let _ = raw_to_json(dt, &raw);
+            }
+        }
+
+        #[test]
+        fn arbitrary_raw_bytes_render(t in 0usize..DataType::ALL.len(), raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = raw_to_json(DataType::ALL[t], &raw);
+        }
+
+        #[test]
+        fn integers_and_strings_round_trip(
+            xs in proptest::collection::vec(any::<i32>(), 0..64),
+            ss in proptest::collection::vec(".{0,12}", 0..16),
+        ) {
+            let v = Value::Array(xs.iter().map(|x| Value::from(*x)).collect());
+            let raw = json_to_raw("x", DataType::Int32, &v).expect("valid INT32 data");
+            prop_assert_eq!(raw_to_json(DataType::Int32, &raw), v);
+            let s = Value::Array(ss.iter().map(|x| Value::from(x.as_str())).collect());
+            let raw = json_to_raw("s", DataType::Bytes, &s).expect("valid BYTES data");
+            prop_assert_eq!(raw_to_json(DataType::Bytes, &raw), s);
+        }
+    }
+}
