@@ -6,7 +6,6 @@
 //!   1 / time is the throughput.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,21 +24,7 @@ const IN_FLIGHT: u64 = 16;
 async fn start_worker() -> Result<RunningServer, String> {
     let repo = Arc::new(Repository::new(None, BackendSelection::Cpu, ModelControlMode::None));
     repo.load_all().await.map_err(|e| e.to_string())?;
-    let opts = ServeOptions {
-        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        http_addr: None,
-        metrics_addr: None,
-        max_message_size: 64 * 1024 * 1024,
-        max_concurrent_streams: 1024,
-        auth_token: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_client_ca: None,
-        exit_timeout: Duration::from_secs(5),
-        server_version: "bench".into(),
-        connections: Default::default(),
-        worker_id: "test-worker".into(),
-    };
+    let opts = ServeOptions::loopback("bench");
     server::start(opts, repo).await.map_err(|e| e.to_string())
 }
 

@@ -2,10 +2,8 @@
 //! messages it gives for a wrong model or an address where nothing listens.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
-use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::time::Duration;
 
 use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
 use neuron_worker::server::{self, RunningServer, ServeOptions};
@@ -15,21 +13,7 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 async fn start_worker() -> Result<RunningServer, Box<dyn std::error::Error>> {
     let repo = Arc::new(Repository::new(None, BackendSelection::Cpu, ModelControlMode::None));
     repo.load_all().await?;
-    let opts = ServeOptions {
-        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        http_addr: None,
-        metrics_addr: None,
-        max_message_size: 64 * 1024 * 1024,
-        max_concurrent_streams: 1024,
-        auth_token: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_client_ca: None,
-        exit_timeout: Duration::from_secs(5),
-        server_version: "test".into(),
-        connections: Default::default(),
-        worker_id: "test-worker".into(),
-    };
+    let opts = ServeOptions::loopback("test");
     Ok(server::start(opts, repo).await?)
 }
 

@@ -3,10 +3,8 @@
 //! token counts in the JSON, CSV and SVG it writes.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
-use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
 use neuron_worker::server::{self, ServeOptions};
@@ -20,21 +18,7 @@ const OUTPUT: u64 = 12;
 async fn bench_measures_streamed_generation() -> TestResult {
     let repo = Arc::new(Repository::new(None, BackendSelection::Cpu, ModelControlMode::None));
     repo.load_all().await?;
-    let opts = ServeOptions {
-        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        http_addr: None,
-        metrics_addr: None,
-        max_message_size: 64 * 1024 * 1024,
-        max_concurrent_streams: 1024,
-        auth_token: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_client_ca: None,
-        exit_timeout: Duration::from_secs(5),
-        server_version: "test".into(),
-        connections: Default::default(),
-        worker_id: "test-worker".into(),
-    };
+    let opts = ServeOptions::loopback("test");
     let worker = server::start(opts, repo).await?;
     let dir = tempfile::tempdir()?;
     let (json, csv, svg) = (dir.path().join("g.json"), dir.path().join("g.csv"), dir.path().join("g.svg"));

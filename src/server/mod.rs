@@ -75,6 +75,30 @@ pub struct ServeOptions {
     pub worker_id: String,
 }
 
+impl ServeOptions {
+    /// gRPC only, on an ephemeral 127.0.0.1 port, with the defaults of the command line (64 MiB
+    /// messages, 1,024 streams per connection, no auth, no TLS, default connection limits) and a
+    /// 5 s exit timeout: the worker that tests, benches and embedders start in-process. Set the
+    /// fields that differ with struct update syntax.
+    pub fn loopback(server_version: &str) -> ServeOptions {
+        ServeOptions {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: None,
+            metrics_addr: None,
+            max_message_size: 64 << 20,
+            max_concurrent_streams: 1024,
+            auth_token: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            exit_timeout: Duration::from_secs(5),
+            server_version: server_version.to_string(),
+            connections: Default::default(),
+            worker_id: "local".into(),
+        }
+    }
+}
+
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

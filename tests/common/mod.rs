@@ -30,19 +30,11 @@ pub struct TestWorker {
 /// Default options on ephemeral loopback ports.
 pub fn options() -> ServeOptions {
     ServeOptions {
-        grpc_addr: "127.0.0.1:0".parse().expect("static address"),
         http_addr: Some("127.0.0.1:0".parse().expect("static address")),
         metrics_addr: Some("127.0.0.1:0".parse().expect("static address")),
-        max_message_size: 64 << 20,
-        max_concurrent_streams: 1024,
-        auth_token: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_client_ca: None,
         exit_timeout: Duration::from_secs(10),
-        server_version: "test".into(),
-        connections: Default::default(),
         worker_id: "test-worker".into(),
+        ..ServeOptions::loopback("test")
     }
 }
 
