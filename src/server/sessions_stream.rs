@@ -29,26 +29,22 @@ pub fn chunk_bytes(max_message_size: usize) -> usize {
 pub const MAX_IMPORT_BYTES: u64 = 16 << 30;
 
 /// The chunks of `blob`, the first carrying `info`.
-pub fn chunks(blob: &[u8], size: usize, info: ProtoInfo) -> Vec<SessionChunk> {
+pub fn chunks(blob: &[u8], size: usize, info: ProtoInfo) -> impl Iterator<Item = SessionChunk> + '_ {
     let total = blob.len() as u64;
     let size = size.max(1);
-    let mut out = Vec::with_capacity(blob.len().div_ceil(size).max(1));
-    let mut offset = 0;
-    loop {
-        let end = (offset + size).min(blob.len());
-        let data = blob[offset..end].to_vec();
-        out.push(SessionChunk {
+    // An empty blob is one empty chunk; otherwise one chunk per `size` bytes, made as it is sent
+    // (the blob is not copied into all its chunks at once).
+    let starts = (0..blob.len().max(1)).step_by(size);
+    starts.map(move |offset| {
+        let data = blob.get(offset..(offset + size).min(blob.len())).unwrap_or_default().to_vec();
+        SessionChunk {
             offset: offset as u64,
             crc32: crc32fast::hash(&data),
             data,
             total_size: total,
             session: if offset == 0 { Some(info.clone()) } else { None },
-        });
-        offset = end;
-        if offset >= blob.len() {
-            return out;
         }
-    }
+    })
 }
 
 /// Sends the chunks of an exported session on a channel; if the receiver goes away before the
@@ -140,14 +136,14 @@ mod tests {
     #[test]
     fn chunks_cover_the_blob_in_order_with_checksums() {
         let blob: Vec<u8> = (0..(CHUNK_BYTES * 2 + 17)).map(|i| (i % 251) as u8).collect();
-        let c = chunks(&blob, CHUNK_BYTES, info());
+        let c: Vec<SessionChunk> = chunks(&blob, CHUNK_BYTES, info()).collect();
         assert_eq!(c.len(), 3);
         assert_eq!(c.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![0, CHUNK_BYTES as u64, 2 * CHUNK_BYTES as u64]);
         assert!(c[0].session.is_some() && c[1].session.is_none());
         assert!(c.iter().all(|c| c.total_size == blob.len() as u64 && crc32fast::hash(&c.data) == c.crc32));
         let joined: Vec<u8> = c.iter().flat_map(|c| c.data.iter().copied()).collect();
         assert_eq!(joined, blob);
-        assert_eq!(chunks(&[], CHUNK_BYTES, info()).len(), 1, "an empty blob is one empty chunk");
+        assert_eq!(chunks(&[], CHUNK_BYTES, info()).count(), 1, "an empty blob is one empty chunk");
     }
 
     fn blob() -> SessionBlob {
@@ -171,7 +167,8 @@ mod tests {
     #[tokio::test]
     async fn intact_chunks_give_back_the_blob_and_damage_is_refused() {
         let b = blob();
-        let c = chunks(&b.encode(), CHUNK_BYTES, info());
+        let encoded = b.encode();
+        let c: Vec<SessionChunk> = chunks(&encoded, CHUNK_BYTES, info()).collect();
         assert_eq!(receive_all(c.clone()).await.ok(), Some(b));
         let mut flipped = c.clone();
         flipped[1].data[10] ^= 1;
