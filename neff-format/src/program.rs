@@ -550,8 +550,8 @@ mod tests {
             "input_ids": "ids", "position_ids": "pos", "seq_ids": "seq", "weight": "w.{name}",
             "cache_k_input": "k{layer}.must_alias_input", "cache_k_output": "k{layer}",
             "cache_v_input": "v{layer}.must_alias_input", "cache_v_output": "v{layer}", "logits": "logits"});
-        let program = Program::from_json(serde_json::json!({"version": 3, "ops": [op]}).to_string().as_bytes())
-            .expect("parses");
+        let program =
+            Program::from_json(serde_json::json!({"version": 3, "ops": [op]}).to_string().as_bytes()).expect("parses");
         let decoder = program.decoder().expect("has the op");
         assert_eq!(decoder.mode, DecoderMode::Prefill);
         assert_eq!(decoder.weight_input("model.norm.weight"), "w.model.norm.weight");
