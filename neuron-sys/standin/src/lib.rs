@@ -48,6 +48,8 @@
 //! [`knobs::Knobs`] directly, and [`runtime::global`]`().set_knobs(..)` changes the process's.
 
 pub mod abi;
+pub mod decoder;
+pub mod decoder_math;
 pub mod ffi;
 pub mod knobs;
 pub mod neff;
@@ -59,6 +61,8 @@ pub mod tensor;
 mod tests;
 #[cfg(test)]
 mod tests_copy;
+#[cfg(test)]
+mod tests_decoder;
 
 use std::path::PathBuf;
 
