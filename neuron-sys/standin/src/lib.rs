@@ -63,6 +63,8 @@ mod tests;
 mod tests_copy;
 #[cfg(test)]
 mod tests_decoder;
+#[cfg(test)]
+mod tests_decoder_reference;
 
 use std::path::PathBuf;
 
