@@ -323,7 +323,8 @@ pub unsafe extern "C" fn nrt_tensor_read(
     })
 }
 
-/// `nrt_tensor_write`: `NRT_INVALID` when `offset + size` exceeds the tensor.
+/// `nrt_tensor_write`: `NRT_INVALID` when `offset + size` exceeds the tensor, or for a tensor
+/// the `NRT_STANDIN_DENY_WRITE_PREFIX` knob names.
 ///
 /// # Safety
 /// `buf` points at `size` readable bytes.
@@ -347,7 +348,7 @@ pub unsafe extern "C" fn nrt_tensor_write(
         }
         // SAFETY: per this function's contract.
         let src = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), size) };
-        tensor.write(offset, src)
+        global().host_write(&tensor, offset, src)
     })
 }
 

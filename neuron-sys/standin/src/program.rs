@@ -10,6 +10,7 @@ pub use neff_format::program::{Activation, PROGRAM_PATH, ProgramOp as Op};
 use neff_format::program::{Program as ProgramFormat, ProgramError as FormatError};
 
 use crate::abi::{NRT_INVALID, NRT_UNSUPPORTED_NEFF_VERSION, NrtStatus};
+use crate::knobs::ExecKind;
 use crate::neff::TensorDecl;
 
 /// Why a program could not be loaded: the status `nrt_load` returns and a log message.
@@ -69,6 +70,11 @@ impl Program {
             blobs.insert(name.clone(), f32_from_le(bytes));
         }
         Ok(Program { format, blobs })
+    }
+
+    /// The kind of execution this program is, for the per-kind device-time knobs.
+    pub fn exec_kind(&self) -> ExecKind {
+        ExecKind::Plain
     }
 
     fn dense_dims(&self, weight: &str, bias: Option<&str>) -> Result<(usize, usize), String> {

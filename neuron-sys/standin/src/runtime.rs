@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::abi::*;
-use crate::knobs::Knobs;
+use crate::knobs::{ExecKind, Knobs};
 use crate::neff::{self, TensorDecl};
 use crate::program::Program;
 
@@ -28,6 +28,13 @@ pub struct Model {
     /// Declared outputs.
     pub outputs: Vec<TensorDecl>,
     program: Option<Program>,
+}
+
+impl Model {
+    /// The kind of program the model runs, for the per-kind device-time knobs.
+    pub fn exec_kind(&self) -> ExecKind {
+        self.program.as_ref().map_or(ExecKind::Plain, Program::exec_kind)
+    }
 }
 
 #[derive(Debug)]
@@ -336,6 +343,19 @@ impl Runtime {
         tensor.read(offset, dst)
     }
 
+    /// `nrt_tensor_write` as the C API sees it: like [`Tensor::write`], but refused with
+    /// `NRT_INVALID` (and a line on stderr) for tensors whose allocation name starts with the
+    /// `NRT_STANDIN_DENY_WRITE_PREFIX` knob, so tests can prove the host never writes such tensors
+    /// (executions still write them).
+    pub fn host_write(&self, tensor: &Tensor, offset: usize, src: &[u8]) -> NrtStatus {
+        let denied = lock(&self.state).knobs.deny_write_prefix.clone();
+        if let Some(prefix) = denied.filter(|p| tensor.name.starts_with(p.as_str())) {
+            log(&format!("nrt_tensor_write '{}': refused (NRT_STANDIN_DENY_WRITE_PREFIX={prefix})", tensor.name));
+            return NRT_INVALID;
+        }
+        tensor.write(offset, src)
+    }
+
     /// Frees a tensor handle (sets holding it keep the memory alive).
     pub fn tensor_free(&self, tensor: usize) {
         lock(&self.state).tensors.remove(&tensor);
@@ -398,8 +418,9 @@ impl Runtime {
         let out_tensors = bind(&model, &model.outputs, &lock(&out_set), "output")?;
         for _ in 0..repeat {
             let (knobs, injected) = self.next_execution(model.core)?;
-            if !knobs.exec_delay.is_zero() {
-                std::thread::sleep(knobs.exec_delay);
+            let delay = knobs.delay_for(model.exec_kind());
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
             }
             match injected {
                 Some(Injected::Hang) => return Err(self.hang(&model, knobs.hang_bound)),

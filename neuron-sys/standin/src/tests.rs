@@ -438,3 +438,17 @@ fn deny_read_prefix_refuses_host_reads_of_matching_tensors_only() {
     assert_eq!(t.read(0, &mut buf), NRT_SUCCESS, "the runtime itself still reads it");
     assert_eq!(rt.host_read(&rt.tensor(other).expect("tensor"), 0, &mut buf), NRT_SUCCESS);
 }
+
+#[test]
+fn deny_write_prefix_refuses_host_writes_of_matching_tensors_only() {
+    let rt = runtime(Knobs { deny_write_prefix: Some("kv:".into()), ..Knobs::default() });
+    let kv = rt.tensor_allocate(NRT_TENSOR_PLACEMENT_DEVICE, 0, 8, "kv:k:0").expect("tensor");
+    let other = rt.tensor_allocate(NRT_TENSOR_PLACEMENT_DEVICE, 0, 8, "INPUT0").expect("tensor");
+    let t = rt.tensor(kv).expect("tensor");
+    assert_eq!(rt.host_write(&t, 0, &[1; 8]), NRT_INVALID);
+    assert_eq!(t.write(0, &[2; 8]), NRT_SUCCESS, "the runtime itself (an execution) still writes it");
+    let mut buf = [0u8; 8];
+    assert_eq!(rt.host_read(&t, 0, &mut buf), NRT_SUCCESS, "reads are not denied by the write knob");
+    assert_eq!(buf, [2; 8]);
+    assert_eq!(rt.host_write(&rt.tensor(other).expect("tensor"), 0, &[3; 8]), NRT_SUCCESS);
+}
