@@ -7,6 +7,9 @@ use crate::abi::NrtStatus;
 /// Default number of visible NeuronCores (one Inferentia2 / Trainium chip).
 pub const DEFAULT_VISIBLE_CORES: u32 = 2;
 
+/// Default device memory per core (`NRT_STANDIN_DEVICE_MEMORY_BYTES`): 16 GiB.
+pub const DEFAULT_DEVICE_MEMORY_BYTES: u64 = 16 << 30;
+
 /// Default bound of a hung execution when `NEURON_RT_EXEC_TIMEOUT` is not set.
 pub const DEFAULT_HANG_BOUND: Duration = Duration::from_secs(3600);
 
@@ -42,6 +45,9 @@ pub struct Knobs {
     /// `nrt_tensor_write` of a tensor whose allocation name starts with this fails (`NRT_INVALID`);
     /// executions still write it.
     pub deny_write_prefix: Option<String>,
+    /// Device memory per core: the limit `nrt_get_vnc_memory_stats` reports, and device
+    /// allocations beyond it fail with `NRT_RESOURCE`.
+    pub device_memory_bytes: u64,
 }
 
 impl Default for Knobs {
@@ -60,6 +66,7 @@ impl Default for Knobs {
             hang_bound: DEFAULT_HANG_BOUND,
             deny_read_prefix: None,
             deny_write_prefix: None,
+            device_memory_bytes: DEFAULT_DEVICE_MEMORY_BYTES,
         }
     }
 }
@@ -103,6 +110,7 @@ impl Knobs {
             hang_bound: number("NEURON_RT_EXEC_TIMEOUT").map_or(DEFAULT_HANG_BOUND, Duration::from_secs),
             deny_read_prefix: lookup("NRT_STANDIN_DENY_READ_PREFIX").filter(|p| !p.is_empty()),
             deny_write_prefix: lookup("NRT_STANDIN_DENY_WRITE_PREFIX").filter(|p| !p.is_empty()),
+            device_memory_bytes: number("NRT_STANDIN_DEVICE_MEMORY_BYTES").unwrap_or(DEFAULT_DEVICE_MEMORY_BYTES),
         }
     }
 
@@ -203,6 +211,8 @@ mod tests {
         let deny = knobs(&[("NRT_STANDIN_DENY_WRITE_PREFIX", "kv:")]);
         assert_eq!(deny.deny_write_prefix.as_deref(), Some("kv:"));
         assert_eq!(deny.deny_read_prefix, None);
+        assert_eq!(k.device_memory_bytes, 16 << 30);
+        assert_eq!(knobs(&[("NRT_STANDIN_DEVICE_MEMORY_BYTES", "4096")]).device_memory_bytes, 4096);
     }
 
     #[test]

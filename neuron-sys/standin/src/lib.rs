@@ -53,9 +53,12 @@ pub mod knobs;
 pub mod neff;
 pub mod program;
 pub mod runtime;
+pub mod tensor;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_copy;
 
 use std::path::PathBuf;
 

@@ -120,6 +120,7 @@ impl Program {
                     let x = buffers.get(input).ok_or_else(|| format!("missing buffer '{input}'"))?;
                     (output, x.clone())
                 }
+                Op::LlamaDecoder(_) => return Err("a llama_decoder program runs on tensors, not buffers".into()),
             };
             buffers.insert(name.clone(), value);
         }

@@ -12,7 +12,7 @@ use crate::knobs::Knobs;
 use crate::runtime::Runtime;
 
 /// Serialises the tests that use the process-wide runtime through the C functions.
-static GLOBAL_LOCK: Mutex<()> = Mutex::new(());
+pub(crate) static GLOBAL_LOCK: Mutex<()> = Mutex::new(());
 
 /// A NEFF container (header + gzip'd tar) around `files`, written by the shared format crate.
 fn container(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
@@ -33,7 +33,7 @@ fn f32_bytes(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
 }
 
 /// The built-in `linear` model (INPUT0 [batch, 64] → OUTPUT0 [batch, 16]) with closed-form weights.
-fn linear_neff(batch: u64) -> Vec<u8> {
+pub(crate) fn linear_neff(batch: u64) -> Vec<u8> {
     let neff_json = serde_json::json!({"metadata": {"signatures": {"default": {
         "inputs": {"INPUT0": {"id": 0, "dtype": "float32", "shape": [batch, 64]}},
         "outputs": {"OUTPUT0": {"id": 0, "dtype": "float32", "shape": [batch, 16]}}}}}});
@@ -270,7 +270,7 @@ impl Bench {
     }
 }
 
-fn runtime(knobs: Knobs) -> Arc<Runtime> {
+pub(crate) fn runtime(knobs: Knobs) -> Arc<Runtime> {
     let rt = Arc::new(Runtime::default());
     assert_eq!(rt.init(knobs), NRT_SUCCESS);
     rt
