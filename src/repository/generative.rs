@@ -352,7 +352,8 @@ pub(crate) async fn load_versions(
         .map_err(|source| LoadError::Batching { source })?;
         let backend =
             if neuron_cores.is_some() { crate::backend::BackendKind::Neuron } else { crate::backend::BackendKind::Cpu };
-        let model = super::LoadedModel { version, config: source.config.clone(), spec, batching, backend };
+        let model =
+            super::LoadedModel { version, config: source.config.clone(), spec, batching, backend, tokenizer: None };
         versions.insert(version, Arc::new(model));
     }
     Ok(versions)
