@@ -1,8 +1,16 @@
 //! Scheduler semantics with a programmable test backend: batching under load, delay, preferred
 //! sizes, priorities, queue bound, timeouts, cancellation, bucket padding/splitting, sequence
 //! padding, and fault isolation.
+//!
+//! Synchronisation: the batching actor reads submissions and an instance's "batch done" from one
+//! FIFO channel, so every request submitted before the gate opens is queued by the time the blocked
+//! batch completes; where a test needs a batch to have reached its instance it waits (bounded) on
+//! the probe's arrival count. The few sleeps left make time pass on purpose (a delay or a deadline
+//! that must run out, or that must not have run out yet).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +34,8 @@ struct Seen {
 struct Probe {
     log: Arc<Mutex<Vec<Seen>>>,
     gate: Arc<(Mutex<bool>, Condvar)>,
+    /// Executions that reached the gate (whether or not it was open).
+    arrived: Arc<AtomicUsize>,
 }
 
 impl Probe {
@@ -39,6 +49,18 @@ impl Probe {
     fn seen(&self) -> Vec<Seen> {
         self.log.lock().expect("log").clone()
     }
+    /// Waits (bounded) until `n` executions have reached the gate.
+    async fn wait_arrived(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.arrived.load(SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} executions reached the instance, expected {n}",
+                self.arrived.load(SeqCst)
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 /// Echoes its input as OUTPUT0 (FP32). Rows tagged `fail_tag` fail the batch (usable or not).
@@ -50,6 +72,7 @@ struct EchoInstance {
 
 impl ModelInstance for EchoInstance {
     fn execute(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
+        self.probe.arrived.fetch_add(1, SeqCst);
         {
             let (m, cv) = &*self.probe.gate;
             let mut open = m.lock().map_err(|_| BackendError::Load("gate".into()))?;
@@ -148,9 +171,10 @@ async fn wait_in_service(h: &Batcher, n: usize) {
 /// Occupies the single instance with a blocked batch (tag 0) and returns its receiver.
 async fn block(h: &Batcher, p: &Probe) -> Rx {
     p.close();
+    let before = p.arrived.load(SeqCst);
     let rx = submit(h, 0.0, 1, 2, 0, None).expect("submit");
     // The batch is dispatched, then the instance waits at the gate before logging it.
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    p.wait_arrived(before + 1).await;
     rx
 }
 
@@ -161,7 +185,6 @@ async fn queued_rows_form_one_batch_and_each_request_gets_its_own_rows() {
     let first = block(&h, &p).await;
     let rxs: Vec<Rx> =
         (1..=5).map(|t| submit(&h, t as f32, if t == 3 { 3 } else { 1 }, 2, 0, None).expect("submit")).collect();
-    tokio::time::sleep(Duration::from_millis(20)).await;
     p.open();
     output(first).await.expect("first");
     for (i, rx) in rxs.into_iter().enumerate() {
@@ -186,7 +209,7 @@ async fn queue_delay_waits_for_a_fuller_batch() {
     p.open();
     let h = start(spec("dynamic_batching { max_queue_delay_microseconds: 200000 }", "2", 4), &p, 1, None);
     let a = submit(&h, 1.0, 1, 2, 0, None).expect("submit");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await; // on purpose: less than the 200 ms delay
     assert!(p.seen().is_empty(), "executed before the delay ran out or the batch filled");
     let rest: Vec<Rx> = (2..=4).map(|t| submit(&h, t as f32, 1, 2, 0, None).expect("submit")).collect();
     output(a).await.expect("a");
@@ -208,7 +231,6 @@ async fn preferred_batch_size_shapes_batches() {
     let h = start(spec("dynamic_batching { preferred_batch_size: [ 4 ] }", "2", 8), &p, 1, None);
     let first = block(&h, &p).await;
     let rxs: Vec<Rx> = (1..=6).map(|t| submit(&h, t as f32, 1, 2, 0, None).expect("submit")).collect();
-    tokio::time::sleep(Duration::from_millis(20)).await;
     p.open();
     output(first).await.expect("first");
     for rx in rxs {
@@ -226,7 +248,6 @@ async fn higher_priority_requests_run_first() {
     let a = submit(&h, 1.0, 1, 2, 0, None).expect("a");
     let b = submit(&h, 2.0, 1, 2, 2, None).expect("b");
     let c = submit(&h, 3.0, 1, 2, 1, None).expect("c");
-    tokio::time::sleep(Duration::from_millis(20)).await;
     p.open();
     for rx in [first, a, b, c] {
         output(rx).await.expect("reply");
@@ -260,7 +281,7 @@ async fn expired_requests_are_rejected_and_never_executed() {
     let first = block(&h, &p).await;
     let late = submit(&h, 7.0, 1, 2, 0, Some(Duration::from_millis(10))).expect("late");
     let fine = submit(&h, 8.0, 1, 2, 0, None).expect("fine");
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    tokio::time::sleep(Duration::from_millis(60)).await; // on purpose: past the 10 ms deadline
     let err = output(late).await.expect_err("timed out");
     assert!(matches!(err, BatchingError::Timeout { timeout_us: 10_000, .. }), "{err}");
     p.open();
@@ -277,7 +298,6 @@ async fn cancelled_requests_leave_the_queue_unexecuted() {
     let gone = submit(&h, 5.0, 1, 2, 0, None).expect("gone");
     let kept = submit(&h, 6.0, 1, 2, 0, None).expect("kept");
     drop(gone);
-    tokio::time::sleep(Duration::from_millis(10)).await;
     p.open();
     output(first).await.expect("first");
     output(kept).await.expect("kept");
@@ -312,7 +332,6 @@ async fn variable_sequences_are_padded_with_zeros_and_outputs_cropped() {
     let first = block(&h, &p).await;
     let short = submit(&h, 1.0, 1, 3, 0, None).expect("short");
     let long = submit(&h, 2.0, 1, 5, 0, None).expect("long");
-    tokio::time::sleep(Duration::from_millis(10)).await;
     p.open();
     output(first).await.expect("first");
     let s = output(short).await.expect("short");
@@ -362,7 +381,11 @@ async fn drain_finishes_accepted_requests_then_refuses() {
     let queued: Vec<Rx> = (1..=3).map(|t| submit(&h, t as f32, 1, 2, 0, None).expect("submit")).collect();
     let h2 = h.clone();
     let drain = tokio::spawn(async move { h2.drain().await });
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.is_ready() {
+        assert!(Instant::now() < deadline, "the drain never closed admission");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     assert!(submit(&h, 9.0, 1, 2, 0, None).is_err(), "accepted a request while draining");
     p.open();
     output(first).await.expect("first");
@@ -380,9 +403,9 @@ async fn work_handed_ahead_to_a_retiring_instance_is_served_by_another() {
     // Instance 0 takes the batch that will fail fatally, instance 1 a normal one; then one batch is
     // handed ahead to each while both are busy.
     let doomed = submit(&h, 13.0, 1, 2, 0, None).expect("submit");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.wait_arrived(1).await;
     let rest: Vec<Rx> = (1..=3).map(|t| submit(&h, t as f32, 1, 2, 0, None).expect("submit")).collect();
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    p.wait_arrived(2).await;
     p.open();
     assert!(output(doomed).await.is_err());
     for (i, rx) in rest.into_iter().enumerate() {
@@ -430,7 +453,7 @@ async fn a_reachable_preferred_size_goes_without_waiting_for_the_delay() {
     let t0 = Instant::now();
     // One request alone waits for the delay (1 row: no preferred size reachable)...
     let first = submit(&h, 0.0, 1, 2, 0, None).expect("submit");
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(50)).await; // on purpose: less than the 5 s delay
     assert!(p.seen().is_empty(), "a lone request did not wait for a preferred batch");
     // ...until more arrive: 4 rows queued, so the preferred 2 goes at once, twice.
     let rxs: Vec<Rx> = (1..=3).map(|t| submit(&h, t as f32, 1, 2, 0, None).expect("submit")).collect();

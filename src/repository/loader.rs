@@ -10,6 +10,7 @@ use crate::backend::cpu::{BertModel, CpuInstance, CpuModel, builtin};
 use crate::config::{IoSpec, ModelSpec, parse_model_config};
 use crate::proto::inference::{ModelConfig, model_version_policy::PolicyChoice};
 use crate::repository::{BackendSelection, LoadError};
+use crate::tokenize::Tokenizer;
 
 /// A model's configuration and the version folders to load.
 #[derive(Debug)]
@@ -124,6 +125,22 @@ fn select_versions(config: &ModelConfig, all: &[(i64, PathBuf)]) -> Result<Vec<(
         }
     };
     Ok(picked)
+}
+
+/// The text tokenizer of an encoder model: its version folder's `tokenizer.json`, when there is one.
+/// A file that is there but unreadable refuses the load (text input would fail on every request).
+pub(crate) fn encoder_tokenizer(version_dir: Option<&Path>) -> Result<Option<Arc<Tokenizer>>, LoadError> {
+    let Some(path) = version_dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    match Tokenizer::from_file(&path) {
+        Ok(t) => Ok(Some(Arc::new(t))),
+        Err(e) => Err(LoadError::Io {
+            path,
+            what: "the encoder's tokenizer (remove it to accept token ids only)".into(),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 /// Triton-style auto-complete for a bare HF BERT folder: `input_ids`, `attention_mask` (and

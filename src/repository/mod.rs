@@ -57,6 +57,9 @@ pub struct LoadedModel {
     pub batching: Batcher,
     /// The backend it runs on.
     pub backend: BackendKind,
+    /// An encoder model's text tokenizer (its version folder's `tokenizer.json`), for text input
+    /// on `/v1/embeddings`; `None` when the folder has none (token ids only).
+    pub tokenizer: Option<Arc<crate::tokenize::Tokenizer>>,
 }
 
 /// A model's state in the repository index.
@@ -205,7 +208,7 @@ impl Repository {
         let loaded = async move {
             let source = source?;
             if source.decoder {
-                return generative::load_versions(source, &gen_defaults, store).await;
+                return generative::load_versions(source, &gen_defaults, store, &backend).await;
             }
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
@@ -242,10 +245,18 @@ impl Repository {
                             (start_cpu_sequence(spec.clone(), seq.clone(), version, store.clone())?, BackendKind::Cpu)
                         }
                     };
-                    let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
+                    let model = LoadedModel {
+                        version,
+                        config: source.config.clone(),
+                        spec,
+                        batching,
+                        backend: kind,
+                        tokenizer: None,
+                    };
                     versions.insert(version, Arc::new(model));
                     continue;
                 }
+                let tokenizer = loader::encoder_tokenizer(vdir.as_deref())?;
                 let (spec, config) = (source.spec.clone(), source.config.clone());
                 let be = backend.clone();
                 let (instances, kind, buckets) =
@@ -261,7 +272,8 @@ impl Repository {
                 }
                 let spec = Arc::new(spec);
                 let batching = Batcher::start_dynamic(spec.clone(), instances);
-                let model = LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind };
+                let model =
+                    LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind, tokenizer };
                 versions.insert(version, Arc::new(model));
             }
             Ok::<_, LoadError>(versions)

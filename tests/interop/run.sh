@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real-client interop suite: starts the worker, runs tests/interop/test_tritonclient.py (gRPC) and
 # test_tritonclient_http.py (HTTP, JSON and binary data) with the unmodified Triton Python clients,
-# test_openai.py with the official openai client,
+# test_openai.py and test_openai_embeddings.py with the official openai client (the latter starts its
+# own worker on free ports serving a small generated sentence-embedding model, bert_fixture.py),
 # drives it with perf_analyzer (gRPC unary and streaming, HTTP, sequences), then stops it with SIGTERM
 # and checks it exits 0.
 #
@@ -119,10 +120,11 @@ JUNIT="$WORK/junit.xml"
 set +e
 # shellcheck disable=SC2086
 NEURON_WORKER_URL="$GRPC_ADDR" NEURON_WORKER_HTTP_URL="$HTTP_ADDR" NEURON_WORKER_METRICS_URL="http://$METRICS_ADDR" \
+  NEURON_WORKER_BINARY="$(cd "$(dirname "$WORKER")" && pwd)/$(basename "$WORKER")" \
   timeout 120 "$VENV/bin/python" -m pytest -p no:cacheprovider -q -rfE --junitxml="$JUNIT" \
   "$ROOT/tests/interop/test_tritonclient.py" "$ROOT/tests/interop/test_tritonclient_http.py" \
   "$ROOT/tests/interop/test_sequences.py" "$ROOT/tests/interop/test_generative_sessions.py" \
-  "$ROOT/tests/interop/test_openai.py" ${PYTEST_ARGS:-}
+  "$ROOT/tests/interop/test_openai.py" "$ROOT/tests/interop/test_openai_embeddings.py" ${PYTEST_ARGS:-}
 PYTEST_RC=$?
 set -e
 SUMMARY=$("$VENV/bin/python" - "$JUNIT" <<'PY'

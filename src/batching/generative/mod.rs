@@ -5,6 +5,7 @@
 //! [`kv_blocks`] (paged K/V blocks with a prefix cache).
 
 pub mod detok;
+pub mod failover;
 pub mod handle;
 pub mod kv_blocks;
 pub mod params;

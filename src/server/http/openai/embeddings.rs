@@ -1,6 +1,7 @@
 //! `POST /v1/embeddings` for encoder models (inputs `input_ids` + `attention_mask`, output
-//! `sentence_embedding`): token-id inputs become one padded batch for the core, each row's embedding
-//! comes back as floats or, as the `openai` client asks by default, base64 of little-endian f32.
+//! `sentence_embedding`): token ids (or text, when the model's folder has a `tokenizer.json`) become
+//! one padded batch for the core; each row's embedding comes back as floats or, as the `openai`
+//! client asks by default, base64 of little-endian f32.
 
 use axum::Json;
 use axum::body::Body;
@@ -17,6 +18,7 @@ use crate::proto::inference::model_infer_request::{InferInputTensor, InferReques
 use crate::server::ServerError;
 use crate::server::http::{App, HttpError, body};
 use crate::tensor::DataType;
+use crate::tokenize::Tokenizer;
 
 /// The output an embeddings model must have.
 pub const EMBEDDING_OUTPUT: &str = "sentence_embedding";
@@ -36,24 +38,35 @@ pub struct EmbeddingsRequest {
     pub dimensions: Option<usize>,
 }
 
-/// The token-id rows of `input`; text needs a tokenizer this model does not have.
-fn token_rows(model: &str, input: &Value) -> Result<Vec<Vec<i64>>, HttpError> {
+/// The token-id rows of `input`: token ids as sent, or text encoded with the model's tokenizer
+/// (special tokens added, as sentence-transformers does); text without a tokenizer is refused.
+fn token_rows(model: &str, input: &Value, tokenizer: Option<&Tokenizer>) -> Result<Vec<Vec<i64>>, HttpError> {
     let ids = |v: &Value| -> Option<Vec<i64>> { v.as_array()?.iter().map(Value::as_i64).collect() };
-    let text = || {
-        HttpError::bad_request(format!(
-            "model '{model}': text input needs a tokenizer, which this worker does not load for encoder models yet; \
-             send token ids ('input': [101, 2023, ...] or a list of such lists)"
-        ))
+    let encode = |text: &str| -> Result<Vec<i64>, HttpError> {
+        let Some(t) = tokenizer else {
+            return Err(HttpError::bad_request(format!(
+                "model '{model}': text input needs a tokenizer.json in the model's version folder, which this model \
+                 does not have; send token ids ('input': [101, 2023, ...] or a list of such lists)"
+            )));
+        };
+        let ids = t.encode(text, true).map_err(|e| HttpError::bad_request(format!("model '{model}': {e}")))?;
+        Ok(ids.into_iter().map(i64::from).collect())
     };
     let rows = match input {
-        Value::String(_) => return Err(text()),
+        Value::String(text) => vec![encode(text)?],
         Value::Array(items) if items.iter().all(Value::is_number) => {
             vec![ids(input).ok_or_else(|| HttpError::bad_request("'input': token ids must be non-negative integers"))?]
         }
-        Value::Array(items) if items.iter().any(Value::is_string) => return Err(text()),
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            items.iter().map(|i| encode(i.as_str().unwrap_or_default())).collect::<Result<_, _>>()?
+        }
         Value::Array(items) => items
             .iter()
-            .map(|i| ids(i).ok_or_else(|| HttpError::bad_request("'input': each item must be a list of token ids")))
+            .map(|i| {
+                ids(i).ok_or_else(|| {
+                    HttpError::bad_request("'input': each item must be a list of token ids (or every item a string)")
+                })
+            })
             .collect::<Result<_, _>>()?,
         other => return Err(HttpError::bad_request(format!("'input' must be a string or a list, got {other}"))),
     };
@@ -125,7 +138,7 @@ pub async fn embeddings(State(app): State<App>, headers: HeaderMap, raw: Body) -
         }
     };
     let model = app.core.repo.get(&req.model, "").map_err(ServerError::from)?;
-    let rows = token_rows(&req.model, &req.input)?;
+    let rows = token_rows(&req.model, &req.input, model.tokenizer.as_deref())?;
     let (core_req, tokens) = to_core(&model.spec, &rows)?;
     let resp = app.core.infer(core_req).await?;
     let (Some(out), Some(data)) = (resp.outputs.first(), resp.raw_output_contents.first()) else {
