@@ -390,3 +390,32 @@ fn a_version_3_program_is_refused_by_its_declarations_at_load() {
     assert_eq!(good.program_version(), 3);
     assert!(rt.load(&good.build().expect("builds"), 0, -1).is_ok());
 }
+
+/// Time of one decode execution of the tiny model at batch 16 (run with `--release --ignored
+/// --nocapture`; a measurement, not a check).
+#[test]
+#[ignore = "timing, run by hand"]
+fn decode_step_time_at_batch_16() {
+    let mut config = tiny_config();
+    config.slots = 17;
+    config.max_len = 128;
+    let dev = Device::new(runtime(Knobs::default()), &config, &random_weights(&config, 9));
+    for slot in 0..16 {
+        dev.prefill(64, slot, 0, &[(slot % 50); 60]);
+    }
+    let ids: Vec<i32> = (0..16).collect();
+    let seq: Vec<i32> = (0..16).collect();
+    let pos = vec![60; 16];
+    let model = dev.model(DecoderMode::Decode, 16, Some(64));
+    let runs = 500;
+    let mut per = Duration::ZERO;
+    dev.step_with(DecoderMode::Decode, Some(64), &ids, &pos, &seq, |ins, outs| {
+        let started = Instant::now();
+        for _ in 0..runs {
+            assert_eq!(dev.rt.execute(model, ins, outs, 1), NRT_SUCCESS);
+        }
+        per = started.elapsed() / runs;
+    })
+    .expect("decode");
+    eprintln!("decode B=16, context 64, position 60, H=32, I=48, 2 layers, V=50: {per:?} per nrt_execute");
+}
