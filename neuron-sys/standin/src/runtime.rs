@@ -499,6 +499,13 @@ fn run_program(model: &Model, inputs: &[Arc<Tensor>], outputs: &[Arc<Tensor>]) -
         ));
         return Err(NRT_UNSUPPORTED_NEFF_VERSION);
     };
+    if let Some(decoder) = program.decoder() {
+        // Works on the tensors in place: weights read, caches updated, outputs written.
+        return decoder.execute(inputs, outputs).map_err(|(status, message)| {
+            log(&format!("nrt_execute: model '{}': {message}", model.name));
+            status
+        });
+    }
     let mut buffers = HashMap::new();
     for (decl, tensor) in model.inputs.iter().zip(inputs) {
         let mut bytes = vec![0u8; tensor.size()];
