@@ -333,11 +333,18 @@ impl DecoderInstance for NeuronDecoderInstance {
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {
         self.slot_ranges(&[src, dst])?;
         let n = self.slot_bytes;
-        let mut buf = vec![0u8; n];
+        if src == dst {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
         for pair in &mut self.shared.caches {
             for t in pair.iter_mut() {
-                t.read_at(src as usize * n, &mut buf)?;
-                t.write_at(dst as usize * n, &buf)?;
+                // On the device when the runtime can; through the host otherwise.
+                if !t.copy_within(src as usize * n, dst as usize * n, n)? {
+                    buf.resize(n, 0);
+                    t.read_at(src as usize * n, &mut buf)?;
+                    t.write_at(dst as usize * n, &buf)?;
+                }
             }
         }
         Ok(())
