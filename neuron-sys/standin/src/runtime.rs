@@ -298,12 +298,25 @@ impl Runtime {
 
     /// `nrt_tensor_copy`: `size` bytes from `src` at `src_offset` to `dst` at `dst_offset`.
     /// Like the real runtime, two device tensors must be on the same core (else `NRT_INVALID`);
-    /// out-of-range offsets give `NRT_INVALID`. The deny knobs do not apply (no host access).
+    /// out-of-range offsets give `NRT_INVALID`. A copy between a device tensor and host memory
+    /// is a host access: the deny knobs apply to it (device-to-device copies are not).
     pub fn tensor_copy(&self, src: usize, src_offset: usize, dst: usize, dst_offset: usize, size: usize) -> NrtStatus {
         let (src, dst) = match (self.tensor(src), self.tensor(dst)) {
             (Ok(s), Ok(d)) => (s, d),
             (Err(e), _) | (_, Err(e)) => return e,
         };
+        let knobs = lock(&self.state).knobs.clone();
+        let denied = |prefix: &Option<String>, device: &Tensor, host: &Tensor| {
+            host.core.is_none() && prefix.as_deref().is_some_and(|p| device.name.starts_with(p))
+        };
+        if denied(&knobs.deny_read_prefix, &src, &dst) || denied(&knobs.deny_write_prefix, &dst, &src) {
+            log(&format!(
+                "nrt_tensor_copy '{}' -> '{}': refused, a host transfer of a denied tensor \
+                 (NRT_STANDIN_DENY_READ_PREFIX / NRT_STANDIN_DENY_WRITE_PREFIX)",
+                src.name, dst.name
+            ));
+            return NRT_INVALID;
+        }
         if let (Some(a), Some(b)) = (src.core, dst.core)
             && a != b
         {
