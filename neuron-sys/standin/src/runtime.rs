@@ -51,6 +51,8 @@ struct State {
     sets: HashMap<usize, Arc<TensorSet>>,
     next_core: u32,
     exec_counts: HashMap<u32, u64>,
+    /// One lock per core, held through a whole execution when `serial_cores` is set.
+    core_locks: HashMap<u32, Arc<Mutex<()>>>,
     exec_failed: bool,
     load_failed: bool,
     memory: Arc<CoreMemory>,
@@ -412,6 +414,8 @@ impl Runtime {
         let in_tensors = bind(&model, &model.inputs, &lock(&in_set), "input")?;
         let out_tensors = bind(&model, &model.outputs, &lock(&out_set), "output")?;
         for _ in 0..repeat {
+            let core_lock = self.core_lock(model.core)?;
+            let _one_at_a_time = core_lock.as_deref().map(lock);
             let started = Instant::now();
             let (knobs, injected) = self.next_execution(model.core)?;
             // The simulated device time is the execution's duration: the host computation counts
@@ -436,6 +440,15 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+
+    /// The lock serialising executions on `core`, when the `serial_cores` knob is set.
+    fn core_lock(&self, core: u32) -> Result<Option<Arc<Mutex<()>>>, NrtStatus> {
+        let mut state = self.ready()?;
+        if !state.knobs.serial_cores {
+            return Ok(None);
+        }
+        Ok(Some(Arc::clone(state.core_locks.entry(core).or_default())))
     }
 
     /// Counts one execution on `core` and decides whether the knobs make it fail or hang.
