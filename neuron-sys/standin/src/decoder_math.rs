@@ -154,11 +154,9 @@ fn apply_rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
 /// tail. Every dot product of the op goes through here, so results never depend on the caller.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+    let ((ca, ta), (cb, tb)) = (a[..n].as_chunks::<8>(), b[..n].as_chunks::<8>());
     let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
+    for (x, y) in ca.iter().zip(cb) {
         for k in 0..8 {
             acc[k] += x[k] * y[k];
         }

@@ -31,7 +31,8 @@
 //! # Knobs (environment, read at `nrt_init`; process-wide)
 //! - `NRT_STANDIN_VISIBLE_CORES`: visible NeuronCores (default 2). If unset,
 //!   `NEURON_RT_VISIBLE_CORES` (`0-3`, `2`, `0,1`) gives the count.
-//! - `NRT_STANDIN_EXEC_DELAY_US`: simulated device time per execution, slept (default 0).
+//! - `NRT_STANDIN_EXEC_DELAY_US`: simulated device time per execution (default 0): an execution
+//!   lasts at least this long, its host computation included, the rest slept.
 //! - `NRT_STANDIN_PREFILL_DELAY_US` / `NRT_STANDIN_DECODE_DELAY_US`: simulated device time per
 //!   execution of a program whose decoder op is a prefill / a decode step (default: the above).
 //! - `NRT_STANDIN_FAIL_LOAD_STATUS`: status every `nrt_load` returns.

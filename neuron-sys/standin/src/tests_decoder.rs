@@ -2,9 +2,8 @@
 //! other rows, padding, prompt splits, prefill then decode), the execution-time refusals, the
 //! device-time knobs. The math against independent references is in `tests_decoder_reference`.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use neff_format::program::{DecoderConfig, DecoderMode, Llama3RopeScaling, LlamaDecoderOp};
@@ -122,7 +121,7 @@ pub(crate) struct StepOut {
 }
 
 /// Loaded programs by (mode, rows, context).
-type Programs = RefCell<HashMap<(DecoderMode, u64, Option<u64>), usize>>;
+type Programs = Mutex<HashMap<(DecoderMode, u64, Option<u64>), usize>>;
 
 /// One core's weights and KV cache, with programs loaded per (mode, rows, context).
 pub(crate) struct Device {
@@ -150,11 +149,12 @@ impl Device {
         };
         let k = (0..config.num_layers).map(|l| cache("k", l)).collect();
         let v = (0..config.num_layers).map(|l| cache("v", l)).collect();
-        Device { rt, config: config.clone(), weights: handles, k, v, models: RefCell::default() }
+        Device { rt, config: config.clone(), weights: handles, k, v, models: Mutex::default() }
     }
 
     fn model(&self, mode: DecoderMode, rows: u64, context: Option<u64>) -> usize {
-        *self.models.borrow_mut().entry((mode, rows, context)).or_insert_with(|| {
+        let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        *models.entry((mode, rows, context)).or_insert_with(|| {
             let op = decoder_op(&self.config, mode, context);
             let neff = NeffBuilder::llama_decoder(format!("{mode:?}-{rows}"), op, rows).build().expect("NEFF");
             self.rt.load(&neff, 0, -1).expect("loads")
@@ -363,10 +363,10 @@ fn prefill_and_decode_programs_sleep_their_own_device_time() {
     let started = Instant::now();
     dev.prefill(4, 0, 0, &[1, 2]);
     assert!(started.elapsed() >= Duration::from_millis(40));
-    let prefill = dev.models.borrow()[&(DecoderMode::Prefill, 4, None)];
+    let prefill = dev.models.lock().expect("models")[&(DecoderMode::Prefill, 4, None)];
     assert_eq!(dev.rt.model(prefill).expect("model").exec_kind(), ExecKind::Prefill);
     dev.step(DecoderMode::Decode, Some(4), &[3], &[2], &[0]).expect("decode");
-    let decode = dev.models.borrow()[&(DecoderMode::Decode, 1, Some(4))];
+    let decode = dev.models.lock().expect("models")[&(DecoderMode::Decode, 1, Some(4))];
     assert_eq!(dev.rt.model(decode).expect("model").exec_kind(), ExecKind::Decode);
 }
 
@@ -389,4 +389,70 @@ fn a_version_3_program_is_refused_by_its_declarations_at_load() {
     let good = NeffBuilder::llama_decoder("good", op, 2);
     assert_eq!(good.program_version(), 3);
     assert!(rt.load(&good.build().expect("builds"), 0, -1).is_ok());
+}
+
+#[test]
+fn concurrent_prefill_and_decode_programs_sharing_weights_and_caches_agree_with_a_serial_run() {
+    let config = tiny_config();
+    let weights = random_weights(&config, 13);
+    // Each slot: a prefill of 3 tokens, then 5 greedy decode steps, run by its own thread
+    // (prefill and decode programs interleave on one core, all binding the same tensors).
+    let run = |dev: &Device, slot: i32| -> Vec<i32> {
+        let first = dev.prefill(4, slot, 0, &[slot + 1, 2 * slot + 3, 7]);
+        let mut next = first.last().map(|row| crate::decoder_math::argmax(row) as i32).expect("logits");
+        let mut tokens = vec![next];
+        for pos in 3..8 {
+            let out = dev.step(DecoderMode::Decode, Some(8), &[next, 0], &[pos, -1], &[slot, 0]).expect("decode");
+            next = out.next_ids[0];
+            tokens.push(next);
+        }
+        tokens
+    };
+    let serial_dev = Device::new(runtime(Knobs::default()), &config, &weights);
+    let serial: Vec<Vec<i32>> = (0..4).map(|slot| run(&serial_dev, slot)).collect();
+    let dev = Device::new(runtime(Knobs::default()), &config, &weights);
+    let parallel: Vec<Vec<i32>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|slot| {
+                scope.spawn({
+                    let dev = &dev;
+                    move || run(dev, slot)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    assert_eq!(parallel, serial);
+    for slot in 0..4 {
+        assert!(dev.all_slot_bytes(slot) == serial_dev.all_slot_bytes(slot), "slot {slot}");
+    }
+}
+
+/// Time of one decode execution of the tiny model at batch 16 (run with `--release --ignored
+/// --nocapture`; a measurement, not a check).
+#[test]
+#[ignore = "timing, run by hand"]
+fn decode_step_time_at_batch_16() {
+    let mut config = tiny_config();
+    config.slots = 17;
+    config.max_len = 128;
+    let dev = Device::new(runtime(Knobs::default()), &config, &random_weights(&config, 9));
+    for slot in 0..16 {
+        dev.prefill(64, slot, 0, &[(slot % 50); 60]);
+    }
+    let ids: Vec<i32> = (0..16).collect();
+    let seq: Vec<i32> = (0..16).collect();
+    let pos = vec![60; 16];
+    let model = dev.model(DecoderMode::Decode, 16, Some(64));
+    let runs = 500;
+    let mut per = Duration::ZERO;
+    dev.step_with(DecoderMode::Decode, Some(64), &ids, &pos, &seq, |ins, outs| {
+        let started = Instant::now();
+        for _ in 0..runs {
+            assert_eq!(dev.rt.execute(model, ins, outs, 1), NRT_SUCCESS);
+        }
+        per = started.elapsed() / runs;
+    })
+    .expect("decode");
+    eprintln!("decode B=16, context 64, position 60, H=32, I=48, 2 layers, V=50: {per:?} per nrt_execute");
 }
