@@ -400,6 +400,15 @@ impl Repository {
         }
     }
 
+    /// Ends every generation where it stands (the exit deadline is near; see [`Batcher::cut_short`]).
+    pub fn cut_short_all(&self) {
+        for (_, entry) in self.entries() {
+            for v in entry.versions.values() {
+                v.batching.cut_short();
+            }
+        }
+    }
+
     /// Drains every model (used at shutdown).
     pub async fn drain_all(&self) {
         for (_, entry) in self.entries() {
