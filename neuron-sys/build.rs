@@ -119,7 +119,7 @@ mod generation {
 
     /// Functions resolved one by one; their absence is not an error.
     const OPTIONAL_FUNCTIONS: &str = "nrt_(get_status_as_str|get_total_vnc_count|get_visible_vnc_count\
-                                      |profile_start|profile_stop)";
+                                      |profile_start|profile_stop|tensor_copy|get_vnc_memory_stats)";
 
     fn common(header: &Path, include: &Path, banner: &str) -> Result<bindgen::Builder, Box<dyn Error>> {
         let header = header.to_str().ok_or("header path is not UTF-8")?;

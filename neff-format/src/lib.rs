@@ -1,6 +1,7 @@
 //! The NEFF file format (Neuron Executable File Format), in one place for the worker and the
 //! test-only stand-in libnrt: the 1024-byte header ([`header`]), the gzip'd tar archive and the
-//! tensors it declares ([`archive`]), the stand-in program format ([`program`]) and, with the
+//! tensors it declares ([`archive`]), the stand-in program format ([`program`], its decoder op in
+//! [`decoder`]) and, with the
 //! `writer` feature, a writer for tests (`writer`).
 //!
 //! A NEFF is a 1024-byte little-endian header followed by a gzip'd tar archive holding
@@ -9,6 +10,7 @@
 //! files, and the stand-in cannot run compiler output.
 
 pub mod archive;
+pub mod decoder;
 pub mod error;
 pub mod header;
 pub mod program;

@@ -1,4 +1,4 @@
-//! The stand-in program format (`standin/program.json`, versions 1 and 2): its types, the rules
+//! The stand-in program format (`standin/program.json`, versions 1 to 3): its types, the rules
 //! on versions, and the load-time check that every buffer length follows from the inputs.
 //!
 //! ```json
@@ -37,6 +37,52 @@
 //!   saturating) when written. Exact for |v| < 2^24; larger values lose low bits, so wrapping
 //!   32-bit arithmetic is not reproduced there.
 //!
+//! Version 3 adds one op, `llama_decoder` ([`LlamaDecoderOp`], types in [`crate::decoder`]): a
+//! whole Llama-family decoder step with the KV cache as aliased device state. It is the only op
+//! of its program and works on the NEFF's tensors directly (no `f32` buffers):
+//!
+//! ```json
+//! { "op": "llama_decoder", "mode": "decode",
+//!   "config": { "hidden_size": 32, "intermediate_size": 48, "num_layers": 2, "num_heads": 4,
+//!               "num_kv_heads": 2, "head_dim": 8, "vocab_size": 50, "rms_norm_eps": 1e-5,
+//!               "rope_theta": 10000.0, "tie_word_embeddings": false, "slots": 4, "max_len": 64 },
+//!   "input_ids": "input_ids", "position_ids": "position_ids", "seq_ids": "seq_ids",
+//!   "weight": "{name}",
+//!   "cache_k_input": "layers.{layer}.cache_k.must_alias_input", "cache_k_output": "layers.{layer}.cache_k",
+//!   "cache_v_input": "layers.{layer}.cache_v.must_alias_input", "cache_v_output": "layers.{layer}.cache_v",
+//!   "context": 32, "logits": "logits", "next_token_ids": "next_token_ids" }
+//! ```
+//!
+//! - Tensors ([`LlamaDecoderOp::tensors`]): `int32` inputs `input_ids` and `position_ids`
+//!   (prefill `[1, S]`, decode `[B, 1]`; position -1 marks padding) and `seq_ids` (prefill
+//!   `[1]`, decode `[B]`: the cache slot of each row); the `float32` weights under their Hugging
+//!   Face names and shapes ([`DecoderConfig::weights`]), named by the `weight` pattern (`{name}`
+//!   replaced); per layer a K and a V cache, `float32 [slots, max_len, num_kv_heads, head_dim]`,
+//!   declared as an input and as an output (patterns with `{layer}`); outputs `logits`
+//!   (`float32`, prefill `[1, S, V]`, decode `[B, V]`) and optionally `next_token_ids` (`int32`,
+//!   prefill `[1, S]`, decode `[B]`). `context` (decode only, required, at most `max_len`) bounds
+//!   the positions a decode program reads. The load-time check refuses any other shape or dtype,
+//!   a missing end of an alias pair and undeclared outputs; other inputs are ignored.
+//! - Semantics: Hugging Face `LlamaForCausalLM` in `float32`, per real token (position ≥ 0):
+//!   embedding; per layer RMSNorm (`x / sqrt(mean(x²) + eps) · w`), Q/K/V projections (plus
+//!   biases with `attention_bias`), RoPE in Hugging Face's `rotate_half` convention (pairs `i`
+//!   and `i + head_dim/2`, `inv_freq = theta^(−2i/head_dim)`, with the `llama3` scaling when
+//!   `rope_scaling` is set), K and V written to `cache[slot, position]` for every real token of
+//!   the call first, then attention of the query at position `p` over `cache[slot, 0..=p]`
+//!   (scale `1/sqrt(head_dim)`, softmax; query head `h` reads KV head
+//!   `h / (num_heads / num_kv_heads)`), `o_proj`, residual, RMSNorm, `down(silu(gate) · up)`,
+//!   residual; final norm; LM head (`lm_head.weight`, or the embedding when
+//!   `tie_word_embeddings`). `next_token_ids` is the argmax of each logits row (ties → lowest
+//!   id). Padding rows write and read nothing; their logits are 0 and their next id -1.
+//! - Invariance: a row's logits and the K/V it writes depend only on its token, position and its
+//!   slot's cache contents: bit-identical whatever the bucket size, the other rows, the padding,
+//!   and however a prompt is split between calls (prefill then decode included).
+//! - Execution fails (`NRT_INVALID` in the stand-in) for a real row's slot outside
+//!   `[0, slots)`, a token outside `[0, vocab_size)`, a position at or above `max_len` (decode:
+//!   at or above `context`), two real tokens of one call at the same slot and position, and a
+//!   cache alias pair bound to two different tensors (the same device tensor must be bound as
+//!   input and output, as real hardware requires).
+//!
 //! A writer declares the lowest version that has every feature the program uses (so version 1
 //! programs are unchanged); a reader refuses a program that uses a feature newer than its
 //! declared version, a version it does not know, unknown top-level keys (`state` is reserved)
@@ -58,14 +104,18 @@ use crate::tensor::{NeffTensor, element_count};
 /// Path of the program inside the NEFF archive.
 pub const PROGRAM_PATH: &str = "standin/program.json";
 
+pub use crate::decoder::{CacheNames, DecoderConfig, DecoderMode, Llama3RopeScaling, LlamaDecoderOp};
+
 /// Newest program format version (readers run 1 to this; writers write the lowest needed).
-pub const MAX_VERSION: u64 = 2;
+pub const MAX_VERSION: u64 = 3;
 
 const KNOWN_KEYS: [&str; 3] = ["version", "blobs", "ops"];
 /// Op tags of version 1 programs.
 const OPS_V1: [&str; 3] = ["dense", "add", "copy"];
 /// Op tags added by version 2.
 const OPS_V2: [&str; 4] = ["mul", "sub", "activation", "select"];
+/// Op tags added by version 3.
+const OPS_V3: [&str; 1] = ["llama_decoder"];
 
 /// Why a program cannot be loaded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,7 +155,10 @@ pub enum Activation {
 }
 
 /// One step of a stand-in program (see the module documentation for semantics).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// The decoder variant is large, but ops are parsed once per load and never moved in a hot path;
+// boxing it would only make writers' code noisier.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ProgramOp {
     /// `output = activation(input · weight + bias)`.
@@ -177,6 +230,9 @@ pub enum ProgramOp {
         /// Buffer written.
         output: String,
     },
+    /// A whole decoder step on the NEFF's tensors, the KV cache updated in place (program
+    /// version 3; the program's only op).
+    LlamaDecoder(LlamaDecoderOp),
 }
 
 impl ProgramOp {
@@ -188,6 +244,7 @@ impl ProgramOp {
             ProgramOp::Mul { .. } | ProgramOp::Sub { .. } | ProgramOp::Activation { .. } | ProgramOp::Select { .. } => {
                 2
             }
+            ProgramOp::LlamaDecoder(_) => 3,
         }
     }
 
@@ -201,6 +258,7 @@ impl ProgramOp {
             ProgramOp::Sub { .. } => "sub",
             ProgramOp::Activation { .. } => "activation",
             ProgramOp::Select { .. } => "select",
+            ProgramOp::LlamaDecoder(_) => "llama_decoder",
         }
     }
 }
@@ -216,10 +274,10 @@ pub struct BlobSpec {
 }
 
 /// A stand-in program as written in `standin/program.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Program {
-    /// Format version (1 or 2).
+    /// Format version (1 to 3).
     pub version: u64,
     /// Weight blobs by name.
     #[serde(default)]
@@ -244,8 +302,8 @@ pub fn takes_dtype(version: u64, dtype: Option<&str>) -> bool {
 }
 
 impl Program {
-    /// The lowest version that has every feature of `ops` over `tensors`: version 2 for its ops
-    /// or for `int32` tensors, else 1.
+    /// The lowest version that has every feature of `ops` over `tensors`: version 3 for a
+    /// `llama_decoder` op, version 2 for the other version 2 ops or for `int32` tensors, else 1.
     pub fn min_version<'a>(ops: &[ProgramOp], tensors: impl IntoIterator<Item = &'a NeffTensor>) -> u64 {
         let int32 = tensors.into_iter().any(|t| t.dtype.as_deref() == Some("int32"));
         let ops = ops.iter().map(ProgramOp::min_version).max().unwrap_or(1);
@@ -292,10 +350,25 @@ impl Program {
         Ok((fan_in, fan_out))
     }
 
+    /// The program's `llama_decoder` op, if it has one.
+    pub fn decoder(&self) -> Option<&LlamaDecoderOp> {
+        self.ops.iter().find_map(|op| match op {
+            ProgramOp::LlamaDecoder(d) => Some(d),
+            _ => None,
+        })
+    }
+
     /// Checks the program against the NEFF's declared tensors: every input and output of a dtype
     /// the version takes and of a known byte size, every buffer an op reads already written,
-    /// every buffer length derivable, every output exactly filled.
+    /// every buffer length derivable, every output exactly filled. A `llama_decoder` op must be
+    /// the program's only op and is checked by [`LlamaDecoderOp::check`].
     pub fn check(&self, inputs: &[NeffTensor], outputs: &[NeffTensor]) -> Result<(), ProgramError> {
+        if let Some(decoder) = self.decoder() {
+            if self.ops.len() != 1 {
+                return Err(invalid("a llama_decoder op must be the program's only op".into()));
+            }
+            return decoder.check(inputs, outputs);
+        }
         let mut lengths: HashMap<&str, u64> = HashMap::new();
         for t in inputs {
             lengths.insert(&t.name, self.values_of(t, "input")?);
@@ -368,6 +441,7 @@ impl Program {
                 }
                 Ok((output, la))
             }
+            ProgramOp::LlamaDecoder(_) => Err(invalid("a llama_decoder op must be the program's only op".into())),
         }
     }
 }
@@ -388,7 +462,8 @@ fn check_known(value: &Value) -> Result<(), ProgramError> {
     let ops = map.get("ops").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
     for op in ops {
         let tag = op.get("op").and_then(Value::as_str).unwrap_or("");
-        let known = OPS_V1.contains(&tag) || (version >= 2 && OPS_V2.contains(&tag));
+        let known =
+            OPS_V1.contains(&tag) || (version >= 2 && OPS_V2.contains(&tag)) || (version >= 3 && OPS_V3.contains(&tag));
         if !known {
             return Err(unsupported(format!("op '{tag}' is not supported by this reader")));
         }
@@ -408,7 +483,8 @@ mod tests {
     fn unknown_keys_ops_and_versions_are_unsupported() {
         assert!(unsupported(serde_json::json!({"version": 1, "state": {}, "ops": []})));
         assert!(unsupported(serde_json::json!({"version": 1, "ops": [{"op": "gru"}]})));
-        assert!(unsupported(serde_json::json!({"version": 3, "ops": []})));
+        assert!(unsupported(serde_json::json!({"version": 4, "ops": []})));
+        assert!(unsupported(serde_json::json!({"version": 2, "ops": [{"op": "llama_decoder"}]})));
         assert!(unsupported(
             serde_json::json!({"version": 1, "ops": [{"op": "mul", "a": "x", "b": "y", "output": "z"}]})
         ));
@@ -463,5 +539,32 @@ mod tests {
         let v2 = Program { version: 2, ..program };
         assert_eq!(v2.check(&[tensor("x", "int32", &[4, 2])], &[tensor("y", "float32", &[4, 3])]), Ok(()));
         assert_eq!(Program::min_version(&v2.ops, &[x]), 1);
+    }
+
+    #[test]
+    fn a_decoder_program_is_version_3_and_its_only_op() {
+        let config = serde_json::json!({"hidden_size": 8, "intermediate_size": 8, "num_layers": 1,
+            "num_heads": 2, "num_kv_heads": 1, "head_dim": 4, "vocab_size": 10, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": true, "slots": 2, "max_len": 8});
+        let op = serde_json::json!({"op": "llama_decoder", "mode": "prefill", "config": config,
+            "input_ids": "ids", "position_ids": "pos", "seq_ids": "seq", "weight": "w.{name}",
+            "cache_k_input": "k{layer}.must_alias_input", "cache_k_output": "k{layer}",
+            "cache_v_input": "v{layer}.must_alias_input", "cache_v_output": "v{layer}", "logits": "logits"});
+        let program =
+            Program::from_json(serde_json::json!({"version": 3, "ops": [op]}).to_string().as_bytes()).expect("parses");
+        let decoder = program.decoder().expect("has the op");
+        assert_eq!(decoder.mode, DecoderMode::Prefill);
+        assert_eq!(decoder.weight_input("model.norm.weight"), "w.model.norm.weight");
+        assert_eq!(Program::min_version(&program.ops, &[]), 3);
+        let (inputs, outputs) = decoder.tensors(3);
+        assert_eq!(program.check(&inputs, &outputs), Ok(()));
+        let two_ops = Program { ops: vec![program.ops[0].clone(), program.ops[0].clone()], ..program.clone() };
+        assert!(two_ops.check(&inputs, &outputs).is_err());
+        assert_eq!(Program::from_json(&program.to_json()), Ok(program));
+
+        let mut unknown = op.clone();
+        unknown["temperature"] = 1.0.into();
+        let parsed = Program::from_json(serde_json::json!({"version": 3, "ops": [unknown]}).to_string().as_bytes());
+        assert!(matches!(parsed, Err(ProgramError::Invalid { .. })), "{parsed:?}");
     }
 }

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use crate::error::{NeffError, Result};
 use crate::header::{HEADER_LEN, NeffHeader};
-pub use crate::program::{Activation, ProgramOp};
+pub use crate::program::{Activation, DecoderConfig, DecoderMode, Llama3RopeScaling, LlamaDecoderOp, ProgramOp};
 use crate::program::{BlobSpec, PROGRAM_PATH, Program, blob_path};
 use crate::tensor::{NeffTensor, element_count, shape_bytes};
 
@@ -148,6 +148,22 @@ impl NeffBuilder {
         builder
     }
 
+    /// A NEFF running `op` (a version 3 program) for a bucket of `rows` (prefill: `S` tokens,
+    /// decode: `B` sequences), declaring every tensor of [`LlamaDecoderOp::tensors`]: `int32`
+    /// ids, `float32` weights, each cache as an input and an output, logits (and next ids).
+    pub fn llama_decoder(name: impl Into<String>, op: LlamaDecoderOp, rows: u64) -> NeffBuilder {
+        let (inputs, outputs) = op.tensors(rows);
+        let mut builder = NeffBuilder::new(name);
+        for t in inputs {
+            builder = builder.input(t.name, t.dtype.as_deref().unwrap_or("float32"), t.shape.as_deref().unwrap_or(&[]));
+        }
+        for t in outputs {
+            builder =
+                builder.output(t.name, t.dtype.as_deref().unwrap_or("float32"), t.shape.as_deref().unwrap_or(&[]));
+        }
+        builder.op(ProgramOp::LlamaDecoder(op))
+    }
+
     /// The NEFF file's bytes.
     pub fn build(&self) -> Result<Vec<u8>> {
         self.validate()?;
@@ -225,8 +241,8 @@ impl NeffBuilder {
             .collect()
     }
 
-    /// The lowest program version with every feature used: version 2 for its ops or for `int32`
-    /// tensors, else 1.
+    /// The lowest program version with every feature used: version 3 for a `llama_decoder` op,
+    /// version 2 for the other version 2 ops or for `int32` tensors, else 1.
     pub fn program_version(&self) -> u64 {
         let tensors = NeffBuilder::declared(&self.inputs).into_iter().chain(NeffBuilder::declared(&self.outputs));
         Program::min_version(&self.ops, &tensors.collect::<Vec<_>>())

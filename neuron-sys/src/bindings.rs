@@ -12,6 +12,7 @@ pub type nrt_tensor_usage_t = ::std::os::raw::c_uint;
 pub type nrt_dtype_t = u32;
 pub type nrt_tensor_info_t = nrt_tensor_info;
 pub type nrt_tensor_info_array_t = nrt_tensor_info_array;
+pub type nrt_vnc_memory_stats_t = nrt_vnc_memory_stats;
 #[repr(C)]
 #[derive(Default)]
 pub struct __IncompleteArrayField<T>(::std::marker::PhantomData<T>, [T; 0]);
@@ -50,6 +51,12 @@ pub struct nrt_tensor_info {
 pub struct nrt_tensor_info_array {
     pub tensor_count: u64,
     pub tensor_array: __IncompleteArrayField<nrt_tensor_info_t>,
+}
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct nrt_vnc_memory_stats {
+    pub bytes_used: usize,
+    pub bytes_limit: usize,
 }
 pub struct Nrt {
     __library: ::libloading::Library,
@@ -194,6 +201,15 @@ const _: () = {
         [::std::mem::offset_of!(nrt_tensor_info_array, tensor_count) - 0usize];
     ["Offset of field: nrt_tensor_info_array::tensor_array"]
         [::std::mem::offset_of!(nrt_tensor_info_array, tensor_array) - 8usize];
+};
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of nrt_vnc_memory_stats"][::std::mem::size_of::<nrt_vnc_memory_stats>() - 16usize];
+    ["Alignment of nrt_vnc_memory_stats"][::std::mem::align_of::<nrt_vnc_memory_stats>() - 8usize];
+    ["Offset of field: nrt_vnc_memory_stats::bytes_used"]
+        [::std::mem::offset_of!(nrt_vnc_memory_stats, bytes_used) - 0usize];
+    ["Offset of field: nrt_vnc_memory_stats::bytes_limit"]
+        [::std::mem::offset_of!(nrt_vnc_memory_stats, bytes_limit) - 8usize];
 };
 impl<T> __IncompleteArrayField<T> {
     #[inline]

@@ -13,6 +13,25 @@ pub struct NrtOptional {
     >,
     pub nrt_profile_stop:
         Result<unsafe extern "C" fn(filename: *const ::std::os::raw::c_char) -> NRT_STATUS, ::libloading::Error>,
+    pub nrt_tensor_copy: Result<
+        unsafe extern "C" fn(
+            src: *const nrt_tensor_t,
+            src_offset: usize,
+            dst: *mut nrt_tensor_t,
+            dst_offset: usize,
+            size: usize,
+        ) -> NRT_STATUS,
+        ::libloading::Error,
+    >,
+    pub nrt_get_vnc_memory_stats: Result<
+        unsafe extern "C" fn(
+            vnc: u32,
+            stats: *mut nrt_vnc_memory_stats_t,
+            stats_size_in: usize,
+            stats_size_out: *mut usize,
+        ) -> NRT_STATUS,
+        ::libloading::Error,
+    >,
 }
 impl NrtOptional {
     pub unsafe fn new<P>(path: P) -> Result<Self, ::libloading::Error>
@@ -32,6 +51,8 @@ impl NrtOptional {
         let nrt_get_visible_vnc_count = unsafe { __library.get(b"nrt_get_visible_vnc_count\0") }.map(|sym| *sym);
         let nrt_profile_start = unsafe { __library.get(b"nrt_profile_start\0") }.map(|sym| *sym);
         let nrt_profile_stop = unsafe { __library.get(b"nrt_profile_stop\0") }.map(|sym| *sym);
+        let nrt_tensor_copy = unsafe { __library.get(b"nrt_tensor_copy\0") }.map(|sym| *sym);
+        let nrt_get_vnc_memory_stats = unsafe { __library.get(b"nrt_get_vnc_memory_stats\0") }.map(|sym| *sym);
         Ok(NrtOptional {
             __library,
             nrt_get_status_as_str,
@@ -39,6 +60,8 @@ impl NrtOptional {
             nrt_get_visible_vnc_count,
             nrt_profile_start,
             nrt_profile_stop,
+            nrt_tensor_copy,
+            nrt_get_vnc_memory_stats,
         })
     }
     pub unsafe fn nrt_get_status_as_str(&self, status: NRT_STATUS) -> *const ::std::os::raw::c_char {
@@ -59,5 +82,35 @@ impl NrtOptional {
     }
     pub unsafe fn nrt_profile_stop(&self, filename: *const ::std::os::raw::c_char) -> NRT_STATUS {
         unsafe { (self.nrt_profile_stop.as_ref().expect("Expected function, got error."))(filename) }
+    }
+    pub unsafe fn nrt_tensor_copy(
+        &self,
+        src: *const nrt_tensor_t,
+        src_offset: usize,
+        dst: *mut nrt_tensor_t,
+        dst_offset: usize,
+        size: usize,
+    ) -> NRT_STATUS {
+        unsafe {
+            (self.nrt_tensor_copy.as_ref().expect("Expected function, got error."))(
+                src, src_offset, dst, dst_offset, size,
+            )
+        }
+    }
+    pub unsafe fn nrt_get_vnc_memory_stats(
+        &self,
+        vnc: u32,
+        stats: *mut nrt_vnc_memory_stats_t,
+        stats_size_in: usize,
+        stats_size_out: *mut usize,
+    ) -> NRT_STATUS {
+        unsafe {
+            (self.nrt_get_vnc_memory_stats.as_ref().expect("Expected function, got error."))(
+                vnc,
+                stats,
+                stats_size_in,
+                stats_size_out,
+            )
+        }
     }
 }

@@ -4,7 +4,7 @@ use std::ffi::{CStr, OsString, c_char, c_void};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::bindings::{NRT_STATUS, Nrt, nrt_model_t};
+use crate::bindings::{NRT_STATUS, Nrt, nrt_model_t, nrt_tensor_t, nrt_vnc_memory_stats_t};
 use crate::bindings_optional::NrtOptional;
 
 /// Environment variable naming the libnrt to load (a path); tried before the default locations.
@@ -114,6 +114,11 @@ pub type ProfileStartFn = unsafe extern "C" fn(*mut nrt_model_t, *const c_char) 
 /// The signature of `nrt_profile_stop`.
 pub type ProfileStopFn = unsafe extern "C" fn(*const c_char) -> NRT_STATUS;
 
+/// The signature of `nrt_tensor_copy` (src, src_offset, dst, dst_offset, size).
+pub type TensorCopyFn = unsafe extern "C" fn(*const nrt_tensor_t, usize, *mut nrt_tensor_t, usize, usize) -> NRT_STATUS;
+/// The signature of `nrt_get_vnc_memory_stats` (vnc, stats, stats_size_in, stats_size_out).
+pub type VncMemoryStatsFn = unsafe extern "C" fn(u32, *mut nrt_vnc_memory_stats_t, usize, *mut usize) -> NRT_STATUS;
+
 /// The functions only some runtime releases export; each accessor is `None` when absent.
 pub struct OptionalFunctions {
     table: Option<NrtOptional>,
@@ -145,6 +150,16 @@ impl OptionalFunctions {
         self.table.as_ref()?.nrt_profile_stop.as_ref().ok().copied()
     }
 
+    /// `nrt_tensor_copy` (two device tensors must be on the same core).
+    pub fn tensor_copy(&self) -> Option<TensorCopyFn> {
+        self.table.as_ref()?.nrt_tensor_copy.as_ref().ok().copied()
+    }
+
+    /// `nrt_get_vnc_memory_stats`.
+    pub fn get_vnc_memory_stats(&self) -> Option<VncMemoryStatsFn> {
+        self.table.as_ref()?.nrt_get_vnc_memory_stats.as_ref().ok().copied()
+    }
+
     /// Names of the optional functions this library exports.
     pub fn present(&self) -> Vec<&'static str> {
         let mut names = Vec::new();
@@ -154,6 +169,8 @@ impl OptionalFunctions {
             ("nrt_get_visible_vnc_count", self.get_visible_vnc_count().is_some()),
             ("nrt_profile_start", self.profile_start().is_some()),
             ("nrt_profile_stop", self.profile_stop().is_some()),
+            ("nrt_tensor_copy", self.tensor_copy().is_some()),
+            ("nrt_get_vnc_memory_stats", self.get_vnc_memory_stats().is_some()),
         ];
         for (name, present) in checks {
             if present {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backend::cpu::llama::{LlamaConfig, LlamaModel, Weight, WeightSource, load_hf_decoder};
+use crate::backend::cpu::llama::{HfDecoderFiles, LlamaConfig, LlamaModel, Weight, WeightSource, load_hf_decoder};
 use crate::backend::generative::DecoderInstance;
 use crate::batching::generative::detok::TokenText;
 use crate::batching::generative::handle::GenerativeSetup;
@@ -175,6 +175,11 @@ pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> 
     let files = load_hf_decoder(dir).map_err(|source| LoadError::DecoderCheckpoint { path: dir.clone(), source })?;
     let config = capped(files.config.clone(), spec);
     let decoders = build(dir, &config, &files.weights, spec, instances)?;
+    Ok(hf_decoder(files, decoders, spec))
+}
+
+/// The tokenizer and sampling defaults of an HF folder, around `decoders` built from it.
+fn hf_decoder(files: HfDecoderFiles, decoders: Vec<Box<dyn DecoderInstance>>, spec: &GenerativeSpec) -> LoadedDecoder {
     let g = &files.generation;
     let mut defaults = SamplingParams::default();
     if let Some(t) = g.temperature {
@@ -190,7 +195,27 @@ pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> 
     let eos = g.eos_token_ids.clone();
     let tokenizer =
         Arc::new(HfTokenizer { tokenizer: files.tokenizer, template: files.chat_template, eos: eos.clone() });
-    Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, eos, defaults) })
+    LoadedDecoder { decoders, tokenizer, setup: setup(spec, eos, defaults) }
+}
+
+/// Loads a compiled decoder (`neuron_decoder.json` beside an HF folder) on NeuronCores `0..cores`:
+/// one instance per core, weights loaded once per core, KV cache in device memory.
+pub fn load_neuron(dir: &Path, model: &str, spec: &GenerativeSpec, cores: usize) -> Result<LoadedDecoder, LoadError> {
+    use crate::backend::neuron::decoder::{DecoderManifest, load::load_instances};
+    let manifest =
+        DecoderManifest::load(dir).map_err(|e| LoadError::Decoder { path: dir.to_path_buf(), reason: e.reason })?;
+    let files =
+        load_hf_decoder(dir).map_err(|source| LoadError::DecoderCheckpoint { path: dir.to_path_buf(), source })?;
+    let config = capped(files.config.clone(), spec);
+    let instances = load_instances(dir, model, &manifest, &config, &files.weights, cores.max(1))
+        .map_err(|(core, source)| LoadError::Backend { core, source })?;
+    let decoders = instances.into_iter().map(|i| Box::new(i) as Box<dyn DecoderInstance>).collect();
+    Ok(hf_decoder(files, decoders, spec))
+}
+
+/// Whether `dir` holds a compiled decoder for NeuronCores.
+pub fn is_neuron_decoder(dir: &Path) -> bool {
+    dir.join(crate::backend::neuron::decoder::MANIFEST_FILE).is_file()
 }
 
 /// Loads a `.gguf` decoder: quantized matrices stay quantized; the tokenizer is rebuilt from the
@@ -286,6 +311,7 @@ pub(crate) async fn load_versions(
     source: super::loader::ModelSource,
     defaults: &GenerativeSpec,
     store: Option<Arc<crate::sessions::SessionStore>>,
+    backend: &super::BackendSelection,
 ) -> Result<std::collections::BTreeMap<i64, Arc<super::LoadedModel>>, LoadError> {
     let file = format!("model '{}' config", source.config.name);
     let gspec = GenerativeSpec::from_config(&source.config, &file, defaults)?;
@@ -294,10 +320,18 @@ pub(crate) async fn load_versions(
         let mut spec = (*source.spec).clone();
         spec.generative = Some(Arc::new(gspec.clone()));
         let spec = Arc::new(spec);
+        let neuron_cores = match backend {
+            super::BackendSelection::Neuron { cores } if vdir.as_deref().is_some_and(is_neuron_decoder) => {
+                Some(spec.instance_count.unwrap_or(*cores).min(*cores).max(1))
+            }
+            _ => None,
+        };
         let instances = spec.instance_count.unwrap_or(1);
         let g = gspec.clone();
+        let name = source.config.name.clone();
         let loaded = tokio::task::spawn_blocking(move || match vdir {
             None => tiny_decoder(&g, instances),
+            Some(d) if let Some(cores) = neuron_cores => load_neuron(&d, &name, &g, cores),
             Some(d) => match detect(&d) {
                 Some(src) => load(&src, &g, instances),
                 None => {
@@ -316,7 +350,8 @@ pub(crate) async fn load_versions(
             store.clone(),
         )
         .map_err(|source| LoadError::Batching { source })?;
-        let backend = crate::backend::BackendKind::Cpu;
+        let backend =
+            if neuron_cores.is_some() { crate::backend::BackendKind::Neuron } else { crate::backend::BackendKind::Cpu };
         let model =
             super::LoadedModel { version, config: source.config.clone(), spec, batching, backend, tokenizer: None };
         versions.insert(version, Arc::new(model));

@@ -208,7 +208,7 @@ impl Repository {
         let loaded = async move {
             let source = source?;
             if source.decoder {
-                return generative::load_versions(source, &gen_defaults, store).await;
+                return generative::load_versions(source, &gen_defaults, store, &backend).await;
             }
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");

@@ -47,7 +47,7 @@ pub fn render(repo: &Repository) -> String {
         return out;
     }
     type Read = fn(&GenerativeStats) -> f64;
-    let simple: [(&str, &str, &str, Read); 23] = [
+    let simple: [(&str, &str, &str, Read); 24] = [
         ("num_requests_running", "gauge", "Sequences in the running set (holding K/V blocks)", |s| {
             s.running.load(Relaxed) as f64
         }),
@@ -113,6 +113,12 @@ pub fn render(repo: &Repository) -> String {
         ("num_preemptions_total", "counter", "Running sequences preempted (blocks freed, recomputed later)", |s| {
             s.preemptions.load(Relaxed) as f64
         }),
+        (
+            "moved_sequences_total",
+            "counter",
+            "Sequences moved off an instance that left service and continued on another",
+            |s| s.moved_sequences.load(Relaxed) as f64,
+        ),
         ("request_success_stop_total", "counter", "Generations ended by EOS or a stop string", |s| {
             s.finished_stop.load(Relaxed) as f64
         }),

@@ -83,6 +83,16 @@ typedef struct nrt_tensor_info_array {
     nrt_tensor_info_t tensor_array[];
 } nrt_tensor_info_array_t;
 
+/*
+ * Device memory of one (virtual) NeuronCore, filled by nrt_get_vnc_memory_stats
+ * (nrt_optional.h). Newer runtimes may append fields: callers pass the size
+ * they expect and learn the size written.
+ */
+typedef struct nrt_vnc_memory_stats {
+    size_t bytes_used;
+    size_t bytes_limit;
+} nrt_vnc_memory_stats_t;
+
 /* Runtime lifetime. nrt_init reads the NEURON_RT_* environment. */
 NRT_STATUS nrt_init(nrt_framework_type_t framework, const char *fw_version, const char *fal_version);
 void nrt_close(void);

@@ -105,7 +105,19 @@ pub struct NrtVersion {
     pub git_hash: [c_char; 64],
 }
 
+/// `nrt_vnc_memory_stats_t` (fields may be appended by newer runtimes; callers pass its size).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NrtVncMemoryStats {
+    /// Device bytes in use on the core.
+    pub bytes_used: usize,
+    /// Device bytes the core has.
+    pub bytes_limit: usize,
+}
+
 const _: () = {
+    assert!(std::mem::size_of::<NrtVncMemoryStats>() == 16);
+    assert!(std::mem::offset_of!(NrtVncMemoryStats, bytes_limit) == 8);
     assert!(std::mem::size_of::<NrtTensorInfo>() == 296);
     assert!(std::mem::offset_of!(NrtTensorInfo, usage) == 256);
     assert!(std::mem::offset_of!(NrtTensorInfo, size) == 264);

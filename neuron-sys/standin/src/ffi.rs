@@ -323,7 +323,8 @@ pub unsafe extern "C" fn nrt_tensor_read(
     })
 }
 
-/// `nrt_tensor_write`: `NRT_INVALID` when `offset + size` exceeds the tensor.
+/// `nrt_tensor_write`: `NRT_INVALID` when `offset + size` exceeds the tensor, or for a tensor
+/// the `NRT_STANDIN_DENY_WRITE_PREFIX` knob names.
 ///
 /// # Safety
 /// `buf` points at `size` readable bytes.
@@ -347,7 +348,58 @@ pub unsafe extern "C" fn nrt_tensor_write(
         }
         // SAFETY: per this function's contract.
         let src = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), size) };
-        tensor.write(offset, src)
+        global().host_write(&tensor, offset, src)
+    })
+}
+
+/// `nrt_tensor_copy`: `size` bytes from `src` at `src_offset` to `dst` at `dst_offset`. Two
+/// device tensors must be on the same core (`NRT_INVALID` otherwise, as documented for the real
+/// runtime); ranges out of bounds give `NRT_INVALID`.
+#[unsafe(no_mangle)]
+pub extern "C" fn nrt_tensor_copy(
+    src: *const NrtTensor,
+    src_offset: usize,
+    dst: *mut NrtTensor,
+    dst_offset: usize,
+    size: usize,
+) -> NrtStatus {
+    guard(|| global().tensor_copy(src as usize, src_offset, dst as usize, dst_offset, size))
+}
+
+/// `nrt_get_vnc_memory_stats`: the device bytes the stand-in has allocated on core `vnc` and the
+/// `NRT_STANDIN_DEVICE_MEMORY_BYTES` limit. Writes `min(stats_size_in, 16)` bytes of the struct
+/// and that count to `stats_size_out` (when not null).
+///
+/// # Safety
+/// `stats` is null or points at `stats_size_in` writable bytes; `stats_size_out` is null or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nrt_get_vnc_memory_stats(
+    vnc: u32,
+    stats: *mut NrtVncMemoryStats,
+    stats_size_in: usize,
+    stats_size_out: *mut usize,
+) -> NrtStatus {
+    guard(|| {
+        if stats.is_null() {
+            return NRT_INVALID;
+        }
+        let (used, limit) = match global().memory_stats(vnc) {
+            Ok(v) => v,
+            Err(status) => return status,
+        };
+        let value = NrtVncMemoryStats {
+            bytes_used: usize::try_from(used).unwrap_or(usize::MAX),
+            bytes_limit: usize::try_from(limit).unwrap_or(usize::MAX),
+        };
+        let len = stats_size_in.min(std::mem::size_of::<NrtVncMemoryStats>());
+        // SAFETY: `stats` has `stats_size_in` writable bytes and `len <= stats_size_in`.
+        unsafe { std::ptr::copy_nonoverlapping((&raw const value).cast::<u8>(), stats.cast::<u8>(), len) };
+        if !stats_size_out.is_null() {
+            // SAFETY: non-null and writable per this function's contract.
+            unsafe { stats_size_out.write(len) };
+        }
+        NRT_SUCCESS
     })
 }
 

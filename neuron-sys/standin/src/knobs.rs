@@ -7,6 +7,9 @@ use crate::abi::NrtStatus;
 /// Default number of visible NeuronCores (one Inferentia2 / Trainium chip).
 pub const DEFAULT_VISIBLE_CORES: u32 = 2;
 
+/// Default device memory per core (`NRT_STANDIN_DEVICE_MEMORY_BYTES`): 16 GiB.
+pub const DEFAULT_DEVICE_MEMORY_BYTES: u64 = 16 << 30;
+
 /// Default bound of a hung execution when `NEURON_RT_EXEC_TIMEOUT` is not set.
 pub const DEFAULT_HANG_BOUND: Duration = Duration::from_secs(3600);
 
@@ -17,6 +20,12 @@ pub struct Knobs {
     pub visible_cores: u32,
     /// Simulated device time per execution.
     pub exec_delay: Duration,
+    /// Simulated device time per execution of a program whose decoder op is a prefill
+    /// (`None`: `exec_delay`).
+    pub prefill_delay: Option<Duration>,
+    /// Simulated device time per execution of a program whose decoder op is a decode step
+    /// (`None`: `exec_delay`).
+    pub decode_delay: Option<Duration>,
     /// Status every `nrt_load` returns (only the first one with `fail_once`).
     pub fail_load_status: Option<NrtStatus>,
     /// Status an execution returns when the failure rule triggers.
@@ -33,6 +42,12 @@ pub struct Knobs {
     pub hang_bound: Duration,
     /// `nrt_tensor_read` of a tensor whose allocation name starts with this fails (`NRT_INVALID`).
     pub deny_read_prefix: Option<String>,
+    /// `nrt_tensor_write` of a tensor whose allocation name starts with this fails (`NRT_INVALID`);
+    /// executions still write it.
+    pub deny_write_prefix: Option<String>,
+    /// Device memory per core: the limit `nrt_get_vnc_memory_stats` reports, and device
+    /// allocations beyond it fail with `NRT_RESOURCE`.
+    pub device_memory_bytes: u64,
 }
 
 impl Default for Knobs {
@@ -40,6 +55,8 @@ impl Default for Knobs {
         Knobs {
             visible_cores: DEFAULT_VISIBLE_CORES,
             exec_delay: Duration::ZERO,
+            prefill_delay: None,
+            decode_delay: None,
             fail_load_status: None,
             fail_exec_status: None,
             fail_every_n: None,
@@ -48,6 +65,8 @@ impl Default for Knobs {
             hang_exec: false,
             hang_bound: DEFAULT_HANG_BOUND,
             deny_read_prefix: None,
+            deny_write_prefix: None,
+            device_memory_bytes: DEFAULT_DEVICE_MEMORY_BYTES,
         }
     }
 }
@@ -80,6 +99,8 @@ impl Knobs {
         Knobs {
             visible_cores,
             exec_delay: Duration::from_micros(number("NRT_STANDIN_EXEC_DELAY_US").unwrap_or(0)),
+            prefill_delay: number("NRT_STANDIN_PREFILL_DELAY_US").map(Duration::from_micros),
+            decode_delay: number("NRT_STANDIN_DECODE_DELAY_US").map(Duration::from_micros),
             fail_load_status: status("NRT_STANDIN_FAIL_LOAD_STATUS"),
             fail_exec_status: status("NRT_STANDIN_FAIL_EXEC_STATUS"),
             fail_every_n: number("NRT_STANDIN_FAIL_EVERY_N").filter(|&n| n > 0),
@@ -88,8 +109,32 @@ impl Knobs {
             hang_exec: flag("NRT_STANDIN_HANG_EXEC"),
             hang_bound: number("NEURON_RT_EXEC_TIMEOUT").map_or(DEFAULT_HANG_BOUND, Duration::from_secs),
             deny_read_prefix: lookup("NRT_STANDIN_DENY_READ_PREFIX").filter(|p| !p.is_empty()),
+            deny_write_prefix: lookup("NRT_STANDIN_DENY_WRITE_PREFIX").filter(|p| !p.is_empty()),
+            device_memory_bytes: number("NRT_STANDIN_DEVICE_MEMORY_BYTES").unwrap_or(DEFAULT_DEVICE_MEMORY_BYTES),
         }
     }
+
+    /// Simulated device time of one execution of a program of `kind`: the prefill or decode knob
+    /// when set, else `exec_delay`.
+    pub fn delay_for(&self, kind: ExecKind) -> Duration {
+        let specific = match kind {
+            ExecKind::Plain => None,
+            ExecKind::Prefill => self.prefill_delay,
+            ExecKind::Decode => self.decode_delay,
+        };
+        specific.unwrap_or(self.exec_delay)
+    }
+}
+
+/// What kind of program an execution runs, for the per-kind device-time knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecKind {
+    /// A program without a decoder op.
+    Plain,
+    /// A program whose decoder op is a prefill.
+    Prefill,
+    /// A program whose decoder op is a decode step.
+    Decode,
 }
 
 /// Number of cores in a `NEURON_RT_VISIBLE_CORES` value such as `0-3`, `2` or `0,1`;
@@ -162,5 +207,28 @@ mod tests {
         assert_eq!(deny.deny_read_prefix.as_deref(), Some("state:"));
         assert_eq!(k.hang_bound, Duration::from_secs(2));
         assert_eq!(knobs(&[("NRT_STANDIN_EXEC_DELAY_US", "abc")]).exec_delay, Duration::ZERO);
+        assert_eq!(k.deny_write_prefix, None);
+        let deny = knobs(&[("NRT_STANDIN_DENY_WRITE_PREFIX", "kv:")]);
+        assert_eq!(deny.deny_write_prefix.as_deref(), Some("kv:"));
+        assert_eq!(deny.deny_read_prefix, None);
+        assert_eq!(k.device_memory_bytes, 16 << 30);
+        assert_eq!(knobs(&[("NRT_STANDIN_DEVICE_MEMORY_BYTES", "4096")]).device_memory_bytes, 4096);
+    }
+
+    #[test]
+    fn prefill_and_decode_delays_fall_back_to_the_exec_delay() {
+        let only_exec = knobs(&[("NRT_STANDIN_EXEC_DELAY_US", "7")]);
+        for kind in [ExecKind::Plain, ExecKind::Prefill, ExecKind::Decode] {
+            assert_eq!(only_exec.delay_for(kind), Duration::from_micros(7));
+        }
+        let k = knobs(&[
+            ("NRT_STANDIN_EXEC_DELAY_US", "7"),
+            ("NRT_STANDIN_PREFILL_DELAY_US", "900"),
+            ("NRT_STANDIN_DECODE_DELAY_US", "0"),
+        ]);
+        assert_eq!(k.prefill_delay, Some(Duration::from_micros(900)));
+        assert_eq!(k.delay_for(ExecKind::Plain), Duration::from_micros(7));
+        assert_eq!(k.delay_for(ExecKind::Prefill), Duration::from_micros(900));
+        assert_eq!(k.delay_for(ExecKind::Decode), Duration::ZERO, "an explicit 0 is not a fallback");
     }
 }

@@ -28,6 +28,8 @@
 //! - `NRT_STANDIN_VISIBLE_CORES`: visible NeuronCores (default 2). If unset,
 //!   `NEURON_RT_VISIBLE_CORES` (`0-3`, `2`, `0,1`) gives the count.
 //! - `NRT_STANDIN_EXEC_DELAY_US`: simulated device time per execution, slept (default 0).
+//! - `NRT_STANDIN_PREFILL_DELAY_US` / `NRT_STANDIN_DECODE_DELAY_US`: simulated device time per
+//!   execution of a program whose decoder op is a prefill / a decode step (default: the above).
 //! - `NRT_STANDIN_FAIL_LOAD_STATUS`: status every `nrt_load` returns.
 //! - `NRT_STANDIN_FAIL_EXEC_STATUS`: status an execution returns when the failure triggers.
 //! - `NRT_STANDIN_FAIL_EVERY_N`: every Nth execution on each core fails (counted per core);
@@ -37,6 +39,8 @@
 //! - `NRT_STANDIN_DENY_READ_PREFIX`: `nrt_tensor_read` of a tensor whose allocation name starts
 //!   with this prefix returns `NRT_INVALID` (executions still read it), so tests can show that a
 //!   tensor (the worker's `state:` tensors) is never read back to the host.
+//! - `NRT_STANDIN_DENY_WRITE_PREFIX`: the same for `nrt_tensor_write` (host writes); executions
+//!   still write such tensors.
 //! - `NRT_STANDIN_HANG_EXEC=1`: executions sleep `NEURON_RT_EXEC_TIMEOUT` seconds (default
 //!   3600, or until `nrt_close`) and return `NRT_TIMEOUT`.
 //!
@@ -49,9 +53,12 @@ pub mod knobs;
 pub mod neff;
 pub mod program;
 pub mod runtime;
+pub mod tensor;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_copy;
 
 use std::path::PathBuf;
 

@@ -10,6 +10,7 @@ pub use neff_format::program::{Activation, PROGRAM_PATH, ProgramOp as Op};
 use neff_format::program::{Program as ProgramFormat, ProgramError as FormatError};
 
 use crate::abi::{NRT_INVALID, NRT_UNSUPPORTED_NEFF_VERSION, NrtStatus};
+use crate::knobs::ExecKind;
 use crate::neff::TensorDecl;
 
 /// Why a program could not be loaded: the status `nrt_load` returns and a log message.
@@ -71,6 +72,11 @@ impl Program {
         Ok(Program { format, blobs })
     }
 
+    /// The kind of execution this program is, for the per-kind device-time knobs.
+    pub fn exec_kind(&self) -> ExecKind {
+        ExecKind::Plain
+    }
+
     fn dense_dims(&self, weight: &str, bias: Option<&str>) -> Result<(usize, usize), String> {
         let (fan_in, fan_out) = self.format.dense_dims(weight, bias).map_err(|e| e.to_string())?;
         let to_usize = |v: u64| usize::try_from(v).map_err(|_| "dense: dimension too large".to_string());
@@ -114,6 +120,7 @@ impl Program {
                     let x = buffers.get(input).ok_or_else(|| format!("missing buffer '{input}'"))?;
                     (output, x.clone())
                 }
+                Op::LlamaDecoder(_) => return Err("a llama_decoder program runs on tensors, not buffers".into()),
             };
             buffers.insert(name.clone(), value);
         }

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::abi::*;
-use crate::knobs::Knobs;
+use crate::knobs::{ExecKind, Knobs};
 use crate::neff::{self, TensorDecl};
 use crate::program::Program;
+pub use crate::tensor::Tensor;
+use crate::tensor::{CoreMemory, Reservation, Storage};
 
 /// Allocations of 4 GiB or more are refused (real libnrt overflows on them).
 pub const MAX_TENSOR_BYTES: usize = (4usize << 30) - 1;
@@ -30,82 +32,10 @@ pub struct Model {
     program: Option<Program>,
 }
 
-#[derive(Debug)]
-enum Storage {
-    Owned(Vec<u8>),
-    /// A caller-owned buffer (address, length).
-    Attached(usize, usize),
-    Empty,
-}
-
-/// A tensor in host memory.
-#[derive(Debug)]
-pub struct Tensor {
-    /// Name given at allocation.
-    pub name: String,
-    storage: Mutex<Storage>,
-}
-
-impl Tensor {
-    /// Size in bytes (0 for an empty tensor).
-    pub fn size(&self) -> usize {
-        match &*lock(&self.storage) {
-            Storage::Owned(v) => v.len(),
-            Storage::Attached(_, len) => *len,
-            Storage::Empty => 0,
-        }
-    }
-
-    /// Copies `dst.len()` bytes from `offset`; `NRT_INVALID` when out of range.
-    pub fn read(&self, offset: usize, dst: &mut [u8]) -> NrtStatus {
-        let storage = lock(&self.storage);
-        let Some(end) = offset.checked_add(dst.len()) else {
-            return NRT_INVALID;
-        };
-        match &*storage {
-            Storage::Owned(v) => match v.get(offset..end) {
-                Some(src) => dst.copy_from_slice(src),
-                None => return NRT_INVALID,
-            },
-            Storage::Attached(ptr, len) => {
-                if end > *len {
-                    return NRT_INVALID;
-                }
-                // SAFETY: the caller attached `len` valid bytes at `ptr` and keeps them alive.
-                let src = unsafe { std::slice::from_raw_parts((*ptr as *const u8).add(offset), dst.len()) };
-                dst.copy_from_slice(src);
-            }
-            Storage::Empty => {
-                return if dst.is_empty() { NRT_SUCCESS } else { NRT_INVALID };
-            }
-        }
-        NRT_SUCCESS
-    }
-
-    /// Copies `src` to `offset`; `NRT_INVALID` when out of range.
-    pub fn write(&self, offset: usize, src: &[u8]) -> NrtStatus {
-        let mut storage = lock(&self.storage);
-        let Some(end) = offset.checked_add(src.len()) else {
-            return NRT_INVALID;
-        };
-        match &mut *storage {
-            Storage::Owned(v) => match v.get_mut(offset..end) {
-                Some(dst) => dst.copy_from_slice(src),
-                None => return NRT_INVALID,
-            },
-            Storage::Attached(ptr, len) => {
-                if end > *len {
-                    return NRT_INVALID;
-                }
-                // SAFETY: the caller attached `len` writable bytes at `ptr` and keeps them alive.
-                let dst = unsafe { std::slice::from_raw_parts_mut((*ptr as *mut u8).add(offset), src.len()) };
-                dst.copy_from_slice(src);
-            }
-            Storage::Empty => {
-                return if src.is_empty() { NRT_SUCCESS } else { NRT_INVALID };
-            }
-        }
-        NRT_SUCCESS
+impl Model {
+    /// The kind of program the model runs, for the per-kind device-time knobs.
+    pub fn exec_kind(&self) -> ExecKind {
+        self.program.as_ref().map_or(ExecKind::Plain, Program::exec_kind)
     }
 }
 
@@ -123,6 +53,7 @@ struct State {
     exec_counts: HashMap<u32, u64>,
     exec_failed: bool,
     load_failed: bool,
+    memory: Arc<CoreMemory>,
 }
 
 enum Injected {
@@ -266,15 +197,18 @@ impl Runtime {
         self.ready()?.models.get(&model).cloned().ok_or(NRT_INVALID_HANDLE)
     }
 
-    /// Allocates a tensor: `placement` DEVICE (on visible core `nc`), HOST, or VIRTUAL (empty).
+    /// Allocates a tensor: `placement` DEVICE (on visible core `nc`, counted against the core's
+    /// device memory), HOST, or VIRTUAL (empty).
     pub fn tensor_allocate(&self, placement: u32, nc: i32, size: usize, name: &str) -> Result<usize, NrtStatus> {
         let state = self.ready()?;
-        let visible = state.knobs.visible_cores;
+        let (visible, limit, memory) =
+            (state.knobs.visible_cores, state.knobs.device_memory_bytes, Arc::clone(&state.memory));
         drop(state);
-        let storage = match placement {
-            NRT_TENSOR_PLACEMENT_VIRTUAL => Storage::Empty,
+        let tensor = match placement {
+            NRT_TENSOR_PLACEMENT_VIRTUAL => Tensor::new(name, None, Storage::Empty, None),
             NRT_TENSOR_PLACEMENT_DEVICE | NRT_TENSOR_PLACEMENT_HOST => {
-                if placement == NRT_TENSOR_PLACEMENT_DEVICE && !(0..visible as i64).contains(&i64::from(nc)) {
+                let device = placement == NRT_TENSOR_PLACEMENT_DEVICE;
+                if device && !(0..visible as i64).contains(&i64::from(nc)) {
                     log(&format!("nrt_tensor_allocate '{name}': core {nc} is not visible ({visible} visible)"));
                     return Err(NRT_INVALID);
                 }
@@ -282,23 +216,36 @@ impl Runtime {
                     log(&format!("nrt_tensor_allocate '{name}': {size} bytes (4 GiB or more) refused"));
                     return Err(NRT_INVALID);
                 }
-                let mut bytes = Vec::new();
-                bytes.try_reserve_exact(size).map_err(|_| NRT_FAIL_HOST_MEM_ALLOC)?;
-                bytes.resize(size, 0);
-                Storage::Owned(bytes)
+                let core = device.then_some(nc as u32);
+                let reservation = match core {
+                    Some(core) if memory.try_reserve(core, size as u64, limit) => {
+                        Some(Reservation::new(memory, core, size as u64))
+                    }
+                    Some(core) => {
+                        log(&format!(
+                            "nrt_tensor_allocate '{name}': {size} bytes do not fit core {core} \
+                             ({} of {limit} bytes in use, NRT_STANDIN_DEVICE_MEMORY_BYTES)",
+                            memory.used(core)
+                        ));
+                        return Err(NRT_RESOURCE);
+                    }
+                    None => None,
+                };
+                let storage = Storage::zeroed(size).ok_or(NRT_FAIL_HOST_MEM_ALLOC)?;
+                Tensor::new(name, core, storage, reservation)
             }
             other => {
                 log(&format!("nrt_tensor_allocate '{name}': placement {other} is invalid"));
                 return Err(NRT_INVALID);
             }
         };
-        Ok(self.register_tensor(Tensor { name: name.to_string(), storage: Mutex::new(storage) }))
+        Ok(self.register_tensor(tensor))
     }
 
     /// Allocates a tensor with no memory (see [`Runtime::tensor_attach`]).
     pub fn tensor_allocate_empty(&self, name: &str) -> Result<usize, NrtStatus> {
         drop(self.ready()?);
-        Ok(self.register_tensor(Tensor { name: name.to_string(), storage: Mutex::new(Storage::Empty) }))
+        Ok(self.register_tensor(Tensor::new(name, None, Storage::Empty, None)))
     }
 
     fn register_tensor(&self, tensor: Tensor) -> usize {
@@ -312,7 +259,7 @@ impl Runtime {
     pub fn tensor_attach(&self, tensor: usize, buffer: usize, size: usize) -> NrtStatus {
         match self.tensor(tensor) {
             Ok(t) => {
-                *lock(&t.storage) = Storage::Attached(buffer, size);
+                t.attach(buffer, size);
                 NRT_SUCCESS
             }
             Err(status) => status,
@@ -334,6 +281,61 @@ impl Runtime {
             return NRT_INVALID;
         }
         tensor.read(offset, dst)
+    }
+
+    /// `nrt_tensor_write` as the C API sees it: like [`Tensor::write`], but refused with
+    /// `NRT_INVALID` (and a line on stderr) for tensors whose allocation name starts with the
+    /// `NRT_STANDIN_DENY_WRITE_PREFIX` knob, so tests can prove the host never writes such tensors
+    /// (executions still write them).
+    pub fn host_write(&self, tensor: &Tensor, offset: usize, src: &[u8]) -> NrtStatus {
+        let denied = lock(&self.state).knobs.deny_write_prefix.clone();
+        if let Some(prefix) = denied.filter(|p| tensor.name.starts_with(p.as_str())) {
+            log(&format!("nrt_tensor_write '{}': refused (NRT_STANDIN_DENY_WRITE_PREFIX={prefix})", tensor.name));
+            return NRT_INVALID;
+        }
+        tensor.write(offset, src)
+    }
+
+    /// `nrt_tensor_copy`: `size` bytes from `src` at `src_offset` to `dst` at `dst_offset`.
+    /// Like the real runtime, two device tensors must be on the same core (else `NRT_INVALID`);
+    /// out-of-range offsets give `NRT_INVALID`. The deny knobs do not apply (no host access).
+    pub fn tensor_copy(&self, src: usize, src_offset: usize, dst: usize, dst_offset: usize, size: usize) -> NrtStatus {
+        let (src, dst) = match (self.tensor(src), self.tensor(dst)) {
+            (Ok(s), Ok(d)) => (s, d),
+            (Err(e), _) | (_, Err(e)) => return e,
+        };
+        if let (Some(a), Some(b)) = (src.core, dst.core)
+            && a != b
+        {
+            log(&format!(
+                "nrt_tensor_copy '{}' (core {a}) -> '{}' (core {b}): device tensors must be on the same core",
+                src.name, dst.name
+            ));
+            return NRT_INVALID;
+        }
+        let status = crate::tensor::copy(&src, src_offset, &dst, dst_offset, size);
+        if status != NRT_SUCCESS {
+            log(&format!(
+                "nrt_tensor_copy '{}'[{src_offset}..+{size}] -> '{}'[{dst_offset}..]: out of range ({} and {} bytes)",
+                src.name,
+                dst.name,
+                src.size(),
+                dst.size()
+            ));
+        }
+        status
+    }
+
+    /// `nrt_get_vnc_memory_stats`: bytes of device tensors allocated on `core` and the
+    /// `NRT_STANDIN_DEVICE_MEMORY_BYTES` limit; `NRT_INVALID` for a core that is not visible.
+    pub fn memory_stats(&self, core: u32) -> Result<(u64, u64), NrtStatus> {
+        let state = self.ready()?;
+        if core >= state.knobs.visible_cores {
+            let visible = state.knobs.visible_cores;
+            log(&format!("nrt_get_vnc_memory_stats: core {core} is not visible ({visible} visible)"));
+            return Err(NRT_INVALID);
+        }
+        Ok((state.memory.used(core), state.knobs.device_memory_bytes))
     }
 
     /// Frees a tensor handle (sets holding it keep the memory alive).
@@ -398,8 +400,9 @@ impl Runtime {
         let out_tensors = bind(&model, &model.outputs, &lock(&out_set), "output")?;
         for _ in 0..repeat {
             let (knobs, injected) = self.next_execution(model.core)?;
-            if !knobs.exec_delay.is_zero() {
-                std::thread::sleep(knobs.exec_delay);
+            let delay = knobs.delay_for(model.exec_kind());
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
             }
             match injected {
                 Some(Injected::Hang) => return Err(self.hang(&model, knobs.hang_bound)),

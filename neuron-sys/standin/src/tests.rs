@@ -12,7 +12,7 @@ use crate::knobs::Knobs;
 use crate::runtime::Runtime;
 
 /// Serialises the tests that use the process-wide runtime through the C functions.
-static GLOBAL_LOCK: Mutex<()> = Mutex::new(());
+pub(crate) static GLOBAL_LOCK: Mutex<()> = Mutex::new(());
 
 /// A NEFF container (header + gzip'd tar) around `files`, written by the shared format crate.
 fn container(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
@@ -33,7 +33,7 @@ fn f32_bytes(values: impl IntoIterator<Item = f32>) -> Vec<u8> {
 }
 
 /// The built-in `linear` model (INPUT0 [batch, 64] → OUTPUT0 [batch, 16]) with closed-form weights.
-fn linear_neff(batch: u64) -> Vec<u8> {
+pub(crate) fn linear_neff(batch: u64) -> Vec<u8> {
     let neff_json = serde_json::json!({"metadata": {"signatures": {"default": {
         "inputs": {"INPUT0": {"id": 0, "dtype": "float32", "shape": [batch, 64]}},
         "outputs": {"OUTPUT0": {"id": 0, "dtype": "float32", "shape": [batch, 16]}}}}}});
@@ -270,7 +270,7 @@ impl Bench {
     }
 }
 
-fn runtime(knobs: Knobs) -> Arc<Runtime> {
+pub(crate) fn runtime(knobs: Knobs) -> Arc<Runtime> {
     let rt = Arc::new(Runtime::default());
     assert_eq!(rt.init(knobs), NRT_SUCCESS);
     rt
@@ -437,4 +437,18 @@ fn deny_read_prefix_refuses_host_reads_of_matching_tensors_only() {
     assert_eq!(rt.host_read(&t, 0, &mut buf), NRT_INVALID);
     assert_eq!(t.read(0, &mut buf), NRT_SUCCESS, "the runtime itself still reads it");
     assert_eq!(rt.host_read(&rt.tensor(other).expect("tensor"), 0, &mut buf), NRT_SUCCESS);
+}
+
+#[test]
+fn deny_write_prefix_refuses_host_writes_of_matching_tensors_only() {
+    let rt = runtime(Knobs { deny_write_prefix: Some("kv:".into()), ..Knobs::default() });
+    let kv = rt.tensor_allocate(NRT_TENSOR_PLACEMENT_DEVICE, 0, 8, "kv:k:0").expect("tensor");
+    let other = rt.tensor_allocate(NRT_TENSOR_PLACEMENT_DEVICE, 0, 8, "INPUT0").expect("tensor");
+    let t = rt.tensor(kv).expect("tensor");
+    assert_eq!(rt.host_write(&t, 0, &[1; 8]), NRT_INVALID);
+    assert_eq!(t.write(0, &[2; 8]), NRT_SUCCESS, "the runtime itself (an execution) still writes it");
+    let mut buf = [0u8; 8];
+    assert_eq!(rt.host_read(&t, 0, &mut buf), NRT_SUCCESS, "reads are not denied by the write knob");
+    assert_eq!(buf, [2; 8]);
+    assert_eq!(rt.host_write(&rt.tensor(other).expect("tensor"), 0, &[3; 8]), NRT_SUCCESS);
 }

@@ -8,6 +8,7 @@
 //!   per batch-size bucket, tensor sets allocated once and reused.
 //! - [`StatefulNeff`]: a stateful model's NEFF on one core, its implicit state kept in two
 //!   device tensors per state used ping-pong (one row per sequence slot).
+//! - [`decoder`]: generative decoders (prefill and decode programs, KV cache on the device).
 //! - [`probe`]: whether this machine can use Neuron, and why not.
 //!
 //! libnrt is found through `NEURON_WORKER_LIBNRT`, then `/opt/aws/neuron/lib/libnrt.so.1`, then
@@ -15,6 +16,7 @@
 //! NEURON_RT_NUM_CORES, NEURON_RT_LOG_LEVEL and NEURON_RT_EXEC_TIMEOUT (set it explicitly: its
 //! documented default varies).
 
+pub mod decoder;
 pub mod error;
 pub mod instance;
 pub mod model;

@@ -164,9 +164,9 @@ impl NeuronModel {
         let mut raw: *mut nrt_model_t = std::ptr::null_mut();
         // SAFETY: `neff` is a live buffer of `neff.len()` bytes for the duration of the call (the
         // runtime copies what it keeps); `raw` is a valid out-pointer; the runtime is initialised
-        // (we hold an Arc to it).
+        // (we hold an Arc to it). The core count is deprecated: AWS's header says always pass -1.
         let code =
-            unsafe { (runtime.nrt().nrt_load)(neff.as_ptr().cast::<c_void>(), neff.len(), start_nc, 1, &mut raw) };
+            unsafe { (runtime.nrt().nrt_load)(neff.as_ptr().cast::<c_void>(), neff.len(), start_nc, -1, &mut raw) };
         if code != NRT_SUCCESS {
             return Err(NeuronError::status(Operation::Load, code, name, Some(core)));
         }

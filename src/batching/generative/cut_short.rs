@@ -16,6 +16,8 @@ impl Engine {
         while !self.running.is_empty() || !self.waiting.is_empty() {
             let running = std::mem::take(&mut self.running);
             let waiting = std::mem::take(&mut self.waiting);
+            // Counted before the last response goes, so a client that sees it sees the count too.
+            self.stats.cut_short.fetch_add((running.len() + waiting.len()) as u64, Relaxed);
             for mut s in running {
                 s.cut_short(self.text.as_ref());
                 self.retire(s, true);
@@ -29,7 +31,6 @@ impl Engine {
                 cut += 1;
             }
         }
-        self.stats.cut_short.fetch_add(cut as u64, Relaxed);
         self.publish_gauges();
         cut
     }

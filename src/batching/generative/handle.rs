@@ -42,6 +42,8 @@ enum Command {
     Generate(GenerateRequest),
     /// A session operation (list, export, import).
     Session(SessionCommand),
+    /// A sequence of an instance that left service, to continue here.
+    Resume(super::failover::MovedSequence),
     /// The exit deadline is near: end every generation where it stands (finish reason `abort`).
     CutShort,
 }
@@ -62,7 +64,7 @@ pub struct GenerativeModel {
     setup: GenerativeSetup,
     admission: Arc<Admission>,
     tokenizer: Arc<dyn PromptTokenizer>,
-    links: Mutex<Vec<InstanceLink>>,
+    links: Arc<Mutex<Vec<InstanceLink>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     stats: Arc<GenerativeStats>,
     context_limit: usize,
@@ -86,7 +88,7 @@ impl GenerativeModel {
         let model = admission.spec.name.clone();
         let stats = Arc::new(GenerativeStats::default());
         let in_service = Arc::new(AtomicUsize::new(decoders.len()));
-        let mut links = Vec::new();
+        let links = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
         let mut context_limit = usize::MAX;
         let mut vocab = 0;
@@ -107,6 +109,8 @@ impl GenerativeModel {
                 alive: alive.clone(),
                 admission: admission.clone(),
                 in_service: in_service.clone(),
+                peers: links.clone(),
+                index: i,
             };
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
@@ -129,17 +133,19 @@ impl GenerativeModel {
                     reason: format!("cannot start an instance thread: {e}"),
                 })?;
             let _ = built_rx.recv();
-            links.push(InstanceLink { sender: tx, load, alive });
+            if let Ok(mut l) = links.lock() {
+                l.push(InstanceLink { sender: tx, load, alive });
+            }
             threads.push(handle);
         }
-        if links.is_empty() {
+        if links.lock().map_or(true, |l| l.is_empty()) {
             return Err(BatchingError::Unavailable { model, reason: "no decoder instance was created".into() });
         }
         Ok(GenerativeModel {
             setup,
             admission,
             tokenizer,
-            links: Mutex::new(links),
+            links,
             threads: Mutex::new(threads),
             stats,
             context_limit,
@@ -395,12 +401,51 @@ struct ThreadContext {
     alive: Arc<AtomicBool>,
     admission: Arc<Admission>,
     in_service: Arc<AtomicUsize>,
+    /// Every instance's link (this one is `index`), to hand sequences over when this one fails.
+    peers: Arc<Mutex<Vec<InstanceLink>>>,
+    index: usize,
+}
+
+/// Sends `cmd` to the least loaded other instance still in service; gives it back when there is
+/// none.
+fn to_peer(ctx: &ThreadContext, cmd: Command) -> Option<Command> {
+    let Ok(peers) = ctx.peers.lock() else { return Some(cmd) };
+    let target = peers
+        .iter()
+        .enumerate()
+        .filter(|(i, l)| *i != ctx.index && l.alive.load(Acquire))
+        .min_by_key(|(_, l)| l.load.load(Acquire))
+        .map(|(_, l)| l);
+    let Some(target) = target else { return Some(cmd) };
+    target.load.fetch_add(1, AcqRel);
+    match target.sender.send(cmd) {
+        Ok(()) => None,
+        Err(e) => {
+            target.load.fetch_sub(1, AcqRel);
+            Some(e.0)
+        }
+    }
+}
+
+/// Moves this instance's stateless sequences to other instances still in service; returns how
+/// many moved (the caller fails the rest).
+fn hand_over(engine: &mut Engine, ctx: &ThreadContext) -> usize {
+    let mut moved = 0;
+    for seq in engine.take_movable() {
+        match to_peer(ctx, Command::Resume(seq)) {
+            None => moved += 1,
+            Some(Command::Resume(seq)) => engine.resume(seq),
+            Some(_) => {}
+        }
+    }
+    moved
 }
 
 fn take(engine: &mut Engine, cmd: Command) {
     match cmd {
         Command::Generate(req) => engine.add(req),
         Command::Session(cmd) => super::session_moves::run(engine, cmd),
+        Command::Resume(seq) => engine.resume(seq),
         Command::CutShort => {
             let cut = engine.cut_short();
             if cut > 0 {
@@ -480,11 +525,28 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
             let left = ctx.in_service.fetch_sub(1, AcqRel).saturating_sub(1);
             ctx.admission.set_in_service(left);
             engine.save_sessions_for(SaveReason::InstanceFailed);
-            engine.fail_all(GenerationError::Unavailable {
-                reason: format!("instance {} failed: {reason}", engine.label()),
-            });
+            let moved = hand_over(&mut engine, &ctx);
+            if moved > 0 {
+                tracing::warn!(model = %ctx.admission.spec.name, instance = %engine.label(), moved, "sequences continue on another instance");
+            }
             // Answer what is still queued to this instance, then stop.
             while let Ok(cmd) = ctx.rx.try_recv() {
+                // Stateless requests and moved sequences go on to another instance.
+                let cmd = match cmd {
+                    Command::Generate(req) if req.session.is_none() => match to_peer(&ctx, Command::Generate(req)) {
+                        None => continue,
+                        Some(cmd) => cmd,
+                    },
+                    Command::Resume(seq) => match to_peer(&ctx, Command::Resume(seq)) {
+                        None => continue,
+                        Some(Command::Resume(seq)) => {
+                            engine.resume(seq);
+                            continue;
+                        }
+                        Some(cmd) => cmd,
+                    },
+                    other => other,
+                };
                 if let Command::Generate(req) = cmd {
                     ctx.admission.dequeued(1);
                     let _ = req.updates.send(Err(GenerationError::Unavailable {
@@ -492,6 +554,9 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                     }));
                 }
             }
+            engine.fail_all(GenerationError::Unavailable {
+                reason: format!("instance {} failed: {reason}", engine.label()),
+            });
             ctx.admission.dequeued(engine.take_left_queue());
             return;
         }

@@ -6,6 +6,7 @@
 
 pub mod cut_short;
 pub mod detok;
+pub mod failover;
 pub mod handle;
 pub mod kv_blocks;
 pub mod params;

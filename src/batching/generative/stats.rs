@@ -59,6 +59,8 @@ pub struct GenerativeStats {
     pub prefix_cached_tokens: AtomicU64,
     /// Preemptions (a running sequence's blocks freed, to be recomputed).
     pub preemptions: AtomicU64,
+    /// Sequences moved off an instance that left service, continued on another one.
+    pub moved_sequences: AtomicU64,
     /// Forward steps run.
     pub steps: AtomicU64,
     /// Requests finished by a stop condition.

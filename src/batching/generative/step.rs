@@ -247,6 +247,39 @@ impl Engine {
         self.publish();
     }
 
+    /// Takes every stateless sequence (running or waiting) off this instance, for another one
+    /// to continue (the instance is leaving service); session turns stay.
+    pub fn take_movable(&mut self) -> Vec<super::failover::MovedSequence> {
+        let mut moved = Vec::new();
+        let running = std::mem::take(&mut self.running);
+        let waiting = std::mem::take(&mut self.waiting);
+        use super::failover::MovedSequence;
+        for s in running {
+            if MovedSequence::movable(&s) {
+                moved.push(MovedSequence::from_sequence(s));
+            } else {
+                self.running.push(s);
+            }
+        }
+        for s in waiting {
+            if MovedSequence::movable(&s) {
+                moved.push(MovedSequence::from_sequence(s));
+            } else {
+                self.waiting.push_back(s);
+            }
+        }
+        self.publish();
+        moved
+    }
+
+    /// Continues a sequence another instance held: it waits (ahead of new requests) to recompute
+    /// its K/V from its tokens, then generates on.
+    pub fn resume(&mut self, moved: super::failover::MovedSequence) {
+        self.stats.moved_sequences.fetch_add(1, Relaxed);
+        self.waiting.push_front(moved.into_sequence());
+        self.publish();
+    }
+
     /// Ends every sequence with `error` (the instance is leaving service).
     pub fn fail_all(&mut self, error: GenerationError) {
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
@@ -275,6 +308,15 @@ impl Engine {
         }
         let result = self.run(&plan);
         if let Err(e) = &result {
+            if !matches!(e, BackendError::Execution { instance_usable: true, .. }) {
+                // The instance leaves service: its sequences stay, without their K/V, for the
+                // caller to move to another instance (see `failover`) or to fail.
+                for &(i, _) in &plan {
+                    self.running[i].preempt();
+                }
+                self.publish();
+                return Err(e.clone());
+            }
             let failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
             for &i in failed.iter().rev() {
                 let s = self.running.remove(i);

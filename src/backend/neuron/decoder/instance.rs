@@ -1,0 +1,401 @@
+//! A decoder on one NeuronCore: the [`DecoderInstance`] the generative step loop drives, over
+//! compiled prefill and decode programs, weights loaded once per core and a KV cache that stays
+//! in device memory.
+//!
+//! The KV cache is contiguous per slot, so the step loop's "block" is a whole slot: block size =
+//! `kv.max_len`, one block per sequence, block id = slot. Spill, export and import read or write
+//! that slot's byte range of each cache tensor; between turns nothing is read to the host.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::buckets::{decode_groups, prefill_pieces};
+use super::manifest::DecoderManifest;
+use super::program::{Program, ProgramContext, ProgramKind, SharedTensors};
+use crate::backend::BackendError;
+use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
+use crate::backend::neuron::{DeviceTensor, NeuronError, Operation, Runtime};
+
+/// Time spent by an instance, for the benchmark of host overhead.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DecoderTimings {
+    /// Calls of `forward`.
+    pub steps: u64,
+    /// Program executions.
+    pub executions: u64,
+    /// Wall time inside `forward`.
+    pub forward: Duration,
+    /// Wall time inside `nrt_execute`.
+    pub execute: Duration,
+}
+
+/// A compiled decoder on one NeuronCore.
+pub struct NeuronDecoderInstance {
+    // Field order is drop order: programs (their sets borrow the shared tensors) go first.
+    prefill: Vec<Program>,
+    decode: Vec<Program>,
+    shared: SharedTensors,
+    core: u32,
+    shape: DecoderShape,
+    digest: [u8; 32],
+    /// Bytes of one slot in one cache tensor.
+    slot_bytes: usize,
+    scratch_slot: i32,
+    padding_position: i32,
+    prefill_lengths: Vec<usize>,
+    decode_buckets: Vec<(usize, usize)>,
+    timings: DecoderTimings,
+    scratch: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    ids: Vec<u8>,
+    positions: Vec<u8>,
+    seqs: Vec<u8>,
+    bytes: Vec<u8>,
+    row: Vec<f32>,
+}
+
+impl std::fmt::Debug for NeuronDecoderInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NeuronDecoderInstance")
+            .field("core", &self.core)
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Weights ready for the device: bytes per NEFF input name (in the manifest's dtype), and the
+/// digest of the model they come from.
+pub struct DeviceWeights {
+    /// NEFF input name → bytes.
+    pub tensors: HashMap<String, Vec<u8>>,
+    /// SHA-256 over (HF name, f32 values) in name order.
+    pub digest: [u8; 32],
+}
+
+/// Compiled programs, read once for every core.
+pub struct CompiledPrograms {
+    /// (kind, NEFF bytes, label) of each program, prefill ascending then decode ascending.
+    pub programs: Vec<(ProgramKind, Vec<u8>, String)>,
+}
+
+fn int32_bytes(out: &mut Vec<u8>, values: impl Iterator<Item = i32>) {
+    out.clear();
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn execution_error(message: String) -> BackendError {
+    BackendError::Execution { message, instance_usable: true, nrt_status: None }
+}
+
+impl NeuronDecoderInstance {
+    /// Loads every program on `core`, the weights and a fresh KV cache.
+    pub fn load(
+        runtime: &Arc<Runtime>,
+        core: u32,
+        model: &str,
+        manifest: &DecoderManifest,
+        shape: DecoderShape,
+        weights: &DeviceWeights,
+        programs: &CompiledPrograms,
+    ) -> Result<NeuronDecoderInstance, NeuronError> {
+        let name: Arc<str> = Arc::from(model);
+        let kv = &manifest.kv;
+        let slot_bytes = kv.max_len * shape.kv_heads * shape.head_dim * 4;
+        let cache_bytes = slot_bytes * kv.slots;
+        let mut caches = Vec::with_capacity(shape.layers);
+        for layer in 0..shape.layers {
+            // Allocation names start with `kv:` (the stand-in's deny-read/write knobs match them).
+            let k = DeviceTensor::allocate(runtime, &name, core, &format!("kv:{layer}:k"), cache_bytes)?;
+            let v = DeviceTensor::allocate(runtime, &name, core, &format!("kv:{layer}:v"), cache_bytes)?;
+            caches.push([k, v]);
+        }
+        let mut device_weights = HashMap::with_capacity(weights.tensors.len());
+        for (input, bytes) in &weights.tensors {
+            let mut t = DeviceTensor::allocate(runtime, &name, core, &format!("weight:{input}"), bytes.len())?;
+            t.write(bytes)?;
+            device_weights.insert(input.clone(), t);
+        }
+        let shared = SharedTensors { weights: device_weights, caches };
+        let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+        let cx = ProgramContext { manifest, layers: shape.layers, vocab: shape.vocab, shared: &shared };
+        for (kind, neff, label) in &programs.programs {
+            let p = Program::load(runtime, core, label, neff, *kind, &cx)?;
+            match kind {
+                ProgramKind::Prefill { .. } => prefill.push(p),
+                ProgramKind::Decode { .. } => decode.push(p),
+            }
+        }
+        let prefill_lengths = manifest.prefill.iter().map(|b| b.seq_len).collect();
+        let decode_buckets = manifest.decode.iter().map(|b| (b.batch, b.context)).collect();
+        Ok(NeuronDecoderInstance {
+            prefill,
+            decode,
+            shared,
+            core,
+            digest: weights.digest,
+            slot_bytes,
+            scratch_slot: i32::try_from(kv.scratch_slot()).unwrap_or(i32::MAX),
+            padding_position: manifest.padding_position,
+            prefill_lengths,
+            decode_buckets,
+            shape,
+            timings: DecoderTimings::default(),
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Time spent so far.
+    pub fn timings(&self) -> DecoderTimings {
+        self.timings
+    }
+
+    fn slot_of(&self, chunk: &SeqChunk<'_>) -> Result<i32, BackendError> {
+        let slot =
+            chunk.blocks.first().copied().ok_or_else(|| execution_error("a chunk came without its KV slot".into()))?;
+        if slot as usize >= self.num_blocks() {
+            return Err(execution_error(format!(
+                "KV slot {slot} is outside this instance's {} slots",
+                self.num_blocks()
+            )));
+        }
+        Ok(slot as i32)
+    }
+
+    fn execute(&mut self, decode: bool, index: usize) -> Result<(), BackendError> {
+        let s = &self.scratch;
+        let program = if decode { &mut self.decode[index] } else { &mut self.prefill[index] };
+        let started = Instant::now();
+        let result = program.run(&s.ids, &s.positions, &s.seqs);
+        self.timings.execute += started.elapsed();
+        self.timings.executions += 1;
+        result.map_err(BackendError::from)
+    }
+
+    /// Runs one prefill chunk in pieces; writes its logits rows to `out` (`rows * vocab`).
+    fn run_prefill(&mut self, chunk: &SeqChunk<'_>, out: &mut [f32]) -> Result<(), BackendError> {
+        let slot = self.slot_of(chunk)?;
+        let vocab = self.shape.vocab;
+        let n = chunk.tokens.len();
+        for piece in prefill_pieces(&self.prefill_lengths, n) {
+            let seq_len = self.prefill_lengths[piece.bucket];
+            let tokens = &chunk.tokens[piece.offset..piece.offset + piece.len];
+            let start = chunk.start + piece.offset;
+            let pad = self.padding_position;
+            int32_bytes(&mut self.scratch.ids, (0..seq_len).map(|i| tokens.get(i).map_or(0, |&t| t as i32)));
+            int32_bytes(
+                &mut self.scratch.positions,
+                (0..seq_len).map(|i| if i < piece.len { (start + i) as i32 } else { pad }),
+            );
+            int32_bytes(&mut self.scratch.seqs, std::iter::once(slot));
+            self.execute(false, piece.bucket)?;
+            let program = &self.prefill[piece.bucket];
+            let s = &mut self.scratch;
+            match chunk.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::All => {
+                    let rows = &mut out[piece.offset * vocab..(piece.offset + piece.len) * vocab];
+                    program.read_logits(0, vocab, rows, &mut s.bytes)?;
+                }
+                LogitsWanted::Last if piece.offset + piece.len == n => {
+                    program.read_logits(piece.len - 1, vocab, &mut out[..vocab], &mut s.bytes)?;
+                }
+                LogitsWanted::Last => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the one-token chunks `rows` (indices into `chunks`) through decode programs; writes
+    /// each wanted row at its offset in `out`.
+    fn run_decode(
+        &mut self,
+        chunks: &[SeqChunk<'_>],
+        rows: &[usize],
+        offsets: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), BackendError> {
+        let vocab = self.shape.vocab;
+        let positions: Vec<usize> = rows.iter().map(|&r| chunks[r].start).collect();
+        let groups = decode_groups(&self.decode_buckets, &positions).map_err(|row| {
+            execution_error(format!(
+                "position {} is beyond every compiled decode context (largest {})",
+                positions[row],
+                self.decode_buckets.iter().map(|b| b.1).max().unwrap_or(0)
+            ))
+        })?;
+        for group in groups {
+            let (batch, _) = self.decode_buckets[group.bucket];
+            let members: Vec<&SeqChunk<'_>> = group.rows.iter().map(|&i| &chunks[rows[i]]).collect();
+            let slots = members.iter().map(|c| self.slot_of(c)).collect::<Result<Vec<i32>, _>>()?;
+            let (pad, scratch_slot) = (self.padding_position, self.scratch_slot);
+            int32_bytes(&mut self.scratch.ids, (0..batch).map(|i| members.get(i).map_or(0, |c| c.tokens[0] as i32)));
+            int32_bytes(
+                &mut self.scratch.positions,
+                (0..batch).map(|i| members.get(i).map_or(pad, |c| c.start as i32)),
+            );
+            int32_bytes(&mut self.scratch.seqs, (0..batch).map(|i| slots.get(i).copied().unwrap_or(scratch_slot)));
+            self.execute(true, group.bucket)?;
+            let wanted = members.iter().filter(|c| c.logits != LogitsWanted::None).count();
+            if wanted == 0 {
+                continue;
+            }
+            let program = &self.decode[group.bucket];
+            let s = &mut self.scratch;
+            s.row.resize(members.len() * vocab, 0.0);
+            program.read_logits(0, vocab, &mut s.row, &mut s.bytes)?;
+            for (k, &i) in group.rows.iter().enumerate() {
+                let chunk = &chunks[rows[i]];
+                if chunk.logits != LogitsWanted::None {
+                    let at = offsets[rows[i]] * vocab;
+                    out[at..at + vocab].copy_from_slice(&s.row[k * vocab..(k + 1) * vocab]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn slot_ranges(&self, blocks: &[u32]) -> Result<(), BackendError> {
+        match blocks.iter().find(|&&b| b as usize >= self.num_blocks()) {
+            Some(b) => Err(BackendError::InvalidInput {
+                name: "kv".into(),
+                reason: format!("KV slot {b} is outside this instance's {} slots", self.num_blocks()),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl DecoderInstance for NeuronDecoderInstance {
+    fn shape(&self) -> &DecoderShape {
+        &self.shape
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.scratch_slot.max(0) as usize
+    }
+
+    fn forward(&mut self, chunks: &[SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<(), BackendError> {
+        let started = Instant::now();
+        let vocab = self.shape.vocab;
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut total = 0;
+        for c in chunks {
+            offsets.push(total);
+            total += c.logits.rows(c.tokens.len());
+        }
+        let base = logits.len();
+        logits.resize(base + total * vocab, 0.0);
+        let out = &mut logits[base..];
+        let mut decode_rows = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            if chunk.start + chunk.tokens.len() > self.shape.max_positions {
+                return Err(execution_error(format!(
+                    "positions up to {} requested; this compiled model holds {}",
+                    chunk.start + chunk.tokens.len(),
+                    self.shape.max_positions
+                )));
+            }
+            match chunk.tokens.len() {
+                0 => {}
+                1 => decode_rows.push(i),
+                _ => {
+                    let rows = chunk.logits.rows(chunk.tokens.len());
+                    self.run_prefill(chunk, &mut out[offsets[i] * vocab..(offsets[i] + rows) * vocab])?;
+                }
+            }
+        }
+        if !decode_rows.is_empty() {
+            self.run_decode(chunks, &decode_rows, &offsets, out)?;
+        }
+        self.timings.steps += 1;
+        self.timings.forward += started.elapsed();
+        Ok(())
+    }
+
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {
+        self.slot_ranges(&[src, dst])?;
+        let n = self.slot_bytes;
+        let mut buf = vec![0u8; n];
+        for pair in &mut self.shared.caches {
+            for t in pair.iter_mut() {
+                t.read_at(src as usize * n, &mut buf)?;
+                t.write_at(dst as usize * n, &buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>, BackendError> {
+        self.slot_ranges(blocks)?;
+        let n = self.slot_bytes;
+        let mut out = vec![0u8; blocks.len() * self.shared.caches.len() * 2 * n];
+        let mut at = 0;
+        for &b in blocks {
+            for pair in &self.shared.caches {
+                for t in pair {
+                    t.read_at(b as usize * n, &mut out[at..at + n])?;
+                    at += n;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn write_blocks(&mut self, blocks: &[u32], bytes: &[u8]) -> Result<(), BackendError> {
+        self.slot_ranges(blocks)?;
+        let n = self.slot_bytes;
+        let expected = blocks.len() * self.shared.caches.len() * 2 * n;
+        if bytes.len() != expected {
+            return Err(NeuronError::Invalid {
+                op: Operation::WriteInput,
+                model: String::new(),
+                core: Some(self.core),
+                detail: format!("{} bytes of K/V for {} slots; expected {expected}", bytes.len(), blocks.len()),
+            }
+            .into());
+        }
+        let mut at = 0;
+        for &b in blocks {
+            for pair in &mut self.shared.caches {
+                for t in pair.iter_mut() {
+                    t.write_at(b as usize * n, &bytes[at..at + n])?;
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn weights_digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
+    fn label(&self) -> String {
+        format!("neuron:{}", self.core)
+    }
+}
+
+/// The digest of a set of weights: SHA-256 over (HF name, shape, f32 values) in name order.
+pub fn weights_digest<'a>(weights: impl Iterator<Item = (&'a str, &'a [usize], &'a [f32])>) -> [u8; 32] {
+    let mut sorted: Vec<_> = weights.collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = Sha256::new();
+    for (name, shape, data) in sorted {
+        h.update(name.as_bytes());
+        for d in shape {
+            h.update((*d as u64).to_le_bytes());
+        }
+        for x in data {
+            h.update(x.to_le_bytes());
+        }
+    }
+    h.finalize().into()
+}
