@@ -192,3 +192,33 @@ fn nrt_inspect_reads_the_real_fixture() {
         .expect("runs");
     assert!(!bad.status.success());
 }
+
+#[tokio::test]
+async fn neuron_warmup_runs_every_bucket_on_every_core_before_ready() {
+    // model_warmup on a Neuron model: each bucket's NEFF (1, 4, 16) executes once on each of the 2
+    // cores while the model loads. Each stand-in execution takes 100 ms, so the six are not free:
+    // they show as 6 warm-up executions and no request execution the moment the model is ready.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let warm = r#"model_warmup [ { name: "zeros" batch_size: 1 inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 64 ] zero_data: true } } } ]"#;
+    neuron_worker::neff::testing::write_standin_model(dir.path(), "linear", &[1, 4, 16], warm).expect("write NEFFs");
+    let lib = standin();
+    let args: Vec<&OsStr> =
+        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
+    let env: Vec<(&str, &OsStr)> = vec![
+        ("NEURON_WORKER_LIBNRT", lib.as_os_str()),
+        ("NRT_STANDIN_VISIBLE_CORES", "2".as_ref()),
+        ("NRT_STANDIN_EXEC_DELAY_US", "100000".as_ref()),
+    ];
+    let (w, mut c) = spawn_worker(&args, &env).await;
+    let ready = c
+        .model_ready(ModelReadyRequest { name: "linear".into(), version: String::new() })
+        .await
+        .expect("ready rpc")
+        .into_inner();
+    assert!(ready.ready);
+    let page = http_get(&w.metrics, "/metrics").await;
+    assert!(page.contains("neuron_worker_warmup_executions{model=\"linear\",version=\"1\"} 6"), "{page}");
+    assert!(page.contains("neuron_worker_inference_exec_count{model=\"linear\",version=\"1\"} 0"), "{page}");
+    let y = infer(&mut c, "linear", 64, 3, 1).await.expect("served after warm-up");
+    assert_eq!(y.len(), 3 * 16);
+}
