@@ -1,7 +1,9 @@
 //! `model_warmup`: each sample of the configuration is executed on every instance before the
 //! model is ready, so the first requests do not pay for first executions (on Neuron, the first
 //! execution of each NEFF is slow). On Neuron every sample runs once per batch bucket (one NEFF
-//! each) with as many rows as the bucket; on the CPU it runs with its `batch_size` rows. Inputs
+//! each) with as many rows as the bucket, and per sequence bucket when the model declares them
+//! (the sample's sequence dimension set to the bucket); on the CPU it runs with its `batch_size`
+//! rows. Inputs
 //! are zeros (`zero_data`) or seeded pseudo-random values (`random_data`: floats in [-1, 1),
 //! integers 0 or 1, so ids, masks and types stay valid). A failed warm-up refuses the load.
 
@@ -26,8 +28,13 @@ pub(crate) fn run(
             Some(b) if !b.is_empty() && spec.batches() => b.to_vec(),
             _ => vec![sample.batch_size.max(1) as usize],
         };
-        for rows in sizes {
-            let tensors = inputs(spec, sample, rows, k as u64)?;
+        let seqs: Vec<Option<usize>> = match buckets {
+            Some(_) if !spec.buckets.seq.is_empty() => spec.buckets.seq.iter().map(|s| Some(*s)).collect(),
+            _ => vec![None],
+        };
+        let plan = sizes.iter().flat_map(|rows| seqs.iter().map(move |seq| (*rows, *seq)));
+        for (rows, seq) in plan {
+            let tensors = inputs(spec, sample, rows, seq, k as u64)?;
             let batch: Vec<BatchInput<'_>> =
                 tensors.iter().map(|(name, t)| BatchInput { name: name.as_str(), tensor: t.view() }).collect();
             for instance in instances.iter_mut() {
@@ -35,7 +42,11 @@ pub(crate) fn run(
                     instance.execute(&batch).map_err(|e| LoadError::Warmup {
                         model: spec.name.clone(),
                         sample: sample.name.clone(),
-                        reason: format!("{} ({rows} rows): {e}", instance.label()),
+                        reason: format!(
+                            "{} ({rows} rows{}): {e}",
+                            instance.label(),
+                            seq.map(|s| format!(" of {s} positions")).unwrap_or_default()
+                        ),
                     })?;
                     executions += 1;
                 }
@@ -53,13 +64,17 @@ fn inputs(
     spec: &ModelSpec,
     sample: &crate::proto::inference::ModelWarmup,
     rows: usize,
+    seq: Option<usize>,
     seed: u64,
 ) -> Result<Vec<(String, Tensor)>, LoadError> {
     let mut rng = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let mut out = Vec::new();
     for io in &spec.inputs {
         let Some(given) = sample.inputs.get(&io.name) else { continue };
-        let dims: Vec<usize> = given.dims.iter().map(|d| (*d).max(1) as usize).collect();
+        let mut dims: Vec<usize> = given.dims.iter().map(|d| (*d).max(1) as usize).collect();
+        if let (Some(s), Some(first), Some(-1)) = (seq, dims.first_mut(), io.dims.first()) {
+            *first = s;
+        }
         let shape: Vec<usize> = if spec.batches() { std::iter::once(rows).chain(dims).collect() } else { dims };
         let n: usize = shape.iter().product();
         let random = matches!(given.input_data_type, Some(InputDataType::RandomData(true)));
