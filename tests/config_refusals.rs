@@ -94,3 +94,69 @@ async fn size_like_values_past_their_bounds_are_refused_and_a_refused_reload_kee
     let idx = index(&w).await;
     assert_eq!(entry(&idx, "bert").0, "READY", "the serving version stays");
 }
+
+/// Fields the worker would otherwise ignore are refused at load, each naming its field.
+#[tokio::test]
+async fn ignored_fields_are_refused_at_load_naming_the_field() {
+    let repo = tempfile::tempdir().expect("tmp");
+    let cases: &[(&str, &str, &str)] = &[
+        ("backend_onnx", r#"backend: "onnxruntime""#, "backend"),
+        ("platform_trt", r#"platform: "tensorrt_plan""#, "platform"),
+        ("contradiction", "backend: \"cpu\"\nplatform: \"neuron\"", "contradicts"),
+        ("neuron_on_cpu", r#"backend: "neuron""#, "runs the CPU backend"),
+        (
+            "batch_input",
+            r#"batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "n" data_type: TYPE_INT32 } ]"#,
+            "batch_input",
+        ),
+        ("decoupled", "model_transaction_policy { decoupled: true }", "decoupled"),
+        (
+            "warmup_unknown",
+            r#"model_warmup [ { name: "w" batch_size: 1 inputs { key: "nope" value: { data_type: TYPE_INT64 dims: [ 4 ] zero_data: true } } } ]"#,
+            "'nope' is not an input",
+        ),
+        (
+            "warmup_file",
+            r#"model_warmup [ { name: "w" batch_size: 1 inputs [ { key: "input_ids" value: { data_type: TYPE_INT64 dims: [ 4 ] input_data_file: "x" } }, { key: "attention_mask" value: { data_type: TYPE_INT64 dims: [ 4 ] zero_data: true } } ] } ]"#,
+            "input_data_file",
+        ),
+    ];
+    for (name, extra, _) in cases {
+        bert_model(repo.path(), name, "TYPE_INT64", "TYPE_FP32", extra);
+    }
+    // reshape and allow_ragged_batch sit on an input.
+    bert_model(repo.path(), "reshape", "TYPE_INT64", "TYPE_FP32", "");
+    bert_model(repo.path(), "ragged", "TYPE_INT64", "TYPE_FP32", "");
+    let edit = |name: &str, with: &str| {
+        let path = repo.path().join(name).join("config.pbtxt");
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, text.replacen("dims: [ -1 ] }", &format!("dims: [ -1 ] {with} }}"), 1)).expect("write");
+    };
+    edit("reshape", "reshape: { shape: [ -1 ] }");
+    edit("ragged", "allow_ragged_batch: true");
+    let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, options()).await;
+    let idx = index(&w).await;
+    let all = cases.iter().map(|(n, _, w)| (*n, *w)).chain([("reshape", "reshape"), ("ragged", "allow_ragged_batch")]);
+    for (name, words) in all {
+        let (state, reason) = entry(&idx, name);
+        assert_eq!(state, "UNAVAILABLE", "{name}: {reason}");
+        assert!(reason.contains(words), "{name}: {reason}");
+    }
+}
+
+/// `model_warmup` on the CPU: the sample runs `count` times before the model is ready (it shows in
+/// `neuron_worker_warmup_executions`, not in the request counters).
+#[tokio::test]
+async fn warmup_runs_before_ready_on_the_cpu() {
+    let repo = tempfile::tempdir().expect("tmp");
+    let warm = r#"model_warmup [ { name: "w" batch_size: 2 count: 3 inputs [
+        { key: "input_ids" value: { data_type: TYPE_INT64 dims: [ 5 ] random_data: true } },
+        { key: "attention_mask" value: { data_type: TYPE_INT64 dims: [ 5 ] zero_data: true } } ] } ]"#;
+    bert_model(repo.path(), "warm", "TYPE_INT64", "TYPE_FP32", warm);
+    let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::None, options()).await;
+    let idx = index(&w).await;
+    assert_eq!(entry(&idx, "warm").0, "READY", "{:?}", entry(&idx, "warm"));
+    let page = http_get(&w.server.metrics_addr.expect("metrics").to_string(), "/metrics").await;
+    assert!(page.contains("neuron_worker_warmup_executions{model=\"warm\",version=\"1\"} 3"), "{page}");
+    assert!(page.contains("neuron_worker_inference_exec_count{model=\"warm\",version=\"1\"} 0"), "{page}");
+}

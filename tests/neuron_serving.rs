@@ -192,3 +192,98 @@ fn nrt_inspect_reads_the_real_fixture() {
         .expect("runs");
     assert!(!bad.status.success());
 }
+
+#[tokio::test]
+async fn neuron_warmup_runs_every_bucket_on_every_core_before_ready() {
+    // model_warmup on a Neuron model: each bucket's NEFF (1, 4, 16) executes once on each of the 2
+    // cores while the model loads. Each stand-in execution takes 100 ms, so the six are not free:
+    // they show as 6 warm-up executions and no request execution the moment the model is ready.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let warm = r#"model_warmup [ { name: "zeros" batch_size: 1 inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 64 ] zero_data: true } } } ]"#;
+    neuron_worker::neff::testing::write_standin_model(dir.path(), "linear", &[1, 4, 16], warm).expect("write NEFFs");
+    let lib = standin();
+    let args: Vec<&OsStr> =
+        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
+    let env: Vec<(&str, &OsStr)> = vec![
+        ("NEURON_WORKER_LIBNRT", lib.as_os_str()),
+        ("NRT_STANDIN_VISIBLE_CORES", "2".as_ref()),
+        ("NRT_STANDIN_EXEC_DELAY_US", "100000".as_ref()),
+    ];
+    let (w, mut c) = spawn_worker(&args, &env).await;
+    let ready = c
+        .model_ready(ModelReadyRequest { name: "linear".into(), version: String::new() })
+        .await
+        .expect("ready rpc")
+        .into_inner();
+    assert!(ready.ready);
+    let page = http_get(&w.metrics, "/metrics").await;
+    assert!(page.contains("neuron_worker_warmup_executions{model=\"linear\",version=\"1\"} 6"), "{page}");
+    assert!(page.contains("neuron_worker_inference_exec_count{model=\"linear\",version=\"1\"} 0"), "{page}");
+    let y = infer(&mut c, "linear", 64, 3, 1).await.expect("served after warm-up");
+    assert_eq!(y.len(), 3 * 16);
+}
+
+#[tokio::test]
+async fn neuron_seq_buckets_run_one_neff_per_batch_and_sequence_bucket() {
+    // A per-token linear model with batch buckets 1, 4 and sequence buckets 8, 16: six NEFFs. Requests
+    // of 1..=16 positions, alone and three at once, are padded to their (batch, sequence) bucket and
+    // cropped back; every position equals the linear reference. 17 positions is refused.
+    let dir = tempfile::tempdir().expect("temp dir");
+    neuron_worker::neff::testing::write_standin_seq_model(dir.path(), "tokens", &[1, 4], &[8, 16]).expect("NEFFs");
+    let lib = standin();
+    let args: Vec<&OsStr> =
+        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
+    let env: Vec<(&str, &OsStr)> =
+        vec![("NEURON_WORKER_LIBNRT", lib.as_os_str()), ("NRT_STANDIN_VISIBLE_CORES", "2".as_ref())];
+    let (_w, c) = spawn_worker(&args, &env).await;
+    let x = |len: usize, tag: usize| -> Vec<f32> {
+        (0..len * 64).map(|i| (((tag * 31 + i * 7) % 19) as f32) / 9.0 - 1.0).collect()
+    };
+    let run = |len: usize, tag: usize| {
+        let mut c = c.clone();
+        let data = x(len, tag);
+        async move {
+            let r = c.model_infer(fp32_request("tokens", "INPUT0", vec![1, len as i64, 64], &data)).await?;
+            let r = r.into_inner();
+            Ok::<_, tonic::Status>((r.outputs[0].shape.clone(), bytes_f32(&r.raw_output_contents[0])))
+        }
+    };
+    let check = |len: usize, tag: usize, got: &(Vec<i64>, Vec<f32>)| {
+        assert_eq!(got.0, vec![1, len as i64, 16], "len {len}");
+        let want = linear_reference(&x(len, tag));
+        for (a, b) in got.1.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "len {len}: {a} vs {b}");
+        }
+    };
+    for len in [1, 7, 8, 9, 16] {
+        check(len, len, &run(len, len).await.expect("alone"));
+    }
+    let (a, b, d) = tokio::join!(run(3, 1), run(12, 2), run(16, 3));
+    check(3, 1, &a.expect("a"));
+    check(12, 2, &b.expect("b"));
+    check(16, 3, &d.expect("d"));
+    let e = run(17, 0).await.expect_err("longer than the largest sequence bucket");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+}
+
+#[tokio::test]
+async fn neuron_seq_buckets_with_a_pattern_without_seq_are_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    neuron_worker::neff::testing::write_standin_seq_model(dir.path(), "tokens", &[1], &[8]).expect("NEFFs");
+    // A model that loads, so the worker becomes ready.
+    neuron_worker::neff::testing::write_standin_model(dir.path(), "linear", &[1], "").expect("NEFFs");
+    let cfg = dir.path().join("tokens/config.pbtxt");
+    let text = std::fs::read_to_string(&cfg).expect("read")
+        + r#"parameters { key: "neuron_neff_pattern" value: { string_value: "model_b{batch}.neff" } }"#;
+    std::fs::write(&cfg, text).expect("write");
+    let lib = standin();
+    let args: Vec<&OsStr> =
+        vec!["--backend".as_ref(), "neuron".as_ref(), "--model-repository".as_ref(), dir.path().as_os_str()];
+    let env: Vec<(&str, &OsStr)> =
+        vec![("NEURON_WORKER_LIBNRT", lib.as_os_str()), ("NRT_STANDIN_VISIBLE_CORES", "1".as_ref())];
+    let (_w, mut c) = spawn_worker(&args, &env).await;
+    let idx = c.repository_index(RepositoryIndexRequest::default()).await.expect("index").into_inner();
+    let m = idx.models.iter().find(|m| m.name == "tokens").expect("listed");
+    assert_eq!(m.state, "UNAVAILABLE");
+    assert!(m.reason.contains("{seq}") && m.reason.contains("neuron_seq_buckets"), "{}", m.reason);
+}

@@ -163,6 +163,14 @@ impl Batcher {
         }
     }
 
+    /// The exit deadline is near: a generative model ends its generations where they stand (finish
+    /// reason `abort`; sessions keep what was generated). Other policies have nothing to cut.
+    pub fn cut_short(&self) {
+        if let Policy::Generative(g) = &self.policy {
+            g.cut_short();
+        }
+    }
+
     /// Stops accepting requests and finishes every accepted one (a sequence model then writes its
     /// live sessions to the store); resolves once the threads are stopped.
     pub async fn drain(&self) {

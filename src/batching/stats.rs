@@ -128,6 +128,8 @@ pub struct ModelStats {
     pub inference_count: AtomicU64,
     /// Backend executions (Triton's execution_count).
     pub execution_count: AtomicU64,
+    /// Warm-up executions run at load (`model_warmup`), before the model was ready; not requests.
+    pub warmup_executions: AtomicU64,
     /// Milliseconds since the epoch of the last inference.
     pub last_inference_ms: AtomicU64,
     failures: [AtomicU64; 7],

@@ -6,6 +6,7 @@ pub mod limits;
 mod pbtxt;
 pub mod sequence;
 mod spec;
+pub mod unserved;
 
 pub use pbtxt::parse_model_config;
 pub use sequence::{ControlKind, ControlSpec, SequenceSpec, StateSpec, Strategy};

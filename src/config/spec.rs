@@ -146,6 +146,7 @@ impl ModelSpec {
             return Err(err("name".into(), "must not be empty".into()));
         }
         super::limits::check_limits(config, file)?;
+        super::unserved::check_served(config, file)?;
         let max_batch_size = usize::try_from(config.max_batch_size)
             .map_err(|_| err("max_batch_size".into(), format!("must be ≥ 0, got {}", config.max_batch_size)))?;
         let io = |kind: &str, i: usize, name: &str, code: i32, dims: &[i64], optional: bool| {

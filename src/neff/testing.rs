@@ -66,6 +66,35 @@ parameters {{ key: "neuron_batch_buckets" value: {{ string_value: "{}" }} }}
     std::fs::write(root.join(model).join("config.pbtxt"), config).map_err(|e| e.to_string())
 }
 
+/// Writes a per-token `linear` model with sequence buckets: `<root>/<name>/config.pbtxt` (input
+/// `INPUT0` FP32 `[-1, 64]`, output `OUTPUT0` FP32 `[-1, 16]`, the first dimension the sequence) and
+/// one NEFF `model_b{B}_s{S}.neff` per (batch, sequence) bucket, each the built-in `linear` applied
+/// to every one of its B × S positions.
+pub fn write_standin_seq_model(root: &Path, name: &str, batch: &[usize], seq: &[usize]) -> Result<(), String> {
+    let vdir = root.join(name).join("1");
+    std::fs::create_dir_all(&vdir).map_err(|e| format!("{}: {e}", vdir.display()))?;
+    for b in batch {
+        for s in seq {
+            let neff = builtin_dense_neff("linear", b * s)?;
+            neff.write_to(vdir.join(format!("model_b{b}_s{s}.neff"))).map_err(|e| e.to_string())?;
+        }
+    }
+    let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let config = format!(
+        r#"name: "{name}"
+backend: "neuron"
+max_batch_size: 64
+input [ {{ name: "INPUT0" data_type: TYPE_FP32 dims: [ -1, 64 ] }} ]
+output [ {{ name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1, 16 ] }} ]
+parameters {{ key: "neuron_batch_buckets" value: {{ string_value: "{}" }} }}
+parameters {{ key: "neuron_seq_buckets" value: {{ string_value: "{}" }} }}
+"#,
+        list(batch),
+        list(seq)
+    );
+    std::fs::write(root.join(name).join("config.pbtxt"), config).map_err(|e| e.to_string())
+}
+
 fn neff_dtype(model: &str, dtype: DataType) -> Result<&'static str, String> {
     match dtype {
         DataType::Fp32 => Ok("float32"),

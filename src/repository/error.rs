@@ -144,6 +144,16 @@ pub enum LoadError {
         /// What is wrong.
         reason: String,
     },
+    /// A `model_warmup` sample failed on an instance: the model is not served.
+    #[error("model '{model}': warm-up sample '{sample}' failed on {reason}")]
+    Warmup {
+        /// The model.
+        model: String,
+        /// The sample's name.
+        sample: String,
+        /// The instance, rows and the backend's error.
+        reason: String,
+    },
     /// The batching layer could not start the model's instances.
     #[error("cannot start the model's instances: {source}")]
     Batching {

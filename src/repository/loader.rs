@@ -173,6 +173,40 @@ dynamic_batching {{ }}
     Ok(parse_model_config(&text, "<completed config>")?)
 }
 
+/// Whether a version runs on Neuron: a `backend` (or `platform`) of `neuron` requires it (refused
+/// when the worker runs the CPU backend or the folder holds no NEFF), `cpu` keeps it on the CPU
+/// even when NEFFs are there, and without either the NEFFs decide on a Neuron worker.
+pub(crate) fn runs_on_neuron(
+    config: &ModelConfig,
+    version_dir: Option<&Path>,
+    backend: &BackendSelection,
+) -> Result<bool, LoadError> {
+    let declared = if config.backend.is_empty() { config.platform.as_str() } else { config.backend.as_str() };
+    let on_neuron_worker = matches!(backend, BackendSelection::Neuron { .. });
+    let neffs = version_dir.is_some_and(has_neff);
+    let refuse = |reason: String| {
+        LoadError::Config(crate::config::ConfigError::Field {
+            file: format!("model '{}' config", config.name),
+            field: "backend".into(),
+            reason,
+        })
+    };
+    match declared {
+        "neuron" if !on_neuron_worker => Err(refuse(
+            "\"neuron\", but this worker runs the CPU backend (start it with --backend neuron, or auto where libnrt \
+             loads and a NeuronCore is visible)"
+                .into(),
+        )),
+        "neuron" if !neffs => Err(refuse(format!(
+            "\"neuron\", but the version folder {} holds no .neff file",
+            version_dir.map(|d| d.display().to_string()).unwrap_or_else(|| "(built-in)".into())
+        ))),
+        "neuron" => Ok(true),
+        "cpu" => Ok(false),
+        _ => Ok(on_neuron_worker && neffs),
+    }
+}
+
 /// Creates the instances of one model version on the selected backend.
 /// Returns the instances, the backend's name, and the batch buckets when the backend fixes them.
 pub(crate) fn create_instances(
@@ -181,9 +215,8 @@ pub(crate) fn create_instances(
     version_dir: Option<&Path>,
     backend: &BackendSelection,
 ) -> Result<Created, LoadError> {
-    if let BackendSelection::Neuron { .. } = backend
+    if runs_on_neuron(config, version_dir, backend)?
         && let Some(dir) = version_dir
-        && has_neff(dir)
     {
         let (instances, buckets) =
             crate::repository::neuron_loader::create_neuron_instances(spec, config, dir, backend)?;

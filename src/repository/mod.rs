@@ -8,6 +8,7 @@ mod loader;
 mod neuron_loader;
 mod serial;
 mod state;
+mod warmup;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -212,15 +213,17 @@ impl Repository {
             }
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
+            crate::config::unserved::check_not_decoupled(&source.config, &file)?;
             let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())?.map(Arc::new);
             for (version, vdir) in source.versions {
                 if let Some(seq) = &seq {
                     let mut spec = (*source.spec).clone();
                     spec.sequence = Some(seq.clone());
                     let spec = Arc::new(spec);
-                    let neuron_dir = vdir
-                        .clone()
-                        .filter(|d| matches!(backend, BackendSelection::Neuron { .. }) && loader::has_neff(d));
+                    let neuron_dir = match loader::runs_on_neuron(&source.config, vdir.as_deref(), &backend)? {
+                        true => vdir.clone(),
+                        false => None,
+                    };
                     let (batching, kind) = match neuron_dir {
                         Some(d) => {
                             let (spec2, config, seq2, be) =
@@ -259,10 +262,14 @@ impl Repository {
                 let tokenizer = loader::encoder_tokenizer(vdir.as_deref())?;
                 let (spec, config) = (source.spec.clone(), source.config.clone());
                 let be = backend.clone();
-                let (instances, kind, buckets) =
-                    tokio::task::spawn_blocking(move || loader::create_instances(&spec, &config, vdir.as_deref(), &be))
-                        .await
-                        .map_err(|e| LoadError::Task { reason: e.to_string() })??;
+                let (instances, kind, buckets, warmed) = tokio::task::spawn_blocking(move || {
+                    let (mut instances, kind, buckets) =
+                        loader::create_instances(&spec, &config, vdir.as_deref(), &be)?;
+                    let warmed = warmup::run(&spec, &config, &mut instances, buckets.as_deref())?;
+                    Ok::<_, LoadError>((instances, kind, buckets, warmed))
+                })
+                .await
+                .map_err(|e| LoadError::Task { reason: e.to_string() })??;
                 let mut spec = (*source.spec).clone();
                 if let Some(b) = buckets
                     && spec.buckets.batch.is_empty()
@@ -272,6 +279,7 @@ impl Repository {
                 }
                 let spec = Arc::new(spec);
                 let batching = Batcher::start_dynamic(spec.clone(), instances);
+                batching.stats().warmup_executions.store(warmed, std::sync::atomic::Ordering::Relaxed);
                 let model =
                     LoadedModel { version, config: source.config.clone(), spec, batching, backend: kind, tokenizer };
                 versions.insert(version, Arc::new(model));
@@ -396,6 +404,15 @@ impl Repository {
         for (_, entry) in self.entries() {
             for v in entry.versions.values() {
                 v.batching.begin_drain().await;
+            }
+        }
+    }
+
+    /// Ends every generation where it stands (the exit deadline is near; see [`Batcher::cut_short`]).
+    pub fn cut_short_all(&self) {
+        for (_, entry) in self.entries() {
+            for v in entry.versions.values() {
+                v.batching.cut_short();
             }
         }
     }

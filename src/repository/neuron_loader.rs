@@ -7,12 +7,19 @@
 //! the `neuron_neff_pattern` parameter, `{batch}` standing for the bucket). Without buckets it holds
 //! one `model.neff`, whose compiled batch size becomes the only bucket.
 //!
+//! Sequence buckets: with `neuron_seq_buckets` (e.g. `"128,256"`) tensors whose first dimension is
+//! `-1` (the sequence) take one NEFF per (batch, sequence) bucket: the default pattern is
+//! `model_b{batch}_s{seq}.neff` (a `neuron_neff_pattern` must hold both `{batch}` and `{seq}`), and
+//! `neuron_batch_buckets` must be declared. A batch is padded to its buckets by the batching layer;
+//! the instance runs the NEFF of that (batch, sequence) pair.
+//!
 //! Stateful models (`sequence_batching`) take one `model.neff` (or `neuron_neff_pattern` with
 //! `{batch}` standing for the rows) compiled with one row per sequence slot of an instance; see
 //! `backend::neuron::sequence`.
 
 use std::path::Path;
 
+use crate::backend::neuron::instance::SEQ_DIM;
 use crate::backend::neuron::sequence::NeuronSequenceInstance;
 use crate::backend::neuron::{NeuronInstance, NeuronModelConfig, Runtime, TensorConfig};
 use crate::backend::{BackendError, ModelInstance, StatefulInstance};
@@ -23,13 +30,16 @@ use crate::repository::{BackendSelection, LoadError};
 /// The instances (one per core) and the batch buckets they were compiled for.
 pub(crate) type NeuronInstances = (Vec<Box<dyn ModelInstance>>, Vec<usize>);
 
-fn tensor_config(model: &str, io: &IoSpec) -> Result<TensorConfig, LoadError> {
+/// `seq_buckets`: the model declares sequence buckets, so a `-1` first dimension is the sequence.
+fn tensor_config(model: &str, io: &IoSpec, seq_buckets: bool) -> Result<TensorConfig, LoadError> {
     let dims = io
         .dims
         .iter()
-        .map(|d| {
-            usize::try_from(*d)
-                .map_err(|_| LoadError::VariableDimension { model: model.to_string(), tensor: io.name.clone() })
+        .enumerate()
+        .map(|(i, d)| match usize::try_from(*d) {
+            Ok(d) => Ok(d),
+            Err(_) if seq_buckets && i == 0 => Ok(SEQ_DIM),
+            Err(_) => Err(LoadError::VariableDimension { model: model.to_string(), tensor: io.name.clone() }),
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(TensorConfig { name: io.name.clone(), dtype: io.dtype, dims })
@@ -45,18 +55,53 @@ pub(crate) fn create_neuron_instances(
     let BackendSelection::Neuron { cores } = backend else {
         return Err(LoadError::NeuronNotSelected);
     };
-    let pattern = config.parameters.get("neuron_neff_pattern").map(|p| p.string_value.clone()).unwrap_or_else(|| {
-        if spec.buckets.batch.is_empty() { "model.neff".into() } else { "model_b{batch}.neff".into() }
-    });
-    let mut files = Vec::new();
-    if spec.buckets.batch.is_empty() {
+    let seq_buckets = !spec.buckets.seq.is_empty();
+    let pattern =
+        config.parameters.get("neuron_neff_pattern").map(|p| p.string_value.clone()).unwrap_or_else(|| {
+            match (spec.buckets.batch.is_empty(), seq_buckets) {
+                (_, true) => "model_b{batch}_s{seq}.neff".into(),
+                (true, false) => "model.neff".into(),
+                (false, false) => "model_b{batch}.neff".into(),
+            }
+        });
+    let refuse = |reason: &str| {
+        LoadError::Config(crate::config::ConfigError::Field {
+            file: format!("model '{}' config", spec.name),
+            field: "parameters.neuron_seq_buckets".into(),
+            reason: reason.into(),
+        })
+    };
+    if seq_buckets && (spec.buckets.batch.is_empty() || !spec.batches()) {
+        return Err(refuse("on Neuron, sequence buckets need batch buckets too: declare neuron_batch_buckets"));
+    }
+    if seq_buckets && !(pattern.contains("{batch}") && pattern.contains("{seq}")) {
+        return Err(refuse(&format!(
+            "neuron_neff_pattern \"{pattern}\" must name both {{batch}} and {{seq}} (one NEFF per bucket pair)"
+        )));
+    }
+    let mut files: Vec<(usize, Option<usize>, Vec<u8>)> = Vec::new();
+    if seq_buckets {
+        for b in &spec.buckets.batch {
+            for s in &spec.buckets.seq {
+                let path = dir.join(pattern.replace("{batch}", &b.to_string()).replace("{seq}", &s.to_string()));
+                let bytes = std::fs::read(&path).map_err(|e| LoadError::Io {
+                    path: path.clone(),
+                    what: format!(
+                        "the NEFF for batch bucket {b}, sequence bucket {s} (parameter neuron_neff_pattern = \"{pattern}\")"
+                    ),
+                    reason: e.to_string(),
+                })?;
+                files.push((*b, Some(*s), bytes));
+            }
+        }
+    } else if spec.buckets.batch.is_empty() {
         let path = dir.join(pattern.replace("{batch}", ""));
         let bytes = std::fs::read(&path).map_err(|e| LoadError::Io {
             path: path.clone(),
             what: format!("the NEFF (parameter neuron_neff_pattern = \"{pattern}\")"),
             reason: e.to_string(),
         })?;
-        files.push((0usize, bytes));
+        files.push((0usize, None, bytes));
     } else {
         for b in &spec.buckets.batch {
             let path = dir.join(pattern.replace("{batch}", &b.to_string()));
@@ -65,25 +110,29 @@ pub(crate) fn create_neuron_instances(
                 what: format!("the NEFF for batch bucket {b} (parameter neuron_neff_pattern = \"{pattern}\")"),
                 reason: e.to_string(),
             })?;
-            files.push((*b, bytes));
+            files.push((*b, None, bytes));
         }
     }
     let cfg = NeuronModelConfig {
         name: spec.name.clone(),
         batching: spec.batches(),
-        inputs: spec.inputs.iter().map(|i| tensor_config(&spec.name, i)).collect::<Result<_, _>>()?,
-        outputs: spec.outputs.iter().map(|o| tensor_config(&spec.name, o)).collect::<Result<_, _>>()?,
+        inputs: spec.inputs.iter().map(|i| tensor_config(&spec.name, i, seq_buckets)).collect::<Result<_, _>>()?,
+        outputs: spec.outputs.iter().map(|o| tensor_config(&spec.name, o, seq_buckets)).collect::<Result<_, _>>()?,
     };
     let runtime = Runtime::get_or_init().map_err(BackendError::from)?;
     let count = spec.instance_count.unwrap_or(*cores).min(*cores).max(1);
     let mut instances: Vec<Box<dyn ModelInstance>> = Vec::with_capacity(count);
     let mut buckets = Vec::new();
     for core in 0..count {
-        let inst = if spec.buckets.batch.is_empty() {
-            NeuronInstance::with_single_neff(runtime.clone(), core as u32, cfg.clone(), &files[0].1)
-        } else {
-            let neffs: Vec<(usize, &[u8])> = files.iter().map(|(b, bytes)| (*b, bytes.as_slice())).collect();
-            NeuronInstance::new(runtime.clone(), core as u32, cfg.clone(), &neffs)
+        let inst = match files.as_slice() {
+            [(_, None, bytes)] if spec.buckets.batch.is_empty() => {
+                NeuronInstance::with_single_neff(runtime.clone(), core as u32, cfg.clone(), bytes)
+            }
+            _ => {
+                let neffs: Vec<(usize, Option<usize>, &[u8])> =
+                    files.iter().map(|(b, s, bytes)| (*b, *s, bytes.as_slice())).collect();
+                NeuronInstance::with_buckets(runtime.clone(), core as u32, cfg.clone(), &neffs)
+            }
         };
         let inst = inst.map_err(|e| LoadError::Backend { core: Some(core), source: e.into() })?;
         buckets = inst.bucket_sizes();

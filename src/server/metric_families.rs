@@ -49,6 +49,7 @@ pub(crate) struct MetricFamilies {
     sess_corrupt: IntCounterVec,
     sess_store_failures: IntCounterVec,
     sess_lost: IntCounterVec,
+    warmup: IntCounterVec,
 }
 
 impl MetricFamilies {
@@ -106,6 +107,7 @@ impl MetricFamilies {
         )?;
         let sess_lost =
             counter("sessions_lost", "Sessions lost: not saved at drain, or gone with a damaged store file", mv)?;
+        let warmup = counter("warmup_executions", "Warm-up executions run at load (model_warmup), before ready", mv)?;
         let registry = Registry::new();
         registry.register(Box::new(success.clone()))?;
         registry.register(Box::new(failure.clone()))?;
@@ -136,6 +138,7 @@ impl MetricFamilies {
         registry.register(Box::new(sess_corrupt.clone()))?;
         registry.register(Box::new(sess_store_failures.clone()))?;
         registry.register(Box::new(sess_lost.clone()))?;
+        registry.register(Box::new(warmup.clone()))?;
         Ok(MetricFamilies {
             registry,
             success,
@@ -167,6 +170,7 @@ impl MetricFamilies {
             sess_corrupt,
             sess_store_failures,
             sess_lost,
+            warmup,
         })
     }
 
@@ -201,6 +205,7 @@ impl MetricFamilies {
         self.sess_corrupt.reset();
         self.sess_store_failures.reset();
         self.sess_lost.reset();
+        self.warmup.reset();
     }
 
     /// Fills every family from `repo` and renders them in the Prometheus text format.
@@ -237,6 +242,7 @@ impl MetricFamilies {
             sess_corrupt,
             sess_store_failures,
             sess_lost,
+            warmup,
         } = self;
         for (name, entry) in repo.entries() {
             if entry.versions.is_empty() {
@@ -252,6 +258,7 @@ impl MetricFamilies {
                 }
                 count.with_label_values(&l).inc_by(s.inference_count.load(Relaxed));
                 exec.with_label_values(&l).inc_by(s.execution_count.load(Relaxed));
+                warmup.with_label_values(&l).inc_by(s.warmup_executions.load(Relaxed));
                 pending.with_label_values(&l).set(m.batching.queue_depth() as i64);
                 queue_us.with_label_values(&l).inc_by(s.queue.get().1 / 1000);
                 input_us.with_label_values(&l).inc_by(s.compute_input.get().1 / 1000);

@@ -47,7 +47,7 @@ pub fn render(repo: &Repository) -> String {
         return out;
     }
     type Read = fn(&GenerativeStats) -> f64;
-    let simple: [(&str, &str, &str, Read); 23] = [
+    let simple: [(&str, &str, &str, Read); 24] = [
         ("num_requests_running", "gauge", "Sequences in the running set (holding K/V blocks)", |s| {
             s.running.load(Relaxed) as f64
         }),
@@ -128,6 +128,12 @@ pub fn render(repo: &Repository) -> String {
         ("request_cancelled_total", "counter", "Generations whose client went away before the end", |s| {
             s.cancelled.load(Relaxed) as f64
         }),
+        (
+            "request_cut_short_total",
+            "counter",
+            "Generations cut short by the exit deadline (finish reason abort)",
+            |s| s.cut_short.load(Relaxed) as f64,
+        ),
     ];
     for (name, kind, help, read) in simple {
         family(&mut out, name, kind, help);

@@ -315,6 +315,17 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
             _ = stop.cancelled() => {}
         }
         let _ = health_task.await;
+        // Generations still running near the deadline end with a last response (finish reason
+        // `abort`) instead of being lost; the rest of the time lets them reach their clients and
+        // the sessions reach the store.
+        let cut = {
+            let (repo, at) = (repo.clone(), cut_short_at(exit_timeout));
+            tokio::spawn(async move {
+                tokio::time::sleep(at).await;
+                repo.cut_short_all();
+            })
+        };
+        let _cut_guard = AbortOnDrop(cut);
         match tokio::time::timeout(exit_timeout, async {
             // Sessions are saved as they go idle from now on, not only once the RPCs are done.
             repo.begin_drain_all().await;
@@ -332,4 +343,19 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         }
     });
     Ok(RunningServer { grpc_addr, http_addr, metrics_addr, shutdown, task })
+}
+
+/// When, after the drain starts, running generations are cut short: the last fifth of the exit
+/// timeout (at most 3 s) is left for their last responses and the session store.
+fn cut_short_at(exit_timeout: Duration) -> Duration {
+    exit_timeout.saturating_sub((exit_timeout / 5).min(Duration::from_secs(3)))
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

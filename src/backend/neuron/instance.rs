@@ -1,5 +1,6 @@
-//! [`NeuronInstance`]: one model on one NeuronCore, one loaded NEFF per batch-size bucket, each
-//! with input and output tensor sets allocated once and reused for every execution.
+//! [`NeuronInstance`]: one model on one NeuronCore, one loaded NEFF per batch-size bucket (or per
+//! (batch, sequence) bucket when the model declares sequence buckets), each with input and output
+//! tensor sets allocated once and reused for every execution.
 
 use std::sync::Arc;
 
@@ -17,9 +18,14 @@ pub struct TensorConfig {
     pub name: String,
     /// Element datatype (the runtime's own dtype field is never used).
     pub dtype: DataType,
-    /// Dimensions without the batch dimension (for batching models); all fixed.
+    /// Dimensions without the batch dimension (for batching models); fixed, except
+    /// [`SEQ_DIM`] entries, which stand for the sequence length of the bucket.
     pub dims: Vec<usize>,
 }
+
+/// A dimension of [`TensorConfig::dims`] that is the sequence length (a `-1` in the configuration),
+/// sized per NEFF by its sequence bucket (`neuron_seq_buckets`).
+pub const SEQ_DIM: usize = 0;
 
 /// What the Neuron backend needs from a model configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,16 +43,28 @@ pub struct NeuronModelConfig {
 impl NeuronModelConfig {
     /// The full shape of `tensor` for one execution of `batch` rows (`None`: non-batching).
     pub fn shape(&self, tensor: &TensorConfig, batch: Option<usize>) -> Vec<usize> {
+        self.shape_at(tensor, batch, None)
+    }
+
+    /// The full shape of `tensor` for one execution of `batch` rows of `seq` positions (the
+    /// [`SEQ_DIM`] dimensions; `None`: the model has no sequence buckets).
+    pub fn shape_at(&self, tensor: &TensorConfig, batch: Option<usize>, seq: Option<usize>) -> Vec<usize> {
+        let dims = tensor.dims.iter().map(|d| if *d == SEQ_DIM { seq.unwrap_or(SEQ_DIM) } else { *d });
         match batch {
-            Some(b) if self.batching => std::iter::once(b).chain(tensor.dims.iter().copied()).collect(),
-            _ => tensor.dims.clone(),
+            Some(b) if self.batching => std::iter::once(b).chain(dims).collect(),
+            _ => dims.collect(),
         }
     }
 
-    fn expected(&self, tensors: &[TensorConfig], batch: Option<usize>) -> Vec<ExpectedTensor> {
+    /// Whether a tensor has a sequence dimension (the model needs sequence buckets).
+    pub fn has_seq_dims(&self) -> bool {
+        self.inputs.iter().chain(&self.outputs).any(|t| t.dims.contains(&SEQ_DIM))
+    }
+
+    fn expected(&self, tensors: &[TensorConfig], batch: Option<usize>, seq: Option<usize>) -> Vec<ExpectedTensor> {
         tensors
             .iter()
-            .map(|t| ExpectedTensor { name: t.name.clone(), dtype: t.dtype, shape: self.shape(t, batch) })
+            .map(|t| ExpectedTensor { name: t.name.clone(), dtype: t.dtype, shape: self.shape_at(t, batch, seq) })
             .collect()
     }
 }
@@ -55,6 +73,8 @@ impl NeuronModelConfig {
 struct Bucket {
     /// Rows per execution (`None` for a non-batching model).
     batch: Option<usize>,
+    /// Sequence positions per row (`None` when the model has no sequence buckets).
+    seq: Option<usize>,
     /// Index in `inputs` of each configured input, in configuration order.
     input_slots: Vec<usize>,
     /// Index in `outputs` of each configured output, in configuration order.
@@ -73,6 +93,7 @@ impl Bucket {
         core: u32,
         config: &NeuronModelConfig,
         batch: Option<usize>,
+        seq: Option<usize>,
         neff: &[u8],
     ) -> Result<Bucket, NeuronError> {
         let model = NeuronModel::load(runtime, &config.name, core, neff)?;
@@ -81,7 +102,10 @@ impl Bucket {
             None if config.batching => Some(infer_batch(config, &model)?),
             None => None,
         };
-        model.check_against(&config.expected(&config.inputs, batch), &config.expected(&config.outputs, batch))?;
+        model.check_against(
+            &config.expected(&config.inputs, batch, seq),
+            &config.expected(&config.outputs, batch, seq),
+        )?;
         let name = Arc::clone(model.name_arc());
         let mut inputs = TensorSet::new(runtime, &name, core)?;
         let mut outputs = TensorSet::new(runtime, &name, core)?;
@@ -106,7 +130,7 @@ impl Bucket {
         };
         let input_slots = slots(&config.inputs, &input_names);
         let output_slots = slots(&config.outputs, &output_names);
-        Ok(Bucket { batch, input_slots, output_slots, inputs, outputs, model })
+        Ok(Bucket { batch, seq, input_slots, output_slots, inputs, outputs, model })
     }
 }
 
@@ -166,23 +190,53 @@ impl NeuronInstance {
             core: Some(core),
             detail,
         };
+        if config.has_seq_dims() {
+            return Err(invalid(
+                "the model has a sequence dimension: give one NEFF per (batch, sequence) bucket".into(),
+            ));
+        }
+        let neffs: Vec<(usize, Option<usize>, &[u8])> = neffs.iter().map(|(b, n)| (*b, None, *n)).collect();
+        Self::with_buckets(runtime, core, config, &neffs)
+    }
+
+    /// Loads one NEFF per (batch size, sequence length) bucket (`(batch, seq, neff bytes)`; `seq` is
+    /// `None` for a model without [`SEQ_DIM`] dimensions) on NeuronCore `core`, checks each against
+    /// `config` with its sequence dimensions set to the bucket's length, and allocates its tensors.
+    pub fn with_buckets(
+        runtime: Arc<Runtime>,
+        core: u32,
+        config: NeuronModelConfig,
+        neffs: &[(usize, Option<usize>, &[u8])],
+    ) -> Result<NeuronInstance, NeuronError> {
+        let invalid = |detail: String| NeuronError::Invalid {
+            op: Operation::Load,
+            model: config.name.clone(),
+            core: Some(core),
+            detail,
+        };
         if neffs.is_empty() {
             return Err(invalid("no NEFF was given".into()));
         }
         if !config.batching && neffs.len() > 1 {
             return Err(invalid(format!("a non-batching model takes one NEFF, got {}", neffs.len())));
         }
-        let mut sizes: Vec<usize> = neffs.iter().map(|(b, _)| *b).collect();
+        let mut sizes: Vec<(usize, Option<usize>)> = neffs.iter().map(|(b, s, _)| (*b, *s)).collect();
         sizes.sort_unstable();
-        if config.batching && (sizes.contains(&0) || sizes.windows(2).any(|w| w[0] == w[1])) {
-            return Err(invalid(format!("bucket batch sizes must be distinct and positive, got {sizes:?}")));
+        let repeated = sizes.windows(2).any(|w| w[0] == w[1]);
+        if config.batching && (sizes.iter().any(|(b, s)| *b == 0 || *s == Some(0)) || repeated) {
+            return Err(invalid(format!("buckets must be distinct and positive, got {sizes:?}")));
+        }
+        if sizes.iter().any(|(_, s)| s.is_some() != config.has_seq_dims()) {
+            return Err(invalid(
+                "a sequence length is given for every bucket exactly when the model has a sequence dimension".into(),
+            ));
         }
         let mut buckets = Vec::with_capacity(neffs.len());
-        for (batch, neff) in neffs {
+        for (batch, seq, neff) in neffs {
             let batch = config.batching.then_some(*batch);
-            buckets.push(Bucket::load(&runtime, core, &config, batch, neff)?);
+            buckets.push(Bucket::load(&runtime, core, &config, batch, *seq, neff)?);
         }
-        buckets.sort_by_key(|b| b.batch);
+        buckets.sort_by_key(|b| (b.batch, b.seq));
         Ok(NeuronInstance { config, core, buckets, runtime })
     }
 
@@ -194,13 +248,20 @@ impl NeuronInstance {
         config: NeuronModelConfig,
         neff: &[u8],
     ) -> Result<NeuronInstance, NeuronError> {
-        let bucket = Bucket::load(&runtime, core, &config, None, neff)?;
+        let bucket = Bucket::load(&runtime, core, &config, None, None, neff)?;
         Ok(NeuronInstance { config, core, buckets: vec![bucket], runtime })
     }
 
     /// The batch sizes this instance has a NEFF for, ascending (empty for a non-batching model).
     pub fn bucket_sizes(&self) -> Vec<usize> {
-        self.buckets.iter().filter_map(|b| b.batch).collect()
+        let mut sizes: Vec<usize> = self.buckets.iter().filter_map(|b| b.batch).collect();
+        sizes.dedup();
+        sizes
+    }
+
+    /// The (batch size, sequence length) buckets this instance has a NEFF for.
+    pub fn buckets(&self) -> Vec<(Option<usize>, Option<usize>)> {
+        self.buckets.iter().map(|b| (b.batch, b.seq)).collect()
     }
 
     /// The NeuronCore this instance runs on.
@@ -216,17 +277,27 @@ impl NeuronInstance {
     fn run(&mut self, inputs: &[BatchInput<'_>]) -> Result<Vec<NamedTensor>, BackendError> {
         let config = &self.config;
         let first = config.inputs.first().map(|t| t.name.as_str()).unwrap_or("");
+        let seq = seq_of(config, inputs);
         let bucket = if config.batching {
             let batch = inputs.first().and_then(|i| i.tensor.shape.first().copied()).ok_or_else(|| {
                 BackendError::InvalidInput { name: first.to_owned(), reason: "the batch has no batch dimension".into() }
             })?;
-            let sizes = self.buckets.iter().filter_map(|b| b.batch).collect::<Vec<_>>();
-            self.buckets.iter_mut().find(|b| b.batch == Some(batch)).ok_or_else(|| BackendError::InvalidInput {
-                name: first.to_owned(),
-                reason: format!(
-                    "batch size {batch} has no compiled NEFF on NeuronCore {}; available buckets: {sizes:?}",
-                    self.core
+            let sizes = match seq {
+                None => format!("{:?}", self.buckets.iter().filter_map(|b| b.batch).collect::<Vec<_>>()),
+                Some(_) => format!(
+                    "{:?}",
+                    self.buckets.iter().map(|b| (b.batch.unwrap_or(0), b.seq.unwrap_or(0))).collect::<Vec<_>>()
                 ),
+            };
+            self.buckets.iter_mut().find(|b| b.batch == Some(batch) && b.seq == seq).ok_or_else(|| {
+                BackendError::InvalidInput {
+                    name: first.to_owned(),
+                    reason: format!(
+                        "batch size {batch}{} has no compiled NEFF on NeuronCore {}; available buckets: {sizes}",
+                        seq.map(|s| format!(" of sequence length {s}")).unwrap_or_default(),
+                        self.core
+                    ),
+                }
             })?
         } else {
             self.buckets.first_mut().ok_or_else(|| BackendError::Load("no NEFF loaded".into()))?
@@ -245,7 +316,7 @@ impl NeuronInstance {
                     reason: "missing from the batch".into(),
                 })?,
             };
-            let shape = config.shape(cfg, bucket.batch);
+            let shape = config.shape_at(cfg, bucket.batch, bucket.seq);
             if given.tensor.dtype != cfg.dtype || given.tensor.shape != shape.as_slice() {
                 return Err(BackendError::InvalidInput {
                     name: cfg.name.clone(),
@@ -282,11 +353,22 @@ impl NeuronInstance {
                 .ok_or_else(|| BackendError::Load(format!("output '{}' has no device tensor", cfg.name)))?;
             let mut data = vec![0u8; tensor.size()];
             tensor.read_into(&mut data)?;
-            let shape = config.shape(cfg, bucket.batch);
+            let shape = config.shape_at(cfg, bucket.batch, bucket.seq);
             results.push(NamedTensor { name: cfg.name.clone(), tensor: Tensor { dtype: cfg.dtype, shape, data } });
         }
         Ok(results)
     }
+}
+
+/// The sequence length of a batch: the size, in the first input that has one, of its first
+/// [`SEQ_DIM`] dimension (`None` when the model has no sequence dimension).
+fn seq_of(config: &NeuronModelConfig, inputs: &[BatchInput<'_>]) -> Option<usize> {
+    let offset = usize::from(config.batching);
+    config.inputs.iter().find_map(|cfg| {
+        let at = cfg.dims.iter().position(|d| *d == SEQ_DIM)?;
+        let given = inputs.iter().find(|x| x.name == cfg.name)?;
+        given.tensor.shape.get(at + offset).copied()
+    })
 }
 
 impl ModelInstance for NeuronInstance {
@@ -309,7 +391,9 @@ mod tests {
         let mut config =
             NeuronModelConfig { name: "m".into(), batching: true, inputs: vec![t.clone()], outputs: vec![] };
         assert_eq!(config.shape(&t, Some(8)), vec![8, 3, 4]);
-        assert_eq!(config.expected(&config.inputs, Some(2))[0].shape, vec![2, 3, 4]);
+        assert_eq!(config.expected(&config.inputs, Some(2), None)[0].shape, vec![2, 3, 4]);
+        let seq = TensorConfig { name: "ids".into(), dtype: DataType::Int32, dims: vec![SEQ_DIM, 4] };
+        assert_eq!(config.shape_at(&seq, Some(2), Some(128)), vec![2, 128, 4]);
         config.batching = false;
         assert_eq!(config.shape(&t, Some(8)), vec![3, 4]);
         assert_eq!(config.shape(&t, None), vec![3, 4]);

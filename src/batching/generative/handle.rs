@@ -44,6 +44,8 @@ enum Command {
     Session(SessionCommand),
     /// A sequence of an instance that left service, to continue here.
     Resume(super::failover::MovedSequence),
+    /// The exit deadline is near: end every generation where it stands (finish reason `abort`).
+    CutShort,
 }
 
 /// One instance's end of the handle.
@@ -340,6 +342,18 @@ impl GenerativeModel {
         Ok(SessionInfo { model, version, id, steps, live: true, idle: std::time::Duration::ZERO })
     }
 
+    /// Ends every generation where it stands, on every instance (the worker's exit deadline is
+    /// near): each gets a last response with finish reason `abort`, session turns keep what they
+    /// generated. Returns at once; the step loops do it between steps.
+    pub fn cut_short(&self) {
+        self.admission.close("the worker is shutting down");
+        if let Ok(links) = self.links.lock() {
+            for l in links.iter() {
+                let _ = l.sender.send(Command::CutShort);
+            }
+        }
+    }
+
     /// Stops accepting requests; running and queued sequences finish, then the threads end.
     /// Blocks until they have.
     pub fn drain(&self) {
@@ -432,6 +446,12 @@ fn take(engine: &mut Engine, cmd: Command) {
         Command::Generate(req) => engine.add(req),
         Command::Session(cmd) => super::session_moves::run(engine, cmd),
         Command::Resume(seq) => engine.resume(seq),
+        Command::CutShort => {
+            let cut = engine.cut_short();
+            if cut > 0 {
+                tracing::warn!(instance = %engine.label(), generations = cut, "exit deadline near: generations cut short (finish reason abort)");
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! (seeded by request seed and absolute position), [`detok`] (text deltas, stop strings),
 //! [`kv_blocks`] (paged K/V blocks with a prefix cache).
 
+pub mod cut_short;
 pub mod detok;
 pub mod failover;
 pub mod handle;

@@ -57,14 +57,18 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` generated, or the context limit reached (vLLM's `length`).
     Length,
+    /// Cut short by the worker: its exit deadline came while the sequence was still generating
+    /// (vLLM's `abort`). The tokens generated so far were sent; a session keeps them.
+    Abort,
 }
 
 impl FinishReason {
-    /// The name vLLM reports (`stop`, `length`).
+    /// The name vLLM reports (`stop`, `length`, `abort`).
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
         }
     }
 }

@@ -169,4 +169,19 @@ impl Sequence {
         }
         Accepted { first_token_s, inter_token_s, finished: reason, client_gone }
     }
+
+    /// Ends the sequence where it stands (the worker's exit deadline came): sends the text still
+    /// held back and a last update whose reason is [`FinishReason::Abort`].
+    pub fn cut_short(&mut self, decoder: &dyn TokenText) {
+        let text = self.text.finish(&self.tokens, decoder, &self.params.stop);
+        let finished = Finished {
+            reason: FinishReason::Abort,
+            prompt_tokens: self.prompt_len,
+            output_tokens: self.generated(),
+            cumulative_logprob: self.cumulative_logprob,
+            cached_tokens: self.reused,
+        };
+        let _ = self.updates.send(Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }));
+        self.done = true;
+    }
 }

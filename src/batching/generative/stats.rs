@@ -69,6 +69,8 @@ pub struct GenerativeStats {
     pub finished_length: AtomicU64,
     /// Requests whose client went away before they finished.
     pub cancelled: AtomicU64,
+    /// Generations cut short by the worker's exit deadline (finish reason `abort`).
+    pub cut_short: AtomicU64,
     /// Open conversation sessions, all instances (gauge).
     pub sessions_open: AtomicU64,
     /// Open sessions whose K/V blocks are resident in the pool (gauge); the others keep their

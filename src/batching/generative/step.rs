@@ -54,12 +54,12 @@ pub struct StepReport {
 /// The engine of one instance thread: the decoder, its block pool, the waiting and running sets.
 pub struct Engine {
     pub(super) decoder: Box<dyn DecoderInstance>,
-    text: Arc<dyn TokenText>,
+    pub(super) text: Arc<dyn TokenText>,
     rules: StopRules,
     limits: StepLimits,
     pub(super) pool: BlockPool,
-    waiting: VecDeque<Sequence>,
-    running: Vec<Sequence>,
+    pub(super) waiting: VecDeque<Sequence>,
+    pub(super) running: Vec<Sequence>,
     pub(super) stats: Arc<GenerativeStats>,
     /// Conversation sessions kept on this instance.
     pub(super) sessions: Sessions,
@@ -73,7 +73,7 @@ pub struct Engine {
     kv_bytes_per_position: u64,
     /// Requests that left the queue (first admission, refusal, cancellation) since the last
     /// [`Engine::take_left_queue`].
-    left_queue: usize,
+    pub(super) left_queue: usize,
 }
 
 impl Engine {
@@ -226,7 +226,7 @@ impl Engine {
     /// A sequence leaves the engine: a session turn gives its tokens and blocks back to its session
     /// (`keep`: what it generated is kept; otherwise the session is left as it was before the turn),
     /// and the session's next queued turn, if any, is added.
-    fn retire(&mut self, mut seq: Sequence, keep: bool) {
+    pub(super) fn retire(&mut self, mut seq: Sequence, keep: bool) {
         if seq.session.is_none() {
             return;
         }
@@ -558,7 +558,7 @@ impl Engine {
             match accepted.finished {
                 Some(FinishReason::Stop) => self.stats.finished_stop.fetch_add(1, Relaxed),
                 Some(FinishReason::Length) => self.stats.finished_length.fetch_add(1, Relaxed),
-                None => 0,
+                Some(FinishReason::Abort) | None => 0,
             };
         }
         Ok(())

@@ -33,6 +33,9 @@ pub struct DecoderTimings {
     pub forward_ns: AtomicU64,
     /// Nanoseconds inside program executions (writing the three small inputs and `nrt_execute`).
     pub execute_ns: AtomicU64,
+    /// Nanoseconds between the end of one `forward` and the start of the next (the step loop's
+    /// own work: scheduling, sampling, streaming; idle time when there was no work).
+    pub between_ns: AtomicU64,
 }
 
 impl DecoderTimings {
@@ -57,6 +60,8 @@ pub struct NeuronDecoderInstance {
     prefill_lengths: Vec<usize>,
     decode_buckets: Vec<(usize, usize)>,
     timings: Arc<DecoderTimings>,
+    /// When the last `forward` ended.
+    last_forward_end: Option<Instant>,
     scratch: Scratch,
 }
 
@@ -157,6 +162,7 @@ impl NeuronDecoderInstance {
             decode_buckets,
             shape,
             timings: Arc::default(),
+            last_forward_end: None,
             scratch: Scratch::default(),
         })
     }
@@ -294,6 +300,9 @@ impl DecoderInstance for NeuronDecoderInstance {
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<(), BackendError> {
         let started = Instant::now();
+        if let Some(end) = self.last_forward_end {
+            DecoderTimings::add(&self.timings.between_ns, started.duration_since(end));
+        }
         let vocab = self.shape.vocab;
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut total = 0;
@@ -326,7 +335,9 @@ impl DecoderInstance for NeuronDecoderInstance {
             self.run_decode(chunks, &decode_rows, &offsets, out)?;
         }
         self.timings.steps.fetch_add(1, Relaxed);
-        DecoderTimings::add(&self.timings.forward_ns, started.elapsed());
+        let end = Instant::now();
+        DecoderTimings::add(&self.timings.forward_ns, end.duration_since(started));
+        self.last_forward_end = Some(end);
         Ok(())
     }
 
