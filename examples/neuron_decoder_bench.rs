@@ -62,6 +62,7 @@ fn main() {
         prefill: vec![16, 64],
         decode: batches.iter().flat_map(|&b| [(b, 128), (b, 256)]).collect(),
         device_greedy: std::env::var_os("BENCH_DEVICE_GREEDY").is_some(),
+        prefill_appends: true,
     };
     write_standin_decoder(&fixture, dir.path(), &layout).expect("compile for the stand-in");
     let manifest = DecoderManifest::load(dir.path()).expect("manifest");

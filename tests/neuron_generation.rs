@@ -30,6 +30,7 @@ fn layout() -> DecoderLayout {
         prefill: vec![8, 32],
         decode: vec![(1, 64), (4, 64), (2, 128), (4, 128)],
         device_greedy: false,
+        prefill_appends: true,
     }
 }
 
@@ -274,4 +275,25 @@ async fn greedy_tokens_picked_on_the_device_equal_the_host_sampler() {
     let b = all_at_once(&cpu, vec![ids_request(&prompts[0].ids, seeded)]).await;
     assert_eq!(a[0].0, b[0].0, "seeded tokens, device programs vs cpu");
     assert_eq!(common::gen_sessions::metric(&n.metrics, "device_sampled_tokens_total").await as usize, expected);
+}
+
+/// Prefill programs that only start at position 0 (the manifest's `prefill_appends: false`, as
+/// NxD Inference's context encoding): each turn of a kept session recomputes the whole history in
+/// one prefill, and the conversation still equals the CPU backend's; the recomputed tokens are
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn programs_that_prefill_from_zero_recompute_each_turn_with_the_same_tokens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let from_zero = DecoderLayout { prefill_appends: false, prefill: vec![8, 64], ..layout() };
+    write_standin_decoder(&gqa_fixture(), &dir.path().join("gqa/1"), &from_zero).expect("compile");
+    let (n, neuron) = start_neuron(dir.path(), &[], &[]).await;
+    let (_c, cpu) = start_cpu(dir.path()).await;
+    let params = r#"{"max_tokens": 5, "temperature": 0.7, "seed": 4, "ignore_eos": true}"#;
+    let a = concurrent_turns(&neuron, 2, 3, 900, 7, 8, params).await;
+    let b = concurrent_turns(&cpu, 2, 3, 900, 7, 8, params).await;
+    assert_eq!(a, b, "the conversations equal the CPU ones");
+    // Turns 2 and 3 of both sessions recompute the history they had: (7+5) and 2·(7+5) tokens,
+    // less the last generated token of each turn, whose K/V was never computed.
+    let recomputed = common::gen_sessions::metric(&n.metrics, "recomputed_prefill_tokens_total").await;
+    assert_eq!(recomputed as usize, 2 * ((12 - 1) + (24 - 1)), "recomputed tokens");
 }

@@ -63,6 +63,9 @@ pub struct GenerativeStats {
     pub moved_sequences: AtomicU64,
     /// Tokens picked on the device (greedy, by compiled programs with token ids out).
     pub device_sampled_tokens: AtomicU64,
+    /// Tokens whose K/V was already computed (a kept session's history, a prefix-cache hit) but
+    /// were recomputed because the decoder can only prefill from position 0.
+    pub recomputed_tokens: AtomicU64,
     /// Forward steps run.
     pub steps: AtomicU64,
     /// Requests finished by a stop condition.

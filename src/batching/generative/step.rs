@@ -444,6 +444,14 @@ impl Engine {
                 }
             };
             let positions = s.tokens.len();
+            // Programs that cannot append recompute the whole history, in one chunk.
+            let from_zero = self.decoder.prefill_from_zero_only();
+            let cached = if from_zero && cached > 0 {
+                self.stats.recomputed_tokens.fetch_add(cached as u64, Relaxed);
+                0
+            } else {
+                cached
+            };
             let needed = table.blocks_needed(positions);
             if needed > self.pool.available() {
                 self.make_room(needed);
@@ -477,7 +485,17 @@ impl Engine {
                 }
                 break;
             }
-            let n = (positions - cached).min(*budget);
+            let mut n = (positions - cached).min(*budget);
+            if from_zero && n < positions - cached {
+                if !plan.is_empty() {
+                    // Not enough budget left in this step for the whole history: next step.
+                    if let Some(s) = self.waiting.front_mut() {
+                        s.table = Some(table);
+                    }
+                    break;
+                }
+                n = positions - cached;
+            }
             if table.grow(cached + n).is_err() {
                 if let Some(s) = self.waiting.front_mut() {
                     s.table = Some(table);
