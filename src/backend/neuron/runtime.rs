@@ -130,6 +130,11 @@ impl Runtime {
     pub(crate) fn nrt(&self) -> &Nrt {
         self.library.core()
     }
+
+    /// The functions only some runtime releases export (`nrt_tensor_copy`, ...).
+    pub(crate) fn optional(&self) -> &neuron_sys::OptionalFunctions {
+        self.library.optional()
+    }
 }
 
 impl Drop for Runtime {
