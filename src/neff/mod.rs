@@ -5,6 +5,8 @@
 
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "testing")]
+pub mod testing_decoder;
 
 use std::fmt::Write as _;
 

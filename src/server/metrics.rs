@@ -54,7 +54,17 @@ pub fn capacity(repo: &Repository, worker_id: &str) -> serde_json::Value {
                 .push(serde_json::json!({"model": name, "ready": false, "state": entry.state, "reason": entry.reason}));
         }
     }
-    serde_json::json!({ "worker_id": worker_id, "models": models })
+    let mut doc = serde_json::json!({ "worker_id": worker_id, "models": models });
+    if let Some(rt) = crate::backend::neuron::Runtime::current() {
+        let cores: Vec<serde_json::Value> = (0..rt.visible_cores())
+            .filter_map(|core| {
+                let (used, limit) = rt.memory_stats(core)?;
+                Some(serde_json::json!({ "core": core, "bytes_used": used, "bytes_limit": limit }))
+            })
+            .collect();
+        doc["neuron_device_memory"] = serde_json::Value::Array(cores);
+    }
+    doc
 }
 
 fn respond(repo: &Repository, worker_id: &str, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {

@@ -18,7 +18,8 @@ pub const DEFAULT_HANG_BOUND: Duration = Duration::from_secs(3600);
 pub struct Knobs {
     /// NeuronCores visible to the process.
     pub visible_cores: u32,
-    /// Simulated device time per execution.
+    /// Simulated device time per execution: an execution lasts at least this long (its host
+    /// computation included; the rest is slept).
     pub exec_delay: Duration,
     /// Simulated device time per execution of a program whose decoder op is a prefill
     /// (`None`: `exec_delay`).

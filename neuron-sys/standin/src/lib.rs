@@ -10,9 +10,12 @@
 //! Any NEFF loads (its tensors come from `neff.json` and `sgNN/def.json`, so the tensor info of
 //! real compiler output is reported faithfully; the reader is the `neff-format` crate the worker
 //! uses too). Only NEFFs carrying a `standin/program.json` (written by that crate's writer,
-//! format in `neff_format::program`: versions 1 and 2, version 2 adding the ops of stateful
-//! models and `int32` tensors run as `f32`) execute; executing compiler output returns
-//! `NRT_UNSUPPORTED_NEFF_VERSION` and logs why on stderr.
+//! format in `neff_format::program`: versions 1 to 3, version 2 adding the ops of stateful
+//! models and `int32` tensors run as `f32`, version 3 the `llama_decoder` op: compiled prefill
+//! and decode programs of a Llama-family model, weights as inputs, the KV cache as aliased
+//! device state updated in place, see [`decoder`]) execute; executing compiler output returns
+//! `NRT_UNSUPPORTED_NEFF_VERSION` and logs why on stderr. `nrt_tensor_copy` (same-core rule for
+//! device tensors) and `nrt_get_vnc_memory_stats` (bytes allocated per core) are implemented.
 //!
 //! # Rules enforced like the real runtime
 //! Calls before `nrt_init` return `NRT_UNINITIALIZED` (13), after `nrt_close` `NRT_CLOSED` (14)
@@ -22,12 +25,14 @@
 //! `NRT_INVALID`; loading past the visible cores gives `NRT_LOAD_NOT_ENOUGH_NC` (9); stale
 //! handles give `NRT_INVALID_HANDLE`. Executions on different models run concurrently.
 //! Differences: repeated `nrt_init` succeeds (the first call's knobs stay); `nrt_load` with
-//! `start_nc = -1` places models round-robin.
+//! `start_nc = -1` places models round-robin; its deprecated core count may be -1 (as AWS says
+//! to pass) or positive.
 //!
 //! # Knobs (environment, read at `nrt_init`; process-wide)
 //! - `NRT_STANDIN_VISIBLE_CORES`: visible NeuronCores (default 2). If unset,
 //!   `NEURON_RT_VISIBLE_CORES` (`0-3`, `2`, `0,1`) gives the count.
-//! - `NRT_STANDIN_EXEC_DELAY_US`: simulated device time per execution, slept (default 0).
+//! - `NRT_STANDIN_EXEC_DELAY_US`: simulated device time per execution (default 0): an execution
+//!   lasts at least this long, its host computation included, the rest slept.
 //! - `NRT_STANDIN_PREFILL_DELAY_US` / `NRT_STANDIN_DECODE_DELAY_US`: simulated device time per
 //!   execution of a program whose decoder op is a prefill / a decode step (default: the above).
 //! - `NRT_STANDIN_FAIL_LOAD_STATUS`: status every `nrt_load` returns.
@@ -41,6 +46,8 @@
 //!   tensor (the worker's `state:` tensors) is never read back to the host.
 //! - `NRT_STANDIN_DENY_WRITE_PREFIX`: the same for `nrt_tensor_write` (host writes); executions
 //!   still write such tensors.
+//! - `NRT_STANDIN_DEVICE_MEMORY_BYTES`: device memory per core (default 16 GiB), reported by
+//!   `nrt_get_vnc_memory_stats`; device allocations beyond it fail with `NRT_RESOURCE`.
 //! - `NRT_STANDIN_HANG_EXEC=1`: executions sleep `NEURON_RT_EXEC_TIMEOUT` seconds (default
 //!   3600, or until `nrt_close`) and return `NRT_TIMEOUT`.
 //!
@@ -48,6 +55,8 @@
 //! [`knobs::Knobs`] directly, and [`runtime::global`]`().set_knobs(..)` changes the process's.
 
 pub mod abi;
+pub mod decoder;
+pub mod decoder_math;
 pub mod ffi;
 pub mod knobs;
 pub mod neff;
@@ -59,6 +68,10 @@ pub mod tensor;
 mod tests;
 #[cfg(test)]
 mod tests_copy;
+#[cfg(test)]
+mod tests_decoder;
+#[cfg(test)]
+mod tests_decoder_reference;
 
 use std::path::PathBuf;
 

@@ -10,6 +10,7 @@ pub use neff_format::program::{Activation, PROGRAM_PATH, ProgramOp as Op};
 use neff_format::program::{Program as ProgramFormat, ProgramError as FormatError};
 
 use crate::abi::{NRT_INVALID, NRT_UNSUPPORTED_NEFF_VERSION, NrtStatus};
+use crate::decoder::DecoderPlan;
 use crate::knobs::ExecKind;
 use crate::neff::TensorDecl;
 
@@ -41,6 +42,7 @@ impl From<FormatError> for ProgramError {
 pub struct Program {
     format: ProgramFormat,
     blobs: HashMap<String, Vec<f32>>,
+    decoder: Option<DecoderPlan>,
 }
 
 impl Program {
@@ -69,12 +71,18 @@ impl Program {
             }
             blobs.insert(name.clone(), f32_from_le(bytes));
         }
-        Ok(Program { format, blobs })
+        let decoder = format.decoder().map(|op| DecoderPlan::new(op, inputs, outputs)).transpose().map_err(invalid)?;
+        Ok(Program { format, blobs, decoder })
     }
 
     /// The kind of execution this program is, for the per-kind device-time knobs.
     pub fn exec_kind(&self) -> ExecKind {
-        ExecKind::Plain
+        self.decoder.as_ref().map_or(ExecKind::Plain, DecoderPlan::exec_kind)
+    }
+
+    /// The decoder step of a version 3 program (it then has no other op).
+    pub fn decoder(&self) -> Option<&DecoderPlan> {
+        self.decoder.as_ref()
     }
 
     fn dense_dims(&self, weight: &str, bias: Option<&str>) -> Result<(usize, usize), String> {

@@ -399,20 +399,28 @@ impl Runtime {
         let in_tensors = bind(&model, &model.inputs, &lock(&in_set), "input")?;
         let out_tensors = bind(&model, &model.outputs, &lock(&out_set), "output")?;
         for _ in 0..repeat {
+            let started = Instant::now();
             let (knobs, injected) = self.next_execution(model.core)?;
+            // The simulated device time is the execution's duration: the host computation counts
+            // toward it, the rest is slept (an injected failure sleeps it all first).
             let delay = knobs.delay_for(model.exec_kind());
-            if !delay.is_zero() {
-                std::thread::sleep(delay);
-            }
             match injected {
-                Some(Injected::Hang) => return Err(self.hang(&model, knobs.hang_bound)),
+                Some(Injected::Hang) => {
+                    std::thread::sleep(delay);
+                    return Err(self.hang(&model, knobs.hang_bound));
+                }
                 Some(Injected::Status(status)) => {
+                    std::thread::sleep(delay);
                     log(&format!("nrt_execute: model '{}' core {}: injected failure {status}", model.name, model.core));
                     return Err(status);
                 }
                 None => {}
             }
             run_program(&model, &in_tensors, &out_tensors)?;
+            let remaining = delay.saturating_sub(started.elapsed());
+            if !remaining.is_zero() {
+                std::thread::sleep(remaining);
+            }
         }
         Ok(())
     }
@@ -499,6 +507,13 @@ fn run_program(model: &Model, inputs: &[Arc<Tensor>], outputs: &[Arc<Tensor>]) -
         ));
         return Err(NRT_UNSUPPORTED_NEFF_VERSION);
     };
+    if let Some(decoder) = program.decoder() {
+        // Works on the tensors in place: weights read, caches updated, outputs written.
+        return decoder.execute(inputs, outputs).map_err(|(status, message)| {
+            log(&format!("nrt_execute: model '{}': {message}", model.name));
+            status
+        });
+    }
     let mut buffers = HashMap::new();
     for (decl, tensor) in model.inputs.iter().zip(inputs) {
         let mut bytes = vec![0u8; tensor.size()];

@@ -131,9 +131,21 @@ impl Runtime {
         self.library.core()
     }
 
-    /// The functions only some runtime releases export (`nrt_tensor_copy`, ...).
+    /// The functions only some runtime releases export.
     pub(crate) fn optional(&self) -> &neuron_sys::OptionalFunctions {
         self.library.optional()
+    }
+
+    /// Device memory of NeuronCore `core` as the runtime reports it (`nrt_get_vnc_memory_stats`):
+    /// `(bytes used, bytes limit)`; `None` when this runtime does not export the call or it fails.
+    pub fn memory_stats(&self, core: u32) -> Option<(usize, usize)> {
+        let f = self.optional().get_vnc_memory_stats()?;
+        let mut stats = neuron_sys::bindings::nrt_vnc_memory_stats_t { bytes_used: 0, bytes_limit: 0 };
+        let mut written = 0usize;
+        // SAFETY: `stats` is a live struct of the size passed; `written` is a valid out-pointer;
+        // the runtime is initialised (we are it).
+        let code = unsafe { f(core, &mut stats, std::mem::size_of_val(&stats), &mut written) };
+        (code == NRT_SUCCESS).then_some((stats.bytes_used, stats.bytes_limit))
     }
 }
 

@@ -180,6 +180,32 @@ impl DeviceTensor {
         Ok(())
     }
 
+    /// Copies `len` bytes at `src` to `dst` inside this tensor on the device (`nrt_tensor_copy`),
+    /// without a round trip through the host. Returns `Ok(false)` when the runtime does not export
+    /// `nrt_tensor_copy` (the caller copies through the host instead). The ranges must not overlap.
+    pub fn copy_within(&mut self, src: usize, dst: usize, len: usize) -> Result<bool, NeuronError> {
+        for at in [src, dst] {
+            if at.checked_add(len).is_none_or(|end| end > self.size) {
+                return Err(self.out_of_range(Operation::WriteInput, at, len));
+            }
+        }
+        if src.max(dst) < src.min(dst) + len {
+            return Err(NeuronError::Invalid {
+                op: Operation::WriteInput,
+                model: self.model.to_string(),
+                core: Some(self.core),
+                detail: format!("copy of {len} bytes from {src} to {dst} in tensor '{}' overlaps", self.name()),
+            });
+        }
+        let Some(copy) = self.runtime.optional().tensor_copy() else { return Ok(false) };
+        // SAFETY: the tensor is live; both ranges lie inside it and do not overlap.
+        let code = unsafe { copy(self.handle.as_ptr(), src, self.handle.as_ptr(), dst, len) };
+        if code != NRT_SUCCESS {
+            return Err(NeuronError::status(Operation::WriteInput, code, &self.model, Some(self.core)));
+        }
+        Ok(true)
+    }
+
     fn out_of_range(&self, op: Operation, offset: usize, len: usize) -> NeuronError {
         NeuronError::Invalid {
             op,

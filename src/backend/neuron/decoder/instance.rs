@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -19,17 +21,27 @@ use crate::backend::BackendError;
 use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
 use crate::backend::neuron::{DeviceTensor, NeuronError, Operation, Runtime};
 
-/// Time spent by an instance, for the benchmark of host overhead.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// Time spent by an instance (shared with whoever watches it, e.g. the benchmark of host
+/// overhead): counters only ever grow.
+#[derive(Debug, Default)]
 pub struct DecoderTimings {
     /// Calls of `forward`.
-    pub steps: u64,
+    pub steps: AtomicU64,
     /// Program executions.
-    pub executions: u64,
-    /// Wall time inside `forward`.
-    pub forward: Duration,
-    /// Wall time inside `nrt_execute`.
-    pub execute: Duration,
+    pub executions: AtomicU64,
+    /// Nanoseconds inside `forward`.
+    pub forward_ns: AtomicU64,
+    /// Nanoseconds inside program executions (writing the three small inputs and `nrt_execute`).
+    pub execute_ns: AtomicU64,
+    /// Nanoseconds between the end of one `forward` and the start of the next (the step loop's
+    /// own work: scheduling, sampling, streaming; idle time when there was no work).
+    pub between_ns: AtomicU64,
+}
+
+impl DecoderTimings {
+    fn add(counter: &AtomicU64, d: Duration) {
+        counter.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
 }
 
 /// A compiled decoder on one NeuronCore.
@@ -47,7 +59,9 @@ pub struct NeuronDecoderInstance {
     padding_position: i32,
     prefill_lengths: Vec<usize>,
     decode_buckets: Vec<(usize, usize)>,
-    timings: DecoderTimings,
+    timings: Arc<DecoderTimings>,
+    /// When the last `forward` ended.
+    last_forward_end: Option<Instant>,
     scratch: Scratch,
 }
 
@@ -147,14 +161,16 @@ impl NeuronDecoderInstance {
             prefill_lengths,
             decode_buckets,
             shape,
-            timings: DecoderTimings::default(),
+            timings: Arc::default(),
+            last_forward_end: None,
             scratch: Scratch::default(),
         })
     }
 
-    /// Time spent so far.
-    pub fn timings(&self) -> DecoderTimings {
-        self.timings
+    /// The instance's time counters (shared: they keep counting after the instance moves to its
+    /// thread).
+    pub fn timings(&self) -> Arc<DecoderTimings> {
+        Arc::clone(&self.timings)
     }
 
     fn slot_of(&self, chunk: &SeqChunk<'_>) -> Result<i32, BackendError> {
@@ -174,8 +190,8 @@ impl NeuronDecoderInstance {
         let program = if decode { &mut self.decode[index] } else { &mut self.prefill[index] };
         let started = Instant::now();
         let result = program.run(&s.ids, &s.positions, &s.seqs);
-        self.timings.execute += started.elapsed();
-        self.timings.executions += 1;
+        DecoderTimings::add(&self.timings.execute_ns, started.elapsed());
+        self.timings.executions.fetch_add(1, Relaxed);
         result.map_err(BackendError::from)
     }
 
@@ -284,6 +300,9 @@ impl DecoderInstance for NeuronDecoderInstance {
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<(), BackendError> {
         let started = Instant::now();
+        if let Some(end) = self.last_forward_end {
+            DecoderTimings::add(&self.timings.between_ns, started.duration_since(end));
+        }
         let vocab = self.shape.vocab;
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut total = 0;
@@ -315,19 +334,28 @@ impl DecoderInstance for NeuronDecoderInstance {
         if !decode_rows.is_empty() {
             self.run_decode(chunks, &decode_rows, &offsets, out)?;
         }
-        self.timings.steps += 1;
-        self.timings.forward += started.elapsed();
+        self.timings.steps.fetch_add(1, Relaxed);
+        let end = Instant::now();
+        DecoderTimings::add(&self.timings.forward_ns, end.duration_since(started));
+        self.last_forward_end = Some(end);
         Ok(())
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {
         self.slot_ranges(&[src, dst])?;
         let n = self.slot_bytes;
-        let mut buf = vec![0u8; n];
+        if src == dst {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
         for pair in &mut self.shared.caches {
             for t in pair.iter_mut() {
-                t.read_at(src as usize * n, &mut buf)?;
-                t.write_at(dst as usize * n, &buf)?;
+                // On the device when the runtime can; through the host otherwise.
+                if !t.copy_within(src as usize * n, dst as usize * n, n)? {
+                    buf.resize(n, 0);
+                    t.read_at(src as usize * n, &mut buf)?;
+                    t.write_at(dst as usize * n, &buf)?;
+                }
             }
         }
         Ok(())

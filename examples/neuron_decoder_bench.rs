@@ -1,0 +1,148 @@
+//! The Neuron step loop's host overhead, measured against the stand-in libnrt with simulated device
+//! time per program (no network): a compiled `llama-gqa` fixture on C NeuronCores, S streams of
+//! greedy generation through the generative batching layer (one step-loop thread per core).
+//!
+//! For each core it reports the fraction of wall time spent inside program executions (the device
+//! busy; target ≥ 95 % at 8 cores × 64 streams) and the host time per step outside executions
+//! (scheduling, bucket choice, input writes, logits reads, sampling, streaming; target ≤ 50 µs for a
+//! decode batch of 16).
+//!
+//! `cargo run --release --example neuron_decoder_bench -- [CORES] [STREAMS] [TOKENS] [PREFILL_US] [DECODE_US]`
+//! (defaults 8 64 128 2000 1000). It re-executes itself with the stand-in's knobs set
+//! (`NRT_STANDIN_PREFILL_DELAY_US`, `NRT_STANDIN_DECODE_DELAY_US`, `NRT_STANDIN_VISIBLE_CORES`).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use neuron_worker::backend::generative::DecoderInstance;
+use neuron_worker::backend::neuron::decoder::load::load_instances;
+use neuron_worker::backend::neuron::decoder::{DecoderManifest, DecoderTimings};
+use neuron_worker::batching::Batcher;
+use neuron_worker::batching::generative::handle::GenerativeSetup;
+use neuron_worker::batching::generative::params::SamplingParams;
+use neuron_worker::batching::generative::request::GenerateRequest;
+use neuron_worker::batching::generative::step::StepLimits;
+use neuron_worker::batching::generative::tokens::ByteTokenizer;
+use neuron_worker::config::ModelSpec;
+use neuron_worker::config::generative::complete_config;
+use neuron_worker::neff::testing_decoder::{DecoderLayout, write_standin_decoder};
+use neuron_worker::proto::inference::ModelConfig;
+
+fn arg(args: &[String], i: usize, default: u64) -> u64 {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cores, streams, tokens) = (arg(&args, 0, 8), arg(&args, 1, 64), arg(&args, 2, 128));
+    let (prefill_us, decode_us) = (arg(&args, 3, 2000), arg(&args, 4, 1000));
+    if std::env::var_os("NRT_STANDIN_DECODE_DELAY_US").is_none() {
+        let lib = nrt_standin::standin_library_path().expect("the stand-in libnrt (cargo build -p nrt-standin)");
+        let status = std::process::Command::new(std::env::current_exe().expect("exe"))
+            .args(&args)
+            .env("NEURON_WORKER_LIBNRT", lib)
+            .env("NRT_STANDIN_VISIBLE_CORES", cores.to_string())
+            .env("NRT_STANDIN_PREFILL_DELAY_US", prefill_us.to_string())
+            .env("NRT_STANDIN_DECODE_DELAY_US", decode_us.to_string())
+            .status()
+            .expect("re-run with the stand-in's knobs");
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    let per_core = streams.div_ceil(cores) as usize;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama-gqa");
+    let batches: Vec<usize> = [1, 2, 4, 8, 16, 32].into_iter().filter(|&b| b <= per_core.max(1)).collect();
+    let batches = if batches.last() == Some(&per_core) { batches } else { [batches, vec![per_core]].concat() };
+    let layout = DecoderLayout {
+        slots: per_core + 1,
+        max_len: 256,
+        prefill: vec![16, 64],
+        decode: batches.iter().flat_map(|&b| [(b, 128), (b, 256)]).collect(),
+    };
+    write_standin_decoder(&fixture, dir.path(), &layout).expect("compile for the stand-in");
+    let manifest = DecoderManifest::load(dir.path()).expect("manifest");
+    let files = neuron_worker::backend::cpu::llama::load_hf_decoder(dir.path()).expect("HF files");
+    let instances = load_instances(dir.path(), "gqa", &manifest, &files.config, &files.weights, cores as usize)
+        .map_err(|(core, e)| format!("core {core:?}: {e}"))
+        .expect("instances load");
+    let timings: Vec<Arc<DecoderTimings>> = instances.iter().map(|i| i.timings()).collect();
+    let decoders: Vec<Box<dyn DecoderInstance>> =
+        instances.into_iter().map(|i| Box::new(i) as Box<dyn DecoderInstance>).collect();
+    let mut cfg = ModelConfig { name: "gqa".into(), ..Default::default() };
+    complete_config(&mut cfg);
+    let spec = ModelSpec::from_config(&cfg, "bench").expect("spec");
+    let setup = GenerativeSetup {
+        limits: StepLimits { max_batched_tokens: 2048, max_running: 256 },
+        eos: vec![],
+        defaults: SamplingParams::default(),
+        sessions: Default::default(),
+        version: 1,
+    };
+    let batcher = Batcher::start_generative(Arc::new(spec), setup, decoders, Arc::new(ByteTokenizer), None)
+        .expect("generative batching starts");
+    let model = batcher.generative().expect("generative").clone();
+    let params =
+        SamplingParams { max_tokens: tokens as usize, temperature: 0.0, ignore_eos: true, ..SamplingParams::default() };
+    let started = Instant::now();
+    let mut rxs = Vec::new();
+    for k in 0..streams {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let prompt: Vec<u32> = (0..16).map(|i| ((k * 13 + i * 7) % 250) as u32).collect();
+        let req = GenerateRequest {
+            prompt,
+            params: params.clone(),
+            seed: k,
+            updates: tx,
+            arrived: Instant::now(),
+            session: None,
+        };
+        model.submit(req).expect("submitted");
+        rxs.push(rx);
+    }
+    let mut generated = 0usize;
+    for mut rx in rxs {
+        while let Some(update) = rx.blocking_recv() {
+            let u = update.expect("generation succeeds");
+            generated += u.tokens.len();
+            if u.finished.is_some() {
+                break;
+            }
+        }
+    }
+    let wall = started.elapsed();
+    model.drain();
+    println!(
+        "neuron_decoder_bench: {cores} cores, {streams} streams, {tokens} tokens each, device time prefill {prefill_us} µs / decode {decode_us} µs per execution"
+    );
+    println!(
+        "  {generated} tokens in {:.3} s = {:.0} tokens/s",
+        wall.as_secs_f64(),
+        generated as f64 / wall.as_secs_f64()
+    );
+    let mut worst_busy: f64 = 1.0;
+    let mut worst_overhead: f64 = 0.0;
+    for (core, t) in timings.iter().enumerate() {
+        let (steps, execs) = (t.steps.load(Relaxed) as f64, t.executions.load(Relaxed) as f64);
+        let (forward, execute) = (t.forward_ns.load(Relaxed) as f64, t.execute_ns.load(Relaxed) as f64);
+        let between = t.between_ns.load(Relaxed) as f64;
+        // While the core had work (from its first step to its last), the share inside executions.
+        let active = forward + between;
+        let busy = execute / active.max(1.0);
+        let overhead = (active - execute) / steps.max(1.0) / 1e3;
+        worst_busy = worst_busy.min(busy);
+        worst_overhead = worst_overhead.max(overhead);
+        println!(
+            "  core {core}: {steps:.0} steps, {execs:.0} executions, {:.1} ms active, inside execute {:.1} %; host per step {overhead:.1} µs ({:.1} µs of it inside forward)",
+            active / 1e6,
+            100.0 * busy,
+            (forward - execute) / steps.max(1.0) / 1e3,
+        );
+    }
+    println!(
+        "  least busy core: {:.1} % inside execute (target ≥ 95 %); most host time per step: {worst_overhead:.1} µs (target ≤ 50 µs at batch 16)",
+        100.0 * worst_busy
+    );
+}
