@@ -33,6 +33,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
+pub use decode::{DecodedRequest, decode_request};
 pub use error::ServerError;
 pub use inference::InferenceService;
 pub use stream_infer::{STREAM_MAX_IN_FLIGHT, STREAM_UNSENT_RESPONSES};
