@@ -114,6 +114,9 @@ async fn the_compiled_decoder_generates_the_reference_tokens_and_matches_the_cpu
     assert_eq!(cores.len(), 3, "{cap}");
     // 3 layers × K and V × 9 slots × 128 positions × 2 KV heads × 16 dims × 4 bytes.
     let kv_bytes = 3 * 2 * 9 * 128 * 2 * 16 * 4;
+    // The KV budget the sessions use: 8 slots per core (the ninth is scratch) on 3 cores.
+    assert_eq!(cap["models"][0]["generative"]["kv_cache_bytes"], 3 * 8 * 3 * 2 * 128 * 2 * 16 * 4, "{cap}");
+    assert_eq!(cap["models"][0]["generative"]["kv_cache_blocks"], 3 * 8, "{cap}");
     for c in &cores {
         let used = c["bytes_used"].as_u64().expect("bytes_used");
         assert!(used > kv_bytes as u64, "core {c}: the KV cache ({kv_bytes} bytes) and the weights are on it");

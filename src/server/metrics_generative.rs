@@ -171,6 +171,7 @@ pub fn capacity(stats: &GenerativeStats) -> serde_json::Value {
         "num_requests_waiting": stats.waiting.load(Relaxed),
         "kv_cache_usage_perc": stats.kv_cache_usage(),
         "kv_cache_blocks": stats.kv_blocks_total.load(Relaxed),
+        "kv_cache_bytes": stats.kv_bytes_total.load(Relaxed),
         "sessions_open": stats.sessions_open.load(Relaxed),
         "sessions_resident": stats.sessions_resident.load(Relaxed),
         "sessions_stored": stats.sessions_stored.load(Relaxed),

@@ -51,6 +51,8 @@ pub struct GenerativeStats {
     pub kv_blocks_used: AtomicU64,
     /// K/V blocks in the pools, all instances.
     pub kv_blocks_total: AtomicU64,
+    /// Bytes of the K/V pools, all instances (the KV budget: device memory on Neuron).
+    pub kv_bytes_total: AtomicU64,
     /// Prompt tokens of admitted requests.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.

@@ -91,6 +91,7 @@ impl Engine {
         let pool = BlockPool::new(decoder.num_blocks(), shape.block_size);
         let context_limit = shape.max_positions.min(decoder.num_blocks() * shape.block_size);
         stats.kv_blocks_total.fetch_add(decoder.num_blocks() as u64, Relaxed);
+        stats.kv_bytes_total.fetch_add(kv_pool_bytes(decoder.as_ref()), Relaxed);
         Engine {
             decoder,
             text,
@@ -552,10 +553,17 @@ impl Engine {
     }
 }
 
+/// Bytes of a decoder's K/V pool (f32 K and V, every layer and block).
+fn kv_pool_bytes(decoder: &dyn DecoderInstance) -> u64 {
+    let s = decoder.shape();
+    (decoder.num_blocks() * s.block_size * s.layers * 2 * s.kv_heads * s.head_dim * 4) as u64
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         self.fail_all(GenerationError::Unavailable { reason: "the model instance stopped".into() });
         self.stats.kv_blocks_total.fetch_sub(self.decoder.num_blocks() as u64, Relaxed);
+        self.stats.kv_bytes_total.fetch_sub(kv_pool_bytes(self.decoder.as_ref()), Relaxed);
         self.running.clear();
         self.waiting.clear();
         self.publish();
