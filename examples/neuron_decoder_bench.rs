@@ -66,11 +66,12 @@ fn main() {
         decode: batches.iter().flat_map(|&b| [(b, 128), (b, 256)]).collect(),
         device_greedy: std::env::var_os("BENCH_DEVICE_GREEDY").is_some(),
         prefill_appends: true,
+        tensor_parallel: 1,
     };
     write_standin_decoder(&fixture, dir.path(), &layout).expect("compile for the stand-in");
     let manifest = DecoderManifest::load(dir.path()).expect("manifest");
     let files = neuron_worker::backend::cpu::llama::load_hf_decoder(dir.path()).expect("HF files");
-    let instances = load_instances(dir.path(), "gqa", &manifest, &files.config, &files.weights, cores as usize)
+    let instances = load_instances(dir.path(), "gqa", &manifest, &files.config, &files.weights, cores as usize, None)
         .map_err(|(core, e)| format!("core {core:?}: {e}"))
         .expect("instances load");
     let timings: Vec<Arc<DecoderTimings>> = instances.iter().map(|i| i.timings()).collect();

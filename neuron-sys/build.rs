@@ -110,7 +110,7 @@ mod generation {
     use std::path::Path;
 
     /// Core functions that every supported runtime exports (loaded together, all required).
-    const CORE_FUNCTIONS: &str = "nrt_(init|close|load|unload|get_total_nc_count|get_visible_nc_count\
+    const CORE_FUNCTIONS: &str = "nrt_(init|close|load|load_collectives|unload|get_total_nc_count|get_visible_nc_count\
                                   |get_model_tensor_info|free_model_tensor_info|allocate_tensor_set\
                                   |destroy_tensor_set|add_tensor_to_tensor_set|get_tensor_from_tensor_set\
                                   |tensor_allocate|tensor_free|tensor_read|tensor_write|tensor_get_size\

@@ -31,6 +31,7 @@ fn layout() -> DecoderLayout {
         decode: vec![(1, 64), (4, 64), (2, 128), (4, 128)],
         device_greedy: false,
         prefill_appends: true,
+        tensor_parallel: 1,
     }
 }
 
@@ -299,4 +300,27 @@ async fn programs_that_prefill_from_zero_recompute_each_turn_with_the_same_token
     // less the last generated token of each turn, whose K/V was never computed.
     let recomputed = common::gen_sessions::metric(&n.metrics, "recomputed_prefill_tokens_total").await;
     assert_eq!(recomputed as usize, 2 * ((12 - 1) + (24 - 1)), "recomputed tokens");
+}
+
+/// Tensor-parallel instances: with `tensor_parallel: 2` on 4 cores, two instances of two ranks
+/// each; every program is loaded on both ranks with `nrt_load_collectives` and executed on both at
+/// once (the stand-in's ranks compute the whole model: it has no collective operators), and the
+/// tokens are transformers'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tensor_parallel_groups_run_their_ranks_together() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tp = DecoderLayout { tensor_parallel: 2, ..layout() };
+    write_standin_decoder(&gqa_fixture(), &dir.path().join("gqa/1"), &tp).expect("compile");
+    let env = [("NRT_STANDIN_VISIBLE_CORES", "4"), ("NEURON_RT_ROOT_COMM_ID", "127.0.0.1:61239")];
+    let (n, neuron) = start_neuron(dir.path(), &env, &[]).await;
+    let cap = common::capacity(&n.metrics).await;
+    assert_eq!(cap["models"][0]["instances_in_service"], 2, "two groups of two cores: {cap}");
+    let prompts = reference();
+    let order: Vec<&Prompt> = prompts.iter().chain(&prompts).collect();
+    let reqs = order.iter().map(|p| ids_request(&p.ids, &greedy(p.greedy.len()))).collect();
+    let got = all_at_once(&neuron, reqs).await;
+    for (k, (p, (tokens, _))) in order.iter().zip(&got).enumerate() {
+        assert_eq!(tokens, &p.greedy, "request {k}: greedy tokens vs transformers");
+    }
+    drop((n, neuron));
 }

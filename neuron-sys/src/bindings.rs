@@ -73,6 +73,15 @@ pub struct Nrt {
         nc_count: i32,
         model: *mut *mut nrt_model_t,
     ) -> NRT_STATUS,
+    pub nrt_load_collectives: unsafe extern "C" fn(
+        neff_bytes: *const ::std::os::raw::c_void,
+        size: usize,
+        vnc: i32,
+        vnc_count: i32,
+        ctx_device_id: u32,
+        ctx_device_count: u32,
+        model: *mut *mut nrt_model_t,
+    ) -> NRT_STATUS,
     pub nrt_unload: unsafe extern "C" fn(model: *mut nrt_model_t) -> NRT_STATUS,
     pub nrt_get_total_nc_count: unsafe extern "C" fn(nc_count: *mut u32) -> NRT_STATUS,
     pub nrt_get_visible_nc_count: unsafe extern "C" fn(nc_count: *mut u32) -> NRT_STATUS,
@@ -281,6 +290,7 @@ impl Nrt {
         let nrt_init = unsafe { __library.get(b"nrt_init\0") }.map(|sym| *sym)?;
         let nrt_close = unsafe { __library.get(b"nrt_close\0") }.map(|sym| *sym)?;
         let nrt_load = unsafe { __library.get(b"nrt_load\0") }.map(|sym| *sym)?;
+        let nrt_load_collectives = unsafe { __library.get(b"nrt_load_collectives\0") }.map(|sym| *sym)?;
         let nrt_unload = unsafe { __library.get(b"nrt_unload\0") }.map(|sym| *sym)?;
         let nrt_get_total_nc_count = unsafe { __library.get(b"nrt_get_total_nc_count\0") }.map(|sym| *sym)?;
         let nrt_get_visible_nc_count = unsafe { __library.get(b"nrt_get_visible_nc_count\0") }.map(|sym| *sym)?;
@@ -307,6 +317,7 @@ impl Nrt {
             nrt_init,
             nrt_close,
             nrt_load,
+            nrt_load_collectives,
             nrt_unload,
             nrt_get_total_nc_count,
             nrt_get_visible_nc_count,
@@ -348,6 +359,18 @@ impl Nrt {
         model: *mut *mut nrt_model_t,
     ) -> NRT_STATUS {
         unsafe { (self.nrt_load)(neff_bytes, size, start_nc, nc_count, model) }
+    }
+    pub unsafe fn nrt_load_collectives(
+        &self,
+        neff_bytes: *const ::std::os::raw::c_void,
+        size: usize,
+        vnc: i32,
+        vnc_count: i32,
+        ctx_device_id: u32,
+        ctx_device_count: u32,
+        model: *mut *mut nrt_model_t,
+    ) -> NRT_STATUS {
+        unsafe { (self.nrt_load_collectives)(neff_bytes, size, vnc, vnc_count, ctx_device_id, ctx_device_count, model) }
     }
     pub unsafe fn nrt_unload(&self, model: *mut nrt_model_t) -> NRT_STATUS {
         unsafe { (self.nrt_unload)(model) }

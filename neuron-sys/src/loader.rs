@@ -17,10 +17,11 @@ pub const SDK_LIBRARY_PATH: &str = "/opt/aws/neuron/lib/libnrt.so.1";
 pub const SONAME: &str = "libnrt.so.1";
 
 /// The core functions, in header order; a library lacking any of them is not a usable libnrt.
-pub const CORE_SYMBOLS: [&str; 22] = [
+pub const CORE_SYMBOLS: [&str; 23] = [
     "nrt_init",
     "nrt_close",
     "nrt_load",
+    "nrt_load_collectives",
     "nrt_unload",
     "nrt_get_total_nc_count",
     "nrt_get_visible_nc_count",

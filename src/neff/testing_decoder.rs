@@ -28,6 +28,9 @@ pub struct DecoderLayout {
     /// The manifest says the prefill programs start at any position (`false`: only at 0, so the
     /// worker recomputes a session's history on each turn; the stand-in programs could append).
     pub prefill_appends: bool,
+    /// Ranks per instance (the manifest's `tensor_parallel`); the stand-in's ranks each compute
+    /// the whole model (it has no collective operators), so the weights are not sharded.
+    pub tensor_parallel: usize,
 }
 
 /// Tensor names of the stand-in programs (AWS's conventions; the manifest repeats them).
@@ -136,6 +139,7 @@ pub fn write_standin_decoder(hf: &Path, out: &Path, layout: &DecoderLayout) -> R
                      "next_token_logprobs": layout.device_greedy.then_some("next_token_logprobs") },
         "padding_position": -1,
         "prefill_appends": layout.prefill_appends,
+        "tensor_parallel": layout.tensor_parallel,
         "prefill": prefill,
         "decode": decode,
     });

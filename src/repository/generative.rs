@@ -200,14 +200,20 @@ fn hf_decoder(files: HfDecoderFiles, decoders: Vec<Box<dyn DecoderInstance>>, sp
 
 /// Loads a compiled decoder (`neuron_decoder.json` beside an HF folder) on NeuronCores `0..cores`:
 /// one instance per core, weights loaded once per core, KV cache in device memory.
-pub fn load_neuron(dir: &Path, model: &str, spec: &GenerativeSpec, cores: usize) -> Result<LoadedDecoder, LoadError> {
+pub fn load_neuron(
+    dir: &Path,
+    model: &str,
+    spec: &GenerativeSpec,
+    cores: usize,
+    instances: Option<usize>,
+) -> Result<LoadedDecoder, LoadError> {
     use crate::backend::neuron::decoder::{DecoderManifest, load::load_instances};
     let manifest =
         DecoderManifest::load(dir).map_err(|e| LoadError::Decoder { path: dir.to_path_buf(), reason: e.reason })?;
     let files =
         load_hf_decoder(dir).map_err(|source| LoadError::DecoderCheckpoint { path: dir.to_path_buf(), source })?;
     let config = capped(files.config.clone(), spec);
-    let instances = load_instances(dir, model, &manifest, &config, &files.weights, cores.max(1))
+    let instances = load_instances(dir, model, &manifest, &config, &files.weights, cores.max(1), instances)
         .map_err(|(core, source)| LoadError::Backend { core, source })?;
     let decoders = instances.into_iter().map(|i| Box::new(i) as Box<dyn DecoderInstance>).collect();
     Ok(hf_decoder(files, decoders, spec))
@@ -321,17 +327,16 @@ pub(crate) async fn load_versions(
         spec.generative = Some(Arc::new(gspec.clone()));
         let spec = Arc::new(spec);
         let neuron_cores = match backend {
-            super::BackendSelection::Neuron { cores } if vdir.as_deref().is_some_and(is_neuron_decoder) => {
-                Some(spec.instance_count.unwrap_or(*cores).min(*cores).max(1))
-            }
+            super::BackendSelection::Neuron { cores } if vdir.as_deref().is_some_and(is_neuron_decoder) => Some(*cores),
             _ => None,
         };
         let instances = spec.instance_count.unwrap_or(1);
+        let count = spec.instance_count;
         let g = gspec.clone();
         let name = source.config.name.clone();
         let loaded = tokio::task::spawn_blocking(move || match vdir {
             None => tiny_decoder(&g, instances),
-            Some(d) if let Some(cores) = neuron_cores => load_neuron(&d, &name, &g, cores),
+            Some(d) if let Some(cores) = neuron_cores => load_neuron(&d, &name, &g, cores, count),
             Some(d) => match detect(&d) {
                 Some(src) => load(&src, &g, instances),
                 None => {

@@ -103,6 +103,13 @@ void nrt_close(void);
  * header says always pass -1.
  */
 NRT_STATUS nrt_load(const void *neff_bytes, size_t size, int32_t start_nc, int32_t nc_count, nrt_model_t **model);
+/*
+ * Loads a NEFF that contains collective-communication operators (one rank of a tensor-parallel
+ * group): ctx_device_id is the rank among ctx_device_count ranks. NEURON_RT_ROOT_COMM_ID must be
+ * set. The core count is deprecated (-1), as for nrt_load.
+ */
+NRT_STATUS nrt_load_collectives(const void *neff_bytes, size_t size, int32_t vnc, int32_t vnc_count,
+                                uint32_t ctx_device_id, uint32_t ctx_device_count, nrt_model_t **model);
 NRT_STATUS nrt_unload(nrt_model_t *model);
 
 /* Core counts; both may be called before nrt_init. */

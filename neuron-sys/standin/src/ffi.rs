@@ -75,6 +75,32 @@ pub unsafe extern "C" fn nrt_load(
     })
 }
 
+/// `nrt_load_collectives`: loads one rank of a collective group. The stand-in has no collective
+/// operators: each rank's program computes the whole model (a replicated group), so a group's ranks
+/// agree; it checks the rank is inside the group.
+///
+/// # Safety
+/// As for [`nrt_load`].
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn nrt_load_collectives(
+    neff_bytes: *const c_void,
+    size: usize,
+    vnc: i32,
+    vnc_count: i32,
+    ctx_device_id: u32,
+    ctx_device_count: u32,
+    model: *mut *mut NrtModel,
+) -> NrtStatus {
+    if ctx_device_count == 0 || ctx_device_id >= ctx_device_count {
+        crate::runtime::log(&format!(
+            "nrt_load_collectives: rank {ctx_device_id} is outside a group of {ctx_device_count}"
+        ));
+        return NRT_INVALID;
+    }
+    // SAFETY: same contract as nrt_load.
+    unsafe { nrt_load(neff_bytes, size, vnc, vnc_count, model) }
+}
+
 /// `nrt_unload`.
 #[unsafe(no_mangle)]
 pub extern "C" fn nrt_unload(model: *mut NrtModel) -> NrtStatus {

@@ -79,7 +79,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn log(message: &str) {
+pub(crate) fn log(message: &str) {
     eprintln!("nrt-standin: {message}");
 }
 

@@ -144,6 +144,19 @@ impl NeuronModel {
     /// Loads `neff` on NeuronCore `core` (an index among the visible cores) and reads its tensor
     /// info. `name` is the model's name, used in errors.
     pub fn load(runtime: &Arc<Runtime>, name: &str, core: u32, neff: &[u8]) -> Result<NeuronModel, NeuronError> {
+        NeuronModel::load_rank(runtime, name, core, neff, None)
+    }
+
+    /// Like [`NeuronModel::load`]; with `rank = Some((rank, ranks))` the NEFF is one rank of a
+    /// group of `ranks` whose programs hold collective operators, loaded with
+    /// `nrt_load_collectives` (the runtime then needs `NEURON_RT_ROOT_COMM_ID`).
+    pub fn load_rank(
+        runtime: &Arc<Runtime>,
+        name: &str,
+        core: u32,
+        neff: &[u8],
+        rank: Option<(u32, u32)>,
+    ) -> Result<NeuronModel, NeuronError> {
         let invalid = |detail: String| NeuronError::Invalid {
             op: Operation::Load,
             model: name.to_owned(),
@@ -165,8 +178,23 @@ impl NeuronModel {
         // SAFETY: `neff` is a live buffer of `neff.len()` bytes for the duration of the call (the
         // runtime copies what it keeps); `raw` is a valid out-pointer; the runtime is initialised
         // (we hold an Arc to it). The core count is deprecated: AWS's header says always pass -1.
-        let code =
-            unsafe { (runtime.nrt().nrt_load)(neff.as_ptr().cast::<c_void>(), neff.len(), start_nc, -1, &mut raw) };
+        let code = match rank {
+            None => unsafe {
+                (runtime.nrt().nrt_load)(neff.as_ptr().cast::<c_void>(), neff.len(), start_nc, -1, &mut raw)
+            },
+            // SAFETY: as above; the rank and group size are plain integers.
+            Some((rank, ranks)) => unsafe {
+                (runtime.nrt().nrt_load_collectives)(
+                    neff.as_ptr().cast::<c_void>(),
+                    neff.len(),
+                    start_nc,
+                    -1,
+                    rank,
+                    ranks,
+                    &mut raw,
+                )
+            },
+        };
         if code != NRT_SUCCESS {
             return Err(NeuronError::status(Operation::Load, code, name, Some(core)));
         }

@@ -44,13 +44,20 @@ impl DecoderTimings {
     }
 }
 
-/// A compiled decoder on one NeuronCore.
-pub struct NeuronDecoderInstance {
+/// One rank of an instance: its core's programs, weights and KV cache.
+struct Rank {
     // Field order is drop order: programs (their sets borrow the shared tensors) go first.
     prefill: Vec<Program>,
     decode: Vec<Program>,
     shared: SharedTensors,
-    core: u32,
+}
+
+/// A compiled decoder on one NeuronCore, or on the cores of one tensor-parallel group (one rank
+/// per core, every program executed on every rank at once, outputs read from rank 0).
+pub struct NeuronDecoderInstance {
+    ranks: Vec<Rank>,
+    /// The cores of the ranks, rank order.
+    cores: Vec<u32>,
     shape: DecoderShape,
     digest: [u8; 32],
     /// Bytes of one slot in one cache tensor.
@@ -101,7 +108,7 @@ impl Rows<'_> {
 impl std::fmt::Debug for NeuronDecoderInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NeuronDecoderInstance")
-            .field("core", &self.core)
+            .field("cores", &self.cores)
             .field("shape", &self.shape)
             .finish_non_exhaustive()
     }
@@ -134,20 +141,59 @@ fn execution_error(message: String) -> BackendError {
 }
 
 impl NeuronDecoderInstance {
-    /// Loads every program on `core`, the weights and a fresh KV cache.
+    /// Loads every program on each core of `cores` (rank order; one core: no collectives), the
+    /// rank's weights (`weights[rank]`) and a fresh KV cache of `cache_bytes` per tensor.
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         runtime: &Arc<Runtime>,
-        core: u32,
+        cores: &[u32],
         model: &str,
         manifest: &DecoderManifest,
         shape: DecoderShape,
-        weights: &DeviceWeights,
+        weights: &[&DeviceWeights],
+        cache_bytes: usize,
         programs: &CompiledPrograms,
     ) -> Result<NeuronDecoderInstance, NeuronError> {
-        let name: Arc<str> = Arc::from(model);
         let kv = &manifest.kv;
-        let slot_bytes = kv.max_len * shape.kv_heads * shape.head_dim * 4;
-        let cache_bytes = slot_bytes * kv.slots;
+        let group = u32::try_from(cores.len()).unwrap_or(u32::MAX);
+        let mut ranks = Vec::with_capacity(cores.len());
+        for (rank, (&core, w)) in cores.iter().zip(weights).enumerate() {
+            let collective = (group > 1).then_some((rank as u32, group));
+            ranks.push(Self::load_rank(runtime, core, collective, model, manifest, &shape, w, cache_bytes, programs)?);
+        }
+        let prefill_lengths = manifest.prefill.iter().map(|b| b.seq_len).collect();
+        let decode_buckets = manifest.decode.iter().map(|b| (b.batch, b.context)).collect();
+        Ok(NeuronDecoderInstance {
+            ranks,
+            cores: cores.to_vec(),
+            digest: weights.first().map_or([0; 32], |w| w.digest),
+            slot_bytes: cache_bytes / kv.slots.max(1),
+            scratch_slot: i32::try_from(kv.scratch_slot()).unwrap_or(i32::MAX),
+            padding_position: manifest.padding_position,
+            prefill_lengths,
+            decode_buckets,
+            greedy_on_device: manifest.tensors.next_token_ids.is_some(),
+            prefill_appends: manifest.prefill_appends,
+            shape,
+            timings: Arc::default(),
+            last_forward_end: None,
+            scratch: Scratch::default(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn load_rank(
+        runtime: &Arc<Runtime>,
+        core: u32,
+        collective: Option<(u32, u32)>,
+        model: &str,
+        manifest: &DecoderManifest,
+        shape: &DecoderShape,
+        weights: &DeviceWeights,
+        cache_bytes: usize,
+        programs: &CompiledPrograms,
+    ) -> Result<Rank, NeuronError> {
+        let name: Arc<str> = Arc::from(model);
         let mut caches = Vec::with_capacity(shape.layers);
         for layer in 0..shape.layers {
             // Allocation names start with `kv:` (the stand-in's deny-read/write knobs match them).
@@ -163,7 +209,7 @@ impl NeuronDecoderInstance {
         }
         let shared = SharedTensors { weights: device_weights, caches };
         let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-        let cx = ProgramContext { manifest, layers: shape.layers, vocab: shape.vocab, shared: &shared };
+        let cx = ProgramContext { manifest, layers: shape.layers, vocab: shape.vocab, shared: &shared, collective };
         for (kind, neff, label) in &programs.programs {
             let p = Program::load(runtime, core, label, neff, *kind, &cx)?;
             match kind {
@@ -171,26 +217,7 @@ impl NeuronDecoderInstance {
                 ProgramKind::Decode { .. } => decode.push(p),
             }
         }
-        let prefill_lengths = manifest.prefill.iter().map(|b| b.seq_len).collect();
-        let decode_buckets = manifest.decode.iter().map(|b| (b.batch, b.context)).collect();
-        Ok(NeuronDecoderInstance {
-            prefill,
-            decode,
-            shared,
-            core,
-            digest: weights.digest,
-            slot_bytes,
-            scratch_slot: i32::try_from(kv.scratch_slot()).unwrap_or(i32::MAX),
-            padding_position: manifest.padding_position,
-            prefill_lengths,
-            decode_buckets,
-            greedy_on_device: manifest.tensors.next_token_ids.is_some(),
-            prefill_appends: manifest.prefill_appends,
-            shape,
-            timings: Arc::default(),
-            last_forward_end: None,
-            scratch: Scratch::default(),
-        })
+        Ok(Rank { prefill, decode, shared })
     }
 
     /// The instance's time counters (shared: they keep counting after the instance moves to its
@@ -213,9 +240,40 @@ impl NeuronDecoderInstance {
 
     fn execute(&mut self, decode: bool, index: usize) -> Result<(), BackendError> {
         let s = &self.scratch;
-        let program = if decode { &mut self.decode[index] } else { &mut self.prefill[index] };
         let started = Instant::now();
-        let result = program.run(&s.ids, &s.positions, &s.seqs);
+        let result = match self.ranks.as_mut_slice() {
+            [one] => {
+                let program = if decode { &mut one.decode[index] } else { &mut one.prefill[index] };
+                program.run(&s.ids, &s.positions, &s.seqs)
+            }
+            ranks => {
+                // The ranks of a collective group execute at once (each blocks until all arrive).
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = ranks
+                        .iter_mut()
+                        .map(|r| {
+                            let program = if decode { &mut r.decode[index] } else { &mut r.prefill[index] };
+                            scope.spawn(move || program.run(&s.ids, &s.positions, &s.seqs))
+                        })
+                        .collect();
+                    let mut first = Ok(());
+                    for h in handles {
+                        let r = h.join().unwrap_or_else(|_| {
+                            Err(NeuronError::Invalid {
+                                op: Operation::Execute,
+                                model: String::new(),
+                                core: None,
+                                detail: "a rank's execution thread panicked".into(),
+                            })
+                        });
+                        if first.is_ok() {
+                            first = r;
+                        }
+                    }
+                    first
+                })
+            }
+        };
         DecoderTimings::add(&self.timings.execute_ns, started.elapsed());
         self.timings.executions.fetch_add(1, Relaxed);
         result.map_err(BackendError::from)
@@ -247,7 +305,7 @@ impl NeuronDecoderInstance {
             );
             int32_bytes(&mut self.scratch.seqs, std::iter::once(slot));
             self.execute(false, piece.bucket)?;
-            let program = &self.prefill[piece.bucket];
+            let program = &self.ranks[0].prefill[piece.bucket];
             let s = &mut self.scratch;
             match chunk.logits {
                 LogitsWanted::None => {}
@@ -297,7 +355,7 @@ impl NeuronDecoderInstance {
             if wanted == 0 {
                 continue;
             }
-            let program = &self.decode[group.bucket];
+            let program = &self.ranks[0].decode[group.bucket];
             let s = &mut self.scratch;
             if matches!(out, Rows::Picks(_)) {
                 s.picks.resize(members.len(), (0, 0.0));
@@ -416,7 +474,7 @@ impl DecoderInstance for NeuronDecoderInstance {
             return Ok(());
         }
         let mut buf = Vec::new();
-        for pair in &mut self.shared.caches {
+        for pair in self.ranks.iter_mut().flat_map(|r| r.shared.caches.iter_mut()) {
             for t in pair.iter_mut() {
                 // On the device when the runtime can; through the host otherwise.
                 if !t.copy_within(src as usize * n, dst as usize * n, n)? {
@@ -432,10 +490,11 @@ impl DecoderInstance for NeuronDecoderInstance {
     fn read_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>, BackendError> {
         self.slot_ranges(blocks)?;
         let n = self.slot_bytes;
-        let mut out = vec![0u8; blocks.len() * self.shared.caches.len() * 2 * n];
+        let tensors: usize = self.ranks.iter().map(|r| r.shared.caches.len() * 2).sum();
+        let mut out = vec![0u8; blocks.len() * tensors * n];
         let mut at = 0;
         for &b in blocks {
-            for pair in &self.shared.caches {
+            for pair in self.ranks.iter().flat_map(|r| r.shared.caches.iter()) {
                 for t in pair {
                     t.read_at(b as usize * n, &mut out[at..at + n])?;
                     at += n;
@@ -448,19 +507,20 @@ impl DecoderInstance for NeuronDecoderInstance {
     fn write_blocks(&mut self, blocks: &[u32], bytes: &[u8]) -> Result<(), BackendError> {
         self.slot_ranges(blocks)?;
         let n = self.slot_bytes;
-        let expected = blocks.len() * self.shared.caches.len() * 2 * n;
+        let tensors: usize = self.ranks.iter().map(|r| r.shared.caches.len() * 2).sum();
+        let expected = blocks.len() * tensors * n;
         if bytes.len() != expected {
             return Err(NeuronError::Invalid {
                 op: Operation::WriteInput,
                 model: String::new(),
-                core: Some(self.core),
+                core: self.cores.first().copied(),
                 detail: format!("{} bytes of K/V for {} slots; expected {expected}", bytes.len(), blocks.len()),
             }
             .into());
         }
         let mut at = 0;
         for &b in blocks {
-            for pair in &mut self.shared.caches {
+            for pair in self.ranks.iter_mut().flat_map(|r| r.shared.caches.iter_mut()) {
                 for t in pair.iter_mut() {
                     t.write_at(b as usize * n, &bytes[at..at + n])?;
                     at += n;
@@ -475,7 +535,10 @@ impl DecoderInstance for NeuronDecoderInstance {
     }
 
     fn label(&self) -> String {
-        format!("neuron:{}", self.core)
+        match self.cores.as_slice() {
+            [one] => format!("neuron:{one}"),
+            cores => format!("neuron:{}-{}", cores.first().copied().unwrap_or(0), cores.last().copied().unwrap_or(0)),
+        }
     }
 }
 

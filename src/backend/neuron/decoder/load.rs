@@ -121,7 +121,21 @@ pub fn decoder_shape(manifest: &DecoderManifest, config: &LlamaConfig) -> Decode
     }
 }
 
-/// One instance per core `0..cores` for the compiled decoder in `dir`.
+/// Bytes of one KV cache tensor: what the first program declares for layer 0's K cache (a
+/// tensor-parallel program holds its rank's share of the KV heads), else the whole cache.
+fn cache_bytes(manifest: &DecoderManifest, shape: &DecoderShape, programs: &CompiledPrograms) -> usize {
+    let whole = manifest.kv.slots * manifest.kv.max_len * shape.kv_heads * shape.head_dim * 4;
+    let k0 = super::manifest::fill(&manifest.kv.k_input, "layer", "0");
+    let declared = programs.programs.first().and_then(|(_, neff, label)| {
+        let info = crate::neff::parse_neff(neff, label).ok()?;
+        info.inputs.iter().find(|t| t.name == k0)?.byte_size()
+    });
+    declared.and_then(|b| usize::try_from(b).ok()).unwrap_or(whole)
+}
+
+/// One instance per core — or, with `tensor_parallel: N`, per group of N cores (cores
+/// `g·N .. g·N+N`, one rank each) — for the compiled decoder in `dir`, on cores `0..cores`, at
+/// most `instances` of them.
 pub fn load_instances(
     dir: &Path,
     model: &str,
@@ -129,15 +143,88 @@ pub fn load_instances(
     config: &LlamaConfig,
     source: &dyn WeightSource,
     cores: usize,
+    instances: Option<usize>,
 ) -> Result<Vec<NeuronDecoderInstance>, (Option<usize>, BackendError)> {
+    let tp = manifest.tensor_parallel.max(1);
+    let groups = (cores / tp).min(instances.unwrap_or(usize::MAX));
+    if groups == 0 {
+        return Err((
+            None,
+            load_error(format!(
+                "tensor_parallel is {tp}: one instance needs {tp} NeuronCores and this process sees {cores}; check \
+                 NEURON_RT_VISIBLE_CORES (or instance_group count)"
+            )),
+        ));
+    }
+    if tp > 1 && std::env::var_os("NEURON_RT_ROOT_COMM_ID").is_none() {
+        return Err((
+            None,
+            load_error(format!(
+                "tensor_parallel is {tp}: programs with collective operators need NEURON_RT_ROOT_COMM_ID \
+                 (host:port of the collectives' root, e.g. localhost:61239) in the worker's environment"
+            )),
+        ));
+    }
     let programs = read_programs(dir, model, manifest).map_err(|e| (None, e))?;
-    let weights = device_weights(manifest, config, source, &programs).map_err(|e| (None, e))?;
+    let mut per_rank = Vec::with_capacity(tp);
+    match &manifest.rank_weights {
+        None => per_rank.push(device_weights(manifest, config, source, &programs).map_err(|e| (None, e))?),
+        Some(pattern) => {
+            for rank in 0..tp {
+                let folder = dir.join(pattern.replace("{rank}", &rank.to_string()));
+                let source = crate::backend::cpu::llama::SafetensorsSource::open(&folder)
+                    .map_err(|e| (None, load_error(format!("rank {rank}'s weights: {e}"))))?;
+                per_rank.push(device_weights(manifest, config, &source, &programs).map_err(|e| (None, e))?);
+            }
+        }
+    }
+    let weights: Vec<&DeviceWeights> = (0..tp).map(|r| &per_rank[r.min(per_rank.len() - 1)]).collect();
     let runtime: Arc<Runtime> = Runtime::get_or_init().map_err(|e| (None, e.into()))?;
     let shape = decoder_shape(manifest, config);
-    (0..cores)
-        .map(|core| {
-            NeuronDecoderInstance::load(&runtime, core as u32, model, manifest, shape.clone(), &weights, &programs)
-                .map_err(|e| (Some(core), e.into()))
+    let bytes = cache_bytes(manifest, &shape, &programs);
+    (0..groups)
+        .map(|g| {
+            let group: Vec<u32> = (g * tp..(g + 1) * tp).map(|c| c as u32).collect();
+            NeuronDecoderInstance::load(&runtime, &group, model, manifest, shape.clone(), &weights, bytes, &programs)
+                .map_err(|e| (Some(g * tp), e.into()))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoWeights;
+    impl WeightSource for NoWeights {
+        fn tensor(&self, _: &str) -> Result<Option<Weight>, crate::backend::cpu::llama::LoadError> {
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn tensor_parallel_needs_enough_cores_and_the_collectives_root() {
+        let manifest: DecoderManifest = serde_json::from_value(serde_json::json!({
+            "format": 1, "tensor_parallel": 4,
+            "kv": { "layout": "contiguous", "slots": 3, "max_len": 64, "dtype": "float32",
+                    "k_input": "k{layer}.in", "k_output": "k{layer}", "v_input": "v{layer}.in", "v_output": "v{layer}" },
+            "prefill": [ { "neff": "p.neff", "seq_len": 8 } ],
+            "decode": [ { "neff": "d.neff", "batch": 1, "context": 64 } ]
+        }))
+        .unwrap();
+        let config = LlamaConfig::from_json(
+            r#"{"model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 10}"#,
+        )
+        .unwrap();
+        let dir = Path::new("/nonexistent");
+        let err = |cores| match load_instances(dir, "m", &manifest, &config, &NoWeights, cores, None) {
+            Err((_, e)) => e.to_string(),
+            Ok(_) => panic!("loaded"),
+        };
+        assert!(err(2).contains("needs 4 NeuronCores and this process sees 2"), "{}", err(2));
+        if std::env::var_os("NEURON_RT_ROOT_COMM_ID").is_none() {
+            assert!(err(8).contains("NEURON_RT_ROOT_COMM_ID"), "{}", err(8));
+        }
+    }
 }

@@ -110,6 +110,9 @@ fn default_padding_position() -> i32 {
 fn default_true() -> bool {
     true
 }
+fn default_one() -> usize {
+    1
+}
 
 /// Names of the programs' inputs and outputs (defaults follow AWS's NxD Inference names).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -202,6 +205,16 @@ pub struct DecoderManifest {
     /// prompt plus history is the largest prefill bucket).
     #[serde(default = "default_true")]
     pub prefill_appends: bool,
+    /// Ranks per instance (tensor parallelism): an instance spans this many consecutive
+    /// NeuronCores, each program loaded on every one of them with `nrt_load_collectives` (rank,
+    /// group size) and executed on all at once; logits are read from rank 0. Default 1.
+    #[serde(default = "default_one")]
+    pub tensor_parallel: usize,
+    /// Each rank's weights, when they are sharded: a folder relative to the version folder, with
+    /// `{rank}` (e.g. `"tp{rank}"`, holding that rank's `model.safetensors`). Default: every rank
+    /// is bound to the version folder's weights.
+    #[serde(default)]
+    pub rank_weights: Option<String>,
     /// Prefill programs, any order.
     pub prefill: Vec<PrefillBucket>,
     /// Decode programs, any order.
@@ -266,6 +279,14 @@ impl DecoderManifest {
             return Err("tensors.next_token_ids and tensors.next_token_logprobs go together (on-device greedy \
                         picks need both the token and its log-probability)"
                 .into());
+        }
+        if self.tensor_parallel == 0 {
+            return Err("tensor_parallel is 0: it counts the ranks (cores) of one instance, at least 1".into());
+        }
+        if let Some(p) = &self.rank_weights
+            && !p.contains("{rank}")
+        {
+            return Err(format!("rank_weights '{p}' must contain {{rank}}"));
         }
         if self.prefill.is_empty() || self.decode.is_empty() {
             return Err("at least one prefill and one decode program are needed".into());

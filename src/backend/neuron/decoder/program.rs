@@ -64,6 +64,8 @@ pub struct ProgramContext<'a> {
     pub vocab: usize,
     /// The core's weights and KV cache.
     pub shared: &'a SharedTensors,
+    /// `(rank, ranks)` when the program is one rank of a collective group.
+    pub collective: Option<(u32, u32)>,
 }
 
 /// A loaded program and its tensor sets.
@@ -167,7 +169,7 @@ impl Program {
         cx: &ProgramContext<'_>,
     ) -> Result<Program, NeuronError> {
         let (manifest, layers, vocab, shared) = (cx.manifest, cx.layers, cx.vocab, cx.shared);
-        let model = NeuronModel::load(runtime, label, core, neff)?;
+        let model = NeuronModel::load_rank(runtime, label, core, neff, cx.collective)?;
         let name = Arc::clone(model.name_arc());
         let mut inputs = TensorSet::new(runtime, &name, core)?;
         let mut outputs = TensorSet::new(runtime, &name, core)?;
