@@ -357,16 +357,27 @@ Options:
 #[test]
 fn gateway_overlay_sets_the_session_store() {
     let gateway = deploy_dir().join("gateway");
-    let kustomization = std::fs::read_to_string(gateway.join("kustomization.yaml")).expect("deploy/gateway/kustomization.yaml");
+    let kustomization =
+        std::fs::read_to_string(gateway.join("kustomization.yaml")).expect("deploy/gateway/kustomization.yaml");
     let flags = flags_in(&worker_documents(&kustomization));
     let store = flags.iter().find(|(f, _)| f == "--session-store").and_then(|(_, v)| v.clone());
     assert_eq!(store.as_deref(), Some("redis://neuron-worker-sessions:6379/0"), "flags of the overlay: {flags:?}");
 
-    let picker = std::fs::read_to_string(gateway.join("endpoint-picker.yaml")).expect("deploy/gateway/endpoint-picker.yaml");
-    assert!(flags_in(&picker).iter().any(|(f, _)| f == "--pool-name"), "the scan must see the picker's flags in the raw text");
-    assert!(flags_in(&worker_documents(&picker)).is_empty(), "the picker's documents must be left out of the worker flag check");
+    let picker =
+        std::fs::read_to_string(gateway.join("endpoint-picker.yaml")).expect("deploy/gateway/endpoint-picker.yaml");
+    assert!(
+        flags_in(&picker).iter().any(|(f, _)| f == "--pool-name"),
+        "the scan must see the picker's flags in the raw text"
+    );
+    assert!(
+        flags_in(&worker_documents(&picker)).is_empty(),
+        "the picker's documents must be left out of the worker flag check"
+    );
     let store = std::fs::read_to_string(gateway.join("session-store.yaml")).expect("deploy/gateway/session-store.yaml");
-    assert!(flags_in(&worker_documents(&store)).is_empty(), "Valkey's documents must be left out of the worker flag check");
+    assert!(
+        flags_in(&worker_documents(&store)).is_empty(),
+        "Valkey's documents must be left out of the worker flag check"
+    );
     let mixed = "image: neuron-worker:1\nargs: [serve, --grpc-addr=0.0.0.0:8001]\n---\nimage: ghcr.io/x/epp:v1\nargs: [--pool-name=p]\n";
     assert_eq!(flags_in(&worker_documents(mixed)), vec![("--grpc-addr".to_string(), Some("0.0.0.0:8001".to_string()))]);
 }
@@ -388,20 +399,24 @@ async fn gateway_picker_reads_metrics_the_worker_exports() {
             wanted.insert(name);
         }
     }
-    for needed in ["neuron_worker_num_requests_waiting", "neuron_worker_num_requests_running", "neuron_worker_kv_cache_usage_perc"] {
+    for needed in [
+        "neuron_worker_num_requests_waiting",
+        "neuron_worker_num_requests_running",
+        "neuron_worker_kv_cache_usage_perc",
+    ] {
         assert!(wanted.contains(needed), "the picker config does not read {needed}: {wanted:?}");
     }
 
     let worker = common::start().await;
     let addr = worker.server.metrics_addr.expect("metrics address").to_string();
     let reply = common::http_get(&addr, "/metrics").await;
-    let exported: BTreeSet<&str> = reply
-        .lines()
-        .filter(|l| l.starts_with("neuron_worker_"))
-        .filter_map(|l| l.split(['{', ' ']).next())
-        .collect();
+    let exported: BTreeSet<&str> =
+        reply.lines().filter(|l| l.starts_with("neuron_worker_")).filter_map(|l| l.split(['{', ' ']).next()).collect();
     let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(m.as_str())).collect();
-    assert!(missing.is_empty(), "the picker config reads metrics the worker does not export: {missing:?}\nexported: {exported:?}");
+    assert!(
+        missing.is_empty(),
+        "the picker config reads metrics the worker does not export: {missing:?}\nexported: {exported:?}"
+    );
     assert!(
         reply.lines().any(|l| l.eq_ignore_ascii_case("x-worker-id: test-worker")),
         "the metrics response does not carry x-worker-id:\n{}",
