@@ -61,6 +61,7 @@ fn main() {
         max_len: 256,
         prefill: vec![16, 64],
         decode: batches.iter().flat_map(|&b| [(b, 128), (b, 256)]).collect(),
+        device_greedy: std::env::var_os("BENCH_DEVICE_GREEDY").is_some(),
     };
     write_standin_decoder(&fixture, dir.path(), &layout).expect("compile for the stand-in");
     let manifest = DecoderManifest::load(dir.path()).expect("manifest");

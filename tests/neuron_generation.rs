@@ -24,7 +24,13 @@ use neuron_worker::neff::testing_decoder::{DecoderLayout, write_standin_decoder}
 
 /// 8 usable slots + scratch, 128 positions; prefill 8 and 32; decode at contexts 64 and 128.
 fn layout() -> DecoderLayout {
-    DecoderLayout { slots: 9, max_len: 128, prefill: vec![8, 32], decode: vec![(1, 64), (4, 64), (2, 128), (4, 128)] }
+    DecoderLayout {
+        slots: 9,
+        max_len: 128,
+        prefill: vec![8, 32],
+        decode: vec![(1, 64), (4, 64), (2, 128), (4, 128)],
+        device_greedy: false,
+    }
 }
 
 /// A repository holding the compiled `llama-gqa` as model `gqa`.
@@ -235,4 +241,37 @@ async fn a_core_failing_mid_decode_hands_its_sequences_to_the_others() {
     assert!(moved >= 1.0, "core 0's sequences moved to other cores (moved_sequences_total = {moved})");
     let cap = common::capacity(&w.metrics).await;
     assert_eq!(cap["models"][0]["instances_in_service"], 2, "core 0 left service: {cap}");
+}
+
+/// Programs that pick greedy tokens on the device (`next_token_ids`, `next_token_logprobs`):
+/// greedy requests take their tokens from them (the logits stay on the device) and get
+/// transformers' tokens and the CPU backend's logprobs; seeded requests still sample on the host
+/// from the logits, with the same results as the CPU backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn greedy_tokens_picked_on_the_device_equal_the_host_sampler() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let greedy_layout = DecoderLayout { device_greedy: true, ..layout() };
+    write_standin_decoder(&gqa_fixture(), &dir.path().join("gqa/1"), &greedy_layout).expect("compile");
+    let (n, neuron) = start_neuron(dir.path(), &[], &[]).await;
+    let (_c, cpu) = start_cpu(dir.path()).await;
+    let prompts = reference();
+    let order: Vec<&Prompt> = prompts.iter().chain(&prompts).collect();
+    let reqs = |_: ()| -> Vec<_> { order.iter().map(|p| ids_request(&p.ids, &greedy(p.greedy.len()))).collect() };
+    let on_device = all_at_once(&neuron, reqs(())).await;
+    let on_cpu = all_at_once(&cpu, reqs(())).await;
+    for (k, ((p, a), b)) in order.iter().zip(&on_device).zip(&on_cpu).enumerate() {
+        assert_eq!(a.0, p.greedy, "request {k}: device-picked tokens vs transformers");
+        for (x, y) in a.1.iter().zip(&b.1) {
+            assert!((x - y).abs() <= 1e-4, "request {k}: device logprob {x} vs cpu {y}");
+        }
+    }
+    let picked = common::gen_sessions::metric(&n.metrics, "device_sampled_tokens_total").await;
+    let expected: usize = order.iter().map(|p| p.greedy.len()).sum();
+    assert_eq!(picked as usize, expected, "every greedy token was picked on the device");
+    // Seeded sampling needs the logits: the host samples, the counter does not move.
+    let seeded = r#"{"max_tokens": 20, "temperature": 0.9, "seed": 5, "ignore_eos": true}"#;
+    let a = all_at_once(&neuron, vec![ids_request(&prompts[0].ids, seeded)]).await;
+    let b = all_at_once(&cpu, vec![ids_request(&prompts[0].ids, seeded)]).await;
+    assert_eq!(a[0].0, b[0].0, "seeded tokens, device programs vs cpu");
+    assert_eq!(common::gen_sessions::metric(&n.metrics, "device_sampled_tokens_total").await as usize, expected);
 }

@@ -255,6 +255,11 @@ pub struct LlamaDecoderOp {
     /// (ties → lowest id); -1 for padding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_token_ids: Option<String>,
+    /// Optional `float32` output, same shape as `next_token_ids` (which it requires): the
+    /// log-probability of each picked token, `logit − (max + ln Σ exp(logit − max))` with the sum
+    /// in f64 (the host sampler's formula); 0 for padding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_token_logprobs: Option<String>,
 }
 
 fn invalid(reason: String) -> ProgramError {
@@ -336,7 +341,10 @@ impl LlamaDecoderOp {
         };
         let mut outputs = vec![tensor(self.logits.clone(), "float32", logits)];
         if let Some(name) = &self.next_token_ids {
-            outputs.push(tensor(name.clone(), "int32", next));
+            outputs.push(tensor(name.clone(), "int32", next.clone()));
+        }
+        if let Some(name) = &self.next_token_logprobs {
+            outputs.push(tensor(name.clone(), "float32", next));
         }
         let cache = self.config.cache_shape();
         for layer in 0..self.config.num_layers {
@@ -355,6 +363,9 @@ impl LlamaDecoderOp {
     /// only and at most `max_len`. Other declared inputs are allowed and ignored.
     pub fn check(&self, inputs: &[NeffTensor], outputs: &[NeffTensor]) -> Result<(), ProgramError> {
         self.config.validate().map_err(invalid)?;
+        if self.next_token_logprobs.is_some() && self.next_token_ids.is_none() {
+            return Err(invalid("next_token_logprobs needs next_token_ids".into()));
+        }
         if !self.weight.contains("{name}") {
             return Err(invalid(format!("weight pattern '{}' has no {{name}}", self.weight)));
         }
@@ -442,6 +453,7 @@ mod tests {
             context: (mode == DecoderMode::Decode).then_some(8),
             logits: "logits".into(),
             next_token_ids: Some("next_token_ids".into()),
+            next_token_logprobs: None,
         }
     }
 

@@ -60,7 +60,8 @@
 //!   replaced); per layer a K and a V cache, `float32 [slots, max_len, num_kv_heads, head_dim]`,
 //!   declared as an input and as an output (patterns with `{layer}`); outputs `logits`
 //!   (`float32`, prefill `[1, S, V]`, decode `[B, V]`) and optionally `next_token_ids` (`int32`,
-//!   prefill `[1, S]`, decode `[B]`). `context` (decode only, required, at most `max_len`) bounds
+//!   prefill `[1, S]`, decode `[B]`) with, optionally, `next_token_logprobs` (`float32`, same
+//!   shape: the picked token's log-softmax, the sum of exponentials in f64). `context` (decode only, required, at most `max_len`) bounds
 //!   the positions a decode program reads. The load-time check refuses any other shape or dtype,
 //!   a missing end of an alias pair and undeclared outputs; other inputs are ignored.
 //! - Semantics: Hugging Face `LlamaForCausalLM` in `float32`, per real token (position ≥ 0):
@@ -73,7 +74,8 @@
 //!   `h / (num_heads / num_kv_heads)`), `o_proj`, residual, RMSNorm, `down(silu(gate) · up)`,
 //!   residual; final norm; LM head (`lm_head.weight`, or the embedding when
 //!   `tie_word_embeddings`). `next_token_ids` is the argmax of each logits row (ties → lowest
-//!   id). Padding rows write and read nothing; their logits are 0 and their next id -1.
+//!   id). Padding rows write and read nothing; their logits are 0, their next id -1 and its
+//!   logprob 0.
 //! - Invariance: a row's logits and the K/V it writes depend only on its token, position and its
 //!   slot's cache contents: bit-identical whatever the bucket size, the other rows, the padding,
 //!   and however a prompt is split between calls (prefill then decode included).

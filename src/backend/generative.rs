@@ -97,4 +97,18 @@ pub trait DecoderInstance: Send {
 
     /// A short label for logs and metrics, e.g. `cpu:0`.
     fn label(&self) -> String;
+
+    /// Whether [`DecoderInstance::forward_greedy`] picks greedy tokens on the device (compiled
+    /// programs with token ids out), so the logits never travel to the host.
+    fn greedy_on_device(&self) -> bool {
+        false
+    }
+
+    /// Like [`DecoderInstance::forward`], but instead of logits rows appends, for each row a chunk
+    /// asks for ([`LogitsWanted::Last`] only), the greedy token (argmax, lowest id among equals)
+    /// and its log-probability (`logit − log Σ exp(logits)`), exactly as the host sampler would.
+    fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>], picked: &mut Vec<(u32, f32)>) -> Result<(), BackendError> {
+        let _ = (chunks, picked);
+        Err(BackendError::Unavailable(format!("{} cannot sample on the device", self.label())))
+    }
 }

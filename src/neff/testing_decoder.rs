@@ -22,6 +22,9 @@ pub struct DecoderLayout {
     pub prefill: Vec<usize>,
     /// Decode (batch, context) buckets; one must have `context == max_len`.
     pub decode: Vec<(usize, usize)>,
+    /// The programs also pick greedy tokens on the device (`next_token_ids` and
+    /// `next_token_logprobs` outputs).
+    pub device_greedy: bool,
 }
 
 /// Tensor names of the stand-in programs (AWS's conventions; the manifest repeats them).
@@ -54,7 +57,7 @@ fn op_config(c: &LlamaConfig, layout: &DecoderLayout) -> DecoderConfig {
     }
 }
 
-fn op(config: DecoderConfig, mode: DecoderMode, context: Option<u64>) -> LlamaDecoderOp {
+fn op(config: DecoderConfig, mode: DecoderMode, context: Option<u64>, greedy: bool) -> LlamaDecoderOp {
     LlamaDecoderOp {
         mode,
         config,
@@ -68,7 +71,8 @@ fn op(config: DecoderConfig, mode: DecoderMode, context: Option<u64>) -> LlamaDe
         cache_v_output: V_OUTPUT.into(),
         context,
         logits: "logits".into(),
-        next_token_ids: None,
+        next_token_ids: greedy.then(|| "next_token_ids".into()),
+        next_token_logprobs: greedy.then(|| "next_token_logprobs".into()),
     }
 }
 
@@ -98,9 +102,13 @@ pub fn write_standin_decoder(hf: &Path, out: &Path, layout: &DecoderLayout) -> R
     let mut prefill = Vec::new();
     for &s in &layout.prefill {
         let file = format!("prefill_s{s}.neff");
-        NeffBuilder::llama_decoder(format!("prefill_s{s}"), op(cfg.clone(), DecoderMode::Prefill, None), s as u64)
-            .write_to(out.join(&file))
-            .map_err(|e| e.to_string())?;
+        NeffBuilder::llama_decoder(
+            format!("prefill_s{s}"),
+            op(cfg.clone(), DecoderMode::Prefill, None, layout.device_greedy),
+            s as u64,
+        )
+        .write_to(out.join(&file))
+        .map_err(|e| e.to_string())?;
         prefill.push(json!({ "neff": file, "seq_len": s }));
     }
     let mut decode = Vec::new();
@@ -108,7 +116,7 @@ pub fn write_standin_decoder(hf: &Path, out: &Path, layout: &DecoderLayout) -> R
         let file = format!("decode_b{b}_c{c}.neff");
         NeffBuilder::llama_decoder(
             format!("decode_b{b}_c{c}"),
-            op(cfg.clone(), DecoderMode::Decode, Some(c as u64)),
+            op(cfg.clone(), DecoderMode::Decode, Some(c as u64), layout.device_greedy),
             b as u64,
         )
         .write_to(out.join(&file))
@@ -120,7 +128,9 @@ pub fn write_standin_decoder(hf: &Path, out: &Path, layout: &DecoderLayout) -> R
         "kv": { "layout": "contiguous", "slots": layout.slots, "max_len": layout.max_len, "dtype": "float32",
                 "k_input": K_INPUT, "k_output": K_OUTPUT, "v_input": V_INPUT, "v_output": V_OUTPUT },
         "tensors": { "input_ids": "input_ids", "position_ids": "position_ids", "seq_ids": "seq_ids",
-                     "logits": "logits", "weight": "{name}", "weights_dtype": "float32" },
+                     "logits": "logits", "weight": "{name}", "weights_dtype": "float32",
+                     "next_token_ids": layout.device_greedy.then_some("next_token_ids"),
+                     "next_token_logprobs": layout.device_greedy.then_some("next_token_logprobs") },
         "padding_position": -1,
         "prefill": prefill,
         "decode": decode,

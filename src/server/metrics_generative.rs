@@ -47,7 +47,7 @@ pub fn render(repo: &Repository) -> String {
         return out;
     }
     type Read = fn(&GenerativeStats) -> f64;
-    let simple: [(&str, &str, &str, Read); 24] = [
+    let simple: [(&str, &str, &str, Read); 25] = [
         ("num_requests_running", "gauge", "Sequences in the running set (holding K/V blocks)", |s| {
             s.running.load(Relaxed) as f64
         }),
@@ -118,6 +118,12 @@ pub fn render(repo: &Repository) -> String {
             "counter",
             "Sequences moved off an instance that left service and continued on another",
             |s| s.moved_sequences.load(Relaxed) as f64,
+        ),
+        (
+            "device_sampled_tokens_total",
+            "counter",
+            "Tokens picked on the device (greedy, compiled programs with token ids out)",
+            |s| s.device_sampled_tokens.load(Relaxed) as f64,
         ),
         ("request_success_stop_total", "counter", "Generations ended by EOS or a stop string", |s| {
             s.finished_stop.load(Relaxed) as f64

@@ -97,7 +97,11 @@ typedef struct nrt_vnc_memory_stats {
 NRT_STATUS nrt_init(nrt_framework_type_t framework, const char *fw_version, const char *fal_version);
 void nrt_close(void);
 
-/* Models. Core indices are relative to the cores visible to this process. */
+/*
+ * Models. Core indices are relative to the cores visible to this process; a
+ * start of -1 lets the runtime choose. The core count is deprecated: AWS's
+ * header says always pass -1.
+ */
 NRT_STATUS nrt_load(const void *neff_bytes, size_t size, int32_t start_nc, int32_t nc_count, nrt_model_t **model);
 NRT_STATUS nrt_unload(nrt_model_t *model);
 

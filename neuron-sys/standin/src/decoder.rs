@@ -9,7 +9,7 @@ use std::sync::Arc;
 use neff_format::program::{DecoderMode, LlamaDecoderOp};
 
 use crate::abi::{NRT_INVALID, NrtStatus};
-use crate::decoder_math::{Caches, Dims, LayerWeights, Llama3Scaling, Model, Rope, Token, Weights, forward};
+use crate::decoder_math::{Caches, Dims, LayerWeights, Llama3Scaling, Model, Picked, Rope, Token, Weights, forward};
 use crate::knobs::ExecKind;
 use crate::neff::TensorDecl;
 use crate::tensor::{Access, LockSet, Tensor, View, addr};
@@ -55,6 +55,7 @@ pub struct DecoderPlan {
     layers: Vec<LayerPlan>,
     logits: usize,
     next_ids: Option<usize>,
+    next_logprobs: Option<usize>,
 }
 
 fn size(v: u64) -> Result<usize, String> {
@@ -135,6 +136,7 @@ impl DecoderPlan {
             layers,
             logits: index(outputs, &op.logits, "output")?,
             next_ids: op.next_token_ids.as_deref().map(|n| index(outputs, n, "output")).transpose()?,
+            next_logprobs: op.next_token_logprobs.as_deref().map(|n| index(outputs, n, "output")).transpose()?,
             op: op.clone(),
         })
     }
@@ -215,6 +217,9 @@ impl DecoderPlan {
         if let Some(next) = self.next_ids {
             writes.push(Arc::clone(tensor_out(next)?));
         }
+        if let Some(lp) = self.next_logprobs {
+            writes.push(Arc::clone(tensor_out(lp)?));
+        }
         let read_tensors: Vec<&Arc<Tensor>> = reads.iter().map(|&i| tensor_in(i)).collect::<Result<_, _>>()?;
         let read_addrs: HashSet<usize> = read_tensors.iter().map(|t| addr(t)).collect();
         let mut write_addrs = HashSet::new();
@@ -270,8 +275,16 @@ impl DecoderPlan {
             }
             None => None,
         };
+        let next_logprobs = match self.next_logprobs {
+            Some(i) => {
+                let t = tensor_out(i)?;
+                Some(cast_mut::<f32>(write_view(&mut views, t)?, t)?)
+            }
+            None => None,
+        };
         let model = Model { dims: self.dims, eps: self.eps, rope: &self.rope, weights };
-        forward(&model, &mut Caches { k: k_cache, v: v_cache }, &tokens, logits, next_ids);
+        let picked = Picked { ids: next_ids, logprobs: next_logprobs };
+        forward(&model, &mut Caches { k: k_cache, v: v_cache }, &tokens, logits, picked);
         Ok(())
     }
 

@@ -213,15 +213,30 @@ pub struct Caches<'a> {
     pub v: Vec<&'a mut [f32]>,
 }
 
+/// On-device greedy picks: the argmax of each logits row and its log-probability.
+#[derive(Debug, Default)]
+pub struct Picked<'a> {
+    /// `[rows]` token ids (-1 for rows without a token).
+    pub ids: Option<&'a mut [i32]>,
+    /// `[rows]` log-probabilities of the picked ids (0 for rows without a token).
+    pub logprobs: Option<&'a mut [f32]>,
+}
+
+/// Log-probability of `row[i]`: `row[i] − (max + ln Σ exp(row − max))`, the sum in f64 (the
+/// worker's host sampler computes it the same way, so both give the same value).
+pub fn logprob_of(row: &[f32], i: usize) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return row[i] - max;
+    }
+    let sum: f64 = row.iter().map(|&l| f64::from(l - max).exp()).sum();
+    row[i] - (max + sum.ln() as f32)
+}
+
 /// The forward pass of one call over `tokens` (already validated), updating `caches`; `logits`
-/// is `[rows, V]` and `next_ids` `[rows]` (rows without a token get 0 and -1).
-pub fn forward(
-    m: &Model<'_>,
-    caches: &mut Caches<'_>,
-    tokens: &[Token],
-    logits: &mut [f32],
-    next_ids: Option<&mut [i32]>,
-) {
+/// is `[rows, V]`, and `picked` the greedy picks per row when asked (rows without a token get
+/// -1 and 0).
+pub fn forward(m: &Model<'_>, caches: &mut Caches<'_>, tokens: &[Token], logits: &mut [f32], picked: Picked<'_>) {
     let (d, eps, rope, w) = (&m.dims, m.eps, m.rope, &m.weights);
     let (h, hd) = (d.hidden, d.head_dim);
     let (q_width, kv_width) = (d.heads * hd, d.kv_heads * hd);
@@ -267,16 +282,23 @@ pub fn forward(
         }
     }
     logits.fill(0.0);
-    let mut next_ids = next_ids;
+    let Picked { ids: mut next_ids, logprobs: mut next_logprobs } = picked;
     if let Some(ids) = next_ids.as_deref_mut() {
         ids.fill(-1);
+    }
+    if let Some(lps) = next_logprobs.as_deref_mut() {
+        lps.fill(0.0);
     }
     for (i, t) in tokens.iter().enumerate() {
         rms_norm(&x[i * h..(i + 1) * h], w.norm, eps, &mut normed);
         let row = &mut logits[t.row * d.vocab..(t.row + 1) * d.vocab];
         matvec(w.lm_head, &normed, None, row);
+        let best = argmax(row);
         if let Some(ids) = next_ids.as_deref_mut() {
-            ids[t.row] = argmax(row) as i32;
+            ids[t.row] = best as i32;
+        }
+        if let Some(lps) = next_logprobs.as_deref_mut() {
+            lps[t.row] = logprob_of(row, best);
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Knobs {
     /// Device memory per core: the limit `nrt_get_vnc_memory_stats` reports, and device
     /// allocations beyond it fail with `NRT_RESOURCE`.
     pub device_memory_bytes: u64,
+    /// One execution at a time per core (as on hardware): an execution waits for the one
+    /// running on its core, device time included.
+    pub serial_cores: bool,
 }
 
 impl Default for Knobs {
@@ -68,6 +71,7 @@ impl Default for Knobs {
             deny_read_prefix: None,
             deny_write_prefix: None,
             device_memory_bytes: DEFAULT_DEVICE_MEMORY_BYTES,
+            serial_cores: false,
         }
     }
 }
@@ -112,6 +116,7 @@ impl Knobs {
             deny_read_prefix: lookup("NRT_STANDIN_DENY_READ_PREFIX").filter(|p| !p.is_empty()),
             deny_write_prefix: lookup("NRT_STANDIN_DENY_WRITE_PREFIX").filter(|p| !p.is_empty()),
             device_memory_bytes: number("NRT_STANDIN_DEVICE_MEMORY_BYTES").unwrap_or(DEFAULT_DEVICE_MEMORY_BYTES),
+            serial_cores: flag("NRT_STANDIN_SERIAL_CORES"),
         }
     }
 
@@ -214,6 +219,8 @@ mod tests {
         assert_eq!(deny.deny_read_prefix, None);
         assert_eq!(k.device_memory_bytes, 16 << 30);
         assert_eq!(knobs(&[("NRT_STANDIN_DEVICE_MEMORY_BYTES", "4096")]).device_memory_bytes, 4096);
+        assert!(!k.serial_cores);
+        assert!(knobs(&[("NRT_STANDIN_SERIAL_CORES", "1")]).serial_cores);
     }
 
     #[test]

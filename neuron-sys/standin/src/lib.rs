@@ -48,6 +48,8 @@
 //!   still write such tensors.
 //! - `NRT_STANDIN_DEVICE_MEMORY_BYTES`: device memory per core (default 16 GiB), reported by
 //!   `nrt_get_vnc_memory_stats`; device allocations beyond it fail with `NRT_RESOURCE`.
+//! - `NRT_STANDIN_SERIAL_CORES=1`: one execution at a time per core, device time included (as on
+//!   hardware); by default executions on one core overlap.
 //! - `NRT_STANDIN_HANG_EXEC=1`: executions sleep `NEURON_RT_EXEC_TIMEOUT` seconds (default
 //!   3600, or until `nrt_close`) and return `NRT_TIMEOUT`.
 //!

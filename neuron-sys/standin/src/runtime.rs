@@ -51,6 +51,8 @@ struct State {
     sets: HashMap<usize, Arc<TensorSet>>,
     next_core: u32,
     exec_counts: HashMap<u32, u64>,
+    /// One lock per core, held through a whole execution when `serial_cores` is set.
+    core_locks: HashMap<u32, Arc<Mutex<()>>>,
     exec_failed: bool,
     load_failed: bool,
     memory: Arc<CoreMemory>,
@@ -298,12 +300,25 @@ impl Runtime {
 
     /// `nrt_tensor_copy`: `size` bytes from `src` at `src_offset` to `dst` at `dst_offset`.
     /// Like the real runtime, two device tensors must be on the same core (else `NRT_INVALID`);
-    /// out-of-range offsets give `NRT_INVALID`. The deny knobs do not apply (no host access).
+    /// out-of-range offsets give `NRT_INVALID`. A copy between a device tensor and host memory
+    /// is a host access: the deny knobs apply to it (device-to-device copies are not).
     pub fn tensor_copy(&self, src: usize, src_offset: usize, dst: usize, dst_offset: usize, size: usize) -> NrtStatus {
         let (src, dst) = match (self.tensor(src), self.tensor(dst)) {
             (Ok(s), Ok(d)) => (s, d),
             (Err(e), _) | (_, Err(e)) => return e,
         };
+        let knobs = lock(&self.state).knobs.clone();
+        let denied = |prefix: &Option<String>, device: &Tensor, host: &Tensor| {
+            host.core.is_none() && prefix.as_deref().is_some_and(|p| device.name.starts_with(p))
+        };
+        if denied(&knobs.deny_read_prefix, &src, &dst) || denied(&knobs.deny_write_prefix, &dst, &src) {
+            log(&format!(
+                "nrt_tensor_copy '{}' -> '{}': refused, a host transfer of a denied tensor \
+                 (NRT_STANDIN_DENY_READ_PREFIX / NRT_STANDIN_DENY_WRITE_PREFIX)",
+                src.name, dst.name
+            ));
+            return NRT_INVALID;
+        }
         if let (Some(a), Some(b)) = (src.core, dst.core)
             && a != b
         {
@@ -399,6 +414,8 @@ impl Runtime {
         let in_tensors = bind(&model, &model.inputs, &lock(&in_set), "input")?;
         let out_tensors = bind(&model, &model.outputs, &lock(&out_set), "output")?;
         for _ in 0..repeat {
+            let core_lock = self.core_lock(model.core)?;
+            let _one_at_a_time = core_lock.as_deref().map(lock);
             let started = Instant::now();
             let (knobs, injected) = self.next_execution(model.core)?;
             // The simulated device time is the execution's duration: the host computation counts
@@ -423,6 +440,15 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+
+    /// The lock serialising executions on `core`, when the `serial_cores` knob is set.
+    fn core_lock(&self, core: u32) -> Result<Option<Arc<Mutex<()>>>, NrtStatus> {
+        let mut state = self.ready()?;
+        if !state.knobs.serial_cores {
+            return Ok(None);
+        }
+        Ok(Some(Arc::clone(state.core_locks.entry(core).or_default())))
     }
 
     /// Counts one execution on `core` and decides whether the knobs make it fail or hang.

@@ -452,3 +452,32 @@ fn deny_write_prefix_refuses_host_writes_of_matching_tensors_only() {
     assert_eq!(buf, [2; 8]);
     assert_eq!(rt.host_write(&rt.tensor(other).expect("tensor"), 0, &[3; 8]), NRT_SUCCESS);
 }
+
+#[test]
+fn serial_cores_run_one_execution_at_a_time_per_core() {
+    let delay = Duration::from_millis(30);
+    for (serial, at_least) in [(false, delay), (true, 3 * delay)] {
+        let rt = runtime(Knobs { exec_delay: delay, serial_cores: serial, ..Knobs::default() });
+        let bench = Arc::new(Bench::new(Arc::clone(&rt), 0, 1));
+        let other_core = Arc::new(Bench::new(Arc::clone(&rt), 1, 1));
+        let started = std::time::Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|k| {
+                let b = if k < 3 { Arc::clone(&bench) } else { Arc::clone(&other_core) };
+                std::thread::spawn(move || b.run())
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().expect("thread"), NRT_SUCCESS);
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed >= at_least, "serial {serial}: three executions on core 0 took {elapsed:?}");
+        if !serial {
+            continue;
+        }
+        // The fourth execution, on core 1, did not wait for core 0.
+        let started = std::time::Instant::now();
+        assert_eq!(other_core.run(), NRT_SUCCESS);
+        assert!(started.elapsed() < 3 * delay);
+    }
+}

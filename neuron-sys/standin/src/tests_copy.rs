@@ -31,6 +31,23 @@ fn tensor_copy_moves_bytes_on_one_core_and_refuses_two_device_cores() {
 }
 
 #[test]
+fn copies_to_and_from_host_memory_obey_the_deny_knobs_device_copies_do_not() {
+    let rt = runtime(Knobs {
+        deny_read_prefix: Some("kv:".into()),
+        deny_write_prefix: Some("kv:".into()),
+        ..Knobs::default()
+    });
+    let kv = rt.tensor_allocate(NRT_TENSOR_PLACEMENT_DEVICE, 0, 16, "kv:k:0").expect("tensor");
+    let staging = rt.tensor_allocate(NRT_TENSOR_PLACEMENT_DEVICE, 0, 16, "staging").expect("tensor");
+    let host = rt.tensor_allocate(NRT_TENSOR_PLACEMENT_HOST, -1, 16, "host").expect("tensor");
+    assert_eq!(rt.tensor_copy(kv, 0, host, 0, 16), NRT_INVALID, "device to host is a host read");
+    assert_eq!(rt.tensor_copy(host, 0, kv, 0, 16), NRT_INVALID, "host to device is a host write");
+    assert_eq!(rt.tensor_copy(kv, 0, staging, 0, 16), NRT_SUCCESS, "device to device on one core");
+    assert_eq!(rt.tensor_copy(staging, 0, kv, 0, 16), NRT_SUCCESS);
+    assert_eq!(rt.tensor_copy(staging, 0, host, 0, 16), NRT_SUCCESS, "other tensors are not denied");
+}
+
+#[test]
 fn memory_stats_count_device_tensors_per_core_against_the_limit() {
     let rt = runtime(Knobs { device_memory_bytes: 1000, ..Knobs::default() });
     assert_eq!(rt.memory_stats(0), Ok((0, 1000)));

@@ -104,6 +104,7 @@ pub(crate) fn decoder_op(config: &DecoderConfig, mode: DecoderMode, context: Opt
         context,
         logits: "logits".into(),
         next_token_ids: Some("next_token_ids".into()),
+        next_token_logprobs: None,
     }
 }
 

@@ -61,6 +61,8 @@ pub struct GenerativeStats {
     pub preemptions: AtomicU64,
     /// Sequences moved off an instance that left service, continued on another one.
     pub moved_sequences: AtomicU64,
+    /// Tokens picked on the device (greedy, by compiled programs with token ids out).
+    pub device_sampled_tokens: AtomicU64,
     /// Forward steps run.
     pub steps: AtomicU64,
     /// Requests finished by a stop condition.

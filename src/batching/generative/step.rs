@@ -68,6 +68,8 @@ pub struct Engine {
     /// Gauge values this engine last added to the shared statistics.
     published: [u64; 8],
     logits: Vec<f32>,
+    /// Tokens and logprobs picked on the device (greedy rows of a decoder that samples there).
+    picked: Vec<(u32, f32)>,
     scratch: Vec<u32>,
     /// K/V bytes one position takes (all layers, K and V).
     kv_bytes_per_position: u64,
@@ -105,6 +107,7 @@ impl Engine {
             stats,
             published: [0; 8],
             logits: Vec::new(),
+            picked: Vec::new(),
             scratch: Vec::new(),
             kv_bytes_per_position: (shape.layers * 2 * shape.kv_heads * shape.head_dim * 4) as u64,
             left_queue: 0,
@@ -510,12 +513,33 @@ impl Engine {
             });
         }
         self.logits.clear();
-        self.decoder.forward(&chunks, &mut self.logits)?;
         let wanted: Vec<bool> = chunks.iter().map(|c| c.logits == LogitsWanted::Last).collect();
+        // Greedy rows without top-logprobs can take their token from the device (no logits out).
+        let on_device = self.decoder.greedy_on_device()
+            && plan.iter().zip(&wanted).all(|(&(i, _), &w)| {
+                let p = &self.running[i].params;
+                !w || (p.is_greedy() && p.logprobs.is_none())
+            });
+        self.picked.clear();
+        if on_device {
+            self.decoder.forward_greedy(&chunks, &mut self.picked)?;
+        } else {
+            self.decoder.forward(&chunks, &mut self.logits)?;
+        }
         drop(chunks);
         let vocab = self.decoder.shape().vocab;
         let rows = wanted.iter().filter(|&&w| w).count();
-        if self.logits.len() != rows * vocab {
+        if on_device && self.picked.len() != rows {
+            return Err(BackendError::Execution {
+                message: format!(
+                    "decoder returned {} device-sampled tokens for {rows} rows; the decoder implementation is inconsistent",
+                    self.picked.len()
+                ),
+                instance_usable: false,
+                nrt_status: None,
+            });
+        }
+        if !on_device && self.logits.len() != rows * vocab {
             return Err(BackendError::Execution {
                 message: format!(
                     "decoder returned {} logits for {rows} rows of {vocab}; the decoder implementation is inconsistent",
@@ -536,14 +560,24 @@ impl Engine {
             if !wants {
                 continue;
             }
-            let logits = &self.logits[row * vocab..(row + 1) * vocab];
+            let (sampled, top) = if on_device {
+                let (token, logprob) = self.picked[row];
+                self.stats.device_sampled_tokens.fetch_add(1, Relaxed);
+                (sampler::Sampled { token, logprob }, None)
+            } else {
+                let logits = &self.logits[row * vocab..(row + 1) * vocab];
+                let position = s.tokens.len();
+                let sampled = sampler::sample(logits, &s.params, s.seed, position, &mut self.scratch);
+                let top = s.params.logprobs.map(|k| {
+                    let (top, rank) = sampler::top_logprobs(logits, sampled.token, k, &mut self.scratch);
+                    PositionLogprobs {
+                        chosen: RankedLogprob { token: sampled.token, logprob: sampled.logprob, rank },
+                        top,
+                    }
+                });
+                (sampled, top)
+            };
             row += 1;
-            let position = s.tokens.len();
-            let sampled = sampler::sample(logits, &s.params, s.seed, position, &mut self.scratch);
-            let top = s.params.logprobs.map(|k| {
-                let (top, rank) = sampler::top_logprobs(logits, sampled.token, k, &mut self.scratch);
-                PositionLogprobs { chosen: RankedLogprob { token: sampled.token, logprob: sampled.logprob, rank }, top }
-            });
             let accepted = s.accept(sampled, top, &self.rules, self.text.as_ref(), now);
             self.stats.generated_tokens.fetch_add(1, Relaxed);
             if let Some(t) = accepted.first_token_s {

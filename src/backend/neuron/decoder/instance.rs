@@ -59,6 +59,8 @@ pub struct NeuronDecoderInstance {
     padding_position: i32,
     prefill_lengths: Vec<usize>,
     decode_buckets: Vec<(usize, usize)>,
+    /// The programs pick greedy tokens (token ids and logprobs out).
+    greedy_on_device: bool,
     timings: Arc<DecoderTimings>,
     /// When the last `forward` ended.
     last_forward_end: Option<Instant>,
@@ -72,6 +74,26 @@ struct Scratch {
     seqs: Vec<u8>,
     bytes: Vec<u8>,
     row: Vec<f32>,
+    picks: Vec<(u32, f32)>,
+}
+
+/// Where the rows a step asks for go: logits rows (`vocab` values each), or the greedy picks of
+/// programs with token ids out (token, logprob).
+pub enum Rows<'a> {
+    /// Logits rows.
+    Logits(&'a mut [f32], usize),
+    /// One (token, logprob) per row.
+    Picks(&'a mut [(u32, f32)]),
+}
+
+impl Rows<'_> {
+    /// Rows `from..to`.
+    fn slice(&mut self, from: usize, to: usize) -> Rows<'_> {
+        match self {
+            Rows::Logits(v, w) => Rows::Logits(&mut v[from * *w..to * *w], *w),
+            Rows::Picks(p) => Rows::Picks(&mut p[from..to]),
+        }
+    }
 }
 
 impl std::fmt::Debug for NeuronDecoderInstance {
@@ -160,6 +182,7 @@ impl NeuronDecoderInstance {
             padding_position: manifest.padding_position,
             prefill_lengths,
             decode_buckets,
+            greedy_on_device: manifest.tensors.next_token_ids.is_some(),
             shape,
             timings: Arc::default(),
             last_forward_end: None,
@@ -195,10 +218,9 @@ impl NeuronDecoderInstance {
         result.map_err(BackendError::from)
     }
 
-    /// Runs one prefill chunk in pieces; writes its logits rows to `out` (`rows * vocab`).
-    fn run_prefill(&mut self, chunk: &SeqChunk<'_>, out: &mut [f32]) -> Result<(), BackendError> {
+    /// Runs one prefill chunk in pieces; writes the rows it asks for to `out`.
+    fn run_prefill(&mut self, chunk: &SeqChunk<'_>, mut out: Rows<'_>) -> Result<(), BackendError> {
         let slot = self.slot_of(chunk)?;
-        let vocab = self.shape.vocab;
         let n = chunk.tokens.len();
         for piece in prefill_pieces(&self.prefill_lengths, n) {
             let seq_len = self.prefill_lengths[piece.bucket];
@@ -217,11 +239,10 @@ impl NeuronDecoderInstance {
             match chunk.logits {
                 LogitsWanted::None => {}
                 LogitsWanted::All => {
-                    let rows = &mut out[piece.offset * vocab..(piece.offset + piece.len) * vocab];
-                    program.read_logits(0, vocab, rows, &mut s.bytes)?;
+                    program.read_rows(0, out.slice(piece.offset, piece.offset + piece.len), &mut s.bytes)?;
                 }
                 LogitsWanted::Last if piece.offset + piece.len == n => {
-                    program.read_logits(piece.len - 1, vocab, &mut out[..vocab], &mut s.bytes)?;
+                    program.read_rows(piece.len - 1, out.slice(0, 1), &mut s.bytes)?;
                 }
                 LogitsWanted::Last => {}
             }
@@ -236,7 +257,7 @@ impl NeuronDecoderInstance {
         chunks: &[SeqChunk<'_>],
         rows: &[usize],
         offsets: &[usize],
-        out: &mut [f32],
+        out: &mut Rows<'_>,
     ) -> Result<(), BackendError> {
         let vocab = self.shape.vocab;
         let positions: Vec<usize> = rows.iter().map(|&r| chunks[r].start).collect();
@@ -265,16 +286,64 @@ impl NeuronDecoderInstance {
             }
             let program = &self.decode[group.bucket];
             let s = &mut self.scratch;
-            s.row.resize(members.len() * vocab, 0.0);
-            program.read_logits(0, vocab, &mut s.row, &mut s.bytes)?;
+            if matches!(out, Rows::Picks(_)) {
+                s.picks.resize(members.len(), (0, 0.0));
+                program.read_rows(0, Rows::Picks(&mut s.picks), &mut s.bytes)?;
+            } else {
+                s.row.resize(members.len() * vocab, 0.0);
+                program.read_rows(0, Rows::Logits(&mut s.row, vocab), &mut s.bytes)?;
+            }
             for (k, &i) in group.rows.iter().enumerate() {
-                let chunk = &chunks[rows[i]];
-                if chunk.logits != LogitsWanted::None {
-                    let at = offsets[rows[i]] * vocab;
-                    out[at..at + vocab].copy_from_slice(&s.row[k * vocab..(k + 1) * vocab]);
+                if chunks[rows[i]].logits == LogitsWanted::None {
+                    continue;
+                }
+                let at = offsets[rows[i]];
+                match out.slice(at, at + 1) {
+                    Rows::Logits(dst, _) => dst.copy_from_slice(&s.row[k * vocab..(k + 1) * vocab]),
+                    Rows::Picks(dst) => dst[0] = s.picks[k],
                 }
             }
         }
+        Ok(())
+    }
+
+    /// One forward over `chunks`, the rows they ask for written to `out`.
+    fn step(&mut self, chunks: &[SeqChunk<'_>], mut out: Rows<'_>) -> Result<(), BackendError> {
+        let started = Instant::now();
+        if let Some(end) = self.last_forward_end {
+            DecoderTimings::add(&self.timings.between_ns, started.duration_since(end));
+        }
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut total = 0;
+        for c in chunks {
+            offsets.push(total);
+            total += c.logits.rows(c.tokens.len());
+        }
+        let mut decode_rows = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            if chunk.start + chunk.tokens.len() > self.shape.max_positions {
+                return Err(execution_error(format!(
+                    "positions up to {} requested; this compiled model holds {}",
+                    chunk.start + chunk.tokens.len(),
+                    self.shape.max_positions
+                )));
+            }
+            match chunk.tokens.len() {
+                0 => {}
+                1 => decode_rows.push(i),
+                _ => {
+                    let rows = chunk.logits.rows(chunk.tokens.len());
+                    self.run_prefill(chunk, out.slice(offsets[i], offsets[i] + rows))?;
+                }
+            }
+        }
+        if !decode_rows.is_empty() {
+            self.run_decode(chunks, &decode_rows, &offsets, &mut out)?;
+        }
+        self.timings.steps.fetch_add(1, Relaxed);
+        let end = Instant::now();
+        DecoderTimings::add(&self.timings.forward_ns, end.duration_since(started));
+        self.last_forward_end = Some(end);
         Ok(())
     }
 
@@ -299,46 +368,28 @@ impl DecoderInstance for NeuronDecoderInstance {
     }
 
     fn forward(&mut self, chunks: &[SeqChunk<'_>], logits: &mut Vec<f32>) -> Result<(), BackendError> {
-        let started = Instant::now();
-        if let Some(end) = self.last_forward_end {
-            DecoderTimings::add(&self.timings.between_ns, started.duration_since(end));
-        }
         let vocab = self.shape.vocab;
-        let mut offsets = Vec::with_capacity(chunks.len());
-        let mut total = 0;
-        for c in chunks {
-            offsets.push(total);
-            total += c.logits.rows(c.tokens.len());
-        }
+        let total: usize = chunks.iter().map(|c| c.logits.rows(c.tokens.len())).sum();
         let base = logits.len();
         logits.resize(base + total * vocab, 0.0);
-        let out = &mut logits[base..];
-        let mut decode_rows = Vec::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            if chunk.start + chunk.tokens.len() > self.shape.max_positions {
-                return Err(execution_error(format!(
-                    "positions up to {} requested; this compiled model holds {}",
-                    chunk.start + chunk.tokens.len(),
-                    self.shape.max_positions
-                )));
-            }
-            match chunk.tokens.len() {
-                0 => {}
-                1 => decode_rows.push(i),
-                _ => {
-                    let rows = chunk.logits.rows(chunk.tokens.len());
-                    self.run_prefill(chunk, &mut out[offsets[i] * vocab..(offsets[i] + rows) * vocab])?;
-                }
-            }
+        self.step(chunks, Rows::Logits(&mut logits[base..], vocab))
+    }
+
+    fn greedy_on_device(&self) -> bool {
+        self.greedy_on_device
+    }
+
+    fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>], picked: &mut Vec<(u32, f32)>) -> Result<(), BackendError> {
+        if !self.greedy_on_device {
+            return Err(BackendError::Unavailable(format!(
+                "{}: the manifest names no next_token_ids/next_token_logprobs outputs",
+                self.label()
+            )));
         }
-        if !decode_rows.is_empty() {
-            self.run_decode(chunks, &decode_rows, &offsets, out)?;
-        }
-        self.timings.steps.fetch_add(1, Relaxed);
-        let end = Instant::now();
-        DecoderTimings::add(&self.timings.forward_ns, end.duration_since(started));
-        self.last_forward_end = Some(end);
-        Ok(())
+        let total: usize = chunks.iter().map(|c| c.logits.rows(c.tokens.len())).sum();
+        let base = picked.len();
+        picked.resize(base + total, (0, 0.0));
+        self.step(chunks, Rows::Picks(&mut picked[base..]))
     }
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<(), BackendError> {

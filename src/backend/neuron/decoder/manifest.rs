@@ -130,6 +130,14 @@ pub struct TensorNames {
     /// Element type of the weight inputs (`float32`, `bfloat16` or `float16`).
     #[serde(default = "default_weights_dtype")]
     pub weights_dtype: String,
+    /// Optional int32 output (prefill `[1, seq_len]`, decode `[batch]`): the greedy token of each
+    /// row, picked on the device. With `next_token_logprobs`, greedy requests (without top
+    /// logprobs) take their tokens from it and the logits stay on the device.
+    #[serde(default)]
+    pub next_token_ids: Option<String>,
+    /// Optional float32 output, same shape: the log-probability of each picked token.
+    #[serde(default)]
+    pub next_token_logprobs: Option<String>,
 }
 
 impl Default for TensorNames {
@@ -141,6 +149,8 @@ impl Default for TensorNames {
             logits: default_logits(),
             weight: default_weight(),
             weights_dtype: default_weights_dtype(),
+            next_token_ids: None,
+            next_token_logprobs: None,
         }
     }
 }
@@ -242,6 +252,11 @@ impl DecoderManifest {
                 "tensors.weights_dtype '{}' is not supported (float32, bfloat16 or float16)",
                 self.tensors.weights_dtype
             ));
+        }
+        if self.tensors.next_token_ids.is_some() != self.tensors.next_token_logprobs.is_some() {
+            return Err("tensors.next_token_ids and tensors.next_token_logprobs go together (on-device greedy \
+                        picks need both the token and its log-probability)"
+                .into());
         }
         if self.prefill.is_empty() || self.decode.is_empty() {
             return Err("at least one prefill and one decode program are needed".into());

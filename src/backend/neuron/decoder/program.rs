@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use super::instance::Rows;
 use super::manifest::{DecoderManifest, fill};
 use crate::backend::neuron::{DeviceTensor, NeuronError, NeuronModel, Runtime, TensorSet, TensorUsage};
 
@@ -78,6 +79,8 @@ pub struct Program {
     positions: usize,
     seqs: usize,
     logits: usize,
+    /// Output indices of the picked token ids and their logprobs, when the program has them.
+    picks: Option<(usize, usize)>,
 }
 
 impl std::fmt::Debug for Program {
@@ -93,6 +96,8 @@ pub enum Role {
     Io,
     /// The logits output.
     Logits,
+    /// The on-device greedy picks: token ids (0) or their logprobs (1).
+    Picks(usize),
     /// K (0) or V (1) cache of a layer, as input or output.
     Cache {
         /// Layer.
@@ -115,6 +120,12 @@ pub fn role(manifest: &DecoderManifest, layers: usize, name: &str, input: bool) 
     }
     if !input && name == t.logits {
         return Role::Logits;
+    }
+    if !input && t.next_token_ids.as_deref() == Some(name) {
+        return Role::Picks(0);
+    }
+    if !input && t.next_token_logprobs.as_deref() == Some(name) {
+        return Role::Picks(1);
     }
     let kv = &manifest.kv;
     let (k, v) = if input { (&kv.k_input, &kv.v_input) } else { (&kv.k_output, &kv.v_output) };
@@ -162,6 +173,7 @@ impl Program {
         let mut outputs = TensorSet::new(runtime, &name, core)?;
         let t = &manifest.tensors;
         let (mut ids, mut positions, mut seqs, mut logits) = (None, None, None, None);
+        let mut picks = [None, None];
         let mut caches_bound = [vec![[false; 2]; layers], vec![[false; 2]; layers]];
         for info in model.tensors().to_vec() {
             let input = info.usage == TensorUsage::Input;
@@ -191,6 +203,11 @@ impl Program {
                 Role::Logits => {
                     want(kind.tokens() * vocab * 4, &format!("{kind:?} logits (float32, vocabulary {vocab})"))?;
                     logits = Some(outputs.push(DeviceTensor::allocate(runtime, &name, core, &info.name, info.size)?)?);
+                }
+                Role::Picks(which) => {
+                    want(kind.tokens() * 4, &format!("{kind:?} greedy picks (one per row)"))?;
+                    picks[which] =
+                        Some(outputs.push(DeviceTensor::allocate(runtime, &name, core, &info.name, info.size)?)?);
                 }
                 Role::Cache { layer, which } => {
                     let tensor = &shared.caches[layer][which];
@@ -237,7 +254,15 @@ impl Program {
                 return Err(missing(&format!("layer {layer} KV cache {side}")));
             }
         }
-        Ok(Program { inputs, outputs, model, kind, ids, positions, seqs, logits })
+        let picks = match picks {
+            [Some(a), Some(b)] => Some((a, b)),
+            [None, None] => None,
+            _ => return Err(missing("next_token_ids / next_token_logprobs (both or neither)")),
+        };
+        if manifest.tensors.next_token_ids.is_some() && picks.is_none() {
+            return Err(missing("next_token_ids"));
+        }
+        Ok(Program { inputs, outputs, model, kind, ids, positions, seqs, logits, picks })
     }
 
     /// Writes the three int32 inputs and executes once.
@@ -250,19 +275,36 @@ impl Program {
         self.model.execute(&self.inputs, &mut self.outputs)
     }
 
-    /// Reads logits rows `first..first + rows` into `out` (`rows * vocab` values).
-    pub fn read_logits(
-        &self,
-        first: usize,
-        vocab: usize,
-        out: &mut [f32],
-        bytes: &mut Vec<u8>,
-    ) -> Result<(), NeuronError> {
-        let Some(t) = self.outputs.tensor(self.logits) else { return Ok(()) };
-        bytes.resize(out.len() * 4, 0);
-        t.read_at(first * vocab * 4, bytes)?;
-        for (x, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    /// Reads rows `first..` into `out` (as many as it holds): logits rows, or the picked tokens
+    /// and their logprobs.
+    pub fn read_rows(&self, first: usize, out: Rows<'_>, bytes: &mut Vec<u8>) -> Result<(), NeuronError> {
+        let word = |b: &[u8]| [b[0], b[1], b[2], b[3]];
+        match out {
+            Rows::Logits(out, vocab) => {
+                let Some(t) = self.outputs.tensor(self.logits) else { return Ok(()) };
+                bytes.resize(out.len() * 4, 0);
+                t.read_at(first * vocab * 4, bytes)?;
+                for (x, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes(word(b));
+                }
+            }
+            Rows::Picks(out) => {
+                let Some((ids, lps)) = self.picks else {
+                    return Err(mismatch(&self.model, "the program has no next_token_ids output".into()));
+                };
+                let (Some(ids), Some(lps)) = (self.outputs.tensor(ids), self.outputs.tensor(lps)) else {
+                    return Ok(());
+                };
+                bytes.resize(out.len() * 4, 0);
+                ids.read_at(first * 4, bytes)?;
+                for (x, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    x.0 = i32::from_le_bytes(word(b)).max(0) as u32;
+                }
+                lps.read_at(first * 4, bytes)?;
+                for (x, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    x.1 = f32::from_le_bytes(word(b));
+                }
+            }
         }
         Ok(())
     }
