@@ -2,6 +2,9 @@
 //! time per program (no network): a compiled `llama-gqa` fixture on C NeuronCores, S streams of
 //! greedy generation through the generative batching layer (one step-loop thread per core).
 //!
+//! Each stream's updates are consumed by its own task on a 2-thread tokio runtime, as the
+//! server's fronts do (the wake-ups of the consumers are part of the host cost).
+//!
 //! For each core it reports the fraction of wall time spent inside program executions (the device
 //! busy; target ≥ 95 % at 8 cores × 64 streams) and the host time per step outside executions
 //! (scheduling, bucket choice, input writes, logits reads, sampling, streaming; target ≤ 50 µs for a
@@ -62,6 +65,7 @@ fn main() {
         prefill: vec![16, 64],
         decode: batches.iter().flat_map(|&b| [(b, 128), (b, 256)]).collect(),
         device_greedy: std::env::var_os("BENCH_DEVICE_GREEDY").is_some(),
+        prefill_appends: true,
     };
     write_standin_decoder(&fixture, dir.path(), &layout).expect("compile for the stand-in");
     let manifest = DecoderManifest::load(dir.path()).expect("manifest");
@@ -103,16 +107,31 @@ fn main() {
         model.submit(req).expect("submitted");
         rxs.push(rx);
     }
-    let mut generated = 0usize;
-    for mut rx in rxs {
-        while let Some(update) = rx.blocking_recv() {
-            let u = update.expect("generation succeeds");
-            generated += u.tokens.len();
-            if u.finished.is_some() {
-                break;
-            }
+    // One task per stream on a 2-thread tokio runtime, as the server's fronts consume updates.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
+    let generated: usize = runtime.block_on(async move {
+        let tasks: Vec<_> = rxs
+            .into_iter()
+            .map(|mut rx| {
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while let Some(update) = rx.recv().await {
+                        let u = update.expect("generation succeeds");
+                        n += u.tokens.len();
+                        if u.finished.is_some() {
+                            break;
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("stream task");
         }
-    }
+        total
+    });
     let wall = started.elapsed();
     model.drain();
     println!(

@@ -57,6 +57,20 @@ async fn idle_sessions_spill_to_the_store_and_come_back_exactly() {
         assert_eq!(stateless.0, h[h.len() - 4..], "session {id}: last turn equals the stateless run");
     }
     assert_eq!(metric(&metrics, "sessions_open").await, SESSIONS as f64);
+    // The store's own metrics: every spill is a put, every restore a take, none failed, and
+    // the latency histogram counts them all.
+    let text = common::http_get(&metrics, "/metrics").await;
+    let value = |line: &str| -> f64 {
+        let l = text.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("{line} missing:\n{text}"));
+        l.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a number")
+    };
+    let puts = value("neuron_worker_session_store_operations_total{op=\"put\",result=\"ok\"}");
+    let takes = value("neuron_worker_session_store_operations_total{op=\"take\",result=\"ok\"}");
+    assert!(puts >= 1.0 && takes >= restored, "puts {puts}, takes {takes}, restored {restored}");
+    assert_eq!(value("neuron_worker_session_store_operations_total{op=\"put\",result=\"error\"}"), 0.0);
+    assert_eq!(value("neuron_worker_session_store_seconds_count{op=\"put\"}"), puts);
+    assert_eq!(value("neuron_worker_session_store_io_failures_total"), 0.0);
+    assert_eq!(value("neuron_worker_session_store_lost_sessions_total"), 0.0);
 }
 
 /// A worker drains: its sessions go to the store with their K/V. A worker started on the same

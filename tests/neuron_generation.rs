@@ -30,6 +30,7 @@ fn layout() -> DecoderLayout {
         prefill: vec![8, 32],
         decode: vec![(1, 64), (4, 64), (2, 128), (4, 128)],
         device_greedy: false,
+        prefill_appends: true,
     }
 }
 
@@ -113,6 +114,9 @@ async fn the_compiled_decoder_generates_the_reference_tokens_and_matches_the_cpu
     assert_eq!(cores.len(), 3, "{cap}");
     // 3 layers × K and V × 9 slots × 128 positions × 2 KV heads × 16 dims × 4 bytes.
     let kv_bytes = 3 * 2 * 9 * 128 * 2 * 16 * 4;
+    // The KV budget the sessions use: 8 slots per core (the ninth is scratch) on 3 cores.
+    assert_eq!(cap["models"][0]["generative"]["kv_cache_bytes"], 3 * 8 * 3 * 2 * 128 * 2 * 16 * 4, "{cap}");
+    assert_eq!(cap["models"][0]["generative"]["kv_cache_blocks"], 3 * 8, "{cap}");
     for c in &cores {
         let used = c["bytes_used"].as_u64().expect("bytes_used");
         assert!(used > kv_bytes as u64, "core {c}: the KV cache ({kv_bytes} bytes) and the weights are on it");
@@ -274,4 +278,25 @@ async fn greedy_tokens_picked_on_the_device_equal_the_host_sampler() {
     let b = all_at_once(&cpu, vec![ids_request(&prompts[0].ids, seeded)]).await;
     assert_eq!(a[0].0, b[0].0, "seeded tokens, device programs vs cpu");
     assert_eq!(common::gen_sessions::metric(&n.metrics, "device_sampled_tokens_total").await as usize, expected);
+}
+
+/// Prefill programs that only start at position 0 (the manifest's `prefill_appends: false`, as
+/// NxD Inference's context encoding): each turn of a kept session recomputes the whole history in
+/// one prefill, and the conversation still equals the CPU backend's; the recomputed tokens are
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn programs_that_prefill_from_zero_recompute_each_turn_with_the_same_tokens() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let from_zero = DecoderLayout { prefill_appends: false, prefill: vec![8, 64], ..layout() };
+    write_standin_decoder(&gqa_fixture(), &dir.path().join("gqa/1"), &from_zero).expect("compile");
+    let (n, neuron) = start_neuron(dir.path(), &[], &[]).await;
+    let (_c, cpu) = start_cpu(dir.path()).await;
+    let params = r#"{"max_tokens": 5, "temperature": 0.7, "seed": 4, "ignore_eos": true}"#;
+    let a = concurrent_turns(&neuron, 2, 3, 900, 7, 8, params).await;
+    let b = concurrent_turns(&cpu, 2, 3, 900, 7, 8, params).await;
+    assert_eq!(a, b, "the conversations equal the CPU ones");
+    // Turns 2 and 3 of both sessions recompute the history they had: (7+5) and 2·(7+5) tokens,
+    // less the last generated token of each turn, whose K/V was never computed.
+    let recomputed = common::gen_sessions::metric(&n.metrics, "recomputed_prefill_tokens_total").await;
+    assert_eq!(recomputed as usize, 2 * ((12 - 1) + (24 - 1)), "recomputed tokens");
 }

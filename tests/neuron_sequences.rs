@@ -117,9 +117,12 @@ async fn neuron_sessions_move_to_and_from_a_cpu_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nrt_state_is_not_read_back_to_the_host_between_steps() {
-    // The stand-in refuses nrt_tensor_read of the state tensors (allocated as `state:...`):
-    // every step still succeeds, so no step reads the state; exporting, which must read it, fails.
-    let (neuron, mut n) = start_neuron_worker(&[("NRT_STANDIN_DENY_READ_PREFIX", "state:")], &[]).await;
+    // The stand-in refuses nrt_tensor_read and nrt_tensor_write of the state tensors (allocated
+    // as `state:...`): every step (STARTs included: a reset is a device copy) still succeeds, so no
+    // step reads or writes the state from the host; exporting, which must read it, and importing,
+    // which must write it, fail.
+    let deny = [("NRT_STANDIN_DENY_READ_PREFIX", "state:"), ("NRT_STANDIN_DENY_WRITE_PREFIX", "state:")];
+    let (neuron, mut n) = start_neuron_worker(&deny, &[]).await;
     let outs = run_acc_clients(neuron.grpc.clone(), 6).await;
     for (client, outs) in outs.iter().enumerate() {
         let mut sum = 0;
@@ -143,6 +146,12 @@ async fn nrt_state_is_not_read_back_to_the_host_between_steps() {
     let x = gru_steps(5, 4, 1);
     let want = cell.reference(&x, &mut h);
     assert_close(&gru(&mut n, &id, &x, false, true).await.expect("gru step"), &want, "after failed export");
+    // An imported session's state is written from the host when it takes a slot: the knob bites.
+    let state = neuron_worker::tensor::Tensor::from_f32(vec![GRU_HIDDEN], &vec![0.5; GRU_HIDDEN]);
+    let blob = SessionBlob { model: "gru".into(), version: 1, id: SequenceId::Uint(77), steps: 1, state: vec![state] };
+    ns.import_session(ImportSessionRequest { blob: blob.encode() }).await.expect("import (kept on the host)");
+    let e = gru(&mut n, &SequenceId::Uint(77), &gru_steps(7, 0, 1), false, true).await.expect_err("the knob bites");
+    assert!(e.message().contains("NRT_INVALID"), "{}", e.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -98,6 +98,14 @@ pub trait DecoderInstance: Send {
     /// A short label for logs and metrics, e.g. `cpu:0`.
     fn label(&self) -> String;
 
+    /// Whether this decoder can only prefill from position 0 (compiled context-encoding programs
+    /// that write a sequence's K/V from its start, as NxD Inference's do): then every prefill
+    /// runs a sequence's whole token history in one chunk, and a kept session's next turn or a
+    /// prefix-cache hit recomputes what was already computed.
+    fn prefill_from_zero_only(&self) -> bool {
+        false
+    }
+
     /// Whether [`DecoderInstance::forward_greedy`] picks greedy tokens on the device (compiled
     /// programs with token ids out), so the logits never travel to the host.
     fn greedy_on_device(&self) -> bool {

@@ -25,6 +25,9 @@ pub struct DecoderLayout {
     /// The programs also pick greedy tokens on the device (`next_token_ids` and
     /// `next_token_logprobs` outputs).
     pub device_greedy: bool,
+    /// The manifest says the prefill programs start at any position (`false`: only at 0, so the
+    /// worker recomputes a session's history on each turn; the stand-in programs could append).
+    pub prefill_appends: bool,
 }
 
 /// Tensor names of the stand-in programs (AWS's conventions; the manifest repeats them).
@@ -132,6 +135,7 @@ pub fn write_standin_decoder(hf: &Path, out: &Path, layout: &DecoderLayout) -> R
                      "next_token_ids": layout.device_greedy.then_some("next_token_ids"),
                      "next_token_logprobs": layout.device_greedy.then_some("next_token_logprobs") },
         "padding_position": -1,
+        "prefill_appends": layout.prefill_appends,
         "prefill": prefill,
         "decode": decode,
     });

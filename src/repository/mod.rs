@@ -120,6 +120,11 @@ impl Repository {
         self
     }
 
+    /// The session store every model of the repository shares, when the worker has one.
+    pub fn session_store(&self) -> Option<&Arc<SessionStore>> {
+        self.session_store.as_ref()
+    }
+
     /// Uses `store` for spilled and drained sessions of sequence models (set before loading).
     pub fn with_session_store(mut self, store: Option<Arc<SessionStore>>) -> Repository {
         self.session_store = store;

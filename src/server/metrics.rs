@@ -24,6 +24,9 @@ pub fn render(repo: &Repository) -> Result<String, prometheus::Error> {
     let families = families.lock().map_err(|_| prometheus::Error::Msg("metrics lock poisoned".into()))?;
     let mut text = families.render(repo)?;
     text.push_str(&super::metrics_generative::render(repo));
+    if let Some(store) = repo.session_store() {
+        text.push_str(&super::metrics_store::render(store));
+    }
     Ok(text)
 }
 

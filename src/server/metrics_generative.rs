@@ -47,7 +47,7 @@ pub fn render(repo: &Repository) -> String {
         return out;
     }
     type Read = fn(&GenerativeStats) -> f64;
-    let simple: [(&str, &str, &str, Read); 25] = [
+    let simple: [(&str, &str, &str, Read); 26] = [
         ("num_requests_running", "gauge", "Sequences in the running set (holding K/V blocks)", |s| {
             s.running.load(Relaxed) as f64
         }),
@@ -125,6 +125,12 @@ pub fn render(repo: &Repository) -> String {
             "Tokens picked on the device (greedy, compiled programs with token ids out)",
             |s| s.device_sampled_tokens.load(Relaxed) as f64,
         ),
+        (
+            "recomputed_prefill_tokens_total",
+            "counter",
+            "Tokens whose K/V was kept but recomputed because the compiled prefill programs only start at position 0",
+            |s| s.recomputed_tokens.load(Relaxed) as f64,
+        ),
         ("request_success_stop_total", "counter", "Generations ended by EOS or a stop string", |s| {
             s.finished_stop.load(Relaxed) as f64
         }),
@@ -165,6 +171,7 @@ pub fn capacity(stats: &GenerativeStats) -> serde_json::Value {
         "num_requests_waiting": stats.waiting.load(Relaxed),
         "kv_cache_usage_perc": stats.kv_cache_usage(),
         "kv_cache_blocks": stats.kv_blocks_total.load(Relaxed),
+        "kv_cache_bytes": stats.kv_bytes_total.load(Relaxed),
         "sessions_open": stats.sessions_open.load(Relaxed),
         "sessions_resident": stats.sessions_resident.load(Relaxed),
         "sessions_stored": stats.sessions_stored.load(Relaxed),

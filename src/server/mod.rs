@@ -13,6 +13,7 @@ mod inference;
 mod metric_families;
 pub mod metrics;
 mod metrics_generative;
+mod metrics_store;
 pub mod session_turn;
 pub mod sessions;
 mod sessions_page;
@@ -33,6 +34,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
+pub use decode::{DecodedRequest, decode_request};
 pub use error::ServerError;
 pub use inference::InferenceService;
 pub use stream_infer::{STREAM_MAX_IN_FLIGHT, STREAM_UNSENT_RESPONSES};

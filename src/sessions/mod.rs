@@ -11,6 +11,7 @@ mod store_db;
 #[cfg(any(test, feature = "testing"))]
 mod store_fault;
 mod store_redis;
+pub mod store_stats;
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;

@@ -11,6 +11,7 @@ use redb::ReadableDatabase;
 use super::SequenceId;
 use super::blob::SessionBlob;
 use super::store_db::{GuardedDb, Opener, SESSIONS, StoreHealth};
+use super::store_stats::StoreOp;
 
 /// The database file inside the store folder.
 pub const STORE_FILE: &str = "sessions.redb";
@@ -63,6 +64,8 @@ pub struct SessionStore {
     backend: Backend,
     /// The database file, or the Redis URL without its password.
     location: std::path::PathBuf,
+    /// Latency and outcome of every operation.
+    stats: super::store_stats::StoreStats,
 }
 
 /// Where the sessions are kept.
@@ -208,7 +211,7 @@ impl SessionStore {
             StoreLocation::Redis(url) => {
                 let r = super::store_redis::RedisStore::open(url)?;
                 let location = std::path::PathBuf::from(r.shown());
-                Ok(SessionStore { backend: Backend::Redis(Box::new(r)), location })
+                Ok(SessionStore { backend: Backend::Redis(Box::new(r)), location, stats: Default::default() })
             }
         }
     }
@@ -231,7 +234,7 @@ impl SessionStore {
             Err(e) => return Err(e),
         }
         let location = db.path().to_path_buf();
-        Ok(SessionStore { backend: Backend::Local(db), location })
+        Ok(SessionStore { backend: Backend::Local(db), location, stats: Default::default() })
     }
 
     /// Opens the store in `dir` behind a backend whose writes fail while the returned switch is
@@ -245,6 +248,18 @@ impl SessionStore {
     /// The database file (local store), or the URL without its password (Redis).
     pub fn path(&self) -> &Path {
         &self.location
+    }
+
+    /// Latency and outcome of the store's operations, per kind.
+    pub fn stats(&self) -> &super::store_stats::StoreStats {
+        &self.stats
+    }
+
+    fn timed<T>(&self, op: StoreOp, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = f();
+        self.stats.record(op, started.elapsed(), result.is_ok());
+        result
     }
 
     /// What happened to the store: I/O failures, re-opens, damaged files, dropped and lost sessions.
@@ -273,58 +288,64 @@ impl SessionStore {
     /// Writes sessions in one durable transaction (replacing entries with the same key). On
     /// error nothing is written.
     pub fn put_all(&self, blobs: &[SessionBlob]) -> Result<(), StoreError> {
-        let db = match &self.backend {
-            Backend::Local(db) => db,
-            Backend::Redis(r) => {
-                let entries: Vec<(String, Vec<u8>)> =
-                    blobs.iter().map(|b| (key(&b.model, b.version, &b.id), b.encode())).collect();
-                return r.put_all(&entries);
-            }
-        };
-        db.run("write sessions", |db| {
-            let txn = db.begin_write()?;
-            {
-                let mut t = txn.open_table(SESSIONS)?;
-                for b in blobs {
-                    t.insert(key(&b.model, b.version, &b.id).as_str(), b.encode().as_slice())?;
+        self.timed(StoreOp::Put, || {
+            let db = match &self.backend {
+                Backend::Local(db) => db,
+                Backend::Redis(r) => {
+                    let entries: Vec<(String, Vec<u8>)> =
+                        blobs.iter().map(|b| (key(&b.model, b.version, &b.id), b.encode())).collect();
+                    return r.put_all(&entries);
                 }
-            }
-            txn.commit()?;
-            Ok(())
+            };
+            db.run("write sessions", |db| {
+                let txn = db.begin_write()?;
+                {
+                    let mut t = txn.open_table(SESSIONS)?;
+                    for b in blobs {
+                        t.insert(key(&b.model, b.version, &b.id).as_str(), b.encode().as_slice())?;
+                    }
+                }
+                txn.commit()?;
+                Ok(())
+            })
         })
     }
 
     /// Removes a session and returns it, verified. A corrupt or foreign entry is removed and
     /// reported as an error; `Ok(None)` when there is no entry. On an I/O error the entry stays.
     pub fn take(&self, model: &str, version: i64, id: &SequenceId) -> Result<Option<SessionBlob>, StoreError> {
-        let k = key(model, version, id);
-        let db = match &self.backend {
-            Backend::Local(db) => db,
-            Backend::Redis(r) => return verify_taken(r.take(&k)?, model, version, id),
-        };
-        let raw = db.run("take a session", |db| {
-            let txn = db.begin_write()?;
-            let raw = {
-                let mut t = txn.open_table(SESSIONS)?;
-                t.remove(k.as_str())?.map(|v| v.value().to_vec())
+        self.timed(StoreOp::Take, || {
+            let k = key(model, version, id);
+            let db = match &self.backend {
+                Backend::Local(db) => db,
+                Backend::Redis(r) => return verify_taken(r.take(&k)?, model, version, id),
             };
-            txn.commit()?;
-            Ok(raw)
-        })?;
-        verify_taken(raw, model, version, id)
+            let raw = db.run("take a session", |db| {
+                let txn = db.begin_write()?;
+                let raw = {
+                    let mut t = txn.open_table(SESSIONS)?;
+                    t.remove(k.as_str())?.map(|v| v.value().to_vec())
+                };
+                txn.commit()?;
+                Ok(raw)
+            })?;
+            verify_taken(raw, model, version, id)
+        })
     }
 
     /// Whether the store has an entry (valid or not) for the session.
     pub fn contains(&self, model: &str, version: i64, id: &SequenceId) -> Result<bool, StoreError> {
-        let k = key(model, version, id);
-        let db = match &self.backend {
-            Backend::Local(db) => db,
-            Backend::Redis(r) => return r.contains(&k),
-        };
-        db.run("look a session up", |db| {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(SESSIONS)?;
-            Ok(t.get(k.as_str())?.is_some())
+        self.timed(StoreOp::Contains, || {
+            let k = key(model, version, id);
+            let db = match &self.backend {
+                Backend::Local(db) => db,
+                Backend::Redis(r) => return r.contains(&k),
+            };
+            db.run("look a session up", |db| {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(SESSIONS)?;
+                Ok(t.get(k.as_str())?.is_some())
+            })
         })
     }
 
@@ -335,69 +356,75 @@ impl SessionStore {
 
     /// Deletes the entries of sessions `ids` in one transaction.
     pub fn remove_all(&self, model: &str, version: i64, ids: &[SequenceId]) -> Result<(), StoreError> {
-        let db = match &self.backend {
-            Backend::Local(db) => db,
-            Backend::Redis(r) => {
-                let keys: Vec<String> = ids.iter().map(|id| key(model, version, id)).collect();
-                return r.remove_all(&keys);
-            }
-        };
-        db.run("remove sessions", |db| {
-            let txn = db.begin_write()?;
-            {
-                let mut t = txn.open_table(SESSIONS)?;
-                for id in ids {
-                    t.remove(key(model, version, id).as_str())?;
+        self.timed(StoreOp::Remove, || {
+            let db = match &self.backend {
+                Backend::Local(db) => db,
+                Backend::Redis(r) => {
+                    let keys: Vec<String> = ids.iter().map(|id| key(model, version, id)).collect();
+                    return r.remove_all(&keys);
                 }
-            }
-            txn.commit()?;
-            Ok(())
+            };
+            db.run("remove sessions", |db| {
+                let txn = db.begin_write()?;
+                {
+                    let mut t = txn.open_table(SESSIONS)?;
+                    for id in ids {
+                        t.remove(key(model, version, id).as_str())?;
+                    }
+                }
+                txn.commit()?;
+                Ok(())
+            })
         })
     }
 
     /// The sessions stored for a model version, and a description of every entry under that
     /// model version that was skipped (corrupt, or its content does not match its key).
     pub fn list(&self, model: &str, version: i64) -> Result<(Vec<StoredSession>, Vec<String>), StoreError> {
-        let p = prefix(model, version);
-        let db = match &self.backend {
-            Backend::Local(db) => db,
-            Backend::Redis(r) => {
-                let listed = r.list(&p)?.into_iter().map(|(k, v)| classify(model, version, &k, &v)).collect();
-                return Ok(split(listed));
-            }
-        };
-        let listed = db.run("list sessions", |db| {
-            let txn = db.begin_read()?;
-            let t = txn.open_table(SESSIONS)?;
-            let mut out = Vec::new();
-            for entry in t.range(p.as_str()..)? {
-                let (k, v) = entry?;
-                let k = k.value().to_string();
-                if !k.starts_with(&p) {
-                    break;
+        self.timed(StoreOp::List, || {
+            let p = prefix(model, version);
+            let db = match &self.backend {
+                Backend::Local(db) => db,
+                Backend::Redis(r) => {
+                    let listed = r.list(&p)?.into_iter().map(|(k, v)| classify(model, version, &k, &v)).collect();
+                    return Ok(split(listed));
                 }
-                out.push(classify(model, version, &k, v.value()));
-            }
-            Ok(out)
-        })?;
-        Ok(split(listed))
+            };
+            let listed = db.run("list sessions", |db| {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(SESSIONS)?;
+                let mut out = Vec::new();
+                for entry in t.range(p.as_str()..)? {
+                    let (k, v) = entry?;
+                    let k = k.value().to_string();
+                    if !k.starts_with(&p) {
+                        break;
+                    }
+                    out.push(classify(model, version, &k, v.value()));
+                }
+                Ok(out)
+            })?;
+            Ok(split(listed))
+        })
     }
 
     /// Overwrites an entry's raw value (tests use it to simulate corruption).
     pub fn put_raw(&self, model: &str, version: i64, id: &SequenceId, value: &[u8]) -> Result<(), StoreError> {
-        let k = key(model, version, id);
-        let db = match &self.backend {
-            Backend::Local(db) => db,
-            Backend::Redis(r) => return r.put_all(&[(k, value.to_vec())]),
-        };
-        db.run("write an entry", |db| {
-            let txn = db.begin_write()?;
-            {
-                let mut t = txn.open_table(SESSIONS)?;
-                t.insert(k.as_str(), value)?;
-            }
-            txn.commit()?;
-            Ok(())
+        self.timed(StoreOp::Put, || {
+            let k = key(model, version, id);
+            let db = match &self.backend {
+                Backend::Local(db) => db,
+                Backend::Redis(r) => return r.put_all(&[(k, value.to_vec())]),
+            };
+            db.run("write an entry", |db| {
+                let txn = db.begin_write()?;
+                {
+                    let mut t = txn.open_table(SESSIONS)?;
+                    t.insert(k.as_str(), value)?;
+                }
+                txn.commit()?;
+                Ok(())
+            })
         })
     }
 }

@@ -228,7 +228,7 @@ impl StatefulInstance for NeuronSequenceInstance {
         }
         for s in steps.iter().filter(|s| s.start) {
             for (i, state) in self.states.iter().enumerate() {
-                self.neff.write_state_row(i, s.slot, &state.initial.data)?;
+                self.neff.reset_state_row(i, s.slot, &state.initial.data)?;
             }
         }
         let mut outs: Vec<Vec<Vec<u8>>> = steps.iter().map(|_| vec![Vec::new(); self.outputs.len()]).collect();

@@ -10,8 +10,10 @@
 //! started from untouched: a batch that fails part-way goes back to it ([`StatefulNeff::roll_back`]),
 //! so a failed step never moves the state. The NEFF must write every row of every state output:
 //! the new state for rows that took a step, the unchanged state input for the others (gated on
-//! the READY control). A single row is read or written at its byte offset to reset it (START),
-//! spill, export or import it.
+//! the READY control). A single row is read or written at its byte offset to spill, export or
+//! import it. Resets (the zeroed state at load, a START's initial state) are device copies from a
+//! small `init:` tensor written once (`nrt_tensor_copy`; a host write where the runtime lacks it),
+//! so between steps the host neither reads nor writes the `state:` tensors.
 
 use std::sync::Arc;
 
@@ -50,6 +52,28 @@ pub struct StatefulNeffConfig {
     pub states: Vec<StateTensorConfig>,
 }
 
+/// Sets every row of `tensor` to the one row `source` holds: device copies, or a host write of
+/// the whole tensor where the runtime cannot copy.
+fn fill_rows(tensor: &mut DeviceTensor, source: &DeviceTensor, row: usize) -> Result<(), NeuronError> {
+    if row == 0 {
+        return Ok(());
+    }
+    let mut host = None;
+    for offset in (0..tensor.size()).step_by(row) {
+        if !tensor.copy_from(offset, source, 0, row.min(tensor.size() - offset))? {
+            host = Some(vec![0u8; tensor.size()]);
+            break;
+        }
+    }
+    if let Some(zeros) = host {
+        let mut one = vec![0u8; row];
+        source.read_into(&mut one)?;
+        let data: Vec<u8> = zeros.chunks(row).flat_map(|c| one[..c.len()].to_vec()).collect();
+        tensor.write(&data)?;
+    }
+    Ok(())
+}
+
 fn row_bytes(dtype: DataType, dims: &[usize]) -> usize {
     dims.iter().fold(dtype.size().unwrap_or(0), |acc, d| acc.saturating_mul(*d))
 }
@@ -71,6 +95,8 @@ pub struct StatefulNeff {
     extra_outputs: Vec<DeviceTensor>,
     /// Three device tensors per state, `[rows, dims]` each.
     states: Vec<[DeviceTensor; STATE_BUFFERS]>,
+    /// Per state, one row holding the values a reset copies from, and those values.
+    resets: Vec<(DeviceTensor, Vec<u8>)>,
     model: NeuronModel,
     config: StatefulNeffConfig,
     /// Which tensor of each state holds the current state (the next state input).
@@ -129,18 +155,23 @@ impl StatefulNeff {
         let outputs =
             want_out[..config.outputs.len()].iter().map(|t| alloc(&t.name, size(t))).collect::<Result<_, _>>()?;
         let mut states = Vec::with_capacity(config.states.len());
+        let mut resets = Vec::with_capacity(config.states.len());
         for (s, t) in config.states.iter().zip(&want_in[config.inputs.len()..]) {
-            // The stand-in's NRT_STANDIN_DENY_READ_PREFIX knob matches these `state:` names.
+            // The stand-in's NRT_STANDIN_DENY_READ_PREFIX / _WRITE_PREFIX knobs match these
+            // `state:` names (and not the `init:` row).
             let mut buffers = [
                 alloc(&format!("state:{}:0", s.input), size(t))?,
                 alloc(&format!("state:{}:1", s.input), size(t))?,
                 alloc(&format!("state:{}:2", s.input), size(t))?,
             ];
-            let zeros = vec![0u8; size(t)];
+            let row = row_bytes(s.dtype, &s.dims);
+            let mut zero_row = alloc(&format!("init:{}", s.input), row)?;
+            zero_row.write(&vec![0u8; row])?;
             for tensor in &mut buffers {
-                tensor.write(&zeros)?;
+                fill_rows(tensor, &zero_row, row)?;
             }
             states.push(buffers);
+            resets.push((zero_row, vec![0u8; row]));
         }
         let extra_outputs = model
             .tensors()
@@ -154,6 +185,7 @@ impl StatefulNeff {
             outputs,
             extra_outputs,
             states,
+            resets,
             model,
             config,
             current: 0,
@@ -276,6 +308,33 @@ impl StatefulNeff {
         let mut out = vec![0u8; bytes];
         tensor.read_at(row.saturating_mul(bytes), &mut out)?;
         Ok(out)
+    }
+
+    /// Resets one row (one slot) of the current value of state `index` to `initial` (a START): a
+    /// device copy from the state's `init:` row, rewritten from the host only when `initial`
+    /// differs from what it holds; a host write of the row where the runtime cannot copy.
+    pub fn reset_state_row(&mut self, index: usize, row: usize, initial: &[u8]) -> Result<(), NeuronError> {
+        let model = self.config.name.clone();
+        let bytes = self.state_row_bytes(index);
+        let current = self.current;
+        let (source, held) = self.resets.get_mut(index).ok_or_else(|| missing(Operation::WriteInput, &model, index))?;
+        if initial.len() != bytes {
+            return self.write_state_row(index, row, initial);
+        }
+        if held.as_slice() != initial {
+            source.write(initial)?;
+            *held = initial.to_vec();
+        }
+        let (source, _) = &self.resets[index];
+        let tensor = self
+            .states
+            .get_mut(index)
+            .map(|buffers| &mut buffers[current])
+            .ok_or_else(|| missing(Operation::WriteInput, &model, index))?;
+        if tensor.copy_from(row.saturating_mul(bytes), source, 0, bytes)? {
+            return Ok(());
+        }
+        self.write_state_row(index, row, initial)
     }
 
     /// Writes one row (one slot) of the current value of state `index` on the device.

@@ -131,6 +131,35 @@ impl DeviceTensor {
         Ok(())
     }
 
+    /// Copies `size` bytes from `src` at byte `src_offset` to this tensor at byte `offset`, on the
+    /// device (`nrt_tensor_copy`; both tensors on the same core). Returns `false`, copying
+    /// nothing, when the runtime does not export `nrt_tensor_copy` (the caller writes from the
+    /// host instead).
+    pub fn copy_from(
+        &mut self,
+        offset: usize,
+        src: &DeviceTensor,
+        src_offset: usize,
+        size: usize,
+    ) -> Result<bool, NeuronError> {
+        if offset.checked_add(size).is_none_or(|end| end > self.size) {
+            return Err(self.out_of_range(Operation::WriteInput, offset, size));
+        }
+        if src_offset.checked_add(size).is_none_or(|end| end > src.size) {
+            return Err(src.out_of_range(Operation::ReadOutput, src_offset, size));
+        }
+        let Some(copy) = self.runtime.optional().tensor_copy() else {
+            return Ok(false);
+        };
+        // SAFETY: both tensors are live, distinct (`&mut self` and `&src` cannot alias) and the
+        // ranges are within their sizes (checked above).
+        let code = unsafe { copy(src.handle.as_ptr(), src_offset, self.handle.as_ptr(), offset, size) };
+        if code != NRT_SUCCESS {
+            return Err(NeuronError::status(Operation::WriteInput, code, &self.model, Some(self.core)));
+        }
+        Ok(true)
+    }
+
     /// Copies `out.len()` bytes from the device, starting at byte `offset`.
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<(), NeuronError> {
         if offset.checked_add(out.len()).is_none_or(|end| end > self.size) {

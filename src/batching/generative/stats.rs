@@ -51,6 +51,8 @@ pub struct GenerativeStats {
     pub kv_blocks_used: AtomicU64,
     /// K/V blocks in the pools, all instances.
     pub kv_blocks_total: AtomicU64,
+    /// Bytes of the K/V pools, all instances (the KV budget: device memory on Neuron).
+    pub kv_bytes_total: AtomicU64,
     /// Prompt tokens of admitted requests.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.
@@ -63,6 +65,9 @@ pub struct GenerativeStats {
     pub moved_sequences: AtomicU64,
     /// Tokens picked on the device (greedy, by compiled programs with token ids out).
     pub device_sampled_tokens: AtomicU64,
+    /// Tokens whose K/V was already computed (a kept session's history, a prefix-cache hit) but
+    /// were recomputed because the decoder can only prefill from position 0.
+    pub recomputed_tokens: AtomicU64,
     /// Forward steps run.
     pub steps: AtomicU64,
     /// Requests finished by a stop condition.

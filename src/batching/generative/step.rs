@@ -12,18 +12,18 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
 
 use super::detok::TokenText;
 use super::kv_blocks::BlockPool;
-use super::request::{FinishReason, GenerateRequest, GenerationError, PositionLogprobs};
-use super::sampler::{self, RankedLogprob};
+use super::request::{GenerateRequest, GenerationError};
 use super::sequence::{Sequence, StopRules};
 use super::session::{Affinity, SessionLimits, Sessions};
 use super::session_tiers::Durable;
 use super::stats::GenerativeStats;
 use crate::backend::BackendError;
-use crate::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use crate::backend::generative::DecoderInstance;
+
+mod run;
 
 /// Limits of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +91,7 @@ impl Engine {
         let pool = BlockPool::new(decoder.num_blocks(), shape.block_size);
         let context_limit = shape.max_positions.min(decoder.num_blocks() * shape.block_size);
         stats.kv_blocks_total.fetch_add(decoder.num_blocks() as u64, Relaxed);
+        stats.kv_bytes_total.fetch_add(kv_pool_bytes(decoder.as_ref()), Relaxed);
         Engine {
             decoder,
             text,
@@ -444,6 +445,14 @@ impl Engine {
                 }
             };
             let positions = s.tokens.len();
+            // Programs that cannot append recompute the whole history, in one chunk.
+            let from_zero = self.decoder.prefill_from_zero_only();
+            let cached = if from_zero && cached > 0 {
+                self.stats.recomputed_tokens.fetch_add(cached as u64, Relaxed);
+                0
+            } else {
+                cached
+            };
             let needed = table.blocks_needed(positions);
             if needed > self.pool.available() {
                 self.make_room(needed);
@@ -477,7 +486,17 @@ impl Engine {
                 }
                 break;
             }
-            let n = (positions - cached).min(*budget);
+            let mut n = (positions - cached).min(*budget);
+            if from_zero && n < positions - cached {
+                if !plan.is_empty() {
+                    // Not enough budget left in this step for the whole history: next step.
+                    if let Some(s) = self.waiting.front_mut() {
+                        s.table = Some(table);
+                    }
+                    break;
+                }
+                n = positions - cached;
+            }
             if table.grow(cached + n).is_err() {
                 if let Some(s) = self.waiting.front_mut() {
                     s.table = Some(table);
@@ -497,105 +516,6 @@ impl Engine {
             plan.push((self.running.len() - 1, n));
             *budget -= n;
         }
-    }
-
-    /// Runs the forward of `plan`, then samples and sends updates.
-    fn run(&mut self, plan: &[(usize, usize)]) -> Result<(), BackendError> {
-        let mut chunks = Vec::with_capacity(plan.len());
-        for &(i, n) in plan {
-            let s = &self.running[i];
-            let end = s.computed + n;
-            chunks.push(SeqChunk {
-                tokens: &s.tokens[s.computed..end],
-                start: s.computed,
-                blocks: s.table.as_ref().map_or(&[][..], |t| t.ids()),
-                logits: if end == s.tokens.len() { LogitsWanted::Last } else { LogitsWanted::None },
-            });
-        }
-        self.logits.clear();
-        let wanted: Vec<bool> = chunks.iter().map(|c| c.logits == LogitsWanted::Last).collect();
-        // Greedy rows without top-logprobs can take their token from the device (no logits out).
-        let on_device = self.decoder.greedy_on_device()
-            && plan.iter().zip(&wanted).all(|(&(i, _), &w)| {
-                let p = &self.running[i].params;
-                !w || (p.is_greedy() && p.logprobs.is_none())
-            });
-        self.picked.clear();
-        if on_device {
-            self.decoder.forward_greedy(&chunks, &mut self.picked)?;
-        } else {
-            self.decoder.forward(&chunks, &mut self.logits)?;
-        }
-        drop(chunks);
-        let vocab = self.decoder.shape().vocab;
-        let rows = wanted.iter().filter(|&&w| w).count();
-        if on_device && self.picked.len() != rows {
-            return Err(BackendError::Execution {
-                message: format!(
-                    "decoder returned {} device-sampled tokens for {rows} rows; the decoder implementation is inconsistent",
-                    self.picked.len()
-                ),
-                instance_usable: false,
-                nrt_status: None,
-            });
-        }
-        if !on_device && self.logits.len() != rows * vocab {
-            return Err(BackendError::Execution {
-                message: format!(
-                    "decoder returned {} logits for {rows} rows of {vocab}; the decoder implementation is inconsistent",
-                    self.logits.len()
-                ),
-                instance_usable: false,
-                nrt_status: None,
-            });
-        }
-        let now = Instant::now();
-        let mut row = 0;
-        for (&(i, n), wants) in plan.iter().zip(wanted) {
-            let s = &mut self.running[i];
-            s.computed += n;
-            if let Some(t) = s.table.as_mut() {
-                t.register_full_blocks(&s.tokens, s.computed);
-            }
-            if !wants {
-                continue;
-            }
-            let (sampled, top) = if on_device {
-                let (token, logprob) = self.picked[row];
-                self.stats.device_sampled_tokens.fetch_add(1, Relaxed);
-                (sampler::Sampled { token, logprob }, None)
-            } else {
-                let logits = &self.logits[row * vocab..(row + 1) * vocab];
-                let position = s.tokens.len();
-                let sampled = sampler::sample(logits, &s.params, s.seed, position, &mut self.scratch);
-                let top = s.params.logprobs.map(|k| {
-                    let (top, rank) = sampler::top_logprobs(logits, sampled.token, k, &mut self.scratch);
-                    PositionLogprobs {
-                        chosen: RankedLogprob { token: sampled.token, logprob: sampled.logprob, rank },
-                        top,
-                    }
-                });
-                (sampled, top)
-            };
-            row += 1;
-            let accepted = s.accept(sampled, top, &self.rules, self.text.as_ref(), now);
-            self.stats.generated_tokens.fetch_add(1, Relaxed);
-            if let Some(t) = accepted.first_token_s {
-                self.stats.time_to_first_token.observe(t);
-            }
-            if let Some(t) = accepted.inter_token_s {
-                self.stats.inter_token_latency.observe(t);
-            }
-            if accepted.client_gone {
-                self.stats.cancelled.fetch_add(1, Relaxed);
-            }
-            match accepted.finished {
-                Some(FinishReason::Stop) => self.stats.finished_stop.fetch_add(1, Relaxed),
-                Some(FinishReason::Length) => self.stats.finished_length.fetch_add(1, Relaxed),
-                Some(FinishReason::Abort) | None => 0,
-            };
-        }
-        Ok(())
     }
 
     /// Adds this engine's change of running/waiting/blocks-used to the shared gauges.
@@ -633,10 +553,17 @@ impl Engine {
     }
 }
 
+/// Bytes of a decoder's K/V pool (f32 K and V, every layer and block).
+fn kv_pool_bytes(decoder: &dyn DecoderInstance) -> u64 {
+    let s = decoder.shape();
+    (decoder.num_blocks() * s.block_size * s.layers * 2 * s.kv_heads * s.head_dim * 4) as u64
+}
+
 impl Drop for Engine {
     fn drop(&mut self) {
         self.fail_all(GenerationError::Unavailable { reason: "the model instance stopped".into() });
         self.stats.kv_blocks_total.fetch_sub(self.decoder.num_blocks() as u64, Relaxed);
+        self.stats.kv_bytes_total.fetch_sub(kv_pool_bytes(self.decoder.as_ref()), Relaxed);
         self.running.clear();
         self.waiting.clear();
         self.publish();

@@ -61,6 +61,8 @@ pub struct NeuronDecoderInstance {
     decode_buckets: Vec<(usize, usize)>,
     /// The programs pick greedy tokens (token ids and logprobs out).
     greedy_on_device: bool,
+    /// The prefill programs start at any position (else only at 0).
+    prefill_appends: bool,
     timings: Arc<DecoderTimings>,
     /// When the last `forward` ended.
     last_forward_end: Option<Instant>,
@@ -183,6 +185,7 @@ impl NeuronDecoderInstance {
             prefill_lengths,
             decode_buckets,
             greedy_on_device: manifest.tensors.next_token_ids.is_some(),
+            prefill_appends: manifest.prefill_appends,
             shape,
             timings: Arc::default(),
             last_forward_end: None,
@@ -222,6 +225,16 @@ impl NeuronDecoderInstance {
     fn run_prefill(&mut self, chunk: &SeqChunk<'_>, mut out: Rows<'_>) -> Result<(), BackendError> {
         let slot = self.slot_of(chunk)?;
         let n = chunk.tokens.len();
+        if !self.prefill_appends {
+            let largest = self.prefill_lengths.last().copied().unwrap_or(0);
+            if chunk.start > 0 || n > largest {
+                return Err(execution_error(format!(
+                    "a prefill of {n} tokens at position {}: these programs prefill from position 0 only, at most \
+                     {largest} tokens (the largest prefill bucket); shorten the conversation or compile a larger bucket",
+                    chunk.start
+                )));
+            }
+        }
         for piece in prefill_pieces(&self.prefill_lengths, n) {
             let seq_len = self.prefill_lengths[piece.bucket];
             let tokens = &chunk.tokens[piece.offset..piece.offset + piece.len];
@@ -377,6 +390,10 @@ impl DecoderInstance for NeuronDecoderInstance {
 
     fn greedy_on_device(&self) -> bool {
         self.greedy_on_device
+    }
+
+    fn prefill_from_zero_only(&self) -> bool {
+        !self.prefill_appends
     }
 
     fn forward_greedy(&mut self, chunks: &[SeqChunk<'_>], picked: &mut Vec<(u32, f32)>) -> Result<(), BackendError> {

@@ -107,6 +107,9 @@ fn default_weights_dtype() -> String {
 fn default_padding_position() -> i32 {
     -1
 }
+fn default_true() -> bool {
+    true
+}
 
 /// Names of the programs' inputs and outputs (defaults follow AWS's NxD Inference names).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -193,6 +196,12 @@ pub struct DecoderManifest {
     /// Position value marking a padding token or row.
     #[serde(default = "default_padding_position")]
     pub padding_position: i32,
+    /// Whether the prefill programs start at any position (`true`, the default: a kept session's
+    /// next turn computes only its new tokens) or only at 0 (`false`: NxD Inference-style context
+    /// encoding; every prefill recomputes the whole history, in one program run, so the longest
+    /// prompt plus history is the largest prefill bucket).
+    #[serde(default = "default_true")]
+    pub prefill_appends: bool,
     /// Prefill programs, any order.
     pub prefill: Vec<PrefillBucket>,
     /// Decode programs, any order.
