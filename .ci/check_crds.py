@@ -5,7 +5,9 @@ schemas cannot check.
     check_crds.py --list-builtin DIR...   print the files holding built-in
                                           kinds (for kubernetes-validate)
     check_crds.py DIR...                  check CRD kinds (ServingRuntime,
-                                          InferenceService, ServiceMonitor),
+                                          InferenceService, ServiceMonitor;
+                                          InferencePool, Gateway, HTTPRoute,
+                                          GRPCRoute with check_gateway.py),
                                           kustomization.yaml and the links
                                           between manifests
 
@@ -20,12 +22,16 @@ import sys
 
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check_gateway  # noqa: E402
+
 # Kinds this script checks itself (no schema bundled with kubernetes-validate).
 CRD_KINDS = {
     "ServingRuntime": "serving.kserve.io/v1alpha1",
     "ClusterServingRuntime": "serving.kserve.io/v1alpha1",
     "InferenceService": "serving.kserve.io/v1beta1",
     "ServiceMonitor": "monitoring.coreos.com/v1",
+    **check_gateway.GATEWAY_KINDS,
 }
 KUSTOMIZATION = "Kustomization"
 # API groups whose kinds kubernetes-validate has schemas for.
@@ -263,18 +269,24 @@ def main(argv: list[str]) -> int:
     # --- built-in kinds: links between Deployment, Service, PDB
     services = by_kind.get("Service", [])
     deployments = by_kind.get("Deployment", [])
+    worker_deployments = []
+    for f, dep in deployments + by_kind.get("StatefulSet", []):
+        pod_labels = get(dep, "spec", "template", "metadata", "labels", default={}) or {}
+        if not selector_matches(get(dep, "spec", "selector", default={}) or {}, pod_labels):
+            fail(f"{f} ({dep.get('kind')} {get(dep, 'metadata', 'name')})", "spec.selector does not match the pod template labels")
     for f, dep in deployments:
         where = f"{f} (Deployment {get(dep, 'metadata', 'name')})"
         pod_labels = get(dep, "spec", "template", "metadata", "labels", default={}) or {}
-        if not selector_matches(get(dep, "spec", "selector", default={}) or {}, pod_labels):
-            fail(where, "spec.selector does not match the pod template labels")
         containers = get(dep, "spec", "template", "spec", "containers", default=[]) or []
+        if not any(_is_worker_image(c) or "serve" in (c.get("args") or [])[:1] for c in containers):
+            continue  # another program (the endpoint picker): checked by check_gateway.py
         workers = [c for c in containers if "serve" in (c.get("args") or [])[:1]]
         if not workers:
             fail(where, "no container runs `serve`")
             continue
         c = workers[0]
         flags = check_container_args(where, c, _models_mount(c))
+        worker_deployments.append((f, dep, c, flags))
         grpc_port = port_of(flags.get("--grpc-addr"))
         check_probes(where, c, grpc_port)
         for probe in ("readinessProbe", "livenessProbe"):
@@ -385,6 +397,9 @@ def main(argv: list[str]) -> int:
                 if port not in names:
                     fail(where, f"endpoint port {port!r} is not a port name of Service {get(s, 'metadata', 'name')} ({names})")
 
+    # --- deploy/gateway: InferencePools, endpoint pickers, routes, session store
+    check_gateway.check(by_kind, worker_deployments, fail)
+
     if problems:
         for p in problems:
             print(f"FAIL {p}", file=sys.stderr)
@@ -393,6 +408,11 @@ def main(argv: list[str]) -> int:
     kinds = sorted(k for k in by_kind if k)
     print(f"ok: {len(files)} files, kinds checked: {', '.join(kinds)}")
     return 0
+
+
+def _is_worker_image(container: dict) -> bool:
+    image = str(container.get("image") or "")
+    return image.rsplit("/", 1)[-1].startswith("neuron-worker")
 
 
 def _models_mount(container: dict) -> str:

@@ -5,8 +5,16 @@
 //!
 //! No YAML parser: the flags are found by scanning the non-comment text of the
 //! manifests (in those files `--` only occurs in container args) and the
-//! `CMD` line of the Dockerfile.
+//! `CMD` line of the Dockerfile. YAML documents that run another program (an
+//! `image:` that is not neuron-worker: the endpoint picker, Valkey) are left
+//! out; their flags are not the worker's.
+//!
+//! The fleet manifests (`deploy/gateway`) also name the worker's metrics (the
+//! endpoint picker's configuration) and headers: those must be what a running
+//! worker exports.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -19,7 +27,7 @@ fn deploy_dir() -> PathBuf {
 /// The YAML manifests that start the worker, with their text.
 fn manifests() -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
-    for sub in ["k8s", "kserve"] {
+    for sub in ["k8s", "kserve", "gateway"] {
         let dir = deploy_dir().join(sub);
         let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
@@ -29,11 +37,35 @@ fn manifests() -> Vec<(PathBuf, String)> {
         entries.sort();
         for p in entries {
             let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-            out.push((p, text));
+            out.push((p, worker_documents(&text)));
         }
     }
     assert!(!out.is_empty(), "no manifests found under {}", deploy_dir().display());
     out
+}
+
+/// The `---`-separated YAML documents of `text` that do not run another
+/// program: none of their `image:` lines names an image other than
+/// `neuron-worker` (any registry, any tag).
+fn worker_documents(text: &str) -> String {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.starts_with("---") {
+            docs.push(String::new());
+        } else if let Some(doc) = docs.last_mut() {
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    let other_program = |doc: &str| {
+        doc.lines().map(strip_comment).any(|l| {
+            l.trim().trim_start_matches("- ").strip_prefix("image:").is_some_and(|image| {
+                let image = image.trim().trim_matches(['"', '\'']);
+                !image.rsplit('/').next().unwrap_or(image).starts_with("neuron-worker")
+            })
+        })
+    };
+    docs.into_iter().filter(|d| !other_program(d)).collect::<Vec<_>>().join("---\n")
 }
 
 /// The text of a YAML (or Dockerfile) line with its comment removed.
@@ -318,4 +350,77 @@ Options:
     );
     assert_eq!(help_default(help, "--grpc-addr").as_deref(), Some("127.0.0.1:8001"));
     assert_eq!(help_default(help, "--model-repository"), None);
+}
+
+/// The fleet overlay passes the shared store to the worker, and the other
+/// programs' flags (endpoint picker, Valkey) are not mistaken for the worker's.
+#[test]
+fn gateway_overlay_sets_the_session_store() {
+    let gateway = deploy_dir().join("gateway");
+    let kustomization =
+        std::fs::read_to_string(gateway.join("kustomization.yaml")).expect("deploy/gateway/kustomization.yaml");
+    let flags = flags_in(&worker_documents(&kustomization));
+    let store = flags.iter().find(|(f, _)| f == "--session-store").and_then(|(_, v)| v.clone());
+    assert_eq!(store.as_deref(), Some("redis://neuron-worker-sessions:6379/0"), "flags of the overlay: {flags:?}");
+
+    let picker =
+        std::fs::read_to_string(gateway.join("endpoint-picker.yaml")).expect("deploy/gateway/endpoint-picker.yaml");
+    assert!(
+        flags_in(&picker).iter().any(|(f, _)| f == "--pool-name"),
+        "the scan must see the picker's flags in the raw text"
+    );
+    assert!(
+        flags_in(&worker_documents(&picker)).is_empty(),
+        "the picker's documents must be left out of the worker flag check"
+    );
+    let store = std::fs::read_to_string(gateway.join("session-store.yaml")).expect("deploy/gateway/session-store.yaml");
+    assert!(
+        flags_in(&worker_documents(&store)).is_empty(),
+        "Valkey's documents must be left out of the worker flag check"
+    );
+    let mixed = "image: neuron-worker:1\nargs: [serve, --grpc-addr=0.0.0.0:8001]\n---\nimage: ghcr.io/x/epp:v1\nargs: [--pool-name=p]\n";
+    assert_eq!(flags_in(&worker_documents(mixed)), vec![("--grpc-addr".to_string(), Some("0.0.0.0:8001".to_string()))]);
+}
+
+/// Every `neuron_worker_*` metric the endpoint picker is configured to read is
+/// one a running worker exports (the built-in generative model `tiny_decoder`
+/// included), and the worker names itself in `x-worker-id`.
+#[tokio::test]
+async fn gateway_picker_reads_metrics_the_worker_exports() {
+    let config = std::fs::read_to_string(deploy_dir().join("gateway").join("endpoint-picker-config.yaml"))
+        .expect("deploy/gateway/endpoint-picker-config.yaml");
+    let mut wanted = BTreeSet::new();
+    for line in config.lines().map(strip_comment) {
+        let mut rest = line;
+        while let Some(i) = rest.find("neuron_worker_") {
+            let name: String =
+                rest[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+            rest = &rest[i + name.len()..];
+            wanted.insert(name);
+        }
+    }
+    for needed in [
+        "neuron_worker_num_requests_waiting",
+        "neuron_worker_num_requests_running",
+        "neuron_worker_kv_cache_usage_perc",
+    ] {
+        assert!(wanted.contains(needed), "the picker config does not read {needed}: {wanted:?}");
+    }
+
+    let worker = common::start().await;
+    let addr = worker.server.metrics_addr.expect("metrics address").to_string();
+    let reply = common::http_get(&addr, "/metrics").await;
+    let exported: BTreeSet<&str> =
+        reply.lines().filter(|l| l.starts_with("neuron_worker_")).filter_map(|l| l.split(['{', ' ']).next()).collect();
+    let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(m.as_str())).collect();
+    assert!(
+        missing.is_empty(),
+        "the picker config reads metrics the worker does not export: {missing:?}\nexported: {exported:?}"
+    );
+    assert!(
+        reply.lines().any(|l| l.eq_ignore_ascii_case("x-worker-id: test-worker")),
+        "the metrics response does not carry x-worker-id:\n{}",
+        reply.lines().take(12).collect::<Vec<_>>().join("\n")
+    );
+    worker.server.shutdown.cancel();
 }
