@@ -182,8 +182,8 @@ async fn kept_sessions_never_move_their_kv_to_the_host_between_turns() {
     assert_eq!(blob.state[0].data.len(), 4 * 3 * (9 + 6), "the tokens travel");
 }
 
-/// A session exported from the core that held it and imported again continues exactly as a
-/// session that never moved (its K/V range read from one core's cache and written to another's).
+/// A session exported from the core that held it and imported onto another core continues exactly
+/// as a session that never moved (its K/V range read from one core's cache, written to another's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_exported_session_continues_exactly_after_import() {
     use neuron_worker::server::sessions::proto::sessions_client::SessionsClient;
@@ -209,11 +209,23 @@ async fn an_exported_session_continues_exactly_after_import() {
     // The session's K/V travelled: one slot (128 positions) of 3 layers' K and V, read from the device.
     let decoded = neuron_worker::sessions::SessionBlob::decode(&blob).expect("decodes");
     assert_eq!(decoded.state[2].data.len(), 3 * 2 * 128 * 2 * 16 * 4);
+    // The session was held by core 0 (the first least-loaded instance). A long stateless request
+    // now occupies core 0 (the first of the idle instances), so the import — which goes to the
+    // least loaded instance — writes the slot into another core's cache.
+    let long = r#"{"max_tokens": 100, "temperature": 0, "ignore_eos": true}"#;
+    let mut busy = c.clone();
+    let hold = tokio::spawn(async move { generate(&mut busy, ids_request(&message(5, 9, VOCAB), long)).await });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while common::capacity(&w.metrics).await["models"][0]["generative"]["num_requests_running"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "the long request did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     s.import_session(ImportSessionRequest { blob }).await.expect("import");
     let third = message(72, 9, VOCAB);
     let moved = generate(&mut c, with_session(ids_request(&third, seeded), 77, false, false)).await.unwrap();
     let unmoved = generate(&mut cpu, with_session(ids_request(&third, seeded), 77, false, false)).await.unwrap();
     assert_eq!(moved.0, unmoved.0, "the moved session continues with the CPU backend's tokens");
+    hold.await.expect("task").expect("the long request ends");
     for (x, y) in moved.1.iter().zip(&unmoved.1) {
         assert!((x - y).abs() <= 1e-4, "logprob {x} vs {y}");
     }
