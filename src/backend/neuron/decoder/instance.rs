@@ -123,10 +123,22 @@ pub struct DeviceWeights {
     pub digest: [u8; 32],
 }
 
+/// One compiled program, read and parsed once for every core.
+pub struct CompiledProgram {
+    /// What it runs.
+    pub kind: ProgramKind,
+    /// The NEFF file's bytes.
+    pub neff: Vec<u8>,
+    /// `model/prefill_s16`, `model/decode_b4_c128`: its name in errors.
+    pub label: String,
+    /// The inputs the NEFF declares (parsed from the file, before any core loads it).
+    pub inputs: Vec<crate::neff::NeffTensor>,
+}
+
 /// Compiled programs, read once for every core.
 pub struct CompiledPrograms {
-    /// (kind, NEFF bytes, label) of each program, prefill ascending then decode ascending.
-    pub programs: Vec<(ProgramKind, Vec<u8>, String)>,
+    /// Each program, prefill ascending then decode ascending.
+    pub programs: Vec<CompiledProgram>,
 }
 
 fn int32_bytes(out: &mut Vec<u8>, values: impl Iterator<Item = i32>) {
@@ -210,9 +222,9 @@ impl NeuronDecoderInstance {
         let shared = SharedTensors { weights: device_weights, caches };
         let (mut prefill, mut decode) = (Vec::new(), Vec::new());
         let cx = ProgramContext { manifest, layers: shape.layers, vocab: shape.vocab, shared: &shared, collective };
-        for (kind, neff, label) in &programs.programs {
-            let p = Program::load(runtime, core, label, neff, *kind, &cx)?;
-            match kind {
+        for c in &programs.programs {
+            let p = Program::load(runtime, core, &c.label, &c.neff, c.kind, &cx)?;
+            match c.kind {
                 ProgramKind::Prefill { .. } => prefill.push(p),
                 ProgramKind::Decode { .. } => decode.push(p),
             }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::instance::{CompiledPrograms, DeviceWeights, NeuronDecoderInstance, weights_digest};
+use super::instance::{CompiledProgram, CompiledPrograms, DeviceWeights, NeuronDecoderInstance, weights_digest};
 use super::manifest::DecoderManifest;
 use super::program::{ProgramKind, Role, role};
 use crate::backend::BackendError;
@@ -18,36 +18,25 @@ fn load_error(what: String) -> BackendError {
     BackendError::Load(what)
 }
 
-/// Reads every program's NEFF named by the manifest.
+/// Reads and parses (declared inputs) every program's NEFF named by the manifest, once.
 pub fn read_programs(dir: &Path, model: &str, manifest: &DecoderManifest) -> Result<CompiledPrograms, BackendError> {
-    let read = |file: &Path| {
+    let read = |file: &Path, kind: ProgramKind, label: String| -> Result<CompiledProgram, BackendError> {
         let path = dir.join(file);
-        std::fs::read(&path).map_err(|e| load_error(format!("{}: cannot read the NEFF: {e}", path.display())))
+        let neff =
+            std::fs::read(&path).map_err(|e| load_error(format!("{}: cannot read the NEFF: {e}", path.display())))?;
+        let inputs = crate::neff::parse_neff(&neff, &label).map_err(|e| load_error(format!("{label}: {e}")))?.inputs;
+        Ok(CompiledProgram { kind, neff, label, inputs })
     };
     let mut programs = Vec::new();
     for b in &manifest.prefill {
-        programs.push((
-            ProgramKind::Prefill { seq_len: b.seq_len },
-            read(&b.neff)?,
-            format!("{model}/prefill_s{}", b.seq_len),
-        ));
+        let kind = ProgramKind::Prefill { seq_len: b.seq_len };
+        programs.push(read(&b.neff, kind, format!("{model}/prefill_s{}", b.seq_len))?);
     }
     for b in &manifest.decode {
-        programs.push((
-            ProgramKind::Decode { batch: b.batch, context: b.context },
-            read(&b.neff)?,
-            format!("{model}/decode_b{}_c{}", b.batch, b.context),
-        ));
+        let kind = ProgramKind::Decode { batch: b.batch, context: b.context };
+        programs.push(read(&b.neff, kind, format!("{model}/decode_b{}_c{}", b.batch, b.context))?);
     }
     Ok(CompiledPrograms { programs })
-}
-
-fn to_dtype(data: &[f32], dtype: &str) -> Vec<u8> {
-    match dtype {
-        "bfloat16" => data.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
-        "float16" => data.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-        _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
 }
 
 /// The weights every program takes, converted to the manifest's dtype, keyed by input name.
@@ -59,15 +48,16 @@ pub fn device_weights(
 ) -> Result<DeviceWeights, BackendError> {
     // Input name → (HF name, bytes the NEFF declares).
     let mut wanted: HashMap<String, (String, Option<u64>)> = HashMap::new();
-    for (_, neff, label) in &programs.programs {
-        let info = crate::neff::parse_neff(neff, label).map_err(|e| load_error(format!("{label}: {e}")))?;
-        for t in &info.inputs {
+    for p in &programs.programs {
+        for t in &p.inputs {
             if let Role::Weight(hf) = role(manifest, config.num_hidden_layers, &t.name, true) {
                 wanted.insert(t.name.clone(), (hf, t.byte_size()));
             }
         }
     }
     let dtype = manifest.tensors.weights_dtype.as_str();
+    let data_type = crate::neff::data_type_from_neff(dtype)
+        .ok_or_else(|| load_error(format!("tensors.weights_dtype '{dtype}' is not a tensor dtype")))?;
     let mut tensors = HashMap::with_capacity(wanted.len());
     let mut dense: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(wanted.len());
     for (input, (hf, declared)) in wanted {
@@ -91,7 +81,8 @@ pub fn device_weights(
                 "weight '{hf}' is quantized (GGUF); the Neuron path takes HF safetensors weights (F32/F16/BF16)"
             )));
         };
-        let bytes = to_dtype(&data, dtype);
+        let bytes = crate::tensor::encode_f32(&data, data_type)
+            .ok_or_else(|| load_error(format!("weights cannot be stored as {dtype}")))?;
         if let Some(size) = declared
             && size != bytes.len() as u64
         {
@@ -126,10 +117,7 @@ pub fn decoder_shape(manifest: &DecoderManifest, config: &LlamaConfig) -> Decode
 fn cache_bytes(manifest: &DecoderManifest, shape: &DecoderShape, programs: &CompiledPrograms) -> usize {
     let whole = manifest.kv.slots * manifest.kv.max_len * shape.kv_heads * shape.head_dim * 4;
     let k0 = super::manifest::fill(&manifest.kv.k_input, "layer", "0");
-    let declared = programs.programs.first().and_then(|(_, neff, label)| {
-        let info = crate::neff::parse_neff(neff, label).ok()?;
-        info.inputs.iter().find(|t| t.name == k0)?.byte_size()
-    });
+    let declared = programs.programs.first().and_then(|p| p.inputs.iter().find(|t| t.name == k0)?.byte_size());
     declared.and_then(|b| usize::try_from(b).ok()).unwrap_or(whole)
 }
 

@@ -313,11 +313,6 @@ impl DecoderManifest {
         }
         Ok(())
     }
-
-    /// Element size of the weight inputs in bytes.
-    pub fn weight_element_bytes(&self) -> usize {
-        if self.tensors.weights_dtype == "float32" { 4 } else { 2 }
-    }
 }
 
 #[cfg(test)]
