@@ -48,6 +48,15 @@ enum Command {
     CutShort,
 }
 
+/// The least loaded instance still in service, other than `except`: its index and link.
+fn least_loaded(links: &[InstanceLink], except: Option<usize>) -> Option<(usize, &InstanceLink)> {
+    links
+        .iter()
+        .enumerate()
+        .filter(|&(i, l)| Some(i) != except && l.alive.load(Acquire))
+        .min_by_key(|(_, l)| l.load.load(Acquire))
+}
+
 /// One instance's end of the handle.
 #[derive(Debug)]
 struct InstanceLink {
@@ -202,14 +211,11 @@ impl GenerativeModel {
         let Ok(links) = self.links.lock() else {
             return Err(refuse("the model's handle is poisoned; reload the model"));
         };
-        let least_loaded = || {
-            links.iter().enumerate().filter(|(_, l)| l.alive.load(Acquire)).min_by_key(|(_, l)| l.load.load(Acquire))
-        };
         // A session's turns (a restart too) go to the instance holding it; a session not held by
         // any (new, or in the store) is pinned to the least loaded one now, so that its turns
         // queue behind each other there.
         let link = match &req.session {
-            None => least_loaded().map(|(_, l)| l),
+            None => least_loaded(&links, None).map(|(_, l)| l),
             Some(turn) => {
                 let Ok(mut affinity) = self.affinity.lock() else {
                     return Err(refuse("the model's session routing is poisoned; reload the model"));
@@ -223,7 +229,7 @@ impl GenerativeModel {
                             ));
                         }
                     },
-                    None => least_loaded().map(|(i, l)| {
+                    None => least_loaded(&links, None).map(|(i, l)| {
                         affinity.insert(turn.id.clone(), i);
                         l
                     }),
@@ -323,12 +329,7 @@ impl GenerativeModel {
                 .links
                 .lock()
                 .map_err(|_| MoveError::Refused { reason: "the model's handle is poisoned".into() })?;
-            links
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| l.alive.load(Acquire))
-                .min_by_key(|(_, l)| l.load.load(Acquire))
-                .map(|(i, _)| i)
+            least_loaded(&links, None).map(|(i, _)| i)
         };
         let Some(i) = pick else {
             return Err(MoveError::Refused { reason: "no instance of the model is in service".into() });
@@ -410,13 +411,7 @@ struct ThreadContext {
 /// none.
 fn to_peer(ctx: &ThreadContext, cmd: Command) -> Option<Command> {
     let Ok(peers) = ctx.peers.lock() else { return Some(cmd) };
-    let target = peers
-        .iter()
-        .enumerate()
-        .filter(|(i, l)| *i != ctx.index && l.alive.load(Acquire))
-        .min_by_key(|(_, l)| l.load.load(Acquire))
-        .map(|(_, l)| l);
-    let Some(target) = target else { return Some(cmd) };
+    let Some((_, target)) = least_loaded(&peers, Some(ctx.index)) else { return Some(cmd) };
     target.load.fetch_add(1, AcqRel);
     match target.sender.send(cmd) {
         Ok(()) => None,
