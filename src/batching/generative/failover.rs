@@ -88,16 +88,11 @@ impl MovedSequence {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Instant;
-
-    use tokio::sync::mpsc;
 
     use super::super::handle::GenerativeSetup;
     use super::super::params::SamplingParams;
-    use super::super::request::GenerateRequest;
-    use super::super::sampler;
     use super::super::step::StepLimits;
-    use super::super::testing::FakeDecoder;
+    use super::super::testing::{EOS, FakeDecoder, direct, request, tokens_until_finished};
     use super::super::tokens::ByteTokenizer;
     use crate::backend::BackendError;
     use crate::backend::generative::{DecoderInstance, DecoderShape, SeqChunk};
@@ -148,28 +143,6 @@ mod tests {
         }
     }
 
-    /// What the fake model generates for `prompt` alone, step by step (no batching, no failure).
-    fn alone(prompt: &[u32], params: &SamplingParams, seed: u64) -> Vec<u32> {
-        let mut d = FakeDecoder::new(64, 4, 4096);
-        let mut tokens = prompt.to_vec();
-        let blocks: Vec<u32> = (0..64).collect();
-        let mut out = Vec::new();
-        while out.len() < params.max_tokens {
-            let mut logits = Vec::new();
-            let chunk = SeqChunk {
-                tokens: &tokens,
-                start: 0,
-                blocks: &blocks,
-                logits: crate::backend::generative::LogitsWanted::Last,
-            };
-            d.forward(&[chunk], &mut logits).unwrap();
-            let s = sampler::sample(&logits, params, seed, tokens.len(), &mut Vec::new());
-            tokens.push(s.token);
-            out.push(s.token);
-        }
-        out
-    }
-
     #[test]
     fn sequences_of_a_failed_instance_continue_on_another_with_the_same_tokens() {
         let mut cfg = ModelConfig { name: "fake".into(), ..Default::default() };
@@ -177,7 +150,7 @@ mod tests {
         let spec = ModelSpec::from_config(&cfg, "test").unwrap();
         let setup = GenerativeSetup {
             limits: StepLimits::default(),
-            eos: vec![],
+            eos: vec![EOS],
             defaults: SamplingParams::default(),
             sessions: Default::default(),
             version: 1,
@@ -193,32 +166,13 @@ mod tests {
         let prompts: Vec<Vec<u32>> = (0..6u32).map(|k| (0..7).map(|i| 97 + (i * 5 + k) % 26).collect()).collect();
         let mut rxs = Vec::new();
         for (k, p) in prompts.iter().enumerate() {
-            let (tx, rx) = mpsc::unbounded_channel();
-            let req = GenerateRequest {
-                prompt: p.clone(),
-                params: params.clone(),
-                seed: k as u64,
-                updates: tx,
-                arrived: Instant::now(),
-                session: None,
-            };
+            let (req, rx) = request(p.clone(), params.clone(), k as u64);
             model.submit(req).unwrap();
             rxs.push(rx);
         }
         for (k, mut rx) in rxs.into_iter().enumerate() {
-            let mut tokens = Vec::new();
-            loop {
-                match rx.blocking_recv() {
-                    Some(Ok(u)) => {
-                        tokens.extend(u.tokens);
-                        if u.finished.is_some() {
-                            break;
-                        }
-                    }
-                    other => panic!("request {k}: {other:?}"),
-                }
-            }
-            assert_eq!(tokens, alone(&prompts[k], &params, k as u64), "request {k}");
+            let tokens = tokens_until_finished(&mut rx, k);
+            assert_eq!(tokens, direct(&prompts[k], &params, k as u64).0, "request {k}");
         }
         let moved = model.stats().moved_sequences.load(std::sync::atomic::Ordering::Relaxed);
         assert!(moved >= 1, "the failed instance's sequences moved (moved = {moved})");

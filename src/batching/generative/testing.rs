@@ -17,7 +17,7 @@ use crate::backend::BackendError;
 use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
 
 const VOCAB: usize = 260;
-const EOS: u32 = 256;
+pub(crate) const EOS: u32 = 256;
 const EMPTY: u32 = u32::MAX;
 
 fn mix(mut z: u64) -> u64 {
@@ -118,7 +118,7 @@ impl DecoderInstance for FakeDecoder {
 }
 
 /// Tokens and logprobs the fake model gives `prompt` without any batching (direct computation).
-fn direct(prompt: &[u32], params: &SamplingParams, seed: u64) -> (Vec<u32>, Vec<f32>) {
+pub(crate) fn direct(prompt: &[u32], params: &SamplingParams, seed: u64) -> (Vec<u32>, Vec<f32>) {
     let mut tokens = prompt.to_vec();
     let (mut out, mut lps) = (Vec::new(), Vec::new());
     let mut logits = Vec::new();
@@ -148,7 +148,7 @@ fn engine(blocks: usize, block_size: usize, limits: StepLimits) -> (Engine, Arc<
     (e, stats)
 }
 
-fn request(prompt: Vec<u32>, params: SamplingParams, seed: u64) -> (GenerateRequest, UpdateReceiver) {
+pub(crate) fn request(prompt: Vec<u32>, params: SamplingParams, seed: u64) -> (GenerateRequest, UpdateReceiver) {
     let (tx, rx) = mpsc::unbounded_channel();
     let req = GenerateRequest { prompt, params, seed, updates: tx, arrived: Instant::now(), session: None };
     (req, rx)
@@ -168,6 +168,23 @@ fn collect(rx: &mut UpdateReceiver) -> Result<Collected, GenerationError> {
         f = u.finished.map(|f| f.reason);
     }
     Ok((t, l, s, f))
+}
+
+/// Every token `rx` receives from a request on an instance thread, until the last update; panics
+/// on an error or a closed channel (`k` names the request).
+pub(crate) fn tokens_until_finished(rx: &mut UpdateReceiver, k: impl std::fmt::Debug) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    loop {
+        match rx.blocking_recv() {
+            Some(Ok(u)) => {
+                tokens.extend(u.tokens);
+                if u.finished.is_some() {
+                    return tokens;
+                }
+            }
+            other => panic!("request {k:?}: {other:?}"),
+        }
+    }
 }
 
 fn run_to_end(e: &mut Engine) -> usize {
@@ -372,19 +389,7 @@ fn the_handle_serves_requests_on_instance_threads_and_bounds_its_queue() {
     }
     assert!(rxs.len() >= 2, "at least the queue bound is accepted");
     for (k, mut rx) in rxs {
-        let mut tokens = Vec::new();
-        loop {
-            match rx.blocking_recv() {
-                Some(Ok(u)) => {
-                    tokens.extend(u.tokens);
-                    if u.finished.is_some() {
-                        break;
-                    }
-                }
-                other => panic!("request {k}: {other:?}"),
-            }
-        }
-        assert_eq!(tokens, direct(&prompt(5, k), &params, u64::from(k)).0);
+        assert_eq!(tokens_until_finished(&mut rx, k), direct(&prompt(5, k), &params, u64::from(k)).0);
     }
     model.drain();
     assert!(!batcher.is_ready());
