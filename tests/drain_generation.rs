@@ -8,8 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::generative::{bytes_el, is_final};
-use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
+use common::generative::{is_final, text_request};
 use neuron_worker::proto::inference::{InferParameter, ModelInferRequest, infer_parameter::ParameterChoice};
 use neuron_worker::repository::{BackendSelection, ModelControlMode, Repository};
 use neuron_worker::sessions::{SequenceId, SessionStore};
@@ -19,25 +18,8 @@ const MODEL: &str = "tiny_decoder";
 
 /// A streamed turn of session 7 (START) of the built-in decoder that would run for a long time.
 fn endless_turn() -> ModelInferRequest {
-    let input = |name: &str, dtype: &str| InferInputTensor {
-        name: name.into(),
-        datatype: dtype.into(),
-        shape: vec![1],
-        ..Default::default()
-    };
-    let mut inputs = vec![input("text_input", "BYTES"), input("stream", "BOOL"), input("sampling_parameters", "BYTES")];
-    let mut raw = vec![bytes_el("Once"), vec![1], bytes_el(r#"{"max_tokens": 30000, "ignore_eos": true}"#)];
-    for flag in ["return_output_ids", "return_finish_reason", "exclude_input_in_output"] {
-        inputs.push(input(flag, "BOOL"));
-        raw.push(vec![1]);
-    }
+    let mut r = text_request(MODEL, "Once", true, r#"{"max_tokens": 30000, "ignore_eos": true}"#);
     let p = |c| InferParameter { parameter_choice: Some(c) };
-    let mut r = ModelInferRequest {
-        model_name: MODEL.into(),
-        inputs,
-        raw_input_contents: raw.into_iter().map(bytes::Bytes::from).collect(),
-        ..Default::default()
-    };
     r.parameters.insert("sequence_id".into(), p(ParameterChoice::Uint64Param(7)));
     r.parameters.insert("sequence_start".into(), p(ParameterChoice::BoolParam(true)));
     r

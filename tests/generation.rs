@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::generative::{bytes_el, gqa_repository, is_final};
+use common::generative::{bytes_el, gqa_repository, is_final, text_request};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,27 +18,6 @@ use neuron_worker::repository::ModelControlMode;
 use tokio_stream::StreamExt;
 
 const MODEL: &str = "tiny_decoder";
-
-fn request(model: &str, prompt: &str, stream: bool, params: &str) -> ModelInferRequest {
-    let input = |name: &str, dtype: &str| InferInputTensor {
-        name: name.into(),
-        datatype: dtype.into(),
-        shape: vec![1],
-        ..Default::default()
-    };
-    let mut inputs = vec![input("text_input", "BYTES"), input("stream", "BOOL"), input("sampling_parameters", "BYTES")];
-    let mut raw = vec![bytes_el(prompt), vec![u8::from(stream)], bytes_el(params)];
-    for flag in ["return_output_ids", "return_output_logprobs", "return_finish_reason"] {
-        inputs.push(input(flag, "BOOL"));
-        raw.push(vec![1]);
-    }
-    if stream {
-        inputs.push(input("exclude_input_in_output", "BOOL"));
-        raw.push(vec![1]);
-    }
-    let raw = raw.into_iter().map(bytes::Bytes::from).collect();
-    ModelInferRequest { model_name: model.into(), inputs, raw_input_contents: raw, ..Default::default() }
-}
 
 /// (text, ids, logprobs, finish_reason) of one response.
 fn outputs(r: &ModelInferResponse) -> (String, Vec<i32>, Vec<f32>, String) {
@@ -101,24 +80,24 @@ async fn streamed_deltas_concatenate_to_the_unary_text_and_seeds_reproduce() {
     assert!(cfg.input.iter().any(|i| i.name == "text_input"));
 
     let params = r#"{"max_tokens": 24, "temperature": 0.9, "top_k": 50, "seed": 7, "ignore_eos": true}"#;
-    let unary = c.model_infer(request(MODEL, "Hello", false, params)).await.unwrap().into_inner();
+    let unary = c.model_infer(text_request(MODEL, "Hello", false, params)).await.unwrap().into_inner();
     let (text, ids, lps, reason) = outputs(&unary);
     assert!(text.starts_with("Hello"), "non-streamed text includes the prompt: {text:?}");
     assert_eq!(ids.len(), 24);
     assert_eq!(lps.len(), 24);
     assert_eq!(reason, "length");
 
-    let streamed = stream_all(&mut c, vec![request(MODEL, "Hello", true, params)]).await;
+    let streamed = stream_all(&mut c, vec![text_request(MODEL, "Hello", true, params)]).await;
     assert_eq!(format!("Hello{}", streamed[0].0), text, "deltas concatenate to the completion");
     assert_eq!(streamed[0].1, ids, "same seed, same tokens");
     assert_eq!(streamed[0].2, lps);
     assert_eq!(streamed[0].3, "length");
 
     let other = r#"{"max_tokens": 24, "temperature": 0.9, "top_k": 50, "seed": 8, "ignore_eos": true}"#;
-    let (_, ids8, ..) = outputs(&c.model_infer(request(MODEL, "Hello", false, other)).await.unwrap().into_inner());
+    let (_, ids8, ..) = outputs(&c.model_infer(text_request(MODEL, "Hello", false, other)).await.unwrap().into_inner());
     assert_ne!(ids8, ids, "another seed samples other tokens");
 
-    let bad = c.model_infer(request(MODEL, "x", false, r#"{"best_of": 2}"#)).await.unwrap_err();
+    let bad = c.model_infer(text_request(MODEL, "x", false, r#"{"best_of": 2}"#)).await.unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument);
     assert!(bad.message().contains("best_of"), "{}", bad.message());
 }
@@ -141,10 +120,10 @@ async fn alone_and_in_a_batch_of_eight_the_tokens_and_logprobs_are_identical() {
     let params = |k: usize| format!(r#"{{"max_tokens": 12, "temperature": 1.0, "seed": {k}, "ignore_eos": true}}"#);
     let mut alone = Vec::new();
     for (k, p) in prompts.iter().enumerate() {
-        alone.push(stream_all(&mut c, vec![request("gqa", p, true, &params(k))]).await.remove(0));
+        alone.push(stream_all(&mut c, vec![text_request("gqa", p, true, &params(k))]).await.remove(0));
     }
     let batch: Vec<ModelInferRequest> =
-        prompts.iter().enumerate().map(|(k, p)| request("gqa", p, true, &params(k))).collect();
+        prompts.iter().enumerate().map(|(k, p)| text_request("gqa", p, true, &params(k))).collect();
     let together = stream_all(&mut c, batch).await;
     for k in 0..prompts.len() {
         assert_eq!(together[k].1, alone[k].1, "request {k}: tokens");
@@ -161,7 +140,7 @@ async fn a_cancelled_stream_frees_its_sequence() {
     let mut c = w.client().await;
     let params = r#"{"max_tokens": 100000, "ignore_eos": true}"#;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(request(MODEL, "Once", true, params)).await.unwrap();
+    tx.send(text_request(MODEL, "Once", true, params)).await.unwrap();
     let mut stream = c.model_stream_infer(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     let first = stream.next().await.expect("a delta").expect("ok");
     assert!(first.error_message.is_empty());

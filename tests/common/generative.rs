@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use neuron_worker::proto::inference::{ModelInferResponse, infer_parameter::ParameterChoice};
+use neuron_worker::proto::inference::model_infer_request::InferInputTensor;
+use neuron_worker::proto::inference::{ModelInferRequest, ModelInferResponse, infer_parameter::ParameterChoice};
 
 /// One BYTES tensor element: its u32 little-endian length, then the bytes.
 pub fn bytes_el(s: &str) -> Vec<u8> {
@@ -40,4 +41,27 @@ pub fn gqa_repository(extra: &str) -> tempfile::TempDir {
             .expect("config");
     }
     dir
+}
+
+/// A Triton vLLM-backend request over text: `text_input`, `stream`, `sampling_parameters`, asking for
+/// output ids, logprobs and the finish reason (a streamed one leaves the input out of its output).
+pub fn text_request(model: &str, prompt: &str, stream: bool, params: &str) -> ModelInferRequest {
+    let input = |name: &str, dtype: &str| InferInputTensor {
+        name: name.into(),
+        datatype: dtype.into(),
+        shape: vec![1],
+        ..Default::default()
+    };
+    let mut inputs = vec![input("text_input", "BYTES"), input("stream", "BOOL"), input("sampling_parameters", "BYTES")];
+    let mut raw = vec![bytes_el(prompt), vec![u8::from(stream)], bytes_el(params)];
+    for flag in ["return_output_ids", "return_output_logprobs", "return_finish_reason"] {
+        inputs.push(input(flag, "BOOL"));
+        raw.push(vec![1]);
+    }
+    if stream {
+        inputs.push(input("exclude_input_in_output", "BOOL"));
+        raw.push(vec![1]);
+    }
+    let raw = raw.into_iter().map(bytes::Bytes::from).collect();
+    ModelInferRequest { model_name: model.into(), inputs, raw_input_contents: raw, ..Default::default() }
 }
