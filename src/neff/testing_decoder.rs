@@ -82,7 +82,7 @@ fn op(config: DecoderConfig, mode: DecoderMode, context: Option<u64>, greedy: bo
     }
 }
 
-fn link_or_copy(from: &Path, to: &Path) -> Result<(), String> {
+fn copy_file(from: &Path, to: &Path) -> Result<(), String> {
     std::fs::copy(from, to).map(|_| ()).map_err(|e| format!("{} → {}: {e}", from.display(), to.display()))
 }
 
@@ -100,7 +100,7 @@ pub fn write_standin_decoder(hf: &Path, out: &Path, layout: &DecoderLayout) -> R
                 "config.json" | "tokenizer.json" | "tokenizer_config.json" | "generation_config.json"
             );
         if wanted {
-            link_or_copy(&entry.path(), &out.join(&name))?;
+            copy_file(&entry.path(), &out.join(&name))?;
         }
     }
     let config = LlamaConfig::from_file(&hf.join("config.json")).map_err(|e| e.to_string())?;
