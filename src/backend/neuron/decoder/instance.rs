@@ -52,6 +52,13 @@ struct Rank {
     shared: SharedTensors,
 }
 
+impl Rank {
+    /// Decode program `index` (`decode`), or prefill program `index`.
+    fn program(&mut self, decode: bool, index: usize) -> &mut Program {
+        if decode { &mut self.decode[index] } else { &mut self.prefill[index] }
+    }
+}
+
 /// A compiled decoder on one NeuronCore, or on the cores of one tensor-parallel group (one rank
 /// per core, every program executed on every rank at once, outputs read from rank 0).
 pub struct NeuronDecoderInstance {
@@ -254,17 +261,14 @@ impl NeuronDecoderInstance {
         let s = &self.scratch;
         let started = Instant::now();
         let result = match self.ranks.as_mut_slice() {
-            [one] => {
-                let program = if decode { &mut one.decode[index] } else { &mut one.prefill[index] };
-                program.run(&s.ids, &s.positions, &s.seqs)
-            }
+            [one] => one.program(decode, index).run(&s.ids, &s.positions, &s.seqs),
             ranks => {
                 // The ranks of a collective group execute at once (each blocks until all arrive).
                 std::thread::scope(|scope| {
                     let handles: Vec<_> = ranks
                         .iter_mut()
                         .map(|r| {
-                            let program = if decode { &mut r.decode[index] } else { &mut r.prefill[index] };
+                            let program = r.program(decode, index);
                             scope.spawn(move || program.run(&s.ids, &s.positions, &s.seqs))
                         })
                         .collect();
