@@ -8,6 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use common::tls::TestPki;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -17,13 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
-struct Pki {
-    ca: String,
-    client_cert: String,
-    client_key: String,
-}
-
-fn tls_config(pki: &Pki, with_cert: bool) -> ClientConfig {
+fn tls_config(pki: &TestPki, with_cert: bool) -> ClientConfig {
     let mut roots = RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(pki.ca.as_bytes()).expect("ca pem")).expect("ca");
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
@@ -57,33 +52,10 @@ async fn ready_over_tls(addr: std::net::SocketAddr, config: ClientConfig) -> Res
 
 #[tokio::test]
 async fn http_front_serves_tls_and_mutual_tls() {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let server_key = rcgen::KeyPair::generate().expect("key");
-    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .signed_by(&server_key, &issuer)
-        .expect("server cert");
-    let client_key = rcgen::KeyPair::generate().expect("key");
-    let client = rcgen::CertificateParams::new(vec!["client".to_string()])
-        .expect("params")
-        .signed_by(&client_key, &issuer)
-        .expect("client cert");
-    let dir = tempfile::tempdir().expect("tmp");
-    let write = |name: &str, pem: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, pem).expect("write pem");
-        p
-    };
+    let pki = TestPki::new();
     let mut opts = options();
-    opts.tls_cert = Some(write("server.pem", server.pem()));
-    opts.tls_key = Some(write("server.key", server_key.serialize_pem()));
-    opts.tls_client_ca = Some(write("ca.pem", ca.pem()));
+    pki.mutual_tls(&mut opts);
     let w = start_with(None, ModelControlMode::None, opts).await;
-    let pki = Pki { ca: ca.pem(), client_cert: client.pem(), client_key: client_key.serialize_pem() };
 
     assert_eq!(ready_over_tls(w.http(), tls_config(&pki, true)).await, Ok(200));
     assert!(

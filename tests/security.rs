@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::tls::TestPki;
 use common::*;
 use neuron_worker::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use neuron_worker::proto::inference::{ServerLiveRequest, ServerReadyRequest};
@@ -47,37 +48,14 @@ async fn bearer_token_is_required_except_for_health() {
 
 #[tokio::test]
 async fn tls_and_mutual_tls() {
-    let ca_key = rcgen::KeyPair::generate().expect("key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).expect("ca");
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let server_key = rcgen::KeyPair::generate().expect("key");
-    let server = rcgen::CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .signed_by(&server_key, &issuer)
-        .expect("server cert");
-    let client_key = rcgen::KeyPair::generate().expect("key");
-    let client = rcgen::CertificateParams::new(vec!["client".to_string()])
-        .expect("params")
-        .signed_by(&client_key, &issuer)
-        .expect("client cert");
-
-    let dir = tempfile::tempdir().expect("tmp");
-    let write = |name: &str, pem: String| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, pem).expect("write pem");
-        p
-    };
+    let pki = TestPki::new();
     let mut opts = options();
-    opts.tls_cert = Some(write("server.pem", server.pem()));
-    opts.tls_key = Some(write("server.key", server_key.serialize_pem()));
-    opts.tls_client_ca = Some(write("ca.pem", ca.pem()));
+    pki.mutual_tls(&mut opts);
     let w = start_with(None, ModelControlMode::None, opts).await;
     let url = format!("https://localhost:{}", w.server.grpc_addr.port());
 
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())).domain_name("localhost");
-    let with_cert = tls.clone().identity(Identity::from_pem(client.pem(), client_key.serialize_pem()));
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca)).domain_name("localhost");
+    let with_cert = tls.clone().identity(Identity::from_pem(&pki.client_cert, &pki.client_key));
     let channel = Channel::from_shared(url.clone())
         .expect("url")
         .tls_config(with_cert)

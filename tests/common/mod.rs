@@ -9,6 +9,7 @@ pub mod generative;
 pub mod http;
 pub mod redis;
 pub mod sequences;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::sync::Arc;
