@@ -70,8 +70,10 @@ pub fn matmul_cols(
     }
 }
 
-/// Fixed-order dot product over 8 scalar lanes (the portable path and the attention scores).
-#[inline]
+/// Fixed-order dot product over 8 scalar lanes, lanes summed as
+/// `((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7))`, then the tail (the portable path and the attention
+/// scores). Always inlined, so it is compiled with the target features of its caller.
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut lanes = [0f32; 8];

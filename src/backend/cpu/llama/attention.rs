@@ -24,24 +24,6 @@ pub struct AttentionShape {
     pub scale: f32,
 }
 
-/// 8-lane dot product, lanes summed as `((l0+l4)+(l1+l5))+((l2+l6)+(l3+l7))`, then the tail.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let mut lanes = [0f32; 8];
-    let full = n / 8 * 8;
-    for (ca, cb) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
-        for l in 0..8 {
-            lanes[l] += ca[l] * cb[l];
-        }
-    }
-    let mut s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-    for i in full..n {
-        s += a[i] * b[i];
-    }
-    s
-}
-
 #[allow(clippy::too_many_arguments)]
 /// Attention output (`heads * head_dim`) of the query row `q` at absolute position `pos`, reading K/V of
 /// positions `0..=pos` through the block table `blocks`. `scores` is scratch (grown as needed).
@@ -124,7 +106,7 @@ fn attend_body(
         let mut max = f32::NEG_INFINITY;
         for (p, s) in scores.iter_mut().enumerate() {
             let o = pool.offset(blocks[p / bs] as usize, g, p % bs);
-            *s = dot(qh, &keys[o..o + hd]) * shape.scale;
+            *s = crate::backend::cpu::linear_kernels::dot(qh, &keys[o..o + hd]) * shape.scale;
             max = max.max(*s);
         }
         let mut sum = 0f32;
