@@ -109,26 +109,6 @@ def get(d, *path, default=None):
     return d
 
 
-def flag_values(args: list) -> dict[str, str | None]:
-    """`--flag=value` and `--flag value` forms; a bare flag maps to None."""
-    out: dict[str, str | None] = {}
-    args = [str(a) for a in args]
-    i = 0
-    while i < len(args):
-        a = args[i]
-        if a.startswith("--"):
-            if "=" in a:
-                k, v = a.split("=", 1)
-                out[k] = v
-            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-                out[a] = args[i + 1]
-                i += 1
-            else:
-                out[a] = None
-        i += 1
-    return out
-
-
 def port_of(addr: str | None) -> int | None:
     m = re.search(r":(\d+)$", addr or "")
     return int(m.group(1)) if m else None
@@ -173,7 +153,7 @@ def check_container_args(where: str, container: dict, repo: str) -> dict:
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
         fail(where, "container args must be a non-empty list of strings")
         return {}
-    flags = flag_values(args)
+    flags = check_gateway.flag_values(args)
     if args[0] != "serve":
         fail(where, f"container args must start with the `serve` subcommand, got {args[0]!r}")
     if flags.get("--model-repository") != repo:
@@ -371,7 +351,7 @@ def main(argv: list[str]) -> int:
         if not model.get("storageUri"):
             fail(where, "spec.predictor.model.storageUri is missing")
         rc = (get(rt, "spec", "containers", default=[{}]) or [{}])[0]
-        need = grace_needed(rc, flag_values(rc.get("args") or []))
+        need = grace_needed(rc, check_gateway.flag_values(rc.get("args") or []))
         grace = get(isvc, "spec", "predictor", "terminationGracePeriodSeconds")
         if grace is not None and (not isinstance(grace, int) or grace <= need):
             fail(where, f"terminationGracePeriodSeconds ({grace}) must exceed the runtime's --exit-timeout ({need})")

@@ -100,8 +100,10 @@ def selector_matches(match_labels: dict, labels: dict) -> bool:
     return bool(match_labels) and all((labels or {}).get(k) == v for k, v in match_labels.items())
 
 
-def flag_values(args) -> dict:
-    out = {}
+def flag_values(args) -> dict[str, str | None]:
+    """`--flag=value` and `--flag value` forms; a bare flag maps to None (check_crds.py uses it
+    too)."""
+    out: dict[str, str | None] = {}
     args = [str(a) for a in args or []]
     i = 0
     while i < len(args):
