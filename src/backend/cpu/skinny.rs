@@ -24,11 +24,14 @@ pub const MAX_ROWS: usize = 64;
 
 /// A `[k × n]` row-major weight repacked as `ceil(n / 16)` strips of `[k × 16]` (the last strip's
 /// missing columns are zeros).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct PackedWeight {
     k: usize,
     n: usize,
-    strips: Vec<f32>,
+    /// The strips start at `buf[offset]`, the first 64-byte boundary of the buffer: a 512-bit load
+    /// that straddles two cache lines costs two.
+    buf: Vec<f32>,
+    offset: usize,
 }
 
 impl PackedWeight {
@@ -39,15 +42,21 @@ impl PackedWeight {
     pub fn pack(w: &[f32], k: usize, n: usize) -> PackedWeight {
         assert_eq!(w.len(), k * n, "packed weight length");
         let n_strips = n.div_ceil(STRIP);
-        let mut strips = vec![0.0f32; n_strips * k * STRIP];
-        for (s, strip) in strips.chunks_exact_mut(k * STRIP).enumerate() {
+        let len = n_strips * k * STRIP;
+        let mut buf = vec![0.0f32; len + STRIP];
+        let offset = buf.as_ptr().align_offset(64).min(STRIP);
+        for (s, strip) in buf[offset..offset + len].chunks_exact_mut(k * STRIP).enumerate() {
             let c0 = s * STRIP;
             let width = STRIP.min(n - c0);
             for (p, row) in strip.chunks_exact_mut(STRIP).enumerate() {
                 row[..width].copy_from_slice(&w[p * n + c0..p * n + c0 + width]);
             }
         }
-        PackedWeight { k, n, strips }
+        PackedWeight { k, n, buf, offset }
+    }
+
+    fn strips(&self) -> &[f32] {
+        &self.buf[self.offset..self.offset + self.n.div_ceil(STRIP) * self.k * STRIP]
     }
 
     /// Input features (rows of the weight).
@@ -76,7 +85,7 @@ impl PackedWeight {
             Isa::Avx2 => 6,
             Isa::Scalar => 4,
         };
-        for (s, strip) in self.strips.chunks_exact(k * STRIP).enumerate() {
+        for (s, strip) in self.strips().chunks_exact(k * STRIP).enumerate() {
             let c0 = s * STRIP;
             let width = STRIP.min(n - c0);
             let mut r0 = 0;
@@ -91,6 +100,12 @@ impl PackedWeight {
                 r0 += rows;
             }
         }
+    }
+}
+
+impl PartialEq for PackedWeight {
+    fn eq(&self, other: &PackedWeight) -> bool {
+        (self.k, self.n) == (other.k, other.n) && self.strips() == other.strips()
     }
 }
 
