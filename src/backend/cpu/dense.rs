@@ -71,8 +71,7 @@ impl DenseStack {
 
     /// [`DenseStack::forward`] with an explicit thread cap. Batches of at most
     /// [`skinny::MAX_ROWS`] rows run on the calling thread with the weight read once for all rows
-    /// ([`skinny`]); bigger ones go through [`gemm::matmul`], threaded from
-    /// [`gemm::PARALLEL_MIN_ROWS`] rows.
+    /// ([`skinny`]); bigger ones go through [`gemm::matmul`] and the rayon pool.
     ///
     /// # Panics
     /// If `x.len() != batch · input_dim`.
@@ -87,8 +86,9 @@ impl DenseStack {
             } else {
                 gemm::matmul(&cur, &layer.weight, &mut next, batch, layer.in_dim, layer.out_dim, threads);
             }
-            // Element-wise work below the threaded GEMM's row threshold stays on this thread too.
-            let act_threads = if batch < gemm::PARALLEL_MIN_ROWS { 1 } else { threads };
+            // A small batch stays on this thread for the element-wise work too: waking the rayon
+            // pool for it costs more than it saves on a small machine.
+            let act_threads = if batch <= skinny::MAX_ROWS { 1 } else { threads };
             super::ops::bias_activation(&mut next, &layer.bias, layer.activation, act_threads);
             cur = std::borrow::Cow::Owned(next);
         }
