@@ -104,6 +104,8 @@ impl GenerativeModel {
         let mut label = Vec::new();
         let affinity = Affinity::default();
         let durable = store.map(|store| Durable { store, model: model.clone(), version: setup.version });
+        // Streams are consumed on the server's runtime: updates reach them through an outbox.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
@@ -124,6 +126,7 @@ impl GenerativeModel {
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
             let sessions = (setup.sessions, affinity.clone(), durable.clone());
+            let runtime = runtime.clone();
             // The thread says when its engine exists (its K/V pool counted in the gauges), so a
             // scheduler reading /capacity right after the load sees the whole pool.
             let (built_tx, built_rx) = mpsc::sync_channel::<()>(1);
@@ -135,7 +138,11 @@ impl GenerativeModel {
                         .with_sessions(sessions.0, sessions.1, i)
                         .with_durable(sessions.2);
                     let _ = built_tx.send(());
-                    step_loop(engine, ctx)
+                    if let Some(runtime) = runtime {
+                        super::outbox::install(&runtime);
+                    }
+                    step_loop(engine, ctx);
+                    super::outbox::flush();
                 })
                 .map_err(|e| BatchingError::Unavailable {
                     model: model.clone(),
@@ -464,6 +471,8 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
     let check_every = idle_check_every(&engine);
     let mut last_check = std::time::Instant::now();
     loop {
+        // What the last step (or command) sent leaves now, before the next execution or a wait.
+        super::outbox::flush();
         if let Some(every) = check_every
             && last_check.elapsed() >= every
         {
@@ -544,9 +553,12 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                 };
                 if let Command::Generate(req) = cmd {
                     ctx.admission.dequeued(1);
-                    let _ = req.updates.send(Err(GenerationError::Unavailable {
-                        reason: format!("instance {} failed: {reason}", engine.label()),
-                    }));
+                    let _ = super::outbox::deliver(
+                        &req.updates,
+                        Err(GenerationError::Unavailable {
+                            reason: format!("instance {} failed: {reason}", engine.label()),
+                        }),
+                    );
                 }
             }
             engine.fail_all(GenerationError::Unavailable {

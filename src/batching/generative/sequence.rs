@@ -163,7 +163,7 @@ impl Sequence {
             top_logprobs: top.into_iter().collect(),
             finished,
         };
-        let client_gone = self.updates.send(Ok(update)).is_err();
+        let client_gone = !super::outbox::deliver(&self.updates, Ok(update));
         if client_gone || finished.is_some() {
             self.done = true;
         }
@@ -181,7 +181,10 @@ impl Sequence {
             cumulative_logprob: self.cumulative_logprob,
             cached_tokens: self.reused,
         };
-        let _ = self.updates.send(Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }));
+        let _ = super::outbox::deliver(
+            &self.updates,
+            Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }),
+        );
         self.done = true;
     }
 }
