@@ -13,6 +13,7 @@ mod inference;
 mod metric_families;
 pub mod metrics;
 mod metrics_generative;
+mod metrics_lease;
 mod metrics_store;
 pub mod session_turn;
 pub mod sessions;

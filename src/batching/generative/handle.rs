@@ -46,6 +46,8 @@ enum Command {
     Resume(super::failover::MovedSequence),
     /// The exit deadline is near: end every generation where it stands (finish reason `abort`).
     CutShort,
+    /// From the session lease threads (shared store).
+    Fleet(super::session_lease::FleetEvent),
 }
 
 /// The least loaded instance still in service, other than `except`: its index and link.
@@ -124,6 +126,18 @@ impl GenerativeModel {
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
             let sessions = (setup.sessions, affinity.clone(), durable.clone());
+            let fleet = durable.as_ref().and_then(|d| d.store.leases().cloned()).map(|leases| {
+                let peers = links.clone();
+                let back: super::session_lease::FleetBack = Arc::new(move |ev| {
+                    let Ok(l) = peers.lock() else { return Err(ev) };
+                    let Some(link) = l.get(i) else { return Err(ev) };
+                    match link.sender.send(Command::Fleet(ev)) {
+                        Err(mpsc::SendError(Command::Fleet(ev))) => Err(ev),
+                        _ => Ok(()),
+                    }
+                });
+                super::session_lease::Fleet::new(leases, model.clone(), setup.version, back)
+            });
             // The thread says when its engine exists (its K/V pool counted in the gauges), so a
             // scheduler reading /capacity right after the load sees the whole pool.
             let (built_tx, built_rx) = mpsc::sync_channel::<()>(1);
@@ -133,7 +147,8 @@ impl GenerativeModel {
                     let (decoder, text, eos, limits, stats) = engine_parts;
                     let engine = Engine::new(decoder, text, eos, limits, stats)
                         .with_sessions(sessions.0, sessions.1, i)
-                        .with_durable(sessions.2);
+                        .with_durable(sessions.2)
+                        .with_fleet(fleet);
                     let _ = built_tx.send(());
                     step_loop(engine, ctx)
                 })
@@ -441,6 +456,7 @@ fn take(engine: &mut Engine, cmd: Command) {
         Command::Generate(req) => engine.add(req),
         Command::Session(cmd) => super::session_moves::run(engine, cmd),
         Command::Resume(seq) => engine.resume(seq),
+        Command::Fleet(ev) => engine.fleet_event(ev),
         Command::CutShort => {
             let cut = engine.cut_short();
             if cut > 0 {
