@@ -32,6 +32,7 @@ fn to_server(model: &str, e: GenerationError) -> ServerError {
         GenerationError::TooLarge { reason } => BatchingError::TooLarge { model, reason },
         GenerationError::Backend(source) => BatchingError::Backend { model, source },
         GenerationError::Unavailable { reason } => BatchingError::Unavailable { model, reason },
+        GenerationError::Held { holder, reason } => BatchingError::SessionHeld { model, holder, reason },
         GenerationError::Session { reason } => BatchingError::InvalidRequest { model, reason },
         GenerationError::SessionsFull { reason } => BatchingError::SlotsExhausted { model, capacity: 0, hint: reason },
     })

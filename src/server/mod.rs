@@ -5,7 +5,7 @@ mod bearer;
 pub mod chat_turn;
 pub mod connections;
 mod decode;
-mod error;
+pub(crate) mod error;
 pub mod generate;
 mod generate_stream;
 pub mod http;

@@ -71,6 +71,9 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[1])
 return 1";
 
+/// A session's durable record and its K/V cache, as the store holds them (raw blobs).
+pub type StoredPair = (Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// How a lease operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
@@ -380,7 +383,7 @@ impl Leases {
     }
 
     /// The durable record and the K/V cache of `key` (read under the lease).
-    pub fn read(&self, key: &str) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>), StoreError> {
+    pub fn read(&self, key: &str) -> Result<StoredPair, StoreError> {
         let keys = [format!("{RECORD}{key}"), format!("{KV}{key}")];
         let r = self.conn.run("read a session", |c| redis::cmd("MGET").arg(&keys).query(c));
         self.contacted(r.is_ok());

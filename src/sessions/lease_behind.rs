@@ -37,10 +37,10 @@ impl Leases {
     /// dropped (over the byte bound).
     pub fn write_behind(&self, key: &str, token: u64, value: Vec<u8>) -> bool {
         let mut q = self.behind.queue.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = q.0.iter().position(|p| p.key == key) {
-            if let Some(old) = q.0.remove(i) {
-                q.1 -= old.value.len();
-            }
+        if let Some(i) = q.0.iter().position(|p| p.key == key)
+            && let Some(old) = q.0.remove(i)
+        {
+            q.1 -= old.value.len();
         }
         if q.1 + value.len() > KV_BEHIND_BYTES {
             self.stats.kv_skipped.fetch_add(1, Relaxed);

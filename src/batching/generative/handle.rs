@@ -129,10 +129,10 @@ impl GenerativeModel {
             let fleet = durable.as_ref().and_then(|d| d.store.leases().cloned()).map(|leases| {
                 let peers = links.clone();
                 let back: super::session_lease::FleetBack = Arc::new(move |ev| {
-                    let Ok(l) = peers.lock() else { return Err(ev) };
-                    let Some(link) = l.get(i) else { return Err(ev) };
+                    let Ok(l) = peers.lock() else { return Err(Box::new(ev)) };
+                    let Some(link) = l.get(i) else { return Err(Box::new(ev)) };
                     match link.sender.send(Command::Fleet(ev)) {
-                        Err(mpsc::SendError(Command::Fleet(ev))) => Err(ev),
+                        Err(mpsc::SendError(Command::Fleet(ev))) => Err(Box::new(ev)),
                         _ => Ok(()),
                     }
                 });

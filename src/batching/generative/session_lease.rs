@@ -39,7 +39,7 @@ pub enum FleetEvent {
 }
 
 /// Sends an event to the step loop; gives it back when the loop is gone.
-pub type FleetBack = Arc<dyn Fn(FleetEvent) -> Result<(), FleetEvent> + Send + Sync>;
+pub type FleetBack = Arc<dyn Fn(FleetEvent) -> Result<(), Box<FleetEvent>> + Send + Sync>;
 
 /// A step loop's leases.
 pub struct Fleet {
@@ -488,13 +488,13 @@ fn wait_for_lease(
         }
         if Instant::now() >= deadline {
             let e = LeaseError::Held { session: shown.clone(), holder: holder.clone() };
-            break FleetEvent::NotAcquired(req, GenerationError::Unavailable { reason: e.to_string() });
+            break FleetEvent::NotAcquired(req, GenerationError::Held { holder, reason: e.to_string() });
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     if let Err(event) = back(event) {
         // The step loop is gone (drain): answer here.
-        let (req, error) = match event {
+        let (req, error) = match *event {
             FleetEvent::Acquired(req) => {
                 leases.release(&key);
                 (req, unavailable("the model is draining"))
