@@ -21,6 +21,11 @@ const SEEDED: &str = r#"{"max_tokens": 6, "temperature": 0.8, "seed": 21, "ignor
 
 /// A worker process named `id` on the store `url`, leases of `ttl` seconds.
 async fn worker(url: &str, repo: &std::path::Path, id: &str, ttl: &str) -> (SpawnedWorker, Client) {
+    worker_waiting(url, repo, id, ttl, "8").await
+}
+
+/// As [`worker`], waiting at most `wait` seconds for a session another worker holds.
+async fn worker_waiting(url: &str, repo: &std::path::Path, id: &str, ttl: &str, wait: &str) -> (SpawnedWorker, Client) {
     let args: Vec<&OsStr> = vec![
         "--backend".as_ref(),
         "cpu".as_ref(),
@@ -35,7 +40,7 @@ async fn worker(url: &str, repo: &std::path::Path, id: &str, ttl: &str) -> (Spaw
         "--session-lease-ttl".as_ref(),
         ttl.as_ref(),
         "--session-handoff-wait".as_ref(),
-        "8".as_ref(),
+        wait.as_ref(),
     ];
     common::spawn_worker(&args, &[]).await
 }
@@ -242,4 +247,37 @@ async fn a_store_outage_serves_resident_sessions_until_their_lease_expires_and_l
     // Back: every acknowledged turn is there; B continues (A's lease expired in the store).
     turn(&mut cb, &mut history, 10, 503, false).await;
     assert_eq!(lease(&a.metrics, "held").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_holder_does_not_hand_it_over_is_answered_409_naming_the_holder() {
+    let _one = SERIAL.lock().await;
+    let Some(redis) = common::redis::start() else { return };
+    let repo = gqa_repository("");
+    let (mut a, _) = worker(&redis.url, repo.path(), "worker-a", "30").await;
+    let (b, _) = worker_waiting(&redis.url, repo.path(), "worker-b", "30", "0.3").await;
+    let post = |addr: &str| {
+        let addr: std::net::SocketAddr = addr.parse().expect("address");
+        let body = serde_json::json!({ "input_ids": [5, 6, 7], "parameters": { "max_tokens": 3, "temperature": 0 } });
+        async move {
+            common::http::send(
+                addr,
+                "POST",
+                "/v2/models/gqa/generate",
+                &[("content-type", "application/json"), ("x-session-id", "held-1")],
+                body.to_string().into_bytes(),
+            )
+            .await
+        }
+    };
+    let r = post(&a.http).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A stops answering (killed) while its lease has 30 s to go: B waits 0.3 s, then names A.
+    a.child.kill().expect("SIGKILL");
+    a.child.wait().expect("reaped");
+    let r = post(&b.http).await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.header("x-session-holder"), Some("worker-a"));
+    assert!(r.text().contains("held by worker worker-a"), "{}", r.text());
+    assert!(lease(&b.metrics, "handoff_requests_total").await >= 1.0);
 }

@@ -37,6 +37,27 @@ impl HttpError {
         HttpError::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// An error the core sent in band on a stream: 409 naming the holder when another worker holds
+    /// the conversation session (the `x-session-holder` parameter beside the message), else 400.
+    pub fn in_band(message: String, resp: Option<&crate::proto::inference::ModelInferResponse>) -> HttpError {
+        use crate::proto::inference::infer_parameter::ParameterChoice;
+        let holder = resp.and_then(|r| r.parameters.get(crate::server::error::SESSION_HOLDER)).and_then(|p| {
+            match &p.parameter_choice {
+                Some(ParameterChoice::StringParam(h)) => Some(h.clone()),
+                _ => None,
+            }
+        });
+        match holder {
+            Some(holder) => HttpError {
+                status: StatusCode::CONFLICT,
+                message,
+                retry_after: Some(Duration::from_secs(1)),
+                holder: Some(holder),
+            },
+            None => HttpError::bad_request(message),
+        }
+    }
+
     /// 404: no such route, model or stored object.
     pub fn not_found(message: impl Into<String>) -> HttpError {
         HttpError::new(StatusCode::NOT_FOUND, message)
