@@ -142,6 +142,8 @@ pub struct LeaseStats {
 struct Held {
     token: u64,
     valid_until: Instant,
+    /// The store no longer holds it (found at a renewal): not renewed again.
+    lost: bool,
     /// Called when another worker asks for the session.
     on_handoff: Arc<dyn Fn() + Send + Sync>,
 }
@@ -293,7 +295,8 @@ impl Leases {
         match answer.split_at_checked(1) {
             Some(("1", token)) => {
                 let token = token.parse().unwrap_or(0);
-                lock(&self.held).insert(key.to_string(), Held { token, valid_until: sent + self.cfg.ttl, on_handoff });
+                lock(&self.held)
+                    .insert(key.to_string(), Held { token, valid_until: sent + self.cfg.ttl, lost: false, on_handoff });
                 self.stats.acquired.fetch_add(1, Relaxed);
                 Ok(token)
             }
@@ -400,7 +403,8 @@ impl Leases {
 
     /// Renews every held lease (one pipeline); leases the store no longer holds are dropped.
     fn renew_all(&self) {
-        let held: Vec<(String, u64)> = lock(&self.held).iter().map(|(k, h)| (k.clone(), h.token)).collect();
+        let held: Vec<(String, u64)> =
+            lock(&self.held).iter().filter(|(_, h)| !h.lost).map(|(k, h)| (k.clone(), h.token)).collect();
         if held.is_empty() {
             // Still find out whether the store answers (health, metrics).
             let r = self.renewer.run("ping", |c| redis::cmd("PING").query::<String>(c));
@@ -428,7 +432,8 @@ impl Leases {
                 h.valid_until = sent + self.cfg.ttl;
             } else {
                 // Expired in the store (an outage longer than the TTL) or taken: not ours.
-                h.valid_until = sent;
+                h.valid_until = h.valid_until.min(sent);
+                h.lost = true;
                 self.stats.lost.fetch_add(1, Relaxed);
                 tracing::warn!(session = %k.replace('\u{1f}', "/"), "session lease lost (expired in the store)");
             }

@@ -221,7 +221,8 @@ impl Engine {
 
     /// Drops session `id` here without writing it (its lease is lost): its queued turns get `error`.
     fn drop_local(&mut self, id: &SequenceId, key: &str, error: &GenerationError) {
-        if let Some(f) = &self.fleet {
+        if let Some(f) = self.fleet.as_mut() {
+            f.asked.remove(id);
             f.leases.cancel_behind(key);
             f.leases.forget(key);
         }
