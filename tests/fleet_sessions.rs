@@ -281,3 +281,38 @@ async fn a_session_whose_holder_does_not_hand_it_over_is_answered_409_naming_the
     assert!(r.text().contains("held by worker worker-a"), "{}", r.text());
     assert!(lease(&b.metrics, "handoff_requests_total").await >= 1.0);
 }
+
+#[test]
+fn a_stale_holders_writes_are_fenced_off_once_another_worker_took_the_lease() {
+    use neuron_worker::sessions::lease::{LeaseConfig, LeaseError, Leases, RECORD_PREFIX};
+    use std::sync::Arc;
+    let Some(redis) = common::redis::start() else { return };
+    let cfg = |worker: &str| LeaseConfig {
+        worker: worker.into(),
+        ttl: Duration::from_secs(10),
+        handoff_wait: Duration::from_secs(1),
+    };
+    let a = Leases::start(&redis.url, cfg("worker-a")).expect("leases A");
+    let b = Leases::start(&redis.url, cfg("worker-b")).expect("leases B");
+    let none = || -> Arc<dyn Fn() + Send + Sync> { Arc::new(|| {}) };
+    let token_a = a.try_acquire("m\u{1f}1\u{1f}u:1", "1", none()).expect("A takes the free lease");
+    match b.try_acquire("m\u{1f}1\u{1f}u:1", "1", none()) {
+        Err(LeaseError::Held { holder, .. }) => assert_eq!(holder, "worker-a"),
+        other => panic!("B must be told A holds it: {other:?}"),
+    }
+    assert!(a.write_fenced("m\u{1f}1\u{1f}u:1", token_a, RECORD_PREFIX, b"turn 1 by A").expect("written"));
+    // A's lease expires in the store (A paused past its TTL): deleted here to make it so now.
+    let client = redis::Client::open(redis.url.as_str()).expect("redis url");
+    let mut conn = client.get_connection().expect("redis connection");
+    let _: i64 = redis::cmd("DEL").arg("neuron-worker:lease:m\u{1f}1\u{1f}u:1").query(&mut conn).expect("DEL");
+    let token_b = b.try_acquire("m\u{1f}1\u{1f}u:1", "1", none()).expect("B takes it over");
+    assert!(token_b > token_a, "fencing tokens grow: {token_a} then {token_b}");
+    // A wakes up and writes with its old token: refused; B's writes land.
+    assert!(!a.write_fenced("m\u{1f}1\u{1f}u:1", token_a, RECORD_PREFIX, b"turn 2 by A").expect("answered"));
+    assert!(b.write_fenced("m\u{1f}1\u{1f}u:1", token_b, RECORD_PREFIX, b"turn 2 by B").expect("written"));
+    let record: Vec<u8> =
+        redis::cmd("GET").arg("neuron-worker:session:m\u{1f}1\u{1f}u:1").query(&mut conn).expect("GET");
+    assert_eq!(record, b"turn 2 by B");
+    assert!(matches!(a.check("m\u{1f}1\u{1f}u:1", "1"), Err(LeaseError::Lost { .. })), "A knows it lost the lease");
+    assert_eq!(a.stats.fenced_off.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

@@ -33,6 +33,8 @@ use super::store_redis::RedisStore;
 pub(crate) const LEASE: &str = "neuron-worker:lease:";
 const FENCE: &str = "neuron-worker:fence:";
 pub(crate) const RECORD: &str = "neuron-worker:session:";
+/// The prefix of the durable records (the target of a write through).
+pub const RECORD_PREFIX: &str = RECORD;
 pub(crate) const KV: &str = "neuron-worker:kv:";
 const HANDOFF: &str = "neuron-worker:handoff:";
 
