@@ -46,10 +46,12 @@ pub const DEFAULT_HANDOFF_WAIT: Duration = Duration::from_secs(5);
 /// (its K/V are a cache: a worker taking it over recomputes them from the tokens).
 pub const KV_BEHIND_BYTES: usize = 256 << 20;
 
-/// Acquire: the lease if absent (a new fencing token), else who holds it.
+/// Acquire: the lease if absent or held under this worker's own id (this process lost track of
+/// it, or a restarted worker with the same id: a new token fences the old one off), else who
+/// holds it. Worker ids must therefore be unique among live workers (pod names are).
 const ACQUIRE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if cur then return '0' .. cur end
+if cur and string.sub(cur, 1, #ARGV[1] + 1) ~= ARGV[1] .. '\n' then return '0' .. cur end
 local t = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '\n' .. t, 'PX', ARGV[2])
 return '1' .. t";
