@@ -103,6 +103,13 @@ async fn a_conversation_moves_between_three_live_workers_exactly() {
     let from_kv = lease(&b.metrics, "restored_kv_total").await + lease(&c.metrics, "restored_kv_total").await;
     assert_eq!(from_kv + lease(&a.metrics, "restored_kv_total").await, 4.0, "every taker reused the K/V");
     assert_eq!(lease(&a.metrics, "writes_through_total").await, 2.0, "one write-through per turn");
+    let (mut n, mut secs) = (0.0, 0.0);
+    for w in [&a, &b, &c] {
+        n += lease(&w.metrics, "writes_through_total").await;
+        secs += lease(&w.metrics, "write_through_seconds_total").await;
+    }
+    assert_eq!(n, 5.0, "five turns, five writes through");
+    eprintln!("write-through: {n} turns, mean {:.3} ms (debug build, loopback redis-server)", secs / n * 1e3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,16 @@ pub fn render(leases: &Leases) -> String {
         let _ = writeln!(out, "# TYPE neuron_worker_session_lease_{name} counter");
         let _ = writeln!(out, "neuron_worker_session_lease_{name} {}", v.load(Relaxed));
     }
+    let _ = writeln!(
+        out,
+        "# HELP neuron_worker_session_lease_write_through_seconds_total Time spent writing turns through (retries included)"
+    );
+    let _ = writeln!(out, "# TYPE neuron_worker_session_lease_write_through_seconds_total counter");
+    let _ = writeln!(
+        out,
+        "neuron_worker_session_lease_write_through_seconds_total {}",
+        s.write_nanos.load(Relaxed) as f64 / 1e9
+    );
     let gauges = [
         ("held", "Session leases this worker holds", leases.held_count() as f64),
         (

@@ -124,6 +124,8 @@ pub struct LeaseStats {
     pub lost: AtomicU64,
     /// Turns written through.
     pub writes_ok: AtomicU64,
+    /// Time spent writing turns through (retries included), nanoseconds.
+    pub write_nanos: AtomicU64,
     /// Write-through attempts that failed and were retried.
     pub write_retries: AtomicU64,
     /// Turns refused because their tokens could not be written through.

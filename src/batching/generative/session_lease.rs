@@ -430,11 +430,14 @@ fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
 /// Writes a session record through its lease, retrying while the lease is valid. Returns the
 /// lease token.
 fn write_through(leases: &Leases, key: &str, shown: &str, value: &[u8]) -> Result<u64, LeaseError> {
+    let started = Instant::now();
     loop {
         let token = leases.check(key, shown)?;
         match leases.write_fenced(key, token, RECORD, value) {
             Ok(true) => {
                 leases.stats.writes_ok.fetch_add(1, Relaxed);
+                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                leases.stats.write_nanos.fetch_add(took, Relaxed);
                 return Ok(token);
             }
             Ok(false) => {
