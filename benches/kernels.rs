@@ -115,5 +115,25 @@ fn bench_bert(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gemm, bench_bert);
+/// The softmax normaliser over a vocabulary row, once per generated token: ours against the
+/// straightforward scalar form (f64 `exp` per entry) it replaced.
+fn bench_log_sum_exp(c: &mut Criterion) {
+    use neuron_worker::batching::generative::softmax_sum::log_sum_exp;
+    let mut group = c.benchmark_group("log_sum_exp");
+    for vocab in [49_152usize, 128_256] {
+        let logits: Vec<f32> = (0..vocab).map(|i| ((i * 7919) % 1000) as f32 * 0.031 - 12.0).collect();
+        group.throughput(Throughput::Elements(vocab as u64));
+        group.bench_with_input(BenchmarkId::new("vectorised", vocab), &logits, |b, l| b.iter(|| log_sum_exp(l)));
+        group.bench_with_input(BenchmarkId::new("scalar_f64_exp", vocab), &logits, |b, l| {
+            b.iter(|| {
+                let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = l.iter().map(|&x| f64::from(x - max).exp()).sum();
+                max + sum.ln() as f32
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gemm, bench_bert, bench_log_sum_exp);
 criterion_main!(benches);

@@ -106,6 +106,8 @@ impl GenerativeModel {
         let mut label = Vec::new();
         let affinity = Affinity::default();
         let durable = store.map(|store| Durable { store, model: model.clone(), version: setup.version });
+        // Streams are consumed on the server's runtime: updates reach them through an outbox.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
@@ -138,6 +140,7 @@ impl GenerativeModel {
                 });
                 super::session_lease::Fleet::new(leases, model.clone(), setup.version, back)
             });
+            let runtime = runtime.clone();
             // The thread says when its engine exists (its K/V pool counted in the gauges), so a
             // scheduler reading /capacity right after the load sees the whole pool.
             let (built_tx, built_rx) = mpsc::sync_channel::<()>(1);
@@ -150,7 +153,11 @@ impl GenerativeModel {
                         .with_durable(sessions.2)
                         .with_fleet(fleet);
                     let _ = built_tx.send(());
-                    step_loop(engine, ctx)
+                    if let Some(runtime) = runtime {
+                        super::outbox::install(&runtime);
+                    }
+                    step_loop(engine, ctx);
+                    super::outbox::flush();
                 })
                 .map_err(|e| BatchingError::Unavailable {
                     model: model.clone(),
@@ -480,6 +487,8 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
     let check_every = idle_check_every(&engine);
     let mut last_check = std::time::Instant::now();
     loop {
+        // What the last step (or command) sent leaves now, before the next execution or a wait.
+        super::outbox::flush();
         if let Some(every) = check_every
             && last_check.elapsed() >= every
         {
@@ -560,9 +569,12 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                 };
                 if let Command::Generate(req) = cmd {
                     ctx.admission.dequeued(1);
-                    let _ = req.updates.send(Err(GenerationError::Unavailable {
-                        reason: format!("instance {} failed: {reason}", engine.label()),
-                    }));
+                    let _ = super::outbox::deliver(
+                        &req.updates,
+                        Err(GenerationError::Unavailable {
+                            reason: format!("instance {} failed: {reason}", engine.label()),
+                        }),
+                    );
                 }
             }
             engine.fail_all(GenerationError::Unavailable {

@@ -9,6 +9,7 @@ pub mod detok;
 pub mod failover;
 pub mod handle;
 pub mod kv_blocks;
+pub mod outbox;
 pub mod params;
 pub mod request;
 pub mod sampler;
@@ -17,6 +18,7 @@ pub mod session;
 pub mod session_lease;
 pub mod session_moves;
 pub mod session_tiers;
+pub mod softmax_sum;
 pub mod stats;
 pub mod step;
 #[cfg(test)]

@@ -40,25 +40,27 @@ pub fn uniform(seed: u64, position: usize) -> f64 {
     (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Log of the sum of exponentials of `logits` (the softmax normaliser), computed stably.
-fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return max;
-    }
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    max + sum.ln() as f32
+use super::softmax_sum::{log_sum_exp, max_and_log_sum_exp};
+
+/// Buffers [`sample`] reuses between calls (no allocation per token once they have grown to the
+/// vocabulary).
+#[derive(Debug, Default)]
+pub struct SampleScratch {
+    cand: Vec<u32>,
+    weights: Vec<f64>,
 }
 
-/// Index of the largest logit (the lowest id among equals); NaN counts as smallest.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] || logits[best].is_nan() && !l.is_nan() {
-            best = i;
-        }
+impl SampleScratch {
+    /// The candidate buffer, for [`top_logprobs`].
+    pub fn candidates(&mut self) -> &mut Vec<u32> {
+        &mut self.cand
     }
-    best as u32
+}
+
+/// Index of the first entry equal to `max` (the largest logit, NaN ignored): the lowest id among
+/// equals; 0 when there is none (an empty or all-NaN row).
+fn first_index_of(logits: &[f32], max: f32) -> u32 {
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// Orders tokens by logit, largest first, lower id first among equals.
@@ -67,20 +69,26 @@ fn by_logit_desc(logits: &[f32]) -> impl Fn(&u32, &u32) -> std::cmp::Ordering + 
 }
 
 /// Samples one token from one logits row. `position` is the absolute position the token will take
-/// in its sequence; `seed` is the request's seed. `scratch` is reused between calls (no allocation
-/// per step once it has grown to the vocabulary).
-pub fn sample(logits: &[f32], params: &SamplingParams, seed: u64, position: usize, scratch: &mut Vec<u32>) -> Sampled {
-    let lse = log_sum_exp(logits);
+/// in its sequence; `seed` is the request's seed.
+pub fn sample(
+    logits: &[f32],
+    params: &SamplingParams,
+    seed: u64,
+    position: usize,
+    scratch: &mut SampleScratch,
+) -> Sampled {
+    let (max, lse) = max_and_log_sum_exp(logits);
     let token = if params.is_greedy() || logits.len() <= 1 {
-        argmax(logits)
+        first_index_of(logits, max)
     } else {
         sample_filtered(logits, params, uniform(seed, position), scratch)
     };
     Sampled { token, logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |l| l - lse) }
 }
 
-fn sample_filtered(logits: &[f32], params: &SamplingParams, u: f64, cand: &mut Vec<u32>) -> u32 {
+fn sample_filtered(logits: &[f32], params: &SamplingParams, u: f64, scratch: &mut SampleScratch) -> u32 {
     let inv_t = 1.0 / f64::from(params.temperature);
+    let SampleScratch { cand, weights } = scratch;
     cand.clear();
     cand.extend(0..logits.len() as u32);
     cand.retain(|&t| !logits[t as usize].is_nan());
@@ -96,35 +104,39 @@ fn sample_filtered(logits: &[f32], params: &SamplingParams, u: f64, cand: &mut V
     if filtered {
         cand.sort_unstable_by(&cmp);
     }
-    // Probabilities after temperature, relative to the best candidate in the list.
+    // Probabilities after temperature, relative to the best candidate in the list (each computed
+    // once; the sums below run in candidate order).
     let max = cand.iter().map(|&t| f64::from(logits[t as usize])).fold(f64::NEG_INFINITY, f64::max);
-    let weight = |t: u32| ((f64::from(logits[t as usize]) - max) * inv_t).exp();
-    let mut total: f64 = cand.iter().map(|&t| weight(t)).sum();
+    weights.clear();
+    weights.extend(cand.iter().map(|&t| ((f64::from(logits[t as usize]) - max) * inv_t).exp()));
+    let mut total: f64 = weights.iter().sum();
     if params.min_p > 0.0 {
         // The best candidate has weight 1: keep tokens with p >= min_p * p_max.
         let floor = f64::from(params.min_p);
-        let keep = cand.iter().take_while(|&&t| weight(t) >= floor).count().max(1);
+        let keep = weights.iter().take_while(|&&w| w >= floor).count().max(1);
         cand.truncate(keep);
-        total = cand.iter().map(|&t| weight(t)).sum();
+        weights.truncate(keep);
+        total = weights.iter().sum();
     }
     if params.top_p < 1.0 {
         let target = f64::from(params.top_p) * total;
         let mut acc = 0.0;
         let mut keep = cand.len();
-        for (i, &t) in cand.iter().enumerate() {
-            acc += weight(t);
+        for (i, &w) in weights.iter().enumerate() {
+            acc += w;
             if acc >= target {
                 keep = i + 1;
                 break;
             }
         }
         cand.truncate(keep);
-        total = cand.iter().map(|&t| weight(t)).sum();
+        weights.truncate(keep);
+        total = weights.iter().sum();
     }
     let target = u * total;
     let mut acc = 0.0;
-    for &t in cand.iter() {
-        acc += weight(t);
+    for (&t, &w) in cand.iter().zip(weights.iter()) {
+        acc += w;
         if acc > target {
             return t;
         }
@@ -173,8 +185,12 @@ mod tests {
     fn greedy_takes_the_argmax_and_reports_its_logprob() {
         let logits = [1.0f32, 3.0, 2.0, 3.0];
         let p = params(|p| p.temperature = 0.0);
-        let s = sample(&logits, &p, 1, 0, &mut Vec::new());
+        let s = sample(&logits, &p, 1, 0, &mut SampleScratch::default());
         assert_eq!(s.token, 1, "ties go to the lower id");
+        for (row, want) in [(vec![f32::NAN, 1.0, 2.0, 2.0], 2), (vec![f32::NAN; 3], 0), (vec![f32::NEG_INFINITY; 2], 0)]
+        {
+            assert_eq!(sample(&row, &p, 1, 0, &mut SampleScratch::default()).token, want, "{row:?}");
+        }
         let lse = (1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp()).ln();
         assert!((f64::from(s.logprob) - (3.0 - lse)).abs() < 1e-6);
     }
@@ -194,7 +210,7 @@ mod tests {
         // p = softmax([0, ln 3]) = [0.25, 0.75].
         let logits = [0.0f32, 3f32.ln()];
         let p = SamplingParams::default();
-        let mut scratch = Vec::new();
+        let mut scratch = SampleScratch::default();
         let ones = (0..20_000).filter(|&i| sample(&logits, &p, 9, i, &mut scratch).token == 1).count();
         let frac = ones as f64 / 20_000.0;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
@@ -204,7 +220,7 @@ mod tests {
     fn same_seed_and_position_give_the_same_token() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let p = params(|p| p.temperature = 1.3);
-        let mut s = Vec::new();
+        let mut s = SampleScratch::default();
         let a: Vec<u32> = (0..50).map(|i| sample(&logits, &p, 5, i, &mut s).token).collect();
         let b: Vec<u32> = (0..50).map(|i| sample(&logits, &p, 5, i, &mut s).token).collect();
         let c: Vec<u32> = (0..50).map(|i| sample(&logits, &p, 6, i, &mut s).token).collect();
@@ -216,8 +232,8 @@ mod tests {
     fn top_k_top_p_and_min_p_restrict_the_candidates() {
         // probabilities ∝ 8, 4, 2, 1, 1 (ids 0..5).
         let logits: Vec<f32> = [8.0f32, 4.0, 2.0, 1.0, 1.0].iter().map(|w| w.ln()).collect();
-        let mut s = Vec::new();
-        let seen = |p: &SamplingParams, s: &mut Vec<u32>| {
+        let mut s = SampleScratch::default();
+        let seen = |p: &SamplingParams, s: &mut SampleScratch| {
             let mut seen = [false; 5];
             for i in 0..4000 {
                 seen[sample(&logits, p, 11, i, s).token as usize] = true;

@@ -173,7 +173,7 @@ impl Sequence {
             self.held_final = Some(update);
             self.updates.is_closed()
         } else {
-            self.updates.send(Ok(update)).is_err()
+            !super::outbox::deliver(&self.updates, Ok(update))
         };
         if client_gone || finished.is_some() {
             self.done = true;
@@ -192,7 +192,10 @@ impl Sequence {
             cumulative_logprob: self.cumulative_logprob,
             cached_tokens: self.reused,
         };
-        let _ = self.updates.send(Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }));
+        let _ = super::outbox::deliver(
+            &self.updates,
+            Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }),
+        );
         self.done = true;
     }
 }

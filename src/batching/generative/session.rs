@@ -258,7 +258,7 @@ impl Sessions {
             self.forget(&turn.id);
             for p in pending {
                 let reason = format!("session {} ended (sequence_end) before this turn ran", turn.id);
-                let _ = p.updates.send(Err(GenerationError::Session { reason }));
+                let _ = super::outbox::deliver(&p.updates, Err(GenerationError::Session { reason }));
             }
             return None;
         }
@@ -330,7 +330,7 @@ impl Sessions {
         for id in ids {
             if let Some(s) = self.map.get_mut(&id) {
                 for p in std::mem::take(&mut s.pending) {
-                    let _ = p.updates.send(Err(error.clone()));
+                    let _ = super::outbox::deliver(&p.updates, Err(error.clone()));
                 }
             }
             self.forget(&id);

@@ -92,7 +92,7 @@ impl Engine {
         if let Some(t) = &req.session {
             self.sessions.unpin_if_absent(&t.id);
         }
-        let _ = req.updates.send(Err(error));
+        let _ = super::outbox::deliver(&req.updates, Err(error));
         self.left_queue += 1;
     }
 
@@ -228,7 +228,7 @@ impl Engine {
         }
         if let Ok(s) = self.sessions.take_idle(id) {
             for p in s.pending {
-                let _ = p.updates.send(Err(error.clone()));
+                let _ = super::outbox::deliver(&p.updates, Err(error.clone()));
                 self.left_queue += 1;
             }
         }
@@ -250,7 +250,7 @@ impl Engine {
                 let id = req.session.as_ref().map(|t| t.id.clone());
                 let followers = id.and_then(|id| f.acquiring.remove(&id)).unwrap_or_default();
                 for r in followers {
-                    let _ = r.updates.send(Err(error.clone()));
+                    let _ = super::outbox::deliver(&r.updates, Err(error.clone()));
                     self.left_queue += 1;
                 }
                 self.refuse(req, error);
@@ -333,7 +333,7 @@ impl Engine {
                 send_held(seq, Some(error.clone()));
                 if matches!(e, LeaseError::Lost { .. }) {
                     if let Some(next) = next {
-                        let _ = next.updates.send(Err(error.clone()));
+                        let _ = super::outbox::deliver(&next.updates, Err(error.clone()));
                         self.left_queue += 1;
                     }
                     self.drop_local(&turn.id, &key, &error);
@@ -416,12 +416,12 @@ fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
     let held = seq.held_final.take();
     match error {
         Some(e) if held.is_some() => {
-            let _ = seq.updates.send(Err(e));
+            let _ = super::outbox::deliver(&seq.updates, Err(e));
         }
         Some(_) => {}
         None => {
             if let Some(update) = held {
-                let _ = seq.updates.send(Ok(update));
+                let _ = super::outbox::deliver(&seq.updates, Ok(update));
             }
         }
     }

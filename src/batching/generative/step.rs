@@ -70,7 +70,7 @@ pub struct Engine {
     logits: Vec<f32>,
     /// Tokens and logprobs picked on the device (greedy rows of a decoder that samples there).
     picked: Vec<(u32, f32)>,
-    scratch: Vec<u32>,
+    scratch: super::sampler::SampleScratch,
     /// K/V bytes one position takes (all layers, K and V).
     pub(super) kv_bytes_per_position: u64,
     /// Session leases on a shared store (see [`super::session_lease`]).
@@ -111,7 +111,7 @@ impl Engine {
             published: [0; 8],
             logits: Vec::new(),
             picked: Vec::new(),
-            scratch: Vec::new(),
+            scratch: Default::default(),
             kv_bytes_per_position: (shape.layers * 2 * shape.kv_heads * shape.head_dim * 4) as u64,
             fleet: None,
             left_queue: 0,
@@ -201,7 +201,7 @@ impl Engine {
                     self.sessions.unpin_if_absent(id);
                     self.fleet_release_if_absent(id);
                 }
-                let _ = updates.send(Err(error));
+                let _ = super::outbox::deliver(&updates, Err(error));
                 self.left_queue += 1;
                 return self.publish();
             }
@@ -225,7 +225,7 @@ impl Engine {
                 .map(|t| format!("token id {t} is outside the vocabulary (0..{vocab})"))
         };
         if let Some(reason) = refuse {
-            let _ = seq.updates.send(Err(GenerationError::TooLarge { reason }));
+            let _ = super::outbox::deliver(&seq.updates, Err(GenerationError::TooLarge { reason }));
             self.left_queue += 1;
             seq.started = true;
             self.retire(seq, false);
@@ -303,7 +303,7 @@ impl Engine {
     pub fn fail_all(&mut self, error: GenerationError) {
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
             self.left_queue += usize::from(!s.started);
-            let _ = s.updates.send(Err(error.clone()));
+            let _ = super::outbox::deliver(&s.updates, Err(error.clone()));
         }
         let pending: usize = self.sessions.iter().map(|(_, s)| s.pending.len()).sum();
         self.left_queue += pending;
@@ -339,7 +339,7 @@ impl Engine {
             let failed: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
             for &i in failed.iter().rev() {
                 let s = self.running.remove(i);
-                let _ = s.updates.send(Err(GenerationError::Backend(e.clone())));
+                let _ = super::outbox::deliver(&s.updates, Err(GenerationError::Backend(e.clone())));
                 self.retire(s, true);
             }
             self.publish();
@@ -348,17 +348,22 @@ impl Engine {
         report.tokens = plan.iter().map(|&(_, n)| n).sum();
         report.sequences = plan.len();
         self.stats.steps.fetch_add(1, Relaxed);
-        let (done, running): (Vec<Sequence>, Vec<Sequence>) =
-            std::mem::take(&mut self.running).into_iter().partition(|s| s.done);
-        self.running = running;
-        for s in done {
-            self.retire(s, true);
+        if self.running.iter().any(|s| s.done) {
+            let (done, running): (Vec<Sequence>, Vec<Sequence>) =
+                std::mem::take(&mut self.running).into_iter().partition(|s| s.done);
+            self.running = running;
+            for s in done {
+                self.retire(s, true);
+            }
         }
         self.publish();
         Ok(report)
     }
 
     fn drop_cancelled(&mut self) {
+        if !self.running.iter().chain(&self.waiting).any(Sequence::cancelled) {
+            return; // the usual case: no allocation
+        }
         let (gone, running): (Vec<Sequence>, Vec<Sequence>) =
             std::mem::take(&mut self.running).into_iter().partition(|s| s.cancelled());
         self.running = running;
@@ -430,12 +435,15 @@ impl Engine {
                     Err(e) => {
                         // Alone and out of blocks: the pool cannot hold it any longer.
                         let s = self.running.remove(i);
-                        let _ = s.updates.send(Err(GenerationError::TooLarge {
-                            reason: format!(
-                                "the sequence reached {} positions and the K/V cache cannot hold more ({e}); raise --kv-cache-memory or lower max_tokens",
-                                s.tokens.len()
-                            ),
-                        }));
+                        let _ = super::outbox::deliver(
+                            &s.updates,
+                            Err(GenerationError::TooLarge {
+                                reason: format!(
+                                    "the sequence reached {} positions and the K/V cache cannot hold more ({e}); raise --kv-cache-memory or lower max_tokens",
+                                    s.tokens.len()
+                                ),
+                            }),
+                        );
                         self.retire(s, true);
                         break;
                     }
@@ -485,12 +493,15 @@ impl Engine {
                     drop(table);
                     if let Some(mut s) = self.waiting.pop_front() {
                         self.left_queue += usize::from(!s.started);
-                        let _ = s.updates.send(Err(GenerationError::TooLarge {
-                            reason: format!(
-                                "{positions} positions need {needed} K/V blocks and the cache has {}; raise --kv-cache-memory",
-                                self.pool.num_blocks()
-                            ),
-                        }));
+                        let _ = super::outbox::deliver(
+                            &s.updates,
+                            Err(GenerationError::TooLarge {
+                                reason: format!(
+                                    "{positions} positions need {needed} K/V blocks and the cache has {}; raise --kv-cache-memory",
+                                    self.pool.num_blocks()
+                                ),
+                            }),
+                        );
                         s.started = true;
                         self.retire(s, false);
                     }

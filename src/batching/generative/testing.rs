@@ -125,7 +125,7 @@ pub(crate) fn direct(prompt: &[u32], params: &SamplingParams, seed: u64) -> (Vec
     while out.len() < params.max_tokens {
         logits.clear();
         reference_logits(&tokens, &mut logits);
-        let s = sampler::sample(&logits, params, seed, tokens.len(), &mut Vec::new());
+        let s = sampler::sample(&logits, params, seed, tokens.len(), &mut Default::default());
         tokens.push(s.token);
         out.push(s.token);
         lps.push(s.logprob);

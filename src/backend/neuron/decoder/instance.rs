@@ -36,6 +36,17 @@ pub struct DecoderTimings {
     /// Nanoseconds between the end of one `forward` and the start of the next (the step loop's
     /// own work: scheduling, sampling, streaming; idle time when there was no work).
     pub between_ns: AtomicU64,
+    /// Whether the CPU-time counters below are kept (two extra clock reads per execution and one
+    /// per step; off unless a benchmark turns it on).
+    pub measure_cpu: std::sync::atomic::AtomicBool,
+    /// CPU time of the step-loop thread from the start of one `forward` to the start of the next
+    /// (all it did: its own work and the executions), summed over `cpu_cycles` such cycles.
+    pub step_cpu_ns: AtomicU64,
+    /// Step cycles in `step_cpu_ns`: host CPU per step = (step_cpu_ns − execute_cpu_ns) / cpu_cycles.
+    pub cpu_cycles: AtomicU64,
+    /// CPU time of the step-loop thread inside the executions counted by `step_cpu_ns` (writing
+    /// the small inputs and `nrt_execute`; a real device waits there, the stand-in computes).
+    pub execute_cpu_ns: AtomicU64,
 }
 
 impl DecoderTimings {
@@ -80,6 +91,10 @@ pub struct NeuronDecoderInstance {
     timings: Arc<DecoderTimings>,
     /// When the last `forward` ended.
     last_forward_end: Option<Instant>,
+    /// Thread CPU time at the start of the last `forward`, while CPU time is measured.
+    last_step_cpu: Option<u64>,
+    /// CPU time inside executions since then (added to the counters when the cycle closes).
+    cycle_execute_cpu: u64,
     scratch: Scratch,
 }
 
@@ -196,6 +211,8 @@ impl NeuronDecoderInstance {
             shape,
             timings: Arc::default(),
             last_forward_end: None,
+            last_step_cpu: None,
+            cycle_execute_cpu: 0,
             scratch: Scratch::default(),
         })
     }
@@ -259,6 +276,7 @@ impl NeuronDecoderInstance {
 
     fn execute(&mut self, decode: bool, index: usize) -> Result<(), BackendError> {
         let s = &self.scratch;
+        let cpu_started = self.last_step_cpu.is_some().then(super::cpu_clock::thread_cpu_ns);
         let started = Instant::now();
         let result = match self.ranks.as_mut_slice() {
             [one] => one.program(decode, index).run(&s.ids, &s.positions, &s.seqs),
@@ -291,6 +309,9 @@ impl NeuronDecoderInstance {
             }
         };
         DecoderTimings::add(&self.timings.execute_ns, started.elapsed());
+        if let Some(c) = cpu_started {
+            self.cycle_execute_cpu += super::cpu_clock::thread_cpu_ns().saturating_sub(c);
+        }
         self.timings.executions.fetch_add(1, Relaxed);
         result.map_err(BackendError::from)
     }
@@ -400,6 +421,19 @@ impl NeuronDecoderInstance {
         if let Some(end) = self.last_forward_end {
             DecoderTimings::add(&self.timings.between_ns, started.duration_since(end));
         }
+        self.last_step_cpu = match (self.timings.measure_cpu.load(Relaxed), self.last_step_cpu) {
+            (false, _) => None,
+            (true, previous) => {
+                let now = super::cpu_clock::thread_cpu_ns();
+                if let Some(p) = previous {
+                    self.timings.step_cpu_ns.fetch_add(now.saturating_sub(p), Relaxed);
+                    self.timings.execute_cpu_ns.fetch_add(self.cycle_execute_cpu, Relaxed);
+                    self.timings.cpu_cycles.fetch_add(1, Relaxed);
+                }
+                self.cycle_execute_cpu = 0;
+                Some(now)
+            }
+        };
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut total = 0;
         for c in chunks {

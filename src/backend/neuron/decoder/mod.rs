@@ -7,8 +7,10 @@
 //! - [`program`]: one loaded program and its tensor sets.
 //! - [`instance`]: the [`DecoderInstance`](crate::backend::generative::DecoderInstance) of one core.
 //! - [`load`]: a version folder to one instance per core.
+//! - [`cpu_clock`]: the thread CPU time behind the host-overhead figures.
 
 pub mod buckets;
+pub mod cpu_clock;
 pub mod instance;
 pub mod load;
 pub mod manifest;

@@ -82,7 +82,7 @@ impl Engine {
                 let position = s.tokens.len();
                 let sampled = sampler::sample(logits, &s.params, s.seed, position, &mut self.scratch);
                 let top = s.params.logprobs.map(|k| {
-                    let (top, rank) = sampler::top_logprobs(logits, sampled.token, k, &mut self.scratch);
+                    let (top, rank) = sampler::top_logprobs(logits, sampled.token, k, self.scratch.candidates());
                     PositionLogprobs {
                         chosen: RankedLogprob { token: sampled.token, logprob: sampled.logprob, rank },
                         top,

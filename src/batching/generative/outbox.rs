@@ -1,0 +1,132 @@
+//! Coalesced delivery of a step loop's updates: what one step sends to its streams leaves the
+//! step-loop thread as one message to a delivery task on the server's async runtime, which
+//! hands each update to its stream there.
+//!
+//! Sending straight to each stream's channel wakes that stream's task from outside the runtime:
+//! one cross-thread wake-up (often a futex call, and a runtime thread scheduled against the step
+//! loop) per stream per step. Through the outbox a step costs one such wake-up whatever its batch;
+//! the per-stream wake-ups happen inside the runtime, off the step loop's path to the next
+//! execution.
+//!
+//! Order is kept: every update a step-loop thread sends goes through its outbox (see
+//! [`deliver`]), flushed in order into one channel that one task drains in order. A thread
+//! without an outbox (no runtime at start, or not a step-loop thread) sends directly.
+
+use std::cell::RefCell;
+
+use tokio::sync::mpsc;
+
+use super::request::{GenerationError, GenerationUpdate, UpdateSender};
+
+type Message = Result<GenerationUpdate, GenerationError>;
+type Batch = Vec<(UpdateSender, Message)>;
+
+/// The pending updates of the current step-loop thread and the channel to its delivery task.
+struct Outbox {
+    pending: Batch,
+    to_task: mpsc::UnboundedSender<Batch>,
+}
+
+thread_local! {
+    static OUTBOX: RefCell<Option<Outbox>> = const { RefCell::new(None) };
+}
+
+/// Gives the current thread an outbox whose delivery task runs on `runtime` (called once by a
+/// step-loop thread at start).
+pub fn install(runtime: &tokio::runtime::Handle) {
+    let (to_task, mut from_loop) = mpsc::unbounded_channel::<Batch>();
+    runtime.spawn(async move {
+        while let Some(batch) = from_loop.recv().await {
+            for (stream, message) in batch {
+                let _ = stream.send(message);
+            }
+        }
+    });
+    OUTBOX.with(|o| *o.borrow_mut() = Some(Outbox { pending: Vec::new(), to_task }));
+}
+
+/// Sends `message` on `stream`: queued until the next [`flush`] on a thread with an outbox, at
+/// once elsewhere. `false` when the stream's receiver is gone (the client left).
+pub fn deliver(stream: &UpdateSender, message: Message) -> bool {
+    let mut message = Some(message);
+    let queued = OUTBOX.with(|o| {
+        let mut o = o.borrow_mut();
+        let outbox = o.as_mut()?;
+        if stream.is_closed() {
+            return Some(false);
+        }
+        if let Some(m) = message.take() {
+            outbox.pending.push((stream.clone(), m));
+        }
+        Some(true)
+    });
+    match queued {
+        Some(open) => open,
+        None => message.is_some_and(|m| stream.send(m).is_ok()),
+    }
+}
+
+/// Hands the updates queued on this thread to its delivery task (one wake-up). When the task is
+/// gone (the runtime shut down) they are sent directly instead.
+pub fn flush() {
+    let batch = OUTBOX.with(|o| {
+        let mut o = o.borrow_mut();
+        let outbox = o.as_mut()?;
+        if outbox.pending.is_empty() {
+            return None;
+        }
+        let batch = std::mem::take(&mut outbox.pending);
+        match outbox.to_task.send(batch) {
+            Ok(()) => None,
+            Err(mpsc::error::SendError(batch)) => Some(batch),
+        }
+    });
+    for (stream, message) in batch.into_iter().flatten() {
+        let _ = stream.send(message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(n: u32) -> Message {
+        Ok(GenerationUpdate { tokens: vec![n], ..Default::default() })
+    }
+
+    #[test]
+    fn without_an_outbox_updates_go_at_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        assert!(deliver(&tx, update(1)));
+        assert_eq!(rx.try_recv().ok().and_then(|m| m.ok()).map(|u| u.tokens), Some(vec![1]));
+        drop(rx);
+        assert!(!deliver(&tx, update(2)), "a closed stream reports the client gone");
+    }
+
+    #[test]
+    fn a_step_loop_thread_delivers_in_order_at_flush() {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
+        let handle = runtime.handle().clone();
+        let (a, mut ra) = mpsc::unbounded_channel();
+        let (b, mut rb) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            install(&handle);
+            for n in 0..3 {
+                assert!(deliver(&a, update(n)));
+                assert!(deliver(&b, update(10 + n)));
+            }
+            assert!(deliver(&a, Err(GenerationError::Unavailable { reason: "last".into() })));
+            flush();
+        })
+        .join()
+        .unwrap();
+        runtime.block_on(async {
+            for n in 0..3 {
+                assert_eq!(ra.recv().await.unwrap().unwrap().tokens, vec![n]);
+                assert_eq!(rb.recv().await.unwrap().unwrap().tokens, vec![10 + n]);
+            }
+            assert!(ra.recv().await.unwrap().is_err(), "the error comes after the updates");
+            assert!(ra.recv().await.is_none(), "the channel closes once every update was handed over");
+        });
+    }
+}
