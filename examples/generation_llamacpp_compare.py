@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--baseline", help="another build of gguf_generation_bench (e.g. of an older commit) run "
+                    "alternately too; its medians are printed beside ours")
     ap.add_argument("--llamacpp-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.llamacpp_child:
@@ -100,12 +102,17 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--example", "gguf_generation_bench"], cwd=root, check=True)
     exe = os.path.join(root, "target", "release", "examples", "gguf_generation_bench")
     load_before = os.getloadavg()
-    ours, theirs, failures = [], [], []
+    ours, theirs, failures, base = [], [], [], []
     child = [sys.executable, os.path.abspath(__file__), a.model, "--threads", str(a.threads), "--prompt", str(a.prompt),
              "--decode", str(a.decode), "--llamacpp-child"]
+    def run_ours(binary):
+        return json.loads(subprocess.run([binary, a.model, str(a.prompt), str(a.decode), str(a.streams)], env=env,
+                                         check=True, capture_output=True, text=True).stdout)
+
     for _ in range(a.reps):
-        ours.append(json.loads(subprocess.run([exe, a.model, str(a.prompt), str(a.decode), str(a.streams)], env=env,
-                                              check=True, capture_output=True, text=True).stdout))
+        ours.append(run_ours(exe))
+        if a.baseline:
+            base.append(run_ours(a.baseline))
         # OpenMP workers that spin (the default) collapse when other work shares the cores.
         r = subprocess.run(child, capture_output=True, text=True,
                            env=dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive")))
@@ -137,6 +144,13 @@ def main():
     print(f"ITL check: our p99 step at {a.streams} streams {1e3 * o['streams_step_p99_s']:.2f} ms / our single-stream "
           f"median {1e3 * o['decode_step_p50_s']:.2f} ms = {o['streams_step_p99_s'] / o['decode_step_p50_s']:.2f} "
           f"(target <= 2)")
+    if base:
+        b = {k: med([r[k] for r in base]) for k in o}
+        print(f"baseline {a.baseline}: prompt {b['prompt_tok_s']:.2f} tok/s (ours {o['prompt_tok_s']:.2f}), decode "
+              f"{b['decode_tok_s']:.2f} tok/s (ours {o['decode_tok_s']:.2f}), {a.streams}-stream total "
+              f"{b['streams_total_tok_s']:.2f} tok/s (ours {o['streams_total_tok_s']:.2f}), p99 step at {a.streams} "
+              f"streams / single-stream median {b['streams_step_p99_s'] / b['decode_step_p50_s']:.2f} "
+              f"(ours {o['streams_step_p99_s'] / o['decode_step_p50_s']:.2f})")
     weights = ours[0]["weight_bytes_per_token"]
     roof = o["triad_bytes_s"] / weights
     print(f"generation: decode fraction of the bandwidth roofline ({weights / 1e6:.1f} MB/token, triad "

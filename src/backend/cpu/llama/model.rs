@@ -2,7 +2,7 @@
 //! forward over the chunks of a step ([`DecoderInstance`]).
 
 use super::LoadError;
-use super::attention::{AttentionShape, attend};
+use super::attention::{AttentionShape, SeqQueries, attend_rows};
 use super::config::LlamaConfig;
 use super::kv_pool::KvPool;
 use super::layers::{DecoderLayer, WeightReader, linear_from, rms_norm, swiglu};
@@ -260,7 +260,11 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Attention of every row; rows split over threads when there is enough work.
+/// Most rows of one sequence whose attention runs as one task (bounds the scores scratch).
+const TASK_ROWS: usize = 16;
+
+/// Attention of every row. Rows of one sequence run together in tasks of up to [`TASK_ROWS`] (each
+/// K/V block read once per task); tasks split over threads when there is enough work.
 #[allow(clippy::too_many_arguments)]
 fn attention_rows(
     pool: &KvPool,
@@ -276,17 +280,35 @@ fn attention_rows(
 ) {
     let q_dim = shape.heads * shape.head_dim;
     let work: usize = rows.iter().map(|&(p, _)| p + 1).sum();
-    let run = |first: usize, out: &mut [f32], scores: &mut Vec<f32>| {
-        for (i, o) in out.chunks_exact_mut(q_dim).enumerate() {
-            let r = first + i;
-            let (pos, c) = rows[r];
-            attend(pool, layer, shape, &qkv[r * qkv_w..r * qkv_w + q_dim], pos, chunks[c].blocks, scores, o);
+    let t = threads.min(scores.len()).min(rows.len()).max(1);
+    let t = if work * shape.heads < PARALLEL_ATTENTION_MIN { 1 } else { t };
+    let positions: Vec<usize> = rows.iter().map(|&(p, _)| p).collect();
+    // Tasks: runs of rows of one chunk, at most TASK_ROWS, split finer so every thread gets one.
+    let mut tasks: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut r = 0;
+    while r < rows.len() {
+        let c = rows[r].1;
+        let end = r + rows[r..].iter().take_while(|row| row.1 == c).count();
+        let per = (end - r).div_ceil(t).clamp(1, TASK_ROWS);
+        tasks.extend((r..end).step_by(per).map(|s| s..(s + per).min(end)));
+        r = end;
+    }
+    let run = |tasks: &[std::ops::Range<usize>], out: &mut [f32], scores: &mut Vec<f32>| {
+        let Some(first) = tasks.first().map(|t| t.start) else { return };
+        for task in tasks {
+            let queries = SeqQueries {
+                q: &qkv[task.start * qkv_w..],
+                stride: qkv_w,
+                positions: &positions[task.clone()],
+                blocks: chunks[rows[task.start].1].blocks,
+            };
+            let o = &mut out[(task.start - first) * q_dim..(task.end - first) * q_dim];
+            attend_rows(pool, layer, shape, queries, scores, o);
         }
     };
-    let t = threads.min(scores.len()).min(rows.len()).max(1);
-    if t == 1 || work * shape.heads < PARALLEL_ATTENTION_MIN {
+    if t == 1 || tasks.len() == 1 {
         if let Some(buf) = scores.first_mut() {
-            run(0, out, buf);
+            run(&tasks, out, buf);
         }
         return;
     }
@@ -294,30 +316,31 @@ fn attention_rows(
     let per = work.div_ceil(t);
     let mut cuts = vec![0usize];
     let mut acc = 0;
-    for (r, &(p, _)) in rows.iter().enumerate() {
-        acc += p + 1;
+    for (i, task) in tasks.iter().enumerate() {
+        acc += positions[task.clone()].iter().map(|p| p + 1).sum::<usize>();
         if acc >= per * cuts.len() && cuts.len() < t {
-            cuts.push(r + 1);
+            cuts.push(i + 1);
         }
     }
-    cuts.push(rows.len());
+    cuts.push(tasks.len());
     cuts.dedup();
     std::thread::scope(|s| {
         let mut rest = out;
-        let mut handles = Vec::new();
+        let mut mine_first = None;
         for (w, buf) in cuts.windows(2).zip(scores.iter_mut()) {
-            let (mine, others) = rest.split_at_mut((w[1] - w[0]) * q_dim);
+            let part = &tasks[w[0]..w[1]];
+            let rows_in = part.last().map_or(0, |l| l.end) - part.first().map_or(0, |f| f.start);
+            let (mine, others) = rest.split_at_mut(rows_in * q_dim);
             rest = others;
-            let first = w[0];
-            if first == 0 {
-                handles.push((mine, buf, first));
+            if w[0] == 0 {
+                mine_first = Some((part, mine, buf));
             } else {
                 let run = &run;
-                s.spawn(move || run(first, mine, buf));
+                s.spawn(move || run(part, mine, buf));
             }
         }
-        for (mine, buf, first) in handles {
-            run(first, mine, buf);
+        if let Some((part, mine, buf)) = mine_first {
+            run(part, mine, buf);
         }
     });
 }

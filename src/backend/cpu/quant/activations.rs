@@ -10,11 +10,14 @@ pub(crate) struct QActs {
     pub m: usize,
     /// Blocks per row.
     pub nb: usize,
+    /// Row stride of `d` and `s`: `nb` rounded up to 8, the tail zero (so the SIMD kernels read
+    /// scales 8 blocks at a time without a bounds case).
+    pub nbp: usize,
     /// Quantized values, `[m][nb·32]`, in [-127, 127].
     pub qs: Vec<i8>,
-    /// Scales, `[m][nb]` (f32, unlike llama.cpp's f16: no precision lost on the activation side).
+    /// Scales, `[m][nbp]` (f32, unlike llama.cpp's f16: no precision lost on the activation side).
     pub d: Vec<f32>,
-    /// `d · Σq` per block, `[m][nb]` (the Q4_1 minimum term).
+    /// `d · Σq` per block, `[m][nbp]` (the Q4_1 minimum term).
     pub s: Vec<f32>,
     /// Per block, 8 lane corrections `[m][nb][8]`: `−bias · Σ q[4j..4j+4]`, with bias 8 for Q4_0
     /// (its nibbles are stored +8) and 128 for Q8_0 (weights offset to unsigned for VNNI); zero for
@@ -33,11 +36,15 @@ impl QActs {
     /// Quantizes `x` (`[m, k]`, `k = nb·32`) for a product with a `format` weight. Reuses buffers.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize, format: QFormat) {
         let nb = k / QK;
+        let nbp = nb.div_ceil(8) * 8;
         self.m = m;
         self.nb = nb;
+        self.nbp = nbp;
         self.qs.resize(m * k, 0);
-        self.d.resize(m * nb, 0.0);
-        self.s.resize(m * nb, 0.0);
+        self.d.clear();
+        self.d.resize(m * nbp, 0.0);
+        self.s.clear();
+        self.s.resize(m * nbp, 0.0);
         let bias = match format {
             QFormat::Q4_0 => 8,
             QFormat::Q8_0 => 128,
@@ -53,8 +60,9 @@ impl QActs {
                 *q = (round_even(v * id) as i32).clamp(-127, 127) as i8;
             }
             let sum: i32 = qb.iter().map(|&q| q as i32).sum();
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
+            let at = b / nb * nbp + b % nb;
+            self.d[at] = d;
+            self.s[at] = d * sum as f32;
             if bias != 0 {
                 for (j, c) in self.corr[b * 8..(b + 1) * 8].iter_mut().enumerate() {
                     *c = -bias * qb[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>();
@@ -70,12 +78,22 @@ impl QActs {
 
     /// Row `r`'s scales.
     pub fn row_d(&self, r: usize) -> &[f32] {
-        &self.d[r * self.nb..(r + 1) * self.nb]
+        &self.d[r * self.nbp..r * self.nbp + self.nb]
+    }
+
+    /// Row `r`'s scales with the zero tail up to `nbp`.
+    pub fn row_d_padded(&self, r: usize) -> &[f32] {
+        &self.d[r * self.nbp..(r + 1) * self.nbp]
     }
 
     /// Row `r`'s `d·Σq` terms.
     pub fn row_s(&self, r: usize) -> &[f32] {
-        &self.s[r * self.nb..(r + 1) * self.nb]
+        &self.s[r * self.nbp..r * self.nbp + self.nb]
+    }
+
+    /// Row `r`'s `d·Σq` terms with the zero tail up to `nbp`.
+    pub fn row_s_padded(&self, r: usize) -> &[f32] {
+        &self.s[r * self.nbp..(r + 1) * self.nbp]
     }
 
     /// Row `r`'s lane corrections (empty when the format needs none).

@@ -26,11 +26,12 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn every_isa_equals_the_scalar_reference_bit_for_bit() {
     let pool = QuantPool::new(1, std::time::Duration::ZERO);
-    // k with a partial last group of 8 blocks (18 blocks), n not a multiple of the tiles.
-    for &(n, k) in &[(13usize, 576usize), (7, 32), (9, 96), (33, 256)] {
+    // k with a partial last group of 8 blocks (18 blocks), k past one 64-block segment of the
+    // multi-row tiles (65 blocks), n not a multiple of the tiles.
+    for &(n, k) in &[(13usize, 576usize), (7, 32), (9, 96), (33, 256), (6, 2080)] {
         for (fi, &f) in FORMATS.iter().enumerate() {
             let w = QMatrix::quantize(f, &random(n * k, 1 + fi as u64), n, k).unwrap();
-            for m in [1usize, 2, 3, 5, 8] {
+            for m in [1usize, 2, 3, 5, 8, 17] {
                 let x = random(m * k, 100 + m as u64);
                 let mut want = vec![0.0; m * n];
                 w.forward_with(QuantIsa::Scalar, &pool, &x, m, &mut want);
