@@ -11,8 +11,8 @@
 //! decode batch of 16), both as wall time and as the step-loop thread's CPU time (on a machine
 //! whose few cores are shared, the wall figure includes waiting for a core).
 //!
-//! `cargo run --release --example neuron_decoder_bench -- [CORES] [STREAMS] [TOKENS] [PREFILL_US] [DECODE_US]`
-//! (defaults 8 64 128 2000 1000). It re-executes itself with the stand-in's knobs set
+//! `cargo run --release --example neuron_decoder_bench -- [CORES] [STREAMS] [TOKENS] [PREFILL_US] [DECODE_US] [TP]`
+//! (defaults 8 64 128 2000 1000 1; TP > 1 makes instances of TP ranks, CORES / TP of them). It re-executes itself with the stand-in's knobs set
 //! (`NRT_STANDIN_PREFILL_DELAY_US`, `NRT_STANDIN_DECODE_DELAY_US`, `NRT_STANDIN_VISIBLE_CORES`).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
@@ -43,6 +43,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cores, streams, tokens) = (arg(&args, 0, 8), arg(&args, 1, 64), arg(&args, 2, 128));
     let (prefill_us, decode_us) = (arg(&args, 3, 2000), arg(&args, 4, 1000));
+    let tp = arg(&args, 5, 1).max(1);
     if std::env::var_os("NRT_STANDIN_DECODE_DELAY_US").is_none() {
         let lib = nrt_standin::standin_library_path().expect("the stand-in libnrt (cargo build -p nrt-standin)");
         let status = std::process::Command::new(std::env::current_exe().expect("exe"))
@@ -51,11 +52,13 @@ fn main() {
             .env("NRT_STANDIN_VISIBLE_CORES", cores.to_string())
             .env("NRT_STANDIN_PREFILL_DELAY_US", prefill_us.to_string())
             .env("NRT_STANDIN_DECODE_DELAY_US", decode_us.to_string())
+            .env("NEURON_RT_ROOT_COMM_ID", "127.0.0.1:61240")
             .status()
             .expect("re-run with the stand-in's knobs");
         std::process::exit(status.code().unwrap_or(1));
     }
-    let per_core = streams.div_ceil(cores) as usize;
+    // One instance per `tp` cores; its streams share its batch.
+    let per_core = streams.div_ceil((cores / tp).max(1)) as usize;
     let dir = tempfile::tempdir().expect("temp dir");
     let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama-gqa");
     let batches: Vec<usize> = [1, 2, 4, 8, 16, 32].into_iter().filter(|&b| b <= per_core.max(1)).collect();
@@ -67,7 +70,7 @@ fn main() {
         decode: batches.iter().flat_map(|&b| [(b, 128), (b, 256)]).collect(),
         device_greedy: std::env::var_os("BENCH_DEVICE_GREEDY").is_some(),
         prefill_appends: true,
-        tensor_parallel: 1,
+        tensor_parallel: tp as usize,
     };
     write_standin_decoder(&fixture, dir.path(), &layout).expect("compile for the stand-in");
     let manifest = DecoderManifest::load(dir.path()).expect("manifest");
@@ -145,7 +148,7 @@ fn main() {
     let wall = started.elapsed();
     model.drain();
     println!(
-        "neuron_decoder_bench: {cores} cores, {streams} streams, {tokens} tokens each, device time prefill {prefill_us} µs / decode {decode_us} µs per execution, updates {}",
+        "neuron_decoder_bench: {cores} cores (tensor parallel {tp}), {streams} streams, {tokens} tokens each, device time prefill {prefill_us} µs / decode {decode_us} µs per execution, updates {}",
         if direct { "sent directly" } else { "through the outbox" }
     );
     println!(
@@ -172,14 +175,14 @@ fn main() {
         worst_overhead = worst_overhead.max(overhead);
         worst_cpu = worst_cpu.max(host_cpu);
         println!(
-            "  core {core}: {steps:.0} steps, {execs:.0} executions, {:.1} ms active, inside execute {:.1} %; host per step {overhead:.1} µs wall ({:.1} µs of it inside forward), {host_cpu:.1} µs CPU",
+            "  instance {core}: {steps:.0} steps, {execs:.0} executions, {:.1} ms active, inside execute {:.1} %; host per step {overhead:.1} µs wall ({:.1} µs of it inside forward), {host_cpu:.1} µs CPU",
             active / 1e6,
             100.0 * busy,
             (forward - execute) / steps.max(1.0) / 1e3,
         );
     }
     println!(
-        "  least busy core: {:.1} % inside execute (target ≥ 95 %); most host time per step: {worst_overhead:.1} µs wall, {worst_cpu:.1} µs CPU (target ≤ 50 µs at batch 16)",
+        "  least busy instance: {:.1} % inside execute (target ≥ 95 %); most host time per step: {worst_overhead:.1} µs wall, {worst_cpu:.1} µs CPU (target ≤ 50 µs at batch 16)",
         100.0 * worst_busy
     );
 }

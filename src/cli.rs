@@ -123,6 +123,23 @@ pub struct ServeArgs {
     /// session is written there on drain (off by default).
     #[arg(long, env = "NEURON_WORKER_SESSION_STORE")]
     pub session_store: Option<String>,
+    /// Seconds a worker's lease on a conversation session lasts in a shared (redis://) store
+    /// without renewal: a worker that dies is taken over after this long. Renewed every third of
+    /// it while the worker holds the session. Ignored with a local store.
+    #[arg(long, env = "NEURON_WORKER_SESSION_LEASE_TTL", default_value_t = 10.0, value_parser = positive_seconds)]
+    pub session_lease_ttl: f64,
+    /// Seconds a turn for a session another live worker holds waits for it to be handed over,
+    /// before it is answered UNAVAILABLE naming the holder (shared store only).
+    #[arg(long, env = "NEURON_WORKER_SESSION_HANDOFF_WAIT", default_value_t = 5.0, value_parser = positive_seconds)]
+    pub session_handoff_wait: f64,
+}
+
+/// A positive number of seconds (fractions allowed), at most a day.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("'{text}' is not a number of seconds between 0 (excluded) and 86400")),
+    }
 }
 
 /// Parses `--model [NAME=]PATH`.

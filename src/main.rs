@@ -55,8 +55,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let store = match &args.session_store {
         Some(spec) => {
             let location = neuron_worker::sessions::parse_location(spec)?;
-            let store = neuron_worker::sessions::SessionStore::open_location(&location)
+            let mut store = neuron_worker::sessions::SessionStore::open_location(&location)
                 .map_err(|e| format!("--session-store: {e}"))?;
+            if store.is_shared() {
+                let cfg = neuron_worker::sessions::lease::LeaseConfig {
+                    worker: args.worker_id.clone().unwrap_or_else(server::worker_id::default_worker_id),
+                    ttl: Duration::from_secs_f64(args.session_lease_ttl),
+                    handoff_wait: Duration::from_secs_f64(args.session_handoff_wait),
+                };
+                tracing::info!(ttl_s = args.session_lease_ttl, worker = %cfg.worker, "session leases on the shared store");
+                store.enable_leases(cfg).map_err(|e| format!("--session-store: {e}"))?;
+            }
             tracing::info!(path = %store.path().display(), "session store opened");
             Some(Arc::new(store))
         }

@@ -63,4 +63,12 @@ pub trait ModelInstance: Send {
     fn input_check(&self) -> Option<std::sync::Arc<dyn InputCheck>> {
         None
     }
+
+    /// Whether the batcher may call [`ModelInstance::execute`] from another thread (its queue's,
+    /// on the async runtime) while this instance's own thread is idle, for batches that take a
+    /// few microseconds — two thread hand-offs would cost more than the model. Instances whose
+    /// calls must stay on one OS thread, or may take long, keep the default `false`.
+    fn may_run_inline(&self) -> bool {
+        false
+    }
 }

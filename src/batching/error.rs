@@ -29,6 +29,16 @@ pub enum BatchingError {
         /// Its timeout.
         timeout_us: u64,
     },
+    /// Another live worker holds the conversation session (shared store with leases).
+    #[error("model '{model}': {reason}")]
+    SessionHeld {
+        /// Model name.
+        model: String,
+        /// The holder's worker id.
+        holder: String,
+        /// What happened and what to do.
+        reason: String,
+    },
     /// No instance of the model is in service (all failed, or the model is draining or unloading).
     #[error("model '{model}' is not available: {reason}")]
     Unavailable {

@@ -10,6 +10,10 @@ use crate::batching::BatchingError;
 use crate::repository::RepositoryError;
 use crate::sessions::StoreError;
 
+/// The header (gRPC metadata) naming the worker that holds a conversation session another worker
+/// was asked to continue (with gRPC UNAVAILABLE; HTTP 409).
+pub const SESSION_HOLDER: &str = "x-session-holder";
+
 /// Why an RPC failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -70,6 +74,13 @@ impl From<ServerError> for Status {
                 ),
                 BatchingError::Timeout { .. } => Status::deadline_exceeded(msg),
                 BatchingError::Unavailable { .. } => Status::unavailable(msg),
+                BatchingError::SessionHeld { holder, .. } => {
+                    let mut st = Status::unavailable(msg);
+                    if let Ok(v) = holder.parse() {
+                        st.metadata_mut().insert(SESSION_HOLDER, v);
+                    }
+                    st
+                }
                 BatchingError::TooLarge { .. }
                 | BatchingError::InvalidRequest { .. }
                 | BatchingError::NotLive { .. }

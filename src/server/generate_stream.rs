@@ -32,6 +32,7 @@ fn to_server(model: &str, e: GenerationError) -> ServerError {
         GenerationError::TooLarge { reason } => BatchingError::TooLarge { model, reason },
         GenerationError::Backend(source) => BatchingError::Backend { model, source },
         GenerationError::Unavailable { reason } => BatchingError::Unavailable { model, reason },
+        GenerationError::Held { holder, reason } => BatchingError::SessionHeld { model, holder, reason },
         GenerationError::Session { reason } => BatchingError::InvalidRequest { model, reason },
         GenerationError::SessionsFull { reason } => BatchingError::SlotsExhausted { model, capacity: 0, hint: reason },
     })
@@ -142,9 +143,18 @@ pub async fn generate_stream(
 ) {
     let arrived = Instant::now();
     let id = std::mem::take(&mut req.id);
-    let error = |e: ServerError| ModelStreamInferResponse {
-        error_message: e.to_string(),
-        infer_response: Some(ModelInferResponse { id: id.clone(), ..Default::default() }),
+    let error = |e: ServerError| {
+        let mut resp = ModelInferResponse { id: id.clone(), ..Default::default() };
+        // A session another worker holds: its id travels beside the in-band message.
+        if let ServerError::Batching(BatchingError::SessionHeld { holder, .. }) = &e {
+            let p = crate::proto::inference::InferParameter {
+                parameter_choice: Some(crate::proto::inference::infer_parameter::ParameterChoice::StringParam(
+                    holder.clone(),
+                )),
+            };
+            resp.parameters.insert(super::error::SESSION_HOLDER.to_string(), p);
+        }
+        ModelStreamInferResponse { error_message: e.to_string(), infer_response: Some(resp) }
     };
     let ok = |resp: ModelInferResponse| ModelStreamInferResponse {
         error_message: String::new(),

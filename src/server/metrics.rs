@@ -58,6 +58,9 @@ pub fn capacity(repo: &Repository, worker_id: &str) -> serde_json::Value {
         }
     }
     let mut doc = serde_json::json!({ "worker_id": worker_id, "models": models });
+    if let Some(leases) = repo.session_store().and_then(|s| s.leases()) {
+        doc["session_leases"] = super::metrics_lease::health(leases);
+    }
     if let Some(rt) = crate::backend::neuron::Runtime::current() {
         let cores: Vec<serde_json::Value> = (0..rt.visible_cores())
             .filter_map(|core| {

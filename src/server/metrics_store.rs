@@ -63,5 +63,8 @@ pub fn render(store: &SessionStore) -> String {
         let _ = writeln!(out, "# TYPE neuron_worker_session_store_{name} counter");
         let _ = writeln!(out, "neuron_worker_session_store_{name} {}", v.load(Relaxed));
     }
+    if let Some(leases) = store.leases() {
+        out.push_str(&super::metrics_lease::render(leases));
+    }
     out
 }

@@ -4,6 +4,8 @@
 //! Batching policies own a session while it is resident on an instance and hand it here to move it.
 
 pub mod blob;
+pub mod lease;
+mod lease_behind;
 pub mod store;
 #[cfg(test)]
 mod store_damage_tests;

@@ -66,6 +66,10 @@ pub struct SessionStore {
     location: std::path::PathBuf,
     /// Latency and outcome of every operation.
     stats: super::store_stats::StoreStats,
+    /// Session ownership leases (shared store only, once enabled).
+    leases: Option<std::sync::Arc<super::lease::Leases>>,
+    /// The Redis URL as given (leases open their own connections).
+    url: Option<String>,
 }
 
 /// Where the sessions are kept.
@@ -127,7 +131,8 @@ pub struct StoredSession {
     pub steps: u64,
 }
 
-fn key(model: &str, version: i64, id: &SequenceId) -> String {
+/// The store key of a session (model, version, id), without the Redis namespace.
+pub(crate) fn key(model: &str, version: i64, id: &SequenceId) -> String {
     match id {
         SequenceId::Uint(v) => format!("{model}\u{1f}{version}\u{1f}u:{v}"),
         SequenceId::Str(s) => format!("{model}\u{1f}{version}\u{1f}s:{s}"),
@@ -211,9 +216,29 @@ impl SessionStore {
             StoreLocation::Redis(url) => {
                 let r = super::store_redis::RedisStore::open(url)?;
                 let location = std::path::PathBuf::from(r.shown());
-                Ok(SessionStore { backend: Backend::Redis(Box::new(r)), location, stats: Default::default() })
+                Ok(SessionStore {
+                    backend: Backend::Redis(Box::new(r)),
+                    location,
+                    stats: Default::default(),
+                    leases: None,
+                    url: Some(url.clone()),
+                })
             }
         }
+    }
+
+    /// Turns on session leases (shared store only; a local store keeps working without them):
+    /// one worker continues a session at a time, see [`super::lease`].
+    pub fn enable_leases(&mut self, cfg: super::lease::LeaseConfig) -> Result<(), StoreError> {
+        if let Some(url) = &self.url {
+            self.leases = Some(super::lease::Leases::start(url, cfg)?);
+        }
+        Ok(())
+    }
+
+    /// The session leases, when the store is shared and they are enabled.
+    pub fn leases(&self) -> Option<&std::sync::Arc<super::lease::Leases>> {
+        self.leases.as_ref()
     }
 
     /// True when the store is shared through Redis/Valkey.
@@ -234,7 +259,7 @@ impl SessionStore {
             Err(e) => return Err(e),
         }
         let location = db.path().to_path_buf();
-        Ok(SessionStore { backend: Backend::Local(db), location, stats: Default::default() })
+        Ok(SessionStore { backend: Backend::Local(db), location, stats: Default::default(), leases: None, url: None })
     }
 
     /// Opens the store in `dir` behind a backend whose writes fail while the returned switch is

@@ -26,6 +26,8 @@ pub struct RedisStore {
     shown: String,
     /// What happened to the store (I/O failures and reconnections).
     pub(super) health: StoreHealth,
+    /// Longest wait for a connection, a read or a write.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -65,13 +67,19 @@ impl RedisStore {
     /// Connects to `url` (`redis://[user:password@]host[:port][/db]`) and checks that the server
     /// answers, so a wrong address is reported at start-up.
     pub fn open(url: &str) -> Result<RedisStore, StoreError> {
+        RedisStore::open_with_timeout(url, TIMEOUT)
+    }
+
+    /// As [`RedisStore::open`], each operation waiting at most `timeout` (leases use a fraction of
+    /// their TTL, so an unreachable store is noticed before a lease would expire).
+    pub fn open_with_timeout(url: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
         let shown = redact(url);
         let client = redis::Client::open(url).map_err(|e| StoreError::Io {
             path: shown.clone(),
             operation: "parse the address",
             reason: format!("{e} (expected redis://host:port/db)"),
         })?;
-        let store = RedisStore { client, conn: Mutex::new(None), shown, health: StoreHealth::default() };
+        let store = RedisStore { client, conn: Mutex::new(None), shown, health: StoreHealth::default(), timeout };
         store.run("connect", |c| redis::cmd("PING").query::<String>(c))?;
         Ok(store)
     }
@@ -85,10 +93,11 @@ impl RedisStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn connect(&self) -> RedisResult<Connection> {
-        let c = self.client.get_connection_with_timeout(TIMEOUT)?;
-        c.set_read_timeout(Some(TIMEOUT))?;
-        c.set_write_timeout(Some(TIMEOUT))?;
+    /// A new connection of its own (a subscriber holds one).
+    pub(super) fn connect(&self) -> RedisResult<Connection> {
+        let c = self.client.get_connection_with_timeout(self.timeout)?;
+        c.set_read_timeout(Some(self.timeout))?;
+        c.set_write_timeout(Some(self.timeout))?;
         Ok(c)
     }
 

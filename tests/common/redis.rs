@@ -14,6 +14,13 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
+impl RedisServer {
+    /// The server's process id (tests pause it with SIGSTOP to simulate an unreachable store).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();

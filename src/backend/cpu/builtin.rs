@@ -71,7 +71,16 @@ pub fn linear_weights() -> DenseStack {
         }
     }
     let bias = (0..dout).map(|j| ((j % 5) as f32 - 2.0) / 4.0).collect();
-    DenseStack { layers: vec![DenseLayer { weight, bias, in_dim: din, out_dim: dout, activation: Activation::None }] }
+    DenseStack {
+        layers: vec![DenseLayer {
+            weight,
+            bias,
+            in_dim: din,
+            out_dim: dout,
+            activation: Activation::None,
+            packed: Default::default(),
+        }],
+    }
 }
 
 /// One layer of seeded weights as documented in the module doc.
@@ -80,7 +89,7 @@ pub fn seeded_layer(seed: u64, in_dim: usize, out_dim: usize, activation: Activa
     let scale = 1.0 / (in_dim as f32).sqrt();
     let weight = (0..in_dim * out_dim).map(|_| rng.uniform() * scale).collect();
     let bias = (0..out_dim).map(|_| rng.uniform() * 0.1f32).collect();
-    DenseLayer { weight, bias, in_dim, out_dim, activation }
+    DenseLayer { weight, bias, in_dim, out_dim, activation, packed: Default::default() }
 }
 
 /// The `mlp` built-in: 256→1024 GELU →1024 GELU →256, seeded as in the module doc.

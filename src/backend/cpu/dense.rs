@@ -2,6 +2,7 @@
 
 use super::gemm;
 pub use super::ops::Activation;
+use super::skinny::{self, PackCache};
 
 /// One fully connected layer: `y = activation(x · weight + bias)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +17,8 @@ pub struct DenseLayer {
     pub out_dim: usize,
     /// Applied after the bias.
     pub activation: Activation,
+    /// The weight packed for small batches ([`skinny`]), filled on first use.
+    pub(crate) packed: PackCache,
 }
 
 impl DenseLayer {
@@ -34,6 +37,7 @@ impl DenseLayer {
             in_dim,
             out_dim,
             activation,
+            packed: PackCache::default(),
         })
     }
 }
@@ -65,20 +69,30 @@ impl DenseStack {
         self.forward_threads(x, batch, gemm::default_threads())
     }
 
-    /// [`DenseStack::forward`] with an explicit thread cap.
+    /// [`DenseStack::forward`] with an explicit thread cap. Batches of at most
+    /// [`skinny::MAX_ROWS`] rows run on the calling thread with the weight read once for all rows
+    /// ([`skinny`]); bigger ones go through [`gemm::matmul`], threaded from
+    /// [`gemm::PARALLEL_MIN_ROWS`] rows.
     ///
     /// # Panics
     /// If `x.len() != batch · input_dim`.
     pub fn forward_threads(&self, x: &[f32], batch: usize, threads: usize) -> Vec<f32> {
         assert_eq!(x.len(), batch * self.input_dim(), "dense input length");
-        let mut cur = x.to_vec();
+        let mut cur = std::borrow::Cow::Borrowed(x);
         for layer in &self.layers {
             let mut next = vec![0.0f32; batch * layer.out_dim];
-            gemm::matmul(&cur, &layer.weight, &mut next, batch, layer.in_dim, layer.out_dim, threads);
-            super::ops::bias_activation(&mut next, &layer.bias, layer.activation, threads);
-            cur = next;
+            if batch <= skinny::MAX_ROWS {
+                let packed = layer.packed.get_or_pack(&layer.weight, layer.in_dim, layer.out_dim);
+                packed.matmul(&cur, batch, &mut next);
+            } else {
+                gemm::matmul(&cur, &layer.weight, &mut next, batch, layer.in_dim, layer.out_dim, threads);
+            }
+            // Element-wise work below the threaded GEMM's row threshold stays on this thread too.
+            let act_threads = if batch < gemm::PARALLEL_MIN_ROWS { 1 } else { threads };
+            super::ops::bias_activation(&mut next, &layer.bias, layer.activation, act_threads);
+            cur = std::borrow::Cow::Owned(next);
         }
-        cur
+        cur.into_owned()
     }
 }
 
@@ -95,5 +109,17 @@ mod tests {
         assert_eq!(stack.layers.len(), 2);
         assert_eq!(stack.forward(&[1.0, 2.0, 0.0, 0.0], 2), vec![7.0, 1.0]);
         assert!(DenseLayer::new(vec![0.0; 3], vec![0.0], 2, 1, Activation::None).is_none());
+    }
+
+    #[test]
+    fn small_batches_agree_with_the_threaded_gemm_path() {
+        // Rows 0..5 through the small-batch kernel, then inside a batch of 70 through `gemm`.
+        let stack = super::super::builtin::mlp_weights();
+        let x: Vec<f32> = (0..70 * 256).map(|i| (i as f32 * 0.013).sin()).collect();
+        let big = stack.forward_threads(&x, 70, 2);
+        let small = stack.forward_threads(&x[..5 * 256], 5, 2);
+        for (a, b) in small.iter().zip(&big[..5 * 256]) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
     }
 }

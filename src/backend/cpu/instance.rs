@@ -189,6 +189,12 @@ impl ModelInstance for CpuInstance {
         format!("cpu:{}", self.index)
     }
 
+    /// Dense stacks only: they hold no thread state, and the batcher only runs inline the batches
+    /// it measured to be tiny.
+    fn may_run_inline(&self) -> bool {
+        matches!(&*self.model, CpuModel::Dense(_))
+    }
+
     fn input_check(&self) -> Option<Arc<dyn crate::backend::InputCheck>> {
         match &*self.model {
             CpuModel::Dense(_) => None,

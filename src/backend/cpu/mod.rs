@@ -20,6 +20,7 @@ pub mod llama;
 pub mod ops;
 pub mod pooling;
 pub mod quant;
+pub mod skinny;
 pub mod stateful;
 pub mod weights;
 

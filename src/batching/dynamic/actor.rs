@@ -2,7 +2,9 @@
 //! expired ones, waits for fuller batches within the configured delay, and hands each batch to an
 //! idle instance. When a full batch is waiting and no instance is idle, a busy instance is handed
 //! one batch ahead (single-priority queues only), so it starts its next execution without waiting
-//! for a round trip through the actor.
+//! for a round trip through the actor. A model whose batches take microseconds runs on the
+//! actor's own thread when an instance is idle and allows it (CPU dense models), saving the two
+//! thread hand-offs that would cost more than the model.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::Command;
 use super::queue::{Queue, Queued};
-use super::worker::{Batch, InstanceSender};
+use super::worker::{Batch, InstanceHandle};
 use crate::batching::admission::Admission;
 use crate::batching::stats::FailureReason;
 use crate::batching::{BatchingError, InferRequest};
@@ -29,7 +31,7 @@ enum Event {
 struct Actor {
     shared: Arc<Admission>,
     queue: Queue,
-    instances: Vec<Option<InstanceSender>>,
+    instances: Vec<Option<InstanceHandle>>,
     /// Batches sent to each instance and not yet done (0 = idle; at most 2).
     outstanding: Vec<usize>,
     busy: usize,
@@ -37,7 +39,7 @@ struct Actor {
     max_rows: usize,
 }
 
-pub(super) fn spawn(rx: mpsc::UnboundedReceiver<Command>, instances: Vec<InstanceSender>, shared: Arc<Admission>) {
+pub(super) fn spawn(rx: mpsc::UnboundedReceiver<Command>, instances: Vec<InstanceHandle>, shared: Arc<Admission>) {
     let spec = &shared.spec;
     let mut max_rows = spec.max_rows();
     if let Some(largest) = spec.buckets.largest_batch() {
@@ -125,19 +127,24 @@ impl Actor {
                 if let Some(n) = self.outstanding.get_mut(instance) {
                     *n = n.saturating_sub(1);
                 }
-                if !usable && let Some(slot) = self.instances.get_mut(instance) {
-                    *slot = None;
-                    let left = self.shared.in_service.load(Ordering::Acquire).saturating_sub(1);
-                    tracing::error!(model = %self.shared.spec.name, instance, left, "instance taken out of service");
-                    if left == 0 {
-                        // Not ready before the count reads 0, so nobody sees "0 in service" and ready.
-                        self.shared.close(crate::batching::admission::NO_INSTANCE);
-                        self.fail_all_unavailable();
-                    }
-                    self.shared.set_in_service(left);
-                }
+                self.instance_done(instance, usable);
             }
             Command::Drain(done) => self.drain.push(done),
+        }
+    }
+
+    /// Takes instance `instance` out of service when its last batch left it unusable.
+    fn instance_done(&mut self, instance: usize, usable: bool) {
+        if !usable && let Some(slot) = self.instances.get_mut(instance) {
+            *slot = None;
+            let left = self.shared.in_service.load(Ordering::Acquire).saturating_sub(1);
+            tracing::error!(model = %self.shared.spec.name, instance, left, "instance taken out of service");
+            if left == 0 {
+                // Not ready before the count reads 0, so nobody sees "0 in service" and ready.
+                self.shared.close(crate::batching::admission::NO_INSTANCE);
+                self.fail_all_unavailable();
+            }
+            self.shared.set_in_service(left);
         }
     }
 
@@ -233,13 +240,28 @@ impl Actor {
             self.shared.queued.fetch_sub(requests.len(), Ordering::AcqRel);
             let deadlines = requests.iter().map(|q| q.deadline).collect();
             let batch = Batch { requests: requests.into_iter().map(|q| q.req).collect(), deadlines };
+            // A tiny model on an idle instance runs here, on the actor's thread: no hand-off to
+            // the instance thread and back. The protocol's order holds: done, then replies.
+            let handle = self.instances.get(inst).and_then(Option::as_ref);
+            let batch = match handle {
+                Some(h) if self.outstanding[inst] == 0 => h.run_inline(batch),
+                _ => Err(batch),
+            };
+            let batch = match batch {
+                Ok((usable, replies)) => {
+                    self.instance_done(inst, usable);
+                    replies.deliver_after(|| {});
+                    continue;
+                }
+                Err(batch) => batch,
+            };
             match self.instances.get(inst).and_then(Option::as_ref) {
-                Some(sender) => match sender.send(batch) {
+                Some(handle) => match handle.send(batch) {
                     Ok(()) => {
                         self.busy += 1;
                         self.outstanding[inst] += 1;
                     }
-                    Err(e) => self.fail_batch(e.0, "instance thread stopped"),
+                    Err(batch) => self.fail_batch(batch, "instance thread stopped"),
                 },
                 None => self.fail_batch(batch, "instance out of service"),
             }

@@ -3,8 +3,8 @@
 //! sequences padded with zeros, i.e. pad tokens with attention mask 0), splits work larger than the
 //! largest bucket, executes, and sends each request its own rows (padding dropped).
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -27,31 +27,104 @@ pub(crate) struct Batch {
     pub(crate) deadlines: Vec<Option<Instant>>,
 }
 
-/// The actor's end of an instance's batch channel.
-pub(crate) type InstanceSender = std::sync::mpsc::Sender<Batch>;
+/// The actor's end of an instance: its batch channel, and the instance itself for batches the
+/// actor runs inline (see [`InstanceHandle::run_inline`]).
+#[derive(Debug)]
+pub(crate) struct InstanceHandle {
+    tx: std::sync::mpsc::Sender<Batch>,
+    worker: Arc<Mutex<Worker>>,
+}
+
+/// Batches whose recent cost (copy, execute, split) averages below this may run on the actor's
+/// thread when the instance is idle and allows it: two thread hand-offs cost more than the model.
+pub(crate) const INLINE_MAX: Duration = Duration::from_micros(20);
+
+/// What running a batch leaves: whether the instance is still usable, and the replies to send
+/// once the actor knows it is done.
+pub(crate) type Finished = (bool, Replies<InferReply>);
+
+impl InstanceHandle {
+    /// Hands `batch` to the instance thread; gives it back when the thread has stopped.
+    pub(crate) fn send(&self, batch: Batch) -> Result<(), Batch> {
+        self.tx.send(batch).map_err(|e| e.0)
+    }
+
+    /// Runs `batch` on the calling thread when the instance allows it
+    /// ([`ModelInstance::may_run_inline`]), its batches have recently cost less than
+    /// [`INLINE_MAX`] and its thread is not using it; else gives the batch back. The caller must
+    /// not have a batch outstanding on this instance (batches then run in the order sent).
+    pub(crate) fn run_inline(&self, batch: Batch) -> Result<Finished, Batch> {
+        let mut worker = match self.worker.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(batch),
+        };
+        if !worker.inline || worker.cost_ns >= INLINE_MAX.as_nanos() as u64 {
+            return Err(batch);
+        }
+        Ok(worker.process(batch))
+    }
+}
 
 pub(super) fn spawn(
     index: usize,
     instance: Box<dyn ModelInstance>,
     shared: Arc<Admission>,
     done: mpsc::UnboundedSender<Command>,
-) -> InstanceSender {
+) -> InstanceHandle {
     let (tx, rx) = std::sync::mpsc::channel::<Batch>();
     let name = format!("{}-{}", shared.spec.name, instance.label());
-    let worker = Worker { index, instance, shared, done, buffers: Vec::new(), shapes: Vec::new() };
-    if let Err(e) = std::thread::Builder::new().name(name).spawn(move || worker.run(rx)) {
+    let inline = instance.may_run_inline();
+    let stats = shared.stats.clone();
+    let worker = Worker { index, instance, shared, buffers: Vec::new(), shapes: Vec::new(), inline, cost_ns: u64::MAX };
+    let worker = Arc::new(Mutex::new(worker));
+    let thread_worker = worker.clone();
+    let run = move || {
+        let _in_service = protocol::in_service(&stats, index);
+        while let Ok(batch) = rx.recv() {
+            // The lock is released before the replies go out, so the actor can run the next batch
+            // inline as soon as it has handled Done.
+            let (usable, replies) = lock(&thread_worker).process(batch);
+            replies.deliver_after(|| {
+                let _ = done.send(Command::Done { instance: index, usable });
+            });
+            if !usable {
+                // Out of service: hand every batch already sent here back to the queue. The actor
+                // drops its sender when it handles our Done, which ends this loop.
+                while let Ok(b) = rx.recv() {
+                    let _ = done.send(Command::Requeue(b.requests));
+                }
+                break;
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name(name).spawn(run) {
         tracing::error!(error = %e, "cannot start instance thread");
     }
-    tx
+    InstanceHandle { tx, worker }
+}
+
+/// The worker, also after a panic outside the backend call (the guarded call catches those).
+fn lock(worker: &Mutex<Worker>) -> std::sync::MutexGuard<'_, Worker> {
+    worker.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Worker {
     index: usize,
     instance: Box<dyn ModelInstance>,
     shared: Arc<Admission>,
-    done: mpsc::UnboundedSender<Command>,
     buffers: Vec<Vec<u8>>,
     shapes: Vec<Vec<usize>>,
+    /// The instance allows [`InstanceHandle::run_inline`].
+    inline: bool,
+    /// Moving average of a batch's cost in ns (`u64::MAX` before the first batch).
+    cost_ns: u64,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("index", &self.index).field("cost_ns", &self.cost_ns).finish()
+    }
 }
 
 /// Where each request's rows sit in the batch, and its sequence length when sequences were padded.
@@ -62,32 +135,18 @@ struct Layout {
 }
 
 impl Worker {
-    fn run(mut self, rx: std::sync::mpsc::Receiver<Batch>) {
-        let stats = self.shared.stats.clone();
-        let _in_service = protocol::in_service(&stats, self.index);
-        while let Ok(batch) = rx.recv() {
-            if !self.process(batch) {
-                // Out of service: hand every batch already sent here back to the queue. The actor
-                // drops its sender when it handles our Done, which ends this loop.
-                while let Ok(b) = rx.recv() {
-                    let _ = self.done.send(Command::Requeue(b.requests));
-                }
-                break;
-            }
-        }
-    }
-
     fn model(&self) -> String {
         self.shared.spec.name.clone()
     }
 
-    /// Runs one batch and signals the actor (before the replies, so the next batch is on its way while
-    /// they go out); returns whether the instance is still usable. Requests whose client left or
+    /// Runs one batch; returns whether the instance is still usable and the replies, which the
+    /// caller sends after signalling the actor (so the next batch is on its way while they go
+    /// out). Requests whose client left or
     /// whose deadline passed while the batch waited (it may have been handed ahead to this busy
     /// instance) are skipped; a batch whose sequence lengths differ too much runs as several
     /// executions ([`super::groups`]); a batch that fails without taking the instance down is run
     /// again one request at a time, so the failure reaches only the request that caused it.
-    fn process(&mut self, batch: Batch) -> bool {
+    fn process(&mut self, batch: Batch) -> Finished {
         let stats = self.shared.stats.clone();
         let start = Instant::now();
         let mut replies = Replies::with_capacity(batch.requests.len());
@@ -111,12 +170,9 @@ impl Worker {
         for group in super::groups::by_padding(&self.shared.spec, requests) {
             fatal = self.run_isolating(group, start, fatal, &mut replies);
         }
-        let usable = fatal.is_none();
-        let (index, done_tx) = (self.index, self.done.clone());
-        replies.deliver_after(move || {
-            let _ = done_tx.send(Command::Done { instance: index, usable });
-        });
-        usable
+        let cost = start.elapsed().as_nanos() as u64;
+        self.cost_ns = if self.cost_ns == u64::MAX { cost } else { (self.cost_ns * 7 + cost) / 8 };
+        (fatal.is_none(), replies)
     }
 
     /// Executes `requests` as one batch and holds each its reply; a batch of several that fails

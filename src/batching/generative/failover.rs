@@ -81,6 +81,8 @@ impl MovedSequence {
             started: self.started,
             session: None,
             reused: self.reused,
+            hold_final: false,
+            held_final: None,
         }
     }
 }

@@ -46,6 +46,8 @@ enum Command {
     Resume(super::failover::MovedSequence),
     /// The exit deadline is near: end every generation where it stands (finish reason `abort`).
     CutShort,
+    /// From the session lease threads (shared store).
+    Fleet(super::session_lease::FleetEvent),
 }
 
 /// The least loaded instance still in service, other than `except`: its index and link.
@@ -126,6 +128,18 @@ impl GenerativeModel {
             let text: Arc<dyn super::detok::TokenText> = Arc::new(TextOf(tokenizer.clone()));
             let engine_parts = (decoder, text, setup.eos.clone(), setup.limits, stats.clone());
             let sessions = (setup.sessions, affinity.clone(), durable.clone());
+            let fleet = durable.as_ref().and_then(|d| d.store.leases().cloned()).map(|leases| {
+                let peers = links.clone();
+                let back: super::session_lease::FleetBack = Arc::new(move |ev| {
+                    let Ok(l) = peers.lock() else { return Err(Box::new(ev)) };
+                    let Some(link) = l.get(i) else { return Err(Box::new(ev)) };
+                    match link.sender.send(Command::Fleet(ev)) {
+                        Err(mpsc::SendError(Command::Fleet(ev))) => Err(Box::new(ev)),
+                        _ => Ok(()),
+                    }
+                });
+                super::session_lease::Fleet::new(leases, model.clone(), setup.version, back)
+            });
             let runtime = runtime.clone();
             // The thread says when its engine exists (its K/V pool counted in the gauges), so a
             // scheduler reading /capacity right after the load sees the whole pool.
@@ -136,7 +150,8 @@ impl GenerativeModel {
                     let (decoder, text, eos, limits, stats) = engine_parts;
                     let engine = Engine::new(decoder, text, eos, limits, stats)
                         .with_sessions(sessions.0, sessions.1, i)
-                        .with_durable(sessions.2);
+                        .with_durable(sessions.2)
+                        .with_fleet(fleet);
                     let _ = built_tx.send(());
                     if let Some(runtime) = runtime {
                         super::outbox::install(&runtime);
@@ -448,6 +463,7 @@ fn take(engine: &mut Engine, cmd: Command) {
         Command::Generate(req) => engine.add(req),
         Command::Session(cmd) => super::session_moves::run(engine, cmd),
         Command::Resume(seq) => engine.resume(seq),
+        Command::Fleet(ev) => engine.fleet_event(ev),
         Command::CutShort => {
             let cut = engine.cut_short();
             if cut > 0 {

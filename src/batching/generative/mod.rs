@@ -15,6 +15,7 @@ pub mod request;
 pub mod sampler;
 pub mod sequence;
 pub mod session;
+pub mod session_lease;
 pub mod session_moves;
 pub mod session_tiers;
 pub mod softmax_sum;

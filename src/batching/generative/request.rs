@@ -139,6 +139,15 @@ pub enum GenerationError {
         /// The limit and what to do.
         reason: String,
     },
+    /// Another live worker holds the session (shared store with leases) and did not hand it over
+    /// within the wait: gRPC UNAVAILABLE, HTTP 409, both naming the holder.
+    #[error("{reason}")]
+    Held {
+        /// The holder's worker id.
+        holder: String,
+        /// What happened and what to do.
+        reason: String,
+    },
     /// The model stopped serving (drain, unload, instance lost) before the sequence finished.
     #[error("{reason}")]
     Unavailable {

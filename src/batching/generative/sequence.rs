@@ -55,6 +55,10 @@ pub struct Sequence {
     pub session: Option<SessionTurn>,
     /// Prompt positions whose K/V were reused at first admission (kept session or prefix cache).
     pub reused: usize,
+    /// Keep the last response until the turn is written through (session leases).
+    pub hold_final: bool,
+    /// The last response, kept while `hold_final`.
+    pub held_final: Option<GenerationUpdate>,
 }
 
 /// What accepting one token did, for the statistics.
@@ -98,6 +102,8 @@ impl Sequence {
             started: false,
             session: req.session,
             reused: 0,
+            hold_final: false,
+            held_final: None,
         }
     }
 
@@ -163,7 +169,12 @@ impl Sequence {
             top_logprobs: top.into_iter().collect(),
             finished,
         };
-        let client_gone = !super::outbox::deliver(&self.updates, Ok(update));
+        let client_gone = if self.hold_final && finished.is_some() {
+            self.held_final = Some(update);
+            self.updates.is_closed()
+        } else {
+            !super::outbox::deliver(&self.updates, Ok(update))
+        };
         if client_gone || finished.is_some() {
             self.done = true;
         }

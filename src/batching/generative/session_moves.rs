@@ -111,10 +111,23 @@ pub fn run(engine: &mut Engine, cmd: SessionCommand) {
             let _ = reply.send(list);
         }
         SessionCommand::Export { id, model, reply } => {
-            let _ = reply.send(export(engine, id, model));
+            let exported = export(engine, id.clone(), model);
+            if exported.is_ok() {
+                // It leaves the fleet's store too (with leases).
+                let _ = engine.fleet_adopt(&id, false);
+            }
+            let _ = reply.send(exported);
         }
         SessionCommand::Import { blob, reply } => {
-            let _ = reply.send(import(engine, blob));
+            let id = blob.id.clone();
+            let mut imported = import(engine, blob);
+            if imported.is_ok()
+                && let Err(reason) = engine.fleet_adopt(&id, true)
+            {
+                let _ = engine.sessions_mut().0.take_idle(&id);
+                imported = Err(MoveError::Refused { reason });
+            }
+            let _ = reply.send(imported);
         }
     }
 }

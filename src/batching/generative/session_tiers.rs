@@ -109,6 +109,7 @@ impl Engine {
         self.stats.session_kv_released.fetch_add(n as u64, Relaxed);
         let blobs: Vec<SessionBlob> = released.iter().filter_map(|(_, b)| b.clone()).collect();
         let written = match &self.durable {
+            Some(_) if self.fleet.is_some() => self.fleet_write_kv(&blobs),
             None => false,
             Some(d) => match d.store.put_all(&blobs) {
                 Ok(()) => true,
@@ -254,6 +255,9 @@ impl Engine {
             tracing::info!(sessions = self.sessions.len(), ?reason, "open sessions dropped (no --session-store)");
             return;
         };
+        if self.fleet.is_some() {
+            return self.fleet_save(reason == SaveReason::Drain);
+        }
         let block_size = self.pool.block_size();
         let with_kv = reason == SaveReason::Drain;
         let mut blobs = Vec::new();

@@ -72,7 +72,9 @@ pub struct Engine {
     picked: Vec<(u32, f32)>,
     scratch: super::sampler::SampleScratch,
     /// K/V bytes one position takes (all layers, K and V).
-    kv_bytes_per_position: u64,
+    pub(super) kv_bytes_per_position: u64,
+    /// Session leases on a shared store (see [`super::session_lease`]).
+    pub(super) fleet: Option<super::session_lease::Fleet>,
     /// Requests that left the queue (first admission, refusal, cancellation) since the last
     /// [`Engine::take_left_queue`].
     pub(super) left_queue: usize,
@@ -111,6 +113,7 @@ impl Engine {
             picked: Vec::new(),
             scratch: Default::default(),
             kv_bytes_per_position: (shape.layers * 2 * shape.kv_heads * shape.head_dim * 4) as u64,
+            fleet: None,
             left_queue: 0,
         }
     }
@@ -182,9 +185,12 @@ impl Engine {
     /// Queues a request. A prompt that can never fit (empty, or longer than the context limit) is
     /// answered with an error at once.
     pub fn add(&mut self, req: GenerateRequest) {
+        let Some(req) = self.lease_gate(req) else { return self.publish() };
         let new_tokens = req.prompt.len();
         let turn_id = req.session.as_ref().map(|t| t.id.clone());
-        if let Some(turn) = &req.session {
+        if let Some(turn) = &req.session
+            && self.fleet.is_none()
+        {
             self.bring_back(turn);
         }
         let mut seq = match self.sessions.begin(req) {
@@ -193,12 +199,15 @@ impl Engine {
             Err((updates, error)) => {
                 if let Some(id) = &turn_id {
                     self.sessions.unpin_if_absent(id);
+                    self.fleet_release_if_absent(id);
                 }
                 let _ = super::outbox::deliver(&updates, Err(error));
                 self.left_queue += 1;
                 return self.publish();
             }
         };
+        // With leases, a turn is acknowledged once its tokens are written through.
+        seq.hold_final = self.fleet.is_some() && seq.session.is_some();
         let limit = self.rules.context_limit;
         let what = if seq.session.is_some() { "the session's tokens plus this turn's input" } else { "the prompt" };
         let vocab = self.decoder.shape().vocab as u32;
@@ -234,7 +243,13 @@ impl Engine {
         if seq.session.is_none() {
             return;
         }
-        let next = if keep { self.sessions.finish(&mut seq) } else { self.sessions.abort(&mut seq) };
+        let next = if self.fleet.is_some() {
+            self.fleet_retire(&mut seq, keep)
+        } else if keep {
+            self.sessions.finish(&mut seq)
+        } else {
+            self.sessions.abort(&mut seq)
+        };
         if let Some(next) = next {
             self.add(next);
         }

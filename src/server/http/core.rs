@@ -60,8 +60,8 @@ impl Core {
             }
         });
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| match m {
-            Ok(ModelStreamInferResponse { error_message, .. }) if !error_message.is_empty() => {
-                Err(HttpError::bad_request(error_message))
+            Ok(ModelStreamInferResponse { error_message, infer_response }) if !error_message.is_empty() => {
+                Err(HttpError::in_band(error_message, infer_response.as_ref()))
             }
             Ok(m) => Ok(m.infer_response.unwrap_or_default()),
             Err(status) => Err(HttpError::from(status)),

@@ -22,17 +22,40 @@ pub struct HttpError {
     pub message: String,
     /// When the client may retry (sent as `Retry-After`, whole seconds rounded up).
     pub retry_after: Option<Duration>,
+    /// The worker holding the conversation session (409, sent as `x-session-holder`).
+    pub holder: Option<String>,
 }
 
 impl HttpError {
     /// An error with `status` and `message`.
     pub fn new(status: StatusCode, message: impl Into<String>) -> HttpError {
-        HttpError { status, message: message.into(), retry_after: None }
+        HttpError { status, message: message.into(), retry_after: None, holder: None }
     }
 
     /// 400: the request is malformed or does not fit the model.
     pub fn bad_request(message: impl Into<String>) -> HttpError {
         HttpError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// An error the core sent in band on a stream: 409 naming the holder when another worker holds
+    /// the conversation session (the `x-session-holder` parameter beside the message), else 400.
+    pub fn in_band(message: String, resp: Option<&crate::proto::inference::ModelInferResponse>) -> HttpError {
+        use crate::proto::inference::infer_parameter::ParameterChoice;
+        let holder = resp.and_then(|r| r.parameters.get(crate::server::error::SESSION_HOLDER)).and_then(|p| {
+            match &p.parameter_choice {
+                Some(ParameterChoice::StringParam(h)) => Some(h.clone()),
+                _ => None,
+            }
+        });
+        match holder {
+            Some(holder) => HttpError {
+                status: StatusCode::CONFLICT,
+                message,
+                retry_after: Some(Duration::from_secs(1)),
+                holder: Some(holder),
+            },
+            None => HttpError::bad_request(message),
+        }
     }
 
     /// 404: no such route, model or stored object.
@@ -53,6 +76,9 @@ impl HttpError {
 
     fn with_headers(&self, mut resp: Response) -> Response {
         *resp.status_mut() = self.status;
+        if let Some(v) = self.holder.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
+            resp.headers_mut().insert(crate::server::error::SESSION_HOLDER, v);
+        }
         if let Some(after) = self.retry_after {
             let secs = after.as_millis().div_ceil(1000).max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
@@ -110,7 +136,17 @@ impl From<tonic::Status> for HttpError {
             Code::Unavailable => Some(Duration::from_secs(1)),
             _ => None,
         };
-        HttpError { status, message: s.message().to_string(), retry_after }
+        // A session another live worker holds: 409 naming the holder (the gateway may route there).
+        let holder = s.metadata().get(crate::server::error::SESSION_HOLDER).and_then(|v| v.to_str().ok());
+        if let Some(holder) = holder {
+            return HttpError {
+                status: StatusCode::CONFLICT,
+                message: s.message().to_string(),
+                retry_after: Some(Duration::from_secs(1)),
+                holder: Some(holder.to_string()),
+            };
+        }
+        HttpError { status, message: s.message().to_string(), retry_after, holder: None }
     }
 }
 

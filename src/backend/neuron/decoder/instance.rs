@@ -74,6 +74,10 @@ impl Rank {
 /// per core, every program executed on every rank at once, outputs read from rank 0).
 pub struct NeuronDecoderInstance {
     ranks: Vec<Rank>,
+    /// Threads that run ranks 1.. of a tensor-parallel group (rank 0 runs on the step loop's
+    /// thread), kept for the instance's life: starting threads per execution cost tens of µs
+    /// per rank per step.
+    rank_threads: Option<rayon::ThreadPool>,
     /// The cores of the ranks, rank order.
     cores: Vec<u32>,
     shape: DecoderShape,
@@ -197,8 +201,26 @@ impl NeuronDecoderInstance {
         }
         let prefill_lengths = manifest.prefill.iter().map(|b| b.seq_len).collect();
         let decode_buckets = manifest.decode.iter().map(|b| (b.batch, b.context)).collect();
+        let rank_threads = match cores.len() {
+            0 | 1 => None,
+            n => {
+                let first = cores.first().copied().unwrap_or(0);
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(n - 1)
+                    .thread_name(move |i| format!("nrt-rank-{first}-{}", i + 1))
+                    .build()
+                    .map_err(|e| NeuronError::Invalid {
+                        op: Operation::Execute,
+                        model: model.to_string(),
+                        core: Some(first),
+                        detail: format!("cannot start the threads of a {n}-rank group: {e}"),
+                    })?;
+                Some(pool)
+            }
+        };
         Ok(NeuronDecoderInstance {
             ranks,
+            rank_threads,
             cores: cores.to_vec(),
             digest: weights.first().map_or([0; 32], |w| w.digest),
             slot_bytes: cache_bytes / kv.slots.max(1),
@@ -278,35 +300,28 @@ impl NeuronDecoderInstance {
         let s = &self.scratch;
         let cpu_started = self.last_step_cpu.is_some().then(super::cpu_clock::thread_cpu_ns);
         let started = Instant::now();
-        let result = match self.ranks.as_mut_slice() {
-            [one] => one.program(decode, index).run(&s.ids, &s.positions, &s.seqs),
-            ranks => {
-                // The ranks of a collective group execute at once (each blocks until all arrive).
-                std::thread::scope(|scope| {
-                    let handles: Vec<_> = ranks
-                        .iter_mut()
-                        .map(|r| {
-                            let program = r.program(decode, index);
-                            scope.spawn(move || program.run(&s.ids, &s.positions, &s.seqs))
-                        })
-                        .collect();
-                    let mut first = Ok(());
-                    for h in handles {
-                        let r = h.join().unwrap_or_else(|_| {
-                            Err(NeuronError::Invalid {
-                                op: Operation::Execute,
-                                model: String::new(),
-                                core: None,
-                                detail: "a rank's execution thread panicked".into(),
-                            })
-                        });
-                        if first.is_ok() {
-                            first = r;
-                        }
+        let result = match (self.ranks.as_mut_slice(), &self.rank_threads) {
+            ([one], _) => one.program(decode, index).run(&s.ids, &s.positions, &s.seqs),
+            ([first, rest @ ..], Some(threads)) => {
+                // The ranks of a collective group execute at once (each blocks until all
+                // arrive): ranks 1.. on the group's threads (one each), rank 0 here.
+                let mut results: Vec<Result<(), NeuronError>> = rest.iter().map(|_| Ok(())).collect();
+                let mut own = Ok(());
+                threads.in_place_scope(|scope| {
+                    for (rank, slot) in rest.iter_mut().zip(results.iter_mut()) {
+                        let program = rank.program(decode, index);
+                        scope.spawn(move |_| *slot = program.run(&s.ids, &s.positions, &s.seqs));
                     }
-                    first
-                })
+                    own = first.program(decode, index).run(&s.ids, &s.positions, &s.seqs);
+                });
+                std::iter::once(own).chain(results).find(Result::is_err).unwrap_or(Ok(()))
             }
+            _ => Err(NeuronError::Invalid {
+                op: Operation::Execute,
+                model: String::new(),
+                core: self.cores.first().copied(),
+                detail: "a tensor-parallel group without its rank threads, or without ranks".into(),
+            }),
         };
         DecoderTimings::add(&self.timings.execute_ns, started.elapsed());
         if let Some(c) = cpu_started {
