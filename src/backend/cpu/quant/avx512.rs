@@ -92,6 +92,8 @@ unsafe fn load_w2<const F: u8>(a: *const u8, b: *const u8) -> __m512i {
 /// for one activation row: per block and register one `vpdpbusd`, one conversion, one scale
 /// product and one FMA for two outputs. Each output's lanes see exactly the operations of the
 /// 256-bit tile (and the reference), in the same order.
+// `c` indexes the accumulators and the activation rows alike: a range reads clearer than iterators.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn wide<const F: u8, const P: usize, const C: usize>(
     w: &QData,
