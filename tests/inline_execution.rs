@@ -122,7 +122,7 @@ async fn a_tiny_model_runs_inline_after_its_first_batch_with_the_same_results_an
 
 #[tokio::test]
 async fn instances_that_do_not_allow_it_and_slow_models_stay_on_their_thread() {
-    for (inline, spin) in [(false, Duration::ZERO), (true, Duration::from_micros(300))] {
+    for (inline, spin) in [(false, Duration::ZERO), (true, Duration::from_millis(3))] {
         let s = start(1, inline, spin);
         for i in 0..6 {
             assert_eq!(infer(&s.batcher, i as f32).await.expect("served"), expected(i as f32));

@@ -37,7 +37,10 @@ pub(crate) struct InstanceHandle {
 
 /// Batches whose recent cost (copy, execute, split) averages below this may run on the actor's
 /// thread when the instance is idle and allows it: two thread hand-offs cost more than the model.
-pub(crate) const INLINE_MAX: Duration = Duration::from_micros(20);
+/// Unoptimised (debug) builds run everything, hand-offs included, about ten times slower, so the
+/// bound scales with them (what counts as tiny is the same model either way).
+pub(crate) const INLINE_MAX: Duration =
+    if cfg!(debug_assertions) { Duration::from_micros(400) } else { Duration::from_micros(20) };
 
 /// What running a batch leaves: whether the instance is still usable, and the replies to send
 /// once the actor knows it is done.
