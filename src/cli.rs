@@ -128,10 +128,12 @@ pub struct ServeArgs {
     /// it while the worker holds the session. Ignored with a local store.
     #[arg(long, env = "NEURON_WORKER_SESSION_LEASE_TTL", default_value_t = 10.0, value_parser = positive_seconds)]
     pub session_lease_ttl: f64,
-    /// Seconds a turn for a session another live worker holds waits for it to be handed over,
-    /// before it is answered UNAVAILABLE naming the holder (shared store only).
-    #[arg(long, env = "NEURON_WORKER_SESSION_HANDOFF_WAIT", default_value_t = 5.0, value_parser = positive_seconds)]
-    pub session_handoff_wait: f64,
+    /// Seconds a turn for a session another worker holds waits for it to be handed over (or for
+    /// a dead holder's lease to expire), before it is answered UNAVAILABLE naming the holder
+    /// (shared store only). Default: the lease TTL plus 2 s, so that a dead holder's sessions are
+    /// taken over without the client retrying.
+    #[arg(long, env = "NEURON_WORKER_SESSION_HANDOFF_WAIT", value_parser = positive_seconds)]
+    pub session_handoff_wait: Option<f64>,
 }
 
 /// A positive number of seconds (fractions allowed), at most a day.

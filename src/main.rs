@@ -61,7 +61,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
                 let cfg = neuron_worker::sessions::lease::LeaseConfig {
                     worker: args.worker_id.clone().unwrap_or_else(server::worker_id::default_worker_id),
                     ttl: Duration::from_secs_f64(args.session_lease_ttl),
-                    handoff_wait: Duration::from_secs_f64(args.session_handoff_wait),
+                    handoff_wait: Duration::from_secs_f64(
+                        args.session_handoff_wait.unwrap_or(args.session_lease_ttl + 2.0),
+                    ),
                 };
                 tracing::info!(ttl_s = args.session_lease_ttl, worker = %cfg.worker, "session leases on the shared store");
                 store.enable_leases(cfg).map_err(|e| format!("--session-store: {e}"))?;
