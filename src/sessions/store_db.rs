@@ -57,6 +57,13 @@ enum Failure {
 fn classify(e: redb::Error) -> Failure {
     match e {
         redb::Error::Corrupted(m) => Failure::Damaged(format!("the database is corrupted: {m}")),
+        // Only this code writes the file, always with the same table and types: a table whose
+        // recorded types differ was damaged on disk (a flipped byte in its definition).
+        e @ (redb::Error::TableTypeMismatch { .. }
+        | redb::Error::TableIsMultimap(_)
+        | redb::Error::TypeDefinitionChanged { .. }) => {
+            Failure::Damaged(format!("the table's recorded definition is damaged: {e}"))
+        }
         redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
             Failure::Damaged(format!("the file is not a valid session database: {io}"))
         }
