@@ -7,6 +7,7 @@
 //! - [`program`]: one loaded program and its tensor sets.
 //! - [`instance`]: the [`DecoderInstance`](crate::backend::generative::DecoderInstance) of one core.
 //! - [`load`]: a version folder to one instance per core.
+//! - [`timings`]: time inside and between executions.
 //! - [`cpu_clock`]: the thread CPU time behind the host-overhead figures.
 
 pub mod buckets;
@@ -15,6 +16,7 @@ pub mod instance;
 pub mod load;
 pub mod manifest;
 pub mod program;
+pub mod timings;
 
 pub use instance::{DecoderTimings, NeuronDecoderInstance};
 pub use manifest::{DecoderManifest, MANIFEST_FILE};
