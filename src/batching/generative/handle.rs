@@ -487,9 +487,15 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
     let mut open = true;
     let check_every = idle_check_every(&engine);
     let mut last_check = std::time::Instant::now();
+    // Whether the last step ran a forward: the next one then flushes the outbox itself, right
+    // before its execution (`Engine::run`).
+    let mut forwarded = false;
     loop {
-        // What the last step (or command) sent leaves now, before the next execution or a wait.
-        super::outbox::flush();
+        // What the last step (or command) sent leaves now when no execution is about to: before a
+        // wait, or after a step that ran nothing.
+        if !forwarded || engine.is_idle() {
+            super::outbox::flush();
+        }
         if let Some(every) = check_every
             && last_check.elapsed() >= every
         {
@@ -526,6 +532,7 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
             }
         }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
+        forwarded = matches!(result, Ok(Ok(report)) if report.tokens > 0);
         ctx.admission.dequeued(engine.take_left_queue());
         let (waiting, running) = engine.load();
         ctx.load.store(waiting + running, Release);
