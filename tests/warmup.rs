@@ -1,6 +1,6 @@
 //! `model_warmup` on both backends, through the worker binary: the samples run before the model is
-//! ready (on Neuron each batch bucket's NEFF once per core, counted by the stand-in libnrt itself,
-//! not by the worker), a reload is warmed before it replaces the serving version, and a sample that
+//! ready (on Neuron each batch bucket's NEFF, or each (batch, sequence) bucket pair's, once per
+//! core, counted by the stand-in libnrt itself, not by the worker), a reload is warmed before it replaces the serving version, and a sample that
 //! fails refuses the load naming the sample.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
@@ -188,3 +188,29 @@ async fn a_failing_warmup_refuses_the_load_naming_the_sample(backend: Backend) {
 
 both_backends!(warmup_before_ready, warmup_runs_before_ready);
 both_backends!(failing_warmup, a_failing_warmup_refuses_the_load_naming_the_sample);
+
+/// With `neuron_seq_buckets`, the sample runs once on each (batch, sequence) bucket pair's NEFF on
+/// each core before the model is ready, as the stand-in counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn neuron_warmup_runs_every_batch_and_sequence_bucket_pair() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let log = dir.path().join("executions.log");
+    let root = dir.path().join("repo");
+    // Batch buckets 1, 4 and sequence buckets 8, 16: NEFFs of 8, 16, 32 and 64 positions (the
+    // stand-in names each program after its positions: linear_b{batch x seq}).
+    neuron_worker::neff::testing::write_standin_seq_model(&root, "tokens", &[1, 4], &[8, 16]).expect("NEFFs");
+    let config = root.join("tokens").join("config.pbtxt");
+    let mut text = std::fs::read_to_string(&config).expect("config");
+    text.push_str(
+        r#"model_warmup [ { name: "tokens_zero" batch_size: 1 inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 3, 64 ] zero_data: true } } } ]"#,
+    );
+    std::fs::write(&config, text).expect("config");
+    let (w, mut c) = start(Backend::Neuron, &root, &[("NRT_STANDIN_EXEC_LOG", log.as_os_str())]).await;
+    assert!(ready(&mut c, "tokens").await, "{:?}", reason(&mut c, "tokens").await);
+    let mut want: Vec<String> =
+        [8, 16, 32, 64].iter().flat_map(|p| (0..2).map(move |core| format!("linear_b{p} core {core}"))).collect();
+    want.sort();
+    assert_eq!(exec_log(&log), want);
+    let page = http_get(&w.metrics, "/metrics").await;
+    assert_eq!(metric(&page, "inference_exec_count", "tokens"), Some(0), "{page}");
+}
