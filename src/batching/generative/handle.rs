@@ -107,7 +107,8 @@ impl GenerativeModel {
         let affinity = Affinity::default();
         let durable = store.map(|store| Durable { store, model: model.clone(), version: setup.version });
         // Streams are consumed on the server's runtime: updates reach them through an outbox.
-        let runtime = tokio::runtime::Handle::try_current().ok();
+        // One delivery task for all of the model's instances (see `outbox::Delivery`).
+        let delivery = tokio::runtime::Handle::try_current().ok().map(|rt| super::outbox::Delivery::start(&rt));
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
@@ -140,7 +141,7 @@ impl GenerativeModel {
                 });
                 super::session_lease::Fleet::new(leases, model.clone(), setup.version, back)
             });
-            let runtime = runtime.clone();
+            let delivery = delivery.clone();
             // The thread says when its engine exists (its K/V pool counted in the gauges), so a
             // scheduler reading /capacity right after the load sees the whole pool.
             let (built_tx, built_rx) = mpsc::sync_channel::<()>(1);
@@ -153,8 +154,8 @@ impl GenerativeModel {
                         .with_durable(sessions.2)
                         .with_fleet(fleet);
                     let _ = built_tx.send(());
-                    if let Some(runtime) = runtime {
-                        super::outbox::install(&runtime);
+                    if let Some(delivery) = delivery {
+                        super::outbox::install(delivery);
                     }
                     step_loop(engine, ctx);
                     super::outbox::flush();
