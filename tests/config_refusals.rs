@@ -160,3 +160,72 @@ async fn warmup_runs_before_ready_on_the_cpu() {
     assert!(page.contains("neuron_worker_warmup_executions{model=\"warm\",version=\"1\"} 3"), "{page}");
     assert!(page.contains("neuron_worker_inference_exec_count{model=\"warm\",version=\"1\"} 0"), "{page}");
 }
+
+/// Every refused field, given over the repository API: a reload of a serving model fails naming
+/// the field and the serving version (and its configuration) stays; a first load fails and the
+/// model stays unloaded.
+#[tokio::test]
+async fn refused_fields_over_the_repository_api_keep_the_serving_version_or_stay_unloaded() {
+    let repo = tempfile::tempdir().expect("tmp");
+    bert_model(repo.path(), "bert", "TYPE_INT64", "TYPE_FP32", "");
+    let w = start_with(Some(repo.path().to_path_buf()), ModelControlMode::Explicit, options()).await;
+    let mut c = w.client().await;
+    let good = std::fs::read_to_string(repo.path().join("bert/config.pbtxt")).expect("read");
+    let on_input = |with: &str| good.replacen("dims: [ -1 ] }", &format!("dims: [ -1 ] {with} }}"), 1);
+    let extra = |with: &str| format!("{good}\n{with}");
+    let cases: Vec<(String, &str)> = vec![
+        (on_input("reshape: { shape: [ -1 ] }"), "input[0].reshape"),
+        (on_input("allow_ragged_batch: true"), "input[0].allow_ragged_batch"),
+        (
+            extra(r#"batch_input [ { kind: BATCH_ELEMENT_COUNT target_name: "n" data_type: TYPE_INT32 } ]"#),
+            "batch_input",
+        ),
+        (
+            extra(
+                r#"model_warmup [ { name: "w" batch_size: 1 inputs [ { key: "input_ids" value: { data_type: TYPE_INT64 dims: [ 4 ] input_data_file: "x" } }, { key: "attention_mask" value: { data_type: TYPE_INT64 dims: [ 4 ] zero_data: true } } ] } ]"#,
+            ),
+            "input_data_file",
+        ),
+        (extra(r#"backend: "python""#), "`backend`"),
+        (extra(r#"platform: "onnxruntime_onnx""#), "`platform`"),
+        (extra("model_transaction_policy { decoupled: true }"), "decoupled"),
+        (extra("optimization { cuda { graphs: true } }"), "optimization.cuda"),
+        (extra("instance_group [ { kind: KIND_GPU } ]"), "instance_group[0].kind"),
+        (extra(r#"default_model_filename: "model.onnx""#), "default_model_filename"),
+        (
+            extra(r#"parameters { key: "neuron_batch_bucket" value: { string_value: "1,4" } }"#),
+            "parameters.neuron_batch_bucket",
+        ),
+    ];
+    for (i, (text, field)) in cases.iter().enumerate() {
+        // A reload of the serving model.
+        std::fs::write(repo.path().join("bert/config.pbtxt"), text).expect("write");
+        let load = RepositoryModelLoadRequest { model_name: "bert".into(), ..Default::default() };
+        let e = c.repository_model_load(load).await.expect_err(field);
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+        let ready = c.model_ready(ModelReadyRequest { name: "bert".into(), version: String::new() }).await;
+        assert!(ready.expect("ready rpc").into_inner().ready, "{field}: the serving version stays");
+        let cfg = c.model_config(ModelConfigRequest { name: "bert".into(), version: String::new() }).await;
+        let cfg = cfg.expect("config rpc").into_inner().config.expect("config");
+        assert!(cfg.input[0].reshape.is_none() && cfg.batch_input.is_empty() && cfg.optimization.is_none());
+        assert!(cfg.backend.is_empty() && cfg.platform != "onnxruntime_onnx" && cfg.parameters.is_empty());
+        // A first load of a new model.
+        let name = format!("fresh{i}");
+        bert_folder(&repo.path().join(&name).join("1"));
+        std::fs::write(
+            repo.path().join(&name).join("config.pbtxt"),
+            text.replacen("\"bert\"", &format!("\"{name}\""), 1),
+        )
+        .expect("write");
+        let load = RepositoryModelLoadRequest { model_name: name.clone(), ..Default::default() };
+        let e = c.repository_model_load(load).await.expect_err(field);
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+        let ready = c.model_ready(ModelReadyRequest { name: name.clone(), version: String::new() }).await;
+        assert!(!ready.is_ok_and(|r| r.into_inner().ready), "{field}: {name} stays unloaded");
+        let idx = index(&w).await;
+        assert_eq!(entry(&idx, &name).0, "UNAVAILABLE", "{field}");
+    }
+    std::fs::write(repo.path().join("bert/config.pbtxt"), &good).expect("write");
+    let load = RepositoryModelLoadRequest { model_name: "bert".into(), ..Default::default() };
+    c.repository_model_load(load).await.expect("the good config loads again");
+}

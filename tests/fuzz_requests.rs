@@ -1,5 +1,6 @@
 //! Property (fuzz) tests on stable Rust for what a client sends and what a checkpoint holds: gRPC
-//! `ModelInferRequest`s decoded and validated against a model's spec (arbitrary input names,
+//! `ModelInferRequest`s (arbitrary and damaged protobuf bytes, and arbitrary messages) decoded and
+//! validated against a model's spec (arbitrary input names,
 //! datatypes, shapes — negative, huge, overflowing —, raw contents of any length, typed contents,
 //! parameters and requested outputs), and safetensors files loaded as BERT weights (arbitrary
 //! header JSON, damaged valid headers, offsets out of range). Each must answer `Ok` or a clean
@@ -22,6 +23,7 @@ use neuron_worker::proto::inference::{
     InferParameter, InferTensorContents, ModelInferRequest, infer_parameter::ParameterChoice,
 };
 use proptest::prelude::*;
+use prost::Message;
 
 /// Specs the decoder is checked against: fixed-size FP32 rows, variable-length INT64 sequences
 /// (BERT-like), a BYTES input, a non-batching model and the stateful `accumulate`.
@@ -261,6 +263,35 @@ proptest! {
             }
         }
         decode_everywhere(&req)?;
+    }
+
+    #[test]
+    fn arbitrary_wire_bytes_decode_or_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        // What the gRPC layer hands over: protobuf bytes, decoded, then validated.
+        if let Ok(req) = ModelInferRequest::decode(bytes.as_slice()) {
+            decode_everywhere(&req)?;
+        }
+    }
+
+    #[test]
+    fn damaged_wire_bytes_decode_or_are_refused(
+        rows in 1usize..4,
+        at in any::<usize>(),
+        value in any::<u8>(),
+        cut in proptest::option::of(any::<usize>()),
+        inserted in proptest::collection::vec(any::<u8>(), 0..6),
+    ) {
+        let mut bytes = valid_dense(rows).encode_to_vec();
+        let i = at % bytes.len();
+        bytes[i] = value;
+        let j = at.rotate_left(17) % (bytes.len() + 1);
+        bytes.splice(j..j, inserted);
+        if let Some(c) = cut {
+            bytes.truncate(c % (bytes.len() + 1));
+        }
+        if let Ok(req) = ModelInferRequest::decode(bytes.as_slice()) {
+            decode_everywhere(&req)?;
+        }
     }
 
     #[test]

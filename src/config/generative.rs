@@ -163,7 +163,7 @@ impl GenerativeSpec {
                     s.store_after_idle = (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs));
                 }
                 "kv_cache_memory" => s.kv_cache_memory = parse_memory(v).map_err(|r| err(key, r))?,
-                _ => {}
+                _ => super::unserved::check_parameters(config, file, true)?,
             }
         }
         Ok(s)

@@ -7,6 +7,7 @@ mod pbtxt;
 pub mod sequence;
 mod spec;
 pub mod unserved;
+mod unserved_more;
 
 pub use pbtxt::parse_model_config;
 pub use sequence::{ControlKind, ControlSpec, SequenceSpec, StateSpec, Strategy};

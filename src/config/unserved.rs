@@ -1,14 +1,20 @@
 //! Fields of Triton's `ModelConfig` this worker does not act on are refused at load, naming the
 //! field and what to do, instead of being parsed and silently ignored: `reshape`,
 //! `allow_ragged_batch`, `is_shape_tensor`, `batch_input` / `batch_output`, `backend` and `platform`
-//! values of other servers' backends, `response_cache`, `model_operations` and repository agents.
-//! `model_warmup` is served (see `repository::warmup`); its samples are checked here.
+//! values of other servers' backends, `response_cache`, `model_operations`, repository agents, GPU
+//! settings (`optimization` beyond pinned memory, GPU instance groups, rate limiters, passive
+//! instances), `runtime`, `default_model_filename`, `cc_model_filenames`, `metric_tags`,
+//! `model_metrics`, `label_filename`, non-linear formats, `iterative_sequence` and `parameters`
+//! keys the worker does not read. `model_warmup` is served (see `repository::warmup`); its samples
+//! are checked here.
 
 use super::ConfigError;
 use crate::proto::inference::ModelConfig;
 use crate::proto::inference::model_config::SchedulingChoice;
 use crate::proto::inference::model_warmup::input::InputDataType;
 use crate::tensor::DataType;
+
+pub use super::unserved_more::{GENERATIVE_PARAMETERS, MODEL_PARAMETERS, check_parameters};
 
 /// `backend` values the worker serves: `cpu` and `neuron` (the worker picks by the files and
 /// `--backend` when it is left out), `builtin` (the built-in models) and `vllm` (Triton's vLLM
@@ -92,6 +98,7 @@ pub fn check_served(config: &ModelConfig, file: &str) -> Result<(), ConfigError>
     if config.model_repository_agents.as_ref().is_some_and(|a| !a.agents.is_empty()) {
         return Err(err("model_repository_agents".into(), "repository agents are not supported"));
     }
+    super::unserved_more::check_more(config, file)?;
     check_warmup(config, file)
 }
 

@@ -219,6 +219,7 @@ impl Repository {
             let mut versions = BTreeMap::new();
             let file = format!("model '{name}' config");
             crate::config::unserved::check_not_decoupled(&source.config, &file)?;
+            crate::config::unserved::check_parameters(&source.config, &file, false)?;
             let seq = crate::config::SequenceSpec::from_config(&source.config, &file, dir.as_deref())?.map(Arc::new);
             for (version, vdir) in source.versions {
                 if let Some(seq) = &seq {

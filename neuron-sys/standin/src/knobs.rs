@@ -52,6 +52,9 @@ pub struct Knobs {
     /// One execution at a time per core (as on hardware): an execution waits for the one
     /// running on its core, device time included.
     pub serial_cores: bool,
+    /// File every completed execution appends a line `<model name> core <core>` to, so a test in
+    /// another process can count executions per program independently of the worker.
+    pub exec_log: Option<std::path::PathBuf>,
 }
 
 impl Default for Knobs {
@@ -72,6 +75,7 @@ impl Default for Knobs {
             deny_write_prefix: None,
             device_memory_bytes: DEFAULT_DEVICE_MEMORY_BYTES,
             serial_cores: false,
+            exec_log: None,
         }
     }
 }
@@ -117,6 +121,7 @@ impl Knobs {
             deny_write_prefix: lookup("NRT_STANDIN_DENY_WRITE_PREFIX").filter(|p| !p.is_empty()),
             device_memory_bytes: number("NRT_STANDIN_DEVICE_MEMORY_BYTES").unwrap_or(DEFAULT_DEVICE_MEMORY_BYTES),
             serial_cores: flag("NRT_STANDIN_SERIAL_CORES"),
+            exec_log: lookup("NRT_STANDIN_EXEC_LOG").filter(|p| !p.is_empty()).map(std::path::PathBuf::from),
         }
     }
 

@@ -52,6 +52,8 @@
 //!   hardware); by default executions on one core overlap.
 //! - `NRT_STANDIN_HANG_EXEC=1`: executions sleep `NEURON_RT_EXEC_TIMEOUT` seconds (default
 //!   3600, or until `nrt_close`) and return `NRT_TIMEOUT`.
+//! - `NRT_STANDIN_EXEC_LOG`: a file each completed execution appends `<model name> core <core>`
+//!   to (one line, one write), so tests count executions per program (per NEFF) from outside.
 //!
 //! Rust tests can bypass the environment: [`runtime::Runtime`] instances take a
 //! [`knobs::Knobs`] directly, and [`runtime::global`]`().set_knobs(..)` changes the process's.

@@ -83,6 +83,18 @@ pub(crate) fn log(message: &str) {
     eprintln!("nrt-standin: {message}");
 }
 
+/// Appends `<name> core <core>` to the execution log (one `write` of an `O_APPEND` file, so lines
+/// from concurrent executions do not interleave); a failure is reported on stderr.
+fn append_exec_log(path: &std::path::Path, name: &str, core: u32) {
+    use std::io::Write;
+    let line = format!("{name} core {core}\n");
+    let written =
+        std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        log(&format!("cannot append to NRT_STANDIN_EXEC_LOG {}: {e}", path.display()));
+    }
+}
+
 impl Runtime {
     fn ready(&self) -> Result<MutexGuard<'_, State>, NrtStatus> {
         let state = lock(&self.state);
@@ -434,6 +446,9 @@ impl Runtime {
                 None => {}
             }
             run_program(&model, &in_tensors, &out_tensors)?;
+            if let Some(path) = &knobs.exec_log {
+                append_exec_log(path, &model.name, model.core);
+            }
             let remaining = delay.saturating_sub(started.elapsed());
             if !remaining.is_zero() {
                 std::thread::sleep(remaining);
