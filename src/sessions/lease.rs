@@ -101,6 +101,16 @@ pub enum LeaseError {
         /// What happened.
         reason: String,
     },
+    /// The worker's exit deadline came before the store took the turn's tokens.
+    #[error(
+        "this turn of session {session} is not acknowledged: the worker is exiting and the session store did not confirm its tokens before the exit deadline ({reason}); the store may still apply the write it was sent, so the session continues on another worker from this turn or from the one before"
+    )]
+    Exiting {
+        /// The session.
+        session: String,
+        /// The store's last error.
+        reason: String,
+    },
     /// The store cannot be reached.
     #[error(
         "the session store is unreachable ({reason}); new sessions and sessions held elsewhere cannot be served until it is back"
@@ -177,6 +187,7 @@ pub struct Leases {
     /// When the store last answered a lease operation, and since when it has not (outage).
     contact: Mutex<(Option<Instant>, Option<Instant>)>,
     pub(super) behind: super::lease_behind::KvBehind,
+    pub(super) through: super::lease_through::Through,
 }
 
 impl std::fmt::Debug for Leases {
@@ -194,14 +205,18 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Leases {
-    /// Connects (four connections: leases and writes through, renewals, the hand-off subscriber,
-    /// the K/V written behind) and starts the renewal and subscriber threads.
+    /// Connects (five connections: leases, writes through, renewals, the hand-off subscriber, the
+    /// K/V written behind) and starts the renewal, subscriber and writer threads.
     pub fn start(url: &str, cfg: LeaseConfig) -> Result<Arc<Leases>, StoreError> {
         // Each operation waits at most an eighth of the TTL (one reconnect-and-retry doubles it), so
         // a write through is retried a few times before the lease would expire.
         let timeout = (cfg.ttl / 8).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let conn = RedisStore::open_with_timeout(url, timeout)?;
         let behind = super::lease_behind::KvBehind::new(RedisStore::open_with_timeout(url, timeout)?);
+        // Writes through wait at most 250 ms per attempt (a record is a few kilobytes) and are
+        // retried, so they notice an exit deadline in time.
+        let through_timeout = timeout.min(Duration::from_millis(250));
+        let through = super::lease_through::Through::new(RedisStore::open_with_timeout(url, through_timeout)?);
         let sub = RedisStore::open_with_timeout(url, timeout)?;
         let renewer = RedisStore::open_with_timeout(url, timeout)?;
         let leases = Arc::new(Leases {
@@ -212,6 +227,7 @@ impl Leases {
             stats: LeaseStats::default(),
             contact: Mutex::new((Some(Instant::now()), None)),
             behind,
+            through,
         });
         let weak = Arc::downgrade(&leases);
         std::thread::Builder::new()
@@ -229,6 +245,11 @@ impl Leases {
             .name("session-kv-behind".into())
             .spawn(move || super::lease_behind::write_loop(weak))
             .map_err(|e| io("start the K/V writer thread", e.to_string()))?;
+        let weak = Arc::downgrade(&leases);
+        std::thread::Builder::new()
+            .name("session-write-through".into())
+            .spawn(move || super::lease_through::write_loop(weak))
+            .map_err(|e| io("start the write-through thread", e.to_string()))?;
         Ok(leases)
     }
 
@@ -267,7 +288,18 @@ impl Leases {
         keys: &[String],
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
-        let r = self.conn.run(operation, |c| {
+        self.eval_on(&self.conn, operation, script, keys, args)
+    }
+
+    fn eval_on<T: redis::FromRedisValue>(
+        &self,
+        conn: &RedisStore,
+        operation: &'static str,
+        script: &str,
+        keys: &[String],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        let r = conn.run(operation, |c| {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(script).arg(keys.len()).arg(keys);
             for a in args {
@@ -354,10 +386,23 @@ impl Leases {
     /// Writes `value` under `target_prefix` + `key` if this worker's lease (token) still holds,
     /// renewing it. `Ok(false)`: the fence refused the write (the lease is lost; forgotten here).
     pub fn write_fenced(&self, key: &str, token: u64, target_prefix: &str, value: &[u8]) -> Result<bool, StoreError> {
+        self.write_fenced_on(&self.conn, key, token, target_prefix, value)
+    }
+
+    /// As [`Leases::write_fenced`], on connection `conn`.
+    pub(super) fn write_fenced_on(
+        &self,
+        conn: &RedisStore,
+        key: &str,
+        token: u64,
+        target_prefix: &str,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
         let sent = Instant::now();
         let ttl = millis(self.cfg.ttl).to_string();
         let keys = [format!("{LEASE}{key}"), format!("{target_prefix}{key}")];
-        let ok: i64 = self.eval(
+        let ok: i64 = self.eval_on(
+            conn,
             "write a session through its lease",
             WRITE,
             &keys,

@@ -6,6 +6,7 @@
 pub mod blob;
 pub mod lease;
 mod lease_behind;
+pub mod lease_through;
 pub mod store;
 #[cfg(test)]
 mod store_damage_tests;

@@ -17,6 +17,7 @@ pub mod sequence;
 pub mod session;
 pub mod session_lease;
 pub mod session_moves;
+mod session_through;
 pub mod session_tiers;
 pub mod softmax_sum;
 pub mod stats;

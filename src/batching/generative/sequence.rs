@@ -192,10 +192,13 @@ impl Sequence {
             cumulative_logprob: self.cumulative_logprob,
             cached_tokens: self.reused,
         };
-        let _ = super::outbox::deliver(
-            &self.updates,
-            Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }),
-        );
+        let update = GenerationUpdate { text, finished: Some(finished), ..Default::default() };
+        // A turn acknowledged only once written through (fleet) holds this last response too.
+        if self.hold_final {
+            self.held_final = Some(update);
+        } else {
+            let _ = super::outbox::deliver(&self.updates, Ok(update));
+        }
         self.done = true;
     }
 }

@@ -24,7 +24,7 @@ use super::sequence::Sequence;
 use super::session::KeptSession;
 use super::session_moves::{Parts, blob_of, check_blob, load_parts};
 use super::step::Engine;
-use crate::sessions::lease::{LeaseError, Leases, RECORD};
+use crate::sessions::lease::{LeaseError, Leases};
 use crate::sessions::{SequenceId, SessionBlob};
 
 /// What comes back to a step loop from the lease threads.
@@ -36,6 +36,8 @@ pub enum FleetEvent {
     NotAcquired(GenerateRequest, GenerationError),
     /// Another worker asks for this session.
     Handoff(SequenceId),
+    /// A turn's write through ended (its outcome waits in the fleet's channel).
+    Written,
 }
 
 /// Sends an event to the step loop; gives it back when the loop is gone.
@@ -43,14 +45,16 @@ pub type FleetBack = Arc<dyn Fn(FleetEvent) -> Result<(), Box<FleetEvent>> + Sen
 
 /// A step loop's leases.
 pub struct Fleet {
-    leases: Arc<Leases>,
-    back: FleetBack,
-    model: String,
-    version: i64,
+    pub(super) leases: Arc<Leases>,
+    pub(super) back: FleetBack,
+    pub(super) model: String,
+    pub(super) version: i64,
     /// Sessions whose lease a waiter thread is getting, and the turns queued behind the first.
     acquiring: HashMap<SequenceId, Vec<GenerateRequest>>,
     /// Sessions asked for by another worker while a turn ran.
-    asked: HashSet<SequenceId>,
+    pub(super) asked: HashSet<SequenceId>,
+    /// Turns whose tokens are being written through (their sessions stay busy).
+    pub(super) writing: super::session_through::Writing,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -62,10 +66,11 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Leases for model `model` version `version`, events going back through `back`.
     pub fn new(leases: Arc<Leases>, model: String, version: i64, back: FleetBack) -> Fleet {
-        Fleet { leases, back, model, version, acquiring: HashMap::new(), asked: HashSet::new() }
+        let writing = super::session_through::Writing::default();
+        Fleet { leases, back, model, version, acquiring: HashMap::new(), asked: HashSet::new(), writing }
     }
 
-    fn key(&self, id: &SequenceId) -> String {
+    pub(super) fn key(&self, id: &SequenceId) -> String {
         crate::sessions::store::key(&self.model, self.version, id)
     }
 
@@ -77,7 +82,7 @@ impl Fleet {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> GenerationError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> GenerationError {
     GenerationError::Unavailable { reason: e.to_string() }
 }
 
@@ -220,7 +225,7 @@ impl Engine {
     }
 
     /// Drops session `id` here without writing it (its lease is lost): its queued turns get `error`.
-    fn drop_local(&mut self, id: &SequenceId, key: &str, error: &GenerationError) {
+    pub(super) fn drop_local(&mut self, id: &SequenceId, key: &str, error: &GenerationError) {
         if let Some(f) = self.fleet.as_mut() {
             f.asked.remove(id);
             f.leases.cancel_behind(key);
@@ -262,12 +267,13 @@ impl Engine {
                 }
                 None => {}
             },
+            FleetEvent::Written => self.turns_written(),
         }
         self.publish_gauges();
     }
 
     /// Hands idle session `id` to the worker that asked: K/V written, lease released, dropped here.
-    fn hand_over(&mut self, id: &SequenceId) {
+    pub(super) fn hand_over(&mut self, id: &SequenceId) {
         let Some(f) = self.fleet.as_mut() else { return };
         f.asked.remove(id);
         let key = f.key(id);
@@ -284,64 +290,31 @@ impl Engine {
         }
     }
 
-    /// A session turn leaves the engine (fleet mode): `keep`, its tokens are written through and,
-    /// once written, its last response is sent; otherwise the session is left as it was. Returns
-    /// the session's next queued turn.
-    pub(super) fn fleet_retire(&mut self, seq: &mut Sequence, keep: bool) -> Option<GenerateRequest> {
+    /// A session turn leaves the engine (fleet mode): `keep`, its tokens are written through (off
+    /// the step loop) and, once written, its last response is sent; otherwise the session is left
+    /// as it was. Returns the session's next queued turn (none while the write is under way).
+    pub(super) fn fleet_retire(&mut self, mut seq: Sequence, keep: bool) -> Option<GenerateRequest> {
         let turn = seq.session.clone()?;
         let f = self.fleet.as_ref()?;
         let (key, leases, model) = (f.key(&turn.id), f.leases.clone(), (f.model.clone(), f.version));
         if !keep {
-            let next = self.sessions.abort(seq);
-            send_held(seq, None);
+            let next = self.sessions.abort(&mut seq);
+            send_held(&mut seq, None);
             return next;
         }
         if turn.end {
-            let next = self.sessions.finish(seq);
+            let next = self.sessions.finish(&mut seq);
             leases.cancel_behind(&key);
             leases.end(&key);
-            send_held(seq, None);
+            send_held(&mut seq, None);
             return next;
         }
         let turns = self.sessions.get(&turn.id).map_or(0, |s| s.turns) + 1;
         let block_size = self.pool.block_size();
         let record = KeptSession { tokens: seq.tokens.clone(), turns, ..KeptSession::default() };
-        let blob = blob_of(self.decoder.as_mut(), block_size, turn.id.clone(), &record, model.clone(), false);
-        match write_through(&leases, &key, &turn.id.to_string(), &blob.encode()) {
-            Ok(token) => {
-                let next = self.sessions.finish(seq);
-                send_held(seq, None);
-                if let Some(s) = self.sessions.get(&turn.id)
-                    && s.table.is_some()
-                    && (s.computed as u64).saturating_mul(self.kv_bytes_per_position)
-                        <= crate::sessions::lease::KV_BEHIND_BYTES as u64
-                {
-                    let kv = blob_of(self.decoder.as_mut(), block_size, turn.id.clone(), s, model, true);
-                    leases.write_behind(&key, token, kv.encode());
-                }
-                let asked = self.fleet.as_ref().is_some_and(|f| f.asked.contains(&turn.id));
-                if asked && next.is_none() {
-                    self.hand_over(&turn.id);
-                }
-                next
-            }
-            Err(e) => {
-                leases.stats.writes_failed.fetch_add(1, Relaxed);
-                let error = unavailable(format!("this turn is not kept: {e}"));
-                tracing::warn!(session = %turn.id, error = %e, "a turn's tokens could not be written through; the turn is refused");
-                let next = self.sessions.abort(seq);
-                send_held(seq, Some(error.clone()));
-                if matches!(e, LeaseError::Lost { .. }) {
-                    if let Some(next) = next {
-                        let _ = super::outbox::deliver(&next.updates, Err(error.clone()));
-                        self.left_queue += 1;
-                    }
-                    self.drop_local(&turn.id, &key, &error);
-                    return None;
-                }
-                next
-            }
-        }
+        let blob = blob_of(self.decoder.as_mut(), block_size, turn.id.clone(), &record, model, false);
+        self.write_turn_through(seq, key, blob.encode());
+        None
     }
 
     /// Writes the K/V of released sessions (pool pressure) to the store's K/V cache, fenced.
@@ -362,6 +335,7 @@ impl Engine {
     /// Drain or instance failure (fleet mode): every session's record is already durable; at drain
     /// its resident K/V are written too; every lease is released.
     pub(super) fn fleet_save(&mut self, with_kv: bool) {
+        self.settle_writes();
         let Some(f) = &self.fleet else { return };
         let (leases, model) = (f.leases.clone(), (f.model.clone(), f.version));
         let block_size = self.pool.block_size();
@@ -407,12 +381,12 @@ impl Engine {
         let Some(s) = self.sessions.get(id) else { return Ok(()) };
         let record = KeptSession { tokens: s.tokens.clone(), turns: s.turns, ..KeptSession::default() };
         let blob = blob_of(self.decoder.as_mut(), block_size, id.clone(), &record, model, false);
-        write_through(&leases, &key, &id.to_string(), &blob.encode()).map(|_| ()).map_err(|e| e.to_string())
+        leases.write_through(&key, &id.to_string(), &blob.encode()).map(|_| ()).map_err(|e| e.to_string())
     }
 }
 
 /// Sends a sequence's held last response (or `error` in its place).
-fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
+pub(super) fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
     let held = seq.held_final.take();
     match error {
         Some(e) if held.is_some() => {
@@ -422,43 +396,6 @@ fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
         None => {
             if let Some(update) = held {
                 let _ = super::outbox::deliver(&seq.updates, Ok(update));
-            }
-        }
-    }
-}
-
-/// Writes a session record through its lease, retrying while the lease is valid. Returns the
-/// lease token.
-fn write_through(leases: &Leases, key: &str, shown: &str, value: &[u8]) -> Result<u64, LeaseError> {
-    let started = Instant::now();
-    loop {
-        let token = leases.check(key, shown)?;
-        match leases.write_fenced(key, token, RECORD, value) {
-            Ok(true) => {
-                leases.stats.writes_ok.fetch_add(1, Relaxed);
-                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                leases.stats.write_nanos.fetch_add(took, Relaxed);
-                return Ok(token);
-            }
-            Ok(false) => {
-                return Err(LeaseError::Lost {
-                    session: shown.to_string(),
-                    reason: "another worker took its lease over (the fencing token no longer matches)".into(),
-                });
-            }
-            Err(e) => {
-                leases.stats.write_retries.fetch_add(1, Relaxed);
-                if leases.valid_until(key).is_none_or(|t| t <= Instant::now()) {
-                    leases.forget(key);
-                    leases.stats.lost.fetch_add(1, Relaxed);
-                    return Err(LeaseError::Lost {
-                        session: shown.to_string(),
-                        reason: format!(
-                            "the session store did not take the turn's tokens before the lease expired: {e}"
-                        ),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
@@ -504,7 +441,7 @@ fn wait_for_lease(
                 (req, unavailable("the model is draining"))
             }
             FleetEvent::NotAcquired(req, e) => (req, e),
-            FleetEvent::Handoff(_) => return,
+            FleetEvent::Handoff(_) | FleetEvent::Written => return,
         };
         let _ = req.updates.send(Err(error));
     }
