@@ -77,7 +77,7 @@ async fn a_killed_holder_is_taken_over_after_the_lease_ttl_from_kv_or_from_token
     wait_lease(&b.metrics, "kv_written_total", 1.0, Duration::from_secs(10)).await;
     let client = redis::Client::open(redis.url.as_str()).expect("redis url");
     let mut conn = client.get_connection().expect("redis connection");
-    let deleted: i64 = redis::cmd("DEL").arg("neuron-worker:kv:gqa\u{1f}1\u{1f}u:8").query(&mut conn).expect("DEL");
+    let deleted: i64 = redis::cmd("DEL").arg("neuron-worker:kvb:gqa\u{1f}1\u{1f}u:8").query(&mut conn).expect("DEL");
     assert_eq!(deleted, 1, "the K/V of session 8 were in the store");
     b.child.kill().expect("SIGKILL");
     b.child.wait().expect("reaped");

@@ -260,3 +260,62 @@ async fn a_turn_cut_short_at_the_exit_deadline_is_answered_only_after_its_write_
     let (sa, _) = generate(&mut cb, tiny(&after, greedy)).await.expect("stateless");
     assert!(out == sb || out == sa, "session 15 continues exactly from a turn the store holds");
 }
+
+/// The K/V pieces the store holds for session `id` of `gqa`: (block index, bytes).
+fn kv_pieces(conn: &mut redis::Connection, id: u64) -> Vec<(usize, usize)> {
+    let key = format!("neuron-worker:kvb:gqa\u{1f}1\u{1f}u:{id}");
+    let fields: Vec<String> = redis::cmd("HKEYS").arg(&key).query(conn).expect("HKEYS");
+    let mut out: Vec<(usize, usize)> = fields
+        .iter()
+        .map(|f| {
+            (f.parse().expect("a block index"), redis::cmd("HSTRLEN").arg(&key).arg(f).query(conn).expect("HSTRLEN"))
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_are_written_behind_incrementally_and_a_taker_continues_from_the_assembled_pieces() {
+    let _one = SERIAL.lock().await;
+    let Some(redis) = common::redis::start() else { return };
+    let repo = gqa_repository("");
+    let (mut a, mut ca) = worker(&redis.url, repo.path(), "worker-a", "1.5").await;
+    let (b, mut cb) = worker(&redis.url, repo.path(), "worker-b", "1.5").await;
+    let client = redis::Client::open(redis.url.as_str()).expect("redis url");
+    let mut conn = client.get_connection().expect("redis connection");
+
+    // Six turns of 15 new tokens each (9 in, 6 out): the bytes written per turn stay those of the
+    // blocks holding new positions, while the K/V held grow with the history.
+    let mut history = Vec::new();
+    let (mut written, mut per_turn, mut held) = (0.0, Vec::new(), Vec::new());
+    for n in 0..6u64 {
+        turn(&mut ca, &mut history, 20, 1000 + n, n == 0).await;
+        wait_lease(&a.metrics, "kv_written_total", (n + 1) as f64, Duration::from_secs(10)).await;
+        let now = lease(&a.metrics, "kv_bytes_written_total").await;
+        per_turn.push(now - written);
+        written = now;
+        let pieces = kv_pieces(&mut conn, 20);
+        held.push(pieces.iter().map(|p| p.1).sum::<usize>() as f64);
+        // Block i of the pieces covers positions up to the history (the last token has no K/V yet).
+        assert_eq!(pieces.iter().map(|p| p.0).collect::<Vec<_>>(), (0..pieces.len()).collect::<Vec<_>>());
+    }
+    let piece = kv_pieces(&mut conn, 20)[0].1 as f64;
+    eprintln!(
+        "K/V bytes written per turn {per_turn:?}; K/V held after each turn {held:?} (a whole rewrite writes those); piece {piece} bytes; history {} tokens",
+        history.len()
+    );
+    for (n, w) in per_turn.iter().enumerate().skip(1) {
+        assert!(*w <= 2.0 * piece, "turn {n} wrote {w} K/V bytes: more than the two blocks its 15 positions touch");
+    }
+    assert!(held[5] >= 4.0 * piece, "the history spans several blocks: {held:?}");
+    assert!(per_turn[5] * 2.0 < held[5], "the last turn wrote less than half of what a whole rewrite would");
+
+    // A is killed; B takes the session over after the TTL and continues from the assembled K/V.
+    a.child.kill().expect("SIGKILL");
+    a.child.wait().expect("reaped");
+    turn(&mut cb, &mut history, 20, 1010, false).await;
+    assert_eq!(lease(&b.metrics, "restored_kv_total").await, 1.0, "B continued from the K/V pieces");
+    assert_eq!(lease(&b.metrics, "restored_tokens_total").await, 0.0);
+    turn(&mut cb, &mut history, 20, 1011, false).await;
+}

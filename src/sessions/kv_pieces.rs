@@ -44,7 +44,8 @@ fn decode(bytes: &[u8]) -> Option<Piece<'_>> {
     }
     let (block_size, n) = (word(4)?, word(8)?);
     let tokens_end = 12usize.checked_add(n.checked_mul(4)?)?;
-    let tokens = bytes.get(12..tokens_end)?.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let tokens =
+        bytes.get(12..tokens_end)?.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let digest = bytes.get(tokens_end..tokens_end + 32)?;
     let kv = bytes.get(tokens_end + 32..)?;
     Some(Piece { block_size, tokens, digest, kv })
@@ -71,7 +72,7 @@ pub fn assemble(
     }
     let (mut computed, mut kv) = (0usize, Vec::new());
     for (i, bytes) in by_block.iter().enumerate() {
-        let Some(p) = bytes.and_then(|b| decode(b)) else { break };
+        let Some(p) = bytes.and_then(decode) else { break };
         let start = i * block_size;
         let fits = p.block_size == block_size
             && p.digest == digest

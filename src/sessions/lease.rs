@@ -8,7 +8,10 @@
 //! - `neuron-worker:fence:k`, a counter `INCR`ed at every acquisition: the lease's *fencing token*;
 //! - `neuron-worker:session:k`, the durable record (the session blob with its token history),
 //!   written through at every turn;
-//! - `neuron-worker:kv:k`, the K/V cache of the session (the blob with its K/V), written behind.
+//! - `neuron-worker:kvb:k`, the K/V cache of the session: a hash of K/V pieces, one per K/V block
+//!   (field = block index, see [`super::kv_pieces`]), written behind incrementally;
+//! - `neuron-worker:kv:k`, the K/V cache as one whole blob, written by earlier versions: still
+//!   read (when it covers more than the pieces) and deleted with the session.
 //!
 //! Every write of a session's keys is a Lua script that first checks that the lease still holds
 //! this worker's id and token, so a holder whose lease expired (paused, partitioned, or slow) and
@@ -36,6 +39,7 @@ pub(crate) const RECORD: &str = "neuron-worker:session:";
 /// The prefix of the durable records (the target of a write through).
 pub const RECORD_PREFIX: &str = RECORD;
 pub(crate) const KV: &str = "neuron-worker:kv:";
+pub(crate) const KV_BLOCKS: &str = "neuron-worker:kvb:";
 const HANDOFF: &str = "neuron-worker:handoff:";
 
 /// The default lease TTL.
@@ -72,11 +76,12 @@ return 1";
 /// Fenced end: the record, the K/V and the lease go.
 const END: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[1])
 return 1";
 
-/// A session's durable record and its K/V cache, as the store holds them (raw blobs).
-pub type StoredPair = (Option<Vec<u8>>, Option<Vec<u8>>);
+/// A session as the store holds it: the durable record, the whole K/V blob of earlier versions,
+/// and the K/V pieces (block index, piece).
+pub type StoredPair = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(usize, Vec<u8>)>);
 
 /// How a lease operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -146,8 +151,10 @@ pub struct LeaseStats {
     pub restored_kv: AtomicU64,
     /// Sessions restored from their tokens only (K/V recomputed).
     pub restored_tokens: AtomicU64,
-    /// K/V blobs written behind.
+    /// K/V writes (pieces of one session) written behind, or at hand-off and drain.
     pub kv_written: AtomicU64,
+    /// K/V bytes written (pieces).
+    pub kv_bytes: AtomicU64,
     /// K/V blobs not written (over the byte bound, or refused).
     pub kv_skipped: AtomicU64,
     /// Requests refused because the store was unreachable.
@@ -251,6 +258,11 @@ impl Leases {
             .spawn(move || super::lease_through::write_loop(weak))
             .map_err(|e| io("start the write-through thread", e.to_string()))?;
         Ok(leases)
+    }
+
+    /// The connection of the lease operations.
+    pub(super) fn conn(&self) -> &RedisStore {
+        &self.conn
     }
 
     /// The configuration.
@@ -432,16 +444,27 @@ impl Leases {
     /// Ends session `key`: its record, K/V and lease are deleted (fenced).
     pub fn end(&self, key: &str) {
         let Some(h) = lock(&self.held).remove(key) else { return };
-        let keys = [format!("{LEASE}{key}"), format!("{RECORD}{key}"), format!("{KV}{key}")];
+        let keys =
+            [format!("{LEASE}{key}"), format!("{RECORD}{key}"), format!("{KV}{key}"), format!("{KV_BLOCKS}{key}")];
         let _ = self.eval::<i64>("end a session", END, &keys, &[self.value(h.token).as_bytes()]);
     }
 
     /// The durable record and the K/V cache of `key` (read under the lease).
     pub fn read(&self, key: &str) -> Result<StoredPair, StoreError> {
         let keys = [format!("{RECORD}{key}"), format!("{KV}{key}")];
-        let r = self.conn.run("read a session", |c| redis::cmd("MGET").arg(&keys).query(c));
+        let blocks = format!("{KV_BLOCKS}{key}");
+        let r = self.conn.run("read a session", |c| {
+            redis::pipe()
+                .cmd("MGET")
+                .arg(&keys)
+                .cmd("HGETALL")
+                .arg(&blocks)
+                .query::<((Option<Vec<u8>>, Option<Vec<u8>>), Vec<(String, Vec<u8>)>)>(c)
+        });
         self.contacted(r.is_ok());
-        r
+        let ((record, whole), pieces) = r?;
+        let pieces = pieces.into_iter().filter_map(|(i, b)| i.parse().ok().map(|i| (i, b))).collect();
+        Ok((record, whole, pieces))
     }
 
     /// Asks `holder` to hand session `key` over.

@@ -15,6 +15,7 @@ pub mod request;
 pub mod sampler;
 pub mod sequence;
 pub mod session;
+mod session_kv;
 pub mod session_lease;
 pub mod session_moves;
 mod session_through;

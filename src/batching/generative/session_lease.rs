@@ -55,6 +55,8 @@ pub struct Fleet {
     pub(super) asked: HashSet<SequenceId>,
     /// Turns whose tokens are being written through (their sessions stay busy).
     pub(super) writing: super::session_through::Writing,
+    /// Per session, the tokens whose K/V were sent to the store (pieces written or queued).
+    pub(super) kv_sent: HashMap<SequenceId, Vec<u32>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -67,7 +69,8 @@ impl Fleet {
     /// Leases for model `model` version `version`, events going back through `back`.
     pub fn new(leases: Arc<Leases>, model: String, version: i64, back: FleetBack) -> Fleet {
         let writing = super::session_through::Writing::default();
-        Fleet { leases, back, model, version, acquiring: HashMap::new(), asked: HashSet::new(), writing }
+        let (acquiring, asked, kv_sent) = (HashMap::new(), HashSet::new(), HashMap::new());
+        Fleet { leases, back, model, version, acquiring, asked, writing, kv_sent }
     }
 
     pub(super) fn key(&self, id: &SequenceId) -> String {
@@ -167,7 +170,7 @@ impl Engine {
     fn load_from_store(&mut self, id: &SequenceId, key: &str) -> Result<(), GenerationError> {
         let Some(f) = &self.fleet else { return Ok(()) };
         let leases = f.leases.clone();
-        let (record, kv) = leases.read(key).map_err(unavailable)?;
+        let (record, whole, pieces) = leases.read(key).map_err(unavailable)?;
         let Some(record) = record else { return Ok(()) };
         let block_size = self.pool.block_size();
         let bad = |reason: String| GenerationError::Session {
@@ -175,14 +178,11 @@ impl Engine {
         };
         let rec = SessionBlob::decode(&record).map_err(bad)?;
         let tokens = check_blob(self.decoder.as_ref(), block_size, &rec).map_err(bad)?.tokens;
-        let kv_blob = kv.and_then(|b| SessionBlob::decode(&b).ok());
-        let cached = kv_blob.as_ref().and_then(|b| check_blob(self.decoder.as_ref(), block_size, b).ok());
-        let parts = match cached {
-            Some(p) if p.computed > 0 && p.tokens.get(..p.computed) == tokens.get(..p.computed) => {
-                Parts { tokens, computed: p.computed, kv: p.kv }
-            }
-            _ => Parts { tokens, computed: 0, kv: &[] },
-        };
+        let (computed, kv) = self.stored_kv(&tokens, whole.as_deref(), &pieces);
+        if let Some(f) = self.fleet.as_mut() {
+            f.kv_sent.insert(id.clone(), tokens[..computed].to_vec());
+        }
+        let parts = Parts { tokens, computed, kv: &kv };
         let from_kv = parts.computed > 0;
         let needed = parts.computed.div_ceil(block_size);
         if self.pool.available() < needed {
@@ -200,20 +200,22 @@ impl Engine {
     /// store's K/V cache agrees with its tokens; otherwise its next turn recomputes them.
     fn reload_kv(&mut self, id: &SequenceId, key: &str) {
         let Some(f) = &self.fleet else { return };
-        let Ok((_, Some(kv))) = f.leases.read(key) else { return };
+        let Ok((_, whole, pieces)) = f.leases.read(key) else { return };
         let block_size = self.pool.block_size();
-        let Ok(blob) = SessionBlob::decode(&kv) else { return };
-        let Ok(p) = check_blob(self.decoder.as_ref(), block_size, &blob) else { return };
         let Some(s) = self.sessions.get(id) else { return };
-        if p.computed == 0 || s.tokens.get(..p.computed) != p.tokens.get(..p.computed) {
+        let (computed, kv) = self.stored_kv(&s.tokens, whole.as_deref(), &pieces);
+        if computed == 0 {
             return;
         }
         let (tokens, turns) = (s.tokens.clone(), s.turns);
-        let needed = p.computed.div_ceil(block_size);
+        let needed = computed.div_ceil(block_size);
         if self.pool.available() < needed {
             self.make_room(needed);
         }
-        let parts = Parts { tokens, computed: p.computed, kv: p.kv };
+        if let Some(f) = self.fleet.as_mut() {
+            f.kv_sent.insert(id.clone(), tokens[..computed].to_vec());
+        }
+        let parts = Parts { tokens, computed, kv: &kv };
         if let Ok(loaded) = load_parts(self.decoder.as_mut(), &self.pool, parts, turns)
             && let Some(s) = self.sessions.get_mut(id)
         {
@@ -228,6 +230,7 @@ impl Engine {
     pub(super) fn drop_local(&mut self, id: &SequenceId, key: &str, error: &GenerationError) {
         if let Some(f) = self.fleet.as_mut() {
             f.asked.remove(id);
+            f.kv_sent.remove(id);
             f.leases.cancel_behind(key);
             f.leases.forget(key);
         }
@@ -277,12 +280,19 @@ impl Engine {
         let Some(f) = self.fleet.as_mut() else { return };
         f.asked.remove(id);
         let key = f.key(id);
-        let (leases, model) = (f.leases.clone(), (f.model.clone(), f.version));
-        let block_size = self.pool.block_size();
-        let Ok(session) = self.sessions.take_idle(id) else { return };
-        if let Ok(token) = leases.check(&key, &id.to_string()) {
-            let blob = blob_of(self.decoder.as_mut(), block_size, id.clone(), &session, model, true);
-            leases.write_kv_now(&key, token, &blob.encode());
+        let leases = f.leases.clone();
+        if self.sessions.get(id).is_none_or(|s| s.busy) {
+            return;
+        }
+        let token = leases.check(&key, &id.to_string());
+        if let Ok(token) = token {
+            self.flush_kv(id, &key, token);
+        }
+        if let Some(f) = self.fleet.as_mut() {
+            f.kv_sent.remove(id);
+        }
+        let _ = self.sessions.take_idle(id);
+        if token.is_ok() {
             leases.release(&key);
             leases.stats.handed_over.fetch_add(1, Relaxed);
         } else {
@@ -303,6 +313,9 @@ impl Engine {
             return next;
         }
         if turn.end {
+            if let Some(f) = self.fleet.as_mut() {
+                f.kv_sent.remove(&turn.id);
+            }
             let next = self.sessions.finish(&mut seq);
             leases.cancel_behind(&key);
             leases.end(&key);
@@ -317,19 +330,15 @@ impl Engine {
         None
     }
 
-    /// Writes the K/V of released sessions (pool pressure) to the store's K/V cache, fenced.
-    /// True when every one was written.
-    pub(super) fn fleet_write_kv(&self, blobs: &[SessionBlob]) -> bool {
+    /// Writes what the store lacks of the K/V of session `id` (its blocks are about to be
+    /// released: pool pressure), fenced. True when the store has them all.
+    pub(super) fn fleet_flush_kv(&mut self, id: &SequenceId) -> bool {
         let Some(f) = &self.fleet else { return false };
-        let mut all = true;
-        for b in blobs {
-            let key = f.key(&b.id);
-            all &= match f.leases.check(&key, &b.id.to_string()) {
-                Ok(token) => f.leases.write_kv_now(&key, token, &b.encode()),
-                Err(_) => false,
-            };
+        let (key, leases) = (f.key(id), f.leases.clone());
+        match leases.check(&key, &id.to_string()) {
+            Ok(token) => self.flush_kv(id, &key, token),
+            Err(_) => false,
         }
-        all
     }
 
     /// Drain or instance failure (fleet mode): every session's record is already durable; at drain
@@ -338,7 +347,6 @@ impl Engine {
         self.settle_writes();
         let Some(f) = &self.fleet else { return };
         let (leases, model) = (f.leases.clone(), (f.model.clone(), f.version));
-        let block_size = self.pool.block_size();
         let ids: Vec<SequenceId> = self.sessions.iter().map(|(id, _)| id.clone()).collect();
         let mut released = 0;
         for id in ids {
@@ -348,8 +356,7 @@ impl Engine {
                 && !s.busy
                 && s.table.is_some()
             {
-                let blob = blob_of(self.decoder.as_mut(), block_size, id.clone(), s, model.clone(), true);
-                leases.write_kv_now(&key, token, &blob.encode());
+                self.flush_kv(&id, &key, token);
             }
             leases.release(&key);
             released += 1;

@@ -106,12 +106,12 @@ impl Engine {
     fn turn_written(&mut self, mut seq: Sequence, r: Result<u64, LeaseError>) -> Option<GenerateRequest> {
         let turn = seq.session.clone()?;
         let f = self.fleet.as_ref()?;
-        let (key, leases, model) = (f.key(&turn.id), f.leases.clone(), (f.model.clone(), f.version));
+        let (key, leases) = (f.key(&turn.id), f.leases.clone());
         match r {
             Ok(token) => {
                 let next = self.sessions.finish(&mut seq);
                 send_held(&mut seq, None);
-                self.queue_kv_behind(&turn.id, &key, token, model);
+                self.queue_kv_behind(&turn.id, &key, token);
                 let asked = self.fleet.as_ref().is_some_and(|f| f.asked.contains(&turn.id));
                 if asked && next.is_none() {
                     self.hand_over(&turn.id);
@@ -141,18 +141,12 @@ impl Engine {
         }
     }
 
-    /// Queues the K/V of session `id` (lease `token`) to be written behind, within the byte bound.
-    fn queue_kv_behind(&mut self, id: &SequenceId, key: &str, token: u64, model: (String, i64)) {
-        let Some(f) = self.fleet.as_ref() else { return };
-        let leases = f.leases.clone();
-        let block_size = self.pool.block_size();
-        if let Some(s) = self.sessions.get(id)
-            && s.table.is_some()
-            && (s.computed as u64).saturating_mul(self.kv_bytes_per_position)
-                <= crate::sessions::lease::KV_BEHIND_BYTES as u64
+    /// Queues the new K/V pieces of session `id` (lease `token`) to be written behind.
+    fn queue_kv_behind(&mut self, id: &SequenceId, key: &str, token: u64) {
+        if let Some((from, pieces)) = self.new_kv_pieces(id, key)
+            && let Some(f) = self.fleet.as_ref()
         {
-            let kv = super::session_moves::blob_of(self.decoder.as_mut(), block_size, id.clone(), s, model, true);
-            leases.write_behind(key, token, kv.encode());
+            f.leases.write_behind(key, token, from, pieces);
         }
     }
 }
