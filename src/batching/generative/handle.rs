@@ -535,6 +535,9 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
+        // Turns whose write through ended are answered (also while draining, when no wake-up
+        // reaches this loop).
+        engine.turns_written();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
         ctx.admission.dequeued(engine.take_left_queue());
         let (waiting, running) = engine.load();

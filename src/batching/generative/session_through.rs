@@ -54,7 +54,7 @@ impl Engine {
     }
 
     /// Retires the parked turns whose write through ended.
-    pub(super) fn turns_written(&mut self) {
+    pub fn turns_written(&mut self) {
         loop {
             let Some(f) = self.fleet.as_mut() else { return };
             let Ok((id, r)) = f.writing.rx.try_recv() else { return };
