@@ -7,77 +7,14 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
-use common::SpawnedWorker;
+use common::fleet::*;
 use common::gen_sessions::*;
 use common::generative::gqa_repository;
 
 /// The tests share two cores with everything else: one at a time, so lease timings hold.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-const SEEDED: &str = r#"{"max_tokens": 6, "temperature": 0.8, "seed": 21, "ignore_eos": true}"#;
-
-/// A worker process named `id` on the store `url`, leases of `ttl` seconds.
-async fn worker(url: &str, repo: &std::path::Path, id: &str, ttl: &str) -> (SpawnedWorker, Client) {
-    worker_waiting(url, repo, id, ttl, "8").await
-}
-
-/// As [`worker`], waiting at most `wait` seconds for a session another worker holds.
-async fn worker_waiting(url: &str, repo: &std::path::Path, id: &str, ttl: &str, wait: &str) -> (SpawnedWorker, Client) {
-    let args: Vec<&OsStr> = vec![
-        "--backend".as_ref(),
-        "cpu".as_ref(),
-        "--kv-cache-memory".as_ref(),
-        "32MiB".as_ref(),
-        "--model-repository".as_ref(),
-        repo.as_os_str(),
-        "--session-store".as_ref(),
-        url.as_ref(),
-        "--worker-id".as_ref(),
-        id.as_ref(),
-        "--session-lease-ttl".as_ref(),
-        ttl.as_ref(),
-        "--session-handoff-wait".as_ref(),
-        wait.as_ref(),
-    ];
-    common::spawn_worker(&args, &[]).await
-}
-
-/// A `neuron_worker_session_lease_*` value of the worker whose metrics are at `addr`.
-async fn lease(addr: &str, name: &str) -> f64 {
-    let text = common::http_get(addr, "/metrics").await;
-    let prefix = format!("neuron_worker_session_lease_{name} ");
-    let line = text.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{prefix} missing:\n{text}"));
-    line[prefix.len()..].trim().parse().expect("a number")
-}
-
-/// Polls `lease(addr, name) >= at_least` until `within`.
-async fn wait_lease(addr: &str, name: &str, at_least: f64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let v = lease(addr, name).await;
-        if v >= at_least {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{name} stayed at {v} (wanted {at_least}) for {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// One turn of session `id` on `c`; checked against a stateless request over the whole history.
-async fn turn(c: &mut Client, history: &mut Vec<u32>, id: u64, n: u64, start: bool) -> Vec<u32> {
-    let msg = message(n, 9, VOCAB);
-    let (ids, _) = generate(c, with_session(ids_request(&msg, SEEDED), id, start, false))
-        .await
-        .unwrap_or_else(|e| panic!("turn {n} of session {id}: {e}"));
-    history.extend(&msg);
-    let (stateless, _) = generate(c, ids_request(history, SEEDED)).await.expect("stateless");
-    assert_eq!(ids, stateless, "turn {n} of session {id} continues exactly as on one worker");
-    history.extend(&ids);
-    ids
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_moves_between_three_live_workers_exactly() {
@@ -140,7 +77,7 @@ async fn a_killed_holder_is_taken_over_after_the_lease_ttl_from_kv_or_from_token
     wait_lease(&b.metrics, "kv_written_total", 1.0, Duration::from_secs(10)).await;
     let client = redis::Client::open(redis.url.as_str()).expect("redis url");
     let mut conn = client.get_connection().expect("redis connection");
-    let deleted: i64 = redis::cmd("DEL").arg("neuron-worker:kv:gqa\u{1f}1\u{1f}u:8").query(&mut conn).expect("DEL");
+    let deleted: i64 = redis::cmd("DEL").arg("neuron-worker:kvb:gqa\u{1f}1\u{1f}u:8").query(&mut conn).expect("DEL");
     assert_eq!(deleted, 1, "the K/V of session 8 were in the store");
     b.child.kill().expect("SIGKILL");
     b.child.wait().expect("reaped");
@@ -187,31 +124,6 @@ async fn two_workers_racing_for_one_session_continue_it_one_at_a_time() {
             assert_eq!(o, stateless(after(m, &[])).await, "the one that continued did so exactly");
         }
         (Err(x), Err(y)) => panic!("neither continued: {x} / {y}"),
-    }
-}
-
-/// Pauses the Redis server (SIGSTOP) until dropped (SIGCONT): connections stay open, nothing is
-/// answered — a store that is unreachable without losing its data.
-struct Paused(u32);
-
-fn signal(pid: u32, sig: libc::c_int) {
-    let pid = libc::pid_t::try_from(pid).expect("a pid");
-    // SAFETY: kill(2) with the pid of the redis-server child this test started and still owns (it
-    // is reaped only when the RedisServer is dropped, after every Paused guard).
-    let rc = unsafe { libc::kill(pid, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
-}
-
-impl Paused {
-    fn new(pid: u32) -> Paused {
-        signal(pid, libc::SIGSTOP);
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        signal(self.0, libc::SIGCONT);
     }
 }
 

@@ -26,8 +26,13 @@ pub fn render(leases: &Leases) -> String {
             "Sessions taken from the store with their tokens only (K/V recomputed)",
             &s.restored_tokens,
         ),
-        ("kv_written_total", "K/V blobs written (behind, or at hand-off and drain)", &s.kv_written),
-        ("kv_skipped_total", "K/V blobs not written (over the byte bound, or fenced off)", &s.kv_skipped),
+        (
+            "kv_written_total",
+            "K/V writes (new pieces of one session) written behind, or at hand-off and drain",
+            &s.kv_written,
+        ),
+        ("kv_bytes_written_total", "K/V bytes written (pieces: only the blocks with new positions)", &s.kv_bytes),
+        ("kv_skipped_total", "K/V writes not done (over the byte bound, or fenced off)", &s.kv_skipped),
         (
             "refused_unreachable_total",
             "Lease operations refused because the store was unreachable",

@@ -325,6 +325,11 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
             let (repo, at) = (repo.clone(), cut_short_at(exit_timeout));
             tokio::spawn(async move {
                 tokio::time::sleep(at).await;
+                // Turns cut short are written through before they are answered: retried until
+                // half the time left, so the answer (or "not kept") still reaches the client.
+                if let Some(leases) = repo.session_store().and_then(|s| s.leases()) {
+                    leases.exit_by(std::time::Instant::now() + exit_timeout.saturating_sub(at) / 2);
+                }
                 repo.cut_short_all();
             })
         };

@@ -8,7 +8,10 @@
 //! - `neuron-worker:fence:k`, a counter `INCR`ed at every acquisition: the lease's *fencing token*;
 //! - `neuron-worker:session:k`, the durable record (the session blob with its token history),
 //!   written through at every turn;
-//! - `neuron-worker:kv:k`, the K/V cache of the session (the blob with its K/V), written behind.
+//! - `neuron-worker:kvb:k`, the K/V cache of the session: a hash of K/V pieces, one per K/V block
+//!   (field = block index, see [`super::kv_pieces`]), written behind incrementally;
+//! - `neuron-worker:kv:k`, the K/V cache as one whole blob, written by earlier versions: still
+//!   read (when it covers more than the pieces) and deleted with the session.
 //!
 //! Every write of a session's keys is a Lua script that first checks that the lease still holds
 //! this worker's id and token, so a holder whose lease expired (paused, partitioned, or slow) and
@@ -36,6 +39,7 @@ pub(crate) const RECORD: &str = "neuron-worker:session:";
 /// The prefix of the durable records (the target of a write through).
 pub const RECORD_PREFIX: &str = RECORD;
 pub(crate) const KV: &str = "neuron-worker:kv:";
+pub(crate) const KV_BLOCKS: &str = "neuron-worker:kvb:";
 const HANDOFF: &str = "neuron-worker:handoff:";
 
 /// The default lease TTL.
@@ -72,11 +76,12 @@ return 1";
 /// Fenced end: the record, the K/V and the lease go.
 const END: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[1])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[1])
 return 1";
 
-/// A session's durable record and its K/V cache, as the store holds them (raw blobs).
-pub type StoredPair = (Option<Vec<u8>>, Option<Vec<u8>>);
+/// A session as the store holds it: the durable record, the whole K/V blob of earlier versions,
+/// and the K/V pieces (block index, piece).
+pub type StoredPair = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(usize, Vec<u8>)>);
 
 /// How a lease operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +104,16 @@ pub enum LeaseError {
         /// The session.
         session: String,
         /// What happened.
+        reason: String,
+    },
+    /// The worker's exit deadline came before the store took the turn's tokens.
+    #[error(
+        "this turn of session {session} is not acknowledged: the worker is exiting and the session store did not confirm its tokens before the exit deadline ({reason}); the store may still apply the write it was sent, so the session continues on another worker from this turn or from the one before"
+    )]
+    Exiting {
+        /// The session.
+        session: String,
+        /// The store's last error.
         reason: String,
     },
     /// The store cannot be reached.
@@ -136,8 +151,10 @@ pub struct LeaseStats {
     pub restored_kv: AtomicU64,
     /// Sessions restored from their tokens only (K/V recomputed).
     pub restored_tokens: AtomicU64,
-    /// K/V blobs written behind.
+    /// K/V writes (pieces of one session) written behind, or at hand-off and drain.
     pub kv_written: AtomicU64,
+    /// K/V bytes written (pieces).
+    pub kv_bytes: AtomicU64,
     /// K/V blobs not written (over the byte bound, or refused).
     pub kv_skipped: AtomicU64,
     /// Requests refused because the store was unreachable.
@@ -177,6 +194,7 @@ pub struct Leases {
     /// When the store last answered a lease operation, and since when it has not (outage).
     contact: Mutex<(Option<Instant>, Option<Instant>)>,
     pub(super) behind: super::lease_behind::KvBehind,
+    pub(super) through: super::lease_through::Through,
 }
 
 impl std::fmt::Debug for Leases {
@@ -194,14 +212,18 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Leases {
-    /// Connects (four connections: leases and writes through, renewals, the hand-off subscriber,
-    /// the K/V written behind) and starts the renewal and subscriber threads.
+    /// Connects (five connections: leases, writes through, renewals, the hand-off subscriber, the
+    /// K/V written behind) and starts the renewal, subscriber and writer threads.
     pub fn start(url: &str, cfg: LeaseConfig) -> Result<Arc<Leases>, StoreError> {
         // Each operation waits at most an eighth of the TTL (one reconnect-and-retry doubles it), so
         // a write through is retried a few times before the lease would expire.
         let timeout = (cfg.ttl / 8).clamp(Duration::from_millis(50), Duration::from_secs(5));
         let conn = RedisStore::open_with_timeout(url, timeout)?;
         let behind = super::lease_behind::KvBehind::new(RedisStore::open_with_timeout(url, timeout)?);
+        // Writes through wait at most 250 ms per attempt (a record is a few kilobytes) and are
+        // retried, so they notice an exit deadline in time.
+        let through_timeout = timeout.min(Duration::from_millis(250));
+        let through = super::lease_through::Through::new(RedisStore::open_with_timeout(url, through_timeout)?);
         let sub = RedisStore::open_with_timeout(url, timeout)?;
         let renewer = RedisStore::open_with_timeout(url, timeout)?;
         let leases = Arc::new(Leases {
@@ -212,6 +234,7 @@ impl Leases {
             stats: LeaseStats::default(),
             contact: Mutex::new((Some(Instant::now()), None)),
             behind,
+            through,
         });
         let weak = Arc::downgrade(&leases);
         std::thread::Builder::new()
@@ -229,7 +252,17 @@ impl Leases {
             .name("session-kv-behind".into())
             .spawn(move || super::lease_behind::write_loop(weak))
             .map_err(|e| io("start the K/V writer thread", e.to_string()))?;
+        let weak = Arc::downgrade(&leases);
+        std::thread::Builder::new()
+            .name("session-write-through".into())
+            .spawn(move || super::lease_through::write_loop(weak))
+            .map_err(|e| io("start the write-through thread", e.to_string()))?;
         Ok(leases)
+    }
+
+    /// The connection of the lease operations.
+    pub(super) fn conn(&self) -> &RedisStore {
+        &self.conn
     }
 
     /// The configuration.
@@ -267,7 +300,18 @@ impl Leases {
         keys: &[String],
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
-        let r = self.conn.run(operation, |c| {
+        self.eval_on(&self.conn, operation, script, keys, args)
+    }
+
+    fn eval_on<T: redis::FromRedisValue>(
+        &self,
+        conn: &RedisStore,
+        operation: &'static str,
+        script: &str,
+        keys: &[String],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        let r = conn.run(operation, |c| {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(script).arg(keys.len()).arg(keys);
             for a in args {
@@ -354,10 +398,23 @@ impl Leases {
     /// Writes `value` under `target_prefix` + `key` if this worker's lease (token) still holds,
     /// renewing it. `Ok(false)`: the fence refused the write (the lease is lost; forgotten here).
     pub fn write_fenced(&self, key: &str, token: u64, target_prefix: &str, value: &[u8]) -> Result<bool, StoreError> {
+        self.write_fenced_on(&self.conn, key, token, target_prefix, value)
+    }
+
+    /// As [`Leases::write_fenced`], on connection `conn`.
+    pub(super) fn write_fenced_on(
+        &self,
+        conn: &RedisStore,
+        key: &str,
+        token: u64,
+        target_prefix: &str,
+        value: &[u8],
+    ) -> Result<bool, StoreError> {
         let sent = Instant::now();
         let ttl = millis(self.cfg.ttl).to_string();
         let keys = [format!("{LEASE}{key}"), format!("{target_prefix}{key}")];
-        let ok: i64 = self.eval(
+        let ok: i64 = self.eval_on(
+            conn,
             "write a session through its lease",
             WRITE,
             &keys,
@@ -387,16 +444,27 @@ impl Leases {
     /// Ends session `key`: its record, K/V and lease are deleted (fenced).
     pub fn end(&self, key: &str) {
         let Some(h) = lock(&self.held).remove(key) else { return };
-        let keys = [format!("{LEASE}{key}"), format!("{RECORD}{key}"), format!("{KV}{key}")];
+        let keys =
+            [format!("{LEASE}{key}"), format!("{RECORD}{key}"), format!("{KV}{key}"), format!("{KV_BLOCKS}{key}")];
         let _ = self.eval::<i64>("end a session", END, &keys, &[self.value(h.token).as_bytes()]);
     }
 
     /// The durable record and the K/V cache of `key` (read under the lease).
     pub fn read(&self, key: &str) -> Result<StoredPair, StoreError> {
         let keys = [format!("{RECORD}{key}"), format!("{KV}{key}")];
-        let r = self.conn.run("read a session", |c| redis::cmd("MGET").arg(&keys).query(c));
+        let blocks = format!("{KV_BLOCKS}{key}");
+        let r = self.conn.run("read a session", |c| {
+            redis::pipe()
+                .cmd("MGET")
+                .arg(&keys)
+                .cmd("HGETALL")
+                .arg(&blocks)
+                .query::<((Option<Vec<u8>>, Option<Vec<u8>>), Vec<(String, Vec<u8>)>)>(c)
+        });
         self.contacted(r.is_ok());
-        r
+        let ((record, whole), pieces) = r?;
+        let pieces = pieces.into_iter().filter_map(|(i, b)| i.parse().ok().map(|i| (i, b))).collect();
+        Ok((record, whole, pieces))
     }
 
     /// Asks `holder` to hand session `key` over.

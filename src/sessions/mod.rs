@@ -4,8 +4,10 @@
 //! Batching policies own a session while it is resident on an instance and hand it here to move it.
 
 pub mod blob;
+pub mod kv_pieces;
 pub mod lease;
 mod lease_behind;
+pub mod lease_through;
 pub mod store;
 #[cfg(test)]
 mod store_damage_tests;

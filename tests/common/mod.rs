@@ -4,6 +4,7 @@
 
 pub mod backends;
 pub mod bert_fixture;
+pub mod fleet;
 pub mod gen_sessions;
 pub mod generative;
 pub mod http;

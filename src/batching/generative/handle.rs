@@ -504,17 +504,28 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
         }
         if engine.is_idle() {
             if !open {
+                // Turns still writing their tokens through are answered first (their sessions'
+                // next turns may then run).
+                if engine.settle_writes() {
+                    continue;
+                }
                 return engine.save_sessions_for(SaveReason::Drain);
             }
             let received = match check_every {
                 Some(every) if engine.has_idle_to_store() => match ctx.rx.recv_timeout(every) {
                     Ok(cmd) => Some(cmd),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return engine.save_sessions_for(SaveReason::Drain),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        continue;
+                    }
                 },
                 _ => match ctx.rx.recv() {
                     Ok(cmd) => Some(cmd),
-                    Err(_) => return engine.save_sessions_for(SaveReason::Drain),
+                    Err(_) => {
+                        open = false;
+                        continue;
+                    }
                 },
             };
             if let Some(cmd) = received {
@@ -531,6 +542,9 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
+        // Turns whose write through ended are answered (also while draining, when no wake-up
+        // reaches this loop).
+        engine.turns_written();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
         forwarded = matches!(result, Ok(Ok(report)) if report.tokens > 0);
         ctx.admission.dequeued(engine.take_left_queue());

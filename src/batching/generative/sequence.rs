@@ -210,11 +210,13 @@ impl Sequence {
             cumulative_logprob: self.cumulative_logprob,
             cached_tokens: self.reused,
         };
-        let _ = super::outbox::deliver_text(
-            &self.updates,
-            Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }),
-            self.text.deferred(),
-        );
+        let update = GenerationUpdate { text, finished: Some(finished), ..Default::default() };
+        // A turn acknowledged only once written through (fleet) holds this last response too.
+        if self.hold_final {
+            self.held_final = Some(update);
+        } else {
+            let _ = super::outbox::deliver_text(&self.updates, Ok(update), self.text.deferred());
+        }
         self.done = true;
     }
 }

@@ -24,7 +24,7 @@ use super::sequence::Sequence;
 use super::session::KeptSession;
 use super::session_moves::{Parts, blob_of, check_blob, load_parts};
 use super::step::Engine;
-use crate::sessions::lease::{LeaseError, Leases, RECORD};
+use crate::sessions::lease::{LeaseError, Leases};
 use crate::sessions::{SequenceId, SessionBlob};
 
 /// What comes back to a step loop from the lease threads.
@@ -36,6 +36,8 @@ pub enum FleetEvent {
     NotAcquired(GenerateRequest, GenerationError),
     /// Another worker asks for this session.
     Handoff(SequenceId),
+    /// A turn's write through ended (its outcome waits in the fleet's channel).
+    Written,
 }
 
 /// Sends an event to the step loop; gives it back when the loop is gone.
@@ -43,14 +45,18 @@ pub type FleetBack = Arc<dyn Fn(FleetEvent) -> Result<(), Box<FleetEvent>> + Sen
 
 /// A step loop's leases.
 pub struct Fleet {
-    leases: Arc<Leases>,
-    back: FleetBack,
-    model: String,
-    version: i64,
+    pub(super) leases: Arc<Leases>,
+    pub(super) back: FleetBack,
+    pub(super) model: String,
+    pub(super) version: i64,
     /// Sessions whose lease a waiter thread is getting, and the turns queued behind the first.
     acquiring: HashMap<SequenceId, Vec<GenerateRequest>>,
     /// Sessions asked for by another worker while a turn ran.
-    asked: HashSet<SequenceId>,
+    pub(super) asked: HashSet<SequenceId>,
+    /// Turns whose tokens are being written through (their sessions stay busy).
+    pub(super) writing: super::session_through::Writing,
+    /// Per session, the tokens whose K/V were sent to the store (pieces written or queued).
+    pub(super) kv_sent: HashMap<SequenceId, Vec<u32>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -62,10 +68,12 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Leases for model `model` version `version`, events going back through `back`.
     pub fn new(leases: Arc<Leases>, model: String, version: i64, back: FleetBack) -> Fleet {
-        Fleet { leases, back, model, version, acquiring: HashMap::new(), asked: HashSet::new() }
+        let writing = super::session_through::Writing::default();
+        let (acquiring, asked, kv_sent) = (HashMap::new(), HashSet::new(), HashMap::new());
+        Fleet { leases, back, model, version, acquiring, asked, writing, kv_sent }
     }
 
-    fn key(&self, id: &SequenceId) -> String {
+    pub(super) fn key(&self, id: &SequenceId) -> String {
         crate::sessions::store::key(&self.model, self.version, id)
     }
 
@@ -77,7 +85,7 @@ impl Fleet {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> GenerationError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> GenerationError {
     GenerationError::Unavailable { reason: e.to_string() }
 }
 
@@ -162,7 +170,7 @@ impl Engine {
     fn load_from_store(&mut self, id: &SequenceId, key: &str) -> Result<(), GenerationError> {
         let Some(f) = &self.fleet else { return Ok(()) };
         let leases = f.leases.clone();
-        let (record, kv) = leases.read(key).map_err(unavailable)?;
+        let (record, whole, pieces) = leases.read(key).map_err(unavailable)?;
         let Some(record) = record else { return Ok(()) };
         let block_size = self.pool.block_size();
         let bad = |reason: String| GenerationError::Session {
@@ -170,14 +178,11 @@ impl Engine {
         };
         let rec = SessionBlob::decode(&record).map_err(bad)?;
         let tokens = check_blob(self.decoder.as_ref(), block_size, &rec).map_err(bad)?.tokens;
-        let kv_blob = kv.and_then(|b| SessionBlob::decode(&b).ok());
-        let cached = kv_blob.as_ref().and_then(|b| check_blob(self.decoder.as_ref(), block_size, b).ok());
-        let parts = match cached {
-            Some(p) if p.computed > 0 && p.tokens.get(..p.computed) == tokens.get(..p.computed) => {
-                Parts { tokens, computed: p.computed, kv: p.kv }
-            }
-            _ => Parts { tokens, computed: 0, kv: &[] },
-        };
+        let (computed, kv) = self.stored_kv(&tokens, whole.as_deref(), &pieces);
+        if let Some(f) = self.fleet.as_mut() {
+            f.kv_sent.insert(id.clone(), tokens[..computed].to_vec());
+        }
+        let parts = Parts { tokens, computed, kv: &kv };
         let from_kv = parts.computed > 0;
         let needed = parts.computed.div_ceil(block_size);
         if self.pool.available() < needed {
@@ -195,20 +200,22 @@ impl Engine {
     /// store's K/V cache agrees with its tokens; otherwise its next turn recomputes them.
     fn reload_kv(&mut self, id: &SequenceId, key: &str) {
         let Some(f) = &self.fleet else { return };
-        let Ok((_, Some(kv))) = f.leases.read(key) else { return };
+        let Ok((_, whole, pieces)) = f.leases.read(key) else { return };
         let block_size = self.pool.block_size();
-        let Ok(blob) = SessionBlob::decode(&kv) else { return };
-        let Ok(p) = check_blob(self.decoder.as_ref(), block_size, &blob) else { return };
         let Some(s) = self.sessions.get(id) else { return };
-        if p.computed == 0 || s.tokens.get(..p.computed) != p.tokens.get(..p.computed) {
+        let (computed, kv) = self.stored_kv(&s.tokens, whole.as_deref(), &pieces);
+        if computed == 0 {
             return;
         }
         let (tokens, turns) = (s.tokens.clone(), s.turns);
-        let needed = p.computed.div_ceil(block_size);
+        let needed = computed.div_ceil(block_size);
         if self.pool.available() < needed {
             self.make_room(needed);
         }
-        let parts = Parts { tokens, computed: p.computed, kv: p.kv };
+        if let Some(f) = self.fleet.as_mut() {
+            f.kv_sent.insert(id.clone(), tokens[..computed].to_vec());
+        }
+        let parts = Parts { tokens, computed, kv: &kv };
         if let Ok(loaded) = load_parts(self.decoder.as_mut(), &self.pool, parts, turns)
             && let Some(s) = self.sessions.get_mut(id)
         {
@@ -220,9 +227,10 @@ impl Engine {
     }
 
     /// Drops session `id` here without writing it (its lease is lost): its queued turns get `error`.
-    fn drop_local(&mut self, id: &SequenceId, key: &str, error: &GenerationError) {
+    pub(super) fn drop_local(&mut self, id: &SequenceId, key: &str, error: &GenerationError) {
         if let Some(f) = self.fleet.as_mut() {
             f.asked.remove(id);
+            f.kv_sent.remove(id);
             f.leases.cancel_behind(key);
             f.leases.forget(key);
         }
@@ -262,21 +270,29 @@ impl Engine {
                 }
                 None => {}
             },
+            FleetEvent::Written => self.turns_written(),
         }
         self.publish_gauges();
     }
 
     /// Hands idle session `id` to the worker that asked: K/V written, lease released, dropped here.
-    fn hand_over(&mut self, id: &SequenceId) {
+    pub(super) fn hand_over(&mut self, id: &SequenceId) {
         let Some(f) = self.fleet.as_mut() else { return };
         f.asked.remove(id);
         let key = f.key(id);
-        let (leases, model) = (f.leases.clone(), (f.model.clone(), f.version));
-        let block_size = self.pool.block_size();
-        let Ok(session) = self.sessions.take_idle(id) else { return };
-        if let Ok(token) = leases.check(&key, &id.to_string()) {
-            let blob = blob_of(self.decoder.as_mut(), block_size, id.clone(), &session, model, true);
-            leases.write_kv_now(&key, token, &blob.encode());
+        let leases = f.leases.clone();
+        if self.sessions.get(id).is_none_or(|s| s.busy) {
+            return;
+        }
+        let token = leases.check(&key, &id.to_string());
+        if let Ok(token) = token {
+            self.flush_kv(id, &key, token);
+        }
+        if let Some(f) = self.fleet.as_mut() {
+            f.kv_sent.remove(id);
+        }
+        let _ = self.sessions.take_idle(id);
+        if token.is_ok() {
             leases.release(&key);
             leases.stats.handed_over.fetch_add(1, Relaxed);
         } else {
@@ -284,87 +300,53 @@ impl Engine {
         }
     }
 
-    /// A session turn leaves the engine (fleet mode): `keep`, its tokens are written through and,
-    /// once written, its last response is sent; otherwise the session is left as it was. Returns
-    /// the session's next queued turn.
-    pub(super) fn fleet_retire(&mut self, seq: &mut Sequence, keep: bool) -> Option<GenerateRequest> {
+    /// A session turn leaves the engine (fleet mode): `keep`, its tokens are written through (off
+    /// the step loop) and, once written, its last response is sent; otherwise the session is left
+    /// as it was. Returns the session's next queued turn (none while the write is under way).
+    pub(super) fn fleet_retire(&mut self, mut seq: Sequence, keep: bool) -> Option<GenerateRequest> {
         let turn = seq.session.clone()?;
         let f = self.fleet.as_ref()?;
         let (key, leases, model) = (f.key(&turn.id), f.leases.clone(), (f.model.clone(), f.version));
         if !keep {
-            let next = self.sessions.abort(seq);
-            send_held(seq, None);
+            let next = self.sessions.abort(&mut seq);
+            send_held(&mut seq, None);
             return next;
         }
         if turn.end {
-            let next = self.sessions.finish(seq);
+            if let Some(f) = self.fleet.as_mut() {
+                f.kv_sent.remove(&turn.id);
+            }
+            let next = self.sessions.finish(&mut seq);
             leases.cancel_behind(&key);
             leases.end(&key);
-            send_held(seq, None);
+            send_held(&mut seq, None);
             return next;
         }
         let turns = self.sessions.get(&turn.id).map_or(0, |s| s.turns) + 1;
         let block_size = self.pool.block_size();
         let record = KeptSession { tokens: seq.tokens.clone(), turns, ..KeptSession::default() };
-        let blob = blob_of(self.decoder.as_mut(), block_size, turn.id.clone(), &record, model.clone(), false);
-        match write_through(&leases, &key, &turn.id.to_string(), &blob.encode()) {
-            Ok(token) => {
-                let next = self.sessions.finish(seq);
-                send_held(seq, None);
-                if let Some(s) = self.sessions.get(&turn.id)
-                    && s.table.is_some()
-                    && (s.computed as u64).saturating_mul(self.kv_bytes_per_position)
-                        <= crate::sessions::lease::KV_BEHIND_BYTES as u64
-                {
-                    let kv = blob_of(self.decoder.as_mut(), block_size, turn.id.clone(), s, model, true);
-                    leases.write_behind(&key, token, kv.encode());
-                }
-                let asked = self.fleet.as_ref().is_some_and(|f| f.asked.contains(&turn.id));
-                if asked && next.is_none() {
-                    self.hand_over(&turn.id);
-                }
-                next
-            }
-            Err(e) => {
-                leases.stats.writes_failed.fetch_add(1, Relaxed);
-                let error = unavailable(format!("this turn is not kept: {e}"));
-                tracing::warn!(session = %turn.id, error = %e, "a turn's tokens could not be written through; the turn is refused");
-                let next = self.sessions.abort(seq);
-                send_held(seq, Some(error.clone()));
-                if matches!(e, LeaseError::Lost { .. }) {
-                    if let Some(next) = next {
-                        let _ = super::outbox::deliver(&next.updates, Err(error.clone()));
-                        self.left_queue += 1;
-                    }
-                    self.drop_local(&turn.id, &key, &error);
-                    return None;
-                }
-                next
-            }
-        }
+        let blob = blob_of(self.decoder.as_mut(), block_size, turn.id.clone(), &record, model, false);
+        self.write_turn_through(seq, key, blob.encode());
+        None
     }
 
-    /// Writes the K/V of released sessions (pool pressure) to the store's K/V cache, fenced.
-    /// True when every one was written.
-    pub(super) fn fleet_write_kv(&self, blobs: &[SessionBlob]) -> bool {
+    /// Writes what the store lacks of the K/V of session `id` (its blocks are about to be
+    /// released: pool pressure), fenced. True when the store has them all.
+    pub(super) fn fleet_flush_kv(&mut self, id: &SequenceId) -> bool {
         let Some(f) = &self.fleet else { return false };
-        let mut all = true;
-        for b in blobs {
-            let key = f.key(&b.id);
-            all &= match f.leases.check(&key, &b.id.to_string()) {
-                Ok(token) => f.leases.write_kv_now(&key, token, &b.encode()),
-                Err(_) => false,
-            };
+        let (key, leases) = (f.key(id), f.leases.clone());
+        match leases.check(&key, &id.to_string()) {
+            Ok(token) => self.flush_kv(id, &key, token),
+            Err(_) => false,
         }
-        all
     }
 
     /// Drain or instance failure (fleet mode): every session's record is already durable; at drain
     /// its resident K/V are written too; every lease is released.
     pub(super) fn fleet_save(&mut self, with_kv: bool) {
+        self.settle_writes();
         let Some(f) = &self.fleet else { return };
         let (leases, model) = (f.leases.clone(), (f.model.clone(), f.version));
-        let block_size = self.pool.block_size();
         let ids: Vec<SequenceId> = self.sessions.iter().map(|(id, _)| id.clone()).collect();
         let mut released = 0;
         for id in ids {
@@ -374,8 +356,7 @@ impl Engine {
                 && !s.busy
                 && s.table.is_some()
             {
-                let blob = blob_of(self.decoder.as_mut(), block_size, id.clone(), s, model.clone(), true);
-                leases.write_kv_now(&key, token, &blob.encode());
+                self.flush_kv(&id, &key, token);
             }
             leases.release(&key);
             released += 1;
@@ -407,12 +388,12 @@ impl Engine {
         let Some(s) = self.sessions.get(id) else { return Ok(()) };
         let record = KeptSession { tokens: s.tokens.clone(), turns: s.turns, ..KeptSession::default() };
         let blob = blob_of(self.decoder.as_mut(), block_size, id.clone(), &record, model, false);
-        write_through(&leases, &key, &id.to_string(), &blob.encode()).map(|_| ()).map_err(|e| e.to_string())
+        leases.write_through(&key, &id.to_string(), &blob.encode()).map(|_| ()).map_err(|e| e.to_string())
     }
 }
 
 /// Sends a sequence's held last response (or `error` in its place).
-fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
+pub(super) fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
     let held = seq.held_final.take();
     match error {
         Some(e) if held.is_some() => {
@@ -422,43 +403,6 @@ fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
         None => {
             if let Some(update) = held {
                 let _ = super::outbox::deliver_text(&seq.updates, Ok(update), seq.text.deferred());
-            }
-        }
-    }
-}
-
-/// Writes a session record through its lease, retrying while the lease is valid. Returns the
-/// lease token.
-fn write_through(leases: &Leases, key: &str, shown: &str, value: &[u8]) -> Result<u64, LeaseError> {
-    let started = Instant::now();
-    loop {
-        let token = leases.check(key, shown)?;
-        match leases.write_fenced(key, token, RECORD, value) {
-            Ok(true) => {
-                leases.stats.writes_ok.fetch_add(1, Relaxed);
-                let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                leases.stats.write_nanos.fetch_add(took, Relaxed);
-                return Ok(token);
-            }
-            Ok(false) => {
-                return Err(LeaseError::Lost {
-                    session: shown.to_string(),
-                    reason: "another worker took its lease over (the fencing token no longer matches)".into(),
-                });
-            }
-            Err(e) => {
-                leases.stats.write_retries.fetch_add(1, Relaxed);
-                if leases.valid_until(key).is_none_or(|t| t <= Instant::now()) {
-                    leases.forget(key);
-                    leases.stats.lost.fetch_add(1, Relaxed);
-                    return Err(LeaseError::Lost {
-                        session: shown.to_string(),
-                        reason: format!(
-                            "the session store did not take the turn's tokens before the lease expired: {e}"
-                        ),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
@@ -504,7 +448,7 @@ fn wait_for_lease(
                 (req, unavailable("the model is draining"))
             }
             FleetEvent::NotAcquired(req, e) => (req, e),
-            FleetEvent::Handoff(_) => return,
+            FleetEvent::Handoff(_) | FleetEvent::Written => return,
         };
         let _ = req.updates.send(Err(error));
     }

@@ -90,26 +90,39 @@ impl Engine {
     /// Releases `candidates` in order until `needed` blocks are available.
     fn release_sessions(&mut self, candidates: Vec<SequenceId>, needed: usize) -> usize {
         let block_size = self.pool.block_size();
-        let mut released: Vec<(SequenceId, Option<SessionBlob>)> = Vec::new();
+        // (session, its blob, the K/V bytes the store will hold)
+        let mut released: Vec<(SequenceId, Option<SessionBlob>, u64)> = Vec::new();
+        // With leases, the K/V go as pieces (only what the store lacks); all must be written.
+        let mut fleet_written = true;
         for id in candidates {
             if self.pool.available() >= needed {
                 break;
             }
+            if self.fleet.is_some() {
+                fleet_written &= self.fleet_flush_kv(&id);
+            }
             let Some(s) = self.sessions.get_mut(&id) else { continue };
-            let blob =
-                self.durable.as_ref().map(|d| blob_of(self.decoder.as_mut(), block_size, id.clone(), s, d.id(), true));
+            let (blob, bytes) = match &self.durable {
+                Some(_) if self.fleet.is_some() => (None, s.computed as u64 * self.kv_bytes_per_position),
+                Some(d) => {
+                    let b = blob_of(self.decoder.as_mut(), block_size, id.clone(), s, d.id(), true);
+                    let bytes = b.state.get(2).map_or(0, |t| t.data.len() as u64);
+                    (Some(b), bytes)
+                }
+                None => (None, 0),
+            };
             s.table = None;
             s.computed = 0;
-            released.push((id, blob));
+            released.push((id, blob, bytes));
         }
         let n = released.len();
         if n == 0 {
             return 0;
         }
         self.stats.session_kv_released.fetch_add(n as u64, Relaxed);
-        let blobs: Vec<SessionBlob> = released.iter().filter_map(|(_, b)| b.clone()).collect();
+        let blobs: Vec<SessionBlob> = released.iter().filter_map(|(_, b, _)| b.clone()).collect();
         let written = match &self.durable {
-            Some(_) if self.fleet.is_some() => self.fleet_write_kv(&blobs),
+            Some(_) if self.fleet.is_some() => fleet_written,
             None => false,
             Some(d) => match d.store.put_all(&blobs) {
                 Ok(()) => true,
@@ -121,9 +134,9 @@ impl Engine {
             },
         };
         if written {
-            for (id, blob) in &released {
-                if let (Some(s), Some(b)) = (self.sessions.get_mut(id), blob) {
-                    s.stored = Some(b.state.get(2).map_or(0, |t| t.data.len() as u64));
+            for (id, _, bytes) in &released {
+                if let Some(s) = self.sessions.get_mut(id) {
+                    s.stored = Some(*bytes);
                 }
             }
             self.stats.session_spilled.fetch_add(n as u64, Relaxed);

@@ -75,6 +75,8 @@ pub struct Engine {
     pub(super) kv_bytes_per_position: u64,
     /// Session leases on a shared store (see [`super::session_lease`]).
     pub(super) fleet: Option<super::session_lease::Fleet>,
+    /// Finished session turns waiting for their write through (see [`super::session_through`]).
+    pub(super) writing: std::collections::HashMap<crate::sessions::SequenceId, Sequence>,
     /// Requests that left the queue (first admission, refusal, cancellation) since the last
     /// [`Engine::take_left_queue`].
     pub(super) left_queue: usize,
@@ -114,6 +116,7 @@ impl Engine {
             scratch: Default::default(),
             kv_bytes_per_position: (shape.layers * 2 * shape.kv_heads * shape.head_dim * 4) as u64,
             fleet: None,
+            writing: std::collections::HashMap::new(),
             left_queue: 0,
         }
     }
@@ -244,7 +247,7 @@ impl Engine {
             return;
         }
         let next = if self.fleet.is_some() {
-            self.fleet_retire(&mut seq, keep)
+            self.fleet_retire(seq, keep)
         } else if keep {
             self.sessions.finish(&mut seq)
         } else {
