@@ -42,6 +42,16 @@ impl TextStream {
         }
     }
 
+    /// Re-expresses the stream relative to the tokens it still reads (its window, from the first
+    /// token it decodes on) and returns that window: what a deferred text keeps instead of the
+    /// whole sequence. `tokens` is the whole sequence so far.
+    pub fn detach(&mut self, tokens: &[u32]) -> Vec<u32> {
+        let from = self.prefix_offset.min(tokens.len());
+        self.prefix_offset -= from;
+        self.read_offset = self.read_offset.saturating_sub(from);
+        tokens[from..].to_vec()
+    }
+
     /// All generated text released so far (the stop string, if one matched, excluded).
     pub fn text(&self) -> &str {
         &self.text

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use super::detok::TextStream;
+use super::deferred_text::SeqText;
 use super::params::SamplingParams;
 use super::request::UpdateSender;
 use super::sequence::Sequence;
@@ -28,7 +28,7 @@ pub struct MovedSequence {
     last_token_at: Option<Instant>,
     cumulative_logprob: f64,
     preemptions: u32,
-    text: TextStream,
+    text: SeqText,
     started: bool,
     reused: usize,
 }

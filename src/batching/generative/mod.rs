@@ -1,10 +1,12 @@
 //! Generative batching: iteration-level (continuous) batching of decoder models.
 //!
 //! Pure parts, each readable alone: [`params`] (the `sampling_parameters` JSON), [`sampler`]
-//! (seeded by request seed and absolute position), [`detok`] (text deltas, stop strings),
+//! (seeded by request seed and absolute position), [`detok`] (text deltas, stop strings; worked out
+//! at delivery when nothing the step loop decides depends on it: [`deferred_text`]),
 //! [`kv_blocks`] (paged K/V blocks with a prefix cache).
 
 pub mod cut_short;
+pub mod deferred_text;
 pub mod detok;
 pub mod failover;
 pub mod handle;

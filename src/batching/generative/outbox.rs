@@ -13,13 +13,17 @@
 //! without an outbox (no runtime at start, or not a step-loop thread) sends directly.
 
 use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
+use super::deferred_text::{self, DeferredText};
 use super::request::{GenerationError, GenerationUpdate, UpdateSender};
 
 type Message = Result<GenerationUpdate, GenerationError>;
-type Batch = Vec<(UpdateSender, Message)>;
+/// An update, its stream, and the sequence's text state when its text is filled in at delivery.
+type Entry = (UpdateSender, Message, Option<Arc<Mutex<DeferredText>>>);
+type Batch = Vec<Entry>;
 
 /// The pending updates of the current step-loop thread and the channel to its delivery task.
 struct Outbox {
@@ -37,8 +41,8 @@ pub fn install(runtime: &tokio::runtime::Handle) {
     let (to_task, mut from_loop) = mpsc::unbounded_channel::<Batch>();
     runtime.spawn(async move {
         while let Some(batch) = from_loop.recv().await {
-            for (stream, message) in batch {
-                let _ = stream.send(message);
+            for entry in batch {
+                send(entry);
             }
         }
     });
@@ -48,22 +52,36 @@ pub fn install(runtime: &tokio::runtime::Handle) {
 /// Sends `message` on `stream`: queued until the next [`flush`] on a thread with an outbox, at
 /// once elsewhere. `false` when the stream's receiver is gone (the client left).
 pub fn deliver(stream: &UpdateSender, message: Message) -> bool {
-    let mut message = Some(message);
+    deliver_text(stream, message, None)
+}
+
+/// [`deliver`] for an update whose text is filled in from `text` just before it is sent (on the
+/// delivery task, or at once where there is no outbox): see [`super::deferred_text`].
+pub fn deliver_text(stream: &UpdateSender, message: Message, text: Option<&Arc<Mutex<DeferredText>>>) -> bool {
+    let mut entry = Some((stream.clone(), message, text.cloned()));
     let queued = OUTBOX.with(|o| {
         let mut o = o.borrow_mut();
         let outbox = o.as_mut()?;
         if stream.is_closed() {
             return Some(false);
         }
-        if let Some(m) = message.take() {
-            outbox.pending.push((stream.clone(), m));
+        if let Some(e) = entry.take() {
+            outbox.pending.push(e);
         }
         Some(true)
     });
     match queued {
         Some(open) => open,
-        None => message.is_some_and(|m| stream.send(m).is_ok()),
+        None => entry.is_some_and(send),
     }
+}
+
+/// Fills in a deferred text and sends; `false` when the stream's receiver is gone.
+fn send((stream, mut message, text): Entry) -> bool {
+    if let (Some(text), Ok(update)) = (&text, &mut message) {
+        deferred_text::fill(text, update);
+    }
+    stream.send(message).is_ok()
 }
 
 /// Hands the updates queued on this thread to its delivery task (one wake-up). When the task is
@@ -81,8 +99,8 @@ pub fn flush() {
             Err(mpsc::error::SendError(batch)) => Some(batch),
         }
     });
-    for (stream, message) in batch.into_iter().flatten() {
-        let _ = stream.send(message);
+    for entry in batch.into_iter().flatten() {
+        send(entry);
     }
 }
 

@@ -3,7 +3,10 @@
 
 use std::time::Instant;
 
-use super::detok::{TextStream, TokenText};
+use std::sync::Arc;
+
+use super::deferred_text::SeqText;
+use super::detok::TokenText;
 use super::kv_blocks::BlockTable;
 use super::params::SamplingParams;
 use super::request::{
@@ -45,8 +48,8 @@ pub struct Sequence {
     pub cumulative_logprob: f64,
     /// Times this sequence was preempted (blocks freed, to be recomputed).
     pub preemptions: u32,
-    /// Incremental text of the generated tokens.
-    pub text: TextStream,
+    /// Incremental text of the generated tokens (on the step loop, or deferred to delivery).
+    pub text: SeqText,
     /// Set once the sequence has ended (or its client went away).
     pub done: bool,
     /// Has been admitted to the running set at least once (it has left the model's queue).
@@ -97,7 +100,7 @@ impl Sequence {
             last_token_at: None,
             cumulative_logprob: 0.0,
             preemptions: 0,
-            text: TextStream::new(prompt_len),
+            text: SeqText::new(prompt_len),
             done: false,
             started: false,
             session: req.session,
@@ -131,9 +134,10 @@ impl Sequence {
         sampled: Sampled,
         top: Option<PositionLogprobs>,
         rules: &StopRules,
-        decoder: &dyn TokenText,
+        decoder: &Arc<dyn TokenText>,
         now: Instant,
     ) -> Accepted {
+        self.text.defer_if_free(&self.params.stop, &self.tokens, decoder);
         self.tokens.push(sampled.token);
         self.cumulative_logprob += f64::from(sampled.logprob);
         let (first_token_s, inter_token_s) = match self.last_token_at {
@@ -142,19 +146,30 @@ impl Sequence {
         };
         self.last_token_at = Some(now);
         let eos = !self.params.ignore_eos && rules.eos.contains(&sampled.token);
-        let (mut text, stopped) =
-            if eos { (String::new(), false) } else { self.text.push(&self.tokens, decoder, &self.params.stop) };
+        let length = self.generated() >= self.params.max_tokens || self.tokens.len() >= rules.context_limit;
+        // Text here only when it is not deferred (the delivery side fills it in otherwise).
+        let (text, stopped) = match &mut self.text {
+            SeqText::Deferred(_) => (String::new(), false),
+            SeqText::Here(stream) => {
+                let (mut text, stopped) = if eos {
+                    (String::new(), false)
+                } else {
+                    stream.push(&self.tokens, decoder.as_ref(), &self.params.stop)
+                };
+                if (eos || length) && !stopped {
+                    let end = if eos { self.tokens.len() - 1 } else { self.tokens.len() };
+                    text.push_str(&stream.finish(&self.tokens[..end], decoder.as_ref(), &self.params.stop));
+                }
+                (text, stopped)
+            }
+        };
         let reason = if eos || stopped {
             Some(FinishReason::Stop)
-        } else if self.generated() >= self.params.max_tokens || self.tokens.len() >= rules.context_limit {
+        } else if length {
             Some(FinishReason::Length)
         } else {
             None
         };
-        if reason.is_some() && !stopped {
-            let end = if eos { self.tokens.len() - 1 } else { self.tokens.len() };
-            text.push_str(&self.text.finish(&self.tokens[..end], decoder, &self.params.stop));
-        }
         let finished = reason.map(|reason| Finished {
             reason,
             prompt_tokens: self.prompt_len,
@@ -173,7 +188,7 @@ impl Sequence {
             self.held_final = Some(update);
             self.updates.is_closed()
         } else {
-            !super::outbox::deliver(&self.updates, Ok(update))
+            !super::outbox::deliver_text(&self.updates, Ok(update), self.text.deferred())
         };
         if client_gone || finished.is_some() {
             self.done = true;
@@ -184,7 +199,10 @@ impl Sequence {
     /// Ends the sequence where it stands (the worker's exit deadline came): sends the text still
     /// held back and a last update whose reason is [`FinishReason::Abort`].
     pub fn cut_short(&mut self, decoder: &dyn TokenText) {
-        let text = self.text.finish(&self.tokens, decoder, &self.params.stop);
+        let text = match &mut self.text {
+            SeqText::Here(stream) => stream.finish(&self.tokens, decoder, &self.params.stop),
+            SeqText::Deferred(_) => String::new(),
+        };
         let finished = Finished {
             reason: FinishReason::Abort,
             prompt_tokens: self.prompt_len,
@@ -192,9 +210,10 @@ impl Sequence {
             cumulative_logprob: self.cumulative_logprob,
             cached_tokens: self.reused,
         };
-        let _ = super::outbox::deliver(
+        let _ = super::outbox::deliver_text(
             &self.updates,
             Ok(GenerationUpdate { text, finished: Some(finished), ..Default::default() }),
+            self.text.deferred(),
         );
         self.done = true;
     }

@@ -421,7 +421,7 @@ fn send_held(seq: &mut Sequence, error: Option<GenerationError>) {
         Some(_) => {}
         None => {
             if let Some(update) = held {
-                let _ = super::outbox::deliver(&seq.updates, Ok(update));
+                let _ = super::outbox::deliver_text(&seq.updates, Ok(update), seq.text.deferred());
             }
         }
     }

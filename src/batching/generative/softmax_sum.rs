@@ -45,8 +45,14 @@ fn exp_nonpositive(x: f32) -> f32 {
 /// One entry's share of the sum: exp(l − max), clamped below at e^LOWEST.
 #[inline(always)]
 fn term(l: f32, max: f32) -> f64 {
+    f64::from(exp_term(l, max))
+}
+
+/// [`term`] before widening to f64.
+#[inline(always)]
+fn exp_term(l: f32, max: f32) -> f32 {
     let x = l - max;
-    f64::from(exp_nonpositive(if x > LOWEST { x } else { LOWEST }))
+    exp_nonpositive(if x > LOWEST { x } else { LOWEST })
 }
 
 /// The body, compiled once per ISA (inlined into each `target_feature` wrapper): the maximum
@@ -73,8 +79,14 @@ fn log_sum_exp_body(logits: &[f32]) -> (f32, f32) {
     let mut sums = [0f64; LANES];
     for c in logits.chunks_exact(LANES) {
         let c: &[f32; LANES] = c.try_into().unwrap_or(&[f32::NEG_INFINITY; LANES]);
+        // The 16 exponentials first, in f32 (full-width vectors), then widened into the sums: one
+        // loop mixing f32 and f64 lanes vectorised only 4 entries at a time.
+        let mut e = [0f32; LANES];
         for j in 0..LANES {
-            sums[j] += term(c[j], max);
+            e[j] = exp_term(c[j], max);
+        }
+        for j in 0..LANES {
+            sums[j] += f64::from(e[j]);
         }
     }
     for (s, &l) in sums.iter_mut().zip(tail) {

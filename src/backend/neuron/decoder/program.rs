@@ -284,10 +284,11 @@ impl Program {
         match out {
             Rows::Logits(out, vocab) => {
                 let Some(t) = self.outputs.tensor(self.logits) else { return Ok(()) };
-                bytes.resize(out.len() * 4, 0);
-                t.read_at(first * vocab * 4, bytes)?;
-                for (x, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *x = f32::from_le_bytes(word(b));
+                // Straight into the caller's rows: the device's little-endian f32 is the host's.
+                t.read_at(first * vocab * 4, bytemuck::cast_slice_mut(out))?;
+                #[cfg(target_endian = "big")]
+                for x in out.iter_mut() {
+                    *x = f32::from_bits(u32::from_le(x.to_bits()));
                 }
             }
             Rows::Picks(out) => {

@@ -91,7 +91,7 @@ impl Engine {
                 (sampled, top)
             };
             row += 1;
-            let accepted = s.accept(sampled, top, &self.rules, self.text.as_ref(), now);
+            let accepted = s.accept(sampled, top, &self.rules, &self.text, now);
             self.stats.generated_tokens.fetch_add(1, Relaxed);
             if let Some(t) = accepted.first_token_s {
                 self.stats.time_to_first_token.observe(t);
