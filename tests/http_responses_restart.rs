@@ -3,7 +3,9 @@
 //! process on the same store answers `GET /v1/responses/{id}` for each, continues the restored
 //! session in place from the last response (only the new input is prefilled, the answer equals a
 //! stateless request over the same tokens), forks from an older one, and forgets deleted ids — on a
-//! local store and on Redis (a real `redis-server`, see `common::redis`).
+//! local store and on Redis (a real `redis-server`, see `common::redis`); and a streamed response
+//! still generating at SIGTERM ends within the exit timeout as `response.incomplete` (reason
+//! `worker_shutdown`), stored with its session, and is continued after the restart.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test code may panic on setup failures
 
 mod common;
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use common::http;
 use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 const MODEL: &str = "tiny_decoder";
@@ -116,5 +120,81 @@ async fn restart_scenario(store: &OsStr) {
     // An older response forks from its exact tokens.
     let f = respond(addr, "branch", r1["id"].as_str()).await;
     assert_eq!(ids(&f["prompt_token_ids"])[..history(&r1).len()], history(&r1)[..]);
+    stop(w).await;
+}
+
+/// The (type, data) of every complete SSE event in `seen`.
+fn events(seen: &[u8]) -> Vec<Value> {
+    let text = String::from_utf8_lossy(seen);
+    let complete = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
+    http::sse_events(complete.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_response_running_at_sigterm_is_cut_short_stored_and_continued_after_restart() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let args: Vec<&OsStr> = vec![
+        "--backend".as_ref(),
+        "cpu".as_ref(),
+        "--session-store".as_ref(),
+        dir.path().as_os_str(),
+        "--exit-timeout".as_ref(),
+        "3".as_ref(),
+    ];
+    let (w, _) = spawn_worker(&args, &[]).await;
+    let addr: SocketAddr = w.http.parse().unwrap();
+    let r1 = respond(addr, "one", None).await;
+    // A streamed follow-up that would run for a long time (greedy on this model runs to the limit).
+    let mut body = request("Talk.", r1["id"].as_str(), true);
+    body["max_output_tokens"] = json!(30000);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("/v1/responses")
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let mut resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut seen = Vec::new();
+    let mut signalled = None;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), resp.body_mut().frame()).await.expect("bounded");
+        let Some(frame) = frame else { break };
+        if let Ok(data) = frame.expect("the stream is not cut").into_data() {
+            seen.extend_from_slice(&data);
+        }
+        // SIGTERM once text is flowing.
+        if signalled.is_none() && events(&seen).iter().any(|e| e["type"] == "response.output_text.delta") {
+            let pid = w.child.id().to_string();
+            assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+            signalled = Some(Instant::now());
+        }
+    }
+    let signalled = signalled.expect("text flowed before the stream ended");
+    assert!(signalled.elapsed() < Duration::from_secs(3), "the stream ended within the exit timeout");
+    let evs = events(&seen);
+    let last = evs.last().expect("events");
+    assert_eq!(last["type"], "response.incomplete", "{last}");
+    let cut = last["response"].clone();
+    assert_eq!(cut["incomplete_details"]["reason"], "worker_shutdown", "the answer says it was cut short");
+    let deltas: String = evs.iter().filter_map(|e| e["delta"].as_str()).collect();
+    assert_eq!(cut["output"][0]["content"][0]["text"], json!(deltas));
+    let n = ids(&cut["output_token_ids"]).len();
+    assert!(n > 0 && n < 30000, "{n} tokens");
+    stop(w).await;
+
+    // After the restart the cut-short response is known and its session continues in place.
+    let (w, _) = spawn_worker(&args, &[]).await;
+    let addr: SocketAddr = w.http.parse().unwrap();
+    let got = http::get(addr, &format!("/v1/responses/{}", cut["id"].as_str().unwrap())).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.json(), cut);
+    let next = respond(addr, "Go on.", cut["id"].as_str()).await;
+    assert_eq!(ids(&next["prompt_token_ids"])[..history(&cut).len()], history(&cut)[..]);
+    assert_eq!(next["usage"]["input_tokens_details"]["cached_tokens"], json!(history(&cut).len() - 1), "{next}");
     stop(w).await;
 }

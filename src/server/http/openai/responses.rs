@@ -125,6 +125,10 @@ fn session_params(turn: &Turn) -> std::collections::HashMap<String, InferParamet
     m
 }
 
+/// `incomplete_details.reason` of a response the worker cut short while draining (its generation
+/// was still running near the exit deadline); what was generated is stored and can be continued.
+pub const CUT_SHORT: &str = "worker_shutdown";
+
 /// A parsed `POST /v1/responses`, its session claimed, ready to run (streamed or not).
 pub(super) struct Prepared {
     pub(super) app: App,
@@ -195,10 +199,16 @@ impl Prepared {
     pub(super) async fn finish(self, o: &Outcome) -> Value {
         let output_ids: Vec<u32> = o.output_ids.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
         let input_tokens = (self.turn.history.len() + self.turn.prompt.len()) as u64;
-        let incomplete = o.finish_reason.as_deref() == Some("length");
-        let mut body = self.object(if incomplete { "incomplete" } else { "completed" });
-        if incomplete {
-            body["incomplete_details"] = json!({ "reason": "max_output_tokens" });
+        // Why the answer is incomplete: `max_output_tokens` reached, or the worker drained with the
+        // generation still running and cut it short near its exit deadline (finish reason `abort`).
+        let cut = match o.finish_reason.as_deref() {
+            Some("length") => Some("max_output_tokens"),
+            Some("abort") => Some(CUT_SHORT),
+            _ => None,
+        };
+        let mut body = self.object(if cut.is_some() { "incomplete" } else { "completed" });
+        if let Some(reason) = cut {
+            body["incomplete_details"] = json!({ "reason": reason });
         }
         body["output"] = json!([message_item(&self.msg_id, "completed", &o.text)]);
         body["usage"] = json!({
