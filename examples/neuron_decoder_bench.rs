@@ -14,6 +14,11 @@
 //! `cargo run --release --example neuron_decoder_bench -- [CORES] [STREAMS] [TOKENS] [PREFILL_US] [DECODE_US] [TP]`
 //! (defaults 8 64 128 2000 1000 1; TP > 1 makes instances of TP ranks, CORES / TP of them). It re-executes itself with the stand-in's knobs set
 //! (`NRT_STANDIN_PREFILL_DELAY_US`, `NRT_STANDIN_DECODE_DELAY_US`, `NRT_STANDIN_VISIBLE_CORES`).
+//!
+//! Text: by default the byte-level tokenizer; `BENCH_TOKENIZER=fixture` decodes with the fixture's
+//! own `tokenizer.json` (the `tokenizers` crate, as a served model does). `BENCH_STOP=1` gives every
+//! request a stop string that never matches, which keeps detokenization on the step loop (text of
+//! requests without stop strings is worked out where updates are delivered).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::PathBuf;
@@ -34,6 +39,29 @@ use neuron_worker::config::ModelSpec;
 use neuron_worker::config::generative::complete_config;
 use neuron_worker::neff::testing_decoder::{DecoderLayout, write_standin_decoder};
 use neuron_worker::proto::inference::ModelConfig;
+
+/// The fixture's `tokenizer.json`, decoding as a served model does.
+struct FixtureTokenizer(neuron_worker::tokenize::Tokenizer);
+
+impl neuron_worker::batching::generative::detok::TokenText for FixtureTokenizer {
+    fn decode(&self, ids: &[u32]) -> String {
+        self.0.decode_skip_special(ids).unwrap_or_default()
+    }
+}
+
+impl neuron_worker::batching::generative::tokens::PromptTokenizer for FixtureTokenizer {
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
+        self.0.encode(text, add_special).map_err(|e| e.to_string())
+    }
+
+    fn render_chat(&self, _: &[neuron_worker::batching::generative::tokens::ChatMessage]) -> Result<String, String> {
+        Err("no chat template in the bench".into())
+    }
+
+    fn eos_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+}
 
 fn arg(args: &[String], i: usize, default: u64) -> u64 {
     args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
@@ -100,11 +128,24 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
     let direct = std::env::var_os("BENCH_DIRECT_UPDATES").is_some();
     let entered = (!direct).then(|| runtime.enter());
-    let batcher = Batcher::start_generative(Arc::new(spec), setup, decoders, Arc::new(ByteTokenizer), None)
+    let tokenizer: Arc<dyn neuron_worker::batching::generative::tokens::PromptTokenizer> =
+        if std::env::var("BENCH_TOKENIZER").is_ok_and(|t| t == "fixture") {
+            let t = neuron_worker::tokenize::Tokenizer::from_file(&fixture.join("tokenizer.json")).expect("tokenizer");
+            Arc::new(FixtureTokenizer(t))
+        } else {
+            Arc::new(ByteTokenizer)
+        };
+    let batcher = Batcher::start_generative(Arc::new(spec), setup, decoders, tokenizer, None)
         .expect("generative batching starts");
     let model = batcher.generative().expect("generative").clone();
-    let params =
-        SamplingParams { max_tokens: tokens as usize, temperature: 0.0, ignore_eos: true, ..SamplingParams::default() };
+    let stop = if std::env::var_os("BENCH_STOP").is_some() { vec!["\u{1}never\u{2}".to_owned()] } else { Vec::new() };
+    let params = SamplingParams {
+        max_tokens: tokens as usize,
+        temperature: 0.0,
+        ignore_eos: true,
+        stop,
+        ..SamplingParams::default()
+    };
     let started = Instant::now();
     let mut rxs = Vec::new();
     for k in 0..streams {
@@ -122,37 +163,42 @@ fn main() {
         rxs.push(rx);
     }
     drop(entered);
-    let generated: usize = runtime.block_on(async move {
+    let (generated, text_bytes): (usize, usize) = runtime.block_on(async move {
         let tasks: Vec<_> = rxs
             .into_iter()
             .map(|mut rx| {
                 tokio::spawn(async move {
-                    let mut n = 0;
+                    let (mut n, mut text) = (0, 0);
                     while let Some(update) = rx.recv().await {
                         let u = update.expect("generation succeeds");
                         n += u.tokens.len();
+                        text += u.text.len();
                         if u.finished.is_some() {
                             break;
                         }
                     }
-                    n
+                    (n, text)
                 })
             })
             .collect();
-        let mut total = 0;
+        let (mut total, mut text) = (0, 0);
         for t in tasks {
-            total += t.await.expect("stream task");
+            let (n, bytes) = t.await.expect("stream task");
+            total += n;
+            text += bytes;
         }
-        total
+        (total, text)
     });
     let wall = started.elapsed();
     model.drain();
     println!(
-        "neuron_decoder_bench: {cores} cores (tensor parallel {tp}), {streams} streams, {tokens} tokens each, device time prefill {prefill_us} µs / decode {decode_us} µs per execution, updates {}",
-        if direct { "sent directly" } else { "through the outbox" }
+        "neuron_decoder_bench: {cores} cores (tensor parallel {tp}), {streams} streams, {tokens} tokens each, device time prefill {prefill_us} µs / decode {decode_us} µs per execution, updates {}, text {} with the {} tokenizer",
+        if direct { "sent directly" } else { "through the outbox" },
+        if std::env::var_os("BENCH_STOP").is_some() { "on the step loop (stop string)" } else { "at delivery" },
+        if std::env::var("BENCH_TOKENIZER").is_ok_and(|t| t == "fixture") { "fixture's" } else { "byte" },
     );
     println!(
-        "  {generated} tokens in {:.3} s = {:.0} tokens/s",
+        "  {generated} tokens ({text_bytes} bytes of text) in {:.3} s = {:.0} tokens/s",
         wall.as_secs_f64(),
         generated as f64 / wall.as_secs_f64()
     );

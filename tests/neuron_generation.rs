@@ -244,15 +244,25 @@ async fn a_core_failing_mid_decode_hands_its_sequences_to_the_others() {
     ];
     let (w, c) = start_neuron(repo.path(), &fail, &[]).await;
     let prompts = reference();
-    let reqs = (0..6)
+    let tasks: Vec<_> = (0..6)
         .map(|k| {
             let p = &prompts[k % prompts.len()];
             ids_request(&p.ids, &greedy(p.greedy.len()))
         })
+        .map(|r| {
+            let mut c = c.clone();
+            tokio::spawn(async move { common::gen_sessions::generate_with_text(&mut c, r).await })
+        })
         .collect();
-    let got = all_at_once(&c, reqs).await;
-    for (k, (tokens, _)) in got.iter().enumerate() {
-        assert_eq!(tokens, &prompts[k % prompts.len()].greedy, "request {k}");
+    // The text streamed piece by piece (worked out where updates are delivered, across the move to
+    // another core) equals the tokenizer's decoding of all the tokens at once.
+    let tokenizer = neuron_worker::tokenize::Tokenizer::from_file(&gqa_fixture().join("tokenizer.json"))
+        .expect("fixture tokenizer");
+    for (k, t) in tasks.into_iter().enumerate() {
+        let (tokens, _, text) = t.await.expect("task").expect("generation succeeds");
+        assert_eq!(tokens, prompts[k % prompts.len()].greedy, "request {k}");
+        let whole = tokenizer.decode_skip_special(&tokens).expect("decode");
+        assert_eq!(text, whole, "request {k}: streamed text vs the whole decoding");
     }
     let moved = common::gen_sessions::metric(&w.metrics, "moved_sequences_total").await;
     assert!(moved >= 1.0, "core 0's sequences moved to other cores (moved_sequences_total = {moved})");

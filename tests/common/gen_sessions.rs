@@ -54,8 +54,16 @@ pub fn with_session(mut r: ModelInferRequest, id: u64, start: bool, end: bool) -
 
 /// Runs one request on its own stream: (ids, logprobs), or the in-band error message.
 pub async fn generate(c: &mut Client, req: ModelInferRequest) -> Result<(Vec<u32>, Vec<f32>), String> {
+    generate_with_text(c, req).await.map(|(ids, lps, _)| (ids, lps))
+}
+
+/// [`generate`], also returning the streamed `text_output` pieces joined.
+pub async fn generate_with_text(
+    c: &mut Client,
+    req: ModelInferRequest,
+) -> Result<(Vec<u32>, Vec<f32>, String), String> {
     let mut stream = c.model_stream_infer(tokio_stream::iter(vec![req])).await.expect("stream opens").into_inner();
-    let (mut ids, mut lps) = (Vec::new(), Vec::new());
+    let (mut ids, mut lps, mut text) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(120), stream.next())
             .await
@@ -71,8 +79,13 @@ pub async fn generate(c: &mut Client, req: ModelInferRequest) -> Result<(Vec<u32
         };
         ids.extend(get("output_ids").chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u32));
         lps.extend(get("output_logprobs").chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        // BYTES: a 4-byte little-endian length, then the bytes (one element).
+        let piece = get("text_output");
+        if piece.len() >= 4 {
+            text.extend_from_slice(&piece[4..]);
+        }
         if is_final(&r) {
-            return Ok((ids, lps));
+            return Ok((ids, lps, String::from_utf8_lossy(&text).into_owned()));
         }
     }
 }

@@ -107,7 +107,8 @@ impl GenerativeModel {
         let affinity = Affinity::default();
         let durable = store.map(|store| Durable { store, model: model.clone(), version: setup.version });
         // Streams are consumed on the server's runtime: updates reach them through an outbox.
-        let runtime = tokio::runtime::Handle::try_current().ok();
+        // One delivery task for all of the model's instances (see `outbox::Delivery`).
+        let delivery = tokio::runtime::Handle::try_current().ok().map(|rt| super::outbox::Delivery::start(&rt));
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));
@@ -140,7 +141,7 @@ impl GenerativeModel {
                 });
                 super::session_lease::Fleet::new(leases, model.clone(), setup.version, back)
             });
-            let runtime = runtime.clone();
+            let delivery = delivery.clone();
             // The thread says when its engine exists (its K/V pool counted in the gauges), so a
             // scheduler reading /capacity right after the load sees the whole pool.
             let (built_tx, built_rx) = mpsc::sync_channel::<()>(1);
@@ -153,8 +154,8 @@ impl GenerativeModel {
                         .with_durable(sessions.2)
                         .with_fleet(fleet);
                     let _ = built_tx.send(());
-                    if let Some(runtime) = runtime {
-                        super::outbox::install(&runtime);
+                    if let Some(delivery) = delivery {
+                        super::outbox::install(delivery);
                     }
                     step_loop(engine, ctx);
                     super::outbox::flush();
@@ -486,9 +487,15 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
     let mut open = true;
     let check_every = idle_check_every(&engine);
     let mut last_check = std::time::Instant::now();
+    // Whether the last step ran a forward: the next one then flushes the outbox itself, right
+    // before its execution (`Engine::run`).
+    let mut forwarded = false;
     loop {
-        // What the last step (or command) sent leaves now, before the next execution or a wait.
-        super::outbox::flush();
+        // What the last step (or command) sent leaves now when no execution is about to: before a
+        // wait, or after a step that ran nothing.
+        if !forwarded || engine.is_idle() {
+            super::outbox::flush();
+        }
         if let Some(every) = check_every
             && last_check.elapsed() >= every
         {
@@ -525,6 +532,7 @@ fn step_loop(mut engine: Engine, ctx: ThreadContext) {
             }
         }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
+        forwarded = matches!(result, Ok(Ok(report)) if report.tokens > 0);
         ctx.admission.dequeued(engine.take_left_queue());
         let (waiting, running) = engine.load();
         ctx.load.store(waiting + running, Release);

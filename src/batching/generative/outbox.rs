@@ -35,18 +35,32 @@ thread_local! {
     static OUTBOX: RefCell<Option<Outbox>> = const { RefCell::new(None) };
 }
 
-/// Gives the current thread an outbox whose delivery task runs on `runtime` (called once by a
-/// step-loop thread at start).
-pub fn install(runtime: &tokio::runtime::Handle) {
-    let (to_task, mut from_loop) = mpsc::unbounded_channel::<Batch>();
-    runtime.spawn(async move {
-        while let Some(batch) = from_loop.recv().await {
-            for entry in batch {
-                send(entry);
+/// The delivery task of one model's step loops. It is shared by all of them (one channel, one
+/// task), so updates reach their streams in the order the step loops flushed them, whichever
+/// instance a sequence is on: a sequence moved to another instance after a failure continues its
+/// stream (and its deferred text) in order, since its old instance flushed before handing it over.
+#[derive(Clone)]
+pub struct Delivery(mpsc::UnboundedSender<Batch>);
+
+impl Delivery {
+    /// Starts the delivery task on `runtime`; it ends once every step loop holding it has ended.
+    pub fn start(runtime: &tokio::runtime::Handle) -> Delivery {
+        let (to_task, mut from_loop) = mpsc::unbounded_channel::<Batch>();
+        runtime.spawn(async move {
+            while let Some(batch) = from_loop.recv().await {
+                for entry in batch {
+                    send(entry);
+                }
             }
-        }
-    });
-    OUTBOX.with(|o| *o.borrow_mut() = Some(Outbox { pending: Vec::new(), to_task }));
+        });
+        Delivery(to_task)
+    }
+}
+
+/// Gives the current thread an outbox that hands its updates to `delivery` (called once by a
+/// step-loop thread at start).
+pub fn install(delivery: Delivery) {
+    OUTBOX.with(|o| *o.borrow_mut() = Some(Outbox { pending: Vec::new(), to_task: delivery.0 }));
 }
 
 /// Sends `message` on `stream`: queued until the next [`flush`] on a thread with an outbox, at
@@ -128,7 +142,7 @@ mod tests {
         let (a, mut ra) = mpsc::unbounded_channel();
         let (b, mut rb) = mpsc::unbounded_channel();
         std::thread::spawn(move || {
-            install(&handle);
+            install(Delivery::start(&handle));
             for n in 0..3 {
                 assert!(deliver(&a, update(n)));
                 assert!(deliver(&b, update(10 + n)));

@@ -34,6 +34,9 @@ impl Engine {
                 !w || (p.is_greedy() && p.logprobs.is_none())
             });
         self.picked.clear();
+        // The previous step's updates leave now, as the thread is about to wait for the device:
+        // waking the delivery task here costs the step loop nothing it would otherwise do.
+        super::super::outbox::flush();
         if on_device {
             self.decoder.forward_greedy(&chunks, &mut self.picked)?;
         } else {
