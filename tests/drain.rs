@@ -74,6 +74,12 @@ fn successes(page: &str, model: &str) -> u64 {
     page.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
+/// A model's `neuron_worker_inference_request_failure` in a `/metrics` page, every reason summed.
+fn failures(page: &str, model: &str) -> u64 {
+    let prefix = format!("neuron_worker_inference_request_failure{{model=\"{model}\",");
+    page.lines().filter(|l| l.starts_with(&prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+}
+
 /// Waits (bounded) until `model` has `n` requests queued: their sends have completed.
 async fn wait_queued(metrics: &str, model: &str, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -179,6 +185,11 @@ async fn sigterm_finishes_every_accepted_request_and_the_counters_agree() {
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert_eq!(successes(&page, "held"), 40, "held: server successes vs client");
     assert_eq!(successes(&page, "fast"), fast_ok, "fast: server successes vs client ({refused} refused)");
+    // No request the server took in failed: every UNAVAILABLE a racing client saw was refused by
+    // the transport before the server accepted it (a stream opened after the GOAWAY the drain
+    // sends, or a new connection after the listener closed), never an accepted request lost.
+    assert_eq!(failures(&page, "fast"), 0, "fast: no accepted request failed ({refused} refused)");
+    assert_eq!(failures(&page, "held"), 0, "held: no accepted request failed");
     last.await.expect("join").expect("the last accepted request succeeds");
     let deadline = Instant::now() + Duration::from_secs(25);
     let code = loop {

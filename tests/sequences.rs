@@ -114,7 +114,12 @@ async fn idle_sequences_expire_and_free_their_slot() {
     let mut c = w.client().await;
     let id = SequenceId::Uint(9);
     assert_eq!(acc(&mut c, &id, 4, true, false).await.expect("start"), 4);
-    tokio::time::sleep(Duration::from_millis(1400)).await;
+    // Bounded wait on the condition (the expiry counted), not a sleep longer than the idle timeout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(&metrics(&w).await, "sessions_expired", "accumulate") != 1 {
+        assert!(std::time::Instant::now() < deadline, "sequence 9 did not expire within 10 s (idle timeout 1 s)");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let e = acc(&mut c, &id, 1, false, false).await.expect_err("expired");
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("sequence 9 expired"), "{}", e.message());

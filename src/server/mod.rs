@@ -305,8 +305,17 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
             tracing::info!("draining: health NOT_SERVING, no new connections, finishing accepted requests");
         });
         tokio::pin!(serve);
-        tokio::select! {
-            r = &mut serve => {
+        // The gRPC server also ends right after the stop signal when it has nothing in flight:
+        // that is a drain too (HTTP streams and generations may still run), so it takes the
+        // bounded drain path below, with its cut-short deadline, like a signal seen first.
+        let early = tokio::select! {
+            biased;
+            _ = stop.cancelled() => None,
+            r = &mut serve => Some(r),
+        };
+        let early = match early {
+            Some(r) if !stop.is_cancelled() => {
+                // The gRPC server ended on its own, without a stop signal.
                 let _ = health_task.await;
                 r?;
                 if let Some(t) = http_task {
@@ -315,8 +324,8 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
                 repo.drain_all().await;
                 return Ok(());
             }
-            _ = stop.cancelled() => {}
-        }
+            other => other,
+        };
         let _ = health_task.await;
         // Generations still running near the deadline end with a last response (finish reason
         // `abort`) instead of being lost; the rest of the time lets them reach their clients and
@@ -337,7 +346,10 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         match tokio::time::timeout(exit_timeout, async {
             // Sessions are saved as they go idle from now on, not only once the RPCs are done.
             repo.begin_drain_all().await;
-            let r = serve.await;
+            let r = match early {
+                Some(r) => r,
+                None => serve.await,
+            };
             if let Some(t) = http_task {
                 let _ = t.await;
             }

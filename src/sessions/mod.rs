@@ -14,6 +14,7 @@ mod store_damage_tests;
 mod store_db;
 #[cfg(any(test, feature = "testing"))]
 mod store_fault;
+mod store_records;
 mod store_redis;
 pub mod store_stats;
 

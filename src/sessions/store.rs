@@ -61,7 +61,7 @@ pub enum StoreError {
 /// sequence id) → a [`SessionBlob`]. Every operation is one transaction; a failed write changes
 /// nothing; the store survives I/O errors (re-opened) and a damaged file (moved aside).
 pub struct SessionStore {
-    backend: Backend,
+    pub(super) backend: Backend,
     /// The database file, or the Redis URL without its password.
     location: std::path::PathBuf,
     /// Latency and outcome of every operation.
@@ -73,7 +73,7 @@ pub struct SessionStore {
 }
 
 /// Where the sessions are kept.
-enum Backend {
+pub(super) enum Backend {
     /// A redb file in a local folder.
     Local(GuardedDb),
     /// A Redis or Valkey database.
@@ -280,7 +280,7 @@ impl SessionStore {
         &self.stats
     }
 
-    fn timed<T>(&self, op: StoreOp, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub(super) fn timed<T>(&self, op: StoreOp, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
         let started = std::time::Instant::now();
         let result = f();
         self.stats.record(op, started.elapsed(), result.is_ok());

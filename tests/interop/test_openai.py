@@ -3,7 +3,9 @@ built-in ``tiny_decoder`` (a seeded random 2-layer Llama with a byte-level token
 gibberish but deterministic at temperature 0): models list, chat completion (streamed and not),
 completions, the ``x-session-id`` header, and a Responses conversation of 3 turns chained by
 ``previous_response_id`` in which turns 2 and 3 reuse the whole earlier conversation from the
-worker-side session and turn 3's token ids equal a stateless request over the same token history.
+worker-side session and turn 3's token ids equal a stateless request over the same token history;
+and streamed Responses (``stream=True``): every event parsed by the client, the deltas equal to the
+unstreamed answer, the streamed response stored and chained by ``previous_response_id``.
 
 ``return_token_ids`` (vLLM's extension, sent with ``extra_body``) makes the worker return token ids,
 so exactness is checked on ids, not re-rendered text. Environment: ``NEURON_WORKER_HTTP_URL``
@@ -104,3 +106,41 @@ def test_responses_conversation_of_three_turns():
     got = c.responses.retrieve(turns[2].id)
     assert got.id == turns[2].id
     c.responses.delete(turns[2].id)
+
+
+def test_responses_streamed_and_chained():
+    """``stream=True`` on the Responses API: the client parses every event; the deltas add up to the
+    text of the same seeded request unstreamed; the streamed response is stored, retrievable and
+    continued by ``previous_response_id`` (cached tokens cover it), streamed or not."""
+    c = client()
+    ask = dict(model=MODEL, max_output_tokens=8, temperature=0.8, extra_body={"return_token_ids": True, "seed": 5})
+    whole = c.responses.create(input="Once upon a time", **ask)
+    events = list(c.responses.create(input="Once upon a time", stream=True, **ask))
+    types = [e.type for e in events]
+    assert types[:4] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+    ]
+    assert set(types[4:-4]) == {"response.output_text.delta"}
+    assert types[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert types[-1] == ("response.incomplete" if final.status == "incomplete" else "response.completed")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text == final.output_text
+    assert events[-4].text == text
+    assert final.usage.output_tokens == whole.usage.output_tokens
+    assert final.usage.input_tokens == whole.usage.input_tokens
+    assert c.responses.retrieve(final.id).output_text == text
+    # Chained: a follow-up of the streamed response reuses the whole conversation from the session.
+    before = extra(final, "prompt_token_ids") + extra(final, "output_token_ids")
+    nxt = c.responses.create(input="And then?", previous_response_id=final.id, **ask)
+    assert nxt.usage.input_tokens_details.cached_tokens == len(before) - 1
+    assert extra(nxt, "prompt_token_ids")[: len(before)] == before
+    # A streamed follow-up of that one continues the same session too.
+    before = extra(nxt, "prompt_token_ids") + extra(nxt, "output_token_ids")
+    events = list(c.responses.create(input="The end.", previous_response_id=nxt.id, stream=True, **ask))
+    last = events[-1].response
+    assert last.previous_response_id == nxt.id
+    assert last.usage.input_tokens_details.cached_tokens == len(before) - 1
+    assert extra(last, "prompt_token_ids")[: len(before)] == before
+    c.responses.delete(last.id)

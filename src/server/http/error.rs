@@ -64,7 +64,7 @@ impl HttpError {
     }
 
     /// OpenAI's `error.type` for this status.
-    fn openai_type(&self) -> &'static str {
+    pub fn openai_type(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::NOT_FOUND => "invalid_request_error",
             StatusCode::UNAUTHORIZED => "authentication_error",

@@ -42,7 +42,7 @@ pub struct App {
     /// Largest request body, bytes (after decompression).
     body_limit: usize,
     /// Stored `/v1/responses`.
-    responses: Arc<openai::response_store::ResponseStore>,
+    responses: Arc<openai::response_persist::Responses>,
 }
 
 /// Most responses `/v1/responses` keeps (oldest dropped first).
@@ -99,7 +99,8 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })?;
     let bound = listener.local_addr().map_err(|source| ServeError::Bind { addr, source })?;
     let token: Option<Arc<str>> = opts.auth_token.as_deref().filter(|t| !t.is_empty()).map(Arc::from);
-    let responses = Arc::new(openai::response_store::ResponseStore::new(STORED_RESPONSES));
+    let store = repo.session_store().cloned();
+    let responses = Arc::new(openai::response_persist::Responses::new(STORED_RESPONSES, store));
     let app = App { core: Core { service, repo }, body_limit: opts.max_message_size, responses };
     let worker = super::worker_id::header_value(&opts.worker_id).map_err(ServeError::WorkerId)?;
     let router = router(app, token).layer(super::worker_id::layer(worker));

@@ -6,8 +6,10 @@ pub mod completions;
 pub mod embeddings;
 pub mod generation;
 pub mod models;
+pub mod response_persist;
 pub mod response_store;
 pub mod responses;
+pub mod responses_stream;
 
 use axum::response::{IntoResponse, Response};
 

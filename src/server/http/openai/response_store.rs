@@ -3,7 +3,8 @@
 //! response of a session is its *head*, and only a follow-up of the head continues the session in
 //! place (prefilling only its new tokens). A follow-up of an older response forks: it opens a new
 //! session from that response's tokens, so the newer branch keeps its session intact. Bounded
-//! (oldest dropped first); held in memory for the worker's lifetime.
+//! (oldest dropped first); held in memory, and written through to the session store when the
+//! worker has one (see `response_persist`), so ids outlive a restart.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -75,21 +76,35 @@ impl ResponseStore {
 
     /// Keeps `r` under `id` as the head of its session, dropping the oldest beyond capacity;
     /// returns the sessions left without a head (to end).
+    #[cfg(test)]
     pub fn put(&self, id: String, r: StoredResponse) -> Vec<Orphan> {
-        let Ok(mut g) = self.inner.lock() else { return Vec::new() };
-        g.heads.insert(r.session.clone(), Head::At(id.clone()));
+        self.insert(id, r, true).0
+    }
+
+    /// Keeps `r` under `id` (as its session's head when `head`), dropping the oldest beyond
+    /// capacity: the sessions left without a head (to end), and the ids dropped.
+    pub fn insert(&self, id: String, r: StoredResponse, head: bool) -> (Vec<Orphan>, Vec<String>) {
+        let Ok(mut g) = self.inner.lock() else { return (Vec::new(), Vec::new()) };
+        if head {
+            g.heads.insert(r.session.clone(), Head::At(id.clone()));
+        }
         if g.map.insert(id.clone(), r).is_none() {
             g.order.push_back(id);
         }
-        let mut orphans = Vec::new();
+        let (mut orphans, mut dropped) = (Vec::new(), Vec::new());
         while g.order.len() > self.capacity {
-            if let Some(old) = g.order.pop_front()
-                && let Some(Some(o)) = g.remove(&old)
-            {
-                orphans.push(o);
+            let Some(old) = g.order.pop_front() else { break };
+            if let Some(o) = g.remove(&old) {
+                orphans.extend(o);
             }
+            dropped.push(old);
         }
-        orphans
+        (orphans, dropped)
+    }
+
+    /// Whether `session` has a head (a stored response, or a turn running on it).
+    pub fn has_head(&self, session: &str) -> bool {
+        self.inner.lock().is_ok_and(|g| g.heads.contains_key(session))
     }
 
     /// The response stored under `id`.

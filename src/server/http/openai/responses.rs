@@ -1,4 +1,4 @@
-//! `POST /v1/responses` (non-streamed), `GET` and `DELETE /v1/responses/{id}`: OpenAI's Responses API
+//! `POST /v1/responses` (streamed or not, see `responses_stream`), `GET` and `DELETE /v1/responses/{id}`: OpenAI's Responses API
 //! over a generative model, backed by generative sessions. A stored response (`store: true`, the
 //! default) keeps its conversation as a session on the worker; a follow-up naming it by
 //! `previous_response_id` sends only its new input, rendered as a chat continuation (see
@@ -12,6 +12,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
 
@@ -24,6 +25,7 @@ use crate::proto::inference::InferParameter;
 use crate::proto::inference::infer_parameter::ParameterChoice;
 use crate::server::ServerError;
 use crate::server::chat_turn;
+use crate::server::http::core::ResponseStream;
 use crate::server::http::{App, HttpError, body};
 use crate::sessions::SequenceId;
 
@@ -49,7 +51,7 @@ fn input_messages(input: &Value) -> Result<Vec<Value>, HttpError> {
 
 fn not_found(id: &str) -> HttpError {
     HttpError::not_found(format!(
-        "no stored response '{id}' (responses are kept in memory while the worker runs, when sent with store: true)"
+        "no stored response '{id}' (responses sent with store: true are kept while the worker runs, and across restarts with --session-store; the oldest are dropped beyond 10000)"
     ))
 }
 
@@ -76,7 +78,7 @@ async fn end_sessions(app: &App, orphans: Vec<Orphan>) {
 
 /// A turn's session until its response is stored: if the request fails or its client goes away
 /// (the handler is dropped), no stored response continues the session, so it is ended.
-struct Unstored {
+pub(super) struct Unstored {
     app: App,
     orphan: Option<Orphan>,
 }
@@ -93,13 +95,16 @@ impl Drop for Unstored {
         self.app.responses.drop_session(&o.session);
         let app = self.app.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move { end_sessions(&app, vec![o]).await });
+            rt.spawn(async move {
+                app.responses.ended(&o.session).await;
+                end_sessions(&app, vec![o]).await
+            });
         }
     }
 }
 
 /// How a request's tokens reach the model.
-struct Turn {
+pub(super) struct Turn {
     /// Session to run the turn in (`None`: stateless).
     session: Option<String>,
     /// Open the session with this turn.
@@ -120,33 +125,141 @@ fn session_params(turn: &Turn) -> std::collections::HashMap<String, InferParamet
     m
 }
 
-async fn run(app: &App, model: &str, turn: &Turn, sampling: Map<String, Value>) -> Result<Outcome, HttpError> {
-    let loaded = app.core.repo.get(model, "").map_err(ServerError::from)?;
-    let ids = turn.prompt.iter().map(|&t| i64::from(t)).collect();
-    let g = Generation { prompt: Prompt::Ids(ids), stream: false, sampling, logprobs: None };
-    let mut req = generation::to_core(&loaded.spec, &g)?;
-    req.parameters = session_params(turn);
-    let mut responses = app.core.infer_stream(req);
-    let mut o = Outcome::default();
-    while let Some(r) = responses.next().await {
-        o.push(generation::read(&r?));
-    }
-    Ok(o)
+/// `incomplete_details.reason` of a response the worker cut short while draining (its generation
+/// was still running near the exit deadline); what was generated is stored and can be continued.
+pub const CUT_SHORT: &str = "worker_shutdown";
+
+/// A parsed `POST /v1/responses`, its session claimed, ready to run (streamed or not).
+pub(super) struct Prepared {
+    pub(super) app: App,
+    pub(super) model: String,
+    /// The request, for the fields the response echoes.
+    req: Map<String, Value>,
+    store: bool,
+    previous: Option<String>,
+    turn: Turn,
+    sampling: Map<String, Value>,
+    /// Ends the turn's session unless its response gets stored.
+    unstored: Unstored,
+    /// The response's id, creation time and output message id (known before it runs, for streams).
+    id: String,
+    created_at: u64,
+    pub(super) msg_id: String,
 }
 
-/// `POST /v1/responses`.
-pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Result<Json<Value>, OpenAiError> {
-    let bytes = body::read(&headers, raw, app.body_limit).await?;
-    let req: Map<String, Value> = body::json(&bytes)?;
+impl Prepared {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.req.get(k).filter(|v| !v.is_null())
+    }
+
+    /// Starts the turn on the model.
+    pub(super) fn start(&self, stream: bool) -> Result<ResponseStream, HttpError> {
+        let loaded = self.app.core.repo.get(&self.model, "").map_err(ServerError::from)?;
+        let ids = self.turn.prompt.iter().map(|&t| i64::from(t)).collect();
+        let g = Generation { prompt: Prompt::Ids(ids), stream, sampling: self.sampling.clone(), logprobs: None };
+        let mut req = generation::to_core(&loaded.spec, &g)?;
+        req.parameters = session_params(&self.turn);
+        Ok(self.app.core.infer_stream(req))
+    }
+
+    /// The response object with `status`, no output and no usage yet (streams announce it first).
+    pub(super) fn object(&self, status: &str) -> Value {
+        json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "incomplete_details": null,
+            "error": null,
+            "model": self.model,
+            "instructions": self.get("instructions").cloned().unwrap_or(Value::Null),
+            "previous_response_id": self.previous,
+            "store": self.store,
+            "output": [],
+            "parallel_tool_calls": false,
+            "tool_choice": "auto",
+            "tools": [],
+            "temperature": self.get("temperature").cloned().unwrap_or(Value::Null),
+            "top_p": self.get("top_p").cloned().unwrap_or(Value::Null),
+            "max_output_tokens": self.get("max_output_tokens").cloned().unwrap_or(Value::Null),
+            "metadata": self.get("metadata").cloned().unwrap_or(json!({})),
+            "text": { "format": { "type": "text" } },
+            "usage": null
+        })
+    }
+
+    /// The response object of a turn that failed after it started.
+    pub(super) fn failed(&self, e: &HttpError) -> Value {
+        let mut body = self.object("failed");
+        body["error"] = json!({ "code": e.openai_type(), "message": e.message });
+        body
+    }
+
+    /// The finished response object for `o`; stores it (when `store`) as its session's head.
+    pub(super) async fn finish(self, o: &Outcome) -> Value {
+        let output_ids: Vec<u32> = o.output_ids.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
+        let input_tokens = (self.turn.history.len() + self.turn.prompt.len()) as u64;
+        // Why the answer is incomplete: `max_output_tokens` reached, or the worker drained with the
+        // generation still running and cut it short near its exit deadline (finish reason `abort`).
+        let cut = match o.finish_reason.as_deref() {
+            Some("length") => Some("max_output_tokens"),
+            Some("abort") => Some(CUT_SHORT),
+            _ => None,
+        };
+        let mut body = self.object(if cut.is_some() { "incomplete" } else { "completed" });
+        if let Some(reason) = cut {
+            body["incomplete_details"] = json!({ "reason": reason });
+        }
+        body["output"] = json!([message_item(&self.msg_id, "completed", &o.text)]);
+        body["usage"] = json!({
+            "input_tokens": input_tokens,
+            "input_tokens_details": { "cached_tokens": o.cached_tokens },
+            "output_tokens": o.completion_tokens,
+            "output_tokens_details": { "reasoning_tokens": 0 },
+            "total_tokens": input_tokens + o.completion_tokens
+        });
+        let Prepared { app, model, turn, unstored, id, req, .. } = self;
+        let mut tokens = turn.history;
+        tokens.extend_from_slice(&turn.prompt);
+        if body_flag(&req, "return_token_ids") {
+            body["prompt_token_ids"] = json!(tokens);
+            body["output_token_ids"] = json!(output_ids);
+        }
+        tokens.extend_from_slice(&output_ids);
+        unstored.stored();
+        if let Some(session) = turn.session {
+            let orphans = app.responses.put(id, StoredResponse { model, session, tokens, body: body.clone() }).await;
+            end_sessions(&app, orphans).await;
+        }
+        body
+    }
+}
+
+fn body_flag(req: &Map<String, Value>, k: &str) -> bool {
+    req.get(k).and_then(Value::as_bool) == Some(true)
+}
+
+/// The assistant message output item with `text` as its one `output_text` part.
+pub(super) fn message_item(id: &str, status: &str, text: &str) -> Value {
+    json!({
+        "type": "message",
+        "id": id,
+        "status": status,
+        "role": "assistant",
+        "content": [text_part(text)]
+    })
+}
+
+/// An `output_text` content part.
+pub(super) fn text_part(text: &str) -> Value {
+    json!({ "type": "output_text", "text": text, "annotations": [], "logprobs": [] })
+}
+
+/// Parses a `POST /v1/responses` body and claims the session its turn runs in.
+async fn prepare(app: App, req: Map<String, Value>) -> Result<Prepared, HttpError> {
     let get = |k: &str| req.get(k).filter(|v| !v.is_null());
     let model =
         get("model").and_then(Value::as_str).ok_or_else(|| HttpError::bad_request("'model' is required"))?.to_string();
-    if get("stream").and_then(Value::as_bool) == Some(true) {
-        return Err(HttpError::bad_request(
-            "streamed responses are not supported yet; use /v1/chat/completions with stream: true",
-        )
-        .into());
-    }
     let store = get("store").and_then(Value::as_bool).unwrap_or(true);
     let previous = get("previous_response_id").and_then(Value::as_str).map(str::to_string);
     let mut new_messages: Vec<ChatMessage> = input_messages(get("input").unwrap_or(&Value::Null))?
@@ -169,18 +282,17 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
         }
     }
     if let Some(id) = &previous {
-        let prev = app.responses.get(id).ok_or_else(|| not_found(id))?;
+        let prev = app.responses.get(id).await.ok_or_else(|| not_found(id))?;
         if prev.model != model {
             return Err(HttpError::bad_request(format!(
                 "response '{id}' was made by model '{}', not '{model}'",
                 prev.model
-            ))
-            .into());
+            )));
         }
     }
     let loaded = app.core.repo.get(&model, "").map_err(ServerError::from)?;
     let Some(generative) = loaded.batching.generative().cloned() else {
-        return Err(HttpError::bad_request(format!("model '{model}' is not a generative model")).into());
+        return Err(HttpError::bad_request(format!("model '{model}' is not a generative model")));
     };
     let tok = generative.tokenizer().clone();
     let invalid = |e: String| HttpError::bad_request(format!("model '{model}': {e}"));
@@ -193,9 +305,9 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
         Some(id) => {
             // Claimed only when storing: a stateless follow-up leaves the session alone.
             let (prev, is_head) = if store {
-                app.responses.claim(id).ok_or_else(|| not_found(id))?
+                app.responses.claim(id).await.ok_or_else(|| not_found(id))?
             } else {
-                (app.responses.get(id).ok_or_else(|| not_found(id))?, false)
+                (app.responses.get(id).await.ok_or_else(|| not_found(id))?, false)
             };
             let claimed = is_head.then(|| Orphan { model: model.clone(), session: prev.session.clone() });
             let guard = Unstored { app: app.clone(), orphan: claimed };
@@ -217,67 +329,46 @@ pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Re
     // The session may hold part of a failed or abandoned turn: no stored response continues it then.
     let orphan = turn.session.clone().map(|session| Orphan { model: model.clone(), session });
     let unstored = Unstored { app: app.clone(), orphan };
-    let o = run(&app, &model, &turn, sampling).await?;
-    let output_ids: Vec<u32> = o.output_ids.iter().filter_map(|&t| u32::try_from(t).ok()).collect();
-    let input_tokens = (turn.history.len() + turn.prompt.len()) as u64;
-    let id = new_id("resp_");
-    let incomplete = o.finish_reason.as_deref() == Some("length");
-    let mut body = json!({
-        "id": id,
-        "object": "response",
-        "created_at": now(),
-        "status": if incomplete { "incomplete" } else { "completed" },
-        "incomplete_details": if incomplete { json!({ "reason": "max_output_tokens" }) } else { Value::Null },
-        "error": null,
-        "model": model,
-        "instructions": get("instructions").cloned().unwrap_or(Value::Null),
-        "previous_response_id": previous,
-        "store": store,
-        "output": [{
-            "type": "message",
-            "id": new_id("msg_"),
-            "status": "completed",
-            "role": "assistant",
-            "content": [{ "type": "output_text", "text": o.text, "annotations": [] }]
-        }],
-        "parallel_tool_calls": false,
-        "tool_choice": "auto",
-        "tools": [],
-        "temperature": get("temperature").cloned().unwrap_or(Value::Null),
-        "top_p": get("top_p").cloned().unwrap_or(Value::Null),
-        "metadata": get("metadata").cloned().unwrap_or(json!({})),
-        "text": { "format": { "type": "text" } },
-        "usage": {
-            "input_tokens": input_tokens,
-            "input_tokens_details": { "cached_tokens": o.cached_tokens },
-            "output_tokens": o.completion_tokens,
-            "output_tokens_details": { "reasoning_tokens": 0 },
-            "total_tokens": input_tokens + o.completion_tokens
-        }
-    });
-    let mut tokens = turn.history;
-    tokens.extend_from_slice(&turn.prompt);
-    if get("return_token_ids").and_then(Value::as_bool) == Some(true) {
-        body["prompt_token_ids"] = json!(tokens);
-        body["output_token_ids"] = json!(output_ids);
+    Ok(Prepared {
+        app,
+        model,
+        req,
+        store,
+        previous,
+        turn,
+        sampling,
+        unstored,
+        id: new_id("resp_"),
+        created_at: now(),
+        msg_id: new_id("msg_"),
+    })
+}
+
+/// `POST /v1/responses`: the response object, or with `stream: true` its server-sent events.
+pub async fn create(State(app): State<App>, headers: HeaderMap, raw: Body) -> Result<Response, OpenAiError> {
+    let bytes = body::read(&headers, raw, app.body_limit).await?;
+    let req: Map<String, Value> = body::json(&bytes)?;
+    let stream = body_flag(&req, "stream");
+    let p = prepare(app, req).await?;
+    if stream {
+        return Ok(super::responses_stream::respond(p).await?);
     }
-    tokens.extend_from_slice(&output_ids);
-    unstored.stored();
-    if let Some(session) = turn.session {
-        let orphans = app.responses.put(id, StoredResponse { model, session, tokens, body: body.clone() });
-        end_sessions(&app, orphans).await;
+    let mut responses = p.start(false)?;
+    let mut o = Outcome::default();
+    while let Some(r) = responses.next().await {
+        o.push(generation::read(&r?));
     }
-    Ok(Json(body))
+    Ok(Json(p.finish(&o).await).into_response())
 }
 
 /// `GET /v1/responses/{id}`.
 pub async fn get(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, OpenAiError> {
-    Ok(Json(app.responses.get(&id).ok_or_else(|| not_found(&id))?.body))
+    Ok(Json(app.responses.get(&id).await.ok_or_else(|| not_found(&id))?.body))
 }
 
 /// `DELETE /v1/responses/{id}`.
 pub async fn delete(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, OpenAiError> {
-    let orphan = app.responses.delete(&id).ok_or_else(|| not_found(&id))?;
+    let orphan = app.responses.delete(&id).await.ok_or_else(|| not_found(&id))?;
     end_sessions(&app, orphan.into_iter().collect()).await;
     Ok(Json(json!({ "id": id, "object": "response.deleted", "deleted": true })))
 }
