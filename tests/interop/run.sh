@@ -15,7 +15,7 @@
 #   INTEROP_BACKEND       --backend for the worker        (default cpu: the expected values are the CPU reference's)
 #   PYTEST_ARGS           extra pytest arguments (e.g. "-k streaming -v")
 # Exits non-zero when any step fails. The last line is "interop: N passed, M failed", counting the
-# pytest tests plus five checks: perf_analyzer unary, streaming, HTTP and sequences, exit 0 on SIGTERM.
+# pytest tests plus six checks: perf_analyzer unary, streaming, HTTP (linear and mlp) and sequences, exit 0 on SIGTERM.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -112,7 +112,7 @@ fi
 echo "interop: worker ready (pid $WORKER_PID)"
 
 FAILED_STEPS=()   # what failed besides pytest tests, for the log
-CHECKS_PASSED=0   # perf_analyzer unary, streaming, HTTP and sequences, SIGTERM
+CHECKS_PASSED=0   # perf_analyzer unary, streaming, HTTP (linear, mlp) and sequences, SIGTERM
 CHECKS_FAILED=0
 
 # --- pytest ----------------------------------------------------------------------------------------
@@ -149,12 +149,12 @@ fi
 
 # --- perf_analyzer -------------------------------------------------------------------------------
 perf() {
-  local label=$1 url=$2; shift 2
+  local label=$1 url=$2 model=${PERF_MODEL:-linear} shape=${PERF_SHAPE:-INPUT0:64}; shift 2
   local out="$WORK/perf-$label.txt" rc=0
   echo "interop: perf_analyzer ($label)"
   # This checks that perf_analyzer works against the worker, not how fast it is: a loose stability
   # bound (the default 10% fails now and then on a busy 2-core machine) and at most 8 windows per level.
-  timeout 90 perf_analyzer -u "$url" -m linear --shape INPUT0:64 --concurrency-range 1:4:3 \
+  timeout 90 perf_analyzer -u "$url" -m "$model" --shape "$shape" --concurrency-range 1:4:3 \
     --measurement-interval 1000 -b 1 --stability-percentage 50 --max-trials 8 "$@" >"$out" 2>&1 || rc=$?
   grep -E '^Concurrency: [0-9]+, throughput: [0-9.]+ infer/sec' "$out" || true
   if [ "$rc" -ne 0 ]; then
@@ -177,6 +177,7 @@ perf() {
 perf unary "$GRPC_ADDR" -i grpc
 perf streaming "$GRPC_ADDR" -i grpc --streaming
 perf http "$HTTP_ADDR" -i http
+PERF_MODEL=mlp PERF_SHAPE=INPUT0:256 perf http-mlp "$HTTP_ADDR" -i http
 
 # Sequences: perf_analyzer drives the stateful `accumulate` model with START/END flags.
 echo "interop: perf_analyzer (sequences)"

@@ -7,7 +7,9 @@ it with SIGTERM at the end, checking it exits 0.
 Checked: a text and a list of texts give the right count and dimension; ``float`` and ``base64``
 encodings decode to the same vectors; each vector equals the ``sentence_embedding`` the worker
 returns over KServe v2 (``tritonclient.grpc``) for the token ids the fixture's vocabulary gives that
-text; token-id input equals text input; an unknown model raises ``openai.NotFoundError``.
+text; token-id input equals text input; an unknown model raises ``openai.NotFoundError``; and the
+same BERT model over KServe v2 HTTP with ``tritonclient.http`` (JSON and binary tensor data) gives
+the gRPC answer.
 Environment: ``NEURON_WORKER_BINARY`` (default ``target/debug/neuron-worker``).
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from openai import OpenAI
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -140,3 +143,26 @@ def test_unknown_model_and_bad_input_raise(worker):
     with pytest.raises(openai.BadRequestError) as e:
         c.embeddings.create(model=MODEL, input="tok10", dimensions=8)
     assert "dimensions" in str(e.value)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_http_equals_grpc_on_the_bert_model(worker, binary):
+    """KServe v2 HTTP with ``tritonclient.http`` on the BERT model: JSON or binary tensor data in
+    and out, two rows of different lengths padded with a zero mask; each row equals the gRPC answer
+    for that row alone."""
+    rows = [bert_fixture.ids_of(TEXTS[0]), bert_fixture.ids_of(TEXTS[2])]
+    width = max(len(r) for r in rows)
+    ids = np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+    mask = np.array([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+    http = httpclient.InferenceServerClient(worker["http"])
+    assert http.is_model_ready(MODEL)
+    inputs = []
+    for name, values in (("input_ids", ids), ("attention_mask", mask), ("token_type_ids", np.zeros_like(ids))):
+        t = httpclient.InferInput(name, list(values.shape), "INT64")
+        t.set_data_from_numpy(values, binary_data=binary)
+        inputs.append(t)
+    out = [httpclient.InferRequestedOutput("sentence_embedding", binary_data=binary)]
+    got = http.infer(MODEL, inputs, outputs=out).as_numpy("sentence_embedding")
+    assert got.shape == (2, bert_fixture.HIDDEN)
+    for i, r in enumerate(rows):
+        np.testing.assert_allclose(got[i], kserve_embedding(worker, r), rtol=0, atol=1e-5)
