@@ -3,7 +3,7 @@
 # test_tritonclient_http.py (HTTP, JSON and binary data) with the unmodified Triton Python clients,
 # test_openai.py and test_openai_embeddings.py with the official openai client (the latter starts its
 # own worker on free ports serving a small generated sentence-embedding model, bert_fixture.py),
-# drives it with perf_analyzer (gRPC unary and streaming, HTTP, sequences), then stops it with SIGTERM
+# drives it with perf_analyzer (gRPC unary and streaming, HTTP on linear and mlp, sequences), then stops it with SIGTERM
 # and checks it exits 0.
 #
 # Usage: tests/interop/run.sh [WORKER_BINARY]          (default: target/debug/neuron-worker)
