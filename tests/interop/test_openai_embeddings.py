@@ -9,12 +9,15 @@ encodings decode to the same vectors; each vector equals the ``sentence_embeddin
 returns over KServe v2 (``tritonclient.grpc``) for the token ids the fixture's vocabulary gives that
 text; token-id input equals text input; an unknown model raises ``openai.NotFoundError``; and the
 same BERT model over KServe v2 HTTP with ``tritonclient.http`` (JSON and binary tensor data) gives
-the gRPC answer.
+the gRPC answer, and ``perf_analyzer -i http`` drives it (real token ids from an input-data file).
 Environment: ``NEURON_WORKER_BINARY`` (default ``target/debug/neuron-worker``).
 """
 
 import base64
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,3 +169,29 @@ def test_tritonclient_http_equals_grpc_on_the_bert_model(worker, binary):
     assert got.shape == (2, bert_fixture.HIDDEN)
     for i, r in enumerate(rows):
         np.testing.assert_allclose(got[i], kserve_embedding(worker, r), rtol=0, atol=1e-5)
+
+
+def test_perf_analyzer_http_on_the_bert_model(worker, tmp_path):
+    """``perf_analyzer -i http`` against the BERT model, with valid token ids from an input-data
+    file (its random data would be ids outside the vocabulary, which the worker refuses): every
+    request succeeds and both concurrency levels report a throughput."""
+    # run.sh puts the client venv's perf_analyzer (and the libraries it loads) on the paths.
+    perf = shutil.which("perf_analyzer")
+    assert perf, "perf_analyzer is not on PATH (run the suite with tests/interop/run.sh)"
+    ids = bert_fixture.ids_of(TEXTS[2])
+    row = {
+        "input_ids": {"content": ids, "shape": [len(ids)]},
+        "attention_mask": {"content": [1] * len(ids), "shape": [len(ids)]},
+        "token_type_ids": {"content": [0] * len(ids), "shape": [len(ids)]},
+    }
+    data = tmp_path / "bert-input.json"
+    data.write_text(json.dumps({"data": [row]}))
+    out = subprocess.run(
+        [perf, "-i", "http", "-u", worker["http"], "-m", MODEL, "--input-data", str(data), "-b", "1",
+         "--concurrency-range", "1:2", "--measurement-interval", "1000", "--stability-percentage", "50",
+         "--max-trials", "8"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    levels = re.findall(r"^Concurrency: (\d+), throughput: ([0-9.]+) infer/sec", out.stdout, re.M)
+    assert {c for c, t in levels if float(t) > 0} == {"1", "2"}, out.stdout
