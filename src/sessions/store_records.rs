@@ -16,19 +16,6 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// Prefix of every record key on Redis.
 const NAMESPACE: &str = "neuron-worker:record:";
 
-/// The glob pattern matching exactly the keys that start with `prefix`.
-fn pattern(prefix: &str) -> String {
-    let mut p = String::with_capacity(prefix.len() + 1);
-    for c in prefix.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            p.push('\\');
-        }
-        p.push(c);
-    }
-    p.push('*');
-    p
-}
-
 /// A table that was never written reads as empty (opening it in a read transaction is an error).
 fn missing<T>(r: Result<T, TableError>) -> Result<Option<T>, redb::Error> {
     match r {
@@ -90,33 +77,7 @@ impl SessionStore {
     /// Every record whose key starts with `prefix`, in key order.
     pub fn list_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.timed(StoreOp::List, || match &self.backend {
-            Backend::Redis(r) => {
-                let pat = pattern(&format!("{NAMESPACE}{prefix}"));
-                r.run("list records", |c| {
-                    let mut keys: Vec<String> = Vec::new();
-                    let mut cursor: u64 = 0;
-                    loop {
-                        let (next, batch): (u64, Vec<String>) =
-                            redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pat).arg("COUNT").arg(512).query(c)?;
-                        keys.extend(batch);
-                        cursor = next;
-                        if cursor == 0 {
-                            break;
-                        }
-                    }
-                    keys.sort();
-                    keys.dedup();
-                    let mut out = Vec::with_capacity(keys.len());
-                    for k in keys {
-                        // A key deleted since the scan is simply not listed.
-                        let v: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query(c)?;
-                        if let Some(v) = v {
-                            out.push((k[NAMESPACE.len()..].to_string(), v));
-                        }
-                    }
-                    Ok(out)
-                })
-            }
+            Backend::Redis(r) => r.list_in(NAMESPACE, "list records", prefix),
             Backend::Local(db) => db.run("list records", |db| {
                 let txn = db.begin_read()?;
                 let Some(t) = missing(txn.open_table(RECORDS))? else { return Ok(Vec::new()) };

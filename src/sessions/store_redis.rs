@@ -182,8 +182,19 @@ impl RedisStore {
 
     /// Every (key, value) whose key starts with `prefix` (keys without the namespace).
     pub(super) fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let pat = pattern(&format!("{NAMESPACE}{prefix}"));
-        self.run("list sessions", |c| {
+        self.list_in(NAMESPACE, "list sessions", prefix)
+    }
+
+    /// [`RedisStore::list`] under another key `namespace` (the records beside the sessions), named
+    /// `operation` in errors.
+    pub(super) fn list_in(
+        &self,
+        namespace: &str,
+        operation: &'static str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let pat = pattern(&format!("{namespace}{prefix}"));
+        self.run(operation, |c| {
             let mut keys: Vec<String> = Vec::new();
             let mut cursor: u64 = 0;
             loop {
@@ -201,7 +212,7 @@ impl RedisStore {
             for k in keys {
                 // A key deleted since the scan is simply not listed.
                 if let Some(v) = c.get::<_, Option<Vec<u8>>>(&k)? {
-                    out.push((k[NAMESPACE.len()..].to_string(), v));
+                    out.push((k[namespace.len()..].to_string(), v));
                 }
             }
             Ok(out)
