@@ -45,7 +45,7 @@ impl SeqText {
             return;
         }
         if let SeqText::Here(stream) = self {
-            let mut stream = stream.clone();
+            let mut stream = std::mem::replace(stream, TextStream::new(0));
             let window = stream.detach(tokens);
             *self = SeqText::Deferred(Arc::new(Mutex::new(DeferredText { stream, window, decoder: decoder.clone() })));
         }
@@ -72,18 +72,15 @@ impl DeferredText {
     /// way a sequence without stop strings stops), whose text is not part of the output; a last
     /// update without a token (cut short) releases what was held back.
     pub fn fill(&mut self, update: &mut GenerationUpdate) {
-        let decoder = self.decoder.clone();
+        let DeferredText { stream, window, decoder } = self;
         let decoder = decoder.as_ref();
-        self.window.extend_from_slice(&update.tokens);
+        window.extend_from_slice(&update.tokens);
         let ends_on_eos = !update.tokens.is_empty() && update.finished.is_some_and(|f| f.reason == FinishReason::Stop);
-        let mut text = if update.tokens.is_empty() || ends_on_eos {
-            String::new()
-        } else {
-            self.stream.push(&self.window, decoder, &[]).0
-        };
+        let mut text =
+            if update.tokens.is_empty() || ends_on_eos { String::new() } else { stream.push(window, decoder, &[]).0 };
         if update.finished.is_some() {
-            let end = self.window.len() - usize::from(ends_on_eos);
-            text.push_str(&self.stream.finish(&self.window[..end], decoder, &[]));
+            let end = window.len() - usize::from(ends_on_eos);
+            text.push_str(&stream.finish(&window[..end], decoder, &[]));
         }
         update.text = text;
     }
