@@ -19,8 +19,8 @@ pub(crate) struct QActs {
     pub d: Vec<f32>,
     /// `d · Σq` per block, `[m][nbp]` (the Q4_1 minimum term).
     pub s: Vec<f32>,
-    /// Per block, 8 lane corrections `[m][nb][8]`: `−bias · Σ q[4j..4j+4]`, with bias 8 for Q4_0
-    /// (its nibbles are stored +8) and 128 for Q8_0 (weights offset to unsigned for VNNI); zero for
+    /// Per block, the integer correction `−bias · Σq` `[m][nbp]`, with bias 8 for Q4_0 (its
+    /// nibbles are stored +8) and 128 for Q8_0 (weights offset to unsigned for VNNI); empty for
     /// other formats.
     pub corr: Vec<i32>,
 }
@@ -50,7 +50,8 @@ impl QActs {
             QFormat::Q8_0 => 128,
             _ => 0,
         };
-        self.corr.resize(if bias == 0 { 0 } else { m * nb * 8 }, 0);
+        self.corr.clear();
+        self.corr.resize(if bias == 0 { 0 } else { m * nbp }, 0);
         for (b, xb) in x[..m * k].chunks_exact(QK).enumerate() {
             let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -64,9 +65,7 @@ impl QActs {
             self.d[at] = d;
             self.s[at] = d * sum as f32;
             if bias != 0 {
-                for (j, c) in self.corr[b * 8..(b + 1) * 8].iter_mut().enumerate() {
-                    *c = -bias * qb[4 * j..4 * j + 4].iter().map(|&q| q as i32).sum::<i32>();
-                }
+                self.corr[at] = -bias * sum;
             }
         }
     }
@@ -81,23 +80,8 @@ impl QActs {
         &self.d[r * self.nbp..r * self.nbp + self.nb]
     }
 
-    /// Row `r`'s scales with the zero tail up to `nbp`.
-    pub fn row_d_padded(&self, r: usize) -> &[f32] {
-        &self.d[r * self.nbp..(r + 1) * self.nbp]
-    }
-
     /// Row `r`'s `d·Σq` terms.
     pub fn row_s(&self, r: usize) -> &[f32] {
         &self.s[r * self.nbp..r * self.nbp + self.nb]
-    }
-
-    /// Row `r`'s `d·Σq` terms with the zero tail up to `nbp`.
-    pub fn row_s_padded(&self, r: usize) -> &[f32] {
-        &self.s[r * self.nbp..(r + 1) * self.nbp]
-    }
-
-    /// Row `r`'s lane corrections (empty when the format needs none).
-    pub fn row_corr(&self, r: usize) -> &[i32] {
-        if self.corr.is_empty() { &[] } else { &self.corr[r * self.nb * 8..(r + 1) * self.nb * 8] }
     }
 }

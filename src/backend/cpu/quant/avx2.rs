@@ -1,443 +1,220 @@
-//! AVX2 kernels (`vpmaddubsw` + `vpmaddwd` integer dots, F16C scale conversion), and the tiled
-//! loop shared with the AVX-512 VNNI kernels ([`quant_kernels!`]).
+//! AVX2 kernels: one output per 32-bit lane, 8 weight rows (half an interleaved group of
+//! [`super::layout`]) per register, `vpmaddubsw`/`vpmaddwd` integer dots against broadcast
+//! 4-byte pieces of the activation block, F16C scale conversion.
 //!
-//! A tile is `R` weight rows × `C` activation rows: each weight block is loaded and unpacked once per
-//! tile and reused for `C` activation rows. Every output keeps its own accumulator, updated in
-//! block order exactly as in [`super::scalar`], so tiling and threading never change a result.
+//! A tile is 8 weight rows × `C` activation rows: each block's weights are unpacked once per tile
+//! and reused for `C` activation rows. Every lane runs the reference's sequence for its output
+//! ([`super::scalar`]): the exact integer block sum, then `fma(dw·dx, isum, acc)` (and the Q4_1
+//! minimum term), so tiling and threading never change a result.
 
 use std::arch::x86_64::*;
+use std::ops::Range;
 
-/// Generates `rows` (and its helpers) for one target feature set from two inline helpers:
-/// `$load_w::<F>(block: *const u8) -> (__m256i, __m256i)` and
-/// `$dot::<F>(w, xv: __m256i, corr: *const i32) -> __m256i` (8 lane sums of a block), with
-/// multi-row tiles of `$rt` weight rows × `$ct` activation rows, the full ones computed by
-/// `$wide::<F>(w, x, tile, out, scale scratch, minimum scratch)` (in scope where the macro expands).
-macro_rules! quant_kernels {
-    ($feat:literal, $load_w:ident, $dot:ident, $rt:literal, $ct:literal, $wide:ident) => {
-        use std::ops::Range;
+use half::f16;
 
-        use half::f16;
+use super::format::{FQ4_0, FQ4_1, FQ8_0, QFormat, QK};
+use super::layout::GROUP;
+use super::qmatrix::{QData, XRef};
 
-        use super::format::{FQ4_0, FQ4_1, FQ8_0, QFormat, QK};
-        use super::qmatrix::{QData, XRef};
+/// Activation rows per tile (16 ymm registers: 2 weight pieces, 2·C accumulators, temporaries).
+const CT: usize = 4;
 
-        /// How many weight rows ahead a one-activation-row product prefetches.
-        const PREFETCH_ROWS: usize = 8;
+/// The fixed 8-lane horizontal sum (same order as `scalar::hsum8`).
+#[inline(always)]
+fn hsum(v: __m256) -> f32 {
+    // SAFETY: only inlined into functions compiled with AVX enabled and called after detection.
+    unsafe {
+        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+    }
+}
 
-        /// The fixed 8-lane horizontal sum (same order as `scalar::hsum8`).
-        #[inline(always)]
-        fn hsum(v: __m256) -> f32 {
-            // SAFETY: only inlined into functions compiled with AVX enabled and called after
-            // detection.
-            unsafe {
-                let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
-            }
-        }
+/// 4 activation bytes at `p` broadcast to every 32-bit lane.
+///
+/// # Safety
+/// `p` points at 4 readable bytes; AVX is enabled in the caller.
+#[inline(always)]
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    // SAFETY: per the contract above.
+    unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(p.cast::<i32>())) }
+}
 
-        /// 8 values from `src` (f16 bits or f32 via `conv`), zero-padded.
-        #[inline(always)]
-        fn pad8<T: Copy>(src: &[T], conv: impl Fn(T) -> f32) -> [f32; 8] {
-            let mut a = [0.0f32; 8];
-            for (o, &v) in a.iter_mut().zip(src) {
-                *o = conv(v);
-            }
-            a
-        }
-
-        #[inline(always)]
-        fn load8(a: &[f32; 8]) -> __m256 {
-            // SAFETY: `a` holds 8 f32; AVX is enabled in every caller.
-            unsafe { _mm256_loadu_ps(a.as_ptr()) }
-        }
-
-        /// 8 f16 values (bits) from `src` as f32 with F16C, zero-padded past `src.len()` (≤ 8).
-        #[inline(always)]
-        fn cvt8(src: &[u16]) -> __m256 {
-            let mut a = [0u16; 8];
-            let src = if src.len() >= 8 {
-                &src[..8]
+/// 8 weight rows × `C` activation rows over every block. `lane0` is the tile's first weight row
+/// (a multiple of 8); outputs of rows outside `rows` (group padding, neighbours' rows) are not
+/// written.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile<const F: u8, const C: usize>(
+    w: &QData,
+    lane0: usize,
+    x: &XRef<'_>,
+    c0: usize,
+    rows: &Range<usize>,
+    out: &mut [f32],
+) {
+    let (nb, qsb, nbp) = (w.nb, w.qs_bytes, x.q.nbp);
+    let (g, half) = (lane0 / GROUP, lane0 % GROUP);
+    assert!(
+        (g + 1) * nb * GROUP * qsb <= w.qs.len()
+            && (g + 1) * nb * GROUP <= w.d.len()
+            && (F != FQ4_1 || (g + 1) * nb * GROUP <= w.mins.len())
+            && c0 + C <= x.m
+            && x.q.qs.len() >= x.m * nb * QK
+            && x.q.d.len() >= x.m * nbp
+            && x.q.s.len() >= x.m * nbp
+            && (F != FQ4_0 || x.q.corr.len() >= x.m * nbp),
+        "quant tile out of range"
+    );
+    // SAFETY (pointer arithmetic below): every offset stays inside the ranges asserted above:
+    // group g's blocks, activation rows c0..c0 + C.
+    let wq = w.qs[g * nb * GROUP * qsb + 4 * half..].as_ptr();
+    let wd = w.d[g * nb * GROUP + half..].as_ptr();
+    let wm = if F == FQ4_1 { w.mins[g * nb * GROUP + half..].as_ptr() } else { wd };
+    let xq = x.q.qs.as_ptr();
+    let ones = _mm256_set1_epi16(1);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); C];
+    for b in 0..nb {
+        let mut isum = [_mm256_setzero_si256(); C];
+        // SAFETY: block b < nb of group g and activation rows c0 + c < m (asserted); 4-byte reads
+        // of activations are unaligned reads inside the block's 32 bytes.
+        unsafe {
+            let wb = wq.add(b * GROUP * qsb);
+            let xrow = xq.add((c0 * nb + b) * QK);
+            if F == FQ8_0 {
+                for t in 0..8 {
+                    let wv = _mm256_loadu_si256(wb.add(t * 4 * GROUP).cast());
+                    let aw = _mm256_sign_epi8(wv, wv);
+                    for c in 0..C {
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bcast4(xrow.add(c * nb * QK + 4 * t)), wv));
+                        isum[c] = _mm256_add_epi32(isum[c], _mm256_madd_epi16(p, ones));
+                    }
+                }
             } else {
-                a[..src.len()].copy_from_slice(src);
-                &a[..]
-            };
-            // SAFETY: `src` holds 8 u16 (16 bytes); F16C is enabled in every caller.
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(src.as_ptr().cast())) }
-        }
-
-        /// 8 f32 from `src`, zero-padded past `src.len()` (≤ 8).
-        #[inline(always)]
-        fn ld8(src: &[f32]) -> __m256 {
-            if src.len() >= 8 {
-                // SAFETY: `src` holds at least 8 f32; AVX is enabled in every caller.
-                unsafe { _mm256_loadu_ps(src.as_ptr()) }
-            } else {
-                load8(&pad8(src, |v| v))
+                // Pairs of nibble·activation products (≤ 2·15·127) summed 8 times stay below
+                // 2^15: the 16-bit sums are exact.
+                let mut p16 = [_mm256_setzero_si256(); C];
+                for t in 0..4 {
+                    let v = _mm256_loadu_si256(wb.add(t * 4 * GROUP).cast());
+                    let lo = _mm256_and_si256(v, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                    for c in 0..C {
+                        p16[c] =
+                            _mm256_add_epi16(p16[c], _mm256_maddubs_epi16(lo, bcast4(xrow.add(c * nb * QK + 4 * t))));
+                        p16[c] = _mm256_add_epi16(
+                            p16[c],
+                            _mm256_maddubs_epi16(hi, bcast4(xrow.add(c * nb * QK + 4 * (t + 4)))),
+                        );
+                    }
+                }
+                for c in 0..C {
+                    isum[c] = _mm256_madd_epi16(p16[c], ones);
+                    if F == FQ4_0 {
+                        isum[c] =
+                            _mm256_add_epi32(isum[c], _mm256_set1_epi32(*x.q.corr.as_ptr().add((c0 + c) * nbp + b)));
+                    }
+                }
             }
-        }
-
-        #[target_feature(enable = $feat)]
-        fn tile<const F: u8, const R: usize, const C: usize>(
-            w: &QData,
-            r0: usize,
-            x: &XRef<'_>,
-            c0: usize,
-            out: &mut [f32],
-            len: usize,
-            rstart: usize,
-        ) {
-            let nb = w.nb;
-            let qsb = w.qs_bytes;
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            // Q4_1's minimum term, 8 lanes per output (block b in lane b % 8, as the reference).
-            let mut macc = [[_mm256_setzero_ps(); C]; R];
-            // No closures here: a closure would not inherit the target features, and its
-            // intrinsics would turn into calls.
-            let mut xq: [&[i8]; C] = [&[]; C];
-            let mut xd: [&[f32]; C] = [&[]; C];
-            let mut xs: [&[f32]; C] = [&[]; C];
-            let mut xc: [&[i32]; C] = [&[]; C];
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(wd.add(b * GROUP).cast()));
+            let mw = if F == FQ4_1 { _mm256_cvtph_ps(_mm_loadu_si128(wm.add(b * GROUP).cast())) } else { dw };
             for c in 0..C {
-                xq[c] = x.q.row_qs(c0 + c);
-                xd[c] = x.q.row_d(c0 + c);
+                let at = (c0 + c) * nbp + b;
+                let dd = _mm256_mul_ps(dw, _mm256_set1_ps(*x.q.d.as_ptr().add(at)));
+                acc[c] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(isum[c]), acc[c]);
                 if F == FQ4_1 {
-                    xs[c] = x.q.row_s(c0 + c);
-                }
-                xc[c] = x.q.row_corr(c0 + c);
-            }
-            let mut dd = [[[0.0f32; 8]; C]; R];
-            let mut g = 0;
-            while g < nb {
-                let gl = (nb - g).min(8);
-                let mut xd8 = [_mm256_setzero_ps(); C];
-                let mut xs8 = [_mm256_setzero_ps(); C];
-                for c in 0..C {
-                    xd8[c] = ld8(&xd[c][g..g + gl]);
-                    if F == FQ4_1 {
-                        xs8[c] = ld8(&xs[c][g..g + gl]);
-                    }
-                }
-                for r in 0..R {
-                    let at = (r0 + r) * nb + g;
-                    let dw = cvt8(&w.d[at..at + gl]);
-                    let mw = if F == FQ4_1 { cvt8(&w.mins[at..at + gl]) } else { _mm256_setzero_ps() };
-                    for c in 0..C {
-                        // SAFETY: `dd[r][c]` holds 8 f32.
-                        unsafe { _mm256_storeu_ps(dd[r][c].as_mut_ptr(), _mm256_mul_ps(dw, xd8[c])) };
-                        if F == FQ4_1 {
-                            macc[r][c] = _mm256_fmadd_ps(mw, xs8[c], macc[r][c]);
-                        }
-                    }
-                }
-                for i in 0..gl {
-                    let b = g + i;
-                    let mut wv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
-                    for r in 0..R {
-                        let at = ((r0 + r) * nb + b) * qsb;
-                        // SAFETY: the slice check keeps the block's bytes in bounds.
-                        wv[r] = unsafe { $load_w::<F>(w.qs[at..at + qsb].as_ptr()) };
-                        if PREFETCH_ROWS > 0 && C == 1 {
-                            // One activation row: the product streams the weight once, so ask for
-                            // the rows a few tiles ahead (a hint: never faults, never changes a
-                            // result; past the end it is simply wasted).
-                            let ahead = w.qs.as_ptr().wrapping_add(at + PREFETCH_ROWS * nb * qsb);
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
-                        }
-                    }
-                    for c in 0..C {
-                        let xb = &xq[c][b * QK..b * QK + QK];
-                        // SAFETY: `xb` holds 32 bytes.
-                        let xv = unsafe { _mm256_loadu_si256(xb.as_ptr().cast()) };
-                        let corr = if F == FQ4_1 { std::ptr::null() } else { xc[c][b * 8..b * 8 + 8].as_ptr() };
-                        for r in 0..R {
-                            // SAFETY: `corr` points at 8 i32 unless F is Q4_1 (then unused).
-                            let p = unsafe { $dot::<F>(wv[r], xv, corr) };
-                            let d = _mm256_set1_ps(dd[r][c][i]);
-                            acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][c]);
-                        }
-                    }
-                }
-                g += 8;
-            }
-            for r in 0..R {
-                for c in 0..C {
-                    let mut v = hsum(acc[r][c]);
-                    if F == FQ4_1 {
-                        v += hsum(macc[r][c]);
-                    }
-                    out[(c0 + c) * len + r0 + r - rstart] = v;
+                    acc[c] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.q.s.as_ptr().add(at)), acc[c]);
                 }
             }
         }
+    }
+    store::<C>(&acc, lane0, c0, rows, out);
+}
 
-        /// F16 weights times f32 activations, one output.
-        #[target_feature(enable = $feat)]
-        fn f16_dot(w: &QData, r: usize, xr: &[f32]) -> f32 {
-            let k = w.k;
-            let row = &w.qs[r * k * 2..(r + 1) * k * 2];
-            let mut acc = _mm256_setzero_ps();
-            let mut e = 0;
-            while e + 8 <= k {
-                // SAFETY: 16 bytes (8 halves) and 8 f32 are in bounds: e + 8 <= k.
-                let (wv, xv) = unsafe {
-                    (
-                        _mm256_cvtph_ps(_mm_loadu_si128(row[2 * e..2 * e + 16].as_ptr().cast())),
-                        _mm256_loadu_ps(xr[e..e + 8].as_ptr()),
-                    )
-                };
-                acc = _mm256_fmadd_ps(wv, xv, acc);
-                e += 8;
+/// Writes the lanes of rows inside `rows`: `out[c · rows.len() + r − rows.start]`.
+#[inline(always)]
+fn store<const C: usize>(acc: &[__m256; C], lane0: usize, c0: usize, rows: &Range<usize>, out: &mut [f32]) {
+    let len = rows.len();
+    for (c, a) in acc.iter().enumerate() {
+        let mut v = [0.0f32; 8];
+        // SAFETY: `v` holds 8 f32; AVX is enabled in every caller.
+        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), *a) };
+        for (i, &y) in v.iter().enumerate() {
+            let r = lane0 + i;
+            if rows.contains(&r) {
+                out[(c0 + c) * len + r - rows.start] = y;
             }
-            if e < k {
-                let mut wv = [0.0f32; 8];
-                for (j, o) in wv.iter_mut().enumerate().take(k - e) {
-                    *o = f16::from_bits(u16::from_le_bytes([row[2 * (e + j)], row[2 * (e + j) + 1]])).to_f32();
-                }
-                acc = _mm256_fmadd_ps(load8(&wv), load8(&pad8(&xr[e..], |v| v)), acc);
-            }
-            hsum(acc)
         }
+    }
+}
 
-        #[target_feature(enable = $feat)]
-        fn rows_f<const F: u8>(w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
+/// F16 weights times f32 activations, one output.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_dot(w: &QData, r: usize, xr: &[f32]) -> f32 {
+    let k = w.k;
+    let row = &w.qs[r * k * 2..(r + 1) * k * 2];
+    let mut acc = _mm256_setzero_ps();
+    let mut e = 0;
+    while e + 8 <= k {
+        // SAFETY: 16 bytes (8 halves) and 8 f32 are in bounds: e + 8 <= k.
+        let (wv, xv) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(row[2 * e..2 * e + 16].as_ptr().cast())),
+                _mm256_loadu_ps(xr[e..e + 8].as_ptr()),
+            )
+        };
+        acc = _mm256_fmadd_ps(wv, xv, acc);
+        e += 8;
+    }
+    if e < k {
+        let mut wv = [0.0f32; 8];
+        let mut xv = [0.0f32; 8];
+        for j in 0..k - e {
+            wv[j] = f16::from_bits(u16::from_le_bytes([row[2 * (e + j)], row[2 * (e + j) + 1]])).to_f32();
+            xv[j] = xr[e + j];
+        }
+        // SAFETY: both arrays hold 8 f32.
+        let (wv, xv) = unsafe { (_mm256_loadu_ps(wv.as_ptr()), _mm256_loadu_ps(xv.as_ptr())) };
+        acc = _mm256_fmadd_ps(wv, xv, acc);
+    }
+    hsum(acc)
+}
+
+/// Every tile of weight rows `rows` (starting at a group boundary) × all activation rows: each
+/// 8-row weight slice stays in L1 while the activation rows stream past.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_f<const F: u8>(w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
+    let mut lane0 = rows.start / 8 * 8;
+    while lane0 < rows.end {
+        let mut c = 0;
+        while c < x.m {
+            match (x.m - c).min(CT) {
+                4 => tile::<F, 4>(w, lane0, x, c, &rows, out),
+                3 => tile::<F, 3>(w, lane0, x, c, &rows, out),
+                2 => tile::<F, 2>(w, lane0, x, c, &rows, out),
+                _ => tile::<F, 1>(w, lane0, x, c, &rows, out),
+            }
+            c += CT;
+        }
+        lane0 += 8;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_all(w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
+    match w.format {
+        QFormat::Q8_0 => rows_f::<FQ8_0>(w, rows, x, out),
+        QFormat::Q4_0 => rows_f::<FQ4_0>(w, rows, x, out),
+        QFormat::Q4_1 => rows_f::<FQ4_1>(w, rows, x, out),
+        QFormat::F16 => {
             let len = rows.len();
-            let m = x.m;
-            if m == 1 {
-                let mut r = rows.start;
-                while r + 4 <= rows.end {
-                    tile::<F, 4, 1>(w, r, x, 0, out, len, rows.start);
-                    r += 4;
-                }
-                for r in r..rows.end {
-                    tile::<F, 1, 1>(w, r, x, 0, out, len, rows.start);
-                }
-                return;
-            }
-            // Weight rows in panels that stay in L1 while every activation row streams past.
-            const PANEL: usize = 16;
-            // Scratch: scale products (R·C·SEG), then the tile rows' Q4_1 minimums as f32.
-            let mut scratch = vec![0.0f32; $rt * $ct * SEG + $rt * x.q.nbp];
-            let (dd, mwf) = scratch.split_at_mut($rt * $ct * SEG);
-            let mut p = rows.start;
-            while p < rows.end {
-                let pe = (p + PANEL).min(rows.end);
-                let mut c = 0;
-                while c < m {
-                    // Full tiles of $ct activation rows, then tails of at most 3.
-                    let cn = if m - c >= $ct { $ct } else { (m - c).min(3) };
-                    let mut r = p;
-                    while r < pe {
-                        let rn = if pe - r >= $rt { $rt } else { 1 };
-                        let t = Tile { r0: r, c0: c, len, rstart: rows.start };
-                        match (rn == $rt, cn) {
-                            (true, $ct) => $wide::<F>(w, x, t, out, dd, mwf),
-                            (true, 3) => multi::<F, $rt, 3>(w, x, t, out, dd, mwf),
-                            (true, 2) => multi::<F, $rt, 2>(w, x, t, out, dd, mwf),
-                            (true, _) => multi::<F, $rt, 1>(w, x, t, out, dd, mwf),
-                            (false, $ct) => multi::<F, 1, $ct>(w, x, t, out, dd, mwf),
-                            (false, 3) => multi::<F, 1, 3>(w, x, t, out, dd, mwf),
-                            (false, 2) => multi::<F, 1, 2>(w, x, t, out, dd, mwf),
-                            (false, _) => multi::<F, 1, 1>(w, x, t, out, dd, mwf),
-                        }
-                        r += rn;
-                    }
-                    c += cn;
-                }
-                p = pe;
-            }
-        }
-
-        /// Where a multi-row tile sits: first weight row and activation row, and the output layout
-        /// (`out[c * len + r - rstart]`).
-        #[derive(Clone, Copy)]
-        struct Tile {
-            r0: usize,
-            c0: usize,
-            len: usize,
-            rstart: usize,
-        }
-
-        /// Blocks a multi-row tile takes at once (its scale products fit `SEG` per output).
-        const SEG: usize = 64;
-
-        /// `R` weight rows × `C` activation rows (`C > 1` or a tail): the scale products
-        /// `dw·dx` of a segment of blocks are formed first (8 blocks per instruction), then every
-        /// block is one integer dot, one conversion and one FMA per output; the Q4_1 minimum
-        /// term runs after, over 8 blocks per FMA. Same order per output as the reference.
-        #[target_feature(enable = $feat)]
-        fn multi<const F: u8, const R: usize, const C: usize>(
-            w: &QData,
-            x: &XRef<'_>,
-            t: Tile,
-            out: &mut [f32],
-            dd: &mut [f32],
-            mwf: &mut [f32],
-        ) {
-            let (nb, qsb, nbp) = (w.nb, w.qs_bytes, x.q.nbp);
-            assert!(t.r0 + R <= w.n && t.c0 + C <= x.m && dd.len() >= R * C * SEG, "quant tile out of range");
-            if F == FQ4_1 {
-                mins_f32(w, t.r0, R, nbp, mwf);
-            }
-            assert!(w.qs.len() >= w.n * nb * qsb && x.q.qs.len() >= x.m * nb * QK && x.q.d.len() >= x.m * nbp);
-            assert!(F == FQ4_1 || x.q.corr.len() >= x.m * nb * 8);
-            let wq = w.qs.as_ptr();
-            let xq = x.q.qs.as_ptr();
-            let xc = x.q.corr.as_ptr();
-            let ddp = dd.as_mut_ptr();
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let mut s0 = 0;
-            while s0 < nb {
-                let sl = (nb - s0).min(SEG);
-                // Scale products of the segment, 8 blocks at a time (the padded tail of the
-                // activation scales is zero; it is never read back).
-                let mut g = 0;
-                while g < sl {
-                    let gl = (sl - g).min(8);
-                    for r in 0..R {
-                        let at = (t.r0 + r) * nb + s0 + g;
-                        let dw = cvt8(&w.d[at..at + gl]);
-                        for c in 0..C {
-                            let xd = &x.q.row_d_padded(t.c0 + c)[s0 + g..s0 + g + 8];
-                            // SAFETY: `xd` holds 8 f32; the store lands inside `dd` (R·C·SEG long,
-                            // g + 8 <= SEG).
-                            unsafe {
-                                let v = _mm256_mul_ps(dw, _mm256_loadu_ps(xd.as_ptr()));
-                                _mm256_storeu_ps(ddp.add((r * C + c) * SEG + g), v);
-                            }
-                        }
-                    }
-                    g += 8;
-                }
-                for i in 0..sl {
-                    let b = s0 + i;
-                    let mut wv = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
-                    for r in 0..R {
-                        // SAFETY: row t.r0 + r < n and block b < nb: inside `w.qs` (asserted).
-                        wv[r] = unsafe { $load_w::<F>(wq.add(((t.r0 + r) * nb + b) * qsb)) };
-                    }
-                    for c in 0..C {
-                        let at = (t.c0 + c) * nb + b;
-                        // SAFETY: row t.c0 + c < m and block b < nb: inside the activations
-                        // (asserted), `corr` only read for Q4_0/Q8_0; `dd` index < R·C·SEG.
-                        unsafe {
-                            let xv = _mm256_loadu_si256(xq.add(at * QK).cast());
-                            let corr = if F == FQ4_1 { xc } else { xc.add(at * 8) };
-                            for r in 0..R {
-                                let p = $dot::<F>(wv[r], xv, corr);
-                                let d = _mm256_broadcast_ss(&*ddp.add((r * C + c) * SEG + i));
-                                acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc[r][c]);
-                            }
-                        }
-                    }
-                }
-                s0 += sl;
-            }
-            for r in 0..R {
-                for c in 0..C {
-                    let mut v = hsum(acc[r][c]);
-                    if F == FQ4_1 {
-                        // Minimum term: lane b % 8 takes block b, as the reference.
-                        let mut macc = _mm256_setzero_ps();
-                        let xs = &x.q.row_s_padded(t.c0 + c)[..nbp];
-                        let mw = &mwf[r * nbp..(r + 1) * nbp];
-                        for (m8, s8) in mw.chunks_exact(8).zip(xs.chunks_exact(8)) {
-                            // SAFETY: both chunks hold 8 f32.
-                            unsafe {
-                                macc = _mm256_fmadd_ps(_mm256_loadu_ps(m8.as_ptr()), _mm256_loadu_ps(s8.as_ptr()), macc)
-                            };
-                        }
-                        v += hsum(macc);
-                    }
-                    out[(t.c0 + c) * t.len + t.r0 + r - t.rstart] = v;
+            let k = w.k;
+            for c in 0..x.m {
+                for r in rows.clone() {
+                    out[c * len + r - rows.start] = f16_dot(w, r, &x.f[c * k..(c + 1) * k]);
                 }
             }
-        }
-
-        /// The Q4_1 minimums of weight rows `r0..r0 + rn` as f32, `mwf[r * nbp + b]`, zero past
-        /// `nb` (converted once per tile, not once per output).
-        #[inline(always)]
-        fn mins_f32(w: &QData, r0: usize, rn: usize, nbp: usize, mwf: &mut [f32]) {
-            let nb = w.nb;
-            assert!(mwf.len() >= rn * nbp && nbp >= nb.div_ceil(8) * 8);
-            for r in 0..rn {
-                let mut g = 0;
-                while g < nb {
-                    let gl = (nb - g).min(8);
-                    let at = (r0 + r) * nb + g;
-                    let v = cvt8(&w.mins[at..at + gl]);
-                    // SAFETY: g + 8 <= nbp: inside row r's slots of `mwf` (asserted).
-                    unsafe { _mm256_storeu_ps(mwf.as_mut_ptr().add(r * nbp + g), v) };
-                    g += 8;
-                }
-            }
-        }
-
-        #[target_feature(enable = $feat)]
-        fn rows_all(w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
-            match w.format {
-                QFormat::Q8_0 => rows_f::<FQ8_0>(w, rows, x, out),
-                QFormat::Q4_0 => rows_f::<FQ4_0>(w, rows, x, out),
-                QFormat::Q4_1 => rows_f::<FQ4_1>(w, rows, x, out),
-                QFormat::F16 => {
-                    let len = rows.len();
-                    let k = w.k;
-                    for c in 0..x.m {
-                        for r in rows.clone() {
-                            out[c * len + r - rows.start] = f16_dot(w, r, &x.f[c * k..(c + 1) * k]);
-                        }
-                    }
-                }
-            }
-        }
-    };
-}
-pub(crate) use quant_kernels;
-
-/// Loads one weight block: Q8_0 → (|w|, w); Q4_x → (nibbles as bytes 0..15, unused).
-///
-/// # Safety
-/// `b` points at the block's 32 (Q8_0) or 16 (Q4) bytes; AVX2 is enabled in the caller.
-#[inline(always)]
-unsafe fn load_w<const F: u8>(b: *const u8) -> (__m256i, __m256i) {
-    // SAFETY: per the contract above.
-    unsafe {
-        if F == FQ8_0 {
-            let w = _mm256_loadu_si256(b.cast());
-            (_mm256_sign_epi8(w, w), w)
-        } else {
-            let v = _mm_loadu_si128(b.cast());
-            let both = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
-            (_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_setzero_si256())
         }
     }
-}
-
-/// 8 lane sums (4 elements each) of one block's integer dot product.
-///
-/// # Safety
-/// `corr` points at 8 i32 unless F is Q4_1; AVX2 is enabled in the caller.
-#[inline(always)]
-unsafe fn dot<const F: u8>(w: (__m256i, __m256i), xv: __m256i, corr: *const i32) -> __m256i {
-    // SAFETY: per the contract above.
-    unsafe {
-        let ones = _mm256_set1_epi16(1);
-        if F == FQ8_0 {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(w.0, _mm256_sign_epi8(xv, w.1)), ones)
-        } else {
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w.0, xv), ones);
-            if F == FQ4_0 { _mm256_add_epi32(p, _mm256_loadu_si256(corr.cast())) } else { p }
-        }
-    }
-}
-
-quant_kernels!("avx2,fma,f16c", load_w, dot, 2, 4, full_tile);
-
-/// The full AVX2 multi-row tile: 2 weight rows × 4 activation rows.
-#[inline(always)]
-fn full_tile<const F: u8>(w: &QData, x: &XRef<'_>, t: Tile, out: &mut [f32], dd: &mut [f32], mwf: &mut [f32]) {
-    // SAFETY: only reached from `rows_all`, compiled for (and called after detecting) AVX2.
-    unsafe { multi::<F, 2, 4>(w, x, t, out, dd, mwf) }
 }
 
 /// AVX2 outputs for weight rows `rows` (layout as [`super::scalar::rows`]).

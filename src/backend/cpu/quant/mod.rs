@@ -15,6 +15,7 @@ mod avx2;
 mod avx512;
 mod format;
 mod isa;
+mod layout;
 mod pool;
 mod qmatrix;
 mod scalar;

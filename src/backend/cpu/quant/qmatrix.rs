@@ -9,9 +9,11 @@ use super::QuantError;
 use super::activations::QActs;
 use super::format::{QFormat, dequantize_block, quantize_block};
 use super::isa::{QuantIsa, quant_isa, rows_with};
+use super::layout::{GROUP, RowMajor, interleave, push_row};
 use super::pool::{PoolJob, QuantPool};
 
-/// The stored weight, split by field so the kernels load scales of 8 blocks at once.
+/// The stored weight, split by field and (block formats) interleaved by groups of 16 rows as
+/// [`super::layout`] describes, so the kernels load one piece of 16 rows' blocks per register.
 #[derive(Debug, PartialEq)]
 pub(crate) struct QData {
     pub format: QFormat,
@@ -21,14 +23,33 @@ pub(crate) struct QData {
     pub nb: usize,
     /// Bytes of quantized values per block.
     pub qs_bytes: usize,
-    /// Quantized values `[n][nb][qs_bytes]` (F16: the halves, little-endian).
+    /// Quantized values, interleaved (F16: the halves row-major, little-endian).
     pub qs: Vec<u8>,
-    /// Scales `[n][nb]`, f16 bits.
+    /// Scales, interleaved, f16 bits.
     pub d: Vec<u16>,
-    /// Q4_1 minimums `[n][nb]`, f16 bits (empty otherwise).
+    /// Q4_1 minimums, interleaved, f16 bits (empty otherwise).
     pub mins: Vec<u16>,
     /// `[n, k]`.
     pub shape: [usize; 2],
+}
+
+impl QData {
+    /// The stored form of `n` rows of `k` elements given row-major (F16: `qs` only).
+    fn from_row_major(format: QFormat, n: usize, k: usize, rm: RowMajor) -> QData {
+        let nb = k / format.block_elems();
+        let qs_bytes = format.qs_bytes();
+        let rm = if format == QFormat::F16 { rm } else { interleave(n, nb, qs_bytes, &rm) };
+        QData { format, n, k, nb, qs_bytes, qs: rm.qs, d: rm.d, mins: rm.mins, shape: [n, k] }
+    }
+
+    /// Appends row `r` in row-major form (F16: its halves' bytes).
+    fn push_row(&self, r: usize, out: &mut RowMajor) {
+        if self.format == QFormat::F16 {
+            out.qs.extend_from_slice(&self.qs[r * self.k * 2..(r + 1) * self.k * 2]);
+        } else {
+            push_row(self.nb, self.qs_bytes, (&self.qs, &self.d, &self.mins), r, out);
+        }
+    }
 }
 
 /// Activations as the kernels see them: quantized (block formats) or f32 (F16).
@@ -67,33 +88,24 @@ impl QMatrix {
         let nb = k / block;
         let qs_bytes = format.qs_bytes();
         let bb = format.block_bytes();
-        let mut data = QData {
-            format,
-            n,
-            k,
-            nb,
-            qs_bytes,
-            qs: Vec::with_capacity(n * nb * qs_bytes),
-            d: Vec::new(),
-            mins: Vec::new(),
-            shape: [n, k],
-        };
+        let mut rm = RowMajor::default();
         if format == QFormat::F16 {
-            data.qs.extend_from_slice(bytes);
+            rm.qs.extend_from_slice(bytes);
         } else {
-            data.d.reserve(n * nb);
+            rm.qs.reserve(n * nb * qs_bytes);
+            rm.d.reserve(n * nb);
             for blk in bytes.chunks_exact(bb) {
-                data.d.push(u16::from_le_bytes([blk[0], blk[1]]));
+                rm.d.push(u16::from_le_bytes([blk[0], blk[1]]));
                 let q_at = if format == QFormat::Q4_1 {
-                    data.mins.push(u16::from_le_bytes([blk[2], blk[3]]));
+                    rm.mins.push(u16::from_le_bytes([blk[2], blk[3]]));
                     4
                 } else {
                     2
                 };
-                data.qs.extend_from_slice(&blk[q_at..]);
+                rm.qs.extend_from_slice(&blk[q_at..]);
             }
         }
-        Ok(QMatrix { data: Arc::new(data) })
+        Ok(QMatrix { data: Arc::new(QData::from_row_major(format, n, k, rm)) })
     }
 
     /// Quantizes a row-major f32 `[n, k]` matrix (llama.cpp's reference quantizers).
@@ -118,28 +130,11 @@ impl QMatrix {
     /// a row is out of range (callers build `rows` from `n()`).
     pub fn select_rows(&self, rows: &[usize]) -> QMatrix {
         let d = &self.data;
-        let row_qs = d.nb * d.qs_bytes;
-        let mut out = QData {
-            format: d.format,
-            n: rows.len(),
-            k: d.k,
-            nb: d.nb,
-            qs_bytes: d.qs_bytes,
-            qs: Vec::with_capacity(rows.len() * row_qs),
-            d: Vec::new(),
-            mins: Vec::new(),
-            shape: [rows.len(), d.k],
-        };
+        let mut rm = RowMajor::default();
         for &r in rows {
-            out.qs.extend_from_slice(&d.qs[r * row_qs..(r + 1) * row_qs]);
-            if !d.d.is_empty() {
-                out.d.extend_from_slice(&d.d[r * d.nb..(r + 1) * d.nb]);
-            }
-            if !d.mins.is_empty() {
-                out.mins.extend_from_slice(&d.mins[r * d.nb..(r + 1) * d.nb]);
-            }
+            d.push_row(r, &mut rm);
         }
-        QMatrix { data: Arc::new(out) }
+        QMatrix { data: Arc::new(QData::from_row_major(d.format, rows.len(), d.k, rm)) }
     }
 
     /// Row `r` dequantized into `out` (`k` values): an embedding lookup.
@@ -156,23 +151,13 @@ impl QMatrix {
             return None;
         }
         let n = parts.iter().map(|p| p.data.n).sum();
-        let mut out = QData {
-            format: first.format,
-            n,
-            k: first.k,
-            nb: first.nb,
-            qs_bytes: first.qs_bytes,
-            qs: Vec::new(),
-            d: Vec::new(),
-            mins: Vec::new(),
-            shape: [n, first.k],
-        };
+        let mut rm = RowMajor::default();
         for p in parts {
-            out.qs.extend_from_slice(&p.data.qs);
-            out.d.extend_from_slice(&p.data.d);
-            out.mins.extend_from_slice(&p.data.mins);
+            for r in 0..p.data.n {
+                p.data.push_row(r, &mut rm);
+            }
         }
-        Some(QMatrix { data: Arc::new(out) })
+        Some(QMatrix { data: Arc::new(QData::from_row_major(first.format, n, first.k, rm)) })
     }
 
     /// `[n, k]`.
@@ -208,12 +193,19 @@ impl QMatrix {
             return d.qs.clone();
         }
         let mut out = Vec::with_capacity(d.n * d.nb * d.format.block_bytes());
-        for (i, q) in d.qs.chunks_exact(d.qs_bytes).enumerate() {
-            out.extend_from_slice(&d.d[i].to_le_bytes());
-            if d.format == QFormat::Q4_1 {
-                out.extend_from_slice(&d.mins[i].to_le_bytes());
+        let mut rm = RowMajor::default();
+        for r in 0..d.n {
+            rm.qs.clear();
+            rm.d.clear();
+            rm.mins.clear();
+            d.push_row(r, &mut rm);
+            for (b, q) in rm.qs.chunks_exact(d.qs_bytes).enumerate() {
+                out.extend_from_slice(&rm.d[b].to_le_bytes());
+                if d.format == QFormat::Q4_1 {
+                    out.extend_from_slice(&rm.mins[b].to_le_bytes());
+                }
+                out.extend_from_slice(q);
             }
-            out.extend_from_slice(q);
         }
         out
     }
@@ -256,10 +248,10 @@ impl QMatrix {
             job.xq.quantize(x, m, d.k, d.format);
         }
         let threads = if d.n * d.k < PARALLEL_MIN_ELEMS { 1 } else { pool.threads() };
-        // Row chunks: a few per thread (dynamic balance), multiples of 4 rows.
+        // Row chunks: a few per thread (dynamic balance), starting at whole interleaved groups.
         let tasks = if threads == 1 { 1 } else { threads * 3 };
-        let per = d.n.div_ceil(tasks).div_ceil(4) * 4;
-        job.chunks = (0..d.n).step_by(per.max(4)).map(|s| s..(s + per).min(d.n)).collect();
+        let per = d.n.div_ceil(tasks).div_ceil(GROUP) * GROUP;
+        job.chunks = (0..d.n).step_by(per.max(GROUP)).map(|s| s..(s + per).min(d.n)).collect();
         job.outs.resize_with(job.chunks.len(), Default::default);
         let run = Arc::new(MatJob {
             w: Arc::clone(&self.data),

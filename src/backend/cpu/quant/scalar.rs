@@ -1,19 +1,21 @@
 //! The scalar reference kernel: defines the exact reduction order every SIMD kernel reproduces.
 //!
-//! For a weight row `r` and an activation row `c`, with blocks `b` in order:
-//! - quantized formats: 8 lane accumulators; lane `j` takes, per block, the exact integer sum over
-//!   elements `4j..4j+4` of `w·q`, as `acc[j] = fma(dw·dx, isum, acc[j])` (`dw·dx` rounded to f32
-//!   first); Q4_1 adds the minimum term in 8 more lanes, `macc[b % 8] = fma(mw, sx, macc[b % 8])`;
+//! For a weight row `r` and an activation row `c`:
+//! - quantized formats: one accumulator; per block `b` in order, the exact integer dot `isum` of
+//!   the block's 32 weights with the 32 quantized activations, then
+//!   `acc = fma(dw·dx, isum, acc)` (`dw·dx` rounded to f32 first), and for Q4_1 the minimum term
+//!   `acc = fma(mw, sx, acc)` (`sx = dx·Σq`). The SIMD kernels hold one output per lane (16 or 8
+//!   weight rows per register, [`super::layout`]), so each lane runs exactly this sequence;
 //! - F16: lane `j` takes elements `8t + j` as `acc[j] = fma(w, x, acc[j])` (a short tail padded
-//!   with zeros);
-//! - the lanes are summed as `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` (the AVX horizontal sum), then
-//!   `hsum(acc) + hsum(macc)`.
+//!   with zeros), and the lanes are summed as `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` (the AVX
+//!   horizontal sum).
 
 use std::ops::Range;
 
 use half::f16;
 
 use super::format::{QFormat, QK};
+use super::layout::{qs_at, scale_at};
 use super::qmatrix::{QData, XRef};
 
 /// The fixed horizontal sum of 8 lanes.
@@ -32,12 +34,11 @@ fn h(bits: u16) -> f32 {
 /// Signed weight value of element `e` of block `b` in row `r`.
 #[inline(always)]
 fn wq(w: &QData, r: usize, b: usize, e: usize) -> i32 {
-    let qb = w.qs_bytes;
-    let base = (r * w.nb + b) * qb;
+    let at = |j: usize| qs_at(w.nb, w.qs_bytes, r, b, j);
     match w.format {
-        QFormat::Q8_0 => w.qs[base + e] as i8 as i32,
+        QFormat::Q8_0 => w.qs[at(e)] as i8 as i32,
         QFormat::Q4_0 | QFormat::Q4_1 => {
-            let byte = w.qs[base + e % (QK / 2)];
+            let byte = w.qs[at(e % (QK / 2))];
             let nib = if e < QK / 2 { byte & 0x0F } else { byte >> 4 } as i32;
             if w.format == QFormat::Q4_0 { nib - 8 } else { nib }
         }
@@ -47,8 +48,8 @@ fn wq(w: &QData, r: usize, b: usize, e: usize) -> i32 {
 
 /// One output: weight row `r` · activation row `c`.
 pub(crate) fn dot(w: &QData, r: usize, x: &XRef<'_>, c: usize) -> f32 {
-    let mut acc = [0.0f32; 8];
     if w.format == QFormat::F16 {
+        let mut acc = [0.0f32; 8];
         let k = w.k;
         let xr = &x.f[c * k..(c + 1) * k];
         let row = &w.qs[r * k * 2..(r + 1) * k * 2];
@@ -65,23 +66,17 @@ pub(crate) fn dot(w: &QData, r: usize, x: &XRef<'_>, c: usize) -> f32 {
     let nb = w.nb;
     let xq = x.q.row_qs(c);
     let xd = x.q.row_d(c);
+    let xs = x.q.row_s(c);
+    let mut acc = 0.0f32;
     for b in 0..nb {
-        let dd = h(w.d[r * nb + b]) * xd[b];
-        for (j, a) in acc.iter_mut().enumerate() {
-            let isum: i32 = (4 * j..4 * j + 4).map(|e| wq(w, r, b, e) * xq[b * QK + e] as i32).sum();
-            *a = dd.mul_add(isum as f32, *a);
+        let isum: i32 = (0..QK).map(|e| wq(w, r, b, e) * xq[b * QK + e] as i32).sum();
+        let dd = h(w.d[scale_at(nb, r, b)]) * xd[b];
+        acc = dd.mul_add(isum as f32, acc);
+        if w.format == QFormat::Q4_1 {
+            acc = h(w.mins[scale_at(nb, r, b)]).mul_add(xs[b], acc);
         }
     }
-    let mut total = hsum8(&acc);
-    if w.format == QFormat::Q4_1 {
-        let xs = x.q.row_s(c);
-        let mut macc = [0.0f32; 8];
-        for b in 0..nb {
-            macc[b % 8] = h(w.mins[r * nb + b]).mul_add(xs[b], macc[b % 8]);
-        }
-        total += hsum8(&macc);
-    }
-    total
+    acc
 }
 
 /// Outputs for weight rows `rows` and every activation row: `out[c · rows.len() + (r − rows.start)]`.
