@@ -2,7 +2,7 @@
 """Generation speed, ours vs llama.cpp, on the same GGUF and thread count, run alternately.
 
     ~/.cache/llm-reference/llama/bin/python examples/generation_llamacpp_compare.py [MODEL.gguf] \
-        [--threads 2] [--reps 5] [--prompt 512] [--decode 64] [--streams 16]
+        [--threads 2] [--reps 5] [--prompt 512] [--decode 64] [--streams 16] [--ours BIN] [--baseline BIN]
 
 (llama-cpp-python in that venv; MODEL defaults to $SMOLLM2_GGUF or
 ~/.cache/llm-reference/SmolLM2-135M-Instruct.Q4_1.gguf.) Builds
@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--ours", help="a build of gguf_generation_bench to run as ours instead of building it")
     ap.add_argument("--baseline", help="another build of gguf_generation_bench (e.g. of an older commit) run "
                     "alternately too; its medians are printed beside ours")
     ap.add_argument("--llamacpp-child", action="store_true", help=argparse.SUPPRESS)
@@ -99,8 +100,11 @@ def main():
         return 0
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     env = dict(os.environ, NEURON_WORKER_QUANT_THREADS=str(a.threads), NEURON_WORKER_LINEAR_THREADS=str(a.threads))
-    subprocess.run(["cargo", "build", "--release", "--example", "gguf_generation_bench"], cwd=root, check=True)
-    exe = os.path.join(root, "target", "release", "examples", "gguf_generation_bench")
+    if a.ours:
+        exe = a.ours
+    else:
+        subprocess.run(["cargo", "build", "--release", "--example", "gguf_generation_bench"], cwd=root, check=True)
+        exe = os.path.join(root, "target", "release", "examples", "gguf_generation_bench")
     load_before = os.getloadavg()
     ours, theirs, failures, base = [], [], [], []
     child = [sys.executable, os.path.abspath(__file__), a.model, "--threads", str(a.threads), "--prompt", str(a.prompt),

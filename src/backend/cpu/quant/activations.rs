@@ -32,6 +32,63 @@ fn round_even(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// One block of 32 values to `qb`: `q = round_half_even(x / d)` clamped to ±127 with
+/// `d = max|x| / 127` (NaN values, and every value of a block with an infinite one, become 0);
+/// returns `d` and `Σq`.
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 && d.is_finite() { 1.0 / d } else { 0.0 };
+    for (q, &v) in qb.iter_mut().zip(xb) {
+        *q = (round_even(v * id) as i32).clamp(-127, 127) as i8;
+    }
+    (d, qb.iter().map(|&q| q as i32).sum())
+}
+
+/// [`quantize_block`] with AVX2, bit for bit (the maximum is exact in any order, `vcvtps2dq`
+/// rounds half to even as `round_even` does for |v| ≤ 127, NaN products are masked to 0).
+///
+/// # Safety
+/// AVX2 must be available; `xb` and `qb` hold 32 values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_block_avx2(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    assert!(xb.len() >= QK && qb.len() >= QK);
+    // SAFETY: 32 f32 are read from `xb` and 32 bytes written to `qb` (asserted lengths).
+    unsafe {
+        let p = xb.as_ptr();
+        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let mut amax = _mm256_setzero_ps();
+        for x in v {
+            // max(|x|, acc) keeps acc when |x| is NaN, as f32::max does.
+            amax = _mm256_max_ps(_mm256_and_ps(x, abs_mask), amax);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps(m2, m2, 1)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 && d.is_finite() { 1.0 / d } else { 0.0 });
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        let mut q = [_mm256_setzero_si256(); 4];
+        for (qi, x) in q.iter_mut().zip(v) {
+            let p = _mm256_mul_ps(x, id);
+            let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(p, p));
+            let r = _mm256_and_si256(_mm256_cvtps_epi32(p), ordered);
+            *qi = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+        }
+        let sum8 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1)));
+        let p16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        let bytes = _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(qb.as_mut_ptr().cast(), bytes);
+        (d, sum)
+    }
+}
+
 impl QActs {
     /// Quantizes `x` (`[m, k]`, `k = nb·32`) for a product with a `format` weight. Reuses buffers.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize, format: QFormat) {
@@ -52,15 +109,18 @@ impl QActs {
         };
         self.corr.clear();
         self.corr.resize(if bias == 0 { 0 } else { m * nbp }, 0);
-        for (b, xb) in x[..m * k].chunks_exact(QK).enumerate() {
-            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 && d.is_finite() { 1.0 / d } else { 0.0 };
-            let qb = &mut self.qs[b * QK..(b + 1) * QK];
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = (round_even(v * id) as i32).clamp(-127, 127) as i8;
-            }
-            let sum: i32 = qb.iter().map(|&q| q as i32).sum();
+        #[cfg(target_arch = "x86_64")]
+        let simd = super::isa::quant_isa() >= super::isa::QuantIsa::Avx2;
+        for (b, (xb, qb)) in x[..m * k].chunks_exact(QK).zip(self.qs.chunks_exact_mut(QK)).enumerate() {
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if simd {
+                // SAFETY: AVX2 was detected (quant_isa never exceeds the CPU).
+                unsafe { quantize_block_avx2(xb, qb) }
+            } else {
+                quantize_block(xb, qb)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = quantize_block(xb, qb);
             let at = b / nb * nbp + b % nb;
             self.d[at] = d;
             self.s[at] = d * sum as f32;
@@ -83,5 +143,36 @@ impl QActs {
     /// Row `r`'s `d·Σq` terms.
     pub fn row_s(&self, r: usize) -> &[f32] {
         &self.s[r * self.nbp..r * self.nbp + self.nb]
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_avx2_block_quantizer_equals_the_scalar_one() {
+        if !is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut s = 12345u64;
+        let mut next = || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut blocks: Vec<Vec<f32>> =
+            (0..200).map(|i| (0..QK).map(|_| next() * (i as f32 + 0.5)).collect()).collect();
+        // Exact halves after scaling (ties), zeros, a NaN, an infinity.
+        blocks.push((0..QK).map(|e| (e as f32 - 16.0) * 127.0 / 32.0).collect());
+        blocks.push(vec![0.0; QK]);
+        blocks.push((0..QK).map(|e| if e == 3 { f32::NAN } else { e as f32 }).collect());
+        blocks.push((0..QK).map(|e| if e == 5 { f32::INFINITY } else { e as f32 }).collect());
+        for xb in &blocks {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let want = quantize_block(xb, &mut a);
+            // SAFETY: AVX2 detected above.
+            let got = unsafe { quantize_block_avx2(xb, &mut b) };
+            assert_eq!((got.0.to_bits(), got.1, b), (want.0.to_bits(), want.1, a), "{xb:?}");
+        }
     }
 }

@@ -43,6 +43,8 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
 /// 8 weight rows × `C` activation rows over every block. `lane0` is the tile's first weight row
 /// (a multiple of 8); outputs of rows outside `rows` (group padding, neighbours' rows) are not
 /// written.
+// `c` indexes the accumulators and the activation rows alike: a range reads clearer than iterators.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn tile<const F: u8, const C: usize>(
     w: &QData,

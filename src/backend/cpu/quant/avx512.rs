@@ -31,6 +31,8 @@ unsafe fn bcast4(p: *const i8) -> __m512i {
 
 /// Group `g`'s 16 weight rows × `C` activation rows over every block; outputs of rows outside
 /// `rows` (group padding, neighbours' rows) are not written.
+// `c` indexes the accumulators and the activation rows alike: a range reads clearer than iterators.
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn tile<const F: u8, const C: usize>(
     w: &QData,

@@ -16,7 +16,7 @@ pub enum QuantIsa {
     Scalar,
     /// AVX2 + FMA + F16C, 256-bit `vpmaddubsw` integer dots.
     Avx2,
-    /// AVX-512 VNNI (`vpdpbusd` on 256-bit registers, so lane order equals the AVX2 kernel's).
+    /// AVX-512 VNNI (`vpdpbusd` on 512-bit registers: 16 weight rows, one output per lane).
     Avx512Vnni,
 }
 
