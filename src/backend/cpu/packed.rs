@@ -184,7 +184,6 @@ fn block_body<L: Lanes, const MR: usize>(
     let nr = 2 * L::W;
     debug_assert_eq!(nr, nr_of(w));
     let rows = block.len() / n;
-    let panels = w.panel_data();
     let residual = match epilogue {
         Epilogue::ResidualLayerNorm { residual, .. } => Some(&residual[r0 * n..(r0 + rows) * n]),
         Epilogue::Act(_) => None,
@@ -194,6 +193,49 @@ fn block_body<L: Lanes, const MR: usize>(
         Epilogue::ResidualLayerNorm { .. } => Activation::None,
     };
     let a = &a[r0 * k..(r0 + rows) * k];
+    // The block's rows packed strip by strip (strip of `mr` rows: element (i, kk) at kk·mr + i), so
+    // the micro-kernel broadcasts from one contiguous stream.
+    // Taken out of the thread-local rather than used in a closure, which would not inherit this
+    // function's target features.
+    let mut strips = STRIPS.take();
+    strips.clear();
+    strips.resize(rows * k, 0.0);
+    {
+        let mut r = 0;
+        while r < rows {
+            let mr = strip_rows(MR, rows - r);
+            let dst = &mut strips[r * k..(r + mr) * k];
+            for i in 0..mr {
+                let src = &a[(r + i) * k..(r + i + 1) * k];
+                for (kk, v) in src.iter().enumerate() {
+                    dst[kk * mr + i] = *v;
+                }
+            }
+            r += mr;
+        }
+    }
+    panels_body::<L, MR>(&strips, w, block, residual, act);
+    STRIPS.set(strips);
+}
+
+thread_local! {
+    /// The packed rows of the block a thread is running (reused, so no allocation per call).
+    static STRIPS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Every panel over every strip of a packed block.
+#[inline(always)]
+fn panels_body<L: Lanes, const MR: usize>(
+    a: &[f32],
+    w: &PackedLinear,
+    block: &mut [f32],
+    residual: Option<&[f32]>,
+    act: Activation,
+) {
+    let (n, k) = (w.n, w.k);
+    let nr = 2 * L::W;
+    let rows = block.len() / n;
+    let panels = w.panel_data();
     // A tile of the last, partial panel goes through this buffer.
     let mut spill = [0.0f32; 12 * 32];
     for p in 0..n.div_ceil(nr) {
@@ -204,8 +246,8 @@ fn block_body<L: Lanes, const MR: usize>(
         let mut r = 0;
         while r < rows {
             let mr = strip_rows(MR, rows - r);
-            let mut args =
-                TileArgs { k, a: &a[r * k..(r + mr) * k], lda: k, b: panel, ldb: nr, bias: Some(bias), res: None };
+            let a = &a[r * k..(r + mr) * k];
+            let mut args = TileArgs { k, a, lda: 1, a_step: mr, b: panel, ldb: nr, bias: Some(bias), res: None };
             if cols == nr {
                 args.res = residual.map(|res| &res[r * n + c0..]);
                 let dst = &mut block[r * n + c0..];
@@ -284,26 +326,28 @@ pub(crate) fn tile_rows<L: Lanes, const MR: usize>(rows: usize, t: TileArgs<'_>,
     }
 }
 
-/// The operands of one tile: `MR` rows of `a` (row stride `lda`), a `k × 2·W` block of `b` (row
+/// The operands of one tile: `MR` rows of `a` (element (i, kk) at `i·lda + kk·a_step`: row-major
+/// rows have `a_step` 1, a packed strip has `lda` 1 and `a_step` MR), a `k × 2·W` block of `b` (row
 /// stride `ldb`), an optional `2·W` bias and an optional residual (row stride `ldc`).
 #[derive(Clone, Copy)]
 pub(crate) struct TileArgs<'a> {
     pub k: usize,
     pub a: &'a [f32],
     pub lda: usize,
+    pub a_step: usize,
     pub b: &'a [f32],
     pub ldb: usize,
     pub bias: Option<&'a [f32]>,
     pub res: Option<&'a [f32]>,
 }
 
-/// One `MR × 2·W` tile: `c[i][j] = bias[j] + Σ_kk a[i·lda + kk] · b[kk·ldb + j] (+ res[i·ldc + j])`,
+/// One `MR × 2·W` tile: `c[i][j] = bias[j] + Σ_kk a[i·lda + kk·a_step] · b[kk·ldb + j] (+ res[i·ldc + j])`,
 /// accumulated in registers over the whole `k`, written at row stride `ldc`.
 #[inline(always)]
 pub(crate) fn tile<L: Lanes, const MR: usize>(t: TileArgs<'_>, c: &mut [f32], ldc: usize) {
     let w = L::W;
-    let TileArgs { k, a, lda, b, ldb, bias, res } = t;
-    assert!(MR == 0 || k == 0 || a.len() >= (MR - 1) * lda + k);
+    let TileArgs { k, a, lda, a_step, b, ldb, bias, res } = t;
+    assert!(MR == 0 || k == 0 || a.len() > (MR - 1) * lda + (k - 1) * a_step);
     assert!(k == 0 || b.len() >= (k - 1) * ldb + 2 * w);
     assert!(c.len() >= (MR - 1) * ldc + 2 * w);
     if let Some(res) = res {
@@ -320,8 +364,9 @@ pub(crate) fn tile<L: Lanes, const MR: usize>(t: TileArgs<'_>, c: &mut [f32], ld
         // SAFETY: kk < k, so kk·ldb + 2w ≤ b.len() (asserted above).
         let (w0, w1) = unsafe { (L::load_ptr(bp.add(kk * ldb)), L::load_ptr(bp.add(kk * ldb + w))) };
         for (i, row) in acc.iter_mut().enumerate() {
-            // SAFETY: i < MR and kk < k, so i·lda + kk < (MR-1)·lda + k ≤ a.len() (asserted above).
-            let x = unsafe { L::splat_ptr(ap.add(i * lda + kk)) };
+            // SAFETY: i < MR and kk < k, so i·lda + kk·a_step ≤ (MR-1)·lda + (k-1)·a_step < a.len()
+            // (asserted above).
+            let x = unsafe { L::splat_ptr(ap.add(i * lda + kk * a_step)) };
             row[0] = L::fma(x, w0, row[0]);
             row[1] = L::fma(x, w1, row[1]);
         }
