@@ -3,15 +3,18 @@
 //! Files read from the model folder: `config.json` (HF config), `model.safetensors` (F32, F16 or
 //! BF16; names bare or under `bert.`), and optionally `modules.json` / `1_Pooling/config.json`
 //! (see [`super::pooling`]). Every projection runs as one GEMM over all batch×seq tokens (Q, K and
-//! V fused into one `[3·hidden, hidden]` weight); attention runs per (sequence, head).
+//! V fused into one `[3·hidden, hidden]` weight) with its weight packed once at load
+//! ([`super::packed`]): bias and GELU are applied in the GEMM's epilogue, residual + LayerNorm
+//! right after each block of rows; attention runs per (sequence, block of queries).
 
 use std::path::Path;
 
 use serde::Deserialize;
 
 use super::attention::{AttentionShape, self_attention};
-use super::gemm::{default_threads, matmul_bt};
-use super::ops::{Activation, add_in_place, bias_activation, layer_norm};
+use super::gemm::default_threads;
+use super::ops::{Activation, add_in_place, layer_norm};
+use super::packed::{Epilogue, PackedLinear, linear};
 use super::pooling::{PoolingMode, l2_normalize, pool, read_sentence_config};
 use super::weights::{WeightReader, read_file};
 use crate::backend::BackendError;
@@ -90,15 +93,11 @@ pub struct BertScratch {
 }
 
 struct Layer {
-    qkv_w: Vec<f32>,
-    qkv_b: Vec<f32>,
-    out_w: Vec<f32>,
-    out_b: Vec<f32>,
+    qkv: PackedLinear,
+    out: PackedLinear,
     ln1: (Vec<f32>, Vec<f32>),
-    inter_w: Vec<f32>,
-    inter_b: Vec<f32>,
-    ffn_out_w: Vec<f32>,
-    ffn_out_b: Vec<f32>,
+    inter: PackedLinear,
+    ffn_out: PackedLinear,
     ln2: (Vec<f32>, Vec<f32>),
 }
 
@@ -189,19 +188,27 @@ impl BertModel {
                 qkv_w.extend(req(&format!("{p}attention.self.{part}.weight"), &[h, h])?);
                 qkv_b.extend(req(&format!("{p}attention.self.{part}.bias"), &[h])?);
             }
+            let out_w = req(&format!("{p}attention.output.dense.weight"), &[h, h])?;
+            let out_b = req(&format!("{p}attention.output.dense.bias"), &[h])?;
             layers.push(Layer {
-                qkv_w,
-                qkv_b,
-                out_w: req(&format!("{p}attention.output.dense.weight"), &[h, h])?,
-                out_b: req(&format!("{p}attention.output.dense.bias"), &[h])?,
+                qkv: PackedLinear::new(&qkv_w, &qkv_b, 3 * h, h),
+                out: PackedLinear::new(&out_w, &out_b, h, h),
                 ln1: (
                     req(&format!("{p}attention.output.LayerNorm.weight"), &[h])?,
                     req(&format!("{p}attention.output.LayerNorm.bias"), &[h])?,
                 ),
-                inter_w: req(&format!("{p}intermediate.dense.weight"), &[i, h])?,
-                inter_b: req(&format!("{p}intermediate.dense.bias"), &[i])?,
-                ffn_out_w: req(&format!("{p}output.dense.weight"), &[h, i])?,
-                ffn_out_b: req(&format!("{p}output.dense.bias"), &[h])?,
+                inter: PackedLinear::new(
+                    &req(&format!("{p}intermediate.dense.weight"), &[i, h])?,
+                    &req(&format!("{p}intermediate.dense.bias"), &[i])?,
+                    i,
+                    h,
+                ),
+                ffn_out: PackedLinear::new(
+                    &req(&format!("{p}output.dense.weight"), &[h, i])?,
+                    &req(&format!("{p}output.dense.bias"), &[h])?,
+                    h,
+                    i,
+                ),
                 ln2: (
                     req(&format!("{p}output.LayerNorm.weight"), &[h])?,
                     req(&format!("{p}output.LayerNorm.bias"), &[h])?,
@@ -338,25 +345,21 @@ impl BertModel {
         };
         for layer in &self.layers {
             s.qkv.resize(t * 3 * h, 0.0);
-            matmul_bt(&s.x, &layer.qkv_w, &mut s.qkv, t, h, 3 * h, threads);
-            bias_activation(&mut s.qkv, &layer.qkv_b, Activation::None, threads);
+            linear(&s.x, t, &layer.qkv, &mut s.qkv, Epilogue::Act(Activation::None), threads);
             s.ctx.resize(t * h, 0.0);
             self_attention(&s.qkv, &s.keep, shape, &mut s.ctx, threads);
 
             s.tmp.resize(t * h, 0.0);
-            matmul_bt(&s.ctx, &layer.out_w, &mut s.tmp, t, h, h, threads);
-            bias_activation(&mut s.tmp, &layer.out_b, Activation::None, threads);
-            add_in_place(&mut s.tmp, &s.x);
-            layer_norm(&mut s.tmp, &layer.ln1.0, &layer.ln1.1, self.eps);
+            let (gamma, beta) = (&layer.ln1.0, &layer.ln1.1);
+            let epilogue = Epilogue::ResidualLayerNorm { residual: &s.x, gamma, beta, eps: self.eps };
+            linear(&s.ctx, t, &layer.out, &mut s.tmp, epilogue, threads);
             std::mem::swap(&mut s.x, &mut s.tmp);
 
             s.inter.resize(t * inter, 0.0);
-            matmul_bt(&s.x, &layer.inter_w, &mut s.inter, t, h, inter, threads);
-            bias_activation(&mut s.inter, &layer.inter_b, self.act, threads);
-            matmul_bt(&s.inter, &layer.ffn_out_w, &mut s.tmp, t, inter, h, threads);
-            bias_activation(&mut s.tmp, &layer.ffn_out_b, Activation::None, threads);
-            add_in_place(&mut s.tmp, &s.x);
-            layer_norm(&mut s.tmp, &layer.ln2.0, &layer.ln2.1, self.eps);
+            linear(&s.x, t, &layer.inter, &mut s.inter, Epilogue::Act(self.act), threads);
+            let (gamma, beta) = (&layer.ln2.0, &layer.ln2.1);
+            let epilogue = Epilogue::ResidualLayerNorm { residual: &s.x, gamma, beta, eps: self.eps };
+            linear(&s.inter, t, &layer.ffn_out, &mut s.tmp, epilogue, threads);
             std::mem::swap(&mut s.x, &mut s.tmp);
         }
 

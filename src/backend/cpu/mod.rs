@@ -1,8 +1,10 @@
 //! CPU reference backend: f32 kernels, the built-in dense models and a BERT encoder.
 //!
 //! It runs on every machine (CI included) and is the reference the Neuron path is checked
-//! against. GEMMs go through the `gemm` crate, which picks AVX-512 / AVX2+FMA / SSE kernels at run
-//! time; see [`isa`] (`NEURON_WORKER_ISA` lowers the choice to measure the AVX2 path).
+//! against. General GEMMs go through the `gemm` crate's driver with the AVX-512 / AVX2+FMA / scalar
+//! micro-kernels picked at run time; the BERT encoder's dense layers and attention run our own
+//! micro-kernels on weights packed at load ([`packed`]). See [`isa`] (`NEURON_WORKER_ISA` lowers
+//! the choice to measure the AVX2 path).
 
 pub mod attention;
 pub mod bert;
@@ -18,8 +20,10 @@ pub mod linear;
 pub mod linear_kernels;
 pub mod llama;
 pub mod ops;
+pub mod packed;
 pub mod pooling;
 pub mod quant;
+pub(crate) mod simd;
 pub mod skinny;
 pub mod stateful;
 pub mod weights;
