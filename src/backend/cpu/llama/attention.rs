@@ -323,6 +323,9 @@ fn values_columns<const Q: usize, const DS: usize>(
 /// Scores of `Q` queries at `C` chunks of `LANES` positions, chunk `c`'s keys at
 /// `k[bases[c] + d * stride..][..LANES]`: `out[j * PART + c * LANES + l] = (Σ_d q_j[d] · k[d]) · scale`,
 /// the sum in `d` order.
+// Indexing by constant bounds keeps the accumulators in registers (iterator chains vectorised
+// across chunks with gathers instead).
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn score_lanes<const Q: usize, const C: usize>(
     k: &[f32],
@@ -335,16 +338,13 @@ fn score_lanes<const Q: usize, const C: usize>(
     let hd = qs[0].len();
     let mut acc = [[[0f32; LANES]; C]; Q];
     for d in 0..hd {
-        let mut kd = [[0f32; LANES]; C];
-        for (kd, &b) in kd.iter_mut().zip(&bases) {
-            let Ok(src): Result<&[f32; LANES], _> = k[b + d * stride..][..LANES].try_into() else { return };
-            *kd = *src;
-        }
-        for (acc, q) in acc.iter_mut().zip(&qs) {
-            let x = q[d];
-            for (acc, kd) in acc.iter_mut().zip(&kd) {
+        for c in 0..C {
+            let kd = &k[bases[c] + d * stride..][..LANES];
+            for j in 0..Q {
+                let x = qs[j][d];
+                let a = &mut acc[j][c];
                 for l in 0..LANES {
-                    acc[l] += x * kd[l];
+                    a[l] += x * kd[l];
                 }
             }
         }

@@ -1,9 +1,10 @@
 //! How the attention of a step's rows is shared among threads: rows of one sequence form tasks of
-//! up to [`TASK_ROWS`] rows (each K/V row read once per task); many tasks (a prefill, a batch of
-//! decodes) are spread over threads whole, and a task that would otherwise leave threads idle (a
-//! kept session's 16-token turn over a long history, one long decode) has its items — one per K/V
-//! head and history partition — spread over the threads and merged on the calling thread. The
-//! results do not depend on the split (see [`super::attention`]).
+//! up to [`TASK_ROWS`] rows (each K/V row read once per task); many tasks of similar weight (a
+//! prefill, a batch of decodes) are spread over threads whole, and a task that would otherwise
+//! leave threads idle or outweighs the others (a kept session's 17-row turn over a long history,
+//! one long decode) has its items — one per K/V head and history partition — spread over the
+//! threads and merged on the calling thread. The results do not depend on the split (see
+//! [`super::attention`]).
 
 use super::attention::{AttentionShape, AttnScratch, SeqQueries, attend_items, attend_rows, merge};
 use super::kv_pool::KvPool;
@@ -67,12 +68,27 @@ pub fn attention_rows(
         run(&tasks, out, mine);
         return;
     }
-    if tasks.len() < t {
-        // Few tasks: each one's items spread over the threads.
+    // Many tasks: whole tasks per thread, balanced by attended positions (later rows of a
+    // prefill attend further) — unless one task outweighs the rest (a 17-row turn is a 16-row
+    // task and a 1-row one): then each large task's items are spread as below.
+    let task_work = |task: &std::ops::Range<usize>| positions[task.clone()].iter().map(|p| p + 1).sum::<usize>();
+    let per = work.div_ceil(t);
+    let mut cuts = vec![0usize];
+    let mut acc = 0;
+    for (i, task) in tasks.iter().enumerate() {
+        acc += task_work(task);
+        if acc >= per * cuts.len() && cuts.len() < t {
+            cuts.push(i + 1);
+        }
+    }
+    cuts.push(tasks.len());
+    cuts.dedup();
+    let heaviest = cuts.windows(2).map(|w| tasks[w[0]..w[1]].iter().map(task_work).sum::<usize>()).max().unwrap_or(0);
+    if tasks.len() < t || 2 * heaviest > 3 * per {
+        // Few tasks: each large one's items spread over the threads.
         for task in &tasks {
             let o = &mut out[task.start * q_dim..task.end * q_dim];
-            let task_work: usize = positions[task.clone()].iter().map(|p| p + 1).sum();
-            if task_work * shape.heads < SPLIT_TASK_MIN {
+            if task_work(task) * shape.heads < SPLIT_TASK_MIN {
                 attend_rows(pool, layer, shape, queries(task), mine, o);
             } else {
                 split_task(pool, layer, shape, queries(task), mine, others, o);
@@ -80,19 +96,6 @@ pub fn attention_rows(
         }
         return;
     }
-    // Many tasks: whole tasks per thread, balanced by attended positions (later rows of a
-    // prefill attend further).
-    let per = work.div_ceil(t);
-    let mut cuts = vec![0usize];
-    let mut acc = 0;
-    for (i, task) in tasks.iter().enumerate() {
-        acc += positions[task.clone()].iter().map(|p| p + 1).sum::<usize>();
-        if acc >= per * cuts.len() && cuts.len() < t {
-            cuts.push(i + 1);
-        }
-    }
-    cuts.push(tasks.len());
-    cuts.dedup();
     std::thread::scope(|s| {
         let mut rest = out;
         let mut first_part = None;
