@@ -6,7 +6,7 @@
 //! decode of a few tokens per sequence per step), yet without stop strings nothing the step loop
 //! decides depends on it: the end of a sequence is then a token-id matter (EOS, length). Such a
 //! sequence hands its [`TextStream`] over at its first token to a [`DeferredText`], which the
-//! outbox's delivery task (or the sending thread, where there is no outbox) runs on each update in
+//! outbox's delivery thread (or the sending thread, where there is no outbox) runs on each update in
 //! order, filling in the update's text just before it goes to its stream. The text is the same
 //! either way: the same stream, fed the same tokens in the same order.
 

@@ -110,8 +110,16 @@ impl GenerativeModel {
         let affinity = Affinity::default();
         let durable = store.map(|store| Durable { store, model: model.clone(), version: setup.version });
         // Streams are consumed on the server's runtime: updates reach them through an outbox.
-        // One delivery task for all of the model's instances (see `outbox::Delivery`).
-        let delivery = tokio::runtime::Handle::try_current().ok().map(|rt| super::outbox::Delivery::start(&rt));
+        // One delivery thread for all of the model's instances (see `outbox::Delivery`).
+        // Inside an async runtime (the server): the streams' consumers are its tasks. A thread that
+        // cannot be started leaves the step loops sending directly, which is correct, only costlier.
+        let delivery = tokio::runtime::Handle::try_current().ok().and_then(|_| match super::outbox::Delivery::start(&model) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::warn!(model = %model, error = %e, "no delivery thread: step loops send their updates directly");
+                None
+            }
+        });
         for (i, decoder) in decoders.into_iter().enumerate() {
             let shape = decoder.shape().clone();
             context_limit = context_limit.min(shape.max_positions.min(decoder.num_blocks() * shape.block_size));

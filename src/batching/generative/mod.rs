@@ -7,6 +7,7 @@
 
 pub mod cut_short;
 pub mod deferred_text;
+pub mod delivery_thread;
 pub mod detok;
 pub mod failover;
 pub mod handle;

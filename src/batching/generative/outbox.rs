@@ -1,12 +1,19 @@
 //! Coalesced delivery of a step loop's updates: what one step sends to its streams leaves the
-//! step-loop thread as one message to a delivery task on the server's async runtime, which
-//! hands each update to its stream there.
+//! step-loop thread as one message to the model's delivery thread, which hands each update to
+//! its stream there.
 //!
 //! Sending straight to each stream's channel wakes that stream's task from outside the runtime:
 //! one cross-thread wake-up (often a futex call, and a runtime thread scheduled against the step
 //! loop) per stream per step. Through the outbox a step costs one such wake-up whatever its batch;
-//! the per-stream wake-ups happen inside the runtime, off the step loop's path to the next
+//! the per-stream wake-ups happen on the delivery thread, off the step loop's path to the next
 //! execution.
+//!
+//! The delivery thread does not preempt the step loop it was woken by
+//! ([`super::delivery_thread`]): woken on the step loop's core it waits until the step loop
+//! blocks in its next execution. When it was an async-runtime task, its worker thread, woken by
+//! the flush right before an execution, took the step loop's core once per step (seen with
+//! `perf sched` on 2 vCPUs) and held the next execution back by the time it took to hand out
+//! the step's updates.
 //!
 //! Order is kept: every update a step-loop thread sends goes through its outbox (see
 //! [`deliver`]), flushed in order into one channel that one task drains in order. A thread
@@ -15,7 +22,7 @@
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use std::sync::mpsc as std_mpsc;
 
 use super::deferred_text::{self, DeferredText};
 use super::request::{GenerationError, GenerationUpdate, UpdateSender};
@@ -25,35 +32,36 @@ type Message = Result<GenerationUpdate, GenerationError>;
 type Entry = (UpdateSender, Message, Option<Arc<Mutex<DeferredText>>>);
 type Batch = Vec<Entry>;
 
-/// The pending updates of the current step-loop thread and the channel to its delivery task.
+/// The pending updates of the current step-loop thread and the channel to its delivery thread.
 struct Outbox {
     pending: Batch,
-    to_task: mpsc::UnboundedSender<Batch>,
+    to_task: std_mpsc::Sender<Batch>,
 }
 
 thread_local! {
     static OUTBOX: RefCell<Option<Outbox>> = const { RefCell::new(None) };
 }
 
-/// The delivery task of one model's step loops. It is shared by all of them (one channel, one
-/// task), so updates reach their streams in the order the step loops flushed them, whichever
+/// The delivery thread of one model's step loops. It is shared by all of them (one channel, one
+/// thread), so updates reach their streams in the order the step loops flushed them, whichever
 /// instance a sequence is on: a sequence moved to another instance after a failure continues its
 /// stream (and its deferred text) in order, since its old instance flushed before handing it over.
 #[derive(Clone)]
-pub struct Delivery(mpsc::UnboundedSender<Batch>);
+pub struct Delivery(std_mpsc::Sender<Batch>);
 
 impl Delivery {
-    /// Starts the delivery task on `runtime`; it ends once every step loop holding it has ended.
-    pub fn start(runtime: &tokio::runtime::Handle) -> Delivery {
-        let (to_task, mut from_loop) = mpsc::unbounded_channel::<Batch>();
-        runtime.spawn(async move {
-            while let Some(batch) = from_loop.recv().await {
+    /// Starts the delivery thread of `model`; it ends once every step loop holding it has ended.
+    pub fn start(model: &str) -> std::io::Result<Delivery> {
+        let (to_task, from_loop) = std_mpsc::channel::<Batch>();
+        std::thread::Builder::new().name(format!("gen-{model}-out")).spawn(move || {
+            super::delivery_thread::yield_on_wake_up();
+            while let Ok(batch) = from_loop.recv() {
                 for entry in batch {
                     send(entry);
                 }
             }
-        });
-        Delivery(to_task)
+        })?;
+        Ok(Delivery(to_task))
     }
 }
 
@@ -70,7 +78,7 @@ pub fn deliver(stream: &UpdateSender, message: Message) -> bool {
 }
 
 /// [`deliver`] for an update whose text is filled in from `text` just before it is sent (on the
-/// delivery task, or at once where there is no outbox): see [`super::deferred_text`].
+/// delivery thread, or at once where there is no outbox): see [`super::deferred_text`].
 pub fn deliver_text(stream: &UpdateSender, message: Message, text: Option<&Arc<Mutex<DeferredText>>>) -> bool {
     let mut entry = Some((stream.clone(), message, text.cloned()));
     let queued = OUTBOX.with(|o| {
@@ -98,8 +106,8 @@ fn send((stream, mut message, text): Entry) -> bool {
     stream.send(message).is_ok()
 }
 
-/// Hands the updates queued on this thread to its delivery task (one wake-up). When the task is
-/// gone (the runtime shut down) they are sent directly instead.
+/// Hands the updates queued on this thread to its delivery thread (one wake-up). When the thread
+/// is gone they are sent directly instead.
 pub fn flush() {
     let batch = OUTBOX.with(|o| {
         let mut o = o.borrow_mut();
@@ -110,7 +118,7 @@ pub fn flush() {
         let batch = std::mem::take(&mut outbox.pending);
         match outbox.to_task.send(batch) {
             Ok(()) => None,
-            Err(mpsc::error::SendError(batch)) => Some(batch),
+            Err(std_mpsc::SendError(batch)) => Some(batch),
         }
     });
     for entry in batch.into_iter().flatten() {
@@ -120,6 +128,8 @@ pub fn flush() {
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::mpsc;
+
     use super::*;
 
     fn update(n: u32) -> Message {
@@ -138,11 +148,10 @@ mod tests {
     #[test]
     fn a_step_loop_thread_delivers_in_order_at_flush() {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).build().unwrap();
-        let handle = runtime.handle().clone();
         let (a, mut ra) = mpsc::unbounded_channel();
         let (b, mut rb) = mpsc::unbounded_channel();
         std::thread::spawn(move || {
-            install(Delivery::start(&handle));
+            install(Delivery::start("test").unwrap());
             for n in 0..3 {
                 assert!(deliver(&a, update(n)));
                 assert!(deliver(&b, update(10 + n)));

@@ -65,6 +65,10 @@ pub struct NeuronDecoderInstance {
     last_step_cpu: Option<u64>,
     /// CPU time inside executions since then (added to the counters when the cycle closes).
     cycle_execute_cpu: u64,
+    /// When the last `forward` started, while CPU time is measured, and the wall time inside
+    /// executions since then (for the per-cycle record).
+    last_step_start: Option<Instant>,
+    cycle_execute_wall: std::time::Duration,
     scratch: Scratch,
 }
 
@@ -201,6 +205,8 @@ impl NeuronDecoderInstance {
             last_forward_end: None,
             last_step_cpu: None,
             cycle_execute_cpu: 0,
+            last_step_start: None,
+            cycle_execute_wall: std::time::Duration::ZERO,
             scratch: Scratch::default(),
         })
     }
@@ -289,9 +295,11 @@ impl NeuronDecoderInstance {
                 detail: "a tensor-parallel group without its rank threads, or without ranks".into(),
             }),
         };
-        DecoderTimings::add(&self.timings.execute_ns, started.elapsed());
+        let inside = started.elapsed();
+        DecoderTimings::add(&self.timings.execute_ns, inside);
         if let Some(c) = cpu_started {
             self.cycle_execute_cpu += super::cpu_clock::thread_cpu_ns().saturating_sub(c);
+            self.cycle_execute_wall += inside;
         }
         self.timings.executions.fetch_add(1, Relaxed);
         result.map_err(BackendError::from)
@@ -410,8 +418,15 @@ impl NeuronDecoderInstance {
                     self.timings.step_cpu_ns.fetch_add(now.saturating_sub(p), Relaxed);
                     self.timings.execute_cpu_ns.fetch_add(self.cycle_execute_cpu, Relaxed);
                     self.timings.cpu_cycles.fetch_add(1, Relaxed);
+                    if let Some(s) = self.last_step_start {
+                        let wall = started.duration_since(s).saturating_sub(self.cycle_execute_wall);
+                        let cpu = now.saturating_sub(p).saturating_sub(self.cycle_execute_cpu);
+                        self.timings.record_step(wall, cpu);
+                    }
                 }
                 self.cycle_execute_cpu = 0;
+                self.cycle_execute_wall = std::time::Duration::ZERO;
+                self.last_step_start = Some(started);
                 Some(now)
             }
         };

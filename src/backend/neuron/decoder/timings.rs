@@ -31,10 +31,28 @@ pub struct DecoderTimings {
     /// CPU time of the step-loop thread inside the executions counted by `step_cpu_ns` (writing
     /// the small inputs and `nrt_execute`; a real device waits there, the stand-in computes).
     pub execute_cpu_ns: AtomicU64,
+    /// Each measured step cycle's host time outside executions, as (wall ns, thread CPU ns), in
+    /// order, at most [`STEP_RECORD_LIMIT`] of them: the distribution behind the two means above
+    /// (on a few shared cores the mean wall figure carries the rare steps where the thread waited
+    /// for a core; the median does not).
+    pub step_host: std::sync::Mutex<Vec<(u32, u32)>>,
 }
+
+/// The most step cycles [`DecoderTimings::step_host`] keeps (8 MiB).
+pub const STEP_RECORD_LIMIT: usize = 1 << 20;
 
 impl DecoderTimings {
     pub(super) fn add(counter: &AtomicU64, d: Duration) {
         counter.fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Records one step cycle's host wall and CPU time (saturating at 4.2 s each).
+    pub(super) fn record_step(&self, wall: Duration, cpu_ns: u64) {
+        if let Ok(mut steps) = self.step_host.lock()
+            && steps.len() < STEP_RECORD_LIMIT
+        {
+            let wall = u32::try_from(wall.as_nanos()).unwrap_or(u32::MAX);
+            steps.push((wall, u32::try_from(cpu_ns).unwrap_or(u32::MAX)));
+        }
     }
 }

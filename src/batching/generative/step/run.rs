@@ -35,7 +35,8 @@ impl Engine {
             });
         self.picked.clear();
         // The previous step's updates leave now, as the thread is about to wait for the device:
-        // waking the delivery task here costs the step loop nothing it would otherwise do.
+        // waking the delivery thread here costs the step loop nothing it would otherwise do (it does
+        // not preempt the step loop: see `delivery_thread`).
         super::super::outbox::flush();
         if on_device {
             self.decoder.forward_greedy(&chunks, &mut self.picked)?;
