@@ -1,19 +1,35 @@
-//! Causal grouped-query attention of the query rows of one sequence over its paged K/V.
+//! Causal grouped-query attention of the query rows of one sequence over its paged K/V, split into
+//! fixed partitions of the history (flash-decoding style) so that one sequence's attention can be
+//! shared by several threads.
 //!
-//! Each query (row, head) visits positions `0..=pos` in increasing order: the scores (fixed-order
-//! dot products), the softmax (maximum, then `exp` and the sum in position order) and the weighted
-//! sum of values (position order), so its result depends only on the query and the stored K/V: not
-//! on the other rows of the step nor on how the sequence's prefill was chunked. Several rows of one
-//! sequence are computed together only so that each K/V block is read from memory once for all of
-//! them (a 16-token turn after 2k tokens of history would otherwise re-read 3 MB of K/V per layer,
-//! row and head); the arithmetic of each query is the same as alone.
+//! The history is cut at fixed positions, every [`PART`] positions from 0. For each query (row,
+//! head) and each partition it reaches, an *item* computes the scores (sequential multiply-adds
+//! over the head dimension, one lane per position: the pool keeps keys transposed per block), their maximum `m`, the weights `exp(s − m)`
+//! with their sum `l` (16 lanes by position, then summed in lane order) and the unnormalised
+//! weighted sum of values `o` (position order). [`merge`] then combines the partitions of each
+//! query in partition order: `M = max m`, `out = Σ o·exp(m − M) / Σ l·exp(m − M)`.
 //!
-//! One portable body is compiled three times (baseline, AVX2+FMA, AVX-512) and picked at run time
-//! ([`crate::backend::cpu::isa::isa`]): the arithmetic is plain IEEE operations in a fixed order (no
-//! fused multiply-add is formed), so every version gives the same bits; the wider ones are faster.
+//! Every query's arithmetic is fixed by its position and the stored K/V alone: not by the other
+//! rows of the step, how its prefill was chunked, how many threads ran the items, nor the
+//! instruction set — the bodies are plain IEEE operations in a fixed order (no fused multiply-add
+//! is formed) compiled three times (baseline, AVX2+FMA, AVX-512) and picked at run time
+//! ([`crate::backend::cpu::isa::isa`]); the register blocking (queries and head-dimension columns
+//! handled together) changes which values share a load, never an operation. Rows of one sequence
+//! are computed together so that each K/V row is read once for all of them and all heads of a
+//! group: the transposed keys of a partition are shared by the group's queries.
 
 use super::kv_pool::KvPool;
+use crate::backend::cpu::fast_exp::exp_clamped;
 use crate::backend::cpu::isa::{Isa, isa};
+
+/// Positions per partition of the history (part of the arithmetic: changing it changes results).
+pub const PART: usize = 128;
+
+/// Lanes of the scores (positions computed together) and of the weight sums.
+const LANES: usize = 16;
+
+/// Queries whose scores and weighted sums are computed together (shares each K/V load).
+const QB: usize = 4;
 
 /// Shape of the attention: heads, grouping and scale.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +42,18 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Score scale, `1 / sqrt(head_dim)`.
     pub scale: f32,
+}
+
+impl AttentionShape {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Floats of partial results one item (K/V head, partition) produces for `rows` query rows:
+    /// per query (row-major, then head of the group) `o` (`head_dim`), `m`, `l`.
+    pub fn item_len(&self, rows: usize) -> usize {
+        rows * self.group() * (self.head_dim + 2)
+    }
 }
 
 /// Query rows of one sequence: row `i`'s query is `q[i * stride..][..heads * head_dim]`, at absolute
@@ -42,141 +70,412 @@ pub struct SeqQueries<'a> {
     pub blocks: &'a [u32],
 }
 
+impl SeqQueries<'_> {
+    /// Partitions the rows reach: items are `(kv_head, partition)`, numbered
+    /// `kv_head * parts + partition`.
+    pub fn parts(&self) -> usize {
+        self.positions.iter().max().map_or(0, |&p| p / PART + 1)
+    }
+}
+
+/// Scratch of one thread (grown as needed, never shrunk).
+#[derive(Debug, Default, Clone)]
+pub struct AttnScratch {
+    /// Keys of one partition, `[head_dim][PART]` (block sizes not a multiple of 16 only).
+    kt: Vec<f32>,
+    /// Scores then weights of one item, `[query][PART]`.
+    scores: Vec<f32>,
+    /// Offsets of the partition's K/V rows in the layer's storage.
+    offs: Vec<usize>,
+    /// Positions of the partition each query attends to.
+    n_q: Vec<usize>,
+    /// Partial results of a whole task ([`attend_rows`]) or of a task shared by threads.
+    pub partials: Vec<f32>,
+}
+
 /// Attention outputs (`heads * head_dim` per row, rows in order) of the rows of `rows`, reading K/V
-/// of positions `0..=pos` of each. `scores` is scratch (grown as needed).
+/// of positions `0..=pos` of each: every item, then [`merge`], on the calling thread.
 pub fn attend_rows(
     pool: &KvPool,
     layer: usize,
     shape: AttentionShape,
     rows: SeqQueries<'_>,
-    scores: &mut Vec<f32>,
+    scratch: &mut AttnScratch,
     out: &mut [f32],
 ) {
+    let items = shape.kv_heads * rows.parts();
+    let len = items * shape.item_len(rows.positions.len());
+    let mut partials = std::mem::take(&mut scratch.partials);
+    if partials.len() < len {
+        partials.resize(len, 0.0);
+    }
+    attend_items(pool, layer, shape, rows, 0..items, scratch, &mut partials[..len]);
+    merge(shape, rows.positions, &partials[..len], out);
+    scratch.partials = partials;
+}
+
+/// Computes items `items` of `rows` (see [`SeqQueries::parts`]) into `partials`, which holds
+/// [`AttentionShape::item_len`] floats per item, in item order.
+pub fn attend_items(
+    pool: &KvPool,
+    layer: usize,
+    shape: AttentionShape,
+    rows: SeqQueries<'_>,
+    items: std::ops::Range<usize>,
+    scratch: &mut AttnScratch,
+    partials: &mut [f32],
+) {
+    attend_items_on(isa(), pool, layer, shape, rows, items, scratch, partials)
+}
+
+/// [`attend_items`] on a given instruction set (no higher than the CPU's).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_items_on(
+    level: Isa,
+    pool: &KvPool,
+    layer: usize,
+    shape: AttentionShape,
+    rows: SeqQueries<'_>,
+    items: std::ops::Range<usize>,
+    scratch: &mut AttnScratch,
+    partials: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    match isa() {
-        // SAFETY: `isa()` never reports a level the CPU lacks.
-        Isa::Avx512 => return unsafe { attend_avx512(pool, layer, shape, rows, scores, out) },
+    match level {
+        // SAFETY: callers pass `isa()` or lower, and `isa()` never reports a level the CPU lacks.
+        Isa::Avx512 => return unsafe { items_avx512(pool, layer, shape, rows, items, scratch, partials) },
         // SAFETY: as above.
-        Isa::Avx2 => return unsafe { attend_avx2(pool, layer, shape, rows, scores, out) },
+        Isa::Avx2 => return unsafe { items_avx2(pool, layer, shape, rows, items, scratch, partials) },
         Isa::Scalar => {}
     }
-    attend_body(pool, layer, shape, rows, scores, out)
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = level;
+    items_body::<16>(pool, layer, shape, rows, items, scratch, partials)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2(
+fn items_avx2(
     pool: &KvPool,
     layer: usize,
     shape: AttentionShape,
     rows: SeqQueries<'_>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
+    items: std::ops::Range<usize>,
+    scratch: &mut AttnScratch,
+    partials: &mut [f32],
 ) {
-    attend_body(pool, layer, shape, rows, scores, out)
+    items_body::<32>(pool, layer, shape, rows, items, scratch, partials)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-fn attend_avx512(
+fn items_avx512(
     pool: &KvPool,
     layer: usize,
     shape: AttentionShape,
     rows: SeqQueries<'_>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
+    items: std::ops::Range<usize>,
+    scratch: &mut AttnScratch,
+    partials: &mut [f32],
 ) {
-    attend_body(pool, layer, shape, rows, scores, out)
+    items_body::<64>(pool, layer, shape, rows, items, scratch, partials)
 }
 
+/// The items, with weighted sums computed `DS` head-dimension columns at a time (as many as fit in
+/// registers for [`QB`] queries; the arithmetic does not depend on it).
 #[inline(always)]
-fn attend_body(
+fn items_body<const DS: usize>(
     pool: &KvPool,
     layer: usize,
     shape: AttentionShape,
     rows: SeqQueries<'_>,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
+    items: std::ops::Range<usize>,
+    scratch: &mut AttnScratch,
+    partials: &mut [f32],
 ) {
     let hd = shape.head_dim;
-    let q_dim = shape.heads * hd;
-    let group = shape.heads / shape.kv_heads;
+    let group = shape.group();
     let bs = pool.block_size();
+    let nq = rows.positions.len() * group;
+    let parts = rows.parts();
+    let item_len = shape.item_len(rows.positions.len());
+    let Some(&last) = rows.positions.iter().max() else { return };
     let (keys, values) = pool.layer(layer);
-    let positions = rows.positions;
-    let Some(&last) = positions.iter().max() else { return };
-    // Scores of query (row i, head j of the group) at `start[i] * group + j * len_i`.
-    let total: usize = positions.iter().map(|p| p + 1).sum::<usize>() * group;
-    if scores.len() < total {
-        scores.resize(total, 0.0);
+    let AttnScratch { kt, scores, offs, n_q, .. } = scratch;
+    if kt.len() < hd * PART {
+        kt.resize(hd * PART, 0.0);
     }
-    for g in 0..shape.kv_heads {
-        let heads = g * group..(g + 1) * group;
-        // Scores, one K block at a time for every query.
-        for blk in 0..=last / bs {
-            let p0 = blk * bs;
-            let kb = pool.offset(rows.blocks[blk] as usize, g, 0);
-            let mut at = 0;
-            for (i, &pos) in positions.iter().enumerate() {
-                let len = pos + 1;
-                if p0 < len {
-                    let pe = (p0 + bs).min(len);
-                    for (j, h) in heads.clone().enumerate() {
-                        let qh = &rows.q[i * rows.stride + h * hd..][..hd];
-                        let s = &mut scores[at + j * len..][p0..pe];
-                        for (p, s) in (p0..pe).zip(s) {
-                            let k = &keys[kb + (p - p0) * hd..][..hd];
-                            *s = crate::backend::cpu::linear_kernels::dot(qh, k) * shape.scale;
-                        }
-                    }
-                }
-                at += len * group;
-            }
-        }
-        // Softmax of each query, in position order; the scores become the weights.
-        let mut at = 0;
-        for &pos in positions {
-            let len = pos + 1;
-            for s in scores[at..at + len * group].chunks_exact_mut(len) {
-                let mut max = f32::NEG_INFINITY;
-                for &v in s.iter() {
-                    max = max.max(v);
-                }
-                let mut sum = 0f32;
-                for v in s.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                for v in s.iter_mut() {
-                    *v /= sum;
+    if scores.len() < nq * PART {
+        scores.resize(nq * PART, 0.0);
+    }
+    n_q.clear();
+    n_q.resize(nq, 0);
+    for (item, part_out) in items.zip(partials.chunks_exact_mut(item_len)) {
+        let (g, p) = (item / parts, item % parts);
+        let a = p * PART;
+        let n = (a + PART).min(last + 1) - a;
+        offs.clear();
+        offs.extend((a..a + n).map(|pos| pool.offset(rows.blocks[pos / bs] as usize, g, pos % bs)));
+        // The pool keeps keys transposed per block (`[head_dim][slot]`): 16 positions of one block
+        // are 16 adjacent lanes. Blocks of other sizes are gathered into `kt` ([head_dim][PART]).
+        let direct = bs.is_multiple_of(LANES);
+        if !direct {
+            for i in 0..n {
+                let pos = a + i;
+                let base = pool.offset(rows.blocks[pos / bs] as usize, g, 0) + pos % bs;
+                for d in 0..hd {
+                    kt[d * PART + i] = keys[base + d * bs];
                 }
             }
-            at += len * group;
         }
-        for o in out.chunks_exact_mut(q_dim).take(positions.len()) {
-            o[g * group * hd..(g + 1) * group * hd].fill(0.0);
+        let (k_src, stride): (&[f32], usize) = if direct { (keys, bs) } else { (kt, PART) };
+        let base_of = |c: usize| {
+            if direct {
+                let pos = a + c * LANES;
+                pool.offset(rows.blocks[pos / bs] as usize, g, 0) + pos % bs
+            } else {
+                c * LANES
+            }
+        };
+        for (qi, nqi) in n_q.iter_mut().enumerate() {
+            *nqi = (rows.positions[qi / group] + 1).saturating_sub(a).min(n);
         }
-        // Weighted sums, one V block at a time for every query.
-        for blk in 0..=last / bs {
-            let p0 = blk * bs;
-            let vb = pool.offset(rows.blocks[blk] as usize, g, 0);
-            let mut at = 0;
-            for (i, &pos) in positions.iter().enumerate() {
-                let len = pos + 1;
-                if p0 < len {
-                    let pe = (p0 + bs).min(len);
-                    for (j, h) in heads.clone().enumerate() {
-                        let oh = &mut out[i * q_dim + h * hd..][..hd];
-                        let w = &scores[at + j * len..][p0..pe];
-                        for (p, &weight) in (p0..pe).zip(w) {
-                            let v = &values[vb + (p - p0) * hd..][..hd];
-                            for (acc, v) in oh.iter_mut().zip(v) {
-                                *acc += weight * v;
-                            }
+        let query = |qi: usize| {
+            let (r, j) = (qi / group, qi % group);
+            &rows.q[r * rows.stride + (g * group + j) * hd..][..hd]
+        };
+        // Scores, QB queries × 2 chunks of LANES positions (or 1 query × 4 chunks) at a time
+        // where possible: enough independent sums to hide the latency of the additions.
+        let mut qi = 0;
+        while qi < nq {
+            let q = if qi + QB <= nq { QB } else { 1 };
+            let chunks = n_q[qi..qi + q].iter().max().map_or(0, |&m| m.div_ceil(LANES));
+            let step = if q == QB { 2 } else { 4 };
+            let mut c = 0;
+            while c < chunks {
+                let out = &mut scores[qi * PART + c * LANES..];
+                if q == QB && c + step <= chunks {
+                    let qs: [&[f32]; QB] = std::array::from_fn(|j| query(qi + j));
+                    score_lanes::<QB, 2>(k_src, [base_of(c), base_of(c + 1)], stride, qs, shape.scale, out);
+                    c += 2;
+                } else if q == QB {
+                    let qs: [&[f32]; QB] = std::array::from_fn(|j| query(qi + j));
+                    score_lanes::<QB, 1>(k_src, [base_of(c)], stride, qs, shape.scale, out);
+                    c += 1;
+                } else if c + step <= chunks {
+                    let bases = [base_of(c), base_of(c + 1), base_of(c + 2), base_of(c + 3)];
+                    score_lanes::<1, 4>(k_src, bases, stride, [query(qi)], shape.scale, out);
+                    c += 4;
+                } else {
+                    score_lanes::<1, 1>(k_src, [base_of(c)], stride, [query(qi)], shape.scale, out);
+                    c += 1;
+                }
+            }
+            qi += q;
+        }
+        // Softmax within the partition: the maximum, the weights and their sum.
+        for qi in 0..nq {
+            let o = &mut part_out[qi * (hd + 2)..(qi + 1) * (hd + 2)];
+            let (m, l) = weights(&mut scores[qi * PART..][..n_q[qi]]);
+            o[hd] = m;
+            o[hd + 1] = l;
+        }
+        // Weighted sums of values, QB queries and DS columns at a time where possible.
+        let mut qi = 0;
+        while qi < nq {
+            if qi + QB <= nq {
+                values_columns::<QB, DS>(values, offs, scores, n_q, hd, qi, part_out);
+                qi += QB;
+            } else {
+                values_columns::<1, DS>(values, offs, scores, n_q, hd, qi, part_out);
+                qi += 1;
+            }
+        }
+    }
+}
+
+/// [`values_block`] over every column of queries `qi..qi + Q`: `DS` columns at a time, then 8, then 1.
+#[inline(always)]
+fn values_columns<const Q: usize, const DS: usize>(
+    values: &[f32],
+    offs: &[usize],
+    scores: &[f32],
+    n_q: &[usize],
+    hd: usize,
+    qi: usize,
+    part_out: &mut [f32],
+) {
+    let mut d0 = 0;
+    while d0 + DS <= hd {
+        values_block::<Q, DS>(values, offs, scores, n_q, hd, qi, d0, part_out);
+        d0 += DS;
+    }
+    while d0 + 8 <= hd {
+        values_block::<Q, 8>(values, offs, scores, n_q, hd, qi, d0, part_out);
+        d0 += 8;
+    }
+    while d0 < hd {
+        values_block::<Q, 1>(values, offs, scores, n_q, hd, qi, d0, part_out);
+        d0 += 1;
+    }
+}
+
+/// Scores of `Q` queries at `C` chunks of `LANES` positions, chunk `c`'s keys at
+/// `k[bases[c] + d * stride..][..LANES]`: `out[j * PART + c * LANES + l] = (Σ_d q_j[d] · k[d]) · scale`,
+/// the sum in `d` order.
+// Indexing by constant bounds keeps the accumulators in registers (iterator chains vectorised
+// across chunks with gathers instead).
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn score_lanes<const Q: usize, const C: usize>(
+    k: &[f32],
+    bases: [usize; C],
+    stride: usize,
+    qs: [&[f32]; Q],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = qs[0].len();
+    let mut acc = [[[0f32; LANES]; C]; Q];
+    for d in 0..hd {
+        for c in 0..C {
+            let kd = &k[bases[c] + d * stride..][..LANES];
+            for j in 0..Q {
+                let x = qs[j][d];
+                let a = &mut acc[j][c];
+                for l in 0..LANES {
+                    a[l] += x * kd[l];
+                }
+            }
+        }
+    }
+    for (j, acc) in acc.iter().enumerate() {
+        for (c, acc) in acc.iter().enumerate() {
+            for (s, &a) in out[j * PART + c * LANES..][..LANES].iter_mut().zip(acc) {
+                *s = a * scale;
+            }
+        }
+    }
+}
+
+/// Turns scores into `exp(s − m)` in place; returns `(m, Σ exp(s − m))` (the sum in 16 lanes by
+/// position, then the lanes in order). `(−∞, 0)` for no scores.
+#[inline(always)]
+fn weights(s: &mut [f32]) -> (f32, f32) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = s.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            lanes[l] = if c[l] > lanes[l] { c[l] } else { lanes[l] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        m = if v > m { v } else { m };
+    }
+    if s.is_empty() {
+        return (m, 0.0);
+    }
+    let mut sums = [0f32; LANES];
+    let mut chunks = s.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp_clamped(c[l] - m);
+            sums[l] += c[l];
+        }
+    }
+    for (l, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = exp_clamped(*v - m);
+        sums[l] += *v;
+    }
+    let mut sum = 0f32;
+    for v in sums {
+        sum += v;
+    }
+    (m, sum)
+}
+
+/// Weighted sums of values for queries `qi..qi + Q`, columns `d0..d0 + D`: for each query, in
+/// position order, `o[d] += w[i] · V[i][d]` over its `n_q` positions; written to its partial `o`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn values_block<const Q: usize, const D: usize>(
+    values: &[f32],
+    offs: &[usize],
+    scores: &[f32],
+    n_q: &[usize],
+    hd: usize,
+    qi: usize,
+    d0: usize,
+    part_out: &mut [f32],
+) {
+    let n = &n_q[qi..qi + Q];
+    let common = n.iter().copied().min().unwrap_or(0);
+    let offs_c = &offs[..common];
+    let w: [&[f32]; Q] = std::array::from_fn(|k| &scores[(qi + k) * PART..][..common]);
+    let mut acc = [[0f32; D]; Q];
+    for (i, &o) in offs_c.iter().enumerate() {
+        let Ok(v): Result<&[f32; D], _> = values[o + d0..][..D].try_into() else { return };
+        for (acc, w) in acc.iter_mut().zip(&w) {
+            let x = w[i];
+            for d in 0..D {
+                acc[d] += x * v[d];
+            }
+        }
+    }
+    for (k, acc) in acc.iter().enumerate() {
+        part_out[(qi + k) * (hd + 2) + d0..][..D].copy_from_slice(acc);
+    }
+    // Queries with more positions (the last rows of a causal task) continue alone.
+    for (k, &nk) in n.iter().enumerate() {
+        let o = &mut part_out[(qi + k) * (hd + 2) + d0..][..D];
+        let w = &scores[(qi + k) * PART..][..nk];
+        for (i, &at) in offs[..nk].iter().enumerate().skip(common) {
+            let x = w[i];
+            for (o, &v) in o.iter_mut().zip(&values[at + d0..at + d0 + D]) {
+                *o += x * v;
+            }
+        }
+    }
+}
+
+/// Combines the items of a task (`partials`, every item of [`SeqQueries::parts`] partitions, in
+/// item order) into the outputs of its rows at `positions`, partitions in order.
+pub fn merge(shape: AttentionShape, positions: &[usize], partials: &[f32], out: &mut [f32]) {
+    let (hd, group) = (shape.head_dim, shape.group());
+    let q_dim = shape.heads * hd;
+    let parts = positions.iter().max().map_or(0, |&p| p / PART + 1);
+    let item_len = shape.item_len(positions.len());
+    for (r, (&pos, o_row)) in positions.iter().zip(out.chunks_exact_mut(q_dim)).enumerate() {
+        let reached = pos / PART + 1;
+        for g in 0..shape.kv_heads {
+            for j in 0..group {
+                let at = |p: usize| ((g * parts + p) * item_len) + (r * group + j) * (hd + 2);
+                let mut big = f32::NEG_INFINITY;
+                for p in 0..reached {
+                    let m = partials[at(p) + hd];
+                    big = if m > big { m } else { big };
+                }
+                let o = &mut o_row[(g * group + j) * hd..][..hd];
+                let mut l = 0f32;
+                for p in 0..reached {
+                    let part = &partials[at(p)..at(p) + hd + 2];
+                    let c = exp_clamped(part[hd] - big);
+                    if p == 0 {
+                        for (o, &x) in o.iter_mut().zip(part) {
+                            *o = x * c;
                         }
+                        l = part[hd + 1] * c;
+                    } else {
+                        for (o, &x) in o.iter_mut().zip(part) {
+                            *o += x * c;
+                        }
+                        l += part[hd + 1] * c;
                     }
                 }
-                at += len * group;
+                for o in o.iter_mut() {
+                    *o /= l;
+                }
             }
         }
     }

@@ -1,5 +1,7 @@
 //! The decoder's paged K/V storage: `num_blocks` blocks of `block_size` positions, f32, per layer laid
-//! out `[block][kv_head][slot][head_dim]`, and the byte format blocks are spilled and restored in.
+//! out `[block][kv_head][slot][head_dim]` for values and `[block][kv_head][head_dim][slot]` for keys
+//! (transposed within a block: attention reads one dimension of many positions at once), and the
+//! byte format blocks are spilled and restored in (`[kv_head][slot][head_dim]` for both).
 
 use super::LoadError;
 use crate::backend::BackendError;
@@ -12,7 +14,7 @@ pub struct KvPool {
     head_dim: usize,
     block_size: usize,
     num_blocks: usize,
-    /// Per layer: `num_blocks * kv_heads * block_size * head_dim` keys.
+    /// Per layer: `num_blocks * kv_heads * head_dim * block_size` keys, transposed per block.
     k: Vec<Vec<f32>>,
     /// Per layer: the values, same layout.
     v: Vec<Vec<f32>>,
@@ -64,7 +66,9 @@ impl KvPool {
         self.kv_heads * self.block_size * self.head_dim
     }
 
-    /// Where head `head`'s vector for `slot` of `block` starts in a layer's storage.
+    /// Where head `head`'s value vector for `slot` of `block` starts in a layer's storage; with
+    /// `slot` 0, where the head's transposed keys of the block start (dimension `d` of `slot` at
+    /// `+ d * block_size + slot`).
     #[inline]
     pub fn offset(&self, block: usize, head: usize, slot: usize) -> usize {
         ((block * self.kv_heads + head) * self.block_size + slot) * self.head_dim
@@ -73,14 +77,18 @@ impl KvPool {
     /// Stores one position's keys and values (`kv_heads * head_dim` each) in `layer`.
     pub fn write(&mut self, layer: usize, block: usize, slot: usize, k: &[f32], v: &[f32]) {
         let hd = self.head_dim;
+        let bs = self.block_size;
         for h in 0..self.kv_heads {
             let o = self.offset(block, h, slot);
-            self.k[layer][o..o + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
             self.v[layer][o..o + hd].copy_from_slice(&v[h * hd..(h + 1) * hd]);
+            let base = self.offset(block, h, 0) + slot;
+            for (d, &x) in k[h * hd..(h + 1) * hd].iter().enumerate() {
+                self.k[layer][base + d * bs] = x;
+            }
         }
     }
 
-    /// Keys and values of `layer`.
+    /// Keys (transposed per block) and values of `layer`.
     pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
         (&self.k[layer], &self.v[layer])
     }
@@ -114,10 +122,16 @@ impl KvPool {
         for &block in blocks {
             let b = self.check(block)?;
             for layer in 0..self.layers {
-                for store in [&self.k[layer], &self.v[layer]] {
-                    for x in &store[b * len..(b + 1) * len] {
-                        out.extend_from_slice(&x.to_le_bytes());
+                for h in 0..self.kv_heads {
+                    let base = self.offset(b, h, 0);
+                    for slot in 0..self.block_size {
+                        for d in 0..self.head_dim {
+                            out.extend_from_slice(&self.k[layer][base + d * self.block_size + slot].to_le_bytes());
+                        }
                     }
+                }
+                for x in &self.v[layer][b * len..(b + 1) * len] {
+                    out.extend_from_slice(&x.to_le_bytes());
                 }
             }
         }
@@ -145,10 +159,16 @@ impl KvPool {
         for &block in blocks {
             let b = block as usize;
             for layer in 0..self.layers {
-                for store in [&mut self.k[layer], &mut self.v[layer]] {
-                    for (dst, src) in store[b * len..(b + 1) * len].iter_mut().zip(&mut chunks) {
-                        *dst = src;
+                for h in 0..self.kv_heads {
+                    let base = b * len + h * self.block_size * self.head_dim;
+                    for slot in 0..self.block_size {
+                        for d in 0..self.head_dim {
+                            self.k[layer][base + d * self.block_size + slot] = chunks.next().unwrap_or(0.0);
+                        }
                     }
+                }
+                for (dst, src) in self.v[layer][b * len..(b + 1) * len].iter_mut().zip(&mut chunks) {
+                    *dst = src;
                 }
             }
         }

@@ -3,6 +3,7 @@
 //! [`DecoderInstance`](crate::backend::generative::DecoderInstance).
 
 mod attention;
+mod attention_tasks;
 pub mod config;
 pub mod error;
 pub mod hf_folder;
@@ -20,3 +21,5 @@ pub use kv_pool::KvPool;
 pub use model::LlamaModel;
 pub use random::RandomWeights;
 pub use weights::{SafetensorsSource, Weight, WeightSource};
+#[cfg(test)]
+mod attention_tests;

@@ -2,7 +2,8 @@
 //! forward over the chunks of a step ([`DecoderInstance`]).
 
 use super::LoadError;
-use super::attention::{AttentionShape, SeqQueries, attend_rows};
+use super::attention::{AttentionShape, AttnScratch};
+use super::attention_tasks::attention_rows;
 use super::config::LlamaConfig;
 use super::kv_pool::KvPool;
 use super::layers::{DecoderLayer, WeightReader, linear_from, rms_norm, swiglu};
@@ -11,9 +12,6 @@ use super::weights::{Weight, WeightSource};
 use crate::backend::BackendError;
 use crate::backend::cpu::linear::{Linear, linear_threads};
 use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
-
-/// Query rows × attended positions below which attention runs on the calling thread.
-const PARALLEL_ATTENTION_MIN: usize = 4096;
 
 /// Buffers reused by every forward (grown, never shrunk).
 #[derive(Debug, Default)]
@@ -41,8 +39,8 @@ struct Scratch {
     /// RoPE cos / sin of one position.
     cos: Vec<f32>,
     sin: Vec<f32>,
-    /// Attention scores, one buffer per thread.
-    scores: Vec<Vec<f32>>,
+    /// Attention scratch, one per thread.
+    attention: Vec<AttnScratch>,
 }
 
 fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -129,7 +127,7 @@ impl LlamaModel {
             lm_head,
             pool,
             threads,
-            scratch: Scratch { scores: vec![Vec::new(); threads], ..Scratch::default() },
+            scratch: Scratch { attention: vec![AttnScratch::default(); threads], ..Scratch::default() },
         })
     }
 
@@ -146,7 +144,7 @@ impl LlamaModel {
     /// Uses at most `threads` threads for matrix products and attention (results do not change).
     pub fn set_threads(&mut self, threads: usize) {
         self.threads = threads.max(1);
-        self.scratch.scores.resize(self.threads, Vec::new());
+        self.scratch.attention.resize(self.threads, AttnScratch::default());
     }
 
     fn validate(&self, chunks: &[SeqChunk<'_>]) -> Result<(), BackendError> {
@@ -225,7 +223,7 @@ impl LlamaModel {
                 self.pool.write(l, chunks[c].blocks[pos / bs] as usize, pos % bs, k, v);
             }
             let attn = grow(&mut s.attn, t * q_dim);
-            attention_rows(&self.pool, l, shape, qkv, qkv_w, &s.rows, chunks, &mut s.scores, attn, self.threads);
+            attention_rows(&self.pool, l, shape, qkv, qkv_w, &s.rows, chunks, &mut s.attention, attn, self.threads);
             let proj = grow(&mut s.proj, t * hidden);
             layer.o.forward_with(attn, t, proj, self.threads);
             add(&mut s.x[..t * hidden], proj);
@@ -258,91 +256,6 @@ fn add(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
-}
-
-/// Most rows of one sequence whose attention runs as one task (bounds the scores scratch).
-const TASK_ROWS: usize = 16;
-
-/// Attention of every row. Rows of one sequence run together in tasks of up to [`TASK_ROWS`] (each
-/// K/V block read once per task); tasks split over threads when there is enough work.
-#[allow(clippy::too_many_arguments)]
-fn attention_rows(
-    pool: &KvPool,
-    layer: usize,
-    shape: AttentionShape,
-    qkv: &[f32],
-    qkv_w: usize,
-    rows: &[(usize, usize)],
-    chunks: &[SeqChunk<'_>],
-    scores: &mut [Vec<f32>],
-    out: &mut [f32],
-    threads: usize,
-) {
-    let q_dim = shape.heads * shape.head_dim;
-    let work: usize = rows.iter().map(|&(p, _)| p + 1).sum();
-    let t = threads.min(scores.len()).min(rows.len()).max(1);
-    let t = if work * shape.heads < PARALLEL_ATTENTION_MIN { 1 } else { t };
-    let positions: Vec<usize> = rows.iter().map(|&(p, _)| p).collect();
-    // Tasks: runs of rows of one chunk, at most TASK_ROWS, split finer so every thread gets one.
-    let mut tasks: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut r = 0;
-    while r < rows.len() {
-        let c = rows[r].1;
-        let end = r + rows[r..].iter().take_while(|row| row.1 == c).count();
-        let per = (end - r).div_ceil(t).clamp(1, TASK_ROWS);
-        tasks.extend((r..end).step_by(per).map(|s| s..(s + per).min(end)));
-        r = end;
-    }
-    let run = |tasks: &[std::ops::Range<usize>], out: &mut [f32], scores: &mut Vec<f32>| {
-        let Some(first) = tasks.first().map(|t| t.start) else { return };
-        for task in tasks {
-            let queries = SeqQueries {
-                q: &qkv[task.start * qkv_w..],
-                stride: qkv_w,
-                positions: &positions[task.clone()],
-                blocks: chunks[rows[task.start].1].blocks,
-            };
-            let o = &mut out[(task.start - first) * q_dim..(task.end - first) * q_dim];
-            attend_rows(pool, layer, shape, queries, scores, o);
-        }
-    };
-    if t == 1 || tasks.len() == 1 {
-        if let Some(buf) = scores.first_mut() {
-            run(&tasks, out, buf);
-        }
-        return;
-    }
-    // Balance by attended positions, not rows: later rows of a prefill attend further.
-    let per = work.div_ceil(t);
-    let mut cuts = vec![0usize];
-    let mut acc = 0;
-    for (i, task) in tasks.iter().enumerate() {
-        acc += positions[task.clone()].iter().map(|p| p + 1).sum::<usize>();
-        if acc >= per * cuts.len() && cuts.len() < t {
-            cuts.push(i + 1);
-        }
-    }
-    cuts.push(tasks.len());
-    cuts.dedup();
-    std::thread::scope(|s| {
-        let mut rest = out;
-        let mut mine_first = None;
-        for (w, buf) in cuts.windows(2).zip(scores.iter_mut()) {
-            let part = &tasks[w[0]..w[1]];
-            let rows_in = part.last().map_or(0, |l| l.end) - part.first().map_or(0, |f| f.start);
-            let (mine, others) = rest.split_at_mut(rows_in * q_dim);
-            rest = others;
-            if w[0] == 0 {
-                mine_first = Some((part, mine, buf));
-            } else {
-                let run = &run;
-                s.spawn(move || run(part, mine, buf));
-            }
-        }
-        if let Some((part, mine, buf)) = mine_first {
-            run(part, mine, buf);
-        }
-    });
 }
 
 impl DecoderInstance for LlamaModel {
