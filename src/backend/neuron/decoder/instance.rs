@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
@@ -17,6 +16,7 @@ use super::buckets::{decode_groups, prefill_pieces};
 use super::manifest::DecoderManifest;
 use super::program::{Program, ProgramContext, ProgramKind, SharedTensors};
 pub use super::timings::DecoderTimings;
+use super::timings::StepClock;
 use crate::backend::BackendError;
 use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
 use crate::backend::neuron::{DeviceTensor, NeuronError, Operation, Runtime};
@@ -59,16 +59,7 @@ pub struct NeuronDecoderInstance {
     /// The prefill programs start at any position (else only at 0).
     prefill_appends: bool,
     timings: Arc<DecoderTimings>,
-    /// When the last `forward` ended.
-    last_forward_end: Option<Instant>,
-    /// Thread CPU time at the start of the last `forward`, while CPU time is measured.
-    last_step_cpu: Option<u64>,
-    /// CPU time inside executions since then (added to the counters when the cycle closes).
-    cycle_execute_cpu: u64,
-    /// When the last `forward` started, while CPU time is measured, and the wall time inside
-    /// executions since then (for the per-cycle record).
-    last_step_start: Option<Instant>,
-    cycle_execute_wall: std::time::Duration,
+    clock: StepClock,
     scratch: Scratch,
 }
 
@@ -202,11 +193,7 @@ impl NeuronDecoderInstance {
             prefill_appends: manifest.prefill_appends,
             shape,
             timings: Arc::default(),
-            last_forward_end: None,
-            last_step_cpu: None,
-            cycle_execute_cpu: 0,
-            last_step_start: None,
-            cycle_execute_wall: std::time::Duration::ZERO,
+            clock: StepClock::default(),
             scratch: Scratch::default(),
         })
     }
@@ -270,7 +257,7 @@ impl NeuronDecoderInstance {
 
     fn execute(&mut self, decode: bool, index: usize) -> Result<(), BackendError> {
         let s = &self.scratch;
-        let cpu_started = self.last_step_cpu.is_some().then(super::cpu_clock::thread_cpu_ns);
+        let cpu_started = self.clock.execute_started();
         let started = Instant::now();
         let result = match (self.ranks.as_mut_slice(), &self.rank_threads) {
             ([one], _) => one.program(decode, index).run(&s.ids, &s.positions, &s.seqs),
@@ -295,13 +282,7 @@ impl NeuronDecoderInstance {
                 detail: "a tensor-parallel group without its rank threads, or without ranks".into(),
             }),
         };
-        let inside = started.elapsed();
-        DecoderTimings::add(&self.timings.execute_ns, inside);
-        if let Some(c) = cpu_started {
-            self.cycle_execute_cpu += super::cpu_clock::thread_cpu_ns().saturating_sub(c);
-            self.cycle_execute_wall += inside;
-        }
-        self.timings.executions.fetch_add(1, Relaxed);
+        self.clock.execute_ended(&self.timings, cpu_started, started.elapsed());
         result.map_err(BackendError::from)
     }
 
@@ -407,29 +388,7 @@ impl NeuronDecoderInstance {
     /// One forward over `chunks`, the rows they ask for written to `out`.
     fn step(&mut self, chunks: &[SeqChunk<'_>], mut out: Rows<'_>) -> Result<(), BackendError> {
         let started = Instant::now();
-        if let Some(end) = self.last_forward_end {
-            DecoderTimings::add(&self.timings.between_ns, started.duration_since(end));
-        }
-        self.last_step_cpu = match (self.timings.measure_cpu.load(Relaxed), self.last_step_cpu) {
-            (false, _) => None,
-            (true, previous) => {
-                let now = super::cpu_clock::thread_cpu_ns();
-                if let Some(p) = previous {
-                    self.timings.step_cpu_ns.fetch_add(now.saturating_sub(p), Relaxed);
-                    self.timings.execute_cpu_ns.fetch_add(self.cycle_execute_cpu, Relaxed);
-                    self.timings.cpu_cycles.fetch_add(1, Relaxed);
-                    if let Some(s) = self.last_step_start {
-                        let wall = started.duration_since(s).saturating_sub(self.cycle_execute_wall);
-                        let cpu = now.saturating_sub(p).saturating_sub(self.cycle_execute_cpu);
-                        self.timings.record_step(wall, cpu);
-                    }
-                }
-                self.cycle_execute_cpu = 0;
-                self.cycle_execute_wall = std::time::Duration::ZERO;
-                self.last_step_start = Some(started);
-                Some(now)
-            }
-        };
+        self.clock.step_started(&self.timings, started);
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut total = 0;
         for c in chunks {
@@ -457,10 +416,7 @@ impl NeuronDecoderInstance {
         if !decode_rows.is_empty() {
             self.run_decode(chunks, &decode_rows, &offsets, &mut out)?;
         }
-        self.timings.steps.fetch_add(1, Relaxed);
-        let end = Instant::now();
-        DecoderTimings::add(&self.timings.forward_ns, end.duration_since(started));
-        self.last_forward_end = Some(end);
+        self.clock.step_ended(&self.timings, started);
         Ok(())
     }
 

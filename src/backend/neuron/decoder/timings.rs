@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Time spent by an instance (shared with whoever watches it, e.g. the benchmark of host
 /// overhead): counters only ever grow.
@@ -54,5 +54,65 @@ impl DecoderTimings {
             let wall = u32::try_from(wall.as_nanos()).unwrap_or(u32::MAX);
             steps.push((wall, u32::try_from(cpu_ns).unwrap_or(u32::MAX)));
         }
+    }
+}
+
+/// An instance's side of [`DecoderTimings`]: where the current step cycle (the start of one
+/// `forward` to the start of the next) began and what its executions took so far.
+#[derive(Debug, Default)]
+pub(super) struct StepClock {
+    /// When the last `forward` ended.
+    last_forward_end: Option<Instant>,
+    /// While CPU time is measured: when the current cycle's `forward` started, wall and thread CPU.
+    cycle_start: Option<(Instant, u64)>,
+    /// Wall and CPU time inside executions since then.
+    cycle_execute_wall: Duration,
+    cycle_execute_cpu: u64,
+}
+
+impl StepClock {
+    /// A `forward` starts at `started`: closes the previous cycle into `timings`.
+    pub(super) fn step_started(&mut self, timings: &DecoderTimings, started: Instant) {
+        if let Some(end) = self.last_forward_end {
+            DecoderTimings::add(&timings.between_ns, started.duration_since(end));
+        }
+        if !timings.measure_cpu.load(Relaxed) {
+            self.cycle_start = None;
+            return;
+        }
+        let now = super::cpu_clock::thread_cpu_ns();
+        if let Some((wall_start, cpu_start)) = self.cycle_start {
+            timings.step_cpu_ns.fetch_add(now.saturating_sub(cpu_start), Relaxed);
+            timings.execute_cpu_ns.fetch_add(self.cycle_execute_cpu, Relaxed);
+            timings.cpu_cycles.fetch_add(1, Relaxed);
+            let wall = started.duration_since(wall_start).saturating_sub(self.cycle_execute_wall);
+            timings.record_step(wall, now.saturating_sub(cpu_start).saturating_sub(self.cycle_execute_cpu));
+        }
+        self.cycle_execute_cpu = 0;
+        self.cycle_execute_wall = Duration::ZERO;
+        self.cycle_start = Some((started, now));
+    }
+
+    /// The thread's CPU time at the start of an execution, while CPU time is measured.
+    pub(super) fn execute_started(&self) -> Option<u64> {
+        self.cycle_start.map(|_| super::cpu_clock::thread_cpu_ns())
+    }
+
+    /// An execution that started at CPU time `cpu_started` took `inside` of wall time.
+    pub(super) fn execute_ended(&mut self, timings: &DecoderTimings, cpu_started: Option<u64>, inside: Duration) {
+        DecoderTimings::add(&timings.execute_ns, inside);
+        if let Some(c) = cpu_started {
+            self.cycle_execute_cpu += super::cpu_clock::thread_cpu_ns().saturating_sub(c);
+            self.cycle_execute_wall += inside;
+        }
+        timings.executions.fetch_add(1, Relaxed);
+    }
+
+    /// The `forward` that started at `started` ends now.
+    pub(super) fn step_ended(&mut self, timings: &DecoderTimings, started: Instant) {
+        timings.steps.fetch_add(1, Relaxed);
+        let end = Instant::now();
+        DecoderTimings::add(&timings.forward_ns, end.duration_since(started));
+        self.last_forward_end = Some(end);
     }
 }
