@@ -1,12 +1,13 @@
 //! Generation speed of a GGUF model on the CPU backend: prompt processing (one 512-token chunk),
 //! single-stream decode tokens/s and the median decode step; `streams` sequences (128-token
-//! prompts) decoding together, one token each per step: total tokens/s and the p99 step time (each
-//! stream's inter-token latency); plus the memory-bandwidth roofline for decode (bytes of weights
-//! read per token over a measured triad bandwidth). Prints one JSON object (read by
+//! prompts unless given) decoding together, one token each per step: total tokens/s and the p99
+//! step time (each stream's inter-token latency), and the bytes of f32 K/V such a step reads (mean
+//! over the run); plus the memory-bandwidth roofline for decode (bytes of weights read per token
+//! over a measured triad bandwidth). Prints one JSON object (read by
 //! examples/generation_llamacpp_compare.py, which runs llama.cpp on the same file beside it).
 //! The model is called directly (no server, no sampling), as llama.cpp is on the other side.
 //!
-//! `cargo run --release --example gguf_generation_bench -- MODEL.gguf [prompt_tokens] [decode_tokens] [streams]`
+//! `cargo run --release --example gguf_generation_bench -- MODEL.gguf [prompt_tokens] [decode_tokens] [streams] [stream_prompt_tokens]`
 //! Threads: `NEURON_WORKER_QUANT_THREADS` (quantized products), `NEURON_WORKER_LINEAR_THREADS`
 //! (f32 products); ISA cap: `NEURON_WORKER_ISA=avx2`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
@@ -49,11 +50,14 @@ fn triad_bandwidth(threads: usize) -> f64 {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let path = PathBuf::from(args.next().ok_or("usage: gguf_generation_bench MODEL.gguf [prompt] [decode]")?);
+    let path = PathBuf::from(
+        args.next().ok_or("usage: gguf_generation_bench MODEL.gguf [prompt] [decode] [streams] [stream_prompt]")?,
+    );
     let prompt_len: usize = args.next().map_or(Ok(512), |s| s.parse())?;
     let decode_len: usize = args.next().map_or(Ok(64), |s| s.parse())?;
     let streams: usize = args.next().map_or(Ok(16), |s| s.parse())?;
-    const STREAM_PROMPT: usize = 128;
+    // Each stream's prompt (its context when decoding starts): 128 unless given.
+    let stream_prompt: usize = args.next().map_or(Ok(128), |s| s.parse())?;
     let files = load_gguf_decoder(&path)?;
     // Bytes of weights a decode step reads: every tensor once (a tied embedding once, as the head).
     let mut weight_bytes = 0usize;
@@ -68,7 +72,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vocab = files.config.vocab_size;
     let total = prompt_len + decode_len;
     let blocks: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).collect();
-    let per_stream = (STREAM_PROMPT + decode_len).div_ceil(BLOCK);
+    let per_stream = (stream_prompt + decode_len).div_ceil(BLOCK);
     let mut model = LlamaModel::new(files.config, &files.weights, blocks.len() + streams * per_stream, BLOCK)?;
     let prompt: Vec<u32> = (0..prompt_len).map(|i| (100 + (i * 7919) % (vocab - 200)) as u32).collect();
     let mut logits = Vec::new();
@@ -111,7 +115,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let mut toks = Vec::with_capacity(streams);
     for (s, table) in tables.iter().enumerate() {
-        let p: Vec<u32> = (0..STREAM_PROMPT).map(|i| (100 + ((i + 17 * s) * 7919) % (vocab - 200)) as u32).collect();
+        let p: Vec<u32> = (0..stream_prompt).map(|i| (100 + ((i + 17 * s) * 7919) % (vocab - 200)) as u32).collect();
         logits.clear();
         model.forward(&[SeqChunk { tokens: &p, start: 0, blocks: table, logits: LogitsWanted::Last }], &mut logits)?;
         toks.push(argmax(&logits));
@@ -126,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .zip(&tables)
             .map(|(tok, table)| SeqChunk {
                 tokens: tok,
-                start: STREAM_PROMPT + step,
+                start: stream_prompt + step,
                 blocks: table,
                 logits: LogitsWanted::Last,
             })
@@ -155,6 +159,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "decode_tok_s": decode_len as f64 / decode,
             "decode_step_p50_s": quantile(&mut single_steps, 0.5),
             "streams": streams,
+            "stream_prompt_tokens": stream_prompt,
+            "streams_kv_bytes_per_step": streams * (stream_prompt + decode_len / 2) * model.config().num_hidden_layers * 2 * model.config().kv_dim() * 4,
             "streams_total_tok_s": (streams * decode_len) as f64 / multi,
             "streams_step_p50_s": quantile(&mut multi_steps, 0.5),
             "streams_step_p99_s": quantile(&mut multi_steps, 0.99),

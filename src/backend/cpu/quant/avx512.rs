@@ -62,7 +62,27 @@ fn tile<const F: u8, const C: usize>(
     let xq = x.q.qs.as_ptr();
     let m4 = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); C];
+    // The group's first tile asks for the next group's pieces of the same block: the weights
+    // stream from memory once per step, and this keeps a group's worth of loads in flight.
+    let ahead = c0 == 0
+        && (g + 2) * nb * GROUP * qsb <= w.qs.len()
+        && (g + 2) * nb * GROUP <= w.d.len()
+        && (F != FQ4_1 || (g + 2) * nb * GROUP <= w.mins.len());
     for b in 0..nb {
+        if ahead {
+            // SAFETY: group g + 1 exists (checked above), so these addresses are inside the
+            // fields; a prefetch never faults nor writes.
+            unsafe {
+                let next = wq.add((nb + b) * GROUP * qsb);
+                for l in (0..GROUP * qsb).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(next.add(l).cast());
+                }
+                _mm_prefetch::<_MM_HINT_T0>(wd.add((nb + b) * GROUP).cast());
+                if F == FQ4_1 {
+                    _mm_prefetch::<_MM_HINT_T0>(wm.add((nb + b) * GROUP).cast());
+                }
+            }
+        }
         // SAFETY: block b < nb of group g and activation rows c0 + c < m (asserted); 4-byte reads
         // of activations stay inside each block's 32 bytes.
         unsafe {
