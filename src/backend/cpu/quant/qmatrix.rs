@@ -146,7 +146,7 @@ impl QMatrix {
         let mut rm = RowMajor::default();
         d.push_row(r, &mut rm);
         if f == QFormat::F16 {
-            let one = QMatrix { data: Arc::new(QData::from_row_major(f, 1, d.k, rm)) };
+            let one = QMatrix { data: Arc::new(QData::from_row_major(f, 1, d.k, rm)), act: self.act };
             out.copy_from_slice(&one.dequantize());
             return;
         }
