@@ -9,7 +9,8 @@
 //!
 //! `cargo run --release --example gguf_generation_bench -- MODEL.gguf [prompt_tokens] [decode_tokens] [streams] [stream_prompt_tokens]`
 //! Threads: `NEURON_WORKER_QUANT_THREADS` (quantized products), `NEURON_WORKER_LINEAR_THREADS`
-//! (f32 products); ISA cap: `NEURON_WORKER_ISA=avx2`.
+//! (f32 products); ISA cap: `NEURON_WORKER_ISA=avx2`; activations of the quantized products:
+//! `NEURON_WORKER_ACTIVATION_BITS=8|16` (as `serve --activation-bits`, default 8).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use std::time::Instant;
 use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
 use neuron_worker::backend::cpu::linear_kernels::kernel_isa;
 use neuron_worker::backend::cpu::llama::LlamaModel;
-use neuron_worker::backend::cpu::quant::{QFormat, QuantPool, quant_isa};
+use neuron_worker::backend::cpu::quant::{ActPrecision, QFormat, QuantPool, quant_isa};
 use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
 
 const BLOCK: usize = 16;
@@ -74,6 +75,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let blocks: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).collect();
     let per_stream = (stream_prompt + decode_len).div_ceil(BLOCK);
     let mut model = LlamaModel::new(files.config, &files.weights, blocks.len() + streams * per_stream, BLOCK)?;
+    let act = match std::env::var("NEURON_WORKER_ACTIVATION_BITS").as_deref() {
+        Ok("16") => ActPrecision::I16,
+        _ => ActPrecision::I8,
+    };
+    model.set_activations(act);
     let prompt: Vec<u32> = (0..prompt_len).map(|i| (100 + (i * 7919) % (vocab - 200)) as u32).collect();
     let mut logits = Vec::new();
     // Warm-up, then the measured prefill (best of 2).
@@ -151,6 +157,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{}",
         serde_json::json!({
             "isa": quant_isa().name(),
+            "activation_bits": if act == ActPrecision::I16 { 16 } else { 8 },
             "f32_isa": kernel_isa().name(),
             "threads": threads,
             "prompt_tokens": prompt_len,

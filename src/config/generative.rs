@@ -2,6 +2,7 @@
 //! `parameters` over the worker's defaults (`--kv-cache-memory`).
 
 use super::ConfigError;
+use crate::backend::cpu::quant::ActPrecision;
 use crate::proto::inference::{ModelConfig, ModelInput, ModelOutput, ModelTransactionPolicy};
 use crate::tensor::DataType;
 
@@ -93,6 +94,9 @@ pub struct GenerativeSpec {
     /// survives a crash): `session_store_after_idle_seconds` (default 60; 0 = only when the pool
     /// needs its blocks, and at drain).
     pub store_after_idle: Option<std::time::Duration>,
+    /// How the quantized (GGUF) weights' products quantize activations: `activation_bits` 8 or 16
+    /// (worker default `--activation-bits`); F32/F16/BF16 checkpoints ignore it.
+    pub activations: ActPrecision,
 }
 
 impl Default for GenerativeSpec {
@@ -106,7 +110,17 @@ impl Default for GenerativeSpec {
             max_sessions: 1024,
             max_session_tokens: None,
             store_after_idle: Some(std::time::Duration::from_secs(60)),
+            activations: ActPrecision::default(),
         }
+    }
+}
+
+/// Parses an activation width for quantized products: `8` (llama.cpp's, fastest) or `16`.
+pub fn parse_activation_bits(text: &str) -> Result<ActPrecision, String> {
+    match text.trim() {
+        "8" => Ok(ActPrecision::I8),
+        "16" => Ok(ActPrecision::I16),
+        other => Err(format!("'{other}' is not an activation width: use 8 or 16")),
     }
 }
 
@@ -163,6 +177,7 @@ impl GenerativeSpec {
                     s.store_after_idle = (secs > 0.0).then(|| std::time::Duration::from_secs_f64(secs));
                 }
                 "kv_cache_memory" => s.kv_cache_memory = parse_memory(v).map_err(|r| err(key, r))?,
+                "activation_bits" => s.activations = parse_activation_bits(v).map_err(|r| err(key, r))?,
                 _ => super::unserved::check_parameters(config, file, true)?,
             }
         }
@@ -208,6 +223,7 @@ mod tests {
         assert_eq!(s.kv_cache_memory, 64 << 20);
         assert_eq!(s.max_model_len, Some(1024));
         assert_eq!(s.max_batched_tokens, 512);
+        assert_eq!(s.activations, ActPrecision::default());
         // 2 layers × K,V × 4 heads × 64 dims × 16 positions × 4 bytes = 65536 bytes a block.
         assert_eq!(s.num_blocks(2, 4, 64), 1024);
         let bad =
@@ -215,5 +231,21 @@ mod tests {
                 .unwrap();
         let e = GenerativeSpec::from_config(&bad, "t", &GenerativeSpec::default()).unwrap_err();
         assert!(e.to_string().contains("parameters.max_num_seqs"), "{e}");
+    }
+
+    #[test]
+    fn activation_bits_select_the_product_precision() {
+        let cfg = |v: &str| {
+            parse_model_config(
+                &format!(r#"name: "g" parameters {{ key: "activation_bits" value: {{ string_value: "{v}" }} }}"#),
+                "t",
+            )
+            .unwrap()
+        };
+        let spec = |v: &str| GenerativeSpec::from_config(&cfg(v), "t", &GenerativeSpec::default());
+        assert_eq!(spec("16").unwrap().activations, ActPrecision::I16);
+        assert_eq!(spec(" 8").unwrap().activations, ActPrecision::I8);
+        let e = spec("12").unwrap_err().to_string();
+        assert!(e.contains("parameters.activation_bits") && e.contains("use 8 or 16"), "{e}");
     }
 }

@@ -23,6 +23,7 @@ pub const GENERATIVE_PARAMETERS: &[&str] = &[
     "max_session_tokens",
     "session_store_after_idle_seconds",
     "kv_cache_memory",
+    "activation_bits",
 ];
 
 /// Refuses GPU settings, file-name overrides, metric customisation, label files, non-linear

@@ -159,7 +159,10 @@ fn build(
     (0..instances.max(1))
         .map(|_| {
             LlamaModel::new(config.clone(), weights, blocks, spec.block_size)
-                .map(|m| Box::new(m) as Box<dyn DecoderInstance>)
+                .map(|mut m| {
+                    m.set_activations(spec.activations);
+                    Box::new(m) as Box<dyn DecoderInstance>
+                })
                 .map_err(|source| LoadError::DecoderCheckpoint { path: path.to_path_buf(), source })
         })
         .collect()

@@ -8,7 +8,7 @@
 use std::sync::OnceLock;
 
 use super::linear_kernels::{KernelIsa, kernel_isa, matmul_cols};
-use super::quant::QMatrix;
+use super::quant::{ActPrecision, QMatrix};
 
 /// Products with fewer multiply-adds than this (m·n·k) run on the calling thread.
 pub const PARALLEL_MIN_MACS: usize = 1 << 19;
@@ -93,6 +93,13 @@ impl Linear {
         match &self.weights {
             LinearWeights::Quant(q) => Some(q),
             LinearWeights::Dense(_) => None,
+        }
+    }
+
+    /// Sets how a quantized layer's products quantize activations (no effect on dense layers).
+    pub fn set_activations(&mut self, act: ActPrecision) {
+        if let LinearWeights::Quant(q) = &mut self.weights {
+            *q = q.with_activations(act);
         }
     }
 

@@ -11,6 +11,7 @@ use super::rope::Rope;
 use super::weights::{Weight, WeightSource};
 use crate::backend::BackendError;
 use crate::backend::cpu::linear::{Linear, linear_threads};
+use crate::backend::cpu::quant::ActPrecision;
 use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
 
 /// Buffers reused by every forward (grown, never shrunk).
@@ -129,6 +130,18 @@ impl LlamaModel {
             threads,
             scratch: Scratch { attention: vec![AttnScratch::default(); threads], ..Scratch::default() },
         })
+    }
+
+    /// Sets how the quantized products (GGUF weights) quantize their activations: 8 bits per block
+    /// as llama.cpp does (the default), or 16 bits, closer to f32 (see docs/generation.md). Dense
+    /// (f32/f16/bf16) layers are unaffected.
+    pub fn set_activations(&mut self, act: ActPrecision) {
+        for l in &mut self.layers {
+            for lin in [&mut l.qkv, &mut l.o, &mut l.gate_up, &mut l.down] {
+                lin.set_activations(act);
+            }
+        }
+        self.lm_head.set_activations(act);
     }
 
     /// The configuration the model was built from.

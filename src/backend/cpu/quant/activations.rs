@@ -1,7 +1,18 @@
-//! Activation rows quantized per 32-element block to 8 bits (llama.cpp's Q8_0/Q8_1 idea), with the
-//! per-block sums the integer kernels need.
+//! Activation rows quantized per 32-element block to 8 bits (llama.cpp's Q8_0/Q8_1 idea) or, in
+//! the [`ActPrecision::I16`] mode, to 16 bits, with the per-block sums the integer kernels need.
 
 use super::format::{QFormat, QK};
+
+/// How a quantized product quantizes its activation rows (per 32-element block, scale `max|x|/q_max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActPrecision {
+    /// 8 bits (±127), as llama.cpp does: the fastest products (one `vpdpbusd` per 4 elements).
+    #[default]
+    I8,
+    /// 16 bits (±32767): each block's error is 258 times smaller, products run `vpdpwssd` /
+    /// `vpmaddwd` on weights widened to 16 bits (about twice the integer work of [`Self::I8`]).
+    I16,
+}
 
 /// `m` activation rows of `nb` blocks each, quantized: `x ≈ d·q` per block.
 #[derive(Debug, Default)]
@@ -21,8 +32,38 @@ pub(crate) struct QActs {
     pub s: Vec<f32>,
     /// Per block, the integer correction `−bias · Σq` `[m][nbp]`, with bias 8 for Q4_0 (its
     /// nibbles are stored +8) and 128 for Q8_0 (weights offset to unsigned for VNNI); empty for
-    /// other formats.
+    /// other formats (and for Q8_0 in the 16-bit mode, whose weights are sign-extended instead).
     pub corr: Vec<i32>,
+    /// True when quantized to 16 bits: the values are in `qs16`, and `qs` is empty.
+    pub wide: bool,
+    /// 16-bit mode: quantized values `[m][nb·32]` in [-32767, 32767], each 4-element group stored
+    /// as elements `0, 2, 1, 3` (see [`wide_pos`]), so one 32-bit broadcast gives the pair that
+    /// `vpdpwssd`/`vpmaddwd` multiplies with the even (or odd) bytes of 4 weight bytes widened to
+    /// 16 bits.
+    pub qs16: Vec<i16>,
+}
+
+/// Where element `e` of a block sits in a 16-bit activation block (`0, 2, 1, 3` per group of 4).
+#[inline(always)]
+pub(crate) fn wide_pos(e: usize) -> usize {
+    (e & !3) | ((e & 1) << 1) | ((e >> 1) & 1)
+}
+
+/// One block of 32 values to 16 bits: `q = round_half_even(x / d)` clamped to ±32767 with
+/// `d = max|x| / 32767` (NaN values, and every value of a block with an infinite one, become 0),
+/// stored in [`wide_pos`] order; returns `d` and `Σq`.
+fn quantize_block16(xb: &[f32], qb: &mut [i16]) -> (f32, i32) {
+    let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 32767.0;
+    let id = if d > 0.0 && d.is_finite() { 1.0 / d } else { 0.0 };
+    let mut sum = 0;
+    for (e, &v) in xb.iter().enumerate() {
+        // `as i32` maps NaN to 0; |v·id| ≤ 32767 (+ rounding) stays far below 2^22.
+        let q = (round_even(v * id) as i32).clamp(-32767, 32767);
+        qb[wide_pos(e)] = q as i16;
+        sum += q;
+    }
+    (d, sum)
 }
 
 /// Round half to even for |v| < 2^22 without a libm call (the loop stays vectorisable).
@@ -90,8 +131,14 @@ unsafe fn quantize_block_avx2(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
 }
 
 impl QActs {
-    /// Quantizes `x` (`[m, k]`, `k = nb·32`) for a product with a `format` weight. Reuses buffers.
-    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize, format: QFormat) {
+    /// Quantizes `x` (`[m, k]`, `k = nb·32`) to `precision` for a product with a `format` weight.
+    /// Reuses buffers.
+    pub fn quantize_with(&mut self, x: &[f32], m: usize, k: usize, format: QFormat, precision: ActPrecision) {
+        if precision == ActPrecision::I16 {
+            return self.quantize16(x, m, k, format);
+        }
+        self.wide = false;
+        self.qs16.clear();
         let nb = k / QK;
         let nbp = nb.div_ceil(8) * 8;
         self.m = m;
@@ -130,9 +177,38 @@ impl QActs {
         }
     }
 
-    /// Row `r`'s quantized values.
-    pub fn row_qs(&self, r: usize) -> &[i8] {
-        &self.qs[r * self.nb * QK..(r + 1) * self.nb * QK]
+    /// The 16-bit mode of [`quantize_with`](Self::quantize_with).
+    fn quantize16(&mut self, x: &[f32], m: usize, k: usize, format: QFormat) {
+        let nb = k / QK;
+        let nbp = nb.div_ceil(8) * 8;
+        (self.m, self.nb, self.nbp, self.wide) = (m, nb, nbp, true);
+        self.qs.clear();
+        self.qs16.resize(m * k, 0);
+        self.d.clear();
+        self.d.resize(m * nbp, 0.0);
+        self.s.clear();
+        self.s.resize(m * nbp, 0.0);
+        // Q8_0 weights are sign-extended to 16 bits: only Q4_0's +8 nibbles need a correction.
+        let bias = if format == QFormat::Q4_0 { 8 } else { 0 };
+        self.corr.clear();
+        self.corr.resize(if bias == 0 { 0 } else { m * nbp }, 0);
+        for (b, (xb, qb)) in x[..m * k].chunks_exact(QK).zip(self.qs16.chunks_exact_mut(QK)).enumerate() {
+            let (d, sum) = quantize_block16(xb, qb);
+            let at = b / nb * nbp + b % nb;
+            self.d[at] = d;
+            // |Σq| ≤ 32·32767 < 2^24: exact in f32.
+            self.s[at] = d * sum as f32;
+            if bias != 0 {
+                self.corr[at] = -bias * sum;
+            }
+        }
+    }
+
+    /// Value of element `e` of block `b` of row `r` (either mode), for the scalar reference.
+    #[inline(always)]
+    pub fn value(&self, r: usize, b: usize, e: usize) -> i32 {
+        let base = (r * self.nb + b) * QK;
+        if self.wide { self.qs16[base + wide_pos(e)] as i32 } else { self.qs[base + e] as i32 }
     }
 
     /// Row `r`'s scales.

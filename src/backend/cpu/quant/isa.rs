@@ -67,8 +67,21 @@ pub fn quant_isa() -> QuantIsa {
     })
 }
 
-/// Runs the kernel of `isa` (which must be available on this CPU) over weight rows `rows`.
+/// Runs the kernel of `isa` (which must be available on this CPU) over weight rows `rows`, for
+/// 8-bit or 16-bit activations (`x.q.wide`).
 pub(crate) fn rows_with(isa: QuantIsa, w: &QData, rows: Range<usize>, x: &XRef<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x.q.wide && w.format != super::QFormat::F16 {
+        match isa {
+            QuantIsa::Avx512Vnni if QuantIsa::detect() >= QuantIsa::Avx512Vnni => {
+                return super::avx512_wide::rows(w, rows, x, out);
+            }
+            QuantIsa::Avx2 | QuantIsa::Avx512Vnni if QuantIsa::detect() >= QuantIsa::Avx2 => {
+                return super::avx2_wide::rows(w, rows, x, out);
+            }
+            _ => return super::scalar::rows(w, rows, x, out),
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     match isa {
         QuantIsa::Avx512Vnni if QuantIsa::detect() >= QuantIsa::Avx512Vnni => {

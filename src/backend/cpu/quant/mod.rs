@@ -3,7 +3,9 @@
 //! A [`QMatrix`] keeps a `[n, k]` weight in its block format (Q8_0, Q4_0, Q4_1 or F16) — it is
 //! never expanded to f32 — and multiplies activations by it as llama.cpp does: each activation row
 //! is quantized per 32-element block to 8 bits, then integer dot products run per block
-//! (AVX-512 VNNI, AVX2 or a scalar reference, chosen at run time). Every output element is reduced
+//! (AVX-512 VNNI, AVX2 or a scalar reference, chosen at run time). A matrix may instead quantize its
+//! activations to 16 bits per block ([`ActPrecision::I16`]: `vpdpwssd`/`vpmaddwd` on weights
+//! widened to 16 bits), closer to f32 products at about twice the integer work. Every output element is reduced
 //! in one fixed order that depends neither on the number of rows nor on the instruction set, so the
 //! results are batch-invariant and equal across ISAs (the tests check each kernel against the
 //! scalar reference bit for bit).
@@ -12,14 +14,21 @@ mod activations;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_wide;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_wide;
 mod format;
 mod isa;
 mod layout;
 mod pool;
 mod qmatrix;
 mod scalar;
+#[cfg(test)]
+mod wide_tests;
 
+pub use activations::ActPrecision;
 pub use format::QFormat;
 pub use isa::{QuantIsa, quant_isa};
 pub use pool::QuantPool;

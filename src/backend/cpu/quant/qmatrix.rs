@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::QuantError;
-use super::activations::QActs;
+use super::activations::{ActPrecision, QActs};
 use super::format::{QFormat, dequantize_block, quantize_block};
 use super::isa::{QuantIsa, quant_isa, rows_with};
 use super::layout::{GROUP, RowMajor, interleave, push_row};
@@ -63,6 +63,8 @@ pub(crate) struct XRef<'a> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QMatrix {
     data: Arc<QData>,
+    /// How products quantize their activations.
+    act: ActPrecision,
 }
 
 /// Products with fewer weight elements than this run on the calling thread only.
@@ -105,7 +107,7 @@ impl QMatrix {
                 rm.qs.extend_from_slice(&blk[q_at..]);
             }
         }
-        Ok(QMatrix { data: Arc::new(QData::from_row_major(format, n, k, rm)) })
+        Ok(QMatrix { data: Arc::new(QData::from_row_major(format, n, k, rm)), act: ActPrecision::I8 })
     }
 
     /// Quantizes a row-major f32 `[n, k]` matrix (llama.cpp's reference quantizers).
@@ -134,7 +136,7 @@ impl QMatrix {
         for &r in rows {
             d.push_row(r, &mut rm);
         }
-        QMatrix { data: Arc::new(QData::from_row_major(d.format, rows.len(), d.k, rm)) }
+        QMatrix { data: Arc::new(QData::from_row_major(d.format, rows.len(), d.k, rm)), act: self.act }
     }
 
     /// Row `r` dequantized into `out` (`k` values): an embedding lookup.
@@ -144,7 +146,7 @@ impl QMatrix {
         let mut rm = RowMajor::default();
         d.push_row(r, &mut rm);
         if f == QFormat::F16 {
-            let one = QMatrix { data: Arc::new(QData::from_row_major(f, 1, d.k, rm)) };
+            let one = QMatrix { data: Arc::new(QData::from_row_major(f, 1, d.k, rm)), act: self.act };
             out.copy_from_slice(&one.dequantize());
             return;
         }
@@ -175,7 +177,17 @@ impl QMatrix {
                 p.data.push_row(r, &mut rm);
             }
         }
-        Some(QMatrix { data: Arc::new(QData::from_row_major(first.format, n, first.k, rm)) })
+        Some(QMatrix { data: Arc::new(QData::from_row_major(first.format, n, first.k, rm)), act: parts[0].act })
+    }
+
+    /// This matrix with products quantizing activations to `act` (the weight is shared, not copied).
+    pub fn with_activations(&self, act: ActPrecision) -> QMatrix {
+        QMatrix { data: Arc::clone(&self.data), act }
+    }
+
+    /// How products quantize their activations.
+    pub fn activations(&self) -> ActPrecision {
+        self.act
     }
 
     /// `[n, k]`.
@@ -263,7 +275,7 @@ impl QMatrix {
             job.xf.extend_from_slice(x);
             job.xq.m = m;
         } else {
-            job.xq.quantize(x, m, d.k, d.format);
+            job.xq.quantize_with(x, m, d.k, d.format, self.act);
         }
         let threads = if d.n * d.k < PARALLEL_MIN_ELEMS { 1 } else { pool.threads() };
         // Row chunks: a few per thread (dynamic balance), starting at whole interleaved groups.

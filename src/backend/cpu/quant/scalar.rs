@@ -2,7 +2,7 @@
 //!
 //! For a weight row `r` and an activation row `c`:
 //! - quantized formats: one accumulator; per block `b` in order, the exact integer dot `isum` of
-//!   the block's 32 weights with the 32 quantized activations, then
+//!   the block's 32 weights with the 32 quantized activations (8 or 16 bits), then
 //!   `acc = fma(dw·dx, isum, acc)` (`dw·dx` rounded to f32 first), and for Q4_1 the minimum term
 //!   `acc = fma(mw, sx, acc)` (`sx = dx·Σq`). The SIMD kernels hold one output per lane (16 or 8
 //!   weight rows per register, [`super::layout`]), so each lane runs exactly this sequence;
@@ -64,12 +64,13 @@ pub(crate) fn dot(w: &QData, r: usize, x: &XRef<'_>, c: usize) -> f32 {
         return hsum8(&acc);
     }
     let nb = w.nb;
-    let xq = x.q.row_qs(c);
     let xd = x.q.row_d(c);
     let xs = x.q.row_s(c);
     let mut acc = 0.0f32;
     for b in 0..nb {
-        let isum: i32 = (0..QK).map(|e| wq(w, r, b, e) * xq[b * QK + e] as i32).sum();
+        // 8 or 16-bit activations alike: |isum| ≤ 32·128·32767 < 2^31, exact; `as f32` then rounds
+        // to nearest even, as `vcvtdq2ps` does.
+        let isum: i32 = (0..QK).map(|e| wq(w, r, b, e) * x.q.value(c, b, e)).sum();
         let dd = h(w.d[scale_at(nb, r, b)]) * xd[b];
         acc = dd.mul_add(isum as f32, acc);
         if w.format == QFormat::Q4_1 {
