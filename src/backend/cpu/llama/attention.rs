@@ -31,6 +31,23 @@ const LANES: usize = 16;
 /// Queries whose scores and weighted sums are computed together (shares each K/V load).
 const QB: usize = 4;
 
+/// How far ahead (positions) the weighted sums prefetch value rows.
+const PREFETCH_POSITIONS: usize = 16;
+
+/// Asks for the cache line holding `s[at]` (nothing when `at` is out of range). A hint only: it
+/// changes no result.
+#[inline(always)]
+fn prefetch(s: &[f32], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(x) = s.get(at) {
+        // SAFETY: `prefetch` only hints the cache (SSE, part of every x86_64 CPU); `x` is a valid
+        // reference, and a prefetch never faults nor writes.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((x as *const f32).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (s, at);
+}
+
 /// Shape of the attention: heads, grouping and scale.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -244,32 +261,43 @@ fn items_body<const DS: usize>(
             let (r, j) = (qi / group, qi % group);
             &rows.q[r * rows.stride + (g * group + j) * hd..][..hd]
         };
-        // Scores, QB queries × 2 chunks of LANES positions (or 1 query × 4 chunks) at a time
-        // where possible: enough independent sums to hide the latency of the additions.
+        // Scores, up to QB queries at a time (a group of 3 decode queries runs as one block)
+        // over 2 or 4 chunks of LANES positions: enough independent sums to hide the latency of
+        // the additions.
         let mut qi = 0;
         while qi < nq {
-            let q = if qi + QB <= nq { QB } else { 1 };
+            let q = (nq - qi).min(QB);
             let chunks = n_q[qi..qi + q].iter().max().map_or(0, |&m| m.div_ceil(LANES));
-            let step = if q == QB { 2 } else { 4 };
-            let mut c = 0;
-            while c < chunks {
-                let out = &mut scores[qi * PART + c * LANES..];
-                if q == QB && c + step <= chunks {
-                    let qs: [&[f32]; QB] = std::array::from_fn(|j| query(qi + j));
-                    score_lanes::<QB, 2>(k_src, [base_of(c), base_of(c + 1)], stride, qs, shape.scale, out);
-                    c += 2;
-                } else if q == QB {
-                    let qs: [&[f32]; QB] = std::array::from_fn(|j| query(qi + j));
-                    score_lanes::<QB, 1>(k_src, [base_of(c)], stride, qs, shape.scale, out);
-                    c += 1;
-                } else if c + step <= chunks {
-                    let bases = [base_of(c), base_of(c + 1), base_of(c + 2), base_of(c + 3)];
-                    score_lanes::<1, 4>(k_src, bases, stride, [query(qi)], shape.scale, out);
-                    c += 4;
-                } else {
-                    score_lanes::<1, 1>(k_src, [base_of(c)], stride, [query(qi)], shape.scale, out);
-                    c += 1;
-                }
+            let out = &mut scores[qi * PART..];
+            match q {
+                4 => score_chunks::<4>(
+                    k_src,
+                    &base_of,
+                    chunks,
+                    stride,
+                    std::array::from_fn(|j| query(qi + j)),
+                    shape.scale,
+                    out,
+                ),
+                3 => score_chunks::<3>(
+                    k_src,
+                    &base_of,
+                    chunks,
+                    stride,
+                    std::array::from_fn(|j| query(qi + j)),
+                    shape.scale,
+                    out,
+                ),
+                2 => score_chunks::<2>(
+                    k_src,
+                    &base_of,
+                    chunks,
+                    stride,
+                    std::array::from_fn(|j| query(qi + j)),
+                    shape.scale,
+                    out,
+                ),
+                _ => score_chunks::<1>(k_src, &base_of, chunks, stride, [query(qi)], shape.scale, out),
             }
             qi += q;
         }
@@ -280,17 +308,62 @@ fn items_body<const DS: usize>(
             o[hd] = m;
             o[hd + 1] = l;
         }
-        // Weighted sums of values, QB queries and DS columns at a time where possible.
+        // Weighted sums of values, up to QB queries and DS columns at a time.
         let mut qi = 0;
         while qi < nq {
-            if qi + QB <= nq {
-                values_columns::<QB, DS>(values, offs, scores, n_q, hd, qi, part_out);
-                qi += QB;
-            } else {
-                values_columns::<1, DS>(values, offs, scores, n_q, hd, qi, part_out);
-                qi += 1;
+            let q = (nq - qi).min(QB);
+            match q {
+                4 => values_columns::<4, DS>(values, offs, scores, n_q, hd, qi, part_out),
+                3 => values_columns::<3, DS>(values, offs, scores, n_q, hd, qi, part_out),
+                2 => values_columns::<2, DS>(values, offs, scores, n_q, hd, qi, part_out),
+                _ => values_columns::<1, DS>(values, offs, scores, n_q, hd, qi, part_out),
             }
+            qi += q;
         }
+    }
+}
+
+/// Scores of `Q` queries over `chunks` chunks of [`LANES`] positions (chunk `c`'s keys at
+/// `base_of(c)`), written at `out[j * PART + c * LANES..]`: 2 chunks at a time for 3 or more
+/// queries, 4 for fewer, then one.
+#[inline(always)]
+fn score_chunks<const Q: usize>(
+    k: &[f32],
+    base_of: &impl Fn(usize) -> usize,
+    chunks: usize,
+    stride: usize,
+    qs: [&[f32]; Q],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut c = 0;
+    // Bases of up to `n` chunks after the `at..at + n` being computed (fewer near the end).
+    let next = |at: usize, n: usize| {
+        let m = n.min(chunks.saturating_sub(at + n));
+        let mut ahead = [0usize; 4];
+        for (i, a) in ahead.iter_mut().take(m).enumerate() {
+            *a = base_of(at + n + i);
+        }
+        (ahead, m)
+    };
+    if Q >= 3 {
+        while c + 2 <= chunks {
+            let (pf, m) = next(c, 2);
+            score_lanes::<Q, 2>(k, [base_of(c), base_of(c + 1)], &pf[..m], stride, qs, scale, &mut out[c * LANES..]);
+            c += 2;
+        }
+    } else {
+        while c + 4 <= chunks {
+            let (pf, m) = next(c, 4);
+            let bases = [base_of(c), base_of(c + 1), base_of(c + 2), base_of(c + 3)];
+            score_lanes::<Q, 4>(k, bases, &pf[..m], stride, qs, scale, &mut out[c * LANES..]);
+            c += 4;
+        }
+    }
+    while c < chunks {
+        let (pf, m) = next(c, 1);
+        score_lanes::<Q, 1>(k, [base_of(c)], &pf[..m], stride, qs, scale, &mut out[c * LANES..]);
+        c += 1;
     }
 }
 
@@ -330,6 +403,7 @@ fn values_columns<const Q: usize, const DS: usize>(
 fn score_lanes<const Q: usize, const C: usize>(
     k: &[f32],
     bases: [usize; C],
+    ahead: &[usize],
     stride: usize,
     qs: [&[f32]; Q],
     scale: f32,
@@ -338,6 +412,11 @@ fn score_lanes<const Q: usize, const C: usize>(
     let hd = qs[0].len();
     let mut acc = [[[0f32; LANES]; C]; Q];
     for d in 0..hd {
+        // One line of the next chunks' keys per head-dimension row: a partition's blocks lie
+        // apart in the pool, where the hardware prefetchers do not follow.
+        for &a in ahead {
+            prefetch(k, a + d * stride);
+        }
         for c in 0..C {
             let kd = &k[bases[c] + d * stride..][..LANES];
             for j in 0..Q {
@@ -415,6 +494,14 @@ fn values_block<const Q: usize, const D: usize>(
     let w: [&[f32]; Q] = std::array::from_fn(|k| &scores[(qi + k) * PART..][..common]);
     let mut acc = [[0f32; D]; Q];
     for (i, &o) in offs_c.iter().enumerate() {
+        // The value row a block ahead (blocks lie apart in the pool).
+        if D >= 16
+            && let Some(&at) = offs.get(i + PREFETCH_POSITIONS)
+        {
+            for l in (0..D).step_by(16) {
+                prefetch(values, at + d0 + l);
+            }
+        }
         let Ok(v): Result<&[f32; D], _> = values[o + d0..][..D].try_into() else { return };
         for (acc, w) in acc.iter_mut().zip(&w) {
             let x = w[i];

@@ -96,7 +96,9 @@ pub fn attention_rows(
         }
         return;
     }
-    std::thread::scope(|s| {
+    // Helpers come from the process's rayon pool (no thread is started per layer); the calling
+    // thread runs the first part itself.
+    rayon::in_place_scope(|s| {
         let mut rest = out;
         let mut first_part = None;
         let mut helpers = others.iter_mut();
@@ -109,7 +111,7 @@ pub fn attention_rows(
                 first_part = Some((part, dst));
             } else if let Some(buf) = helpers.next() {
                 let run = &run;
-                s.spawn(move || run(part, dst, buf));
+                s.spawn(move |_| run(part, dst, buf));
             }
         }
         if let Some((part, dst)) = first_part {
@@ -136,7 +138,7 @@ fn split_task(
         partials.resize(items * item_len, 0.0);
     }
     let t = (1 + others.len()).min(items);
-    std::thread::scope(|s| {
+    rayon::in_place_scope(|s| {
         let mut rest = &mut partials[..items * item_len];
         let mut helpers = others.iter_mut();
         let mut first = None;
@@ -147,7 +149,7 @@ fn split_task(
             if k == 0 {
                 first = Some((range, dst));
             } else if let Some(scratch) = helpers.next() {
-                s.spawn(move || attend_items(pool, layer, shape, rows, range, scratch, dst));
+                s.spawn(move |_| attend_items(pool, layer, shape, rows, range, scratch, dst));
             }
         }
         if let Some((range, dst)) = first {

@@ -36,7 +36,7 @@ struct Scratch {
     rows: Vec<(usize, usize)>,
     /// Rows whose logits are wanted, in output order.
     wanted: Vec<usize>,
-    /// RoPE cos / sin of one position.
+    /// RoPE cos / sin of each row's position (`head_dim / 2` per row), computed once per step.
     cos: Vec<f32>,
     sin: Vec<f32>,
     /// Attention scratch, one per thread.
@@ -206,19 +206,22 @@ impl LlamaModel {
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
         };
-        grow(&mut s.cos, hd / 2);
-        grow(&mut s.sin, hd / 2);
+        let half = hd / 2;
+        let (cos, sin) = (grow(&mut s.cos, t * half), grow(&mut s.sin, t * half));
+        for ((&(pos, _), c), sn) in s.rows.iter().zip(cos.chunks_exact_mut(half)).zip(sin.chunks_exact_mut(half)) {
+            self.rope.angles(pos, c, sn);
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             let h = grow(&mut s.h, t * hidden);
             rms_norm(&s.x[..t * hidden], &layer.attn_norm, cfg.rms_norm_eps, h);
             let qkv = grow(&mut s.qkv, t * qkv_w);
             layer.qkv.forward_with(h, t, qkv, self.threads);
-            for (row, &(pos, c)) in qkv.chunks_exact_mut(qkv_w).zip(&s.rows) {
-                self.rope.angles(pos, &mut s.cos[..hd / 2], &mut s.sin[..hd / 2]);
+            for (i, (row, &(pos, c))) in qkv.chunks_exact_mut(qkv_w).zip(&s.rows).enumerate() {
+                let (cos, sin) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
                 let (q, kv) = row.split_at_mut(q_dim);
                 let (k, v) = kv.split_at_mut(kv_dim);
-                Rope::rotate(q, &s.cos[..hd / 2], &s.sin[..hd / 2]);
-                Rope::rotate(k, &s.cos[..hd / 2], &s.sin[..hd / 2]);
+                Rope::rotate(q, cos, sin);
+                Rope::rotate(k, cos, sin);
                 let bs = self.shape.block_size;
                 self.pool.write(l, chunks[c].blocks[pos / bs] as usize, pos % bs, k, v);
             }

@@ -139,8 +139,26 @@ impl QMatrix {
 
     /// Row `r` dequantized into `out` (`k` values): an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let one = self.select_rows(&[r]);
-        out.copy_from_slice(&one.dequantize());
+        let d = &self.data;
+        let f = d.format;
+        let mut rm = RowMajor::default();
+        d.push_row(r, &mut rm);
+        if f == QFormat::F16 {
+            let one = QMatrix { data: Arc::new(QData::from_row_major(f, 1, d.k, rm)) };
+            out.copy_from_slice(&one.dequantize());
+            return;
+        }
+        // One GGUF block at a time, straight from the row's fields.
+        let mut blk = Vec::with_capacity(f.block_bytes());
+        for (b, o) in out.chunks_exact_mut(f.block_elems()).enumerate().take(d.nb) {
+            blk.clear();
+            blk.extend_from_slice(&rm.d[b].to_le_bytes());
+            if f == QFormat::Q4_1 {
+                blk.extend_from_slice(&rm.mins[b].to_le_bytes());
+            }
+            blk.extend_from_slice(&rm.qs[b * d.qs_bytes..(b + 1) * d.qs_bytes]);
+            dequantize_block(f, &blk, o);
+        }
     }
 
     /// Matrices over the same `k` in the same format, rows concatenated (fused q/k/v or gate/up);

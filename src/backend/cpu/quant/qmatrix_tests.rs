@@ -106,6 +106,21 @@ fn dequantize_matches_the_block_formulas() {
 }
 
 #[test]
+fn one_row_dequantizes_as_the_whole_matrix_does() {
+    let (n, k) = (37, 3 * QK);
+    let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 1013) as f32 / 1013.0 - 0.5).collect();
+    for f in [QFormat::F16, QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+        let q = QMatrix::quantize(f, &w, n, k).unwrap();
+        let all = q.dequantize();
+        for r in [0, 15, 16, 36] {
+            let mut row = vec![0.0; k];
+            q.dequantize_row(r, &mut row);
+            assert_eq!(row, all[r * k..(r + 1) * k], "{f:?} row {r}");
+        }
+    }
+}
+
+#[test]
 fn malformed_sizes_are_errors() {
     assert!(matches!(
         QMatrix::from_gguf_bytes(QFormat::Q4_1, 2, 32, &[0; 39]),
