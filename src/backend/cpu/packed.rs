@@ -8,7 +8,7 @@
 //! stored as column panels of `NR` outputs × `k` inputs (`NR` = two vectors: 16 floats on AVX2 and
 //! the scalar path, 32 on AVX-512), laid out so the micro-kernel reads one contiguous stream per
 //! panel. The activations are read in place (row-major, rows broadcast one float at a time), so
-//! nothing is packed per call. Rows are cut in blocks of [`block_rows`] that run on the rayon pool;
+//! nothing is packed per call. Rows are cut in [`block_count`] blocks that run on the rayon pool;
 //! within a block every panel is swept over all its rows while the panel stays in L1/L2, and the
 //! LayerNorm of the block runs right after its last panel (the rows are still in L2).
 
