@@ -11,15 +11,23 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 14;
 
 /// Compiles an `#[inline(always)]` body for AVX-512 and for AVX2+FMA and picks one at run time by
-/// [`super::isa::isa`] (else the baseline build): `dispatch!(body(arg: Type, ...))`.
+/// [`super::isa::isa`] (else the baseline build): `dispatch!(body(arg: Type, ...))`. With
+/// `dispatch!(fused body(...))` the body takes `<const FUSED: bool>` (see [`madd`]): `true` in the
+/// FMA builds, `false` in the baseline one.
 macro_rules! dispatch {
-    ($body:ident($($arg:ident: $ty:ty),*)) => {{
+    ($body:ident($($arg:ident: $ty:ty),*)) => {
+        dispatch!(@ [$body] [$body] $($arg: $ty),*)
+    };
+    (fused $body:ident($($arg:ident: $ty:ty),*)) => {
+        dispatch!(@ [$body::<true>] [$body::<false>] $($arg: $ty),*)
+    };
+    (@ [$($fast:tt)*] [$($base:tt)*] $($arg:ident: $ty:ty),*) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-            fn wide($($arg: $ty),*) { $body($($arg),*) }
+            fn wide($($arg: $ty),*) { $($fast)*($($arg),*) }
             #[target_feature(enable = "avx2,fma")]
-            fn avx2($($arg: $ty),*) { $body($($arg),*) }
+            fn avx2($($arg: $ty),*) { $($fast)*($($arg),*) }
             match $crate::backend::cpu::isa::isa() {
                 // SAFETY: `isa()` only reports levels whose features were detected on this CPU.
                 $crate::backend::cpu::isa::Isa::Avx512 => return unsafe { wide($($arg),*) },
@@ -28,7 +36,7 @@ macro_rules! dispatch {
                 $crate::backend::cpu::isa::Isa::Scalar => {}
             }
         }
-        $body($($arg),*)
+        $($base)*($($arg),*)
     }};
 }
 
@@ -48,27 +56,36 @@ pub enum Activation {
 /// `e^x` for f32, relative error below 2e-7 on [-87, 88]; saturates outside.
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
-    exp_split(x, 0.0)
+    exp_split::<false>(x, 0.0)
+}
+
+/// `a·b + c`: one fused multiply-add when `FUSED` (for bodies compiled with the `fma` target
+/// feature, where it is one instruction; elsewhere `mul_add` would be a libm call), else a
+/// multiply and an add. Rust never contracts `a * b + c` by itself.
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED { a.mul_add(b, c) } else { a * b + c }
 }
 
 /// `e^(hi + lo)` for a small correction `lo` (|lo| ≪ 1) that `hi + lo` would lose to rounding;
-/// `hi` saturates outside [-87, 88].
+/// `hi` saturates outside [-87, 88]. `FUSED`: see [`madd`].
 #[inline(always)]
-fn exp_split(hi: f32, lo: f32) -> f32 {
+fn exp_split<const FUSED: bool>(hi: f32, lo: f32) -> f32 {
     let x = hi.clamp(-87.0, 88.0);
     // Round to nearest with the 1.5·2^23 trick: `f32::round` is a libm call on baseline x86_64
     // and would stop the loop from vectorising.
     const MAGIC: f32 = 12_582_912.0;
-    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let shifted = madd::<FUSED>(x, std::f32::consts::LOG2_E, MAGIC);
     let n = shifted - MAGIC;
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4 + lo;
+    // n·0.693_359_4 is exact (the constant has 9 significant bits, |n| ≤ 128).
+    let r = madd::<FUSED>(-n, -2.121_944_4e-4, x - n * 0.693_359_4) + lo;
     let mut p = 1.987_569_1e-4_f32;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    p = madd::<FUSED>(p, r, 1.398_2e-3);
+    p = madd::<FUSED>(p, r, 8.333_452e-3);
+    p = madd::<FUSED>(p, r, 4.166_579_6e-2);
+    p = madd::<FUSED>(p, r, 0.166_666_65);
+    p = madd::<FUSED>(p, r, 0.5);
+    let y = madd::<FUSED>(p * r, r, r) + 1.0;
     // 2^n from the bits of `shifted` (= 1.5·2^23 + n, so its low mantissa bits hold n in two's
     // complement): integer add and shift only. `n as i32` would be a saturating scalar conversion
     // per lane and stop the loop from vectorising.
@@ -106,29 +123,29 @@ pub fn gelu_exact(x: f32) -> f32 {
 #[inline(always)]
 pub fn fast_erfc_nonneg(a: f32) -> f32 {
     let sq = a * a;
-    erfc_core(a, sq, a.mul_add(a, -sq))
+    erfc_core::<false>(a, sq, a.mul_add(a, -sq))
 }
 
-/// `erfc(a)` with `a² = sq + sq_lo` given exactly by the caller.
+/// `erfc(a)` with `a² = sq + sq_lo` given exactly by the caller. `FUSED`: see [`madd`].
 #[inline(always)]
-fn erfc_core(a: f32, sq: f32, sq_lo: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.5 * a);
+fn erfc_core<const FUSED: bool>(a: f32, sq: f32, sq_lo: f32) -> f32 {
+    let t = 1.0 / madd::<FUSED>(0.5, a, 1.0);
     let mut p = 0.170_872_77_f32;
-    p = p * t - 0.822_152_23;
-    p = p * t + 1.488_515_9;
-    p = p * t - 1.135_204;
-    p = p * t + 0.278_868_07;
-    p = p * t - 0.186_288_06;
-    p = p * t + 0.096_784_18;
-    p = p * t + 0.374_091_96;
-    p = p * t + 1.000_023_7;
-    p = p * t - 1.265_512_2;
+    p = madd::<FUSED>(p, t, -0.822_152_23);
+    p = madd::<FUSED>(p, t, 1.488_515_9);
+    p = madd::<FUSED>(p, t, -1.135_204);
+    p = madd::<FUSED>(p, t, 0.278_868_07);
+    p = madd::<FUSED>(p, t, -0.186_288_06);
+    p = madd::<FUSED>(p, t, 0.096_784_18);
+    p = madd::<FUSED>(p, t, 0.374_091_96);
+    p = madd::<FUSED>(p, t, 1.000_023_7);
+    p = madd::<FUSED>(p, t, -1.265_512_2);
     // e^(p − a²) with p − sq = s + s_lo exactly (TwoSum): rounding `p − a²` to f32 would cost a
     // relative error of a²·6e-8 (5e-6 at a = 9).
     let s = p - sq;
     let back = s - p;
     let s_lo = (p - (s - back)) + (-sq - back);
-    t * exp_split(s, s_lo - sq_lo)
+    t * exp_split::<FUSED>(s, s_lo - sq_lo)
 }
 
 /// GELU of one value, erf form, vectorisable: `x/2 · (1 + erf(x/√2))` with `1 + erf(z)` taken as
@@ -137,9 +154,22 @@ fn erfc_core(a: f32, sq: f32, sq_lo: f32) -> f32 {
 /// (FMA), not from the rounded `x/√2`.
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
+    gelu_body::<false>(x)
+}
+
+/// [`gelu`] with its polynomials as fused multiply-adds: for bodies compiled with the `fma`
+/// target feature only (AVX2 / AVX-512 kernels), where it needs about half the instructions;
+/// elsewhere each `mul_add` is a libm call. Same accuracy (rounding differs in the last bit).
+#[inline(always)]
+pub fn gelu_fused(x: f32) -> f32 {
+    gelu_body::<true>(x)
+}
+
+#[inline(always)]
+fn gelu_body<const FUSED: bool>(x: f32) -> f32 {
     let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let xx = x * x;
-    let c = erfc_core(z, 0.5 * xx, 0.5 * x.mul_add(x, -xx));
+    let c = erfc_core::<FUSED>(z, 0.5 * xx, 0.5 * x.mul_add(x, -xx));
     let one_plus_erf = if x < 0.0 { c } else { 2.0 - c };
     0.5 * x * one_plus_erf
 }
@@ -158,7 +188,7 @@ pub fn tanh(x: f32) -> f32 {
 // Plain index loops: iterator adapters here are separate functions that the compiler may not
 // inline into the AVX builds, which would leave the hot loop on baseline SSE.
 #[inline(always)]
-fn apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation) {
+fn apply_rows_body<const FUSED: bool>(x: &mut [f32], bias: &[f32], act: Activation) {
     let n = bias.len();
     for row in x.chunks_exact_mut(n) {
         let row = &mut row[..n];
@@ -175,7 +205,7 @@ fn apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation) {
             }
             Activation::Gelu => {
                 for i in 0..n {
-                    row[i] = gelu(row[i] + bias[i]);
+                    row[i] = gelu_body::<FUSED>(row[i] + bias[i]);
                 }
             }
             Activation::Tanh => {
@@ -188,7 +218,7 @@ fn apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation) {
 }
 
 fn apply_rows(x: &mut [f32], bias: &[f32], act: Activation) {
-    dispatch!(apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation))
+    dispatch!(fused apply_rows_body(x: &mut [f32], bias: &[f32], act: Activation))
 }
 
 /// Adds `bias` to every row of `x` (rows of `bias.len()`) then applies `act`, in place.
@@ -237,11 +267,11 @@ pub fn add_in_place(x: &mut [f32], residual: &[f32]) {
 /// Softmax of one row in place, over the positions where `keep[j]` is true only; the others get
 /// exactly 0. A row with nothing kept becomes uniform (as adding a large negative bias would give).
 pub fn masked_softmax(row: &mut [f32], keep: &[bool]) {
-    dispatch!(masked_softmax_body(row: &mut [f32], keep: &[bool]))
+    dispatch!(fused masked_softmax_body(row: &mut [f32], keep: &[bool]))
 }
 
 #[inline(always)]
-fn masked_softmax_body(row: &mut [f32], keep: &[bool]) {
+fn masked_softmax_body<const FUSED: bool>(row: &mut [f32], keep: &[bool]) {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = row.chunks_exact(LANES).zip(keep.chunks_exact(LANES));
     for (c, k) in &mut chunks {
@@ -262,7 +292,7 @@ fn masked_softmax_body(row: &mut [f32], keep: &[bool]) {
         return;
     }
     for (v, k) in row.iter_mut().zip(keep) {
-        let e = fast_exp(*v - max);
+        let e = exp_split::<FUSED>(*v - max, 0.0);
         *v = if *k { e } else { 0.0 };
     }
     let inv = 1.0 / sum(row);
@@ -338,10 +368,11 @@ mod tests {
         while x < 12.0 {
             let xd = f64::from(x);
             let want = 0.5 * xd * libm::erfc(-xd * std::f64::consts::FRAC_1_SQRT_2);
-            let got = f64::from(gelu(x));
-            if want.abs() > 1e-30 && ((got - want) / want).abs() > worst {
-                worst = ((got - want) / want).abs();
-                worst_at = x;
+            for got in [f64::from(gelu(x)), f64::from(gelu_fused(x))] {
+                if want.abs() > 1e-30 && ((got - want) / want).abs() > worst {
+                    worst = ((got - want) / want).abs();
+                    worst_at = x;
+                }
             }
             // Against the scalar libm (f32) form the kernels used to be checked with.
             assert!((gelu(x) - gelu_exact(x)).abs() <= 2e-7 * x.abs().max(1.0), "gelu({x})");

@@ -8,7 +8,7 @@
 //! stored as column panels of `NR` outputs × `k` inputs (`NR` = two vectors: 16 floats on AVX2 and
 //! the scalar path, 32 on AVX-512), laid out so the micro-kernel reads one contiguous stream per
 //! panel. The activations are read in place (row-major, rows broadcast one float at a time), so
-//! nothing is packed per call. Rows are cut in blocks of [`block_rows`] that run on the rayon pool;
+//! nothing is packed per call. Rows are cut in [`block_count`] blocks that run on the rayon pool;
 //! within a block every panel is swept over all its rows while the panel stays in L1/L2, and the
 //! LayerNorm of the block runs right after its last panel (the rows are still in L2).
 
@@ -104,12 +104,18 @@ impl PackedLinear {
     }
 }
 
-/// Rows per parallel block for `m` rows on `threads` threads: about 96 (a block of activations
-/// stays in L2), evened out so the blocks split well over the threads, a multiple of the
-/// micro-kernel's rows.
-pub fn block_rows(m: usize, threads: usize, mr: usize) -> usize {
-    let blocks = m.div_ceil(96).max(1).next_multiple_of(threads.max(1));
-    m.div_ceil(blocks).max(1).next_multiple_of(mr)
+/// Blocks the `m` rows are cut into for `threads` threads: about 96 rows each (a block of
+/// activations stays in L2), a multiple of `threads` so the blocks split evenly over the threads,
+/// and no more than there are strips of `mr` rows.
+pub fn block_count(m: usize, threads: usize, mr: usize) -> usize {
+    m.div_ceil(96).max(1).next_multiple_of(threads.max(1)).min(m.div_ceil(mr.max(1)).max(1))
+}
+
+/// First row of block `i` of `blocks` over `m` rows: whole strips of `mr` rows, the blocks'
+/// sizes differing by one strip at most (so at M = 4096 on 2 threads each thread gets 2,048
+/// rows, not 22 blocks of 96 against 21).
+pub fn block_start(i: usize, blocks: usize, m: usize, mr: usize) -> usize {
+    (i * m.div_ceil(mr) / blocks.max(1) * mr).min(m)
 }
 
 /// `out[m, n] = epilogue(a[m, k] · Wᵀ + b)`, `a` and `out` row-major. `threads > 1` runs row
@@ -132,13 +138,19 @@ pub fn linear(a: &[f32], m: usize, w: &PackedLinear, out: &mut [f32], epilogue: 
         Isa::Avx2 => 6,
         Isa::Scalar => 4,
     };
-    let rows = block_rows(m, threads, mr);
-    let out = &mut out[..m * n];
-    let run = |(i, block): (usize, &mut [f32])| run_block(a, i * rows, w, block, epilogue);
-    if threads > 1 && m > rows {
-        out.par_chunks_mut(rows * n).enumerate().for_each(run);
+    let blocks = block_count(m, threads, mr);
+    let mut rest = &mut out[..m * n];
+    let mut parts = Vec::with_capacity(blocks);
+    for i in 0..blocks {
+        let (r0, r1) = (block_start(i, blocks, m, mr), block_start(i + 1, blocks, m, mr));
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut((r1 - r0) * n);
+        parts.push((r0, part));
+        rest = tail;
+    }
+    if threads > 1 && blocks > 1 {
+        parts.into_par_iter().for_each(|(r0, block)| run_block(a, r0, w, block, epilogue));
     } else {
-        out.chunks_mut(rows * n).enumerate().for_each(run);
+        parts.into_iter().for_each(|(r0, block)| run_block(a, r0, w, block, epilogue));
     }
 }
 
@@ -194,7 +206,8 @@ fn block_body<L: Lanes, const MR: usize>(
     };
     let a = &a[r0 * k..(r0 + rows) * k];
     // The block's rows packed strip by strip (strip of `mr` rows: element (i, kk) at kk·mr + i), so
-    // the micro-kernel broadcasts from one contiguous stream.
+    // the micro-kernel broadcasts from one contiguous stream. (Broadcasting from the `mr` rows in
+    // place instead, which saves this copy, measured no faster on AVX2: 2026-12-01.)
     // Taken out of the thread-local rather than used in a closure, which would not inherit this
     // function's target features.
     let mut strips = STRIPS.take();
@@ -252,7 +265,7 @@ fn panels_body<L: Lanes, const MR: usize>(
                 args.res = residual.map(|res| &res[r * n + c0..]);
                 let dst = &mut block[r * n + c0..];
                 tile_rows::<L, MR>(mr, args, dst, n);
-                apply_act(act, dst, n, mr, nr);
+                apply_act::<L>(act, dst, n, mr, nr);
             } else {
                 tile_rows::<L, MR>(mr, args, &mut spill, nr);
                 for i in 0..mr {
@@ -264,7 +277,7 @@ fn panels_body<L: Lanes, const MR: usize>(
                         }
                     }
                 }
-                apply_act(act, &mut block[r * n + c0..], n, mr, cols);
+                apply_act::<L>(act, &mut block[r * n + c0..], n, mr, cols);
             }
             r += mr;
         }
@@ -277,7 +290,7 @@ fn nr_of(w: &PackedLinear) -> usize {
 
 /// Applies `act` to `rows` rows of `cols` values at row stride `ld` (vectorised where inlined).
 #[inline(always)]
-fn apply_act(act: Activation, c: &mut [f32], ld: usize, rows: usize, cols: usize) {
+fn apply_act<L: Lanes>(act: Activation, c: &mut [f32], ld: usize, rows: usize, cols: usize) {
     if act == Activation::None {
         return;
     }
@@ -287,8 +300,14 @@ fn apply_act(act: Activation, c: &mut [f32], ld: usize, rows: usize, cols: usize
             Activation::None => {}
             Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
             Activation::Gelu => {
-                for v in row.iter_mut() {
-                    *v = super::ops::gelu(*v);
+                if L::FUSED {
+                    for v in row.iter_mut() {
+                        *v = super::ops::gelu_fused(*v);
+                    }
+                } else {
+                    for v in row.iter_mut() {
+                        *v = super::ops::gelu(*v);
+                    }
                 }
             }
             Activation::Tanh => {

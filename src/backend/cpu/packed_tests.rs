@@ -81,10 +81,20 @@ fn residual_layer_norm_matches_the_reference_on_every_isa() {
 
 #[test]
 fn blocks_cover_the_rows_evenly() {
-    assert_eq!(block_rows(4096, 2, 6), 96);
-    assert_eq!(block_rows(1024, 2, 6), 90);
-    assert_eq!(block_rows(5, 2, 6), 6);
-    assert_eq!(block_rows(0, 2, 12), 12);
+    // M = 4096 on 2 threads, AVX2 strips of 6: 44 blocks of 90 or 96 rows, 2,048 rows per half.
+    let blocks = block_count(4096, 2, 6);
+    assert_eq!(blocks, 44);
+    assert_eq!(block_start(0, blocks, 4096, 6), 0);
+    assert_eq!(block_start(blocks / 2, blocks, 4096, 6), 2046);
+    assert_eq!(block_start(blocks, blocks, 4096, 6), 4096);
+    for i in 0..blocks {
+        let len = block_start(i + 1, blocks, 4096, 6) - block_start(i, blocks, 4096, 6);
+        assert!(len == 90 || len == 96 || (i == blocks - 1 && len == 94), "block {i}: {len} rows");
+    }
+    assert_eq!(block_count(1024, 2, 6), 12);
+    assert_eq!(block_count(5, 2, 6), 1);
+    assert_eq!(block_count(0, 2, 12), 1);
+    assert_eq!(block_start(1, 1, 0, 12), 0);
 }
 
 /// erf in f64 (Abramowitz & Stegun 7.1.26 is not precise enough here): a series for small

@@ -9,6 +9,9 @@
 pub trait Lanes {
     /// Lanes per vector.
     const W: usize;
+    /// Whether the functions these lanes are used in are compiled with FMA, so scalar
+    /// `mul_add` there is one instruction (see `ops::gelu_fused`).
+    const FUSED: bool;
     /// The register type.
     type V: Copy;
     /// Loads the first `W` values of `src` (which must hold at least `W`).
@@ -39,6 +42,7 @@ pub struct Portable;
 
 impl Lanes for Portable {
     const W: usize = 8;
+    const FUSED: bool = false;
     type V = [f32; 8];
 
     #[inline(always)]
@@ -96,6 +100,7 @@ mod x86 {
 
     impl Lanes for Avx2 {
         const W: usize = 8;
+        const FUSED: bool = true;
         type V = __m256;
 
         #[inline(always)]
@@ -149,6 +154,7 @@ mod x86 {
 
     impl Lanes for Avx512 {
         const W: usize = 16;
+        const FUSED: bool = true;
         type V = __m512;
 
         #[inline(always)]
