@@ -98,6 +98,7 @@ pub struct ServeArgs {
     pub max_message_size: usize,
     /// Threads for gRPC I/O and request handling (the async runtime). Default: half the cores (at
     /// least 1), leaving the rest to the instance threads and, on a shared machine, to the clients.
+    /// With 1, the runtime runs on the main thread (tokio's current-thread scheduler).
     #[arg(long, env = "NEURON_WORKER_IO_THREADS")]
     pub io_threads: Option<usize>,
     /// Most concurrent gRPC streams per connection.

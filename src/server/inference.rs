@@ -22,7 +22,8 @@ use crate::repository::{ModelControlMode, Repository};
 #[derive(Debug, Clone)]
 pub struct InferenceService {
     pub(super) repo: Arc<Repository>,
-    server_version: String,
+    /// Shared: the service is cloned for every request.
+    server_version: Arc<str>,
     pub(super) draining: tokio_util::sync::CancellationToken,
     /// Largest response sent, bytes (`--max-message-size`): a larger one is refused in its place.
     pub(super) max_message_size: usize,
@@ -36,7 +37,7 @@ impl InferenceService {
         server_version: String,
         draining: tokio_util::sync::CancellationToken,
     ) -> InferenceService {
-        InferenceService { repo, server_version, draining, max_message_size: usize::MAX }
+        InferenceService { repo, server_version: server_version.into(), draining, max_message_size: usize::MAX }
     }
 
     /// Refuses responses larger than `bytes` with an error in their place (the transport would
@@ -108,7 +109,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ServerMetadataResponse>, Status> {
         Ok(Response::new(ServerMetadataResponse {
             name: "neuron-worker".into(),
-            version: self.server_version.clone(),
+            version: self.server_version.to_string(),
             extensions: EXTENSIONS.iter().map(|s| s.to_string()).collect(),
         }))
     }

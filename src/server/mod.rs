@@ -8,6 +8,7 @@ mod decode;
 pub(crate) mod error;
 pub mod generate;
 mod generate_stream;
+mod grpc_front;
 pub mod http;
 mod inference;
 mod metric_families;
@@ -31,7 +32,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
@@ -201,25 +201,15 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let worker = worker_id::header_value(&opts.worker_id).map_err(ServeError::WorkerId)?;
-    let mut builder = Server::builder()
-        .max_concurrent_streams(opts.max_concurrent_streams)
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(opts.connections.keepalive_interval())
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
-    if let (Some(cert), Some(key)) = (&opts.tls_cert, &opts.tls_key) {
-        // The transport only says "transport error"; this names the file and the cause.
-        http::tls::acceptor(cert, key, opts.tls_client_ca.as_deref())?;
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| ServeError::Tls(format!("{}: {e}", p.display())));
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
-        if let Some(ca) = &opts.tls_client_ca {
-            tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    let tls = match (&opts.tls_cert, &opts.tls_key) {
+        (Some(cert), Some(key)) => Some(http::tls::acceptor(cert, key, opts.tls_client_ca.as_deref())?),
+        (None, None) if opts.tls_client_ca.is_none() => None,
+        _ => {
+            return Err(ServeError::Tls(
+                "--tls-cert and --tls-key must be given together (--tls-client-ca needs both)".into(),
+            ));
         }
-        builder = builder.tls_config(tls)?;
-    } else if opts.tls_cert.is_some() || opts.tls_key.is_some() || opts.tls_client_ca.is_some() {
-        return Err(ServeError::Tls(
-            "--tls-cert and --tls-key must be given together (--tls-client-ca needs both)".into(),
-        ));
-    }
+    };
 
     if opts.auth_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
         return Err(ServeError::EmptyToken);
@@ -246,13 +236,23 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
     )
     .max_decoding_message_size(opts.max_message_size)
     .max_encoding_message_size(opts.max_message_size);
-    let router = builder
-        .layer(worker_id::layer(worker.clone()))
-        .add_service(health_service)
-        .add_service(tonic::service::interceptor::InterceptedService::new(inference, check.clone()))
-        .add_service(tonic::service::interceptor::InterceptedService::new(sessions, check.clone()))
-        .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1, check.clone()))
-        .add_service(tonic::service::interceptor::InterceptedService::new(reflection_v1alpha, check));
+    let dispatch = {
+        use tonic::server::NamedService;
+        use tonic::service::interceptor::InterceptedService;
+        fn named<S: NamedService + grpc_front::Route>(s: S) -> (&'static str, Box<dyn grpc_front::Route>) {
+            (S::NAME, Box::new(s))
+        }
+        grpc_front::Dispatch::new(
+            vec![
+                named(InterceptedService::new(inference, check.clone())),
+                named(health_service),
+                named(InterceptedService::new(sessions, check.clone())),
+                named(InterceptedService::new(reflection_v1, check.clone())),
+                named(InterceptedService::new(reflection_v1alpha, check)),
+            ],
+            worker,
+        )
+    };
 
     // Health: "" and one entry per model, kept in step with model readiness: recomputed whenever the
     // repository changes or a model's readiness does (watch channels, no polling).
@@ -297,13 +297,22 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
     let stop = shutdown.clone();
     let exit_timeout = opts.exit_timeout;
     let incoming = connections::incoming(listener, connections::Gate::new("grpc", opts.connections));
+    let settings = grpc_front::Settings {
+        max_concurrent_streams: opts.max_concurrent_streams,
+        keepalive_interval: opts.connections.keepalive_interval(),
+        keepalive_timeout: KEEPALIVE_TIMEOUT,
+    };
     let task = tokio::spawn(async move {
         let _metrics_until_exit = metrics_guard;
         let drained = stop.clone();
-        let serve = router.serve_with_incoming_shutdown(incoming, async move {
+        let signal = async move {
             drained.cancelled().await;
             tracing::info!("draining: health NOT_SERVING, no new connections, finishing accepted requests");
-        });
+        };
+        let serve = async move {
+            grpc_front::serve(incoming, dispatch, settings, tls, signal).await;
+            Ok::<(), ServeError>(())
+        };
         tokio::pin!(serve);
         // The gRPC server also ends right after the stop signal when it has nothing in flight:
         // that is a drain too (HTTP streams and generations may still run), so it takes the
@@ -358,7 +367,7 @@ pub async fn start(opts: ServeOptions, repo: Arc<Repository>) -> Result<RunningS
         })
         .await
         {
-            Ok(r) => r.map_err(ServeError::from),
+            Ok(r) => r,
             Err(_) => Err(ServeError::ExitTimeout(exit_timeout)),
         }
     });
