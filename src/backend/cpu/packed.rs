@@ -7,8 +7,9 @@
 //! over the output cost a fifth of the forward. Here the weight `[n, k]` (HF `Linear` layout) is
 //! stored as column panels of `NR` outputs × `k` inputs (`NR` = two vectors: 16 floats on AVX2 and
 //! the scalar path, 32 on AVX-512), laid out so the micro-kernel reads one contiguous stream per
-//! panel. The activations are read in place (row-major, rows broadcast one float at a time), so
-//! nothing is packed per call. Rows are cut in [`block_count`] blocks that run on the rayon pool;
+//! panel. Per call only the activations are repacked, a block's rows strip by strip of `MR` rows
+//! (a thread-local buffer, no allocation once warm), so the micro-kernel broadcasts them from one
+//! contiguous stream. Rows are cut in [`block_count`] blocks that run on the rayon pool;
 //! within a block every panel is swept over all its rows while the panel stays in L1/L2, and the
 //! LayerNorm of the block runs right after its last panel (the rows are still in L2).
 

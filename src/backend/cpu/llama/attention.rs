@@ -31,6 +31,30 @@ const LANES: usize = 16;
 /// Queries whose scores and weighted sums are computed together (shares each K/V load).
 const QB: usize = 4;
 
+/// Runs `$body` with the constant `$Q` set to `$q` (1 to [`QB`] queries computed together).
+macro_rules! by_queries {
+    ($q:expr, $Q:ident => $body:expr) => {
+        match $q {
+            4 => {
+                const $Q: usize = 4;
+                $body
+            }
+            3 => {
+                const $Q: usize = 3;
+                $body
+            }
+            2 => {
+                const $Q: usize = 2;
+                $body
+            }
+            _ => {
+                const $Q: usize = 1;
+                $body
+            }
+        }
+    };
+}
+
 /// How far ahead (positions) the weighted sums prefetch value rows.
 const PREFETCH_POSITIONS: usize = 16;
 
@@ -269,36 +293,15 @@ fn items_body<const DS: usize>(
             let q = (nq - qi).min(QB);
             let chunks = n_q[qi..qi + q].iter().max().map_or(0, |&m| m.div_ceil(LANES));
             let out = &mut scores[qi * PART..];
-            match q {
-                4 => score_chunks::<4>(
-                    k_src,
-                    &base_of,
-                    chunks,
-                    stride,
-                    std::array::from_fn(|j| query(qi + j)),
-                    shape.scale,
-                    out,
-                ),
-                3 => score_chunks::<3>(
-                    k_src,
-                    &base_of,
-                    chunks,
-                    stride,
-                    std::array::from_fn(|j| query(qi + j)),
-                    shape.scale,
-                    out,
-                ),
-                2 => score_chunks::<2>(
-                    k_src,
-                    &base_of,
-                    chunks,
-                    stride,
-                    std::array::from_fn(|j| query(qi + j)),
-                    shape.scale,
-                    out,
-                ),
-                _ => score_chunks::<1>(k_src, &base_of, chunks, stride, [query(qi)], shape.scale, out),
-            }
+            by_queries!(q, Q => score_chunks::<Q>(
+                k_src,
+                &base_of,
+                chunks,
+                stride,
+                std::array::from_fn(|j| query(qi + j)),
+                shape.scale,
+                out,
+            ));
             qi += q;
         }
         // Softmax within the partition: the maximum, the weights and their sum.
@@ -312,12 +315,7 @@ fn items_body<const DS: usize>(
         let mut qi = 0;
         while qi < nq {
             let q = (nq - qi).min(QB);
-            match q {
-                4 => values_columns::<4, DS>(values, offs, scores, n_q, hd, qi, part_out),
-                3 => values_columns::<3, DS>(values, offs, scores, n_q, hd, qi, part_out),
-                2 => values_columns::<2, DS>(values, offs, scores, n_q, hd, qi, part_out),
-                _ => values_columns::<1, DS>(values, offs, scores, n_q, hd, qi, part_out),
-            }
+            by_queries!(q, Q => values_columns::<Q, DS>(values, offs, scores, n_q, hd, qi, part_out));
             qi += q;
         }
     }
