@@ -145,16 +145,13 @@ impl QMatrix {
         let f = d.format;
         let mut rm = RowMajor::default();
         d.push_row(r, &mut rm);
-        if f == QFormat::F16 {
-            let one = QMatrix { data: Arc::new(QData::from_row_major(f, 1, d.k, rm)), act: self.act };
-            out.copy_from_slice(&one.dequantize());
-            return;
-        }
-        // One GGUF block at a time, straight from the row's fields.
+        // One GGUF block at a time, straight from the row's fields (F16: one half per "block").
         let mut blk = Vec::with_capacity(f.block_bytes());
         for (b, o) in out.chunks_exact_mut(f.block_elems()).enumerate().take(d.nb) {
             blk.clear();
-            blk.extend_from_slice(&rm.d[b].to_le_bytes());
+            if f != QFormat::F16 {
+                blk.extend_from_slice(&rm.d[b].to_le_bytes());
+            }
             if f == QFormat::Q4_1 {
                 blk.extend_from_slice(&rm.mins[b].to_le_bytes());
             }
