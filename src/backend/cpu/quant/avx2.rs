@@ -134,7 +134,7 @@ fn tile<const F: u8, const C: usize>(
 
 /// Writes the lanes of rows inside `rows`: `out[c · rows.len() + r − rows.start]`.
 #[inline(always)]
-fn store<const C: usize>(acc: &[__m256; C], lane0: usize, c0: usize, rows: &Range<usize>, out: &mut [f32]) {
+pub(super) fn store<const C: usize>(acc: &[__m256; C], lane0: usize, c0: usize, rows: &Range<usize>, out: &mut [f32]) {
     let len = rows.len();
     for (c, a) in acc.iter().enumerate() {
         let mut v = [0.0f32; 8];

@@ -111,18 +111,7 @@ fn tile<const F: u8, const C: usize>(
             }
         }
     }
-    let len = rows.len();
-    for (c, a) in acc.iter().enumerate() {
-        let mut v = [0.0f32; 8];
-        // SAFETY: `v` holds 8 f32.
-        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), *a) };
-        for (i, &y) in v.iter().enumerate() {
-            let r = lane0 + i;
-            if rows.contains(&r) {
-                out[(c0 + c) * len + r - rows.start] = y;
-            }
-        }
-    }
+    super::avx2::store::<C>(&acc, lane0, c0, rows, out);
 }
 
 /// Every tile of weight rows `rows` × all activation rows.

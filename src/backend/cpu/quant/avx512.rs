@@ -123,10 +123,16 @@ fn tile<const F: u8, const C: usize>(
             }
         }
     }
+    store::<C>(&acc, g, c0, rows, out);
+}
+
+/// Writes the lanes of group `g`'s rows inside `rows`: `out[c · rows.len() + r − rows.start]`.
+#[inline(always)]
+pub(super) fn store<const C: usize>(acc: &[__m512; C], g: usize, c0: usize, rows: &Range<usize>, out: &mut [f32]) {
     let len = rows.len();
     for (c, a) in acc.iter().enumerate() {
         let mut v = [0.0f32; GROUP];
-        // SAFETY: `v` holds 16 f32.
+        // SAFETY: `v` holds 16 f32; AVX-512F is enabled in every caller.
         unsafe { _mm512_storeu_ps(v.as_mut_ptr(), *a) };
         for (i, &y) in v.iter().enumerate() {
             let r = g * GROUP + i;

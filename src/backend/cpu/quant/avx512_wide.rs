@@ -112,18 +112,7 @@ fn tile<const F: u8, const C: usize>(
             }
         }
     }
-    let len = rows.len();
-    for (c, a) in acc.iter().enumerate() {
-        let mut v = [0.0f32; GROUP];
-        // SAFETY: `v` holds 16 f32.
-        unsafe { _mm512_storeu_ps(v.as_mut_ptr(), *a) };
-        for (i, &y) in v.iter().enumerate() {
-            let r = g * GROUP + i;
-            if rows.contains(&r) {
-                out[(c0 + c) * len + r - rows.start] = y;
-            }
-        }
-    }
+    super::avx512::store::<C>(&acc, g, c0, rows, out);
 }
 
 /// Every tile of weight rows `rows` × all activation rows.
