@@ -4,6 +4,7 @@
 //! still usable), and only then sends the replies — so a client that reads statistics or issues
 //! its next call after its reply finds them up to date; a fatal error retires the instance.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::oneshot;
@@ -68,7 +69,11 @@ impl<T> Replies<T> {
 }
 
 /// Marks instance `index` in service in the statistics while the returned guard lives.
-pub(crate) fn in_service(stats: &ModelStats, index: usize) -> InService<'_> {
+///
+/// Take it before the instance's thread starts and move it into the thread: the instance is
+/// then in service from the moment its model reports ready (a scrape right after a load does
+/// not see a thread that has not been scheduled yet as out of service).
+pub(crate) fn in_service(stats: Arc<ModelStats>, index: usize) -> InService {
     if let Some(s) = stats.instances.get(index) {
         s.in_service.store(1, Relaxed);
     }
@@ -76,12 +81,12 @@ pub(crate) fn in_service(stats: &ModelStats, index: usize) -> InService<'_> {
 }
 
 /// See [`in_service`].
-pub(crate) struct InService<'a> {
-    stats: &'a ModelStats,
+pub(crate) struct InService {
+    stats: Arc<ModelStats>,
     index: usize,
 }
 
-impl Drop for InService<'_> {
+impl Drop for InService {
     fn drop(&mut self) {
         if let Some(s) = self.stats.instances.get(self.index) {
             s.in_service.store(0, Relaxed);

@@ -82,8 +82,9 @@ pub(super) fn spawn(
     let worker = Worker { index, instance, shared, buffers: Vec::new(), shapes: Vec::new(), inline, cost_ns: u64::MAX };
     let worker = Arc::new(Mutex::new(worker));
     let thread_worker = worker.clone();
+    let in_service = protocol::in_service(stats, index);
     let run = move || {
-        let _in_service = protocol::in_service(&stats, index);
+        let _in_service = in_service;
         while let Ok(batch) = rx.recv() {
             // The lock is released before the replies go out, so the actor can run the next batch
             // inline as soon as it has handled Done.

@@ -51,9 +51,10 @@ pub(crate) fn spawn(
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
     let model = shared.adm.spec.name.clone();
     let name = format!("{model}-seq-{}", instance.label());
+    let stats = shared.adm.stats.clone();
+    let in_service = protocol::in_service(stats.clone(), index);
     std::thread::Builder::new().name(name).spawn(move || {
-        let stats = shared.adm.stats.clone();
-        let _in_service = protocol::in_service(&stats, index);
+        let _in_service = in_service;
         let label = instance.label();
         while let Ok(job) = rx.recv() {
             match job {
