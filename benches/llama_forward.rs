@@ -10,7 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use neuron_worker::backend::cpu::linear::linear_threads;
 use neuron_worker::backend::cpu::linear_kernels::kernel_isa;
 use neuron_worker::backend::cpu::llama::{LlamaConfig, LlamaModel, RandomWeights};
-use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use neuron_worker::backend::generative::{DecoderInstance, KvDtype, LogitsWanted, SeqChunk};
 
 const BLOCK: usize = 16;
 
@@ -26,7 +26,7 @@ fn smollm2_135m() -> LlamaConfig {
 fn bench(c: &mut Criterion) {
     let config = smollm2_135m();
     let vocab = config.vocab_size as u32;
-    let mut model = LlamaModel::new(config.clone(), &RandomWeights::new(config, 7), 8 * 36, BLOCK)
+    let mut model = LlamaModel::new(config.clone(), &RandomWeights::new(config, 7), 8 * 36, BLOCK, KvDtype::F32)
         .expect("the random model builds");
     println!("llama_forward: kernels {} | {} threads", kernel_isa().name(), linear_threads());
     let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919 + 13) % vocab).collect();

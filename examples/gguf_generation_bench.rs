@@ -1,7 +1,7 @@
 //! Generation speed of a GGUF model on the CPU backend: prompt processing (one 512-token chunk),
 //! single-stream decode tokens/s and the median decode step; `streams` sequences (128-token
 //! prompts unless given) decoding together, one token each per step: total tokens/s and the p99
-//! step time (each stream's inter-token latency), and the bytes of f32 K/V such a step reads (mean
+//! step time (each stream's inter-token latency), and the bytes of K/V such a step reads (mean
 //! over the run); plus the memory-bandwidth roofline for decode (bytes of weights read per token
 //! over a measured triad bandwidth). Prints one JSON object (read by
 //! examples/generation_llamacpp_compare.py, which runs llama.cpp on the same file beside it).
@@ -10,7 +10,8 @@
 //! `cargo run --release --example gguf_generation_bench -- MODEL.gguf [prompt_tokens] [decode_tokens] [streams] [stream_prompt_tokens]`
 //! Threads: `NEURON_WORKER_QUANT_THREADS` (quantized products), `NEURON_WORKER_LINEAR_THREADS`
 //! (f32 products); ISA cap: `NEURON_WORKER_ISA=avx2`; activations of the quantized products:
-//! `NEURON_WORKER_ACTIVATION_BITS=8|16` (as `serve --activation-bits`, default 8).
+//! `NEURON_WORKER_ACTIVATION_BITS=8|16` (as `serve --activation-bits`, default 8); K/V cache:
+//! `NEURON_WORKER_KV_CACHE_DTYPE=f16|f32` (default f16, as `serve` picks for a quantized GGUF).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test and benchmark code may panic on setup failures
 
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
 use neuron_worker::backend::cpu::linear_kernels::kernel_isa;
 use neuron_worker::backend::cpu::llama::LlamaModel;
 use neuron_worker::backend::cpu::quant::{ActPrecision, QFormat, QuantPool, quant_isa};
-use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use neuron_worker::backend::generative::{DecoderInstance, KvDtype, LogitsWanted, SeqChunk};
 
 const BLOCK: usize = 16;
 
@@ -74,7 +75,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total = prompt_len + decode_len;
     let blocks: Vec<u32> = (0..total.div_ceil(BLOCK) as u32).collect();
     let per_stream = (stream_prompt + decode_len).div_ceil(BLOCK);
-    let mut model = LlamaModel::new(files.config, &files.weights, blocks.len() + streams * per_stream, BLOCK)?;
+    // K/V element type: f16 (what `kv_cache_dtype: auto` serves a quantized GGUF with) unless
+    // NEURON_WORKER_KV_CACHE_DTYPE=f32.
+    let kv_dtype = match std::env::var("NEURON_WORKER_KV_CACHE_DTYPE").as_deref() {
+        Ok("f32") => KvDtype::F32,
+        _ => KvDtype::F16,
+    };
+    let mut model =
+        LlamaModel::new(files.config, &files.weights, blocks.len() + streams * per_stream, BLOCK, kv_dtype)?;
     let act = match std::env::var("NEURON_WORKER_ACTIVATION_BITS").as_deref() {
         Ok("16") => ActPrecision::I16,
         _ => ActPrecision::I8,
@@ -167,7 +175,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "decode_step_p50_s": quantile(&mut single_steps, 0.5),
             "streams": streams,
             "stream_prompt_tokens": stream_prompt,
-            "streams_kv_bytes_per_step": streams * (stream_prompt + decode_len / 2) * model.config().num_hidden_layers * 2 * model.config().kv_dim() * 4,
+            "kv_cache_dtype": kv_dtype.name(),
+            "streams_kv_bytes_per_step": streams * (stream_prompt + decode_len / 2) * model.config().num_hidden_layers * 2 * model.config().kv_dim() * kv_dtype.bytes(),
             "streams_total_tok_s": (streams * decode_len) as f64 / multi,
             "streams_step_p50_s": quantile(&mut multi_steps, 0.5),
             "streams_step_p99_s": quantile(&mut multi_steps, 0.99),

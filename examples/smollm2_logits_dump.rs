@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
 use neuron_worker::backend::cpu::llama::LlamaModel;
 use neuron_worker::backend::cpu::quant::ActPrecision;
-use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use neuron_worker::backend::generative::{DecoderInstance, KvDtype, LogitsWanted, SeqChunk};
 use serde_json::Value;
 
 fn main() {
@@ -39,7 +39,7 @@ fn main() {
     .unwrap();
     let files = load_gguf_decoder(&model_path).unwrap();
     let vocab = files.config.vocab_size;
-    let mut model = LlamaModel::new(files.config, &files.weights, 64, 16).unwrap();
+    let mut model = LlamaModel::new(files.config, &files.weights, 64, 16, KvDtype::F32).unwrap();
     model.set_activations(act);
     let mut file = std::io::BufWriter::new(std::fs::File::create(&out_path).unwrap());
     let ids = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::backend::cpu::quant::ActPrecision;
+use crate::config::generative::KvCacheDtype;
 use crate::repository::ModelControlMode;
 
 /// neuron-worker: KServe v2 / Triton gRPC inference worker for AWS Trainium and Inferentia2.
@@ -77,6 +78,11 @@ pub struct ServeArgs {
     /// docs/benchmarks.md for the cost); a model's `activation_bits` parameter overrides it.
     #[arg(long, env = "NEURON_WORKER_ACTIVATION_BITS", default_value = "8", value_parser = parse_activation_bits_arg)]
     pub activation_bits: ActPrecision,
+    /// Element type of each generative model's K/V cache: auto (f16 for quantized GGUF weights, as
+    /// llama.cpp; f32 for F32/F16/BF16 checkpoints), f32 or f16 (half the memory and attention
+    /// bandwidth); a model's `kv_cache_dtype` parameter overrides it.
+    #[arg(long, env = "NEURON_WORKER_KV_CACHE_DTYPE", default_value = "auto", value_parser = parse_kv_cache_dtype_arg)]
+    pub kv_cache_dtype: KvCacheDtype,
     /// Backend: auto, cpu or neuron.
     #[arg(long, env = "NEURON_WORKER_BACKEND", value_enum, default_value = "auto")]
     pub backend: BackendArg,
@@ -171,12 +177,17 @@ fn parse_model_arg(text: &str) -> Result<(String, PathBuf), String> {
     Ok((name, path))
 }
 
-/// Parses a memory size flag.
 /// Parses an activation width flag.
 fn parse_activation_bits_arg(text: &str) -> Result<ActPrecision, String> {
     crate::config::generative::parse_activation_bits(text)
 }
 
+/// Parses a K/V cache element type flag.
+fn parse_kv_cache_dtype_arg(text: &str) -> Result<KvCacheDtype, String> {
+    crate::config::generative::parse_kv_cache_dtype(text)
+}
+
+/// Parses a memory size flag.
 fn parse_memory_arg(text: &str) -> Result<u64, String> {
     crate::config::generative::parse_memory(text)
 }

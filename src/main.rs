@@ -87,6 +87,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             .with_generative_defaults(GenerativeSpec {
                 kv_cache_memory: args.kv_cache_memory,
                 activations: args.activation_bits,
+                kv_dtype: args.kv_cache_dtype,
                 ..Default::default()
             })
             .with_direct_models(args.model.clone()),

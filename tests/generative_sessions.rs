@@ -220,6 +220,58 @@ mod moves {
         assert_eq!(listed.sessions.len(), 1);
     }
 
+    /// With an f16 K/V cache (`kv_cache_dtype: f16`) a session still moves bit-exactly (its f16
+    /// K/V travel as they are); imported into a worker whose cache is f32 it continues from its
+    /// tokens: nothing misread, the history recomputed, the turn equal to a stateless request there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_f16_cache_session_moves_exactly_and_continues_from_its_tokens_on_an_f32_worker() {
+        let f16 = r#"parameters { key: "kv_cache_dtype" value: { string_value: "f16" } }"#;
+        let f32 = r#"parameters { key: "kv_cache_dtype" value: { string_value: "f32" } }"#;
+        let (repo16, repo32) = (gqa_repository(f16), gqa_repository(f32));
+        let start = |r: &tempfile::TempDir| {
+            common::start_with(Some(r.path().into()), ModelControlMode::None, common::options())
+        };
+        let (a, b, c) = (start(&repo16).await, start(&repo16).await, start(&repo32).await);
+        let (mut ca, mut cb, mut cc) = (a.client().await, b.client().await, c.client().await);
+        let greedy = r#"{"max_tokens": 7, "temperature": 0, "ignore_eos": true}"#;
+        let mut history = Vec::new();
+        for (turn, n) in [(0u64, 20usize), (1, 13)] {
+            let msg = message(80 + turn, n, VOCAB);
+            let out = generate(&mut ca, with_session(ids_request(&msg, greedy), 78, turn == 0, false)).await.unwrap();
+            history.extend(msg);
+            history.extend(out.0);
+        }
+        let blob = sessions_client(&a).await.export_session(export_req(78)).await.expect("export").into_inner().blob;
+        let decoded = neuron_worker::sessions::SessionBlob::decode(&blob).expect("decodes");
+        // Meta words: positions with K/V, block size, element type (1 = f16); K/V of 2 bytes.
+        let computed = u64::from_le_bytes(decoded.state[1].data[..8].try_into().unwrap()) as usize;
+        assert_eq!(decoded.state[1].data.len(), 24);
+        assert_eq!(&decoded.state[1].data[16..], &1u64.to_le_bytes());
+        // llama-gqa: 3 layers × K,V × 2 K/V heads × 16 dims × 2 bytes per position; 16-token blocks.
+        assert_eq!(decoded.state[2].data.len(), computed.div_ceil(16) * 16 * 3 * 2 * 2 * 16 * 2);
+
+        let mut sa = sessions_client(&a).await;
+        sa.import_session(ImportSessionRequest { blob: blob.clone() }).await.expect("re-import on A");
+        let third = message(82, 9, VOCAB);
+        let unmoved = generate(&mut ca, with_session(ids_request(&third, greedy), 78, false, false)).await.unwrap();
+        // f16 → f16: bit-exact, its K/V reused.
+        sessions_client(&b).await.import_session(ImportSessionRequest { blob: blob.clone() }).await.expect("import B");
+        let moved = generate(&mut cb, with_session(ids_request(&third, greedy), 78, false, false)).await.unwrap();
+        assert_eq!(moved, unmoved, "the moved f16 session continues bit-exactly");
+        let mb = b.server.metrics_addr.expect("metrics").to_string();
+        assert_eq!(metric(&mb, "prefix_cache_hit_tokens_total").await, 46.0);
+        // f16 → f32: accepted, tokens kept, K/V recomputed (no prefix hit), and the turn is the f32
+        // worker's own answer to the whole history.
+        let info = sessions_client(&c).await.import_session(ImportSessionRequest { blob }).await.expect("import C");
+        assert_eq!(info.into_inner().session.map(|s| s.steps), Some(2));
+        let mc = c.server.metrics_addr.expect("metrics").to_string();
+        let continued = generate(&mut cc, with_session(ids_request(&third, greedy), 78, false, false)).await.unwrap();
+        assert_eq!(metric(&mc, "prefix_cache_hit_tokens_total").await, 0.0, "nothing read from the f16 K/V");
+        history.extend(&third);
+        let stateless = generate(&mut cc, ids_request(&history, greedy)).await.unwrap();
+        assert_eq!(continued, stateless, "the f32 worker continues from the tokens");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_session_from_other_weights_is_refused() {
         // The built-in tiny_decoder and the fixture share nothing: rename a tiny_decoder blob.

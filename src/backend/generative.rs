@@ -24,12 +24,70 @@ pub struct DecoderShape {
     pub max_positions: usize,
     /// Tokens per KV block (default [`DEFAULT_BLOCK_SIZE`]).
     pub block_size: usize,
+    /// How K and V are stored (and travel in session blobs).
+    pub kv_dtype: KvDtype,
 }
 
 impl DecoderShape {
     /// Blocks needed to hold K/V for `positions` tokens.
     pub fn blocks_for(&self, positions: usize) -> usize {
         positions.div_ceil(self.block_size.max(1))
+    }
+
+    /// Bytes of K and V of one position (every layer and K/V head).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        self.layers * 2 * self.kv_heads * self.head_dim * self.kv_dtype.bytes()
+    }
+
+    /// Bytes of one K/V block of `block_size` positions, as [`DecoderInstance::read_blocks`] gives.
+    pub fn kv_block_bytes(&self, block_size: usize) -> usize {
+        self.kv_bytes_per_position() * block_size
+    }
+}
+
+/// The element type of a decoder's K/V cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// IEEE single precision: the values attention computed, unrounded.
+    #[default]
+    F32,
+    /// IEEE half precision (rounded to nearest even when stored; read back exactly): half the
+    /// memory and bandwidth, as llama.cpp's default cache.
+    F16,
+}
+
+impl KvDtype {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+
+    /// The name used in configurations and messages (`f32`, `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+        }
+    }
+
+    /// The code a session blob records (0 f32, 1 f16).
+    pub fn code(self) -> u64 {
+        match self {
+            KvDtype::F32 => 0,
+            KvDtype::F16 => 1,
+        }
+    }
+
+    /// The dtype of a blob's code, if known.
+    pub fn from_code(code: u64) -> Option<KvDtype> {
+        match code {
+            0 => Some(KvDtype::F32),
+            1 => Some(KvDtype::F16),
+            _ => None,
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use super::ConfigError;
 use crate::backend::cpu::quant::ActPrecision;
+use crate::backend::generative::KvDtype;
 use crate::proto::inference::{ModelConfig, ModelInput, ModelOutput, ModelTransactionPolicy};
 use crate::tensor::DataType;
 
@@ -97,6 +98,44 @@ pub struct GenerativeSpec {
     /// How the quantized (GGUF) weights' products quantize activations: `activation_bits` 8 or 16
     /// (worker default `--activation-bits`); F32/F16/BF16 checkpoints ignore it.
     pub activations: ActPrecision,
+    /// Element type of the K/V cache: `kv_cache_dtype` `auto`, `f32` or `f16` (worker default
+    /// `--kv-cache-dtype`).
+    pub kv_dtype: KvCacheDtype,
+}
+
+/// The K/V cache element type a model asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    /// f16 for quantized (GGUF Q8_0/Q4_0/Q4_1) weights, as llama.cpp's default cache; f32 for
+    /// F32/F16/BF16 checkpoints, whose outputs then match `transformers` to f32 rounding.
+    #[default]
+    Auto,
+    /// Always f32.
+    F32,
+    /// Always f16: half the K/V memory and attention bandwidth; logits move by f16 rounding of K
+    /// and V (see docs/generation.md).
+    F16,
+}
+
+impl KvCacheDtype {
+    /// The element type for a model whose weights are `quantized` or not.
+    pub fn resolve(self, quantized: bool) -> KvDtype {
+        match self {
+            KvCacheDtype::Auto if quantized => KvDtype::F16,
+            KvCacheDtype::Auto | KvCacheDtype::F32 => KvDtype::F32,
+            KvCacheDtype::F16 => KvDtype::F16,
+        }
+    }
+}
+
+/// Parses a K/V cache element type: `auto`, `f32` or `f16` (`float32`/`float16`/`fp16`/`half` too).
+pub fn parse_kv_cache_dtype(text: &str) -> Result<KvCacheDtype, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(KvCacheDtype::Auto),
+        "f32" | "fp32" | "float32" | "float" => Ok(KvCacheDtype::F32),
+        "f16" | "fp16" | "float16" | "half" => Ok(KvCacheDtype::F16),
+        other => Err(format!("'{other}' is not a K/V cache type: use auto, f32 or f16")),
+    }
 }
 
 impl Default for GenerativeSpec {
@@ -111,6 +150,7 @@ impl Default for GenerativeSpec {
             max_session_tokens: None,
             store_after_idle: Some(std::time::Duration::from_secs(60)),
             activations: ActPrecision::default(),
+            kv_dtype: KvCacheDtype::default(),
         }
     }
 }
@@ -178,16 +218,17 @@ impl GenerativeSpec {
                 }
                 "kv_cache_memory" => s.kv_cache_memory = parse_memory(v).map_err(|r| err(key, r))?,
                 "activation_bits" => s.activations = parse_activation_bits(v).map_err(|r| err(key, r))?,
+                "kv_cache_dtype" => s.kv_dtype = parse_kv_cache_dtype(v).map_err(|r| err(key, r))?,
                 _ => super::unserved::check_parameters(config, file, true)?,
             }
         }
         Ok(s)
     }
 
-    /// K/V blocks that fit the memory budget for a decoder of this shape (f32 K and V per layer,
-    /// per K/V head, per position); at least one.
-    pub fn num_blocks(&self, layers: usize, kv_heads: usize, head_dim: usize) -> usize {
-        let per_block = (layers * 2 * kv_heads * head_dim * self.block_size * 4).max(1) as u64;
+    /// K/V blocks that fit the memory budget for a decoder of this shape (K and V of `dtype` per
+    /// layer, per K/V head, per position); at least one.
+    pub fn num_blocks(&self, layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> usize {
+        let per_block = (layers * 2 * kv_heads * head_dim * self.block_size * dtype.bytes()).max(1) as u64;
         (self.kv_cache_memory / per_block).max(1) as usize
     }
 }
@@ -225,7 +266,9 @@ mod tests {
         assert_eq!(s.max_batched_tokens, 512);
         assert_eq!(s.activations, ActPrecision::default());
         // 2 layers × K,V × 4 heads × 64 dims × 16 positions × 4 bytes = 65536 bytes a block.
-        assert_eq!(s.num_blocks(2, 4, 64), 1024);
+        assert_eq!(s.num_blocks(2, 4, 64, KvDtype::F32), 1024);
+        assert_eq!(s.num_blocks(2, 4, 64, KvDtype::F16), 2048);
+        assert_eq!(s.kv_dtype, KvCacheDtype::Auto);
         let bad =
             parse_model_config(r#"name: "g" parameters { key: "max_num_seqs" value: { string_value: "0" } }"#, "t")
                 .unwrap();
@@ -247,5 +290,25 @@ mod tests {
         assert_eq!(spec(" 8").unwrap().activations, ActPrecision::I8);
         let e = spec("12").unwrap_err().to_string();
         assert!(e.contains("parameters.activation_bits") && e.contains("use 8 or 16"), "{e}");
+    }
+
+    #[test]
+    fn kv_cache_dtype_resolves_by_weights() {
+        let cfg = |v: &str| {
+            parse_model_config(
+                &format!(r#"name: "g" parameters {{ key: "kv_cache_dtype" value: {{ string_value: "{v}" }} }}"#),
+                "t",
+            )
+            .unwrap()
+        };
+        let spec = |v: &str| GenerativeSpec::from_config(&cfg(v), "t", &GenerativeSpec::default());
+        assert_eq!(spec("F16").unwrap().kv_dtype, KvCacheDtype::F16);
+        assert_eq!(spec("float32").unwrap().kv_dtype, KvCacheDtype::F32);
+        assert_eq!(KvCacheDtype::Auto.resolve(true), KvDtype::F16);
+        assert_eq!(KvCacheDtype::Auto.resolve(false), KvDtype::F32);
+        assert_eq!(KvCacheDtype::F32.resolve(true), KvDtype::F32);
+        assert_eq!(KvCacheDtype::F16.resolve(false), KvDtype::F16);
+        let e = spec("int8").unwrap_err().to_string();
+        assert!(e.contains("parameters.kv_cache_dtype") && e.contains("auto, f32 or f16"), "{e}");
     }
 }

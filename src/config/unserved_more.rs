@@ -24,6 +24,7 @@ pub const GENERATIVE_PARAMETERS: &[&str] = &[
     "session_store_after_idle_seconds",
     "kv_cache_memory",
     "activation_bits",
+    "kv_cache_dtype",
 ];
 
 /// Refuses GPU settings, file-name overrides, metric customisation, label files, non-linear

@@ -155,10 +155,15 @@ fn build(
     spec: &GenerativeSpec,
     instances: usize,
 ) -> Result<Vec<Box<dyn DecoderInstance>>, LoadError> {
-    let blocks = spec.num_blocks(config.num_hidden_layers, config.num_key_value_heads, config.head_dim);
+    // `auto` K/V precision follows the weights: quantized checkpoints (a GGUF's Q8_0/Q4_x layers)
+    // get an f16 cache, as llama.cpp's default.
+    let probe = "model.layers.0.mlp.down_proj.weight";
+    let quantized = matches!(weights.tensor(probe), Ok(Some(Weight::Quant(_))));
+    let kv_dtype = spec.kv_dtype.resolve(quantized);
+    let blocks = spec.num_blocks(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, kv_dtype);
     (0..instances.max(1))
         .map(|_| {
-            LlamaModel::new(config.clone(), weights, blocks, spec.block_size)
+            LlamaModel::new(config.clone(), weights, blocks, spec.block_size, kv_dtype)
                 .map(|mut m| {
                     m.set_activations(spec.activations);
                     Box::new(m) as Box<dyn DecoderInstance>

@@ -10,8 +10,7 @@ use crate::sessions::{SequenceId, SessionBlob, kv_pieces};
 impl Engine {
     /// Bytes of one K/V block.
     fn kv_block_bytes(&self) -> usize {
-        let shape = self.decoder.shape();
-        shape.layers * 2 * shape.kv_heads * shape.head_dim * self.pool.block_size() * 4
+        self.decoder.shape().kv_block_bytes(self.pool.block_size())
     }
 
     /// The K/V pieces of session `id` the store does not hold yet: (first block, pieces), noted

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use super::kv_blocks::BlockPool;
 use super::session::KeptSession;
 use super::step::Engine;
-use crate::backend::generative::DecoderInstance;
+use crate::backend::generative::{DecoderInstance, DecoderShape, KvDtype};
 use crate::sessions::{SequenceId, SessionBlob, SessionInfo};
 use crate::tensor::{DataType, Tensor};
 
@@ -173,7 +173,14 @@ pub(super) fn blob_of(
     };
     let digest = decoder.weights_digest();
     let tokens: Vec<u8> = session.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-    let meta: Vec<u8> = [computed as u64, block_size as u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+    // Meta: positions with K/V, block size, and (f16 caches only: an f32 blob keeps the two-word
+    // layout older workers read) the K/V element type.
+    let dtype = decoder.shape().kv_dtype;
+    let mut words = vec![computed as u64, block_size as u64];
+    if dtype != KvDtype::F32 {
+        words.push(dtype.code());
+    }
+    let meta: Vec<u8> = words.iter().flat_map(|v| v.to_le_bytes()).collect();
     let kv_len = kv.len();
     SessionBlob {
         model: model.0,
@@ -182,7 +189,7 @@ pub(super) fn blob_of(
         steps: session.turns,
         state: vec![
             tensor(DataType::Uint32, vec![session.tokens.len()], tokens),
-            tensor(DataType::Uint64, vec![2], meta),
+            tensor(DataType::Uint64, vec![words.len()], meta),
             tensor(DataType::Uint8, vec![kv_len], kv),
             tensor(DataType::Uint8, vec![32], digest.to_vec()),
         ],
@@ -206,8 +213,7 @@ pub(super) fn check_blob<'a>(
     blob: &'a SessionBlob,
 ) -> Result<Parts<'a>, String> {
     let shape = decoder.shape();
-    let block_bytes = shape.layers * 2 * shape.kv_heads * shape.head_dim * block_size * 4;
-    let p = parts(blob, decoder.weights_digest(), block_size, block_bytes)?;
+    let p = parts(blob, decoder.weights_digest(), block_size, shape)?;
     if p.tokens.iter().any(|&t| t as usize >= shape.vocab) {
         return Err("the blob's tokens are outside this model's vocabulary".into());
     }
@@ -236,7 +242,12 @@ pub(super) fn load_parts(
     Ok(session)
 }
 
-fn parts(blob: &SessionBlob, digest: [u8; 32], block_size: usize, block_bytes: usize) -> Result<Parts<'_>, String> {
+fn parts<'a>(
+    blob: &'a SessionBlob,
+    digest: [u8; 32],
+    block_size: usize,
+    shape: &DecoderShape,
+) -> Result<Parts<'a>, String> {
     let [tokens, meta, kv, their_digest] = blob.state.as_slice() else {
         return Err(format!(
             "a generative session blob holds 4 state tensors (tokens, meta, K/V, digest); this one holds {} \
@@ -249,7 +260,7 @@ fn parts(blob: &SessionBlob, digest: [u8; 32], block_size: usize, block_bytes: u
                     continue on a worker serving the same model files"
             .into());
     }
-    if tokens.dtype != DataType::Uint32 || meta.dtype != DataType::Uint64 || meta.data.len() != 16 {
+    if tokens.dtype != DataType::Uint32 || meta.dtype != DataType::Uint64 || !matches!(meta.data.len(), 16 | 24) {
         return Err("the blob's token or meta tensor has the wrong type".into());
     }
     let tokens: Vec<u32> = tokens.data.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
@@ -262,6 +273,21 @@ fn parts(blob: &SessionBlob, digest: [u8; 32], block_size: usize, block_bytes: u
     if computed > tokens.len() {
         return Err(format!("the blob says {computed} positions have K/V but holds {} tokens", tokens.len()));
     }
+    let code = if meta.data.len() == 24 { word(2) } else { KvDtype::F32.code() };
+    let their_dtype = KvDtype::from_code(code)
+        .ok_or_else(|| format!("the blob's K/V element type (code {code}) is not one this worker knows"))?;
+    if computed > 0 && their_dtype != shape.kv_dtype {
+        // Other K/V precision (another `kv_cache_dtype`): the tokens are the truth; the next turn
+        // recomputes the K/V in this model's precision.
+        tracing::info!(
+            session = %blob.id,
+            blob = their_dtype.name(),
+            model = shape.kv_dtype.name(),
+            "session blob K/V dropped: other element type; its positions are recomputed"
+        );
+        return Ok(Parts { tokens, computed: 0, kv: &[] });
+    }
+    let block_bytes = shape.kv_block_bytes(block_size);
     if computed > 0 && their_block != block_size {
         return Err(format!("the blob's K/V uses {their_block}-token blocks; this model uses {block_size}"));
     }

@@ -114,7 +114,7 @@ impl Engine {
             logits: Vec::new(),
             picked: Vec::new(),
             scratch: Default::default(),
-            kv_bytes_per_position: (shape.layers * 2 * shape.kv_heads * shape.head_dim * 4) as u64,
+            kv_bytes_per_position: shape.kv_bytes_per_position() as u64,
             fleet: None,
             writing: std::collections::HashMap::new(),
             left_queue: 0,
@@ -585,7 +585,7 @@ impl Engine {
 /// Bytes of a decoder's K/V pool (f32 K and V, every layer and block).
 fn kv_pool_bytes(decoder: &dyn DecoderInstance) -> u64 {
     let s = decoder.shape();
-    (decoder.num_blocks() * s.block_size * s.layers * 2 * s.kv_heads * s.head_dim * 4) as u64
+    (decoder.num_blocks() * s.kv_block_bytes(s.block_size)) as u64
 }
 
 impl Drop for Engine {

@@ -14,7 +14,7 @@ use super::sampler;
 use super::stats::GenerativeStats;
 use super::step::{Engine, StepLimits};
 use crate::backend::BackendError;
-use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
+use crate::backend::generative::{DecoderInstance, DecoderShape, KvDtype, LogitsWanted, SeqChunk};
 
 const VOCAB: usize = 260;
 pub(crate) const EOS: u32 = 256;
@@ -45,7 +45,15 @@ pub(crate) struct FakeDecoder {
 impl FakeDecoder {
     pub(crate) fn new(num_blocks: usize, block_size: usize, max_positions: usize) -> Self {
         Self {
-            shape: DecoderShape { layers: 1, kv_heads: 1, head_dim: 1, vocab: VOCAB, max_positions, block_size },
+            shape: DecoderShape {
+                layers: 1,
+                kv_heads: 1,
+                head_dim: 1,
+                vocab: VOCAB,
+                max_positions,
+                block_size,
+                kv_dtype: KvDtype::F32,
+            },
             kv: vec![EMPTY; num_blocks * block_size],
             num_blocks,
         }

@@ -18,7 +18,9 @@
 //! are computed together so that each K/V row is read once for all of them and all heads of a
 //! group: the transposed keys of a partition are shared by the group's queries.
 
-use super::kv_pool::KvPool;
+use half::slice::HalfFloatSliceExt;
+
+use super::kv_pool::{KvLayer, KvPool};
 use crate::backend::cpu::fast_exp::exp_clamped;
 use crate::backend::cpu::isa::{Isa, isa};
 
@@ -132,6 +134,10 @@ pub struct AttnScratch {
     n_q: Vec<usize>,
     /// Partial results of a whole task ([`attend_rows`]) or of a task shared by threads.
     pub partials: Vec<f32>,
+    /// An f16 pool's keys of one partition's blocks for one K/V head, widened to f32.
+    kb: Vec<f32>,
+    /// The values of the same blocks.
+    vb: Vec<f32>,
 }
 
 /// Attention outputs (`heads * head_dim` per row, rows in order) of the rows of `rows`, reading K/V
@@ -241,8 +247,8 @@ fn items_body<const DS: usize>(
     let parts = rows.parts();
     let item_len = shape.item_len(rows.positions.len());
     let Some(&last) = rows.positions.iter().max() else { return };
-    let (keys, values) = pool.layer(layer);
-    let AttnScratch { kt, scores, offs, n_q, .. } = scratch;
+    let kv = pool.layer(layer);
+    let AttnScratch { kt, scores, offs, n_q, kb, vb, .. } = scratch;
     if kt.len() < hd * PART {
         kt.resize(hd * PART, 0.0);
     }
@@ -255,15 +261,43 @@ fn items_body<const DS: usize>(
         let (g, p) = (item / parts, item % parts);
         let a = p * PART;
         let n = (a + PART).min(last + 1) - a;
+        // The item's K/V: the pool's own storage (f32), or the partition's blocks widened to f32
+        // (exactly) into `kb` / `vb` (f16), laid out as in the pool with one K/V head.
+        let first_block = a / bs;
+        let (keys, values, widened): (&[f32], &[f32], bool) = match kv {
+            KvLayer::F32 { k, v } => (k, v, false),
+            KvLayer::F16 { k, v } => {
+                let (blocks, len) = ((a + n - 1) / bs + 1 - first_block, bs * hd);
+                for buf in [&mut *kb, &mut *vb] {
+                    if buf.len() < blocks * len {
+                        buf.resize(blocks * len, 0.0);
+                    }
+                }
+                for (j, &block) in rows.blocks[first_block..first_block + blocks].iter().enumerate() {
+                    let at = pool.offset(block as usize, g, 0);
+                    k[at..at + len].convert_to_f32_slice(&mut kb[j * len..(j + 1) * len]);
+                    v[at..at + len].convert_to_f32_slice(&mut vb[j * len..(j + 1) * len]);
+                }
+                (&kb[..], &vb[..], true)
+            }
+        };
+        // Where position `pos`'s value row (and, with slot 0, its block's transposed keys) starts.
+        let offset = |pos: usize, slot: usize| {
+            if widened {
+                ((pos / bs - first_block) * bs + slot) * hd
+            } else {
+                pool.offset(rows.blocks[pos / bs] as usize, g, slot)
+            }
+        };
         offs.clear();
-        offs.extend((a..a + n).map(|pos| pool.offset(rows.blocks[pos / bs] as usize, g, pos % bs)));
+        offs.extend((a..a + n).map(|pos| offset(pos, pos % bs)));
         // The pool keeps keys transposed per block (`[head_dim][slot]`): 16 positions of one block
         // are 16 adjacent lanes. Blocks of other sizes are gathered into `kt` ([head_dim][PART]).
         let direct = bs.is_multiple_of(LANES);
         if !direct {
             for i in 0..n {
                 let pos = a + i;
-                let base = pool.offset(rows.blocks[pos / bs] as usize, g, 0) + pos % bs;
+                let base = offset(pos, 0) + pos % bs;
                 for d in 0..hd {
                     kt[d * PART + i] = keys[base + d * bs];
                 }
@@ -273,7 +307,7 @@ fn items_body<const DS: usize>(
         let base_of = |c: usize| {
             if direct {
                 let pos = a + c * LANES;
-                pool.offset(rows.blocks[pos / bs] as usize, g, 0) + pos % bs
+                offset(pos, 0) + pos % bs
             } else {
                 c * LANES
             }

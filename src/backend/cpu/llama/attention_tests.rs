@@ -3,9 +3,9 @@
 
 use super::attention::{AttentionShape, AttnScratch, SeqQueries, attend_items_on, attend_rows, merge};
 use super::attention_tasks::attention_rows;
-use super::kv_pool::KvPool;
+use super::kv_pool::{KvLayer, KvPool};
 use crate::backend::cpu::isa::{Isa, isa};
-use crate::backend::generative::{LogitsWanted, SeqChunk};
+use crate::backend::generative::{KvDtype, LogitsWanted, SeqChunk};
 
 struct Case {
     pool: KvPool,
@@ -24,15 +24,26 @@ fn noise(seed: &mut u64) -> f32 {
 
 /// A pool holding `len` positions of one sequence whose block table is shuffled.
 fn case(len: usize, heads: usize, kv_heads: usize, head_dim: usize, bs: usize) -> Case {
+    case_of(len, (heads, kv_heads, head_dim, bs), KvDtype::F32, false)
+}
+
+/// [`case`] with a pool of `dtype`; `round`: K and V rounded to f16 before they are stored.
+fn case_of(
+    len: usize,
+    (heads, kv_heads, head_dim, bs): (usize, usize, usize, usize),
+    dtype: KvDtype,
+    round: bool,
+) -> Case {
     let nb = len.div_ceil(bs) + 3;
-    let mut pool = KvPool::new(1, kv_heads, head_dim, bs, nb).unwrap();
+    let mut pool = KvPool::new(1, kv_heads, head_dim, bs, nb, dtype).unwrap();
+    let r = |x: f32| if round { half::f16::from_f32(x).to_f32() } else { x };
     let blocks: Vec<u32> = (0..len.div_ceil(bs) as u32).map(|b| (b * 7 + 2) % nb as u32).collect();
     let mut seed = 0x1234_5678_9abc_def1u64 ^ len as u64;
     let kv = kv_heads * head_dim;
     for pos in 0..len {
         // Scores spread enough that the softmax is far from uniform.
-        let k: Vec<f32> = (0..kv).map(|_| 3.0 * noise(&mut seed)).collect();
-        let v: Vec<f32> = (0..kv).map(|_| noise(&mut seed)).collect();
+        let k: Vec<f32> = (0..kv).map(|_| r(3.0 * noise(&mut seed))).collect();
+        let v: Vec<f32> = (0..kv).map(|_| r(noise(&mut seed))).collect();
         pool.write(0, blocks[pos / bs] as usize, pos % bs, &k, &v);
     }
     let q = (0..len * heads * head_dim).map(|_| noise(&mut seed)).collect();
@@ -62,7 +73,10 @@ impl Case {
     /// f64 reference of one row.
     fn reference(&self, pos: usize) -> Vec<f64> {
         let (hd, group) = (self.shape.head_dim, self.shape.heads / self.shape.kv_heads);
-        let (keys, values) = self.pool.layer(0);
+        let (keys, values) = match self.pool.layer(0) {
+            KvLayer::F32 { k, v } => (k.to_vec(), v.to_vec()),
+            KvLayer::F16 { k, v } => (k.iter().map(|x| x.to_f32()).collect(), v.iter().map(|x| x.to_f32()).collect()),
+        };
         let bs = self.pool.block_size();
         let mut out = vec![0f64; self.q_dim()];
         for h in 0..self.shape.heads {
@@ -165,5 +179,33 @@ fn threads_and_instruction_sets_do_not_change_a_bit() {
     assert_eq!(bits(&baseline), bits(&one[..16 * q_dim]));
     for level in [Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= isa()) {
         assert_eq!(bits(&on(level)), bits(&baseline), "{level:?}");
+    }
+}
+
+#[test]
+fn an_f16_pool_attends_as_an_f32_pool_of_the_rounded_values() {
+    // Widening f16 to f32 is exact, so the f16 pool must give the bits of an f32 pool holding the
+    // same rounded K/V: for every layout (block sizes that are and are not multiples of 16, one
+    // block straddling a partition), rows alone or together, any thread count.
+    for dims in [(6, 2, 64, 16), (4, 4, 24, 5), (9, 3, 128, 32), (6, 2, 64, 48)] {
+        let len = 300;
+        let half = case_of(len, dims, KvDtype::F16, false);
+        let rounded = case_of(len, dims, KvDtype::F32, true);
+        for rows in [0..1, 7..23, 120..140, 281..300] {
+            assert_eq!(bits(&half.attend(rows.clone())), bits(&rounded.attend(rows.clone())), "{dims:?} {rows:?}");
+        }
+        let q_dim = half.q_dim();
+        let rows: Vec<(usize, usize)> = (len - 16..len).map(|p| (p, 0)).chain([(len - 40, 0)]).collect();
+        let qkv: Vec<f32> = rows.iter().flat_map(|&(p, _)| half.q[p * q_dim..(p + 1) * q_dim].to_vec()).collect();
+        let run = |c: &Case, threads: usize| {
+            let chunks = [SeqChunk { tokens: &[], start: 0, blocks: &c.blocks, logits: LogitsWanted::None }];
+            let mut scratch = vec![AttnScratch::default(); threads];
+            let mut out = vec![0.0; rows.len() * q_dim];
+            attention_rows(&c.pool, 0, c.shape, &qkv, q_dim, &rows, &chunks, &mut scratch, &mut out, threads);
+            out
+        };
+        let want = bits(&run(&rounded, 1));
+        assert_eq!(bits(&run(&half, 1)), want, "{dims:?}");
+        assert_eq!(bits(&run(&half, 2)), want, "{dims:?} 2 threads");
     }
 }

@@ -12,7 +12,7 @@ use super::weights::{Weight, WeightSource};
 use crate::backend::BackendError;
 use crate::backend::cpu::linear::{Linear, linear_threads};
 use crate::backend::cpu::quant::ActPrecision;
-use crate::backend::generative::{DecoderInstance, DecoderShape, LogitsWanted, SeqChunk};
+use crate::backend::generative::{DecoderInstance, DecoderShape, KvDtype, LogitsWanted, SeqChunk};
 
 /// Buffers reused by every forward (grown, never shrunk).
 #[derive(Debug, Default)]
@@ -51,7 +51,8 @@ fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
-/// A Llama-architecture decoder (Llama 2/3, Mistral, Qwen2, SmolLM) with f32 weights and K/V.
+/// A Llama-architecture decoder (Llama 2/3, Mistral, Qwen2, SmolLM): f32, f16/bf16-widened or
+/// quantized weights; f32 or f16 K/V.
 pub struct LlamaModel {
     config: LlamaConfig,
     shape: DecoderShape,
@@ -81,12 +82,13 @@ impl std::fmt::Debug for LlamaModel {
 
 impl LlamaModel {
     /// Builds the decoder from `weights` (HF names) with a K/V pool of `num_blocks` blocks of
-    /// `block_size` positions.
+    /// `block_size` positions of `kv_dtype` elements.
     pub fn new(
         config: LlamaConfig,
         weights: &dyn WeightSource,
         num_blocks: usize,
         block_size: usize,
+        kv_dtype: KvDtype,
     ) -> Result<Self, LoadError> {
         let h = config.hidden_size;
         let vocab = config.vocab_size;
@@ -106,8 +108,14 @@ impl LlamaModel {
             Weight::Dense { data, .. } => Embedding::Dense(data),
             Weight::Quant(q) => Embedding::Quant(q),
         };
-        let pool =
-            KvPool::new(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, block_size, num_blocks)?;
+        let pool = KvPool::new(
+            config.num_hidden_layers,
+            config.num_key_value_heads,
+            config.head_dim,
+            block_size,
+            num_blocks,
+            kv_dtype,
+        )?;
         let shape = DecoderShape {
             layers: config.num_hidden_layers,
             kv_heads: config.num_key_value_heads,
@@ -115,6 +123,7 @@ impl LlamaModel {
             vocab,
             max_positions: config.max_position_embeddings,
             block_size,
+            kv_dtype,
         };
         let threads = linear_threads();
         Ok(LlamaModel {
@@ -293,7 +302,8 @@ impl DecoderInstance for LlamaModel {
         self.pool.copy_block(src, dst)
     }
 
-    /// Layout: per block in order, per layer, K then V, each `[kv_head][slot][head_dim]` f32 LE.
+    /// Layout: per block in order, per layer, K then V, each `[kv_head][slot][head_dim]`,
+    /// little-endian elements of the shape's `kv_dtype`.
     fn read_blocks(&mut self, blocks: &[u32]) -> Result<Vec<u8>, BackendError> {
         self.pool.read_blocks(blocks)
     }

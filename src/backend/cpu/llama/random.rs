@@ -83,7 +83,7 @@ impl WeightSource for RandomWeights {
 mod tests {
     use super::*;
     use crate::backend::cpu::llama::LlamaModel;
-    use crate::backend::generative::{DecoderInstance, LogitsWanted, SeqChunk};
+    use crate::backend::generative::{DecoderInstance, KvDtype, LogitsWanted, SeqChunk};
 
     #[test]
     fn builds_a_reproducible_model() {
@@ -93,7 +93,8 @@ mod tests {
         )
         .unwrap();
         let run = |seed| {
-            let mut m = LlamaModel::new(config.clone(), &RandomWeights::new(config.clone(), seed), 4, 8).unwrap();
+            let mut m =
+                LlamaModel::new(config.clone(), &RandomWeights::new(config.clone(), seed), 4, 8, KvDtype::F32).unwrap();
             let mut out = Vec::new();
             let chunk = SeqChunk { tokens: &[1, 2, 3], start: 0, blocks: &[0], logits: LogitsWanted::All };
             m.forward(&[chunk], &mut out).unwrap();

@@ -11,7 +11,7 @@ use super::manifest::DecoderManifest;
 use super::program::{ProgramKind, Role, role};
 use crate::backend::BackendError;
 use crate::backend::cpu::llama::{LlamaConfig, Weight, WeightSource};
-use crate::backend::generative::DecoderShape;
+use crate::backend::generative::{DecoderShape, KvDtype};
 use crate::backend::neuron::Runtime;
 
 fn load_error(what: String) -> BackendError {
@@ -109,6 +109,7 @@ pub fn decoder_shape(manifest: &DecoderManifest, config: &LlamaConfig) -> Decode
         vocab: config.vocab_size,
         max_positions: config.max_position_embeddings.min(manifest.kv.max_len),
         block_size: manifest.kv.max_len,
+        kv_dtype: KvDtype::F32,
     }
 }
 
