@@ -12,6 +12,7 @@ pub mod bert_check;
 pub mod builtin;
 pub mod dense;
 pub mod dtypes;
+pub mod f16_widen;
 pub mod fast_exp;
 pub mod gemm;
 pub mod gguf;

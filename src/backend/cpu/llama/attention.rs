@@ -18,9 +18,8 @@
 //! are computed together so that each K/V row is read once for all of them and all heads of a
 //! group: the transposed keys of a partition are shared by the group's queries.
 
-use half::slice::HalfFloatSliceExt;
-
 use super::kv_pool::{KvLayer, KvPool};
+use crate::backend::cpu::f16_widen::widen;
 use crate::backend::cpu::fast_exp::exp_clamped;
 use crate::backend::cpu::isa::{Isa, isa};
 
@@ -197,7 +196,7 @@ pub(super) fn attend_items_on(
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = level;
-    items_body::<16>(pool, layer, shape, rows, items, scratch, partials)
+    items_body::<16>(Isa::Scalar, pool, layer, shape, rows, items, scratch, partials)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -211,7 +210,7 @@ fn items_avx2(
     scratch: &mut AttnScratch,
     partials: &mut [f32],
 ) {
-    items_body::<32>(pool, layer, shape, rows, items, scratch, partials)
+    items_body::<32>(Isa::Avx2, pool, layer, shape, rows, items, scratch, partials)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -225,13 +224,16 @@ fn items_avx512(
     scratch: &mut AttnScratch,
     partials: &mut [f32],
 ) {
-    items_body::<64>(pool, layer, shape, rows, items, scratch, partials)
+    items_body::<64>(Isa::Avx512, pool, layer, shape, rows, items, scratch, partials)
 }
 
 /// The items, with weighted sums computed `DS` head-dimension columns at a time (as many as fit in
-/// registers for [`QB`] queries; the arithmetic does not depend on it).
+/// registers for [`QB`] queries; the arithmetic does not depend on it); an f16 pool's blocks are
+/// widened with the conversions of `level`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn items_body<const DS: usize>(
+    level: Isa,
     pool: &KvPool,
     layer: usize,
     shape: AttentionShape,
@@ -275,8 +277,8 @@ fn items_body<const DS: usize>(
                 }
                 for (j, &block) in rows.blocks[first_block..first_block + blocks].iter().enumerate() {
                     let at = pool.offset(block as usize, g, 0);
-                    k[at..at + len].convert_to_f32_slice(&mut kb[j * len..(j + 1) * len]);
-                    v[at..at + len].convert_to_f32_slice(&mut vb[j * len..(j + 1) * len]);
+                    widen(level, &k[at..at + len], &mut kb[j * len..(j + 1) * len]);
+                    widen(level, &v[at..at + len], &mut vb[j * len..(j + 1) * len]);
                 }
                 (&kb[..], &vb[..], true)
             }

@@ -207,5 +207,18 @@ fn an_f16_pool_attends_as_an_f32_pool_of_the_rounded_values() {
         let want = bits(&run(&rounded, 1));
         assert_eq!(bits(&run(&half, 1)), want, "{dims:?}");
         assert_eq!(bits(&run(&half, 2)), want, "{dims:?} 2 threads");
+        // Each instruction set's widening (AVX-512, F16C, `half`) feeds the same kernels.
+        let positions: Vec<usize> = (len - 16..len).collect();
+        let items_on = |c: &Case, level: Isa| {
+            let queries =
+                SeqQueries { q: &c.q[(len - 16) * q_dim..], stride: q_dim, positions: &positions, blocks: &c.blocks };
+            let items = c.shape.kv_heads * queries.parts();
+            let mut partials = vec![0.0; items * c.shape.item_len(16)];
+            attend_items_on(level, &c.pool, 0, c.shape, queries, 0..items, &mut AttnScratch::default(), &mut partials);
+            bits(&partials)
+        };
+        for level in [Isa::Scalar, Isa::Avx2, Isa::Avx512].into_iter().filter(|&l| l <= isa()) {
+            assert_eq!(items_on(&half, level), items_on(&rounded, level), "{dims:?} {level:?}");
+        }
     }
 }
