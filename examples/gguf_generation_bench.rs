@@ -168,6 +168,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "activation_bits": if act == ActPrecision::I16 { 16 } else { 8 },
             "f32_isa": kernel_isa().name(),
             "threads": threads,
+            "quant_spin_us": QuantPool::global().spin().as_micros() as u64,
             "prompt_tokens": prompt_len,
             "prompt_tok_s": prompt_len as f64 / prefill,
             "decode_tokens": decode_len,

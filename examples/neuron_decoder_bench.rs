@@ -120,7 +120,7 @@ fn main() {
     complete_config(&mut cfg);
     let spec = ModelSpec::from_config(&cfg, "bench").expect("spec");
     let setup = GenerativeSetup {
-        limits: StepLimits { max_batched_tokens: 2048, max_running: 256 },
+        limits: StepLimits { max_batched_tokens: 2048, max_running: 256, ..StepLimits::default() },
         eos: vec![],
         defaults: SamplingParams::default(),
         sessions: Default::default(),

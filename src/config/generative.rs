@@ -81,6 +81,9 @@ pub struct GenerativeSpec {
     pub max_batched_tokens: usize,
     /// Most sequences running at once per instance: `max_num_seqs`.
     pub max_running: usize,
+    /// While sequences decode, most prompt tokens per step: `max_prefill_tokens_while_decoding`
+    /// (bounds the decoding streams' inter-token latency when prompts join).
+    pub max_prefill_while_decoding: usize,
     /// Bytes of K/V cache per instance: `kv_cache_memory` (e.g. `256MiB`).
     pub kv_cache_memory: u64,
     /// Tokens per K/V block: `kv_block_size`.
@@ -143,6 +146,7 @@ impl Default for GenerativeSpec {
         Self {
             max_batched_tokens: 512,
             max_running: 64,
+            max_prefill_while_decoding: crate::batching::generative::step::DEFAULT_MAX_PREFILL_WHILE_DECODING,
             kv_cache_memory: DEFAULT_KV_CACHE_MEMORY,
             block_size: crate::backend::generative::DEFAULT_BLOCK_SIZE,
             max_model_len: None,
@@ -207,6 +211,7 @@ impl GenerativeSpec {
             match key.as_str() {
                 "max_num_batched_tokens" => s.max_batched_tokens = positive(key, v)?,
                 "max_num_seqs" => s.max_running = positive(key, v)?,
+                "max_prefill_tokens_while_decoding" => s.max_prefill_while_decoding = positive(key, v)?,
                 "kv_block_size" => s.block_size = positive(key, v)?,
                 "max_model_len" => s.max_model_len = Some(positive(key, v)?),
                 "max_sessions" => s.max_sessions = positive(key, v)?,

@@ -17,6 +17,7 @@ pub const MODEL_PARAMETERS: &[&str] = &["neuron_batch_buckets", "neuron_seq_buck
 pub const GENERATIVE_PARAMETERS: &[&str] = &[
     "max_num_batched_tokens",
     "max_num_seqs",
+    "max_prefill_tokens_while_decoding",
     "kv_block_size",
     "max_model_len",
     "max_sessions",

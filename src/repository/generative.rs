@@ -129,7 +129,11 @@ pub struct LoadedDecoder {
 
 fn setup(spec: &GenerativeSpec, eos: Vec<u32>, defaults: SamplingParams) -> GenerativeSetup {
     GenerativeSetup {
-        limits: StepLimits { max_batched_tokens: spec.max_batched_tokens, max_running: spec.max_running },
+        limits: StepLimits {
+            max_batched_tokens: spec.max_batched_tokens,
+            max_running: spec.max_running,
+            max_prefill_while_decoding: spec.max_prefill_while_decoding,
+        },
         eos,
         defaults,
         version: 1,

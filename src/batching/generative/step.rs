@@ -32,11 +32,23 @@ pub struct StepLimits {
     pub max_batched_tokens: usize,
     /// Most sequences in the running set.
     pub max_running: usize,
+    /// While sequences are decoding, most prompt tokens (chunks of prompts and session turns) run
+    /// in one step: a step costs about its tokens, so this bounds the decoding streams'
+    /// inter-token latency when prompts join. Decoders that prefill from zero only (one chunk per
+    /// history) are not capped.
+    pub max_prefill_while_decoding: usize,
 }
+
+/// Default [`StepLimits::max_prefill_while_decoding`].
+pub const DEFAULT_MAX_PREFILL_WHILE_DECODING: usize = 64;
 
 impl Default for StepLimits {
     fn default() -> Self {
-        Self { max_batched_tokens: 512, max_running: 64 }
+        Self {
+            max_batched_tokens: 512,
+            max_running: 64,
+            max_prefill_while_decoding: DEFAULT_MAX_PREFILL_WHILE_DECODING,
+        }
     }
 }
 
@@ -103,6 +115,7 @@ impl Engine {
             limits: StepLimits {
                 max_batched_tokens: limits.max_batched_tokens.max(1),
                 max_running: limits.max_running.max(1),
+                max_prefill_while_decoding: limits.max_prefill_while_decoding.max(1),
             },
             pool,
             waiting: VecDeque::new(),
@@ -320,10 +333,15 @@ impl Engine {
         self.drop_cancelled();
         let mut report = StepReport::default();
         let mut budget = self.limits.max_batched_tokens;
+        // While sequences decode, prompts join in chunks of at most `max_prefill_while_decoding`
+        // tokens a step (their results do not depend on the chunking).
+        let decoding = !self.decoder.prefill_from_zero_only()
+            && self.running.iter().any(|s| s.tokens.len().saturating_sub(s.computed) == 1);
+        let mut prefill = if decoding { self.limits.max_prefill_while_decoding } else { usize::MAX };
         // (index in running, tokens to run)
         let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
-        self.schedule_running(&mut budget, &mut plan, &mut report)?;
-        self.admit_waiting(&mut budget, &mut plan);
+        self.schedule_running(&mut budget, &mut prefill, &mut plan, &mut report)?;
+        self.admit_waiting(&mut budget, &mut prefill, &mut plan);
         if plan.is_empty() {
             self.publish();
             return Ok(report);
@@ -388,6 +406,7 @@ impl Engine {
     fn schedule_running(
         &mut self,
         budget: &mut usize,
+        prefill: &mut usize,
         plan: &mut Vec<(usize, usize)>,
         report: &mut StepReport,
     ) -> Result<(), BackendError> {
@@ -397,7 +416,14 @@ impl Engine {
                 break;
             }
             let s = &self.running[i];
-            let n = (s.tokens.len() - s.computed).min(*budget);
+            let mut n = (s.tokens.len() - s.computed).min(*budget);
+            if n > 1 {
+                n = n.min(*prefill);
+                if n == 0 {
+                    i += 1; // its prompt continues next step
+                    continue;
+                }
+            }
             let target = s.computed + n;
             loop {
                 let grown = match self.running[i].table.as_mut() {
@@ -411,6 +437,9 @@ impl Engine {
                         }
                         plan.push((i, n));
                         *budget -= n;
+                        if n > 1 {
+                            *prefill -= n;
+                        }
                         i += 1;
                         break;
                     }
@@ -458,7 +487,7 @@ impl Engine {
 
     /// Admits waiting sequences in order while the budget lasts and the blocks for their whole
     /// prompt are free (so admitting never forces a preemption).
-    fn admit_waiting(&mut self, budget: &mut usize, plan: &mut Vec<(usize, usize)>) {
+    fn admit_waiting(&mut self, budget: &mut usize, prefill: &mut usize, plan: &mut Vec<(usize, usize)>) {
         while *budget > 0 && self.running.len() < self.limits.max_running {
             let Some(s) = self.waiting.front_mut() else { break };
             // A session turn brings its kept blocks; anything else looks for cached prefix blocks.
@@ -516,6 +545,16 @@ impl Engine {
                 break;
             }
             let mut n = (positions - cached).min(*budget);
+            if n > 1 {
+                n = n.min(*prefill);
+            }
+            if n == 0 {
+                // No prompt tokens left for this step while others decode: next step.
+                if let Some(s) = self.waiting.front_mut() {
+                    s.table = Some(table);
+                }
+                break;
+            }
             if from_zero && n < positions - cached {
                 if !plan.is_empty() {
                     // Not enough budget left in this step for the whole history: next step.
@@ -544,6 +583,9 @@ impl Engine {
             self.running.push(s);
             plan.push((self.running.len() - 1, n));
             *budget -= n;
+            if n > 1 {
+                *prefill = prefill.saturating_sub(n);
+            }
         }
     }
 

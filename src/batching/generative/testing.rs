@@ -250,7 +250,7 @@ fn a_request_alone_and_in_a_batch_of_eight_gives_the_same_tokens_and_logprobs() 
         alone.push(collect(&mut rx).unwrap());
     }
     // Batched, with a small token budget so prompts are chunked and decodes interleave.
-    let (mut e, stats) = engine(128, 4, StepLimits { max_batched_tokens: 16, max_running: 8 });
+    let (mut e, stats) = engine(128, 4, StepLimits { max_batched_tokens: 16, max_running: 8, ..StepLimits::default() });
     let mut rxs = Vec::new();
     for (k, &len) in lens.iter().enumerate() {
         let (req, rx) = request(prompt(len, k as u32), params.clone(), 100 + k as u64);
@@ -273,9 +273,32 @@ fn a_request_alone_and_in_a_batch_of_eight_gives_the_same_tokens_and_logprobs() 
 }
 
 #[test]
+fn prompts_join_decoding_streams_in_capped_chunks_and_whole_when_none_decodes() {
+    let limits = StepLimits { max_batched_tokens: 64, max_running: 8, max_prefill_while_decoding: 8 };
+    let (mut e, _) = engine(128, 4, limits);
+    let params = sampled(30);
+    // Alone, a 40-token prompt runs in one step: nothing decodes, so only the budget applies.
+    let (first, mut rx0) = request(prompt(40, 0), params.clone(), 1);
+    e.add(first);
+    assert_eq!(e.step().unwrap().tokens, 40);
+    // Now it decodes: a 40-token prompt joins 8 tokens a step (plus the 1 decode token).
+    let (second, mut rx1) = request(prompt(40, 1), params.clone(), 2);
+    e.add(second);
+    let steps: Vec<usize> = (0..5).map(|_| e.step().unwrap().tokens).collect();
+    assert_eq!(steps, vec![9, 9, 9, 9, 9], "8 prompt tokens and one decode token a step");
+    run_to_end(&mut e);
+    // The chunking changed no token.
+    for (k, rx) in [&mut rx0, &mut rx1].into_iter().enumerate() {
+        let got = collect(rx).unwrap();
+        let (want, want_lps) = direct(&prompt(40, k as u32), &params, 1 + k as u64);
+        assert_eq!((got.0, got.1), (want, want_lps), "request {k}");
+    }
+}
+
+#[test]
 fn out_of_blocks_preempts_and_recomputes_without_changing_tokens() {
     // 12 blocks of 4 = 48 positions; four sequences of 10 + 20 tokens need 32 each.
-    let (mut e, stats) = engine(12, 4, StepLimits { max_batched_tokens: 64, max_running: 8 });
+    let (mut e, stats) = engine(12, 4, StepLimits { max_batched_tokens: 64, max_running: 8, ..StepLimits::default() });
     let params = sampled(20);
     let mut rxs = Vec::new();
     for k in 0..4u32 {

@@ -1,8 +1,7 @@
-//! A small persistent thread pool for the quantized kernels: workers may spin briefly after a job
-//! (so back-to-back matrix products of one decode step do not pay a wake-up each; off by default:
-//! on 2-vCPU instances the two vCPUs are usually hyperthreads of one core, and a spinning worker
-//! slows the thread doing the work), then sleep on a condition variable — no busy-waiting while
-//! the model is idle. The caller claims tasks too, so a worker that wakes late costs little.
+//! A small persistent thread pool for the quantized kernels: workers spin briefly after a job (so
+//! back-to-back matrix products of one decode step do not pay a wake-up each; not where the
+//! process's CPUs are hyperthreads of one core, where a spinning worker slows the thread doing the
+//! work), then sleep on a condition variable — no busy-waiting while the model is idle. The caller claims tasks too, so a worker that wakes late costs little.
 //!
 //! Jobs are `Arc`s of owned data, so no borrow crosses a thread (no lifetime erasure). Which thread
 //! computes which rows never changes a result: every output is reduced by one fixed order.
@@ -35,10 +34,12 @@ struct Shared {
     spin: Duration,
 }
 
-/// Default spin after a job, in microseconds (`NEURON_WORKER_QUANT_SPIN_US`). On a 2-vCPU Xeon
-/// (hyperthread pair), SmolLM2-135M Q4_1 decode median step: 0 µs 12.1 / 19.7 ms, 20 µs 14.1 /
-/// 25.0 ms, 200 µs 21.4 / 19.8 ms (two alternating runs, machine shared with compilers).
-const DEFAULT_SPIN_US: usize = 0;
+/// Spin after a job, in microseconds, when the pool's CPUs are separate cores (no two of the
+/// CPUs this process may run on are SMT siblings): workers stay awake across the back-to-back
+/// products of a decode step instead of being woken ~150 times a step. SmolLM2-135M Q4_1 through
+/// the server on a 2-vCPU Xeon whose vCPUs are separate cores: single-stream ITL median 8.6 ms
+/// at 0 µs, 4.5–5.1 ms at 50 µs; 16 streams 284–300 → 310 tok/s (docs/benchmarks.md).
+pub const DEFAULT_SPIN_US: u64 = 50;
 
 /// The pool the quantized kernels share (one per process).
 pub struct QuantPool {
@@ -49,8 +50,9 @@ pub struct QuantPool {
 impl QuantPool {
     /// The process-wide pool: `NEURON_WORKER_QUANT_THREADS` threads (default: the available
     /// parallelism), the caller counting as one; workers spin `NEURON_WORKER_QUANT_SPIN_US`
-    /// microseconds (default 0: measured faster on hyperthreaded 2-vCPU machines; raise it on
-    /// dedicated cores) before sleeping.
+    /// microseconds before sleeping (default [`DEFAULT_SPIN_US`] on separate cores, 0 when some of
+    /// the process's CPUs are hyperthreads of one core: a spinning sibling slows the thread doing
+    /// the work).
     pub fn global() -> &'static QuantPool {
         static POOL: OnceLock<QuantPool> = OnceLock::new();
         POOL.get_or_init(|| {
@@ -60,7 +62,7 @@ impl QuantPool {
                 .clamp(1, 256);
             QuantPool::new(
                 threads,
-                Duration::from_micros(env("NEURON_WORKER_QUANT_SPIN_US").unwrap_or(DEFAULT_SPIN_US) as u64),
+                Duration::from_micros(env("NEURON_WORKER_QUANT_SPIN_US").map_or_else(default_spin_us, |v| v as u64)),
             )
         })
     }
@@ -89,6 +91,11 @@ impl QuantPool {
     /// Threads that run a job (the caller included).
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// How long workers spin after a job before sleeping.
+    pub fn spin(&self) -> Duration {
+        self.shared.spin
     }
 
     /// Runs `job` to completion on the calling thread and the workers. When another job is in
@@ -133,6 +140,36 @@ impl QuantPool {
     }
 }
 
+/// The default spin: [`DEFAULT_SPIN_US`] unless two CPUs this process may run on are SMT siblings
+/// (Linux: `Cpus_allowed_list` of `/proc/self/status` and each CPU's `thread_siblings_list`); 0 on
+/// siblings, or when the topology cannot be read.
+pub fn default_spin_us() -> u64 {
+    let read = |path: String| std::fs::read_to_string(path).ok();
+    let Some(status) = read("/proc/self/status".into()) else { return 0 };
+    let Some(allowed) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(cpu_list) else {
+        return 0;
+    };
+    let shares_a_core = allowed.iter().any(|&cpu| {
+        read(format!("/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"))
+            .is_none_or(|siblings| cpu_list(&siblings).iter().any(|&s| s != cpu && allowed.contains(&s)))
+    });
+    if shares_a_core { 0 } else { DEFAULT_SPIN_US }
+}
+
+/// Parses a Linux CPU list (`0-3,8,10-11`); malformed parts are skipped.
+fn cpu_list(text: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in text.trim().split(',') {
+        let mut ends = part.trim().splitn(2, '-').map(|x| x.trim().parse::<usize>());
+        match (ends.next(), ends.next()) {
+            (Some(Ok(a)), None) => out.push(a),
+            (Some(Ok(a)), Some(Ok(b))) if b >= a && b - a < 4096 => out.extend(a..=b),
+            _ => {}
+        }
+    }
+    out
+}
+
 fn run_alone(job: &dyn PoolJob) {
     while job.run_next() {}
 }
@@ -168,5 +205,18 @@ fn worker(s: &Shared) {
                 s.done.notify_all();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(cpu_list("0-3,8,10-11\n"), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(cpu_list("5"), vec![5]);
+        assert_eq!(cpu_list("x,2-1,4"), vec![4]);
+        assert!(matches!(default_spin_us(), 0 | DEFAULT_SPIN_US));
     }
 }
