@@ -260,7 +260,8 @@ mod tests {
             r#"name: "g"
                parameters { key: "max_num_seqs" value: { string_value: "8" } }
                parameters { key: "kv_cache_memory" value: { string_value: "64MiB" } }
-               parameters { key: "max_model_len" value: { string_value: "1024" } }"#,
+               parameters { key: "max_model_len" value: { string_value: "1024" } }
+               parameters { key: "max_prefill_tokens_while_decoding" value: { string_value: "32" } }"#,
             "t",
         )
         .unwrap();
@@ -268,6 +269,8 @@ mod tests {
         assert_eq!(s.max_running, 8);
         assert_eq!(s.kv_cache_memory, 64 << 20);
         assert_eq!(s.max_model_len, Some(1024));
+        assert_eq!(s.max_prefill_while_decoding, 32);
+        assert_eq!(GenerativeSpec::default().max_prefill_while_decoding, 64);
         assert_eq!(s.max_batched_tokens, 512);
         assert_eq!(s.activations, ActPrecision::default());
         // 2 layers × K,V × 4 heads × 64 dims × 16 positions × 4 bytes = 65536 bytes a block.
