@@ -165,6 +165,13 @@ fn build(
     let quantized = matches!(weights.tensor(probe), Ok(Some(Weight::Quant(_))));
     let kv_dtype = spec.kv_dtype.resolve(quantized);
     let blocks = spec.num_blocks(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, kv_dtype);
+    tracing::info!(
+        path = %path.display(),
+        kv_cache_dtype = kv_dtype.name(),
+        kv_blocks = blocks,
+        kv_tokens = blocks * spec.block_size,
+        "K/V cache per instance"
+    );
     (0..instances.max(1))
         .map(|_| {
             LlamaModel::new(config.clone(), weights, blocks, spec.block_size, kv_dtype)
