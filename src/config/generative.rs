@@ -109,8 +109,9 @@ pub struct GenerativeSpec {
 /// The K/V cache element type a model asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvCacheDtype {
-    /// f16 for quantized (GGUF Q8_0/Q4_0/Q4_1) weights, as llama.cpp's default cache; f32 for
-    /// F32/F16/BF16 checkpoints, whose outputs then match `transformers` to f32 rounding.
+    /// f16 for a GGUF's matrices (Q8_0/Q4_0/Q4_1, or F16: all run on the quantized kernels), as
+    /// llama.cpp's default cache; f32 for HF F32/F16/BF16 checkpoints, whose outputs then match
+    /// `transformers` to f32 rounding.
     #[default]
     Auto,
     /// Always f32.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::cpu::llama::{HfDecoderFiles, LlamaConfig, LlamaModel, Weight, WeightSource, load_hf_decoder};
+use crate::backend::cpu::quant::QFormat;
 use crate::backend::generative::DecoderInstance;
 use crate::batching::generative::detok::TokenText;
 use crate::batching::generative::handle::GenerativeSetup;
@@ -158,11 +159,10 @@ fn build(
     weights: &dyn WeightSource,
     spec: &GenerativeSpec,
     instances: usize,
+    quantized: bool,
 ) -> Result<Vec<Box<dyn DecoderInstance>>, LoadError> {
-    // `auto` K/V precision follows the weights: quantized checkpoints (a GGUF's Q8_0/Q4_x layers)
-    // get an f16 cache, as llama.cpp's default.
-    let probe = "model.layers.0.mlp.down_proj.weight";
-    let quantized = matches!(weights.tensor(probe), Ok(Some(Weight::Quant(_))));
+    // `auto` K/V precision follows the weights: quantized checkpoints get an f16 cache, as
+    // llama.cpp's default.
     let kv_dtype = spec.kv_dtype.resolve(quantized);
     let blocks = spec.num_blocks(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, kv_dtype);
     tracing::info!(
@@ -193,7 +193,7 @@ pub fn load(source: &DecoderSource, spec: &GenerativeSpec, instances: usize) -> 
     };
     let files = load_hf_decoder(dir).map_err(|source| LoadError::DecoderCheckpoint { path: dir.clone(), source })?;
     let config = capped(files.config.clone(), spec);
-    let decoders = build(dir, &config, &files.weights, spec, instances)?;
+    let decoders = build(dir, &config, &files.weights, spec, instances, false)?;
     Ok(hf_decoder(files, decoders, spec))
 }
 
@@ -261,7 +261,11 @@ fn load_gguf(file: &Path, spec: &GenerativeSpec, instances: usize) -> Result<Loa
         None => None,
     };
     let config = capped(files.config.clone(), spec);
-    let decoders = build(file, &config, &files.weights, spec, instances)?;
+    // Quantized: the matrices run through the quantized kernels (GGML block formats, and F16
+    // matrices too), read from the file's tensor infos without loading one.
+    let down = files.weights.file().tensor_info("blk.0.ffn_down.weight");
+    let quantized = down.is_some_and(|t| t.dims.len() == 2 && QFormat::from_ggml_type(t.ggml_type).is_some());
+    let decoders = build(file, &config, &files.weights, spec, instances, quantized)?;
     let eos = files.config.eos_token_ids.clone();
     let tokenizer = Arc::new(HfTokenizer { tokenizer: Tokenizer::from_tokenizers(inner), template, eos: eos.clone() });
     Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, eos, SamplingParams::default()) })
@@ -325,7 +329,7 @@ pub fn tiny_decoder(spec: &GenerativeSpec, instances: usize) -> Result<LoadedDec
         .map_err(|source| LoadError::DecoderCheckpoint { path: path.to_path_buf(), source })?;
     let config = capped(config, spec);
     let weights = SeededWeights::new(&config, 13);
-    let decoders = build(path, &config, &weights, spec, instances)?;
+    let decoders = build(path, &config, &weights, spec, instances, false)?;
     let defaults = SamplingParams { max_tokens: 16, ..SamplingParams::default() };
     let tokenizer = Arc::new(ByteTokenizer);
     Ok(LoadedDecoder { decoders, tokenizer, setup: setup(spec, vec![ByteTokenizer::EOS], defaults) })

@@ -438,7 +438,7 @@ impl Engine {
                         plan.push((i, n));
                         *budget -= n;
                         if n > 1 {
-                            *prefill -= n;
+                            *prefill = prefill.saturating_sub(n);
                         }
                         i += 1;
                         break;

@@ -88,7 +88,6 @@ pub struct KvPool {
     head_dim: usize,
     block_size: usize,
     num_blocks: usize,
-    dtype: KvDtype,
     store: Store,
 }
 
@@ -129,17 +128,20 @@ impl KvPool {
             KvDtype::F32 => Store::F32(planes(layers, per_layer)),
             KvDtype::F16 => Store::F16(planes(layers, per_layer)),
         };
-        Ok(KvPool { layers, kv_heads, head_dim, block_size, num_blocks, dtype, store })
+        Ok(KvPool { layers, kv_heads, head_dim, block_size, num_blocks, store })
     }
 
     /// The element type.
     pub fn dtype(&self) -> KvDtype {
-        self.dtype
+        match self.store {
+            Store::F32(_) => KvDtype::F32,
+            Store::F16(_) => KvDtype::F16,
+        }
     }
 
     /// Bytes one block takes (K and V of every layer).
     pub fn block_bytes(&self) -> usize {
-        2 * self.layers * self.block_len() * self.dtype.bytes()
+        2 * self.layers * self.block_len() * self.dtype().bytes()
     }
 
     /// Number of blocks.
@@ -167,7 +169,7 @@ impl KvPool {
     /// Stores one position's keys and values (`kv_heads * head_dim` each) in `layer`.
     pub fn write(&mut self, layer: usize, block: usize, slot: usize, k: &[f32], v: &[f32]) {
         let (heads, hd, bs) = (self.kv_heads, self.head_dim, self.block_size);
-        let first = block * heads * bs * hd;
+        let first = self.offset(block, 0, 0);
         with_planes!(&mut self.store, p => write_position(p, layer, first, (heads, hd, bs), slot, k, v))
     }
 
@@ -242,7 +244,7 @@ impl KvPool {
                     bytes.len(),
                     blocks.len(),
                     self.block_bytes(),
-                    self.dtype.name()
+                    self.dtype().name()
                 ),
             });
         }
