@@ -260,11 +260,22 @@ mod moves {
         assert_eq!(moved, unmoved, "the moved f16 session continues bit-exactly");
         let mb = b.server.metrics_addr.expect("metrics").to_string();
         assert_eq!(metric(&mb, "prefix_cache_hit_tokens_total").await, 46.0);
+        // `/capacity` names each worker's K/V type, and its pool holds twice the tokens in f16.
+        let gen_of = |cap: serde_json::Value| {
+            let models = cap["models"].as_array().cloned().unwrap_or_default();
+            models.into_iter().find(|m| m["model"] == "gqa").map(|m| m["generative"].clone()).unwrap_or_default()
+        };
+        let mc = c.server.metrics_addr.expect("metrics").to_string();
+        let (g16, g32) = (gen_of(common::capacity(&mb).await), gen_of(common::capacity(&mc).await));
+        assert_eq!((g16["kv_cache_dtype"].as_str(), g32["kv_cache_dtype"].as_str()), (Some("f16"), Some("f32")));
+        let tokens = |g: &serde_json::Value| g["kv_cache_tokens"].as_u64().unwrap_or(0);
+        assert_eq!(tokens(&g16), 16 * g16["kv_cache_blocks"].as_u64().unwrap_or(0), "{g16}");
+        // Same K/V memory (the default budget), cut into whole blocks: twice the tokens, to a block.
+        assert!(tokens(&g32) > 0 && tokens(&g16).abs_diff(2 * tokens(&g32)) <= 16, "{g16} {g32}");
         // f16 → f32: accepted, tokens kept, K/V recomputed (no prefix hit), and the turn is the f32
         // worker's own answer to the whole history.
         let info = sessions_client(&c).await.import_session(ImportSessionRequest { blob }).await.expect("import C");
         assert_eq!(info.into_inner().session.map(|s| s.steps), Some(2));
-        let mc = c.server.metrics_addr.expect("metrics").to_string();
         let continued = generate(&mut cc, with_session(ids_request(&third, greedy), 78, false, false)).await.unwrap();
         assert_eq!(metric(&mc, "prefix_cache_hit_tokens_total").await, 0.0, "nothing read from the f16 K/V");
         history.extend(&third);

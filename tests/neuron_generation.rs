@@ -118,6 +118,8 @@ async fn the_compiled_decoder_generates_the_reference_tokens_and_matches_the_cpu
     // The KV budget the sessions use: 8 slots per core (the ninth is scratch) on 3 cores.
     assert_eq!(cap["models"][0]["generative"]["kv_cache_bytes"], 3 * 8 * 3 * 2 * 128 * 2 * 16 * 4, "{cap}");
     assert_eq!(cap["models"][0]["generative"]["kv_cache_blocks"], 3 * 8, "{cap}");
+    assert_eq!(cap["models"][0]["generative"]["kv_cache_tokens"], 3 * 8 * 128, "{cap}");
+    assert_eq!(cap["models"][0]["generative"]["kv_cache_dtype"], "f32", "{cap}");
     for c in &cores {
         let used = c["bytes_used"].as_u64().expect("bytes_used");
         assert!(used > kv_bytes as u64, "core {c}: the KV cache ({kv_bytes} bytes) and the weights are on it");

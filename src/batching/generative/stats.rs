@@ -53,6 +53,11 @@ pub struct GenerativeStats {
     pub kv_blocks_total: AtomicU64,
     /// Bytes of the K/V pools, all instances (the KV budget: device memory on Neuron).
     pub kv_bytes_total: AtomicU64,
+    /// Token positions the K/V pools hold (blocks × positions per block), all instances.
+    pub kv_tokens_total: AtomicU64,
+    /// The K/V element type of the instances' pools: [`crate::backend::generative::KvDtype::code`]
+    /// plus one (0 until an instance has started). Every instance of a version has the same one.
+    pub kv_dtype_code: AtomicU64,
     /// Prompt tokens of admitted requests.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.

@@ -108,6 +108,8 @@ impl Engine {
         let context_limit = shape.max_positions.min(decoder.num_blocks() * shape.block_size);
         stats.kv_blocks_total.fetch_add(decoder.num_blocks() as u64, Relaxed);
         stats.kv_bytes_total.fetch_add(kv_pool_bytes(decoder.as_ref()), Relaxed);
+        stats.kv_tokens_total.fetch_add((decoder.num_blocks() * shape.block_size) as u64, Relaxed);
+        stats.kv_dtype_code.store(shape.kv_dtype.code() + 1, Relaxed);
         Engine {
             decoder,
             text,
@@ -624,7 +626,7 @@ impl Engine {
     }
 }
 
-/// Bytes of a decoder's K/V pool (f32 K and V, every layer and block).
+/// Bytes of a decoder's K/V pool (K and V of its element type, every layer and block).
 fn kv_pool_bytes(decoder: &dyn DecoderInstance) -> u64 {
     let s = decoder.shape();
     (decoder.num_blocks() * s.kv_block_bytes(s.block_size)) as u64
@@ -635,6 +637,8 @@ impl Drop for Engine {
         self.fail_all(GenerationError::Unavailable { reason: "the model instance stopped".into() });
         self.stats.kv_blocks_total.fetch_sub(self.decoder.num_blocks() as u64, Relaxed);
         self.stats.kv_bytes_total.fetch_sub(kv_pool_bytes(self.decoder.as_ref()), Relaxed);
+        let tokens = self.decoder.num_blocks() * self.decoder.shape().block_size;
+        self.stats.kv_tokens_total.fetch_sub(tokens as u64, Relaxed);
         self.running.clear();
         self.waiting.clear();
         self.publish();
