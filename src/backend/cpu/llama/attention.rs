@@ -133,10 +133,8 @@ pub struct AttnScratch {
     n_q: Vec<usize>,
     /// Partial results of a whole task ([`attend_rows`]) or of a task shared by threads.
     pub partials: Vec<f32>,
-    /// An f16 pool's keys of one partition's blocks for one K/V head, widened to f32.
-    kb: Vec<f32>,
-    /// The values of the same blocks.
-    vb: Vec<f32>,
+    /// An f16 pool's keys, then values, of one partition's blocks for one K/V head, widened to f32.
+    kv_buf: Vec<f32>,
 }
 
 /// Attention outputs (`heads * head_dim` per row, rows in order) of the rows of `rows`, reading K/V
@@ -250,7 +248,7 @@ fn items_body<const DS: usize>(
     let item_len = shape.item_len(rows.positions.len());
     let Some(&last) = rows.positions.iter().max() else { return };
     let kv = pool.layer(layer);
-    let AttnScratch { kt, scores, offs, n_q, kb, vb, .. } = scratch;
+    let AttnScratch { kt, scores, offs, n_q, kv_buf, .. } = scratch;
     if kt.len() < hd * PART {
         kt.resize(hd * PART, 0.0);
     }
@@ -263,24 +261,28 @@ fn items_body<const DS: usize>(
         let (g, p) = (item / parts, item % parts);
         let a = p * PART;
         let n = (a + PART).min(last + 1) - a;
-        // The item's K/V: the pool's own storage (f32), or the partition's blocks widened to f32
-        // (exactly) into `kb` / `vb` (f16), laid out as in the pool with one K/V head.
+        // The item's keys, then its values: the pool's own storage (f32), or the partition's
+        // blocks of one K/V head widened to f32 (exactly) into `kv_buf`, laid out as in the pool
+        // (f16) — the keys first, then the values in the same buffer once the scores are done
+        // (one partition's worth stays in the first-level cache).
         let first_block = a / bs;
-        let (keys, values, widened): (&[f32], &[f32], bool) = match kv {
-            KvLayer::F32 { k, v } => (k, v, false),
-            KvLayer::F16 { k, v } => {
-                let (blocks, len) = ((a + n - 1) / bs + 1 - first_block, bs * hd);
-                for buf in [&mut *kb, &mut *vb] {
-                    if buf.len() < blocks * len {
-                        buf.resize(blocks * len, 0.0);
-                    }
-                }
-                for (j, &block) in rows.blocks[first_block..first_block + blocks].iter().enumerate() {
-                    let at = pool.offset(block as usize, g, 0);
-                    widen(level, &k[at..at + len], &mut kb[j * len..(j + 1) * len]);
-                    widen(level, &v[at..at + len], &mut vb[j * len..(j + 1) * len]);
-                }
-                (&kb[..], &vb[..], true)
+        let widened_blocks = (a + n - 1) / bs + 1 - first_block;
+        let block_len = bs * hd;
+        let widen_into = |src: &[half::f16], buf: &mut Vec<f32>| {
+            if buf.len() < widened_blocks * block_len {
+                buf.resize(widened_blocks * block_len, 0.0);
+            }
+            for (j, &block) in rows.blocks[first_block..first_block + widened_blocks].iter().enumerate() {
+                let at = pool.offset(block as usize, g, 0);
+                widen(level, &src[at..at + block_len], &mut buf[j * block_len..(j + 1) * block_len]);
+            }
+        };
+        let widened = matches!(kv, KvLayer::F16 { .. });
+        let keys: &[f32] = match kv {
+            KvLayer::F32 { k, .. } => k,
+            KvLayer::F16 { k, .. } => {
+                widen_into(k, kv_buf);
+                kv_buf
             }
         };
         // Where position `pos`'s value row (and, with slot 0, its block's transposed keys) starts.
@@ -347,6 +349,13 @@ fn items_body<const DS: usize>(
             o[hd] = m;
             o[hd + 1] = l;
         }
+        let values: &[f32] = match kv {
+            KvLayer::F32 { v, .. } => v,
+            KvLayer::F16 { v, .. } => {
+                widen_into(v, kv_buf);
+                kv_buf
+            }
+        };
         // Weighted sums of values, up to QB queries and DS columns at a time.
         let mut qi = 0;
         while qi < nq {
