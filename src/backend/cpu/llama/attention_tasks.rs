@@ -6,7 +6,8 @@
 //! threads and merged on the calling thread. The results do not depend on the split (see
 //! [`super::attention`]).
 
-use super::attention::{AttentionShape, AttnScratch, SeqQueries, attend_items, attend_rows, merge};
+use super::attention::{AttentionShape, AttnScratch, SeqQueries, attend_items, attend_rows};
+use super::attention_merge::merge;
 use super::kv_pool::KvPool;
 use crate::backend::generative::SeqChunk;
 

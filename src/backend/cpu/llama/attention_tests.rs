@@ -1,7 +1,8 @@
 //! Tests of the partitioned attention: against an f64 reference, and bit-identical whatever the
 //! rows computed together, the threads and the instruction set.
 
-use super::attention::{AttentionShape, AttnScratch, SeqQueries, attend_items_on, attend_rows, merge};
+use super::attention::{AttentionShape, AttnScratch, SeqQueries, attend_items_on, attend_rows};
+use super::attention_merge::merge;
 use super::attention_tasks::attention_rows;
 use super::kv_pool::{KvLayer, KvPool};
 use crate::backend::cpu::isa::{Isa, isa};

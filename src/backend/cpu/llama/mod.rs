@@ -3,6 +3,7 @@
 //! [`DecoderInstance`](crate::backend::generative::DecoderInstance).
 
 mod attention;
+mod attention_merge;
 mod attention_tasks;
 pub mod config;
 pub mod error;
