@@ -2,8 +2,9 @@
 //! gate/up stacked, down) with random Q4_1 weights: microseconds per product and nanoseconds per
 //! output block (one weight row's block times one activation row), for several row counts `m`.
 //!
-//! `cargo run --release --example quant_kernel_bench -- [m ...] [--threads N] [--format q4_1|q4_0|q8_0] [--bits 8|16]`
-//! (default m = 1 16 64; `--bits`: activations quantized to 8 or 16 bits, default 8; ISA cap:
+//! `cargo run --release --example quant_kernel_bench -- [m ...] [--threads N] [--spin-us US] [--format q4_1|q4_0|q8_0] [--bits 8|16]`
+//! (default m = 1 16 64; `--spin-us`: how long the pool's workers spin after a job, default the
+//! worker's own default; `--bits`: activations quantized to 8 or 16 bits, default 8; ISA cap:
 //! `NEURON_WORKER_ISA=avx2`). With one thread the times are the
 //! calling thread's CPU time (less disturbed by other processes on a shared machine than wall time).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // benchmark code may panic on setup failures
@@ -23,12 +24,14 @@ use neuron_worker::backend::cpu::quant::{ActPrecision, QFormat, QMatrix, QuantPo
 fn main() {
     let mut ms = Vec::new();
     let mut threads = 1;
+    let mut spin_us = neuron_worker::backend::cpu::quant::default_spin_us();
     let mut format = QFormat::Q4_1;
     let mut act = ActPrecision::I8;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--threads" => threads = args.next().and_then(|v| v.parse().ok()).unwrap_or(1),
+            "--spin-us" => spin_us = args.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "--format" => {
                 format = match args.next().as_deref() {
                     Some("q4_0") => QFormat::Q4_0,
@@ -43,14 +46,14 @@ fn main() {
     if ms.is_empty() {
         ms = vec![1, 16, 64];
     }
-    let pool = QuantPool::new(threads, Duration::ZERO);
+    let pool = QuantPool::new(threads, Duration::from_micros(spin_us));
     let shapes = [("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536)];
     let mut seed = 1u64;
     let mut rnd = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
-    println!("isa {} threads {threads} format {format:?} activations {act:?}", quant_isa().name());
+    println!("isa {} threads {threads} spin {spin_us} us format {format:?} activations {act:?}", quant_isa().name());
     for &m in &ms {
         let mut total = 0.0;
         let mut blocks = 0usize;

@@ -31,7 +31,7 @@ mod wide_tests;
 pub use activations::ActPrecision;
 pub use format::QFormat;
 pub use isa::{QuantIsa, quant_isa};
-pub use pool::QuantPool;
+pub use pool::{DEFAULT_SPIN_US, QuantPool, default_spin_us};
 pub use qmatrix::QMatrix;
 
 /// Why a quantized matrix could not be built or applied.
