@@ -36,13 +36,19 @@ impl DecoderShape {
 
     /// Bytes of K and V of one position (every layer and K/V head).
     pub fn kv_bytes_per_position(&self) -> usize {
-        self.layers * 2 * self.kv_heads * self.head_dim * self.kv_dtype.bytes()
+        kv_bytes_per_position(self.layers, self.kv_heads, self.head_dim, self.kv_dtype)
     }
 
     /// Bytes of one K/V block of `block_size` positions, as [`DecoderInstance::read_blocks`] gives.
     pub fn kv_block_bytes(&self, block_size: usize) -> usize {
         self.kv_bytes_per_position() * block_size
     }
+}
+
+/// Bytes of K and V of one position of a decoder with `layers` layers of `kv_heads` K/V heads of
+/// `head_dim` elements of `dtype` (what a pool budget is divided by, before a decoder exists).
+pub fn kv_bytes_per_position(layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> usize {
+    layers * 2 * kv_heads * head_dim * dtype.bytes()
 }
 
 /// The element type of a decoder's K/V cache.

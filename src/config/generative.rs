@@ -234,7 +234,8 @@ impl GenerativeSpec {
     /// K/V blocks that fit the memory budget for a decoder of this shape (K and V of `dtype` per
     /// layer, per K/V head, per position); at least one.
     pub fn num_blocks(&self, layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> usize {
-        let per_block = (layers * 2 * kv_heads * head_dim * self.block_size * dtype.bytes()).max(1) as u64;
+        let per_position = crate::backend::generative::kv_bytes_per_position(layers, kv_heads, head_dim, dtype);
+        let per_block = (per_position * self.block_size).max(1) as u64;
         (self.kv_cache_memory / per_block).max(1) as usize
     }
 }
