@@ -335,16 +335,16 @@ impl Engine {
     pub fn step(&mut self) -> Result<StepReport, BackendError> {
         self.drop_cancelled();
         let mut report = StepReport::default();
-        let mut budget = self.limits.max_batched_tokens;
         // While sequences decode, prompts join in chunks of at most `max_prefill_while_decoding`
         // tokens a step (their results do not depend on the chunking).
         let decoding = !self.decoder.prefill_from_zero_only()
             && self.running.iter().any(|s| s.tokens.len().saturating_sub(s.computed) == 1);
-        let mut prefill = if decoding { self.limits.max_prefill_while_decoding } else { usize::MAX };
+        let prompt = if decoding { self.limits.max_prefill_while_decoding } else { usize::MAX };
+        let mut budget = schedule::StepBudget::new(self.limits.max_batched_tokens, prompt);
         // (index in running, tokens to run)
         let mut plan: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
-        self.schedule_running(&mut budget, &mut prefill, &mut plan, &mut report)?;
-        self.admit_waiting(&mut budget, &mut prefill, &mut plan);
+        self.schedule_running(&mut budget, &mut plan, &mut report)?;
+        self.admit_waiting(&mut budget, &mut plan);
         if plan.is_empty() {
             self.publish();
             return Ok(report);

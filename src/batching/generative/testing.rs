@@ -40,6 +40,8 @@ pub(crate) struct FakeDecoder {
     shape: DecoderShape,
     kv: Vec<u32>,
     num_blocks: usize,
+    /// Behaves as a compiled program that only prefills whole histories from position 0.
+    from_zero: bool,
 }
 
 impl FakeDecoder {
@@ -56,6 +58,7 @@ impl FakeDecoder {
             },
             kv: vec![EMPTY; num_blocks * block_size],
             num_blocks,
+            from_zero: false,
         }
     }
 
@@ -122,6 +125,9 @@ impl DecoderInstance for FakeDecoder {
     }
     fn label(&self) -> String {
         "fake".into()
+    }
+    fn prefill_from_zero_only(&self) -> bool {
+        self.from_zero
     }
 }
 
@@ -292,6 +298,29 @@ fn prompts_join_decoding_streams_in_capped_chunks_and_whole_when_none_decodes() 
         let got = collect(rx).unwrap();
         let (want, want_lps) = direct(&prompt(40, k as u32), &params, 1 + k as u64);
         assert_eq!((got.0, got.1), (want, want_lps), "request {k}");
+    }
+}
+
+#[test]
+fn a_from_zero_decoder_runs_a_history_longer_than_the_token_budget_in_one_step() {
+    // Programs that cannot append prefill the whole history at once, even past the step's budget.
+    let mut fake = FakeDecoder::new(64, 4, 4096);
+    fake.from_zero = true;
+    let stats = Arc::new(GenerativeStats::default());
+    let limits = StepLimits { max_batched_tokens: 8, max_running: 8, ..StepLimits::default() };
+    let mut e = Engine::new(Box::new(fake), Arc::new(Bytes), vec![EOS], limits, stats);
+    let params = sampled(6);
+    let (first, mut rx0) = request(prompt(20, 0), params.clone(), 1);
+    let (second, mut rx1) = request(prompt(12, 1), params.clone(), 2);
+    e.add(first);
+    e.add(second);
+    // The first history alone (20 > 8 tokens); the second waits for a step of its own.
+    let r = e.step().unwrap();
+    assert_eq!((r.tokens, r.sequences), (20, 1));
+    run_to_end(&mut e);
+    for (k, (rx, len)) in [(&mut rx0, 20), (&mut rx1, 12)].into_iter().enumerate() {
+        let got = collect(rx).unwrap();
+        assert_eq!((got.0, got.1), direct(&prompt(len, k as u32), &params, 1 + k as u64), "request {k}");
     }
 }
 

@@ -9,28 +9,53 @@ use super::super::request::GenerationError;
 use super::{Engine, StepReport};
 use crate::backend::BackendError;
 
+/// What a step may still run: tokens in all, and prompt tokens (chunks of more than one token;
+/// `usize::MAX` when no sequence decodes).
+pub(super) struct StepBudget {
+    tokens: usize,
+    prompt: usize,
+}
+
+impl StepBudget {
+    /// `tokens` in all, of which at most `prompt` in chunks of several tokens.
+    pub(super) fn new(tokens: usize, prompt: usize) -> Self {
+        Self { tokens, prompt }
+    }
+
+    /// How many of the `wanted` tokens a sequence may run now (0: none this step).
+    fn allow(&self, wanted: usize) -> usize {
+        let n = wanted.min(self.tokens);
+        if n > 1 { n.min(self.prompt) } else { n }
+    }
+
+    /// Spends `n` tokens (more than is left only for a from-zero history, which takes the rest).
+    fn spend(&mut self, n: usize) {
+        self.tokens = self.tokens.saturating_sub(n);
+        if n > 1 {
+            self.prompt = self.prompt.saturating_sub(n);
+        }
+    }
+}
+
 impl Engine {
     /// Gives running sequences their tokens for this step, preempting the newest when blocks run out.
     pub(super) fn schedule_running(
         &mut self,
-        budget: &mut usize,
-        prefill: &mut usize,
+        budget: &mut StepBudget,
         plan: &mut Vec<(usize, usize)>,
         report: &mut StepReport,
     ) -> Result<(), BackendError> {
         let mut i = 0;
         while i < self.running.len() {
-            if *budget == 0 {
+            if budget.tokens == 0 {
                 break;
             }
             let s = &self.running[i];
-            let mut n = (s.tokens.len() - s.computed).min(*budget);
-            if n > 1 {
-                n = n.min(*prefill);
-                if n == 0 {
-                    i += 1; // its prompt continues next step
-                    continue;
-                }
+            let wanted = s.tokens.len() - s.computed;
+            let n = budget.allow(wanted);
+            if n == 0 && wanted > 0 {
+                i += 1; // its prompt continues next step
+                continue;
             }
             let target = s.computed + n;
             loop {
@@ -44,10 +69,7 @@ impl Engine {
                             self.decoder.copy_block(src, dst)?;
                         }
                         plan.push((i, n));
-                        *budget -= n;
-                        if n > 1 {
-                            *prefill = prefill.saturating_sub(n);
-                        }
+                        budget.spend(n);
                         i += 1;
                         break;
                     }
@@ -95,8 +117,8 @@ impl Engine {
 
     /// Admits waiting sequences in order while the budget lasts and the blocks for their whole
     /// prompt are free (so admitting never forces a preemption).
-    pub(super) fn admit_waiting(&mut self, budget: &mut usize, prefill: &mut usize, plan: &mut Vec<(usize, usize)>) {
-        while *budget > 0 && self.running.len() < self.limits.max_running {
+    pub(super) fn admit_waiting(&mut self, budget: &mut StepBudget, plan: &mut Vec<(usize, usize)>) {
+        while budget.tokens > 0 && self.running.len() < self.limits.max_running {
             let Some(s) = self.waiting.front_mut() else { break };
             // A session turn brings its kept blocks; anything else looks for cached prefix blocks.
             let (mut table, cached) = match s.table.take() {
@@ -152,10 +174,7 @@ impl Engine {
                 }
                 break;
             }
-            let mut n = (positions - cached).min(*budget);
-            if n > 1 {
-                n = n.min(*prefill);
-            }
+            let mut n = budget.allow(positions - cached);
             if n == 0 {
                 // No prompt tokens left for this step while others decode: next step.
                 if let Some(s) = self.waiting.front_mut() {
@@ -190,10 +209,7 @@ impl Engine {
             s.table = Some(table);
             self.running.push(s);
             plan.push((self.running.len() - 1, n));
-            *budget -= n;
-            if n > 1 {
-                *prefill = prefill.saturating_sub(n);
-            }
+            budget.spend(n);
         }
     }
 }
