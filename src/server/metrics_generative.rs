@@ -6,7 +6,6 @@
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::backend::generative::KvDtype;
 use crate::batching::generative::stats::{GenerativeStats, LatencyHistogram};
 use crate::repository::Repository;
 
@@ -174,7 +173,7 @@ pub fn capacity(stats: &GenerativeStats) -> serde_json::Value {
         "kv_cache_blocks": stats.kv_blocks_total.load(Relaxed),
         "kv_cache_bytes": stats.kv_bytes_total.load(Relaxed),
         "kv_cache_tokens": stats.kv_tokens_total.load(Relaxed),
-        "kv_cache_dtype": stats.kv_dtype_code.load(Relaxed).checked_sub(1).and_then(KvDtype::from_code).map(KvDtype::name),
+        "kv_cache_dtype": stats.kv_dtype.get().map(|d| d.name()),
         "sessions_open": stats.sessions_open.load(Relaxed),
         "sessions_resident": stats.sessions_resident.load(Relaxed),
         "sessions_stored": stats.sessions_stored.load(Relaxed),

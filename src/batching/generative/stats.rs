@@ -55,9 +55,9 @@ pub struct GenerativeStats {
     pub kv_bytes_total: AtomicU64,
     /// Token positions the K/V pools hold (blocks × positions per block), all instances.
     pub kv_tokens_total: AtomicU64,
-    /// The K/V element type of the instances' pools: [`crate::backend::generative::KvDtype::code`]
-    /// plus one (0 until an instance has started). Every instance of a version has the same one.
-    pub kv_dtype_code: AtomicU64,
+    /// The K/V element type of the instances' pools (set when the first instance starts; every
+    /// instance of a version has the same one).
+    pub kv_dtype: std::sync::OnceLock<crate::backend::generative::KvDtype>,
     /// Prompt tokens of admitted requests.
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.

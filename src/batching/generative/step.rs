@@ -110,7 +110,7 @@ impl Engine {
         stats.kv_blocks_total.fetch_add(decoder.num_blocks() as u64, Relaxed);
         stats.kv_bytes_total.fetch_add(kv_pool_bytes(decoder.as_ref()), Relaxed);
         stats.kv_tokens_total.fetch_add((decoder.num_blocks() * shape.block_size) as u64, Relaxed);
-        stats.kv_dtype_code.store(shape.kv_dtype.code() + 1, Relaxed);
+        let _ = stats.kv_dtype.set(shape.kv_dtype);
         Engine {
             decoder,
             text,

@@ -9,7 +9,7 @@ use half::slice::HalfFloatSliceExt;
 
 use super::LoadError;
 use crate::backend::BackendError;
-use crate::backend::generative::KvDtype;
+use crate::backend::generative::{KvDtype, kv_bytes_per_position};
 
 /// An element type the pool stores.
 trait Elem: Copy + Default + Send + Sync + 'static {
@@ -141,7 +141,7 @@ impl KvPool {
 
     /// Bytes one block takes (K and V of every layer).
     pub fn block_bytes(&self) -> usize {
-        2 * self.layers * self.block_len() * self.dtype().bytes()
+        kv_bytes_per_position(self.layers, self.kv_heads, self.head_dim, self.dtype()) * self.block_size
     }
 
     /// Number of blocks.

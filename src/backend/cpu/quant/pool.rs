@@ -1,7 +1,8 @@
 //! A small persistent thread pool for the quantized kernels: workers spin briefly after a job (so
 //! back-to-back matrix products of one decode step do not pay a wake-up each; not where the
 //! process's CPUs are hyperthreads of one core, where a spinning worker slows the thread doing the
-//! work), then sleep on a condition variable — no busy-waiting while the model is idle. The caller claims tasks too, so a worker that wakes late costs little.
+//! work), then sleep on a condition variable — no busy-waiting while the model is idle. The caller
+//! claims tasks too, so a worker that wakes late costs little.
 //!
 //! Jobs are `Arc`s of owned data, so no borrow crosses a thread (no lifetime erasure). Which thread
 //! computes which rows never changes a result: every output is reduced by one fixed order.
