@@ -42,6 +42,9 @@ pub(crate) struct InstanceHandle {
 pub(crate) const INLINE_MAX: Duration =
     if cfg!(debug_assertions) { Duration::from_micros(400) } else { Duration::from_micros(20) };
 
+/// A batch's cost counts in the moving average for at most this multiple of [`INLINE_MAX`].
+const COST_CLAMP: u64 = 2;
+
 /// What running a batch leaves: whether the instance is still usable, and the replies to send
 /// once the actor knows it is done.
 pub(crate) type Finished = (bool, Replies<InferReply>);
@@ -174,7 +177,12 @@ impl Worker {
         for group in super::groups::by_padding(&self.shared.spec, requests) {
             fatal = self.run_isolating(group, start, fatal, &mut replies);
         }
+        // One batch that took long because its thread lost the CPU mid-run (a busy machine) must
+        // not send the next dozens to the instance thread: a batch counts for at most
+        // COST_CLAMP × INLINE_MAX. A model that is really that slow still averages above the
+        // bound after a few batches.
         let cost = start.elapsed().as_nanos() as u64;
+        let cost = cost.min(COST_CLAMP * INLINE_MAX.as_nanos() as u64);
         self.cost_ns = if self.cost_ns == u64::MAX { cost } else { (self.cost_ns * 7 + cost) / 8 };
         (fatal.is_none(), replies)
     }
