@@ -23,6 +23,7 @@ mod sessions_stream;
 mod stats;
 mod stream_infer;
 mod stream_route;
+mod unary_route;
 pub mod worker_id;
 
 use std::net::SocketAddr;

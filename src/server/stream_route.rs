@@ -1,12 +1,13 @@
 //! The `ModelStreamInfer` route with a decoder that never ends the stream over one bad message:
 //! a request message that does not decode, or is larger than `--max-message-size`, becomes
 //! [`StreamMessage::Refused`] (answered in-band by the stream loop), and the messages after it
-//! are read and answered as usual. Every other RPC of the inference service goes to the
-//! generated server unchanged.
+//! are read and answered as usual. `ModelInfer` goes to [`super::unary_route`]; every other RPC
+//! of the inference service goes to the generated server unchanged.
 
 use std::task::{Context, Poll};
 
 use bytes::Buf;
+use futures::FutureExt;
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
@@ -127,6 +128,7 @@ impl InferenceRoutes {
 impl<B> Service<http::Request<B>> for InferenceRoutes
 where
     B: Body + Send + 'static,
+    B::Data: bytes::Buf + Send,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<tonic::body::Body>;
@@ -138,6 +140,9 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if super::unary_route::serves(&req) {
+            return Box::pin(super::unary_route::answer(self.core.clone(), req, self.max_message_size).map(Ok));
+        }
         if req.uri().path() != STREAM_PATH {
             return self.generated.call(req);
         }
