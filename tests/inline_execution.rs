@@ -23,6 +23,8 @@ struct Echo {
     spin: Duration,
     /// Panics on the next execution when set.
     panic: Arc<AtomicBool>,
+    /// Takes 5 ms on the next execution when set (a batch whose thread lost the CPU).
+    stall: Arc<AtomicBool>,
     index: usize,
 }
 
@@ -34,7 +36,8 @@ impl ModelInstance for Echo {
             panic!("kernel bug");
         }
         let t0 = Instant::now();
-        while t0.elapsed() < self.spin {
+        let spin = if self.stall.swap(false, SeqCst) { Duration::from_millis(5) } else { self.spin };
+        while t0.elapsed() < spin {
             std::hint::spin_loop();
         }
         let t = inputs[0].tensor;
@@ -55,6 +58,7 @@ struct Setup {
     batcher: Batcher,
     threads: Arc<Mutex<Vec<String>>>,
     panic: Arc<AtomicBool>,
+    stall: Arc<AtomicBool>,
 }
 
 fn start(instances: usize, inline: bool, spin: Duration) -> Setup {
@@ -66,13 +70,15 @@ fn start(instances: usize, inline: bool, spin: Duration) -> Setup {
     let spec = Arc::new(ModelSpec::from_config(&cfg, "test").expect("spec"));
     let threads = Arc::new(Mutex::new(Vec::new()));
     let panic = Arc::new(AtomicBool::new(false));
+    let stall = Arc::new(AtomicBool::new(false));
     let inst: Vec<Box<dyn ModelInstance>> = (0..instances)
         .map(|index| {
-            let echo = Echo { threads: threads.clone(), inline, spin, panic: panic.clone(), index };
+            let echo =
+                Echo { threads: threads.clone(), inline, spin, panic: panic.clone(), stall: stall.clone(), index };
             Box::new(echo) as Box<dyn ModelInstance>
         })
         .collect();
-    Setup { batcher: Batcher::start_dynamic(spec, inst), threads, panic }
+    Setup { batcher: Batcher::start_dynamic(spec, inst), threads, panic, stall }
 }
 
 async fn infer(h: &Batcher, v: f32) -> Result<Vec<u8>, BatchingError> {
@@ -118,6 +124,25 @@ async fn a_tiny_model_runs_inline_after_its_first_batch_with_the_same_results_an
     assert_eq!(success, 20);
     assert_eq!(stats.execution_count.load(SeqCst), 20);
     tokio::time::timeout(Duration::from_secs(5), s.batcher.drain()).await.expect("drain completes");
+}
+
+#[tokio::test]
+async fn one_slow_batch_does_not_send_the_next_ones_to_the_instance_thread() {
+    let s = start(1, true, Duration::ZERO);
+    for i in 0..20 {
+        infer(&s.batcher, i as f32).await.expect("served");
+    }
+    // One batch takes 5 ms, as when its thread loses the CPU on a busy machine. Counted whole in
+    // the cost average it would send the next few dozen batches to the instance thread.
+    s.stall.store(true, SeqCst);
+    assert_eq!(infer(&s.batcher, 20.0).await.expect("served"), expected(20.0));
+    for i in 21..26 {
+        assert_eq!(infer(&s.batcher, i as f32).await.expect("served"), expected(i as f32));
+    }
+    let threads = s.threads.lock().unwrap().clone();
+    let after = &threads[21..];
+    let inline = after.iter().filter(|t| !on_instance_thread(t)).count();
+    assert!(inline >= 4, "{inline} of 5 ran inline after the slow batch: {threads:?}");
 }
 
 #[tokio::test]
