@@ -23,12 +23,7 @@ async fn linear_matches_closed_form_and_echoes_id() {
     assert_eq!(resp.outputs[0].name, "OUTPUT0");
     assert_eq!(resp.outputs[0].datatype, "FP32");
     assert_eq!(resp.outputs[0].shape, vec![5, 16]);
-    let got = bytes_f32(&resp.raw_output_contents[0]);
-    let want = linear_reference(&x);
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 1e-4, "{g} vs {w}");
-    }
+    assert_linear_output(&resp.raw_output_contents[0], &x);
 }
 
 #[tokio::test]

@@ -71,12 +71,7 @@ fn linear_request(rows: usize) -> (ModelInferRequest, Vec<f32>) {
 }
 
 fn assert_linear(resp: &ModelInferResponse, x: &[f32]) {
-    let got = bytes_f32(&resp.raw_output_contents[0]);
-    let want = linear_reference(x);
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() < 1e-4, "{g} vs {w}");
-    }
+    assert_linear_output(&resp.raw_output_contents[0], x);
 }
 
 #[tokio::test]

@@ -77,6 +77,16 @@ pub fn linear_reference(x: &[f32]) -> Vec<f32> {
     y
 }
 
+/// Asserts that `raw` (little-endian f32) is `linear`'s output for the rows `x`, within 1e-4.
+pub fn assert_linear_output(raw: &[u8], x: &[f32]) {
+    let got = bytes_f32(raw);
+    let want = linear_reference(x);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-4, "{g} vs {w}");
+    }
+}
+
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
