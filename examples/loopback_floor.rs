@@ -125,12 +125,9 @@ async fn serve_async(mut stream: tokio::net::TcpStream) {
 fn spawn_server(kind: &str) -> Result<(Child, u16), Box<dyn std::error::Error>> {
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe).args(["--serve", kind]).stdout(Stdio::piped()).spawn()?;
+    let out = child.stdout.take().ok_or("the server's stdout")?;
     let mut line = String::new();
-    let mut out = child.stdout.take().ok_or("the server's stdout")?;
-    let mut byte = [0u8; 1];
-    while out.read(&mut byte)? == 1 && byte[0] != b'\n' {
-        line.push(byte[0] as char);
-    }
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
     Ok((child, line.trim().parse()?))
 }
 

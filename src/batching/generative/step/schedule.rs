@@ -5,6 +5,7 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use super::super::kv_blocks::BlockTable;
 use super::super::request::GenerationError;
 use super::{Engine, StepReport};
 use crate::backend::BackendError;
@@ -115,6 +116,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Gives `table` back to the first waiting sequence, which was not admitted this step.
+    fn park_front(&mut self, table: BlockTable) {
+        if let Some(s) = self.waiting.front_mut() {
+            s.table = Some(table);
+        }
+    }
+
     /// Admits waiting sequences in order while the budget lasts and the blocks for their whole
     /// prompt are free (so admitting never forces a preemption).
     pub(super) fn admit_waiting(&mut self, budget: &mut StepBudget, plan: &mut Vec<(usize, usize)>) {
@@ -169,33 +177,25 @@ impl Engine {
                     }
                     continue;
                 }
-                if let Some(s) = self.waiting.front_mut() {
-                    s.table = Some(table);
-                }
+                self.park_front(table);
                 break;
             }
             let mut n = budget.allow(positions - cached);
             if n == 0 {
                 // No prompt tokens left for this step while others decode: next step.
-                if let Some(s) = self.waiting.front_mut() {
-                    s.table = Some(table);
-                }
+                self.park_front(table);
                 break;
             }
             if from_zero && n < positions - cached {
                 if !plan.is_empty() {
                     // Not enough budget left in this step for the whole history: next step.
-                    if let Some(s) = self.waiting.front_mut() {
-                        s.table = Some(table);
-                    }
+                    self.park_front(table);
                     break;
                 }
                 n = positions - cached;
             }
             if table.grow(cached + n).is_err() {
-                if let Some(s) = self.waiting.front_mut() {
-                    s.table = Some(table);
-                }
+                self.park_front(table);
                 break;
             }
             let Some(mut s) = self.waiting.pop_front() else { break };
